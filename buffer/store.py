@@ -1,0 +1,183 @@
+"""The durable record buffer: SQLite in WAL mode, ``synchronous=FULL``, payloads AES-GCM.
+
+One :class:`Store` (the writer's connection) commits sealed records, deletions
+and the per-device ledger of committed device events in single transactions;
+:class:`StoreReader` (the forwarder's own connection) reads what is queued. A
+committed transaction is fsynced: it survives power loss, not only a crash.
+
+Each row holds ``nonce (12 bytes) || AES-GCM(record bytes)`` with the record's
+priority and seq as associated data, so a row cannot be moved to another seq.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from buffer.record import GENESIS_PREV, Priority, SealedRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    prio INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (prio, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_events (
+    serial TEXT PRIMARY KEY, last_event INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+_AAD = struct.Struct(">4sBQ")
+NONCE_BYTES = 12
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says what and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    last_seq: int
+    last_digest: bytes
+    boot: int
+
+
+def _aad(prio: int, seq: int) -> bytes:
+    return _AAD.pack(b"SCR1", prio, seq)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class Store:
+    """The writer's side. Not thread-safe: one thread (the store writer) owns it."""
+
+    def __init__(self, path: Path, storage_key: bytes) -> None:
+        if len(storage_key) != 32:
+            raise StoreError("storage key must be 32 bytes (AES-256)")
+        self.path = path
+        self._aead = AESGCM(storage_key)
+        try:
+            self._db = _connect(path)
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open record store {path}: {exc}") from exc
+        self.state = self._bump_boot()
+
+    def _meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _bump_boot(self) -> StoreState:
+        last_seq = int(self._meta("last_seq") or b"0")
+        digest = self._meta("last_digest") or GENESIS_PREV
+        boot = int(self._meta("boot") or b"0") + 1
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (str(boot).encode(),))
+        return StoreState(last_seq, digest, boot)
+
+    def _transaction(self) -> _Txn:
+        return _Txn(self._db)
+
+    def device_ledger(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT serial, last_event FROM device_events").fetchall())
+
+    def commit(
+        self,
+        records: Iterable[SealedRecord],
+        *,
+        device_events: Mapping[str, int] | None = None,
+        deletes: Iterable[tuple[int, int]] = (),
+    ) -> None:
+        """Insert, delete and advance the chain state in one fsynced transaction."""
+        sealed = list(records)
+        rows = [(int(r.priority), r.seq, self._seal_row(r.priority, r.seq, r.data)) for r in sealed]
+        new_state = self.state
+        with self._transaction():
+            if sealed:
+                last = max(sealed, key=lambda r: r.seq)
+                new_state = StoreState(last.seq, last.digest, self.state.boot)
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],
+                )
+            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?", list(deletes))
+            if device_events:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO device_events VALUES (?, ?)",
+                    list(device_events.items()),
+                )
+        self.state = new_state
+
+    def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, data, _aad(prio, seq))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Txn:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+class StoreReader:
+    """A read connection (the forwarder's): decrypts queued records in delivery order."""
+
+    def __init__(self, path: Path, storage_key: bytes) -> None:
+        self._aead = AESGCM(storage_key)
+        self._db = _connect(path)
+
+    def next_batch(
+        self, after: Mapping[Priority, int], limit: int, max_bytes: int
+    ) -> tuple[Priority, list[tuple[int, bytes]]] | None:
+        """Records of the highest non-empty class with seq above that class's cursor."""
+        for prio in Priority:
+            rows = self._db.execute(
+                "SELECT seq, blob FROM records WHERE prio=? AND seq>? ORDER BY seq LIMIT ?",
+                (int(prio), after.get(prio, 0), limit),
+            ).fetchall()
+            if not rows:
+                continue
+            out: list[tuple[int, bytes]] = []
+            size = 0
+            for seq, blob in rows:
+                data = self.open_row(int(prio), seq, blob)
+                size += len(data)
+                if out and size > max_bytes:
+                    break
+                out.append((seq, data))
+            return prio, out
+        return None
+
+    def open_row(self, prio: int, seq: int, blob: bytes) -> bytes:
+        return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(prio, seq))
+
+    def depth(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT prio, COUNT(*) FROM records GROUP BY prio").fetchall()
+        return {Priority(p).label: n for p, n in rows}
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,183 @@
+"""The store writer: the one thread that seals records and owns the store.
+
+Group commit: it takes everything queued (up to :data:`MAX_GROUP`), seals it,
+commits it in one fsynced transaction, and only then runs each reading's
+``on_committed`` callback (which acknowledges the device). Deletions after a
+PUBACK travel through the same queue, so they join the next transaction.
+
+When a commit fails (disk full, I/O error) the sealer is rolled back, the
+batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
+is not on disk, and no seq is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from buffer.record import Reading, SealedRecord, Sealer
+from buffer.store import Store
+from smartcorr.clock import Clock
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP = 2000
+RETRY_S = 0.5
+
+OnCommitted = Callable[[SealedRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Submit:
+    reading: Reading
+    on_committed: OnCommitted | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Delete:
+    keys: tuple[tuple[int, int], ...]
+
+
+class _Stop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Barrier:
+    done: threading.Event
+
+
+@dataclass
+class WriterStats:
+    committed: int = 0
+    deleted: int = 0
+    transactions: int = 0
+    commit_failures: int = 0
+    callback_errors: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        store: Store,
+        sealer: Sealer,
+        clock: Clock,
+        *,
+        on_commit: Callable[[list[SealedRecord]], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._sealer = sealer
+        self._clock = clock
+        self.on_commit = on_commit
+        self._inbox: queue.SimpleQueue[_Submit | _Delete | _Stop | _Barrier] = queue.SimpleQueue()
+        self._ledger_lock = threading.Lock()
+        self._ledger = store.device_ledger()
+        self.stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._stopped = threading.Event()
+
+    # -- API for other threads -------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
+        self._inbox.put(_Submit(reading, on_committed))
+
+    def delete(self, keys: list[tuple[int, int]]) -> None:
+        self._inbox.put(_Delete(tuple(keys)))
+
+    def last_committed_event(self, serial: str) -> int | None:
+        """The last device event committed for *serial* (the links' duplicate filter)."""
+        with self._ledger_lock:
+            return self._ledger.get(serial)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted before this call is committed."""
+        done = threading.Event()
+        self._inbox.put(_Barrier(done))
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop."""
+        self._inbox.put(_Stop())
+        self._thread.join(timeout)
+
+    # -- the thread ------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        pending: list[_Submit | _Delete | _Barrier] = []
+        while not (stopping and not pending):
+            if not pending:
+                item = self._inbox.get()
+                if isinstance(item, _Stop):
+                    stopping = True
+                    continue
+                pending.append(item)
+            while len(pending) < MAX_GROUP:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stopping = True
+                else:
+                    pending.append(item)
+            if self._commit(pending):
+                pending = []
+            elif stopping:
+                log.error("store writer stopping with %d items not committed", len(pending))
+                return
+            else:
+                self._stopped.wait(RETRY_S)
+
+    def _commit(self, items: list[_Submit | _Delete | _Barrier]) -> bool:
+        submits = [i for i in items if isinstance(i, _Submit)]
+        deletes = [k for i in items if isinstance(i, _Delete) for k in i.keys]
+        saved = (self._sealer.last_seq, self._sealer.last_digest)
+        sealed = [self._sealer.seal(s.reading, self._clock.timestamp(s.reading.mono_ns))
+                  for s in submits]
+        events: dict[str, int] = {}
+        for s in submits:
+            if s.reading.device_event is not None:
+                serial, event_id = s.reading.device_event
+                events[serial] = event_id
+        try:
+            self._store.commit(sealed, device_events=events, deletes=deletes)
+        except sqlite3.Error as exc:
+            self._sealer.last_seq, self._sealer.last_digest = saved
+            self.stats.commit_failures += 1
+            log.error(
+                "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
+                len(sealed), exc, RETRY_S,
+            )
+            return False
+        with self._ledger_lock:
+            self._ledger.update(events)
+        self.stats.transactions += 1
+        self.stats.committed += len(sealed)
+        self.stats.deleted += len(deletes)
+        for rec in sealed:
+            self.stats.by_kind[rec.kind] = self.stats.by_kind.get(rec.kind, 0) + 1
+        for s, rec in zip(submits, sealed, strict=True):
+            if s.on_committed is not None:
+                self._call(s.on_committed, rec)
+        if sealed and self.on_commit is not None:
+            self._call(self.on_commit, sealed)
+        for item in items:
+            if isinstance(item, _Barrier):
+                item.done.set()
+        return True
+
+    def _call(self, fn: Callable[[object], None] | OnCommitted | Callable[[list[SealedRecord]], None],
+              arg: object) -> None:
+        try:
+            fn(arg)  # type: ignore[arg-type]
+        except Exception:
+            # One faulty listener must not stop the writer; it is counted and logged.
+            self.stats.callback_errors += 1
+            log.exception("commit listener failed")

@@ -1,0 +1,137 @@
+"""Glue between a port, the host link and a device driver (one per framed device).
+
+Runs on the port's thread. Each new device message becomes readings submitted
+to the store writer; the device is ACKed from the writer's commit callback,
+hopped back onto the port thread with ``post``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from buffer.record import JSON, Reading, SealedRecord, Source
+from firmware_bridge.link import (
+    DeviceRejected,
+    DeviceSilent,
+    DeviceUp,
+    FrameRejected,
+    HostLink,
+    LinkEvent,
+    Message,
+)
+from firmware_bridge.messages import DeviceClass, Hello
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[Callable[[], None]], None]
+
+
+class Driver(Protocol):
+    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]: ...
+
+
+class Sink(Protocol):
+    def submit(
+        self, reading: Reading, on_committed: Callable[[SealedRecord], None] | None = None
+    ) -> None: ...
+
+    def last_committed_event(self, serial: str) -> int | None: ...
+
+
+@dataclass
+class FramedStats:
+    messages: int = 0
+    submitted: int = 0
+    acked: int = 0
+
+
+class FramedDeviceProtocol:
+    def __init__(
+        self,
+        port_name: str,
+        device_class: DeviceClass,
+        driver: Driver,
+        sink: Sink,
+        *,
+        link: HostLink | None = None,
+    ) -> None:
+        self.port_name = port_name
+        self.device_class = device_class
+        self.driver = driver
+        self.sink = sink
+        self.link = link or HostLink(sink.last_committed_event)
+        self.post: Post = lambda fn: fn()
+        self.stats = FramedStats()
+        self._source = Source(device_class.label, f"port:{port_name}")
+
+    # -- PortProtocol ------------------------------------------------------------
+    def connection_made(self, now: float) -> None:
+        self.link.connection_made(now)
+
+    def data_received(self, data: bytes, now: float) -> None:
+        self._handle(self.link.receive_data(data, now))
+
+    def tick(self, now: float) -> None:
+        self._handle(self.link.tick(now))
+
+    def connection_lost(self, reason: str, now: float) -> None:
+        del now
+        self.link.connection_lost()
+        self._status("device.lost", {"port": self.port_name, "reason": reason[:120]})
+
+    def data_to_send(self) -> bytes:
+        return self.link.data_to_send()
+
+    # -- internals ---------------------------------------------------------------
+    def _handle(self, events: list[LinkEvent]) -> None:
+        for event in events:
+            if isinstance(event, Message):
+                self._on_message(event)
+            elif isinstance(event, DeviceUp):
+                hello = event.hello
+                self._source = Source(self.device_class.label, hello.serial, hello.firmware_text)
+                log.info("%s: %s %s fw %s up (boot %d)", self.port_name, self.device_class.label,
+                         hello.serial, hello.firmware_text, hello.boot_count)
+                self._status("device.up", {
+                    "port": self.port_name, "boot": hello.boot_count,
+                    "protocol": hello.protocol_version,
+                })
+            elif isinstance(event, DeviceRejected):
+                log.error("%s: device %s rejected: %s (protocol %d)", self.port_name,
+                          event.hello.serial, event.result.name, event.hello.protocol_version)
+            elif isinstance(event, DeviceSilent):
+                self._status("device.lost", {"port": self.port_name, "reason": "silent",
+                                             "silent_ms": int(event.silent_s * 1000)})
+            elif isinstance(event, FrameRejected):
+                log.debug("%s: frame rejected (%s): %s", self.port_name, event.reason,
+                          event.raw[:48].hex(" "))
+
+    def _on_message(self, msg: Message) -> None:
+        hello = self.link.hello
+        if hello is None:  # pragma: no cover - the link only delivers after a handshake
+            return
+        self.stats.messages += 1
+        readings = self.driver.on_message(msg, hello, time.monotonic_ns())
+        if not readings:
+            self.link.committed(msg.event_id)
+            return
+        event_id = msg.event_id
+        for reading in readings[:-1]:
+            self.sink.submit(reading)
+        self.stats.submitted += len(readings)
+
+        def on_committed(_rec: SealedRecord) -> None:
+            self.post(lambda: self._ack(event_id))
+
+        self.sink.submit(readings[-1], on_committed)
+
+    def _ack(self, event_id: int) -> None:
+        self.stats.acked += 1
+        self.link.committed(event_id)
+
+    def _status(self, kind: str, body: dict[str, JSON]) -> None:
+        self.sink.submit(Reading(kind, self._source, body, time.monotonic_ns()))

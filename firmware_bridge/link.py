@@ -1,0 +1,231 @@
+"""Host side of the device link: handshake, sequence numbers, ACK/NAK, duplicates.
+
+Sans-IO. Fed with bytes and the time, it returns :class:`LinkEvent` objects and
+queues bytes to write (:meth:`HostLink.data_to_send`). It never raises on input.
+
+The host acknowledges a DATA frame only when told its event was committed
+(:meth:`HostLink.committed`): the device keeps the event until then and
+retransmits it, so between them no event is lost. A retransmission of the last
+committed event of a device (its ACK was lost, or the gateway restarted between
+commit and ACK) is acknowledged again and not delivered twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from firmware_bridge.framing import BadFrame, Frame, FrameDecoder, FrameType
+from firmware_bridge.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Data,
+    DeviceClass,
+    Hello,
+    HelloAck,
+    HelloResult,
+    Nak,
+    NakReason,
+    PayloadError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Interval at which a device sends HEARTBEAT frames when idle, seconds (told in HELLO_ACK).
+HEARTBEAT_S = 2
+#: Silence after which the host declares the device gone, seconds.
+LINK_TIMEOUT_S = 3 * HEARTBEAT_S + 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUp:
+    """A device completed the handshake (first contact, reconnect or reboot)."""
+
+    hello: Hello
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRejected:
+    hello: Hello
+    result: HelloResult
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A new device event, to be committed and then acknowledged."""
+
+    serial: str
+    event_id: int
+    msg_type: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSilent:
+    """Nothing heard from the device for :data:`LINK_TIMEOUT_S`."""
+
+    serial: str | None
+    silent_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRejected:
+    reason: str
+    raw: bytes
+
+
+LinkEvent = DeviceUp | DeviceRejected | Message | DeviceSilent | FrameRejected
+
+
+@dataclass
+class LinkStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    bad_frames: int = 0
+    naks_sent: int = 0
+    duplicates: int = 0
+    retransmits_while_pending: int = 0
+    data_before_hello: int = 0
+    handshakes: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class HostLink:
+    """Host end of one device link. One instance per port; it outlives reconnects."""
+
+    def __init__(
+        self,
+        last_committed: Callable[[str], int | None],
+        *,
+        heartbeat_s: int = HEARTBEAT_S,
+        link_timeout_s: float = LINK_TIMEOUT_S,
+    ) -> None:
+        self._last_committed_of = last_committed
+        self._heartbeat_s = heartbeat_s
+        self._link_timeout_s = link_timeout_s
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._seq = 0
+        self.hello: Hello | None = None
+        self._last_committed: int | None = None
+        self._pending: dict[int, int] = {}  # event_id -> seq of the DATA frame
+        self._last_rx: float | None = None
+        self.stats = LinkStats()
+
+    # -- connection lifecycle ------------------------------------------------
+    def connection_made(self, now: float) -> None:
+        """A port was (re)opened: forget partial input, ask the device who it is."""
+        self._decoder = FrameDecoder()
+        self.hello = None
+        self._last_rx = now
+        self._send(FrameType.HELLO_REQ, b"")
+
+    def connection_lost(self) -> None:
+        self.hello = None
+        self._out.clear()
+
+    # -- input ---------------------------------------------------------------
+    def receive_data(self, data: bytes, now: float) -> list[LinkEvent]:
+        self._last_rx = now
+        events: list[LinkEvent] = []
+        for item in self._decoder.feed(data):
+            if isinstance(item, BadFrame):
+                self._reject(events, item.reason.value, item.raw)
+                continue
+            self.stats.frames_in += 1
+            try:
+                self._handle(item, events)
+            except PayloadError as exc:
+                self._reject(events, f"payload:{item.type.name}", exc.raw)
+        return events
+
+    def tick(self, now: float) -> list[LinkEvent]:
+        if self._last_rx is None or self.hello is None:
+            return []
+        silent = now - self._last_rx
+        if silent < self._link_timeout_s:
+            return []
+        serial = self.hello.serial
+        self.hello = None
+        return [DeviceSilent(serial, silent)]
+
+    def committed(self, event_id: int) -> None:
+        """The event was durably committed: acknowledge it to the device."""
+        seq = self._pending.pop(event_id, None)
+        self._last_committed = event_id
+        if seq is not None:
+            self._send(FrameType.ACK, Ack(event_id).to_bytes(), seq)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- internals -----------------------------------------------------------
+    def _handle(self, frame: Frame, events: list[LinkEvent]) -> None:
+        if frame.type is FrameType.HELLO:
+            self._on_hello(Hello.from_bytes(frame.payload), events)
+        elif frame.type is FrameType.DATA:
+            self._on_data(frame, Data.from_bytes(frame.payload), events)
+        elif frame.type is FrameType.HEARTBEAT:
+            if self.hello is None:
+                self._send(FrameType.HELLO_REQ, b"")
+        else:
+            self._reject(events, f"unexpected:{frame.type.name}", frame.payload)
+
+    def _on_hello(self, hello: Hello, events: list[LinkEvent]) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            result = HelloResult.UNSUPPORTED_VERSION
+        elif hello.device_class not in DeviceClass.__members__.values():
+            result = HelloResult.UNKNOWN_CLASS
+        else:
+            result = HelloResult.OK
+        self._send(
+            FrameType.HELLO_ACK,
+            HelloAck(PROTOCOL_VERSION, result, self._heartbeat_s).to_bytes(),
+        )
+        if result is not HelloResult.OK:
+            self.hello = None
+            events.append(DeviceRejected(hello, result))
+            return
+        self.stats.handshakes += 1
+        if self.hello is None or self.hello.serial != hello.serial:
+            self._last_committed = self._last_committed_of(hello.serial)
+        self.hello = hello
+        events.append(DeviceUp(hello))
+
+    def _on_data(self, frame: Frame, data: Data, events: list[LinkEvent]) -> None:
+        if self.hello is None:
+            # The device keeps the event; it resends it after the handshake.
+            self.stats.data_before_hello += 1
+            self._send(FrameType.HELLO_REQ, b"")
+            return
+        if data.event_id == self._last_committed:
+            self.stats.duplicates += 1
+            self._send(FrameType.ACK, Ack(data.event_id).to_bytes(), frame.seq)
+            return
+        if data.event_id in self._pending:
+            self.stats.retransmits_while_pending += 1
+            self._pending[data.event_id] = frame.seq
+            return
+        self._pending[data.event_id] = frame.seq
+        events.append(Message(self.hello.serial, data.event_id, data.msg_type, data.body))
+
+    def _reject(self, events: list[LinkEvent], reason: str, raw: bytes) -> None:
+        self.stats.bad_frames += 1
+        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self.stats.naks_sent += 1
+        self._send(FrameType.NAK, Nak(NakReason.BAD_FRAME).to_bytes())
+        events.append(FrameRejected(reason, raw))
+
+    def _send(self, ftype: FrameType, payload: bytes, seq: int | None = None) -> None:
+        if seq is None:
+            seq = self._seq
+            self._seq = (self._seq + 1) & 0xFF
+        self._out += Frame(ftype, seq, payload).to_bytes()
+        self.stats.frames_out += 1

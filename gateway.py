@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""SmartCorr edge gateway: the one entry point for the daemon, the demo, installers and technicians.
+
+    python gateway.py run --config /etc/smartcorr/gateway.toml
+    python gateway.py demo [--duration S] [--json]
+    python gateway.py provision init --identity-dir DIR --gateway-id ID
+    python gateway.py diag nmea-replay FILE [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+EXIT_CONFIG = 2
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from provisioning.identity import IdentityError, load_identity
+    from smartcorr.app import DeviceSpec, Gateway, GnssSpec
+    from smartcorr.config import ConfigError, load_config
+    from uplink.forwarder import BrokerConfig, UplinkError
+
+    try:
+        cfg = load_config(Path(args.config))
+        identity = load_identity(cfg.identity_dir)
+    except (ConfigError, IdentityError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    b = cfg.broker
+    broker = BrokerConfig(b.host, b.port, str(b.ca_file) if b.ca_file else None,
+                          str(b.cert_file) if b.cert_file else None,
+                          str(b.key_file) if b.key_file else None, tls=b.tls)
+    gateway = Gateway(
+        identity, cfg.data_dir, broker,
+        devices=[DeviceSpec(d.name, d.kind, d.path, d.baudrate) for d in cfg.devices],
+        gnss=GnssSpec(cfg.gnss.path, cfg.gnss.baudrate, cfg.gnss.fix_interval_s)
+        if cfg.gnss else None,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        gateway.start()
+    except UplinkError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger("gateway").warning("gateway %s running", identity.gateway_id)
+    while not stop.wait(60):
+        logging.getLogger("gateway").info("status %s", json.dumps(gateway.status()))
+    gateway.stop(drain_s=5)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from smartcorr import demo
+    return demo.run(args)
+
+
+def cmd_provision_init(args: argparse.Namespace) -> int:
+    from provisioning.identity import IdentityError, create_identity
+
+    try:
+        ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force)
+    except IdentityError as exc:
+        print(f"provision: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = {"gateway_id": ident.gateway_id, "kid": ident.kid,
+           "public_key": str(ident.directory / "signing.pub")}
+    print(json.dumps(out) if args.json else
+          f"gateway {ident.gateway_id} provisioned; key id {ident.kid}; "
+          f"enrol {out['public_key']} at the platform")
+    return 0
+
+
+def cmd_diag_nmea(args: argparse.Namespace) -> int:
+    from drivers import nmea_replay
+    argv = [args.file] + (["--json"] if args.json else [])
+    return nmea_replay.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway.py", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="everything on this machine: broker, devices, verifier")
+    from smartcorr.demo import add_arguments
+    add_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    prov = sub.add_parser("provision", help="installers: identity and enrolment")
+    psub = prov.add_subparsers(dest="action", required=True)
+    init = psub.add_parser("init", help="create this gateway's identity and keys")
+    init.add_argument("--identity-dir", required=True)
+    init.add_argument("--gateway-id", required=True)
+    init.add_argument("--force", action="store_true", help="replace an existing identity")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=cmd_provision_init)
+
+    diag = sub.add_parser("diag", help="technicians: diagnostics")
+    dsub = diag.add_subparsers(dest="action", required=True)
+    nmea = dsub.add_parser("nmea-replay", help="replay an NMEA capture through the GNSS driver")
+    nmea.add_argument("file")
+    nmea.add_argument("--json", action="store_true")
+    nmea.set_defaults(func=cmd_diag_nmea)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logging(args.verbose)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""A framed device (tag receiver, kiosk) on a pseudo-terminal, with fault injection.
+
+The device logic is the reference :class:`firmware_bridge.device.DeviceLink`;
+this class only moves its bytes through a pty (and through :class:`Faults` in
+each direction) on its own thread. Events are queued with :meth:`enqueue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from firmware_bridge.device import DeviceLink
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
+from simulators.pty import Faults, Pty
+
+log = logging.getLogger(__name__)
+TICK_S = 0.01
+
+
+class FramedDeviceSim:
+    def __init__(
+        self,
+        device_class: DeviceClass,
+        serial: str,
+        *,
+        link: Path | None = None,
+        firmware: tuple[int, int, int] = (1, 0, 0),
+        protocol_version: int = PROTOCOL_VERSION,
+        to_host: Faults | None = None,
+        from_host: Faults | None = None,
+        byte_delay_s: float = 0.0,
+    ) -> None:
+        hello = Hello(protocol_version, device_class, firmware, 1, serial)
+        self.device = DeviceLink(hello)
+        self.to_host = to_host or Faults()
+        self.from_host = from_host or Faults()
+        self.byte_delay_s = byte_delay_s
+        self._link = link
+        self.pty = Pty(link)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._plugged = True
+        self.sent: dict[int, bytes] = {}  # event id -> body, every event ever generated
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"sim-{serial}", daemon=True)
+
+    @property
+    def path(self) -> str:
+        return self.pty.path
+
+    def start(self) -> FramedDeviceSim:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pty.close()
+
+    def enqueue(self, msg_type: int, body: bytes) -> None:
+        def do() -> None:
+            event_id = self.device.enqueue(msg_type, body)
+            with self._lock:
+                self.sent[event_id] = body
+        self._calls.put(do)
+
+    def unplug(self) -> None:
+        """The USB cable is pulled: the pty disappears; queued events stay in the device."""
+        def do() -> None:
+            self._plugged = False
+            self.pty.close()
+        self._calls.put(do)
+
+    def replug(self) -> None:
+        def do() -> None:
+            self.pty = Pty(self._link)
+            self._plugged = True
+            self.device.reboot(time.monotonic())
+        self._calls.put(do)
+
+    def reboot(self) -> None:
+        self._calls.put(lambda: self.device.reboot(time.monotonic()))
+
+    def acked(self) -> list[int]:
+        with self._lock:
+            return list(self.device.acked_ids)
+
+    def queued(self) -> int:
+        return len(self.device.queue)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    self._calls.get_nowait()()
+                except queue.Empty:
+                    break
+            if not self._plugged:
+                time.sleep(TICK_S)
+                continue
+            now = time.monotonic()
+            try:
+                readable, _, _ = select.select([self.pty.master], [], [], TICK_S)
+                if readable:
+                    data = os.read(self.pty.master, 4096)
+                    with self._lock:
+                        self.device.receive_data(self.from_host.apply(data), now)
+            except OSError:
+                pass  # nobody holds the slave side yet
+            with self._lock:
+                self.device.tick(time.monotonic())
+                out = self.device.data_to_send()
+            if out:
+                self._write(self.to_host.apply(out))
+
+    def _write(self, data: bytes) -> None:
+        if self.byte_delay_s:
+            for i in range(len(data)):
+                self._write_now(data[i : i + 1])
+                time.sleep(self.byte_delay_s)
+        else:
+            self._write_now(data)
+
+    def _write_now(self, data: bytes) -> None:
+        try:
+            os.write(self.pty.master, data)
+        except (BlockingIOError, OSError):
+            pass  # like a UART with nobody listening: the bytes are lost, the link resends

@@ -1,0 +1,123 @@
+"""Assembly of the running gateway: ports -> drivers -> store writer -> uplink.
+
+Threads: one per serial port, the store writer, the uplink forwarder and
+paho's network loop. They talk only through queues (and the clock and the
+writer's device ledger, both behind their own locks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buffer.record import Reading, Sealer, Source
+from buffer.store import Store, StoreReader
+from buffer.writer import StoreWriter
+from drivers.framed import FramedDeviceProtocol
+from drivers.tag_receiver import TagReceiverDriver
+from firmware_bridge.messages import DeviceClass
+from firmware_bridge.port import PortProtocol, PortWorker
+from provisioning.identity import Identity
+from smartcorr.clock import Clock
+from uplink.forwarder import BrokerConfig, Forwarder
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    kind: str  # tag_receiver | kiosk
+    path: str
+    baudrate: int = 115200
+
+
+@dataclass(frozen=True)
+class GnssSpec:
+    path: str
+    baudrate: int = 9600
+    fix_interval_s: float = 60.0
+
+
+@dataclass
+class Gateway:
+    identity: Identity
+    data_dir: Path
+    broker: BrokerConfig
+    devices: list[DeviceSpec] = field(default_factory=list)
+    gnss: GnssSpec | None = None
+    clock: Clock = field(default_factory=Clock)
+    track_acked: bool = False
+
+    def __post_init__(self) -> None:
+        self.ports: list[PortWorker] = []
+        self.protocols: dict[str, PortProtocol] = {}
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = self.data_dir / "records.db"
+        self.store = Store(db, self.identity.storage_key)
+        state = self.store.state
+        self.sealer = Sealer(self.identity.gateway_id, self.identity.signing_key,
+                             last_seq=state.last_seq, last_digest=state.last_digest,
+                             boot=state.boot)
+        self.reader = StoreReader(db, self.identity.storage_key)
+        self.writer = StoreWriter(self.store, self.sealer, self.clock)
+        self.forwarder = Forwarder(self.identity.gateway_id, self.broker, self.reader,
+                                   self.writer, track_acked=self.track_acked)
+        self.writer.on_commit = lambda _records: self.forwarder.notify()
+        self.writer.start()
+        self.writer.submit(Reading("gateway.boot", self.source, {
+            "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
+        }, time.monotonic_ns()))
+        self.forwarder.start()
+        for spec in self.devices:
+            cls = DeviceClass.TAG_RECEIVER if spec.kind == "tag_receiver" else DeviceClass.KIOSK
+            proto = FramedDeviceProtocol(spec.name, cls, TagReceiverDriver(), self.writer)
+            self._add_port(spec.name, spec.path, spec.baudrate, proto)
+        if self.gnss is not None:
+            from drivers.gnss import GnssProtocol
+
+            gproto = GnssProtocol("gnss", self.writer, self.clock,
+                                  fix_interval_s=self.gnss.fix_interval_s)
+            self._add_port("gnss", self.gnss.path, self.gnss.baudrate, gproto)
+
+    @property
+    def source(self) -> Source:
+        return Source("gateway", self.identity.gateway_id, VERSION)
+
+    def _add_port(self, name: str, path: str, baud: int,
+                  proto: PortProtocol) -> None:
+        worker = PortWorker(name, path, baud, proto)
+        if isinstance(proto, FramedDeviceProtocol):
+            proto.post = worker.call_soon
+        self.ports.append(worker)
+        self.protocols[name] = proto
+        worker.start()
+
+    def stop(self, drain_s: float = 5.0) -> bool:
+        """Stop reading devices, forward what is queued (up to *drain_s*), then stop."""
+        for worker in self.ports:
+            worker.stop()
+        self.writer.flush()
+        drained = self.forwarder.wait_idle(drain_s)
+        self.forwarder.stop()
+        self.writer.stop()
+        self.reader.close()
+        self.store.close()
+        return drained
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "gateway_id": self.identity.gateway_id,
+            "committed": self.writer.stats.committed,
+            "published": self.forwarder.stats.records_published,
+            "acked": self.forwarder.stats.records_acked,
+            "uplink_connected": self.forwarder.stats.connected,
+            "ports": {w.name: {"connected": w.stats.connected, "opens": w.stats.opens,
+                               "bytes_in": w.stats.bytes_in} for w in self.ports},
+        }

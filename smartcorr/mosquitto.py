@@ -1,0 +1,149 @@
+"""Start a private mosquitto on a loopback port with mTLS and an ACL (demo, tests, bench).
+
+The ACL is the one a province would deploy: a gateway (MQTT user = the common
+name of its client certificate) may write only under its own topic prefix; the
+platform's consumers may read every gateway's records and status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioning.pki import Authority, CertFiles, issue_to, make_authority, write_ca
+
+STARTUP_TIMEOUT_S = 15.0
+PLATFORM_CN = "platform-verifier"
+
+ACL = """\
+# gateways: only under their own prefix
+pattern write smartcorr/v1/gw/%u/records
+pattern write smartcorr/v1/gw/%u/status
+pattern read smartcorr/v1/gw/%u/cmd/#
+
+user {platform}
+topic read smartcorr/v1/gw/+/records
+topic read smartcorr/v1/gw/+/status
+topic write smartcorr/v1/gw/+/cmd/#
+"""
+
+
+class BrokerError(Exception):
+    """mosquitto is missing or did not start; the message says why and what to do."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Pki:
+    directory: Path
+    ca: Authority
+    ca_file: Path
+    server: CertFiles
+
+    def client(self, cn: str) -> CertFiles:
+        return issue_to(self.directory, self.ca, cn)
+
+
+def make_pki(directory: Path) -> Pki:
+    ca = make_authority()
+    return Pki(directory, ca, write_ca(directory, ca), issue_to(directory, ca, "broker", server=True))
+
+
+@dataclass
+class Mosquitto:
+    host: str
+    port: int
+    process: subprocess.Popen[str]
+    log: list[str]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if found is None:
+        raise BrokerError(
+            "mosquitto is not installed: run 'sudo apt-get install mosquitto' "
+            "(scripts/setup.sh does it), or give --broker HOST:PORT"
+        )
+    return found
+
+
+def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
+                    host: str = "127.0.0.1") -> Mosquitto:
+    binary = mosquitto_binary()
+    port = port or free_port(host)
+    workdir.mkdir(parents=True, exist_ok=True)
+    acl = workdir / "acl"
+    acl.write_text(ACL.format(platform=PLATFORM_CN))
+    conf = workdir / "mosquitto.conf"
+    lines = [
+        f"listener {port} {host}",
+        f"cafile {pki.ca_file}",
+        f"certfile {pki.server.cert}",
+        f"keyfile {pki.server.key}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {acl}",
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "max_inflight_messages 100",
+        "max_queued_messages 10000",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")  # keys are 0600 root: do not drop to 'mosquitto'
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    log: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line.rstrip())
+            if line.rstrip().endswith(" running"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, name="mosquitto-log", daemon=True).start()
+    if not ready.wait(STARTUP_TIMEOUT_S) or proc.poll() is not None:
+        proc.kill()
+        raise BrokerError("mosquitto did not start:\n" + "\n".join(log[-20:]))
+    return Mosquitto(host, port, proc, log)
+
+
+@contextlib.contextmanager
+def running_mosquitto(workdir: Path, pki: Pki, **kwargs: object) -> Iterator[Mosquitto]:
+    broker = start_mosquitto(workdir, pki, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,74 @@
+"""The reference platform consumer: subscribes to gateways' records and verifies them.
+
+Runs as one of many consumers of a shared subscription (``$share/GROUP/...``)
+when a group is given, so ingest scales out on a broker cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from uplink.forwarder import TOPIC_ROOT, BrokerConfig, make_client
+from verifier.core import Verifier
+
+log = logging.getLogger(__name__)
+
+
+class VerifierClient:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        keys: Mapping[str, Ed25519PublicKey],
+        *,
+        client_id: str = "platform-verifier",
+        share_group: str | None = None,
+    ) -> None:
+        self.verifier = Verifier(keys)
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        topic = f"{TOPIC_ROOT}/+/records"
+        self.topic = f"$share/{share_group}/{topic}" if share_group else topic
+        self.broker = broker
+        self.client = make_client(client_id, broker)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def summary(self) -> dict[str, int]:
+        with self.lock:
+            return self.verifier.summary()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        del userdata, flags, properties
+        if reason.is_failure:
+            log.error("verifier: broker refused the connection: %s", reason)
+            return
+        client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        del client, userdata, mid, properties
+        if all(not r.is_failure for r in reasons):
+            self.subscribed.set()
+        else:
+            log.error("verifier: subscription refused: %s", reasons)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        del client, userdata
+        with self.lock:
+            self.verifier.ingest(message.payload)
