@@ -86,8 +86,10 @@ def cmd_provision_init(args: argparse.Namespace) -> int:
 
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
     from drivers import nmea_replay
+
     argv = [args.file] + (["--json"] if args.json else [])
-    return nmea_replay.main(argv)
+    result: int = nmea_replay.main(argv)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

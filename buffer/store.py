@@ -84,7 +84,9 @@ class Store:
         digest = self._meta("last_digest") or GENESIS_PREV
         boot = int(self._meta("boot") or b"0") + 1
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (str(boot).encode(),))
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (str(boot).encode(),)
+            )
         return StoreState(last_seq, digest, boot)
 
     def _transaction(self) -> _Txn:
@@ -102,7 +104,9 @@ class Store:
     ) -> None:
         """Insert, delete and advance the chain state in one fsynced transaction."""
         sealed = list(records)
-        rows = [(int(r.priority), r.seq, self._seal_row(r.priority, r.seq, r.data)) for r in sealed]
+        rows = [
+            (int(r.priority), r.seq, self._seal_row(r.priority, r.seq, r.data)) for r in sealed
+        ]
         new_state = self.state
         with self._transaction():
             if sealed:

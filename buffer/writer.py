@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from buffer.record import Reading, SealedRecord, Sealer
 from buffer.store import Store
@@ -151,7 +152,7 @@ class StoreWriter:
         except sqlite3.Error as exc:
             self._sealer.last_seq, self._sealer.last_digest = saved
             self.stats.commit_failures += 1
-            log.error(
+            log.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
                 "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
                 len(sealed), exc, RETRY_S,
             )
@@ -173,10 +174,9 @@ class StoreWriter:
                 item.done.set()
         return True
 
-    def _call(self, fn: Callable[[object], None] | OnCommitted | Callable[[list[SealedRecord]], None],
-              arg: object) -> None:
+    def _call(self, fn: Callable[[Any], None], arg: object) -> None:
         try:
-            fn(arg)  # type: ignore[arg-type]
+            fn(arg)
         except Exception:
             # One faulty listener must not stop the writer; it is counted and logged.
             self.stats.callback_errors += 1

@@ -102,7 +102,8 @@ def cobs_encode(data: bytes) -> bytes:
     """Consistent Overhead Byte Stuffing (Cheshire & Baker, 1999), standard form."""
     out = bytearray()
     blocks = data.split(b"\x00")
-    for index, block in enumerate(blocks):
+    for index, run in enumerate(blocks):
+        block = run
         last = index == len(blocks) - 1
         # a zero-free run is cut into chunks of 254 bytes, each behind code 0xFF
         while len(block) >= 0xFE:

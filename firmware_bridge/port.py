@@ -13,6 +13,8 @@ protocol bug is logged and counted, and reading goes on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import queue
@@ -96,10 +98,9 @@ class PortWorker:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        # BlockingIOError: a wake-up is already pending; OSError: we are stopping
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\x00")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is already pending, or we are stopping
 
     # -- the thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -128,11 +129,9 @@ class PortWorker:
             self.stats.losses += reason != "stopped"
             self.stats.connected = False
             self.connected.clear()
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 port.close()
-            except (serial.SerialException, OSError):
-                pass
-            self._guard(lambda: self.protocol.connection_lost(reason, time.monotonic()))
+            self._guard(functools.partial(self.protocol.connection_lost, reason, time.monotonic()))
             if reason != "stopped":
                 log.warning("%s: lost %s (%s); reopening", self.name, self.path, reason)
 
@@ -155,9 +154,9 @@ class PortWorker:
                     self.stats.bytes_in += len(data)
                     if trace.isEnabledFor(logging.DEBUG):
                         trace.debug("%s <- %s", self.name, data.hex(" "))
-                    self._guard(lambda d=data, t=now: self.protocol.data_received(d, t))
+                    self._guard(functools.partial(self.protocol.data_received, data, now))
                 self._run_calls()
-                self._guard(lambda t=now: self.protocol.tick(t))
+                self._guard(functools.partial(self.protocol.tick, now))
             self._flush(port)
         except (serial.SerialException, OSError) as exc:
             return str(exc) or type(exc).__name__

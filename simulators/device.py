@@ -7,6 +7,7 @@ each direction) on its own thread. Events are queued with :meth:`enqueue`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
@@ -55,7 +57,7 @@ class FramedDeviceSim:
     def path(self) -> str:
         return self.pty.path
 
-    def start(self) -> FramedDeviceSim:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -129,7 +131,6 @@ class FramedDeviceSim:
             self._write_now(data)
 
     def _write_now(self, data: bytes) -> None:
-        try:
+        # like a UART with nobody listening: the bytes are lost, the link resends
+        with contextlib.suppress(OSError):
             os.write(self.pty.master, data)
-        except (BlockingIOError, OSError):
-            pass  # like a UART with nobody listening: the bytes are lost, the link resends

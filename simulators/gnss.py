@@ -8,6 +8,7 @@ import operator
 import os
 import threading
 from pathlib import Path
+from typing import Self
 
 from simulators.pty import Faults, Pty
 
@@ -53,7 +54,7 @@ class GnssSim:
     def path(self) -> str:
         return self.pty.path
 
-    def start(self) -> GnssSim:
+    def start(self) -> Self:
         self._thread.start()
         return self
 

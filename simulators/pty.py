@@ -8,6 +8,7 @@ with pyserial exactly as it would open ``/dev/ttyUSB0``. A stable symlink (like
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tty
@@ -40,7 +41,8 @@ class Faults:
         if self.garbage_rate and rng.random() < self.garbage_rate:
             out += rng.randbytes(rng.randint(1, 64))
             self._count("garbage_bursts")
-        for byte in data:
+        for original in data:
+            byte = original
             if self.drop_rate and rng.random() < self.drop_rate:
                 self._count("dropped")
                 continue
@@ -76,7 +78,5 @@ class Pty:
 
     def close(self) -> None:
         for fd in (self.master, self._slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass

@@ -6,8 +6,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.cmac import CMAC
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.cmac import CMAC
 
 from drivers.tag_receiver import FLAG_BODY_CONTACT, FLAG_STRAP_CLOSED, MAC_BYTES, MSG_BEACON, Beacon
 from firmware_bridge.messages import DeviceClass

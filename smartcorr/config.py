@@ -97,7 +97,7 @@ class _Section:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(key, f"expected {kind.__name__}, got {value!r}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     def path(self, key: str, *, required: bool = False, must_exist: bool = False) -> Path | None:
         text = self.get(key, str, required=required)
@@ -178,4 +178,6 @@ def load_config(path: Path) -> Config:
         if gnss.fix_interval_s <= 0:
             raise sec.error("fix_interval_s", "must be positive")
         sec.done()
-    return Config(path, identity_dir, data_dir, broker, devices, gnss)  # type: ignore[arg-type]
+    if identity_dir is None or data_dir is None:  # pragma: no cover - required=True above
+        raise gw.error(None, "identity_dir and data_dir are required")
+    return Config(path, identity_dir, data_dir, broker, devices, gnss)

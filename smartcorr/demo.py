@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         for item in reversed(stack):
             try:
                 item()
-            except Exception:  # noqa: BLE001 - tear-down continues whatever failed
+            except Exception:
                 log.exception("demo tear-down step failed")
         if args.keep:
             print(f"demo: files kept in {tmp}", file=sys.stderr)
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
 
     gateway = Gateway(identity, tmp / "data", gw_broker,
                       devices=[DeviceSpec("tags", "tag_receiver", tag_sim.path)],
-                      gnss=GnssSpec(gnss_sim.path, fix_interval_s=5.0) if not args.no_gnss else None,
+                      gnss=None if args.no_gnss else GnssSpec(gnss_sim.path, fix_interval_s=5.0),
                       track_acked=True)
     gateway.start()
     gateway_stopped = False

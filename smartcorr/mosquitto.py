@@ -58,7 +58,8 @@ class Pki:
 
 def make_pki(directory: Path) -> Pki:
     ca = make_authority()
-    return Pki(directory, ca, write_ca(directory, ca), issue_to(directory, ca, "broker", server=True))
+    server = issue_to(directory, ca, "broker", server=True)
+    return Pki(directory, ca, write_ca(directory, ca), server)
 
 
 @dataclass
@@ -126,8 +127,7 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
     ready = threading.Event()
 
     def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
+        for line in proc.stderr or ():
             log.append(line.rstrip())
             if line.rstrip().endswith(" running"):
                 ready.set()

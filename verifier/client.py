@@ -71,4 +71,4 @@ class VerifierClient:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         del client, userdata
         with self.lock:
-            self.verifier.ingest(message.payload)
+            self.verifier.ingest(bytes(message.payload))

@@ -1,0 +1,108 @@
+"""Configuration errors name the file, the key and what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from provisioning.identity import create_identity
+from smartcorr.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """
+[gateway]
+identity_dir = "{ident}"
+data_dir = "{data}"
+
+[broker]
+host = "127.0.0.1"
+port = 8883
+tls = false
+
+[[devices]]
+name = "tags"
+kind = "tag_receiver"
+path = "/dev/serial/by-id/usb-SmartCorr_TagRx_0001-if00"
+
+[gnss]
+path = "/dev/ttyACM0"
+fix_interval_s = 30
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text.format(ident=tmp_path / "identity", data=tmp_path / "data"))
+    return path
+
+
+def test_a_good_config_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.broker.port == 8883
+    assert cfg.devices[0].baudrate == 115200
+    assert cfg.gnss is not None
+    assert cfg.gnss.fix_interval_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("port = 8883", 'port = "x"'), r"\[broker\] port: expected int, got 'x'"),
+        (("port = 8883", "port = 70000"), r"\[broker\] port: must be 1-65535"),
+        (('kind = "tag_receiver"', 'kind = "toaster"'), r"\[devices.0\] kind: must be one of"),
+        (("fix_interval_s = 30", "fix_intervall_s = 30"),
+         r"\[gnss\] fix_intervall_s: unknown key"),
+        (("tls = false", "tls = true"), r"\[broker\] ca_file: is required"),
+        (('host = "127.0.0.1"', ""), r"\[broker\] host: is required"),
+        (("[gnss]", "[gnss"), r"not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "gateway.py"), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_run_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", str(write(tmp_path, GOOD.replace("port = 8883",
+                                                                          "port = -1"))))
+    assert result.returncode == 2
+    assert "[broker] port: must be 1-65535" in result.stderr
+
+
+def test_run_without_identity_says_how_to_provision(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", str(write(tmp_path, GOOD)))
+    assert result.returncode == 2
+    assert "provision init" in result.stderr
+
+
+def test_provision_init_then_refuses_to_overwrite(tmp_path: Path) -> None:
+    ident = tmp_path / "identity"
+    first = run_cli("provision", "init", "--identity-dir", str(ident), "--gateway-id",
+                    "gw-qc-0042", "--json")
+    assert first.returncode == 0, first.stderr
+    assert '"gateway_id": "gw-qc-0042"' in first.stdout
+    assert (ident / "signing.key").stat().st_mode & 0o077 == 0
+    again = run_cli("provision", "init", "--identity-dir", str(ident), "--gateway-id",
+                    "gw-qc-0042")
+    assert again.returncode == 2
+    assert "already holds an identity" in again.stderr
+
+
+def test_bad_gateway_id_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="not valid"):
+        create_identity(tmp_path / "i", "Bad ID!")

@@ -1,0 +1,120 @@
+"""The durable store: state across reopen, encryption at rest, delivery order, failures."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from buffer.record import GENESIS_PREV, Priority, Reading, Sealer, Source
+from buffer.store import Store, StoreError, StoreReader
+from buffer.writer import StoreWriter
+from smartcorr.clock import Clock
+
+KEY = Ed25519PrivateKey.generate()
+STORAGE = bytes(range(32))
+SRC = Source("tag_receiver", "TR-0001")
+
+
+def open_store(path: Path) -> tuple[Store, Sealer]:
+    store = Store(path, STORAGE)
+    st = store.state
+    return store, Sealer("gw-test-0001", KEY, last_seq=st.last_seq, last_digest=st.last_digest,
+                         boot=st.boot)
+
+
+def presence(n: int, kind: str = "tag.presence") -> Reading:
+    return Reading(kind, SRC, {"tag": "T0000CAFE", "counter": n, "lat_e7": 468123456}, n)
+
+
+def test_seq_chain_and_boot_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    assert (store.state.last_seq, store.state.last_digest, store.state.boot) == \
+        (0, GENESIS_PREV, 1)
+    clock = Clock()
+    recs = [sealer.seal(presence(i), clock.timestamp(time.monotonic_ns())) for i in range(3)]
+    store.commit(recs, device_events={"TR-0001": 7})
+    store.close()
+    store, _ = open_store(db)
+    assert store.state.last_seq == 3
+    assert store.state.last_digest == recs[-1].digest
+    assert store.state.boot == 2
+    assert store.device_ledger() == {"TR-0001": 7}
+
+
+def test_payloads_are_encrypted_at_rest(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    store.commit([sealer.seal(presence(1), Clock().timestamp(0))])
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"T0000CAFE" not in raw
+    assert b"468123456" not in raw
+    reader = StoreReader(db, STORAGE)
+    batch = reader.next_batch({}, 10, 1 << 20)
+    assert batch is not None
+    assert b"T0000CAFE" in batch[1][0][1]
+
+
+def test_reader_serves_the_highest_class_first_in_seq_order(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    clock = Clock()
+    kinds = ["tag.presence", "gateway.health", "tag.tamper", "tag.presence", "tag.tamper"]
+    store.commit([sealer.seal(presence(i, k), clock.timestamp(0)) for i, k in enumerate(kinds)])
+    reader = StoreReader(db, STORAGE)
+    batch = reader.next_batch({}, 10, 1 << 20)
+    assert batch is not None
+    assert batch[0] is Priority.ALARM
+    assert [seq for seq, _ in batch[1]] == [3, 5]
+    batch = reader.next_batch({Priority.ALARM: 5}, 10, 1 << 20)
+    assert batch is not None
+    assert (batch[0], [s for s, _ in batch[1]]) == (Priority.POSITION, [1, 4])
+
+
+def test_a_row_moved_to_another_seq_does_not_decrypt(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    store.commit([sealer.seal(presence(i), Clock().timestamp(0)) for i in range(2)])
+    conn = sqlite3.connect(db)
+    blob = conn.execute("SELECT blob FROM records WHERE seq=1").fetchone()[0]
+    reader = StoreReader(db, STORAGE)
+    with pytest.raises(Exception, match="InvalidTag|"):
+        reader.open_row(int(Priority.POSITION), 2, blob)
+    conn.close()
+
+
+def test_wrong_key_size_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="32 bytes"):
+        Store(tmp_path / "r.db", b"short")
+
+
+def test_writer_acks_only_after_commit_and_rolls_back_on_failure(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    committed: list[int] = []
+    writer.submit(presence(1), lambda rec: committed.append(rec.seq))
+    assert writer.flush()
+    assert committed == [1]
+    # a full disk: every commit fails; the reading stays unacknowledged, no seq is burnt
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+    writer.submit(Reading("tag.presence", SRC, {"pad": "x" * 20000}, 2),
+                  lambda rec: committed.append(rec.seq))
+    writer.submit(Reading("tag.presence", SRC, {"n": 3}, 3, ("TR-0001", 3)),
+                  lambda rec: committed.append(rec.seq))
+    assert not writer.flush(timeout=1.5)
+    assert committed == [1]
+    assert writer.stats.commit_failures >= 1
+    assert writer.last_committed_event("TR-0001") is None
+    store._db.execute("PRAGMA max_page_count=1000000")  # space freed
+    assert writer.flush(timeout=10)
+    assert committed == [1, 2, 3]
+    assert writer.last_committed_event("TR-0001") == 3
+    writer.stop()
