@@ -33,13 +33,34 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT RO
 CREATE TABLE IF NOT EXISTS device_events (
     serial TEXT PRIMARY KEY, last_event INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    prio INTEGER PRIMARY KEY, count INTEGER NOT NULL, bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO usage VALUES (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0);
+CREATE TRIGGER IF NOT EXISTS records_in AFTER INSERT ON records BEGIN
+    UPDATE usage SET count = count + 1, bytes = bytes + length(NEW.blob) WHERE prio = NEW.prio;
+END;
+CREATE TRIGGER IF NOT EXISTS records_out AFTER DELETE ON records BEGIN
+    UPDATE usage SET count = count - 1, bytes = bytes - length(OLD.blob) WHERE prio = OLD.prio;
+END;
 """
+#: Eviction frees this share of the quota beyond what is needed, so it runs rarely.
+EVICT_SLACK = 0.02
+#: Bytes a row costs beyond its blob (key, page slack); counted against the quota.
+ROW_OVERHEAD = 16
 _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
 
 
 class StoreError(Exception):
     """The store could not do what was asked; the message says what and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    prio: int
+    seq: int
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +84,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """The writer's side. Not thread-safe: one thread (the store writer) owns it."""
 
-    def __init__(self, path: Path, storage_key: bytes) -> None:
+    def __init__(self, path: Path, storage_key: bytes, *, quota_bytes: int | None = None) -> None:
+        if quota_bytes is not None and quota_bytes < 64 * 1024:
+            raise StoreError(f"quota of {quota_bytes} bytes is too small: give at least 64 KiB")
+        self.quota_bytes = quota_bytes
         if len(storage_key) != 32:
             raise StoreError("storage key must be 32 bytes (AES-256)")
         self.path = path
@@ -74,6 +98,42 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open record store {path}: {exc}") from exc
         self.state = self._bump_boot()
+        self.usage = self._read_usage()
+
+    def _read_usage(self) -> dict[Priority, tuple[int, int]]:
+        rows = self._db.execute("SELECT prio, count, bytes FROM usage").fetchall()
+        return {Priority(p): (c, b) for p, c, b in rows}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(b + c * ROW_OVERHEAD for c, b in self.usage.values())
+
+    def plan_eviction(self, incoming_bytes: int) -> list[Evicted]:
+        """Rows to evict so that *incoming_bytes* more fit the quota: lowest class first,
+        oldest first within a class; alarms and check-ins only when nothing else is left."""
+        if self.quota_bytes is None:
+            return []
+        excess = self.used_bytes + incoming_bytes - self.quota_bytes
+        if excess <= 0:
+            return []
+        target = excess + int(self.quota_bytes * EVICT_SLACK)
+        out: list[Evicted] = []
+        freed = 0
+        for prio in sorted(Priority, reverse=True):
+            while freed < target:
+                after = out[-1].seq if out and out[-1].prio == prio else 0
+                rows = self._db.execute(
+                    "SELECT seq, length(blob) FROM records WHERE prio=? AND seq>? "
+                    "ORDER BY seq LIMIT 256", (int(prio), after),
+                ).fetchall()
+                if not rows:
+                    break
+                for seq, size in rows:
+                    out.append(Evicted(int(prio), seq, size + ROW_OVERHEAD))
+                    freed += size + ROW_OVERHEAD
+                    if freed >= target:
+                        break
+        return out
 
     def _meta(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
@@ -101,8 +161,9 @@ class Store:
         *,
         device_events: Mapping[str, int] | None = None,
         deletes: Iterable[tuple[int, int]] = (),
+        evict: Iterable[Evicted] = (),
     ) -> None:
-        """Insert, delete and advance the chain state in one fsynced transaction."""
+        """Insert, delete, evict and advance the chain state in one fsynced transaction."""
         sealed = list(records)
         rows = [
             (int(r.priority), r.seq, self._seal_row(r.priority, r.seq, r.data)) for r in sealed
@@ -118,12 +179,15 @@ class Store:
                     [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],
                 )
             self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?", list(deletes))
+            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
+                                 [(e.prio, e.seq) for e in evict])
             if device_events:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO device_events VALUES (?, ?)",
                     list(device_events.items()),
                 )
         self.state = new_state
+        self.usage = self._read_usage()
 
     def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

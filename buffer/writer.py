@@ -16,12 +16,13 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from buffer.record import Reading, SealedRecord, Sealer
-from buffer.store import Store
+from buffer.record import JSON, Priority, Reading, SealedRecord, Sealer, Source
+from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store
 from smartcorr.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,34 @@ MAX_GROUP = 2000
 RETRY_S = 0.5
 
 OnCommitted = Callable[[SealedRecord], None]
+#: What a sealed record costs in the store beyond its bytes (nonce, GCM tag, row).
+ROW_BYTES = NONCE_BYTES + 16 + ROW_OVERHEAD
+
+
+def seq_ranges(seqs: list[int]) -> list[list[int]]:
+    """[[lo, hi], ...] covering *seqs* exactly."""
+    out: list[list[int]] = []
+    for seq in sorted(seqs):
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
+
+
+def gap_reading(evicted: list[Evicted], source: Source, mono_ns: int) -> Reading:
+    """The signed trace of an eviction: which seqs left the buffer unsent, and why."""
+    by_class: dict[str, JSON] = {}
+    for e in evicted:
+        label = Priority(e.prio).label
+        by_class[label] = int(by_class.get(label, 0)) + 1
+    body: dict[str, JSON] = {
+        "reason": "quota",
+        "count": len(evicted),
+        "by_class": by_class,
+        "evicted": seq_ranges([e.seq for e in evicted]),
+    }
+    return Reading("gap", source, body, mono_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +88,7 @@ class WriterStats:
     transactions: int = 0
     commit_failures: int = 0
     callback_errors: int = 0
+    evicted: dict[str, int] = field(default_factory=dict)
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -70,7 +100,9 @@ class StoreWriter:
         clock: Clock,
         *,
         on_commit: Callable[[list[SealedRecord]], None] | None = None,
+        source: Source | None = None,
     ) -> None:
+        self._gateway_source = source or Source("gateway", sealer.gateway_id)
         self._store = store
         self._sealer = sealer
         self._clock = clock
@@ -128,27 +160,48 @@ class StoreWriter:
                     stopping = True
                 else:
                     pending.append(item)
-            if self._commit(pending):
-                pending = []
+            consumed = self._commit(pending)
+            if consumed:
+                del pending[:consumed]
             elif stopping:
                 log.error("store writer stopping with %d items not committed", len(pending))
                 return
             else:
                 self._stopped.wait(RETRY_S)
 
-    def _commit(self, items: list[_Submit | _Delete | _Barrier]) -> bool:
-        submits = [i for i in items if isinstance(i, _Submit)]
-        deletes = [k for i in items if isinstance(i, _Delete) for k in i.keys]
+    def _commit(self, pending: list[_Submit | _Delete | _Barrier]) -> int:
+        """Seal and commit a prefix of *pending* in one transaction; how many items it took
+        (0: the commit failed). Under a quota, a group stays within a quarter of it."""
         saved = (self._sealer.last_seq, self._sealer.last_digest)
-        sealed = [self._sealer.seal(s.reading, self._clock.timestamp(s.reading.mono_ns))
-                  for s in submits]
+        limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
+        submits: list[_Submit] = []
+        sealed: list[SealedRecord] = []
+        deletes: list[tuple[int, int]] = []
+        size = 0
+        taken = 0
+        for item in pending:
+            if limit is not None and size > limit:
+                break
+            taken += 1
+            if isinstance(item, _Submit):
+                rec = self._sealer.seal(item.reading, self._clock.timestamp(item.reading.mono_ns))
+                submits.append(item)
+                sealed.append(rec)
+                size += len(rec.data) + ROW_BYTES
+            elif isinstance(item, _Delete):
+                deletes.extend(item.keys)
+        items = pending[:taken]
+        evict = self._store.plan_eviction(size)
+        if evict:
+            gap = gap_reading(evict, self._gateway_source, time.monotonic_ns())
+            sealed.append(self._sealer.seal(gap, self._clock.timestamp(gap.mono_ns)))
         events: dict[str, int] = {}
         for s in submits:
             if s.reading.device_event is not None:
                 serial, event_id = s.reading.device_event
                 events[serial] = event_id
         try:
-            self._store.commit(sealed, device_events=events, deletes=deletes)
+            self._store.commit(sealed, device_events=events, deletes=deletes, evict=evict)
         except sqlite3.Error as exc:
             self._sealer.last_seq, self._sealer.last_digest = saved
             self.stats.commit_failures += 1
@@ -156,15 +209,21 @@ class StoreWriter:
                 "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
                 len(sealed), exc, RETRY_S,
             )
-            return False
+            return 0
         with self._ledger_lock:
             self._ledger.update(events)
         self.stats.transactions += 1
         self.stats.committed += len(sealed)
         self.stats.deleted += len(deletes)
+        for e in evict:
+            label = Priority(e.prio).label
+            self.stats.evicted[label] = self.stats.evicted.get(label, 0) + 1
+        if evict:
+            log.warning("quota reached: evicted %d records (%s); a gap record says so",
+                        len(evict), self.stats.evicted)
         for rec in sealed:
             self.stats.by_kind[rec.kind] = self.stats.by_kind.get(rec.kind, 0) + 1
-        for s, rec in zip(submits, sealed, strict=True):
+        for s, rec in zip(submits, sealed, strict=False):
             if s.on_committed is not None:
                 self._call(s.on_committed, rec)
         if sealed and self.on_commit is not None:
@@ -172,7 +231,7 @@ class StoreWriter:
         for item in items:
             if isinstance(item, _Barrier):
                 item.done.set()
-        return True
+        return taken
 
     def _call(self, fn: Callable[[Any], None], arg: object) -> None:
         try:

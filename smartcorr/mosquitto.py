@@ -68,6 +68,7 @@ class Mosquitto:
     port: int
     process: subprocess.Popen[str]
     log: list[str]
+    log_thread: threading.Thread
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -77,6 +78,9 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.log_thread.join(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 def mosquitto_binary() -> str:
@@ -133,11 +137,13 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, name="mosquitto-log", daemon=True).start()
+    pump_thread = threading.Thread(target=pump, name="mosquitto-log", daemon=True)
+    pump_thread.start()
+    broker = Mosquitto(host, port, proc, log, pump_thread)
     if not ready.wait(STARTUP_TIMEOUT_S) or proc.poll() is not None:
-        proc.kill()
+        broker.stop()
         raise BrokerError("mosquitto did not start:\n" + "\n".join(log[-20:]))
-    return Mosquitto(host, port, proc, log)
+    return broker
 
 
 @contextlib.contextmanager

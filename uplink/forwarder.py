@@ -71,6 +71,7 @@ class UplinkStats:
     messages_published: int = 0
     records_published: int = 0
     records_acked: int = 0
+    refused: int = 0
     connected: bool = False
     last_error: str | None = None
     acked_seqs: set[int] = field(default_factory=set, repr=False)
@@ -80,8 +81,7 @@ def make_client(client_id: str, broker: BrokerConfig) -> mqtt.Client:
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv311,
-        clean_session=True,
+        protocol=mqtt.MQTTv5,  # v5: a PUBACK says whether the broker took the message
     )
     if broker.tls:
         try:
@@ -97,6 +97,12 @@ def make_client(client_id: str, broker: BrokerConfig) -> mqtt.Client:
                 from exc
     client.reconnect_delay_set(int(RECONNECT_MIN_S), int(RECONNECT_MAX_S))
     return client
+
+
+def connect(client: mqtt.Client, broker: BrokerConfig) -> None:
+    """Start connecting in the background; paho's loop thread reconnects by itself."""
+    client.connect_async(broker.host, broker.port, broker.keepalive_s, clean_start=True)
+    client.loop_start()
 
 
 class Forwarder:
@@ -122,7 +128,7 @@ class Forwarder:
         self._status = status_topic(gateway_id)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
         self._conn_events: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._inflight: dict[int, tuple[Priority, list[int]]] = {}
         self._cursors: dict[Priority, int] = {}
@@ -141,8 +147,7 @@ class Forwarder:
 
     # -- API -------------------------------------------------------------------
     def start(self) -> None:
-        self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s)
-        self.client.loop_start()
+        connect(self.client, self.broker)
         self._thread.start()
 
     def notify(self) -> None:
@@ -185,8 +190,8 @@ class Forwarder:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        del client, userdata, reason, properties
-        self._acks.put(mid)
+        del client, userdata, properties
+        self._acks.put((mid, reason.is_failure, str(reason)))
         self._wake.set()
 
     # -- the forwarder thread ---------------------------------------------------------
@@ -221,13 +226,20 @@ class Forwarder:
         deletes: list[tuple[int, int]] = []
         while True:
             try:
-                mid = self._acks.get_nowait()
+                mid, refused, reason = self._acks.get_nowait()
             except queue.Empty:
                 break
             entry = self._inflight.pop(mid, None)
             if entry is None:
                 continue
             prio, seqs = entry
+            if refused:
+                # kept in the store, sent again after the next reconnect
+                self.stats.refused += len(seqs)
+                self.stats.last_error = f"broker refused records: {reason}"
+                log.error("broker refused %d records (%s): check the ACL for %s; they stay "
+                          "queued", len(seqs), reason, self._topic)
+                continue
             deletes.extend((int(prio), s) for s in seqs)
             self.stats.records_acked += len(seqs)
             if self._track:

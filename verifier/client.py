@@ -14,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from uplink.forwarder import TOPIC_ROOT, BrokerConfig, make_client
+from uplink.forwarder import TOPIC_ROOT, BrokerConfig, connect, make_client
 from verifier.core import Verifier
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class VerifierClient:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s)
-        self.client.loop_start()
+        connect(self.client, self.broker)
 
     def stop(self) -> None:
         self.client.disconnect()

@@ -39,7 +39,7 @@ class VerifierStats:
 class _GatewayChain:
     digests: dict[int, bytes] = field(default_factory=dict)
     prevs: dict[int, bytes] = field(default_factory=dict)
-    explained: list[tuple[int, int]] = field(default_factory=list)
+    explained: set[int] = field(default_factory=set)  # seqs a signed gap record accounts for
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
@@ -94,7 +94,8 @@ class Verifier:
         if after is not None and after != rec.digest:
             self.stats.chain_breaks += 1
         if rec.kind == "gap":
-            chain.explained.extend(_ranges(rec.record.get("body")))
+            for lo, hi in _ranges(rec.record.get("body")):
+                chain.explained.update(range(lo, hi + 1))
         if self._on_record is not None:
             self._on_record(rec)
         return rec
@@ -107,15 +108,16 @@ class Verifier:
         missing: list[tuple[int, int]] = []
         start: int | None = None
         for seq in range(first_seq, max(chain.digests) + 1):
-            absent = seq not in chain.digests and not any(
-                lo <= seq <= hi for lo, hi in chain.explained
-            )
+            absent = seq not in chain.digests and seq not in chain.explained
             if absent and start is None:
                 start = seq
             elif not absent and start is not None:
                 missing.append((start, seq - 1))
                 start = None
         return missing
+
+    def explained(self, gateway_id: str) -> set[int]:
+        return set(self._chains.get(gateway_id, _GatewayChain()).explained)
 
     def gateways(self) -> list[str]:
         return sorted(self._chains)
