@@ -96,7 +96,9 @@ def mosquitto_binary() -> str:
 
 
 def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
-                    host: str = "127.0.0.1") -> Mosquitto:
+                    host: str = "127.0.0.1", persistence: bool = False) -> Mosquitto:
+    """Start mosquitto; with *persistence*, sessions and queued messages survive a restart
+    on the same *workdir* (as on a production broker)."""
     binary = mosquitto_binary()
     port = port or free_port(host)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,8 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
         "use_identity_as_username true",
         "allow_anonymous false",
         f"acl_file {acl}",
-        "persistence false",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {workdir}/",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -72,6 +72,7 @@ class UplinkStats:
     records_published: int = 0
     records_acked: int = 0
     refused: int = 0
+    connect_failures: int = 0
     connected: bool = False
     last_error: str | None = None
     acked_seqs: set[int] = field(default_factory=set, repr=False)
@@ -140,6 +141,7 @@ class Forwarder:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
 
     def _status_payload(self, *, online: bool) -> bytes:
@@ -175,6 +177,11 @@ class Forwarder:
         client.publish(self._status, self._status_payload(online=True), qos=1, retain=True)
         self._conn_events.put(True)
         self._wake.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        del client, userdata
+        self.stats.connect_failures += 1
+        self.stats.last_error = "cannot connect (network, TLS or broker down); retrying"
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

@@ -12,12 +12,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from uplink.forwarder import TOPIC_ROOT, BrokerConfig, connect, make_client
 from verifier.core import Verifier
 
 log = logging.getLogger(__name__)
+SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 class VerifierClient:
@@ -28,7 +31,9 @@ class VerifierClient:
         *,
         client_id: str = "platform-verifier",
         share_group: str | None = None,
+        persistent_session: bool = False,
     ) -> None:
+        self.persistent = persistent_session
         self.verifier = Verifier(keys)
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
@@ -41,7 +46,16 @@ class VerifierClient:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        connect(self.client, self.broker)
+        if self.persistent:
+            # the broker keeps our subscription and queues QoS 1 messages while we are away
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            self.client.connect_async(self.broker.host, self.broker.port,
+                                      self.broker.keepalive_s, clean_start=False,
+                                      properties=props)
+            self.client.loop_start()
+        else:
+            connect(self.client, self.broker)
 
     def stop(self) -> None:
         self.client.disconnect()

@@ -1,0 +1,142 @@
+"""The uplink against a real mosquitto with mTLS and the production ACL."""
+
+from __future__ import annotations
+
+import gc
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from buffer.record import Reading, Source, VerifiedRecord
+from provisioning.identity import Identity
+from smartcorr.app import Gateway
+from smartcorr.mosquitto import PLATFORM_CN, Mosquitto, Pki, make_pki, start_mosquitto
+from tests.conftest import broker_for
+from tests.helpers import wait_for
+from uplink.forwarder import BrokerConfig, make_client, records_topic
+from verifier.client import VerifierClient
+
+pytestmark = pytest.mark.slow
+SRC = Source("tag_receiver", "TR-0001", "1.0.0")
+
+
+def test_broker_outage_loses_nothing_and_alarms_go_first(
+    tmp_path: Path, pki: Pki, identity: Identity
+) -> None:
+    workdir = tmp_path / "mq"
+    broker = start_mosquitto(workdir, pki, persistence=True)
+    keys = {identity.kid: identity.public_key}
+    verifier = VerifierClient(broker_for(broker, pki, PLATFORM_CN), keys, persistent_session=True)
+    arrived: list[VerifiedRecord] = []
+    verifier.verifier._on_record = arrived.append
+    verifier.start()
+    assert verifier.subscribed.wait(10)
+    gateway = Gateway(identity, tmp_path / "data", broker_for(broker, pki, identity.gateway_id),
+                      track_acked=True)
+    gateway.start()
+    try:
+        wait_for(lambda: gateway.forwarder.stats.records_acked >= 1, 15, "the boot record")
+        broker.stop()
+        wait_for(lambda: not gateway.forwarder.stats.connected, 15, "the gateway to notice")
+        for i in range(300):
+            gateway.writer.submit(Reading("tag.presence", SRC, {"counter": i}, time.monotonic_ns()))
+        for i in range(5):
+            gateway.writer.submit(Reading("tag.tamper", SRC, {"n": i}, time.monotonic_ns()))
+        assert gateway.writer.flush()
+        outage_from = gateway.sealer.last_seq - 304
+        broker = start_mosquitto(workdir, pki, port=broker.port, persistence=True)
+        wait_for(lambda: gateway.forwarder.stats.connects >= 2, 30, "the gateway to reconnect")
+        assert gateway.forwarder.wait_idle(30)
+    finally:
+        gateway.stop(drain_s=10)
+    published = gateway.forwarder.stats.acked_seqs
+    wait_for(lambda: verifier.summary()["received"] >= len(published), 20, "the verifier")
+    verifier.stop()
+    broker.stop()
+
+    summary = verifier.summary()
+    assert summary["chain_gaps"] == 0
+    assert summary["bad_signature"] == 0
+    after = [r for r in arrived if r.seq >= outage_from]
+    kinds = [r.kind for r in after if r.kind in ("tag.presence", "tag.tamper")]
+    assert kinds.count("tag.presence") == 300
+    assert kinds[:5] == ["tag.tamper"] * 5  # the alarms overtook the backlog
+
+
+def _publish(client: mqtt.Client, topic: str, payload: bytes) -> Any:
+    """Publish at QoS 1 and return the PUBACK's reason code."""
+    acked = threading.Event()
+    result: list[Any] = []
+
+    def on_publish(_c: Any, _u: Any, _mid: int, reason: Any, _p: Any) -> None:
+        result.append(reason)
+        acked.set()
+
+    client.on_publish = on_publish
+    client.publish(topic, payload, qos=1)
+    assert acked.wait(10)
+    return result[0]
+
+
+def _connected_client(broker: Mosquitto, cfg: BrokerConfig, client_id: str) -> mqtt.Client:
+    client = make_client(client_id, cfg)
+    up = threading.Event()
+    client.on_connect = lambda *_args: up.set()
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert up.wait(10)
+    return client
+
+
+def test_a_gateway_cannot_publish_under_another_gateways_prefix(
+    mosquitto: Mosquitto, pki: Pki
+) -> None:
+    client = _connected_client(mosquitto, broker_for(mosquitto, pki, "gw-aaa-0001"), "gw-aaa-0001")
+    try:
+        own = _publish(client, records_topic("gw-aaa-0001"), b"x")
+        other = _publish(client, records_topic("gw-bbb-0002"), b"x")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert not own.is_failure
+    assert other.is_failure
+    assert other.value == 0x87  # not authorised
+
+
+def test_a_client_certificate_from_another_ca_is_refused(
+    mosquitto: Mosquitto, pki: Pki, tmp_path: Path
+) -> None:
+    rogue = make_pki(tmp_path / "rogue")
+    files = rogue.client("gw-aaa-0001")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):  # noqa: PT012
+        import socket
+
+        with socket.create_connection((mosquitto.host, mosquitto.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            # TLS 1.3: the server checks our certificate after the handshake
+            tls.sendall(b"\x10\x00")
+            if not tls.recv(1):
+                raise ConnectionError("closed by the broker")
+
+
+# paho leaks the socket of a failed TLS handshake; it is collected inside this test
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning")
+def test_the_broker_certificate_is_verified(mosquitto: Mosquitto, pki: Pki,
+                                            tmp_path: Path) -> None:
+    rogue = make_pki(tmp_path / "rogue")
+    files = pki.client("gw-aaa-0001")
+    cfg = BrokerConfig(mosquitto.host, mosquitto.port, str(rogue.ca_file), str(files.cert),
+                       str(files.key))
+    client = make_client("gw-aaa-0001", cfg)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        client.connect(mosquitto.host, mosquitto.port)
+    del client
+    gc.collect()
