@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     prio INTEGER NOT NULL,
     seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
     blob BLOB NOT NULL,
     PRIMARY KEY (prio, seq)
 ) WITHOUT ROWID;
@@ -104,6 +106,20 @@ class Store:
         rows = self._db.execute("SELECT prio, count, bytes FROM usage").fetchall()
         return {Priority(p): (c, b) for p, c, b in rows}
 
+    def health(self) -> dict[str, dict[str, int]]:
+        """Per class: records queued, bytes, age in seconds of the oldest (commit time)."""
+        out: dict[str, dict[str, int]] = {}
+        now = int(time.time())
+        for prio, (count, size) in self.usage.items():
+            if not count:
+                continue
+            row = self._db.execute(
+                "SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1", (int(prio),)
+            ).fetchone()
+            out[prio.label] = {"queued": count, "bytes": size,
+                               "oldest_s": max(0, now - row[0]) if row else 0}
+        return out
+
     @property
     def used_bytes(self) -> int:
         return sum(b + c * ROW_OVERHEAD for c, b in self.usage.values())
@@ -165,15 +181,17 @@ class Store:
     ) -> None:
         """Insert, delete, evict and advance the chain state in one fsynced transaction."""
         sealed = list(records)
+        now = int(time.time())
         rows = [
-            (int(r.priority), r.seq, self._seal_row(r.priority, r.seq, r.data)) for r in sealed
+            (int(r.priority), r.seq, now, self._seal_row(r.priority, r.seq, r.data))
+            for r in sealed
         ]
         new_state = self.state
         with self._transaction():
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
                 new_state = StoreState(last.seq, last.digest, self.state.boot)
-                self._db.executemany("INSERT INTO records VALUES (?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
                 self._db.executemany(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                     [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],

@@ -77,8 +77,18 @@ class _Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class _Health:
+    """Seal a gateway.health record; the writer adds what only the store owner knows."""
+
+    extra: Callable[[], dict[str, JSON]]
+
+
+@dataclass(frozen=True, slots=True)
 class _Barrier:
     done: threading.Event
+
+
+_Item = _Submit | _Delete | _Barrier | _Health
 
 
 @dataclass
@@ -107,7 +117,7 @@ class StoreWriter:
         self._sealer = sealer
         self._clock = clock
         self.on_commit = on_commit
-        self._inbox: queue.SimpleQueue[_Submit | _Delete | _Stop | _Barrier] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
         self._ledger_lock = threading.Lock()
         self._ledger = store.device_ledger()
         self.stats = WriterStats()
@@ -120,6 +130,11 @@ class StoreWriter:
 
     def submit(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
         self._inbox.put(_Submit(reading, on_committed))
+
+    def submit_health(self, extra: Callable[[], dict[str, JSON]]) -> None:
+        """Queue a gateway.health record: buffer depth and age per class, evictions,
+        commit failures, and whatever *extra()* (called on the writer's thread) adds."""
+        self._inbox.put(_Health(extra))
 
     def delete(self, keys: list[tuple[int, int]]) -> None:
         self._inbox.put(_Delete(tuple(keys)))
@@ -143,7 +158,7 @@ class StoreWriter:
     # -- the thread ------------------------------------------------------------
     def _run(self) -> None:
         stopping = False
-        pending: list[_Submit | _Delete | _Barrier] = []
+        pending: list[_Item] = []
         while not (stopping and not pending):
             if not pending:
                 item = self._inbox.get()
@@ -169,7 +184,7 @@ class StoreWriter:
             else:
                 self._stopped.wait(RETRY_S)
 
-    def _commit(self, pending: list[_Submit | _Delete | _Barrier]) -> int:
+    def _commit(self, pending: list[_Item]) -> int:
         """Seal and commit a prefix of *pending* in one transaction; how many items it took
         (0: the commit failed). Under a quota, a group stays within a quarter of it."""
         saved = (self._sealer.last_seq, self._sealer.last_digest)
@@ -182,7 +197,11 @@ class StoreWriter:
         for item in pending:
             if limit is not None and size > limit:
                 break
+            if isinstance(item, _Health) and taken:
+                break  # a health record opens its own group: it reports committed state
             taken += 1
+            if isinstance(item, _Health):
+                item = _Submit(self._health_reading(item), None)  # noqa: PLW2901
             if isinstance(item, _Submit):
                 rec = self._sealer.seal(item.reading, self._clock.timestamp(item.reading.mono_ns))
                 submits.append(item)
@@ -232,6 +251,21 @@ class StoreWriter:
             if isinstance(item, _Barrier):
                 item.done.set()
         return taken
+
+    def _health_reading(self, item: _Health) -> Reading:
+        body: dict[str, JSON] = {
+            "buffer": self._store.health(),
+            "used_bytes": self._store.used_bytes,
+            "quota_bytes": self._store.quota_bytes,
+            "evicted": dict(self.stats.evicted),
+            "commit_failures": self.stats.commit_failures,
+            "committed": self.stats.committed,
+        }
+        try:
+            body.update(item.extra())
+        except Exception:
+            log.exception("health: a contributor failed")
+        return Reading("gateway.health", self._gateway_source, body, time.monotonic_ns())
 
     def _call(self, fn: Callable[[Any], None], arg: object) -> None:
         try:

@@ -8,12 +8,13 @@ writer's device ledger, both behind their own locks).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from buffer.record import Reading, Sealer, Source
+from buffer.record import JSON, Reading, Sealer, Source
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
 from drivers.framed import FramedDeviceProtocol
@@ -26,6 +27,7 @@ from uplink.forwarder import BrokerConfig, Forwarder
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
+HEALTH_INTERVAL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -52,21 +54,25 @@ class Gateway:
     gnss: GnssSpec | None = None
     clock: Clock = field(default_factory=Clock)
     track_acked: bool = False
+    health_interval_s: float = HEALTH_INTERVAL_S
+    quota_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.ports: list[PortWorker] = []
         self.protocols: dict[str, PortProtocol] = {}
+        self._stopping = threading.Event()
+        self._health = threading.Thread(target=self._health_loop, name="health", daemon=True)
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db = self.data_dir / "records.db"
-        self.store = Store(db, self.identity.storage_key)
+        self.store = Store(db, self.identity.storage_key, quota_bytes=self.quota_bytes)
         state = self.store.state
         self.sealer = Sealer(self.identity.gateway_id, self.identity.signing_key,
                              last_seq=state.last_seq, last_digest=state.last_digest,
                              boot=state.boot)
         self.reader = StoreReader(db, self.identity.storage_key)
-        self.writer = StoreWriter(self.store, self.sealer, self.clock)
+        self.writer = StoreWriter(self.store, self.sealer, self.clock, source=self.source)
         self.forwarder = Forwarder(self.identity.gateway_id, self.broker, self.reader,
                                    self.writer, track_acked=self.track_acked)
         self.writer.on_commit = lambda _records: self.forwarder.notify()
@@ -85,6 +91,34 @@ class Gateway:
             gproto = GnssProtocol("gnss", self.writer, self.clock,
                                   fix_interval_s=self.gnss.fix_interval_s)
             self._add_port("gnss", self.gnss.path, self.gnss.baudrate, gproto)
+        self._health.start()
+
+    def _health_loop(self) -> None:
+        while not self._stopping.wait(self.health_interval_s):
+            self.writer.submit_health(self._health_extra)
+
+    def _health_extra(self) -> dict[str, JSON]:
+        """Counters of the other threads (plain integers, read as they stand)."""
+        up = self.forwarder.stats
+        ports: dict[str, JSON] = {}
+        for worker in self.ports:
+            entry: dict[str, JSON] = {
+                "connected": worker.stats.connected, "opens": worker.stats.opens,
+                "losses": worker.stats.losses, "open_failures": worker.stats.open_failures,
+                "protocol_errors": worker.stats.protocol_errors,
+            }
+            proto = self.protocols[worker.name]
+            if isinstance(proto, FramedDeviceProtocol):
+                link = proto.link.stats
+                entry.update(bad_frames=link.bad_frames, naks_sent=link.naks_sent,
+                             duplicates=link.duplicates, handshakes=link.handshakes)
+            ports[worker.name] = entry
+        return {
+            "uplink": {"connected": up.connected, "connects": up.connects,
+                       "disconnects": up.disconnects, "acked": up.records_acked,
+                       "refused": up.refused},
+            "ports": ports,
+        }
 
     @property
     def source(self) -> Source:
@@ -101,6 +135,7 @@ class Gateway:
 
     def stop(self, drain_s: float = 5.0) -> bool:
         """Stop reading devices, forward what is queued (up to *drain_s*), then stop."""
+        self._stopping.set()
         for worker in self.ports:
             worker.stop()
         self.writer.flush()

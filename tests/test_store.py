@@ -168,3 +168,30 @@ def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path:
     assert all(g.record["body"]["reason"] == "quota" for g in gaps)
     assert v.gaps("gw-test-0001") == []
     assert v.stats.bad_signature == 0
+
+
+def test_health_record_reports_depth_age_and_extra_counters(tmp_path: Path) -> None:
+    import json
+
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    for i in range(3):
+        writer.submit(presence(i))
+    writer.submit(presence(9, "tag.tamper"))
+    writer.submit_health(lambda: {"uplink": {"connected": False}})
+    assert writer.flush()
+    writer.stop()
+    reader = StoreReader(db, STORAGE)
+    batch = reader.next_batch({Priority.ALARM: 10**9, Priority.POSITION: 10**9}, 10, 1 << 20)
+    assert batch is not None
+    assert batch[0] is Priority.HEARTBEAT
+    health = json.loads(batch[1][0][1])
+    assert health["kind"] == "gateway.health"
+    body = health["body"]
+    assert body["buffer"]["position"]["queued"] == 3
+    assert body["buffer"]["alarm"]["queued"] == 1
+    assert body["buffer"]["position"]["oldest_s"] >= 0
+    assert body["uplink"] == {"connected": False}
+    assert body["committed"] == 4

@@ -48,7 +48,7 @@ class VerifierClient:
     def start(self) -> None:
         if self.persistent:
             # the broker keeps our subscription and queues QoS 1 messages while we are away
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY_S
             self.client.connect_async(self.broker.host, self.broker.port,
                                       self.broker.keepalive_s, clean_start=False,
