@@ -84,6 +84,22 @@ def cmd_provision_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision_rotate(args: argparse.Namespace) -> int:
+    from buffer.record import key_id
+    from provisioning.identity import IdentityError, stage_next_key
+
+    try:
+        key = stage_next_key(Path(args.identity_dir))
+    except IdentityError as exc:
+        print(f"provision: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    kid = key_id(key)
+    print(json.dumps({"next_kid": kid}) if args.json else
+          f"next signing key {kid} staged; the gateway announces it (signed by the current "
+          f"key) and switches to it at its next start")
+    return 0
+
+
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
     from drivers import nmea_replay
 
@@ -115,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace an existing identity")
     init.add_argument("--json", action="store_true")
     init.set_defaults(func=cmd_provision_init)
+
+    rot = psub.add_parser("rotate-key", help="stage a new signing key (used from next start)")
+    rot.add_argument("--identity-dir", required=True)
+    rot.add_argument("--json", action="store_true")
+    rot.set_defaults(func=cmd_provision_rotate)
 
     diag = sub.add_parser("diag", help="technicians: diagnostics")
     dsub = diag.add_subparsers(dest="action", required=True)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -84,7 +85,8 @@ def _progress(msg: str) -> None:
 
 
 def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
-        max_up_s: float = 2.0, drain_timeout_s: float = 120.0, verbose: bool = False) -> Result:
+        max_up_s: float = 2.0, drain_timeout_s: float = 120.0, verbose: bool = False,
+        keep: bool = False) -> Result:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-crash-"))
     result = Result()
@@ -103,7 +105,7 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
         BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(plat.cert), str(plat.key)),
         {identity.kid: identity.public_key})
     arrived: list[VerifiedRecord] = []
-    verifier.verifier._on_record = arrived.append  # noqa: SLF001 - collect for the checks
+    verifier.verifier._on_record = arrived.append  # collect for the checks
     verifier.start()
     if not verifier.subscribed.wait(15):
         raise RuntimeError("verifier could not subscribe")
@@ -186,8 +188,11 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
     result.unexplained_gaps = len(gaps) + summary["chain_breaks"]
     result.duplicates_after_dedupe = sum(n - 1 for n in events.values() if n > 1)
     result.duration_s = round(time.monotonic() - started, 1)
-    result.extra = {"duplicates_at_platform": summary["duplicates"], "seed": seed,
-                    "workdir": str(tmp)}
+    result.extra = {"duplicates_at_platform": summary["duplicates"], "seed": seed}
+    if keep:
+        result.extra["workdir"] = str(tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="gateway logs at info level")
     args = parser.parse_args(argv)
-    res = run(args.kills, args.seed, rate=args.rate, verbose=args.verbose)
+    res = run(args.kills, args.seed, rate=args.rate, verbose=args.verbose,
+              keep=bool(os.environ.get("SMARTCORR_KEEP")))
     out = {k: v for k, v in res.__dict__.items() if k != "extra"} | res.extra
     ok = res.records_lost == res.bad_signatures == res.unexplained_gaps == \
         res.duplicates_after_dedupe == res.store_corruptions == 0
@@ -229,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{'OK' if ok else 'PROBLEM'}")
     if args.json:
         print(json.dumps(out, sort_keys=True))
-    if not os.environ.get("SMARTCORR_KEEP"):
-        import shutil
-        shutil.rmtree(out["workdir"], ignore_errors=True)
     return 0 if ok else 1
 
 

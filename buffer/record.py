@@ -61,6 +61,9 @@ KIND_PRIORITY: dict[str, Priority] = {
     "gnss.fix": Priority.POSITION,
     "gateway.health": Priority.HEARTBEAT,
     "gateway.boot": Priority.STATUS,
+    "device.error": Priority.STATUS,
+    # first out, so the platform learns the new key before records signed with it
+    "key.rotate": Priority.ALARM,
 }
 
 
@@ -167,6 +170,15 @@ class Sealer:
         self.last_digest = last_digest
         self.boot = boot
 
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        return self._key
+
+    def use_key(self, key: Ed25519PrivateKey) -> None:
+        """Sign from the next record on with *key*."""
+        self._key = key
+        self.kid = key_id(key.public_key())
+
     def seal(self, reading: Reading, ts: Timestamp) -> SealedRecord:
         _check_no_float(dict(reading.body), "body")
         seq = self.last_seq + 1
@@ -207,6 +219,24 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "v": int, "gw": str, "seq": int, "prev": str, "boot": int, "t": int, "tq": str,
     "mono": int, "src": dict, "kind": str, "prio": str, "body": dict, "kid": str, "sig": str,
 }
+
+
+def rotation_body(new_key: Ed25519PublicKey) -> dict[str, JSON]:
+    """Body of a ``key.rotate`` record: signed by the old key, it vouches for the new one."""
+    return {"new_kid": key_id(new_key),
+            "new_key": b64u(new_key.public_bytes(Encoding.Raw, PublicFormat.Raw))}
+
+
+def announced_key(record: Mapping[str, JSON]) -> Ed25519PublicKey | None:
+    """The new key a verified ``key.rotate`` record announces (None if malformed)."""
+    body = record.get("body")
+    if record.get("kind") != "key.rotate" or not isinstance(body, dict):
+        return None
+    try:
+        key = Ed25519PublicKey.from_public_bytes(unb64u(str(body.get("new_key", ""))))
+    except ValueError:
+        return None
+    return key if key_id(key) == body.get("new_kid") else None
 
 
 def verify_record(data: bytes, keys: Mapping[str, Ed25519PublicKey]) -> VerifiedRecord:

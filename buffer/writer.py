@@ -21,7 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from buffer.record import JSON, Priority, Reading, SealedRecord, Sealer, Source
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from buffer.record import (
+    JSON,
+    Priority,
+    Reading,
+    SealedRecord,
+    Sealer,
+    Source,
+    rotation_body,
+)
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store
 from smartcorr.clock import Clock
 
@@ -84,11 +94,19 @@ class _Health:
 
 
 @dataclass(frozen=True, slots=True)
+class _Rotate:
+    """Announce *key* in a record signed by the current key, then sign with *key*."""
+
+    key: Ed25519PrivateKey
+    on_committed: OnCommitted | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Barrier:
     done: threading.Event
 
 
-_Item = _Submit | _Delete | _Barrier | _Health
+_Item = _Submit | _Delete | _Barrier | _Health | _Rotate
 
 
 @dataclass
@@ -135,6 +153,11 @@ class StoreWriter:
         """Queue a gateway.health record: buffer depth and age per class, evictions,
         commit failures, and whatever *extra()* (called on the writer's thread) adds."""
         self._inbox.put(_Health(extra))
+
+    def rotate_key(self, key: Ed25519PrivateKey, on_committed: OnCommitted | None = None) -> None:
+        """Key rotation: a ``key.rotate`` record signed by the current key announces *key*;
+        every later record is signed by *key*. *on_committed* runs once that is durable."""
+        self._inbox.put(_Rotate(key, on_committed))
 
     def delete(self, keys: list[tuple[int, int]]) -> None:
         self._inbox.put(_Delete(tuple(keys)))
@@ -187,7 +210,7 @@ class StoreWriter:
     def _commit(self, pending: list[_Item]) -> int:
         """Seal and commit a prefix of *pending* in one transaction; how many items it took
         (0: the commit failed). Under a quota, a group stays within a quarter of it."""
-        saved = (self._sealer.last_seq, self._sealer.last_digest)
+        saved = (self._sealer.last_seq, self._sealer.last_digest, self._sealer.signing_key)
         limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
         submits: list[_Submit] = []
         sealed: list[SealedRecord] = []
@@ -202,11 +225,18 @@ class StoreWriter:
             taken += 1
             if isinstance(item, _Health):
                 item = _Submit(self._health_reading(item), None)  # noqa: PLW2901
+            new_key = item.key if isinstance(item, _Rotate) else None
+            if isinstance(item, _Rotate):
+                body = rotation_body(item.key.public_key())
+                reading = Reading("key.rotate", self._gateway_source, body, time.monotonic_ns())
+                item = _Submit(reading, item.on_committed)  # noqa: PLW2901
             if isinstance(item, _Submit):
                 rec = self._sealer.seal(item.reading, self._clock.timestamp(item.reading.mono_ns))
                 submits.append(item)
                 sealed.append(rec)
                 size += len(rec.data) + ROW_BYTES
+                if new_key is not None:
+                    self._sealer.use_key(new_key)
             elif isinstance(item, _Delete):
                 deletes.extend(item.keys)
         items = pending[:taken]
@@ -222,7 +252,8 @@ class StoreWriter:
         try:
             self._store.commit(sealed, device_events=events, deletes=deletes, evict=evict)
         except sqlite3.Error as exc:
-            self._sealer.last_seq, self._sealer.last_digest = saved
+            self._sealer.last_seq, self._sealer.last_digest = saved[0], saved[1]
+            self._sealer.use_key(saved[2])
             self.stats.commit_failures += 1
             log.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
                 "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",

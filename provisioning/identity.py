@@ -46,6 +46,26 @@ class Identity:
     directory: Path
 
     @property
+    def next_key(self) -> Ed25519PrivateKey | None:
+        """A key staged by 'provision rotate-key', announced at the next start."""
+        path = self.directory / "signing.next.key"
+        if not path.exists():
+            return None
+        return _load_private(path)
+
+    def promote_next_key(self) -> None:
+        """After the key.rotate record is committed: the staged key becomes the key."""
+        d = self.directory
+        nxt = d / "signing.next.key"
+        if not nxt.exists():
+            return
+        key = _load_private(nxt)
+        meta = {"gateway_id": self.gateway_id, "kid": key_id(key.public_key()), "format": 1}
+        (d / "signing.next.pub").replace(d / "signing.pub")
+        nxt.replace(d / "signing.key")  # the old private key is gone
+        atomic_write(d / "gateway.json", json.dumps(meta, indent=2).encode(), 0o644)
+
+    @property
     def public_key(self) -> Ed25519PublicKey:
         return self.signing_key.public_key()
 
@@ -94,6 +114,28 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False) ->
     return ident
 
 
+def stage_next_key(directory: Path) -> Ed25519PublicKey:
+    """Create the next signing key; the gateway announces it and switches at its next start."""
+    load_identity(directory)  # there must be an identity to rotate
+    key = Ed25519PrivateKey.generate()
+    atomic_write(directory / "signing.next.pub",
+                 key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo),
+                 0o644)
+    atomic_write(directory / "signing.next.key",
+                 key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return key.public_key()
+
+
+def _load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"{path} is not a readable PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"{path} is not an Ed25519 key")
+    return key
+
+
 def load_identity(directory: Path) -> Identity:
     def need(name: str) -> bytes:
         path = directory / name
@@ -112,13 +154,8 @@ def load_identity(directory: Path) -> Identity:
         gateway_id = str(meta["gateway_id"])
     except (ValueError, KeyError, TypeError) as exc:
         raise IdentityError(f"{directory / 'gateway.json'} is corrupt ({exc})") from None
-    try:
-        key = load_pem_private_key(need("signing.key"), password=None)
-    except ValueError as exc:
-        raise IdentityError(f"{directory / 'signing.key'} is not a PEM private key ({exc})") \
-            from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IdentityError(f"{directory / 'signing.key'} is not an Ed25519 key")
+    need("signing.key")
+    key = _load_private(directory / "signing.key")
     storage = need("storage.key")
     if len(storage) != 32:
         raise IdentityError(f"{directory / 'storage.key'} must hold 32 bytes, has {len(storage)}")

@@ -80,6 +80,10 @@ class Gateway:
         self.writer.submit(Reading("gateway.boot", self.source, {
             "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
         }, time.monotonic_ns()))
+        next_key = self.identity.next_key
+        if next_key is not None:
+            log.warning("announcing the staged signing key and switching to it")
+            self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
         self.forwarder.start()
         for spec in self.devices:
             cls = DeviceClass.TAG_RECEIVER if spec.kind == "tag_receiver" else DeviceClass.KIOSK

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from buffer.record import JSON, RecordError, VerifiedRecord, verify_record
+from buffer.record import JSON, RecordError, VerifiedRecord, announced_key, verify_record
 
 log = logging.getLogger(__name__)
+#: Records signed by a key not yet announced, held until a key.rotate names it.
+MAX_HELD = 100_000
 
 
 @dataclass
@@ -30,6 +32,7 @@ class VerifierStats:
     unknown_key: int = 0
     duplicates: int = 0
     chain_breaks: int = 0  # prev does not match the record before it
+    held: int = 0  # waiting for the announcement of their key
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -54,6 +57,22 @@ class Verifier:
         self.stats = VerifierStats()
         self._chains: dict[str, _GatewayChain] = {}
         self._on_record = on_record
+        self._held: list[bytes] = []
+
+    def _trust(self, rec: VerifiedRecord) -> None:
+        key = announced_key(rec.record)
+        if key is None:
+            self.stats.malformed += 1
+            return
+        self.keys[str(rec.record["body"]["new_kid"])] = key
+        held, self._held = self._held, []
+        self.stats.held -= len(held)
+        for data in held:
+            self.ingest_record(data)
+
+    def unresolved(self) -> int:
+        """Records still held for an unknown key: at the end, they count as unknown_key."""
+        return len(self._held)
 
     def ingest(self, payload: bytes) -> list[VerifiedRecord]:
         """One MQTT message: records separated by newlines."""
@@ -70,6 +89,11 @@ class Verifier:
         try:
             rec = verify_record(data, self.keys)
         except RecordError as exc:
+            if exc.reason == "unknown_key" and len(self._held) < MAX_HELD:
+                # perhaps signed by a new key whose announcement is still on its way
+                self._held.append(data)
+                self.stats.held += 1
+                return None
             if exc.reason == "bad_signature":
                 self.stats.bad_signature += 1
             elif exc.reason == "unknown_key":
@@ -93,6 +117,8 @@ class Verifier:
         after = chain.prevs.get(rec.seq + 1)
         if after is not None and after != rec.digest:
             self.stats.chain_breaks += 1
+        if rec.kind == "key.rotate":
+            self._trust(rec)
         if rec.kind == "gap":
             for lo, hi in _ranges(rec.record.get("body")):
                 chain.explained.update(range(lo, hi + 1))
@@ -130,6 +156,7 @@ class Verifier:
 
     def summary(self) -> dict[str, int]:
         out = self.stats.as_dict()
+        out["unknown_key"] += len(self._held)
         out["chain_gaps"] = sum(len(self.gaps(gw)) for gw in self._chains) + self.stats.chain_breaks
         return out
 

@@ -1,0 +1,24 @@
+"""kill -9 loop (short): the real gateway process SIGKILLed at seeded random moments.
+
+The long run is ``python bench/crash.py --kills 200 --json``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import crash
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_sigkill_loses_nothing_acked_and_corrupts_nothing(seed: int) -> None:
+    res = crash.run(kills=4, seed=seed, rate=60.0, min_up_s=0.4, max_up_s=1.5)
+    assert res.kills == 4
+    assert res.records_acked_to_devices > 20
+    assert res.records_lost == 0
+    assert res.bad_signatures == 0
+    assert res.unexplained_gaps == 0
+    assert res.duplicates_after_dedupe == 0
+    assert res.store_corruptions == 0
