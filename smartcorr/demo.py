@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     gateway = Gateway(identity, tmp / "data", gw_broker,
                       devices=[DeviceSpec("tags", "tag_receiver", tag_sim.path)],
                       gnss=None if args.no_gnss else GnssSpec(gnss_sim.path, fix_interval_s=5.0),
-                      track_acked=True)
+                      track_acked=True, health_interval_s=5.0)
     gateway.start()
     gateway_stopped = False
 
@@ -146,7 +146,6 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     deadline = time.monotonic() + 30
     while (tag_sim.queued() or len(tag_sim.acked()) < beacons) and time.monotonic() < deadline:
         stop.wait(0.05)
-    gnss_sim.stop()
     drained = gateway.stop(drain_s=30)
     gateway_stopped = True
     published = len(gateway.forwarder.stats.acked_seqs)
