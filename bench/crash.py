@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from buffer.record import VerifiedRecord  # noqa: E402
 from provisioning.identity import create_identity  # noqa: E402
+from provisioning.registry import open_registry, tag_ref  # noqa: E402
 from simulators.tag import SimTag, TagReceiverSim  # noqa: E402
 from smartcorr.mosquitto import PLATFORM_CN, make_pki, start_mosquitto  # noqa: E402
 from uplink.forwarder import BrokerConfig  # noqa: E402
@@ -110,7 +111,11 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
     if not verifier.subscribed.wait(15):
         raise RuntimeError("verifier could not subscribe")
 
-    tags = [SimTag(0x2000 + i, bytes(16)) for i in range(3)]
+    tags = [SimTag(0x2000 + i, bytes([i + 7]) * 16) for i in range(3)]
+    registry = open_registry(identity)
+    for tag in tags:
+        registry.pair(tag_ref(tag.tag_id), tag.key)
+    registry.close()
     sim = TagReceiverSim("TR-CRASH-0001", tags=tags, link=tty).start()
     stop_beacons = threading.Event()
 

@@ -49,9 +49,11 @@ KIND_PRIORITY: dict[str, Priority] = {
     "tag.spoof": Priority.ALARM,
     "gateway.moved": Priority.ALARM,
     "checkin": Priority.CHECKIN,
+    "tag.tamper_restored": Priority.STATUS,
     "tag.absent": Priority.STATUS,
     "tag.present": Priority.STATUS,
-    "tag.battery": Priority.STATUS,
+    "tag.battery_low": Priority.STATUS,
+    "tag.battery_ok": Priority.STATUS,
     "kiosk.status": Priority.STATUS,
     "device.up": Priority.STATUS,
     "device.lost": Priority.STATUS,
@@ -129,6 +131,9 @@ class Reading:
     mono_ns: int
     #: (device serial, device event id) when a device waits for this to be committed.
     device_event: tuple[str, int] | None = None
+    #: More (key, value) pairs the store keeps with this record, in its transaction
+    #: (e.g. a tag's rolling counter: replay protection that survives restarts).
+    ledger: tuple[tuple[str, int], ...] = ()
 
     @property
     def priority(self) -> Priority:

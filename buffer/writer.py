@@ -73,8 +73,10 @@ def gap_reading(evicted: list[Evicted], source: Source, mono_ns: int) -> Reading
 
 @dataclass(frozen=True, slots=True)
 class _Submit:
-    reading: Reading
-    on_committed: OnCommitted | None
+    """Readings committed together (never split across transactions)."""
+
+    readings: tuple[Reading, ...]
+    on_committed: OnCommitted | None  # called with the last record
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,12 @@ class StoreWriter:
         self._thread.start()
 
     def submit(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
-        self._inbox.put(_Submit(reading, on_committed))
+        self._inbox.put(_Submit((reading,), on_committed))
+
+    def submit_all(self, readings: list[Reading], on_committed: OnCommitted | None = None) -> None:
+        """Commit *readings* in one transaction; *on_committed* gets the last record."""
+        if readings:
+            self._inbox.put(_Submit(tuple(readings), on_committed))
 
     def submit_health(self, extra: Callable[[], dict[str, JSON]]) -> None:
         """Queue a gateway.health record: buffer depth and age per class, evictions,
@@ -212,7 +219,8 @@ class StoreWriter:
         (0: the commit failed). Under a quota, a group stays within a quarter of it."""
         saved = (self._sealer.last_seq, self._sealer.last_digest, self._sealer.signing_key)
         limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
-        submits: list[_Submit] = []
+        callbacks: list[tuple[OnCommitted, int]] = []  # (callback, index of its record)
+        events: dict[str, int] = {}
         sealed: list[SealedRecord] = []
         deletes: list[tuple[int, int]] = []
         size = 0
@@ -224,17 +232,22 @@ class StoreWriter:
                 break  # a health record opens its own group: it reports committed state
             taken += 1
             if isinstance(item, _Health):
-                item = _Submit(self._health_reading(item), None)  # noqa: PLW2901
+                item = _Submit((self._health_reading(item),), None)  # noqa: PLW2901
             new_key = item.key if isinstance(item, _Rotate) else None
             if isinstance(item, _Rotate):
                 body = rotation_body(item.key.public_key())
                 reading = Reading("key.rotate", self._gateway_source, body, time.monotonic_ns())
-                item = _Submit(reading, item.on_committed)  # noqa: PLW2901
+                item = _Submit((reading,), item.on_committed)  # noqa: PLW2901
             if isinstance(item, _Submit):
-                rec = self._sealer.seal(item.reading, self._clock.timestamp(item.reading.mono_ns))
-                submits.append(item)
-                sealed.append(rec)
-                size += len(rec.data) + ROW_BYTES
+                for reading in item.readings:
+                    rec = self._sealer.seal(reading, self._clock.timestamp(reading.mono_ns))
+                    sealed.append(rec)
+                    size += len(rec.data) + ROW_BYTES
+                    if reading.device_event is not None:
+                        events[reading.device_event[0]] = reading.device_event[1]
+                    events.update(reading.ledger)
+                if item.on_committed is not None:
+                    callbacks.append((item.on_committed, len(sealed) - 1))
                 if new_key is not None:
                     self._sealer.use_key(new_key)
             elif isinstance(item, _Delete):
@@ -244,11 +257,6 @@ class StoreWriter:
         if evict:
             gap = gap_reading(evict, self._gateway_source, time.monotonic_ns())
             sealed.append(self._sealer.seal(gap, self._clock.timestamp(gap.mono_ns)))
-        events: dict[str, int] = {}
-        for s in submits:
-            if s.reading.device_event is not None:
-                serial, event_id = s.reading.device_event
-                events[serial] = event_id
         try:
             self._store.commit(sealed, device_events=events, deletes=deletes, evict=evict)
         except sqlite3.Error as exc:
@@ -273,9 +281,8 @@ class StoreWriter:
                         len(evict), self.stats.evicted)
         for rec in sealed:
             self.stats.by_kind[rec.kind] = self.stats.by_kind.get(rec.kind, 0) + 1
-        for s, rec in zip(submits, sealed, strict=False):
-            if s.on_committed is not None:
-                self._call(s.on_committed, rec)
+        for callback, index in callbacks:
+            self._call(callback, sealed[index])
         if sealed and self.on_commit is not None:
             self._call(self.on_commit, sealed)
         for item in items:

@@ -32,11 +32,17 @@ Post = Callable[[Callable[[], None]], None]
 
 class Driver(Protocol):
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]: ...
+    def on_device_up(self, hello: Hello) -> list[Reading]: ...
+    def tick(self, mono_ns: int) -> list[Reading]: ...
 
 
 class Sink(Protocol):
     def submit(
         self, reading: Reading, on_committed: Callable[[SealedRecord], None] | None = None
+    ) -> None: ...
+
+    def submit_all(
+        self, readings: list[Reading], on_committed: Callable[[SealedRecord], None] | None = None
     ) -> None: ...
 
     def last_committed_event(self, serial: str) -> int | None: ...
@@ -77,6 +83,9 @@ class FramedDeviceProtocol:
 
     def tick(self, now: float) -> None:
         self._handle(self.link.tick(now))
+        readings = self.driver.tick(time.monotonic_ns())
+        if readings:
+            self.sink.submit_all(readings)
 
     def connection_lost(self, reason: str, now: float) -> None:
         del now
@@ -100,6 +109,9 @@ class FramedDeviceProtocol:
                     "port": self.port_name, "boot": hello.boot_count,
                     "protocol": hello.protocol_version,
                 })
+                readings = self.driver.on_device_up(hello)
+                if readings:
+                    self.sink.submit_all(readings)
             elif isinstance(event, DeviceRejected):
                 log.error("%s: device %s rejected: %s (protocol %d)", self.port_name,
                           event.hello.serial, event.result.name, event.hello.protocol_version)
@@ -120,14 +132,12 @@ class FramedDeviceProtocol:
             self.link.committed(msg.event_id)
             return
         event_id = msg.event_id
-        for reading in readings[:-1]:
-            self.sink.submit(reading)
         self.stats.submitted += len(readings)
 
         def on_committed(_rec: SealedRecord) -> None:
             self.post(lambda: self._ack(event_id))
 
-        self.sink.submit(readings[-1], on_committed)
+        self.sink.submit_all(readings, on_committed)
 
     def _ack(self, event_id: int) -> None:
         self.stats.acked += 1

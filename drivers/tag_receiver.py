@@ -1,31 +1,71 @@
-"""Ankle-tag receiver: beacon messages become readings (sans-IO).
+"""Ankle-tag receiver: beacons become readings, and faults and their restores (sans-IO).
 
 Message BEACON (msg_type 0x01) body, little-endian (docs/serial-protocol.md):
 ``tag_id u32 | counter u32 | battery_pct u8 | flags u8 | rssi i8 | mac[8]``.
-Flags: bit 0 strap closed, bit 1 body contact. The MAC is a truncated AES-CMAC
-under the tag's pairing key over ``tag_id | counter | battery | flags``.
+Flags: bit 0 strap closed, bit 1 body contact. ``mac`` is AES-CMAC under the
+tag's pairing key over ``tag_id | counter | battery | flags``, first 8 bytes. The
+receiver adds ``rssi`` (the tag does not sign it).
+
+Per beacon of a paired tag the driver checks the MAC and that the rolling
+counter moved forward (the last counter is kept in the store's ledger, in the
+same transaction as the record, so replay protection survives restarts). A
+forged or replayed beacon is rejected and raises a ``tag.spoof`` alarm; a beacon
+of an unknown tag is counted and not recorded (a neighbour's tag).
+
+Every fault has its restore, so the current state follows from the stream:
+``tag.tamper`` / ``tag.tamper_restored`` (strap opened or body contact lost),
+``tag.battery_low`` / ``tag.battery_ok`` (with hysteresis), ``tag.absent`` /
+``tag.present`` (not heard for the tag's ``absent_after_s``; present again only
+after :data:`PRESENT_AFTER_BEACONS` valid beacons, so a weak signal does not flap).
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
+import logging
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.cmac import CMAC
 
 from buffer.record import JSON, Reading, Source
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
+from provisioning.registry import PairedTag, tag_ref
+
+log = logging.getLogger(__name__)
 
 MSG_BEACON = 0x01
 FLAG_STRAP_CLOSED = 0x01
 FLAG_BODY_CONTACT = 0x02
 MAC_BYTES = 8
+BATTERY_LOW_PCT = 20
+BATTERY_OK_PCT = 30
+PRESENT_AFTER_BEACONS = 3
 _BEACON = struct.Struct("<IIBBb")
+_SIGNED = struct.Struct("<IIBB")
 
 
-class TagRejection(enum.Enum):
+def beacon_mac(key: bytes, signed_part: bytes) -> bytes:
+    mac = CMAC(AES(key))
+    mac.update(signed_part)
+    return mac.finalize()[:MAC_BYTES]
+
+
+def counter_key(tag: str) -> str:
+    """The ledger key of a tag's last accepted rolling counter."""
+    return f"tag:{tag}"
+
+
+class Rejection(enum.Enum):
     MALFORMED = "malformed"
     UNKNOWN_MESSAGE = "unknown_message"
+    UNKNOWN_TAG = "unknown_tag"
+    BAD_MAC = "bad_mac"
+    REPLAY = "replay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +78,7 @@ class Beacon:
     mac: bytes = b"\x00" * MAC_BYTES
 
     def signed_part(self) -> bytes:
-        return struct.pack("<IIBB", self.tag_id, self.counter, self.battery_pct, self.flags)
+        return _SIGNED.pack(self.tag_id, self.counter, self.battery_pct, self.flags)
 
     def to_bytes(self) -> bytes:
         return (
@@ -56,52 +96,162 @@ class Beacon:
         return cls(tag_id, counter, battery, flags, rssi, bytes(raw[_BEACON.size :]))
 
     @property
-    def tag_ref(self) -> str:
-        return f"T{self.tag_id:08X}"
+    def tag(self) -> str:
+        return tag_ref(self.tag_id)
+
+    @property
+    def strap_closed(self) -> bool:
+        return bool(self.flags & FLAG_STRAP_CLOSED)
+
+    @property
+    def body_contact(self) -> bool:
+        return bool(self.flags & FLAG_BODY_CONTACT)
+
+
+@dataclass
+class _TagState:
+    paired: PairedTag
+    last_counter: int | None = None
+    last_heard_ns: int | None = None
+    absent: bool = False
+    present_streak: int = 0
+    tamper: bool | None = None
+    battery_low: bool | None = None
 
 
 @dataclass
 class TagStats:
     beacons: int = 0
-    rejected: dict[str, int] | None = None
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    spoof_alarms: int = 0
 
-    def reject(self, why: TagRejection) -> None:
-        if self.rejected is None:
-            self.rejected = {}
+    def reject(self, why: Rejection) -> None:
         self.rejected[why.value] = self.rejected.get(why.value, 0) + 1
 
 
 class TagReceiverDriver:
-    """Turns the receiver's messages into readings; the last one carries the device event."""
+    """Turns the receiver's messages into readings; the last reading of a message carries
+    the device event, committed together with the others."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        tags: Mapping[str, PairedTag],
+        last_counter: Callable[[str], int | None],
+        *,
+        started_ns: int = 0,
+    ) -> None:
+        self._last_counter_of = last_counter
+        self._tags = {t.tag: _TagState(t, last_heard_ns=started_ns) for t in tags.values()}
+        self._source = Source("tag_receiver", "unknown")
+        self._unknown_logged: set[str] = set()
         self.stats = TagStats()
 
+    def on_device_up(self, hello: Hello) -> list[Reading]:
+        self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
+        return []
+
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:
-        source = Source("tag_receiver", hello.serial, hello.firmware_text)
+        self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
         event = (msg.serial, msg.event_id)
         if msg.msg_type != MSG_BEACON:
-            self.stats.reject(TagRejection.UNKNOWN_MESSAGE)
-            return [_device_error(source, msg, "unknown_message", mono_ns, event)]
+            self.stats.reject(Rejection.UNKNOWN_MESSAGE)
+            return [device_error(self._source, msg, "unknown_message", mono_ns, event)]
         try:
             beacon = Beacon.from_bytes(msg.body)
         except PayloadError:
-            self.stats.reject(TagRejection.MALFORMED)
-            return [_device_error(source, msg, "malformed", mono_ns, event)]
+            self.stats.reject(Rejection.MALFORMED)
+            return [device_error(self._source, msg, "malformed", mono_ns, event)]
         self.stats.beacons += 1
-        body: dict[str, JSON] = {
-            "tag": beacon.tag_ref,
-            "counter": beacon.counter,
-            "battery_pct": beacon.battery_pct,
-            "strap_closed": bool(beacon.flags & FLAG_STRAP_CLOSED),
-            "body_contact": bool(beacon.flags & FLAG_BODY_CONTACT),
-            "rssi_dbm": beacon.rssi_dbm,
-            "dev_event": msg.event_id,
+        state = self._tags.get(beacon.tag)
+        if state is None:
+            self.stats.reject(Rejection.UNKNOWN_TAG)
+            if beacon.tag not in self._unknown_logged:
+                self._unknown_logged.add(beacon.tag)
+                log.info("beacons of unpaired tag %s are ignored (counted)", beacon.tag)
+            return []
+        why = self._check(state, beacon)
+        if why is not None:
+            self.stats.reject(why)
+            self.stats.spoof_alarms += 1
+            body: dict[str, JSON] = {
+                "tag": beacon.tag, "reason": why.value, "counter": beacon.counter,
+                "last_counter": state.last_counter, "rssi_dbm": beacon.rssi_dbm,
+                "dev_event": msg.event_id,
+            }
+            return [Reading("tag.spoof", self._source, body, mono_ns, event)]
+        self.stats.accepted += 1
+        state.last_counter = beacon.counter
+        state.last_heard_ns = mono_ns
+        out = self._transitions(state, beacon, mono_ns)
+        presence: dict[str, JSON] = {
+            "tag": beacon.tag, "counter": beacon.counter, "battery_pct": beacon.battery_pct,
+            "strap_closed": beacon.strap_closed, "body_contact": beacon.body_contact,
+            "rssi_dbm": beacon.rssi_dbm, "dev_event": msg.event_id,
         }
-        return [Reading("tag.presence", source, body, mono_ns, event)]
+        out.append(Reading("tag.presence", self._source, presence, mono_ns, event,
+                           ledger=((counter_key(beacon.tag), beacon.counter),)))
+        return out
+
+    def tick(self, mono_ns: int) -> list[Reading]:
+        out: list[Reading] = []
+        for state in self._tags.values():
+            heard = state.last_heard_ns
+            if state.absent or heard is None:
+                continue
+            silent_s = (mono_ns - heard) / 1e9
+            if silent_s >= state.paired.absent_after_s:
+                state.absent = True
+                state.present_streak = 0
+                out.append(Reading("tag.absent", self._source, {
+                    "tag": state.paired.tag, "silent_s": int(silent_s),
+                    "last_counter": state.last_counter,
+                }, mono_ns))
+        return out
+
+    # -- internals ---------------------------------------------------------------
+    def _check(self, state: _TagState, beacon: Beacon) -> Rejection | None:
+        expected = beacon_mac(state.paired.key, beacon.signed_part())
+        if not hmac.compare_digest(expected, beacon.mac):
+            return Rejection.BAD_MAC
+        if state.last_counter is None:
+            state.last_counter = self._last_counter_of(counter_key(beacon.tag))
+        if state.last_counter is not None and beacon.counter <= state.last_counter:
+            return Rejection.REPLAY
+        return None
+
+    def _transitions(self, state: _TagState, beacon: Beacon, mono_ns: int) -> list[Reading]:
+        out: list[Reading] = []
+        tag = beacon.tag
+        tamper = not (beacon.strap_closed and beacon.body_contact)
+        if tamper != state.tamper and (tamper or state.tamper is not None):
+            kind = "tag.tamper" if tamper else "tag.tamper_restored"
+            out.append(Reading(kind, self._source, {
+                "tag": tag, "strap_closed": beacon.strap_closed,
+                "body_contact": beacon.body_contact, "counter": beacon.counter,
+            }, mono_ns))
+        state.tamper = tamper
+        low = state.battery_low
+        if beacon.battery_pct <= BATTERY_LOW_PCT and not low:
+            out.append(Reading("tag.battery_low", self._source,
+                               {"tag": tag, "battery_pct": beacon.battery_pct}, mono_ns))
+            state.battery_low = True
+        elif beacon.battery_pct >= BATTERY_OK_PCT and low:
+            out.append(Reading("tag.battery_ok", self._source,
+                               {"tag": tag, "battery_pct": beacon.battery_pct}, mono_ns))
+            state.battery_low = False
+        elif low is None:
+            state.battery_low = beacon.battery_pct <= BATTERY_LOW_PCT
+        if state.absent:
+            state.present_streak += 1
+            if state.present_streak >= PRESENT_AFTER_BEACONS:
+                state.absent = False
+                out.append(Reading("tag.present", self._source,
+                                   {"tag": tag, "counter": beacon.counter}, mono_ns))
+        return out
 
 
-def _device_error(
+def device_error(
     source: Source, msg: Message, why: str, mono_ns: int, event: tuple[str, int]
 ) -> Reading:
     """A message we cannot read is still evidence: it is recorded, raw, never dropped."""

@@ -1,24 +1,24 @@
-"""The ankle-tag receiver simulator: tags beaconing through a receiver on a pty."""
+"""The ankle-tag receiver simulator: tags beaconing through a receiver on a pty.
+
+Fault injection beyond the wire (see :class:`simulators.pty.Faults`): a spoofing
+tag (right id, wrong key) and a replaying tag (an old beacon sent again).
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.algorithms import AES
-from cryptography.hazmat.primitives.cmac import CMAC
-
-from drivers.tag_receiver import FLAG_BODY_CONTACT, FLAG_STRAP_CLOSED, MAC_BYTES, MSG_BEACON, Beacon
+from drivers.tag_receiver import (
+    FLAG_BODY_CONTACT,
+    FLAG_STRAP_CLOSED,
+    MSG_BEACON,
+    Beacon,
+    beacon_mac,
+)
 from firmware_bridge.messages import DeviceClass
 from simulators.device import FramedDeviceSim
 from simulators.pty import Faults
-
-
-def beacon_mac(key: bytes, signed_part: bytes) -> bytes:
-    mac = CMAC(AES(key))
-    mac.update(signed_part)
-    return mac.finalize()[:MAC_BYTES]
 
 
 @dataclass
@@ -29,14 +29,25 @@ class SimTag:
     battery_pct: int = 90
     strap_closed: bool = True
     body_contact: bool = True
+    history: list[Beacon] = field(default_factory=list, repr=False)
 
     def beacon(self, rssi: int = -60) -> Beacon:
         self.counter += 1
         flags = (FLAG_STRAP_CLOSED if self.strap_closed else 0) | (
             FLAG_BODY_CONTACT if self.body_contact else 0)
         b = Beacon(self.tag_id, self.counter, self.battery_pct, flags, rssi)
+        signed = Beacon(b.tag_id, b.counter, b.battery_pct, b.flags, b.rssi_dbm,
+                        beacon_mac(self.key, b.signed_part()))
+        self.history.append(signed)
+        return signed
+
+    def forged(self, rssi: int = -55) -> Beacon:
+        """A beacon with this tag's id and a fresh counter, signed with the wrong key."""
+        b = Beacon(self.tag_id, self.counter + 1, self.battery_pct,
+                   FLAG_STRAP_CLOSED | FLAG_BODY_CONTACT, rssi)
         return Beacon(b.tag_id, b.counter, b.battery_pct, b.flags, b.rssi_dbm,
-                      beacon_mac(self.key, b.signed_part()))
+                      beacon_mac(bytes(16) if self.key != bytes(16) else b"\x01" * 16,
+                                 b.signed_part()))
 
 
 class TagReceiverSim(FramedDeviceSim):
@@ -46,12 +57,14 @@ class TagReceiverSim(FramedDeviceSim):
         super().__init__(DeviceClass.TAG_RECEIVER, serial, link=link, to_host=to_host,
                          from_host=from_host, byte_delay_s=byte_delay_s)
         self.tags = tags or [SimTag(0x1001, bytes(16))]
-        self._beat_stop = threading.Event()
 
     def send_beacon(self, tag: SimTag | None = None) -> None:
         tag = tag or self.tags[0]
         self.enqueue(MSG_BEACON, tag.beacon().to_bytes())
 
-    def beacon_round(self) -> None:
-        for tag in self.tags:
-            self.send_beacon(tag)
+    def send_forged(self, tag: SimTag | None = None) -> None:
+        self.enqueue(MSG_BEACON, (tag or self.tags[0]).forged().to_bytes())
+
+    def send_replay(self, tag: SimTag | None = None, index: int = 0) -> None:
+        """Send again a beacon the tag sent before (a recorded-and-replayed radio frame)."""
+        self.enqueue(MSG_BEACON, (tag or self.tags[0]).history[index].to_bytes())

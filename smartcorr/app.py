@@ -22,6 +22,7 @@ from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
 from provisioning.identity import Identity
+from provisioning.registry import TagRegistry, open_registry
 from smartcorr.clock import Clock
 from uplink.forwarder import BrokerConfig, Forwarder
 
@@ -87,7 +88,10 @@ class Gateway:
         self.forwarder.start()
         for spec in self.devices:
             cls = DeviceClass.TAG_RECEIVER if spec.kind == "tag_receiver" else DeviceClass.KIOSK
-            proto = FramedDeviceProtocol(spec.name, cls, TagReceiverDriver(), self.writer)
+            driver = TagReceiverDriver(self.tag_registry().snapshot(),
+                                       self.writer.last_committed_event,
+                                       started_ns=time.monotonic_ns())
+            proto = FramedDeviceProtocol(spec.name, cls, driver, self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
         if self.gnss is not None:
             from drivers.gnss import GnssProtocol
@@ -123,6 +127,9 @@ class Gateway:
                        "refused": up.refused},
             "ports": ports,
         }
+
+    def tag_registry(self) -> TagRegistry:
+        return open_registry(self.identity)
 
     @property
     def source(self) -> Source:

@@ -10,6 +10,7 @@ last line is one JSON object).
 from __future__ import annotations
 
 import argparse
+import secrets
 import json
 import logging
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioning.identity import create_identity, load_public_keys
+from provisioning.registry import open_registry, tag_ref
 from simulators.gnss import GnssSim
 from simulators.tag import SimTag, TagReceiverSim
 from smartcorr.app import DeviceSpec, Gateway, GnssSpec
@@ -103,7 +105,11 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
         print("demo: the verifier could not subscribe to the broker", file=sys.stderr)
         return 3
 
-    tags = [SimTag(0x1000 + i, bytes(16)) for i in range(args.tags)]
+    tags = [SimTag(0x1000 + i, secrets.token_bytes(16)) for i in range(args.tags)]
+    registry = open_registry(identity)
+    for tag in tags:  # what the installer does: pair each tag with this gateway
+        registry.pair(tag_ref(tag.tag_id), tag.key)
+    registry.close()
     tag_sim = TagReceiverSim("TR-DEMO-0001", tags=tags, link=tmp / "ttyTAGS").start()
     stack.append(tag_sim.stop)
     gnss_sim = GnssSim(link=tmp / "ttyGNSS", period_s=1.0).start()

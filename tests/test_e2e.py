@@ -9,6 +9,7 @@ import pytest
 
 from buffer.record import VerifiedRecord
 from provisioning.identity import Identity
+from provisioning.registry import open_registry, tag_ref
 from simulators.gnss import GnssSim
 from simulators.tag import SimTag, TagReceiverSim
 from smartcorr.app import DeviceSpec, Gateway, GnssSpec
@@ -30,7 +31,10 @@ def test_every_beacon_arrives_verified_in_order_exactly_once(
     verifier.start()
     assert verifier.subscribed.wait(10)
 
-    tags = [SimTag(0x1000 + i, bytes(16)) for i in range(3)]
+    tags = [SimTag(0x1000 + i, bytes([i + 1]) * 16) for i in range(3)]
+    registry = open_registry(identity)
+    for tag in tags:
+        registry.pair(tag_ref(tag.tag_id), tag.key)
     sim = TagReceiverSim("TR-E2E-0001", tags=tags, link=tmp_path / "ttyTAGS").start()
     gnss = GnssSim(link=tmp_path / "ttyGNSS", period_s=0.2).start()
     gateway = Gateway(identity, tmp_path / "data", broker_for(mosquitto, pki, identity.gateway_id),
