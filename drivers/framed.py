@@ -53,6 +53,7 @@ class FramedStats:
     messages: int = 0
     submitted: int = 0
     acked: int = 0
+    driver_errors: int = 0
 
 
 class FramedDeviceProtocol:
@@ -127,7 +128,16 @@ class FramedDeviceProtocol:
         if hello is None:  # pragma: no cover - the link only delivers after a handshake
             return
         self.stats.messages += 1
-        readings = self.driver.on_message(msg, hello, time.monotonic_ns())
+        mono_ns = time.monotonic_ns()
+        try:
+            readings = self.driver.on_message(msg, hello, mono_ns)
+        except Exception:
+            # A driver bug must not leave the event unacknowledged for ever (the device
+            # would resend it without end): it is recorded raw, like an unreadable message.
+            self.stats.driver_errors += 1
+            log.exception("%s: driver failed on message %d", self.port_name, msg.msg_type)
+            readings = [device_error(self._source, msg, "driver_failure", mono_ns,
+                                     (msg.serial, msg.event_id))]
         if not readings:
             self.link.committed(msg.event_id)
             return
@@ -145,3 +155,16 @@ class FramedDeviceProtocol:
 
     def _status(self, kind: str, body: dict[str, JSON]) -> None:
         self.sink.submit(Reading(kind, self._source, body, time.monotonic_ns()))
+
+
+def device_error(
+    source: Source, msg: Message, why: str, mono_ns: int, event: tuple[str, int]
+) -> Reading:
+    """A message we cannot read is still evidence: it is recorded, raw, never dropped."""
+    body: dict[str, JSON] = {
+        "error": why,
+        "msg_type": msg.msg_type,
+        "raw": msg.body.hex(),
+        "dev_event": msg.event_id,
+    }
+    return Reading("device.error", source, body, mono_ns, event)

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from buffer.record import JSON, Reading, Source
+from drivers.framed import device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
 from provisioning.registry import PairedTag, tag_ref
@@ -249,16 +250,3 @@ class TagReceiverDriver:
                 out.append(Reading("tag.present", self._source,
                                    {"tag": tag, "counter": beacon.counter}, mono_ns))
         return out
-
-
-def device_error(
-    source: Source, msg: Message, why: str, mono_ns: int, event: tuple[str, int]
-) -> Reading:
-    """A message we cannot read is still evidence: it is recorded, raw, never dropped."""
-    body: dict[str, JSON] = {
-        "error": why,
-        "msg_type": msg.msg_type,
-        "raw": msg.body.hex(),
-        "dev_event": msg.event_id,
-    }
-    return Reading("device.error", source, body, mono_ns, event)

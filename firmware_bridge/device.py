@@ -3,8 +3,11 @@
 Sans-IO; used by the simulators and the tests, and a model for firmware. The
 device keeps every event in its queue ("flash") until the host acknowledges it,
 sends one DATA frame at a time (stop-and-wait), and retransmits after an
-adaptive timeout: ``rto = 7/8 * rto + 1/2 * rtt`` after each ACK, doubled on each
-timeout, clamped to [:data:`RTO_MIN_S`, :data:`RTO_MAX_S`]. After
+adaptive timeout: the estimate ``srto = 7/8 * srto + 1/2 * rtt`` after each
+unambiguous ACK; the timer ``rto`` doubles on each timeout and returns to ``srto``
+at the next unambiguous ACK (Karn: so one loss slows at most the next event, and a
+round trip longer than ``srto`` is still measured); both clamped
+to [:data:`RTO_MIN_S`, :data:`RTO_MAX_S`]. After
 :data:`MAX_RETRIES` timeouts in a row it starts the handshake again; it never
 drops an event.
 """
@@ -66,7 +69,8 @@ class DeviceLink:
         self._seq = 0
         self._up = False
         self._heartbeat_s = 2.0
-        self._rto = RTO_INITIAL_S
+        self._rto = RTO_INITIAL_S  # the timer, backed off on timeouts
+        self._srto = RTO_INITIAL_S  # the estimate from round trips
         self._sent_at: float | None = None
         self._retries = 0
         self._hello_sent_at: float | None = None
@@ -135,7 +139,8 @@ class DeviceLink:
             self._send_head(now)
         if now - self._last_tx >= self._heartbeat_s:
             uptime = int(now - self._start)
-            self._frame(FrameType.HEARTBEAT, Heartbeat(uptime, len(self.queue)).to_bytes(), now)
+            queued = min(len(self.queue), 0xFFFF)  # u16 on the wire: saturates
+            self._frame(FrameType.HEARTBEAT, Heartbeat(uptime, queued).to_bytes(), now)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -172,10 +177,11 @@ class DeviceLink:
         self.stats.acked += 1
         if self._sent_at is not None and self._retries == 0:
             rtt = now - self._sent_at
-            self._rto = min(max(7 / 8 * self._rto + 1 / 2 * rtt, RTO_MIN_S), RTO_MAX_S)
+            self._srto = min(max(7 / 8 * self._srto + 1 / 2 * rtt, RTO_MIN_S), RTO_MAX_S)
+            self._rto = self._srto  # the backoff ends with an unambiguous ACK
         self._sent_at = None
         self._retries = 0
-        if self.queue:
+        if self.queue and self._up:  # while down, the next event waits for the handshake
             self._send_head(now)
 
     def _send_hello(self, now: float) -> None:

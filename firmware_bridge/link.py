@@ -86,6 +86,7 @@ class LinkStats:
     naks_sent: int = 0
     duplicates: int = 0
     retransmits_while_pending: int = 0
+    held_for_other_device: int = 0
     data_before_hello: int = 0
     handshakes: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -109,7 +110,8 @@ class HostLink:
         self._seq = 0
         self.hello: Hello | None = None
         self._last_committed: int | None = None
-        self._pending: dict[int, int] = {}  # event_id -> seq of the DATA frame
+        # event_id -> (serial of the device that sent it, seq of its latest DATA frame)
+        self._pending: dict[int, tuple[str, int]] = {}
         self._last_rx: float | None = None
         self.stats = LinkStats()
 
@@ -127,12 +129,13 @@ class HostLink:
 
     # -- input ---------------------------------------------------------------
     def receive_data(self, data: bytes, now: float) -> list[LinkEvent]:
-        self._last_rx = now
         events: list[LinkEvent] = []
         for item in self._decoder.feed(data):
             if isinstance(item, BadFrame):
                 self._reject(events, item.reason.value, item.raw)
                 continue
+            # Only a valid frame proves the device is there: line noise does not.
+            self._last_rx = now
             self.stats.frames_in += 1
             try:
                 self._handle(item, events)
@@ -151,11 +154,21 @@ class HostLink:
         return [DeviceSilent(serial, silent)]
 
     def committed(self, event_id: int) -> None:
-        """The event was durably committed: acknowledge it to the device."""
-        seq = self._pending.pop(event_id, None)
+        """The event was durably committed: acknowledge it to the device.
+
+        If the device that sent the event is no longer the one handshaken on this
+        port (it was unplugged, or swapped for another, while the event was being
+        committed), nothing is sent: that device learns of the commit from
+        ``last_committed`` at its next handshake and is re-ACKed then.
+        """
+        entry = self._pending.pop(event_id, None)
+        if entry is None:
+            return
+        serial, seq = entry
+        if self.hello is None or self.hello.serial != serial:
+            return
         self._last_committed = event_id
-        if seq is not None:
-            self._send(FrameType.ACK, Ack(event_id).to_bytes(), seq)
+        self._send(FrameType.ACK, Ack(event_id).to_bytes(), seq)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -209,12 +222,19 @@ class HostLink:
             self.stats.duplicates += 1
             self._send(FrameType.ACK, Ack(data.event_id).to_bytes(), frame.seq)
             return
-        if data.event_id in self._pending:
+        serial = self.hello.serial
+        entry = self._pending.get(data.event_id)
+        if entry is not None:
+            if entry[0] != serial:
+                # The same id is still being committed for the device that was on this
+                # port before; this one is held back until then (the device retransmits).
+                self.stats.held_for_other_device += 1
+                return
             self.stats.retransmits_while_pending += 1
-            self._pending[data.event_id] = frame.seq
+            self._pending[data.event_id] = (serial, frame.seq)
             return
-        self._pending[data.event_id] = frame.seq
-        events.append(Message(self.hello.serial, data.event_id, data.msg_type, data.body))
+        self._pending[data.event_id] = (serial, frame.seq)
+        events.append(Message(serial, data.event_id, data.msg_type, data.body))
 
     def _reject(self, events: list[LinkEvent], reason: str, raw: bytes) -> None:
         self.stats.bad_frames += 1

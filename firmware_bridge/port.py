@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 trace = logging.getLogger("smartcorr.trace.serial")
 
 REOPEN_MIN_S = 0.2
-REOPEN_MAX_S = 10.0
+REOPEN_MAX_S = 2.0  # USB re-enumeration takes about a second; an open() is cheap
 TICK_S = 0.05
 READ_CHUNK = 4096
 WRITE_TIMEOUT_S = 2.0

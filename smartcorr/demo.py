@@ -10,9 +10,9 @@ last line is one JSON object).
 from __future__ import annotations
 
 import argparse
-import secrets
 import json
 import logging
+import secrets
 import sys
 import tempfile
 import threading

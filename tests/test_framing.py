@@ -1,0 +1,538 @@
+"""Delimiting (COBS) and frame format (CRC-32) of the device serial protocol.
+
+The golden frames below are the examples of docs/serial-protocol.md, section
+"Golden examples"; :func:`test_doc_carries_the_golden_examples` keeps the two in
+step. Hex is spaced by field (raw frames) or by COBS block (wire form).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.cmac import CMAC
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from firmware_bridge.device import DeviceLink
+from firmware_bridge.framing import (
+    DELIMITER,
+    MAX_ENCODED_FRAME,
+    MAX_FRAME,
+    MAX_PAYLOAD,
+    BadFrame,
+    BadFrameReason,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    FramingError,
+    cobs_decode,
+    cobs_encode,
+)
+from firmware_bridge.link import HostLink, Message
+from firmware_bridge.messages import (
+    Ack,
+    Data,
+    DeviceClass,
+    Heartbeat,
+    Hello,
+    HelloAck,
+    HelloResult,
+    Nak,
+    NakReason,
+)
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "serial-protocol.md"
+
+
+# -- golden examples ------------------------------------------------------------------
+
+#: The beacon of the golden DATA frame: tag 0x0A1B2C3D, counter 17, battery 87 %,
+#: strap closed and body contact, RSSI -61 dBm, MAC under the key 00 01 .. 0f.
+BEACON_KEY = bytes(range(16))
+BEACON_BODY = bytes.fromhex("3d 2c 1b 0a  11 00 00 00  57  03  c3  d6 45 b8 10 7f e7 15 80")
+
+
+@dataclass(frozen=True)
+class Golden:
+    name: str
+    frame: Frame
+    payload: object  # the payload, decoded by firmware_bridge.messages
+    raw: bytes  # type | seq | payload | crc32, before COBS
+    wire: bytes  # COBS blocks, then the 0x00 delimiter
+
+
+HELLO_REQ = Golden(
+    "HELLO_REQ",
+    Frame(FrameType.HELLO_REQ, 0),
+    None,
+    raw=bytes.fromhex("03  00  3c 41 f4 6a"),
+    wire=bytes.fromhex("02 03  05 3c 41 f4 6a  00"),
+)
+HELLO = Golden(
+    "HELLO",
+    Frame(FrameType.HELLO, 0, bytes.fromhex("01 01 01 04 02 07 00 00 00 07 54 52 2d 30 30 30 31")),
+    Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001"),
+    raw=bytes.fromhex(
+        "01  00  01  01  01 04 02  07 00 00 00  07  54 52 2d 30 30 30 31  de b6 27 6f"
+    ),
+    wire=bytes.fromhex(
+        "02 01  07 01 01 01 04 02 07  01  01  0d 07 54 52 2d 30 30 30 31 de b6 27 6f  00"
+    ),
+)
+HELLO_ACK = Golden(
+    "HELLO_ACK",
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("01 00 02")),
+    HelloAck(1, HelloResult.OK, 2),
+    raw=bytes.fromhex("02  01  01  00  02  03 c8 92 eb"),
+    wire=bytes.fromhex("04 02 01 01  06 02 03 c8 92 eb  00"),
+)
+DATA = Golden(
+    "DATA",
+    Frame(FrameType.DATA, 1, bytes.fromhex("2a 00 00 00 01") + BEACON_BODY),
+    Data(42, 0x01, BEACON_BODY),
+    raw=bytes.fromhex(
+        "10  01  2a 00 00 00  01  3d 2c 1b 0a  11 00 00 00  57  03  c3  d6 45 b8 10 7f e7 15 80"
+        "  13 53 2d e6"
+    ),
+    wire=bytes.fromhex(
+        "04 10 01 2a  01  01  07 01 3d 2c 1b 0a 11  01  01"
+        "  10 57 03 c3 d6 45 b8 10 7f e7 15 80 13 53 2d e6  00"
+    ),
+)
+ACK = Golden(
+    "ACK",
+    Frame(FrameType.ACK, 1, bytes.fromhex("2a 00 00 00")),
+    Ack(42),
+    raw=bytes.fromhex("11  01  2a 00 00 00  77 16 a7 8b"),
+    wire=bytes.fromhex("04 11 01 2a  01  01  05 77 16 a7 8b  00"),
+)
+HEARTBEAT = Golden(
+    "HEARTBEAT",
+    Frame(FrameType.HEARTBEAT, 2, bytes.fromhex("02 00 00 00 00 00")),
+    Heartbeat(2, 0),
+    raw=bytes.fromhex("20  02  02 00 00 00  00 00  1d 0d 03 46"),
+    wire=bytes.fromhex("04 20 02 02  01  01  01  01  05 1d 0d 03 46  00"),
+)
+NAK = Golden(
+    "NAK",
+    Frame(FrameType.NAK, 2, bytes.fromhex("01")),
+    Nak(NakReason.BAD_FRAME),
+    raw=bytes.fromhex("12  02  01  18 fc d2 a5"),
+    wire=bytes.fromhex("08 12 02 01 18 fc d2 a5  00"),
+)
+HELLO_V2 = Golden(
+    "HELLO (protocol 2)",
+    Frame(FrameType.HELLO, 0, bytes.fromhex("02 01 02 00 00 01 00 00 00 07 54 52 2d 30 30 30 32")),
+    Hello(2, DeviceClass.TAG_RECEIVER, (2, 0, 0), 1, "TR-0002"),
+    raw=bytes.fromhex(
+        "01  00  02  01  02 00 00  01 00 00 00  07  54 52 2d 30 30 30 32  29 49 04 22"
+    ),
+    wire=bytes.fromhex(
+        "02 01  04 02 01 02  01  02 01  01  01  0d 07 54 52 2d 30 30 30 32 29 49 04 22  00"
+    ),
+)
+HELLO_ACK_REJECT = Golden(
+    "HELLO_ACK (unsupported version)",
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("01 01 02")),
+    HelloAck(1, HelloResult.UNSUPPORTED_VERSION, 2),
+    raw=bytes.fromhex("02  01  01  01  02  42 f9 89 f2"),
+    wire=bytes.fromhex("0a 02 01 01 01 02 42 f9 89 f2  00"),
+)
+
+GOLDEN = [HELLO_REQ, HELLO, HELLO_ACK, DATA, ACK, HEARTBEAT, NAK, HELLO_V2, HELLO_ACK_REJECT]
+PAYLOAD_TYPES: dict[FrameType, Any] = {
+    FrameType.HELLO: Hello,
+    FrameType.HELLO_ACK: HelloAck,
+    FrameType.DATA: Data,
+    FrameType.ACK: Ack,
+    FrameType.NAK: Nak,
+    FrameType.HEARTBEAT: Heartbeat,
+}
+golden_cases = pytest.mark.parametrize("golden", GOLDEN, ids=[g.name for g in GOLDEN])
+
+
+def frames_of(items: list[Frame | BadFrame]) -> list[Frame]:
+    return [item for item in items if isinstance(item, Frame)]
+
+
+def feed_all(decoder: FrameDecoder, chunks: list[bytes]) -> list[Frame | BadFrame]:
+    out: list[Frame | BadFrame] = []
+    for chunk in chunks:
+        out += decoder.feed(chunk)
+    return out
+
+
+def test_crc_is_crc32_iso_hdlc() -> None:
+    # The check value of CRC-32/ISO-HDLC (the catalogue's "123456789" test).
+    assert zlib.crc32(b"123456789") == 0xCBF43926
+    # Leading zeros change it (init 0xFFFFFFFF): a stray 0x00 glued in front is caught.
+    assert zlib.crc32(b"\x00" + b"123456789") != 0xCBF43926
+
+
+@golden_cases
+def test_golden_frame_encodes_to_the_documented_bytes(golden: Golden) -> None:
+    assert golden.frame.to_bytes() == golden.wire
+    assert cobs_encode(golden.raw) + b"\x00" == golden.wire
+    assert cobs_decode(golden.wire[:-1]) == golden.raw
+    body, (crc,) = golden.raw[:-4], struct.unpack("<I", golden.raw[-4:])
+    assert crc == zlib.crc32(body)
+    assert body == bytes((golden.frame.type, golden.frame.seq)) + golden.frame.payload
+    # COBS costs exactly one byte on every frame (none is 254 bytes long).
+    assert len(golden.wire) == len(golden.raw) + 2
+
+
+@golden_cases
+def test_golden_frame_decodes_to_its_fields(golden: Golden) -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(golden.wire) == [golden.frame]
+    assert decoder.stats.frames == 1
+    assert decoder.stats.bad_frames == 0
+    if golden.payload is None:
+        assert golden.frame.payload == b""
+        return
+    parser = PAYLOAD_TYPES[golden.frame.type]
+    parsed = parser.from_bytes(golden.frame.payload)
+    assert parsed == golden.payload
+    assert parsed.to_bytes() == golden.frame.payload
+
+
+def test_golden_beacon_mac_is_the_truncated_cmac() -> None:
+    tag_id, counter, battery, flags, rssi = struct.unpack_from("<IIBBb", BEACON_BODY)
+    assert (tag_id, counter, battery, flags, rssi) == (0x0A1B2C3D, 17, 87, 0x03, -61)
+    cmac = CMAC(AES(BEACON_KEY))
+    cmac.update(BEACON_BODY[:10])  # tag_id | counter | battery | flags; not rssi
+    assert cmac.finalize()[:8] == BEACON_BODY[11:]
+    assert len(BEACON_BODY) == 19
+
+
+def test_golden_session_is_what_the_links_send() -> None:
+    """The golden examples are a real exchange between HostLink and DeviceLink."""
+    host = HostLink(lambda _serial: None)
+    device = DeviceLink(Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001"),
+                        next_event_id=42)
+    host.connection_made(0.0)
+    assert host.data_to_send() == HELLO_REQ.wire
+    device.receive_data(HELLO_REQ.wire, 0.0)
+    assert device.data_to_send() == HELLO.wire
+    host.receive_data(HELLO.wire, 0.0)
+    assert host.data_to_send() == HELLO_ACK.wire
+    device.receive_data(HELLO_ACK.wire, 0.0)
+    assert device.up
+    assert device.enqueue(0x01, BEACON_BODY) == 42
+    device.tick(0.0)
+    assert device.data_to_send() == DATA.wire
+    assert host.receive_data(DATA.wire, 0.0) == [Message("TR-0001", 42, 0x01, BEACON_BODY)]
+    assert host.data_to_send() == b""  # nothing until committed
+    host.committed(42)
+    assert host.data_to_send() == ACK.wire
+    device.receive_data(ACK.wire, 0.0)
+    assert device.acked_ids == [42]
+    device.tick(2.0)
+    assert device.data_to_send() == HEARTBEAT.wire
+    corrupted = bytearray(HEARTBEAT.wire)
+    corrupted[3] ^= 0x10  # payload byte 02 -> 12: the CRC no longer matches
+    host.receive_data(bytes(corrupted), 2.0)
+    assert host.data_to_send() == NAK.wire
+
+    host = HostLink(lambda _serial: None)
+    device = DeviceLink(Hello(2, DeviceClass.TAG_RECEIVER, (2, 0, 0), 1, "TR-0002"))
+    host.connection_made(0.0)
+    device.receive_data(host.data_to_send(), 0.0)
+    assert device.data_to_send() == HELLO_V2.wire
+    host.receive_data(HELLO_V2.wire, 0.0)
+    assert host.data_to_send() == HELLO_ACK_REJECT.wire
+
+
+def test_doc_carries_the_golden_examples() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    documented = {
+        re.sub(r"\s+", "", literal).lower()
+        for literal in re.findall(r'bytes\.fromhex\(\s*"([0-9a-fA-F\s]+)"\s*\)', text)
+    }
+    for golden in GOLDEN:
+        assert golden.raw.hex() in documented, f"{golden.name}: raw frame not in the doc"
+        assert golden.wire.hex() in documented, f"{golden.name}: wire form not in the doc"
+    assert BEACON_BODY.hex() in documented
+    assert "0xCBF43926" in text
+
+
+# -- COBS -------------------------------------------------------------------------------
+
+# Reference vectors of standard COBS (as published with the algorithm's descriptions).
+RUN_254 = bytes(range(1, 255))
+COBS_VECTORS = [
+    (b"", b"\x01"),
+    (b"\x00", b"\x01\x01"),
+    (b"\x00\x00", b"\x01\x01\x01"),
+    (b"\x00\x11\x00", b"\x01\x02\x11\x01"),
+    (b"\x11\x22\x00\x33", b"\x03\x11\x22\x02\x33"),
+    (b"\x11\x22\x33\x44", b"\x05\x11\x22\x33\x44"),
+    (b"\x11\x00\x00\x00", b"\x02\x11\x01\x01\x01"),
+    # 254 non-zero bytes: one full block, no trailing code
+    (RUN_254, b"\xff" + RUN_254),
+    # a zero then 254 non-zero bytes
+    (b"\x00" + RUN_254, b"\x01\xff" + RUN_254),
+    # 255 non-zero bytes: a full block, then a block of one
+    (RUN_254 + b"\xff", b"\xff" + RUN_254 + b"\x02\xff"),
+    # 254 non-zero bytes then a zero: the zero needs its own (empty) block
+    (bytes(range(2, 256)) + b"\x00", b"\xff" + bytes(range(2, 256)) + b"\x01\x01"),
+    # 253 non-zero bytes, a zero, one byte
+    (bytes(range(3, 256)) + b"\x00\x01", b"\xfe" + bytes(range(3, 256)) + b"\x02\x01"),
+]
+
+
+@pytest.mark.parametrize(("plain", "encoded"), COBS_VECTORS)
+def test_cobs_reference_vectors(plain: bytes, encoded: bytes) -> None:
+    assert cobs_encode(plain) == encoded
+    assert cobs_decode(encoded) == plain
+
+
+@pytest.mark.parametrize("length", [1, 253, 254, 255, 256, 508, 509, 1000])
+@pytest.mark.parametrize("zero_at", [None, 0, 126, 253, 254, -1])
+def test_cobs_round_trip_around_block_boundaries(length: int, zero_at: int | None) -> None:
+    data = bytearray((i % 255) + 1 for i in range(length))
+    if zero_at is not None and -length <= zero_at < length:
+        data[zero_at] = 0
+    encoded = cobs_encode(bytes(data))
+    assert DELIMITER not in encoded
+    assert cobs_decode(encoded) == data
+    assert len(encoded) <= len(data) + len(data) // 254 + 1
+
+
+def test_cobs_decoder_accepts_a_trailing_empty_block_after_a_full_one() -> None:
+    # Some encoders close a final 254-byte run with an extra 0x01; both forms mean the same.
+    assert cobs_decode(b"\xff" + RUN_254 + b"\x01") == RUN_254
+
+
+@pytest.mark.parametrize("bad", [b"\x00", b"\x05\x11\x22", b"\x02\x11\x00", b"\x03\x11"])
+def test_cobs_decode_rejects_invalid_input(bad: bytes) -> None:
+    assert cobs_decode(bad) is None
+
+
+@given(st.binary(max_size=1200))
+def test_cobs_round_trip_property(data: bytes) -> None:
+    encoded = cobs_encode(data)
+    assert DELIMITER not in encoded
+    assert len(encoded) <= len(data) + len(data) // 254 + 1
+    assert cobs_decode(encoded) == data
+
+
+# -- the frame decoder ----------------------------------------------------------------
+
+GOLDEN_STREAM = b"".join(g.wire for g in GOLDEN)
+GOLDEN_FRAMES = [g.frame for g in GOLDEN]
+
+
+def test_stream_whole_and_one_byte_at_a_time() -> None:
+    assert FrameDecoder().feed(GOLDEN_STREAM) == GOLDEN_FRAMES
+    decoder = FrameDecoder()
+    out = feed_all(decoder, [bytes((b,)) for b in GOLDEN_STREAM])
+    assert out == GOLDEN_FRAMES
+    assert decoder.stats.frames == len(GOLDEN)
+    assert decoder.stats.garbage_bytes == 0
+
+
+def test_stray_delimiters_are_ignored() -> None:
+    stream = b"\x00\x00\x00" + HELLO.wire + b"\x00" + DATA.wire + b"\x00\x00"
+    decoder = FrameDecoder()
+    assert decoder.feed(stream) == [HELLO.frame, DATA.frame]
+    assert decoder.stats.bad_frames == 0
+    assert decoder.feed(b"\x00" * 1000) == []
+
+
+def test_garbage_before_and_between_frames() -> None:
+    stream = (
+        b"\x13\x37\xfe garbage \xff\x00" + HELLO.wire + b"\x7f\x7f\x00" + DATA.wire
+        + b"\x02\x01\x00" + ACK.wire
+    )
+    decoder = FrameDecoder()
+    out = decoder.feed(stream)
+    assert frames_of(out) == [HELLO.frame, DATA.frame, ACK.frame]
+    # 13 37: block of 0x13 bytes, only 12 follow; 7f 7f: likewise; 02 01: one byte of frame
+    assert [b.reason for b in out if isinstance(b, BadFrame)] == [
+        BadFrameReason.COBS, BadFrameReason.COBS, BadFrameReason.SHORT,
+    ]
+    assert decoder.stats.bad_frames == 3
+
+
+def test_garbage_glued_to_a_frame_costs_that_frame_only() -> None:
+    # No delimiter between the garbage and the frame: they are one chunk, rejected;
+    # the next frame, behind an intact delimiter, is recovered.
+    out = FrameDecoder().feed(b"\x42\x42" + DATA.wire + ACK.wire)
+    assert isinstance(out[0], BadFrame)
+    assert out[1:] == [ACK.frame]
+
+
+def test_first_frame_after_start_needs_no_leading_delimiter() -> None:
+    assert FrameDecoder().feed(ACK.wire) == [ACK.frame]
+
+
+def test_frame_split_inside_a_cobs_block() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(DATA.wire[:9]) == []
+    assert decoder.feed(DATA.wire[9:20]) == []
+    assert decoder.feed(DATA.wire[20:]) == [DATA.frame]
+
+
+@golden_cases
+def test_every_single_bit_error_is_detected(golden: Golden) -> None:
+    for bit in range(len(golden.wire) * 8):
+        corrupted = bytearray(golden.wire)
+        corrupted[bit // 8] ^= 1 << (bit % 8)
+        decoder = FrameDecoder()
+        # the trailing delimiter closes whatever a corrupted delimiter left open
+        out = decoder.feed(bytes(corrupted) + b"\x00")
+        assert frames_of(out) == [], f"bit {bit} flipped went unnoticed"
+
+
+@golden_cases
+def test_corrupted_crc_is_reported_as_crc(golden: Golden) -> None:
+    raw = bytearray(golden.raw)
+    raw[-1] ^= 0x80
+    decoder = FrameDecoder()
+    out = decoder.feed(cobs_encode(bytes(raw)) + b"\x00")
+    assert out == [BadFrame(BadFrameReason.CRC, bytes(raw))]
+    assert decoder.stats.by_reason == {"crc": 1}
+    # and the decoder goes on
+    assert decoder.feed(golden.wire) == [golden.frame]
+
+
+def test_unknown_type_and_short_frames() -> None:
+    body = bytes((0x7E, 0x00))
+    unknown = body + struct.pack("<I", zlib.crc32(body))
+    out = FrameDecoder().feed(cobs_encode(unknown) + b"\x00" + cobs_encode(b"\x01\x02") + b"\x00")
+    assert [b.reason for b in out if isinstance(b, BadFrame)] == [
+        BadFrameReason.UNKNOWN_TYPE, BadFrameReason.SHORT,
+    ]
+
+
+def test_largest_frame_fits_and_larger_is_refused() -> None:
+    biggest = Frame(FrameType.DATA, 255, bytes(range(MAX_PAYLOAD)))
+    wire = biggest.to_bytes()
+    assert len(wire) == MAX_ENCODED_FRAME + 1 == MAX_FRAME + 2
+    assert FrameDecoder().feed(wire) == [biggest]
+    with pytest.raises(FramingError):
+        Frame(FrameType.DATA, 0, bytes(MAX_PAYLOAD + 1))
+    with pytest.raises(FramingError):
+        Frame(FrameType.DATA, 256)
+
+
+def test_oversize_input_is_bounded_and_the_decoder_recovers() -> None:
+    decoder = FrameDecoder()
+    out: list[Frame | BadFrame] = []
+    for _ in range(200):  # 20 kB without a delimiter
+        out += decoder.feed(b"\x55" * 100)
+        assert len(decoder._buf) <= MAX_ENCODED_FRAME
+    assert [b.reason for b in out if isinstance(b, BadFrame)] == [BadFrameReason.OVERSIZE]
+    assert decoder.stats.garbage_bytes == 20_000
+    # the frame right after the delimiter that ends the flood arrives
+    assert decoder.feed(b"\x55\x00" + HELLO.wire) == [HELLO.frame]
+    assert decoder.feed(DATA.wire) == [DATA.frame]
+
+
+def test_chunk_of_exactly_the_maximum_is_decoded_not_oversize() -> None:
+    decoder = FrameDecoder()
+    out = decoder.feed(b"\x55" * MAX_ENCODED_FRAME + b"\x00")
+    assert [b.reason for b in out if isinstance(b, BadFrame)] == [BadFrameReason.COBS]
+    out = decoder.feed(b"\x55" * (MAX_ENCODED_FRAME + 1) + b"\x00")
+    assert [b.reason for b in out if isinstance(b, BadFrame)] == [BadFrameReason.OVERSIZE]
+
+
+# -- properties -----------------------------------------------------------------------
+
+frames_st = st.builds(
+    Frame,
+    st.sampled_from(list(FrameType)),
+    st.integers(0, 255),
+    st.binary(max_size=MAX_PAYLOAD),
+)
+
+
+@given(frames_st)
+@example(Frame(FrameType.DATA, 0, bytes(MAX_PAYLOAD)))
+@example(Frame(FrameType.DATA, 0, b"\xff" * MAX_PAYLOAD))
+def test_every_frame_round_trips(frame: Frame) -> None:
+    wire = frame.to_bytes()
+    assert wire.endswith(b"\x00")
+    assert DELIMITER not in wire[:-1]
+    assert len(wire) <= MAX_ENCODED_FRAME + 1
+    assert FrameDecoder().feed(wire) == [frame]
+
+
+@given(st.lists(st.binary(max_size=600), max_size=20))
+@settings(max_examples=300)
+def test_arbitrary_garbage_never_raises_and_stays_bounded(chunks: list[bytes]) -> None:
+    decoder = FrameDecoder()
+    for chunk in chunks:
+        for item in decoder.feed(chunk):
+            assert isinstance(item, Frame | BadFrame)
+        assert len(decoder._buf) <= MAX_ENCODED_FRAME
+    # whatever came before, a frame behind a delimiter is recovered
+    assert decoder.feed(b"\x00" + ACK.wire)[-1] == ACK.frame
+
+
+@given(st.lists(frames_st, min_size=1, max_size=8), st.data())
+def test_any_split_of_a_stream_yields_the_same_frames(
+    frames: list[Frame], data: st.DataObject,
+) -> None:
+    stream = b"".join(f.to_bytes() for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert feed_all(FrameDecoder(), pieces) == frames
+
+
+garbage_st = st.binary(max_size=300)
+
+
+@given(st.lists(st.tuples(garbage_st, frames_st), min_size=1, max_size=8))
+def test_frames_survive_garbage_that_ends_in_a_delimiter(pairs: list[tuple[bytes, Frame]]) -> None:
+    stream = b"".join(garbage + b"\x00" + frame.to_bytes() for garbage, frame in pairs)
+    assert frames_of(FrameDecoder().feed(stream)) == [frame for _, frame in pairs]
+
+
+def is_subsequence(short: list[Frame], long: list[Frame]) -> bool:
+    it = iter(long)
+    return all(any(item == other for other in it) for item in short)
+
+
+@given(st.lists(st.tuples(garbage_st, frames_st), min_size=1, max_size=8))
+@example([(b"\x42", Frame(FrameType.ACK, 1, b"\x2a\x00\x00\x00"))])
+def test_a_frame_is_recovered_iff_the_delimiter_before_it_is_intact(
+    pairs: list[tuple[bytes, Frame]],
+) -> None:
+    """Garbage not closed by a 0x00 merges with the next frame and costs it; no other."""
+    stream = b"".join(garbage + frame.to_bytes() for garbage, frame in pairs)
+    got = frames_of(FrameDecoder().feed(stream))
+    sent = [frame for _, frame in pairs]
+    must = [frame for garbage, frame in pairs if garbage == b"" or garbage.endswith(b"\x00")]
+    assert is_subsequence(got, sent)
+    assert is_subsequence(must, got)
+    # a frame glued to garbage is lost (with odds of 2**-32 against)
+    assert len(got) == len(must)
+
+
+@given(st.lists(frames_st, min_size=1, max_size=6), st.data())
+def test_byte_drops_cost_only_the_frames_they_touch(
+    frames: list[Frame], data: st.DataObject,
+) -> None:
+    wires = [f.to_bytes() for f in frames]
+    stream = b"".join(wires)
+    dropped = set(data.draw(st.lists(st.integers(0, len(stream) - 1), max_size=6)))
+    damaged = bytes(b for i, b in enumerate(stream) if i not in dropped)
+    got = frames_of(FrameDecoder().feed(damaged))
+    # frame i is intact iff none of its bytes, nor the delimiter before it, was dropped
+    intact, start = [], 0
+    for frame, wire in zip(frames, wires, strict=True):
+        first = start - 1 if start else 0  # the previous frame's delimiter, if any
+        if not dropped.intersection(range(first, start + len(wire))):
+            intact.append(frame)
+        start += len(wire)
+    assert is_subsequence(got, frames)
+    assert is_subsequence(intact, got)

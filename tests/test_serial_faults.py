@@ -1,0 +1,34 @@
+"""Over real pseudo-terminals, with a faulty wire: nothing lost, nothing twice, nothing forged.
+
+The long run is ``python bench/serial_faults.py --json``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import serial_faults
+
+pytestmark = pytest.mark.slow
+
+
+def test_lossy_wire_spoofing_tags_and_an_unplug() -> None:
+    out = serial_faults.run(150, bit_error_rate=1e-3, drop_rate=0.01, spoofs=10, replays=10,
+                            rate=300, seed=5, unplug=True, unplug_s=0.5, timeout_s=90)
+    assert out["completed"]
+    assert out["events_lost"] == 0
+    assert out["events_duplicated"] == 0
+    assert out["events_corrupted"] == 0
+    assert out["events_committed_once"] == out["events_sent"] == 170
+    assert out["spoof_rejected"] == out["spoof_sent"] == 20
+    assert out["replug_recovery_s"] is not None
+    # the wire really was faulty, and the link really worked for it
+    assert out["wire_faults"]["to_host"]["dropped"] > 0
+    assert out["link"]["bad_frames"] > 0
+
+
+def test_a_clean_wire_needs_no_retransmission() -> None:
+    out = serial_faults.run(100, bit_error_rate=0, drop_rate=0, spoofs=0, replays=0, rate=500,
+                            seed=1, unplug=False, timeout_s=60)
+    assert out["events_committed_once"] == out["events_sent"] == 100
+    assert out["link"]["bad_frames"] == 0
