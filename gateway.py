@@ -16,8 +16,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 EXIT_CONFIG = 2
+
+if TYPE_CHECKING:
+    from smartcorr.app import GnssSpec
+    from smartcorr.config import GnssSection
 
 
 def _logging(verbose: int) -> None:
@@ -26,9 +31,20 @@ def _logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _gnss_spec(sec: GnssSection) -> GnssSpec:
+    from drivers.gnss import Installed
+    from smartcorr.app import GnssSpec
+
+    installed = None
+    if sec.installed_lat is not None and sec.installed_lon is not None:
+        installed = Installed(round(sec.installed_lat * 1e7), round(sec.installed_lon * 1e7),
+                              sec.move_radius_m, sec.move_after_s)
+    return GnssSpec(sec.path, sec.baudrate, sec.fix_interval_s, installed)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from provisioning.identity import IdentityError, load_identity
-    from smartcorr.app import DeviceSpec, Gateway, GnssSpec
+    from smartcorr.app import DeviceSpec, Gateway
     from smartcorr.config import ConfigError, load_config
     from uplink.forwarder import BrokerConfig, UplinkError
 
@@ -45,8 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     gateway = Gateway(
         identity, cfg.data_dir, broker,
         devices=[DeviceSpec(d.name, d.kind, d.path, d.baudrate) for d in cfg.devices],
-        gnss=GnssSpec(cfg.gnss.path, cfg.gnss.baudrate, cfg.gnss.fix_interval_s)
-        if cfg.gnss else None,
+        gnss=_gnss_spec(cfg.gnss) if cfg.gnss else None,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -48,6 +48,7 @@ KIND_PRIORITY: dict[str, Priority] = {
     "tag.tamper": Priority.ALARM,
     "tag.spoof": Priority.ALARM,
     "gateway.moved": Priority.ALARM,
+    "gateway.returned": Priority.STATUS,
     "checkin": Priority.CHECKIN,
     "tag.tamper_restored": Priority.STATUS,
     "tag.absent": Priority.STATUS,

@@ -1,14 +1,26 @@
-"""The GNSS receiver on its port: fixes become records, GNSS time disciplines the clock.
+"""The GNSS receiver: fixes become records, GNSS time disciplines timestamps, and a unit
+moved away from where it was installed raises an alarm.
 
-Runs on the port's thread; the NMEA parsing is the sans-IO :mod:`drivers.nmea`.
-A ``gnss.fix`` record is written at most every ``fix_interval_s`` (the receiver
-talks every second; the unit does not move).
+:class:`GnssMonitor` is the sans-IO core (fed NMEA events and the monotonic time,
+it returns readings); :class:`GnssProtocol` runs it on the port's thread.
+
+- ``gnss.fix`` at most every ``fix_interval_s`` (the receiver talks every second;
+  the unit does not move).
+- ``gateway.moved`` (alarm) when fixes stay farther than ``move_radius_m`` from
+  the installed position for ``move_after_s``; ``gateway.returned`` when they stay
+  within it as long. Fixes with a poor geometry (HDOP above :data:`MAX_HDOP_C`)
+  decide nothing.
+- GNSS time is trusted from an RMC with status A, or a ZDA while fixes are fresh
+  (a receiver without a fix may print its own unsynchronised clock). Every step
+  of the gateway's time (source change, or a jump) is a ``time.step`` record.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 from buffer.record import JSON, Reading, Source
 from drivers.framed import Sink
@@ -17,43 +29,117 @@ from smartcorr.clock import Clock
 
 log = logging.getLogger(__name__)
 
+#: Fixes with HDOP above this (x100) neither raise nor clear the moved alarm.
+MAX_HDOP_C = 500
+#: A ZDA disciplines time only if a fix came this recently, nanoseconds.
+ZDA_NEEDS_FIX_WITHIN_NS = 10_000_000_000
+EARTH_RADIUS_M = 6_371_008.8
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    lat_e7: int
+    lon_e7: int
+    radius_m: int = 200
+    after_s: float = 120.0
+
+
+def distance_m(lat1_e7: int, lon1_e7: int, lat2_e7: int, lon2_e7: int) -> float:
+    """Great-circle distance (haversine on a spherical Earth)."""
+    p1, p2 = math.radians(lat1_e7 / 1e7), math.radians(lat2_e7 / 1e7)
+    dp = p2 - p1
+    dl = math.radians((lon2_e7 - lon1_e7) / 1e7)
+    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
+
+
+class GnssMonitor:
+    def __init__(self, source: Source, *, fix_interval_s: float = 60.0,
+                 installed: Installed | None = None) -> None:
+        self.source = source
+        self.fix_interval_ns = int(fix_interval_s * 1e9)
+        self.installed = installed
+        self.last_fix: Fix | None = None
+        self.moved = False
+        self._last_record_ns: int | None = None
+        self._since: int | None = None  # first fix contradicting the current state
+
+    def on_fix(self, fix: Fix) -> list[Reading]:
+        self.last_fix = fix
+        out: list[Reading] = []
+        if self._last_record_ns is None or fix.mono_ns - self._last_record_ns >= \
+                self.fix_interval_ns:
+            self._last_record_ns = fix.mono_ns
+            body: dict[str, JSON] = {
+                "lat_e7": fix.lat_e7, "lon_e7": fix.lon_e7, "quality": fix.quality,
+                "sats": fix.sats, "hdop_c": fix.hdop_c, "alt_dm": fix.alt_dm,
+                "sentence": fix.sentence,
+            }
+            if fix.utc is not None:
+                body["gnss_utc"] = fix.utc.isoformat().replace("+00:00", "Z")
+            out.append(Reading("gnss.fix", self.source, body, fix.mono_ns))
+        out.extend(self._check_place(fix))
+        return out
+
+    def trusts(self, t: GnssTime) -> bool:
+        if t.source == "RMC":
+            return True
+        last = self.last_fix
+        return last is not None and 0 <= t.mono_ns - last.mono_ns <= ZDA_NEEDS_FIX_WITHIN_NS
+
+    def _check_place(self, fix: Fix) -> list[Reading]:
+        """Debounced: the state flips only after *after_s* of fixes that contradict it."""
+        home = self.installed
+        if home is None or (fix.hdop_c is not None and fix.hdop_c > MAX_HDOP_C):
+            return []
+        dist = distance_m(home.lat_e7, home.lon_e7, fix.lat_e7, fix.lon_e7)
+        away = dist > home.radius_m
+        if away == self.moved:
+            self._since = None
+            return []
+        self._since = self._since or fix.mono_ns
+        held_ns = fix.mono_ns - self._since
+        if held_ns < int(home.after_s * 1e9):
+            return []
+        self.moved, self._since = away, None
+        if away:
+            log.warning("gateway moved %d m from its installed position", round(dist))
+        body: dict[str, JSON] = {
+            "distance_m": round(dist), "radius_m": home.radius_m, "for_s": held_ns // 10**9,
+            "lat_e7": fix.lat_e7, "lon_e7": fix.lon_e7, "hdop_c": fix.hdop_c,
+        }
+        kind = "gateway.moved" if away else "gateway.returned"
+        return [Reading(kind, self.source, body, fix.mono_ns)]
+
 
 class GnssProtocol:
+    """The GNSS port's protocol object (runs on the port's thread)."""
+
     def __init__(self, port_name: str, sink: Sink, clock: Clock, *,
-                 fix_interval_s: float = 60.0) -> None:
+                 fix_interval_s: float = 60.0, installed: Installed | None = None) -> None:
         self.port_name = port_name
         self.sink = sink
         self.clock = clock
-        self.fix_interval_s = fix_interval_s
         self.reader = NmeaReader()
-        self.last_fix: Fix | None = None
-        self._last_record_mono: float | None = None
         self._source = Source("gnss", f"port:{port_name}")
+        self.monitor = GnssMonitor(self._source, fix_interval_s=fix_interval_s,
+                                   installed=installed)
 
     def connection_made(self, now: float) -> None:
         del now
 
     def data_received(self, data: bytes, now: float) -> None:
+        del now
+        readings: list[Reading] = []
         for event in self.reader.feed(data, time.monotonic_ns()):
             if isinstance(event, GnssTime):
-                self.clock.gnss_time(int(event.utc.timestamp() * 1e9), event.mono_ns)
+                if self.monitor.trusts(event):
+                    self.clock.gnss_time(int(event.utc.timestamp() * 1e9), event.mono_ns)
+                    readings.extend(time_steps(self.clock, self._source))
             else:
-                self._on_fix(event, now)
-
-    def _on_fix(self, fix: Fix, now: float) -> None:
-        self.last_fix = fix
-        if self._last_record_mono is not None and now - self._last_record_mono < \
-                self.fix_interval_s:
-            return
-        self._last_record_mono = now
-        body: dict[str, JSON] = {
-            "lat_e7": fix.lat_e7, "lon_e7": fix.lon_e7, "quality": fix.quality,
-            "sats": fix.sats, "hdop_c": fix.hdop_c, "alt_dm": fix.alt_dm,
-            "sentence": fix.sentence,
-        }
-        if fix.utc is not None:
-            body["gnss_utc"] = fix.utc.isoformat().replace("+00:00", "Z")
-        self.sink.submit(Reading("gnss.fix", self._source, body, fix.mono_ns))
+                readings.extend(self.monitor.on_fix(event))
+        if readings:
+            self.sink.submit_all(readings)
 
     def tick(self, now: float) -> None:
         del now
@@ -66,3 +152,16 @@ class GnssProtocol:
 
     def data_to_send(self) -> bytes:
         return b""
+
+
+def time_steps(clock: Clock, source: Source) -> list[Reading]:
+    """A ``time.step`` record when the gateway's time changed source or jumped."""
+    step = clock.observe()
+    if step is None:
+        return []
+    body: dict[str, JSON] = {
+        "from": step.from_quality, "to": step.to_quality,
+        "from_utc_ms": step.from_utc_ms, "to_utc_ms": step.to_utc_ms,
+        "delta_ms": step.to_utc_ms - step.from_utc_ms,
+    }
+    return [Reading("time.step", source, body, step.mono_ns)]

@@ -18,6 +18,7 @@ from buffer.record import JSON, Reading, Sealer, Source
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
 from drivers.framed import FramedDeviceProtocol
+from drivers.gnss import Installed, time_steps
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
@@ -29,6 +30,7 @@ from uplink.forwarder import BrokerConfig, Forwarder
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 HEALTH_INTERVAL_S = 300.0
+CLOCK_WATCH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class GnssSpec:
     path: str
     baudrate: int = 9600
     fix_interval_s: float = 60.0
+    installed: Installed | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Gateway:
                                    self.writer, track_acked=self.track_acked)
         self.writer.on_commit = lambda _records: self.forwarder.notify()
         self.writer.start()
+        self.clock.observe()  # the baseline: later changes are time.step records
         self.writer.submit(Reading("gateway.boot", self.source, {
             "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
         }, time.monotonic_ns()))
@@ -94,16 +98,23 @@ class Gateway:
             proto = FramedDeviceProtocol(spec.name, cls, driver, self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
         if self.gnss is not None:
-            from drivers.gnss import GnssProtocol
+            from drivers.gnss import GnssProtocol  # pynmea2 is loaded only when needed
 
             gproto = GnssProtocol("gnss", self.writer, self.clock,
-                                  fix_interval_s=self.gnss.fix_interval_s)
+                                  fix_interval_s=self.gnss.fix_interval_s,
+                                  installed=self.gnss.installed)
             self._add_port("gnss", self.gnss.path, self.gnss.baudrate, gproto)
         self._health.start()
 
     def _health_loop(self) -> None:
-        while not self._stopping.wait(self.health_interval_s):
-            self.writer.submit_health(self._health_extra)
+        next_health = time.monotonic() + self.health_interval_s
+        while not self._stopping.wait(min(CLOCK_WATCH_S, self.health_interval_s)):
+            steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
+            if steps:
+                self.writer.submit_all(steps)
+            if time.monotonic() >= next_health:
+                next_health += self.health_interval_s
+                self.writer.submit_health(self._health_extra)
 
     def _health_extra(self) -> dict[str, JSON]:
         """Counters of the other threads (plain integers, read as they stand)."""

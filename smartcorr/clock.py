@@ -15,6 +15,7 @@ import ctypes.util
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from buffer.record import Timestamp
 
@@ -31,6 +32,21 @@ def kernel_clock_synced() -> bool:
     return state not in (-1, TIME_ERROR)
 
 
+#: A change of the UTC-minus-monotonic offset beyond this is a step, milliseconds.
+STEP_THRESHOLD_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ClockStep:
+    """The gateway's idea of "now" changed source or jumped (DESIGN.md section 6)."""
+
+    from_quality: str
+    to_quality: str
+    from_utc_ms: int
+    to_utc_ms: int
+    mono_ns: int
+
+
 class Clock:
     def __init__(
         self,
@@ -44,6 +60,22 @@ class Clock:
         self._mono_ns = mono_ns
         self._lock = threading.Lock()
         self._gnss: tuple[int, int] | None = None  # (utc_ns - mono_ns, mono_ns of fix)
+        self._observed: tuple[str, int] | None = None  # (quality, utc_ms - mono_ms)
+
+    def observe(self) -> ClockStep | None:
+        """Compare the time now with the last observation; a step when it changed source
+        or jumped by more than :data:`STEP_THRESHOLD_MS`. The first call only observes."""
+        mono_ns = self._mono_ns()
+        ts = self.timestamp(mono_ns)
+        offset = ts.utc_ms - ts.mono_ms
+        with self._lock:
+            before, self._observed = self._observed, (ts.quality, offset)
+        if before is None:
+            return None
+        quality, old_offset = before
+        if quality == ts.quality and abs(offset - old_offset) <= STEP_THRESHOLD_MS:
+            return None
+        return ClockStep(quality, ts.quality, old_offset + ts.mono_ms, ts.utc_ms, mono_ns)
 
     def gnss_time(self, utc_ns: int, mono_ns: int) -> None:
         with self._lock:

@@ -61,6 +61,10 @@ class GnssSection:
     path: str
     baudrate: int = 9600
     fix_interval_s: float = 60.0
+    installed_lat: float | None = None  # degrees, WGS84: where the unit was installed
+    installed_lon: float | None = None
+    move_radius_m: int = 200
+    move_after_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -174,9 +178,21 @@ def load_config(path: Path) -> Config:
             path=sec.get("path", str, required=True),
             baudrate=sec.get("baudrate", int, 9600),
             fix_interval_s=sec.get("fix_interval_s", float, 60.0),
+            installed_lat=sec.get("installed_lat", float, None),
+            installed_lon=sec.get("installed_lon", float, None),
+            move_radius_m=sec.get("move_radius_m", int, 200),
+            move_after_s=sec.get("move_after_s", float, 120.0),
         )
         if gnss.fix_interval_s <= 0:
             raise sec.error("fix_interval_s", "must be positive")
+        if (gnss.installed_lat is None) != (gnss.installed_lon is None):
+            raise sec.error("installed_lat", "give installed_lat and installed_lon together")
+        if gnss.installed_lat is not None and not -90 <= gnss.installed_lat <= 90:
+            raise sec.error("installed_lat", f"must be -90..90, got {gnss.installed_lat}")
+        if gnss.installed_lon is not None and not -180 <= gnss.installed_lon <= 180:
+            raise sec.error("installed_lon", f"must be -180..180, got {gnss.installed_lon}")
+        if gnss.move_radius_m < 10:
+            raise sec.error("move_radius_m", "must be at least 10 (GNSS error is metres)")
         sec.done()
     if identity_dir is None or data_dir is None:  # pragma: no cover - required=True above
         raise gw.error(None, "identity_dir and data_dir are required")
