@@ -72,6 +72,7 @@ class FramedDeviceProtocol:
         self.sink = sink
         self.link = link or HostLink(sink.last_committed_event)
         self.post: Post = lambda fn: fn()
+        self.reopen_requested = False
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
 
@@ -119,6 +120,7 @@ class FramedDeviceProtocol:
             elif isinstance(event, DeviceSilent):
                 self._status("device.lost", {"port": self.port_name, "reason": "silent",
                                              "silent_ms": int(event.silent_s * 1000)})
+                self.reopen_requested = True  # a wedged USB-UART often needs a reopen
             elif isinstance(event, FrameRejected):
                 log.debug("%s: frame rejected (%s): %s", self.port_name, event.reason,
                           event.raw[:48].hex(" "))

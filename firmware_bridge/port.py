@@ -39,6 +39,9 @@ WRITE_TIMEOUT_S = 2.0
 
 
 class PortProtocol(Protocol):
+    """What a port worker drives. A protocol may also set ``reopen_requested = True``
+    (a device that stopped answering): the worker then closes and reopens the port."""
+
     def connection_made(self, now: float) -> None: ...
     def data_received(self, data: bytes, now: float) -> None: ...
     def tick(self, now: float) -> None: ...
@@ -157,6 +160,9 @@ class PortWorker:
                     self._guard(functools.partial(self.protocol.data_received, data, now))
                 self._run_calls()
                 self._guard(functools.partial(self.protocol.tick, now))
+                if getattr(self.protocol, "reopen_requested", False):
+                    self.protocol.reopen_requested = False  # type: ignore[attr-defined]
+                    return "device silent: reopening the port"
             self._flush(port)
         except (serial.SerialException, OSError) as exc:
             return str(exc) or type(exc).__name__

@@ -49,6 +49,7 @@ class FramedDeviceSim:
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._plugged = True
+        self._frozen = False
         self.sent: dict[int, bytes] = {}  # event id -> body, every event ever generated
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"sim-{serial}", daemon=True)
@@ -87,6 +88,13 @@ class FramedDeviceSim:
             self.device.reboot(time.monotonic())
         self._calls.put(do)
 
+    def freeze(self) -> None:
+        """The firmware hangs: the device neither reads nor writes until :meth:`thaw`."""
+        self._calls.put(lambda: setattr(self, "_frozen", True))
+
+    def thaw(self) -> None:
+        self._calls.put(lambda: setattr(self, "_frozen", False))
+
     def reboot(self) -> None:
         self._calls.put(lambda: self.device.reboot(time.monotonic()))
 
@@ -104,7 +112,7 @@ class FramedDeviceSim:
                     self._calls.get_nowait()()
                 except queue.Empty:
                     break
-            if not self._plugged:
+            if not self._plugged or self._frozen:
                 time.sleep(TICK_S)
                 continue
             now = time.monotonic()
