@@ -37,7 +37,8 @@ from smartcorr.clock import Clock
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP = 2000
+MAX_GROUP = 2000  # readings in one transaction
+MAX_DELETES = 4000  # deletions in one transaction: bounds how long an alarm can wait
 RETRY_S = 0.5
 
 OnCommitted = Callable[[SealedRecord], None]
@@ -106,6 +107,7 @@ class _Rotate:
 @dataclass(frozen=True, slots=True)
 class _Barrier:
     done: threading.Event
+    deletes_before: int = 0  # deletions received before it: committed when it fires
 
 
 _Item = _Submit | _Delete | _Barrier | _Health | _Rotate
@@ -140,6 +142,10 @@ class StoreWriter:
         self._inbox: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
         self._ledger_lock = threading.Lock()
         self._ledger = store.device_ledger()
+        self._deletes: list[tuple[int, int]] = []
+        self._deletes_received = 0
+        self._deletes_committed = 0
+        self._waiting_barriers: list[_Barrier] = []
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._stopped = threading.Event()
@@ -189,24 +195,31 @@ class StoreWriter:
     def _run(self) -> None:
         stopping = False
         pending: list[_Item] = []
-        while not (stopping and not pending):
-            if not pending:
-                item = self._inbox.get()
-                if isinstance(item, _Stop):
-                    stopping = True
-                    continue
-                pending.append(item)
-            while len(pending) < MAX_GROUP:
-                try:
+        while True:
+            idle = not pending and not self._deletes
+            try:
+                item = self._inbox.get() if idle else self._inbox.get_nowait()
+                while True:
+                    if isinstance(item, _Stop):
+                        stopping = True
+                    elif isinstance(item, _Delete):
+                        # deletions commute with everything else: they wait so that
+                        # new readings (an alarm) never queue behind a drained backlog
+                        self._deletes.extend(item.keys)
+                        self._deletes_received += len(item.keys)
+                    elif isinstance(item, _Barrier):
+                        pending.append(_Barrier(item.done, self._deletes_received))
+                    else:
+                        pending.append(item)
                     item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Stop):
-                    stopping = True
-                else:
-                    pending.append(item)
+            except queue.Empty:
+                pass
+            if not pending and not self._deletes:
+                if stopping:
+                    return
+                continue
             consumed = self._commit(pending)
-            if consumed:
+            if consumed >= 0:
                 del pending[:consumed]
             elif stopping:
                 log.error("store writer stopping with %d items not committed", len(pending))
@@ -215,18 +228,19 @@ class StoreWriter:
                 self._stopped.wait(RETRY_S)
 
     def _commit(self, pending: list[_Item]) -> int:
-        """Seal and commit a prefix of *pending* in one transaction; how many items it took
-        (0: the commit failed). Under a quota, a group stays within a quarter of it."""
+        """Seal and commit a prefix of *pending*, and up to :data:`MAX_DELETES` queued
+        deletions, in one transaction; how many items of *pending* it took (-1: the
+        commit failed). A group holds at most :data:`MAX_GROUP` readings and, under a
+        quota, a quarter of it."""
         saved = (self._sealer.last_seq, self._sealer.last_digest, self._sealer.signing_key)
         limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
         callbacks: list[tuple[OnCommitted, int]] = []  # (callback, index of its record)
         events: dict[str, int] = {}
         sealed: list[SealedRecord] = []
-        deletes: list[tuple[int, int]] = []
         size = 0
         taken = 0
         for item in pending:
-            if limit is not None and size > limit:
+            if (limit is not None and size > limit) or len(sealed) >= MAX_GROUP:
                 break
             if isinstance(item, _Health) and taken:
                 break  # a health record opens its own group: it reports committed state
@@ -250,8 +264,7 @@ class StoreWriter:
                     callbacks.append((item.on_committed, len(sealed) - 1))
                 if new_key is not None:
                     self._sealer.use_key(new_key)
-            elif isinstance(item, _Delete):
-                deletes.extend(item.keys)
+        deletes = self._deletes[:MAX_DELETES]
         items = pending[:taken]
         evict = self._store.plan_eviction(size)
         if evict:
@@ -267,7 +280,9 @@ class StoreWriter:
                 "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
                 len(sealed), exc, RETRY_S,
             )
-            return 0
+            return -1
+        del self._deletes[: len(deletes)]
+        self._deletes_committed += len(deletes)
         with self._ledger_lock:
             self._ledger.update(events)
         self.stats.transactions += 1
@@ -285,10 +300,23 @@ class StoreWriter:
             self._call(callback, sealed[index])
         if sealed and self.on_commit is not None:
             self._call(self.on_commit, sealed)
+        self._release_barriers(items)
+        return taken
+
+    def _release_barriers(self, items: list[_Item]) -> None:
         for item in items:
             if isinstance(item, _Barrier):
-                item.done.set()
-        return taken
+                if self._deletes_committed >= item.deletes_before:
+                    item.done.set()
+                else:
+                    self._waiting_barriers.append(item)
+        still = []
+        for barrier in self._waiting_barriers:
+            if self._deletes_committed >= barrier.deletes_before:
+                barrier.done.set()
+            else:
+                still.append(barrier)
+        self._waiting_barriers = still
 
     def _health_reading(self, item: _Health) -> Reading:
         body: dict[str, JSON] = {

@@ -195,3 +195,17 @@ def test_health_record_reports_depth_age_and_extra_counters(tmp_path: Path) -> N
     assert body["buffer"]["position"]["oldest_s"] >= 0
     assert body["uplink"] == {"connected": False}
     assert body["committed"] == 4
+
+
+def test_an_alarm_does_not_queue_behind_a_backlog_of_deletions(tmp_path: Path) -> None:
+    store, sealer = open_store(tmp_path / "r.db")
+    writer = StoreWriter(store, sealer, Clock())
+    seen: list[int] = []
+    writer.delete([(3, n) for n in range(1, 50_001)])  # PUBACKs of a drained backlog
+    writer.submit(presence(1, "tag.tamper"), lambda _rec: seen.append(writer._deletes_committed))
+    writer.start()
+    assert writer.flush(30)  # a barrier also waits for the deletions before it
+    assert writer._deletes_committed == 50_000
+    writer.stop()
+    assert seen
+    assert seen[0] < 50_000  # committed while deletions were still queued
