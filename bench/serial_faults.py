@@ -54,7 +54,9 @@ def _wait(condition: Any, timeout: float) -> bool:
 
 def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 0.01,
         spoofs: int = 25, replays: int = 25, rate: float = 200.0, seed: int = 1,
-        unplug: bool = True, unplug_s: float = 1.0, timeout_s: float = 300.0) -> dict[str, Any]:
+        unplug: bool = True, unplug_s: float = 1.0, reboot: bool = True,
+        garbage_rate: float = 0.01, byte_delay_s: float = 0.0,
+        timeout_s: float = 300.0) -> dict[str, Any]:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-faults-"))
     try:
@@ -66,8 +68,9 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
         registry.close()
         sim = TagReceiverSim(
             "TR-FAULTS-01", tags=tags, link=tmp / "ttyTAGS",
-            to_host=Faults(bit_error_rate, drop_rate, seed=seed),
-            from_host=Faults(bit_error_rate, drop_rate, seed=seed + 1),
+            to_host=Faults(bit_error_rate, drop_rate, garbage_rate, seed=seed),
+            from_host=Faults(bit_error_rate, drop_rate, garbage_rate, seed=seed + 1),
+            byte_delay_s=byte_delay_s,
         ).start()
         nowhere = BrokerConfig("127.0.0.1", 9, tls=False)  # records stay in the store
         gateway = Gateway(identity, tmp / "data", nowhere,
@@ -89,6 +92,8 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
                 sim.send_forged(tag)
             else:
                 sim.send_replay(tag, rng.randrange(len(tag.history)))
+            if reboot and n == len(kinds) // 4:
+                sim.reboot()  # power glitch: the queue survives in flash, the link does not
             if unplug and n == len(kinds) // 2:
                 sim.unplug()
                 time.sleep(unplug_s)  # the cable stays out this long
@@ -159,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--ber", type=float, default=1e-3, help="bit errors per byte")
     parser.add_argument("--drop", type=float, default=0.01, help="dropped bytes per byte")
+    parser.add_argument("--garbage", type=float, default=0.01,
+                        help="probability per write of a burst of random bytes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     print(f"serial faults: {args.events} beacons, bit errors {args.ber}/byte, drops "
-          f"{args.drop}/byte, spoofing and replaying tags, one unplug", file=sys.stderr)
-    out = run(args.events, bit_error_rate=args.ber, drop_rate=args.drop, seed=args.seed)
+          f"{args.drop}/byte, garbage bursts {args.garbage}/write, spoofing and replaying "
+          f"tags, a reboot and an unplug mid-stream", file=sys.stderr)
+    out = run(args.events, bit_error_rate=args.ber, drop_rate=args.drop,
+              garbage_rate=args.garbage, seed=args.seed)
     ok = (out["events_lost"] == out["events_duplicated"] == out["events_corrupted"] == 0
           and out["spoof_rejected"] == out["spoof_sent"])
     print(f"sent {out['events_sent']}, committed once {out['events_committed_once']}, lost "

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_lossy_wire_spoofing_tags_and_an_unplug() -> None:
     out = serial_faults.run(150, bit_error_rate=1e-3, drop_rate=0.01, spoofs=10, replays=10,
-                            rate=300, seed=5, unplug=True, unplug_s=0.5, timeout_s=90)
+                            rate=300, seed=5, unplug=True, unplug_s=0.5, reboot=True,
+                            garbage_rate=0.02, timeout_s=90)
     assert out["completed"]
     assert out["events_lost"] == 0
     assert out["events_duplicated"] == 0
@@ -25,10 +26,18 @@ def test_lossy_wire_spoofing_tags_and_an_unplug() -> None:
     # the wire really was faulty, and the link really worked for it
     assert out["wire_faults"]["to_host"]["dropped"] > 0
     assert out["link"]["bad_frames"] > 0
+    assert out["wire_faults"]["to_host"]["garbage_bursts"] > 0
+
+
+def test_a_slow_device_is_served_all_the_same() -> None:
+    out = serial_faults.run(30, bit_error_rate=0, drop_rate=0, spoofs=0, replays=0, rate=50,
+                            seed=2, unplug=False, reboot=False, garbage_rate=0,
+                            byte_delay_s=0.002, timeout_s=60)
+    assert out["events_committed_once"] == out["events_sent"] == 30
 
 
 def test_a_clean_wire_needs_no_retransmission() -> None:
     out = serial_faults.run(100, bit_error_rate=0, drop_rate=0, spoofs=0, replays=0, rate=500,
-                            seed=1, unplug=False, timeout_s=60)
+                            seed=1, unplug=False, reboot=False, garbage_rate=0, timeout_s=60)
     assert out["events_committed_once"] == out["events_sent"] == 100
     assert out["link"]["bad_frames"] == 0
