@@ -115,6 +115,45 @@ def cmd_provision_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision_tags(args: argparse.Namespace) -> int:
+    """pair-tag, unpair-tag, list-tags: the tag registry beside the identity."""
+    from provisioning.identity import IdentityError, load_identity
+    from provisioning.registry import RegistryError, open_registry
+
+    try:
+        registry = open_registry(load_identity(Path(args.identity_dir)))
+        if args.action == "pair-tag":
+            key = bytes.fromhex(args.key) if args.key else None
+            tag = registry.pair(args.tag, key, absent_after_s=args.absent_after)
+            out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s}
+            if args.key is None:  # generated here: the installer programs it into the tag
+                out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
+            text = f"tag {tag.tag} paired" + ("" if args.key else f"; key {tag.key.hex()}")
+        elif args.action == "unpair-tag":
+            from provisioning.registry import parse_tag
+
+            if not registry.unpair(args.tag):
+                print(f"provision: tag {parse_tag(args.tag)} is not paired", file=sys.stderr)
+                return EXIT_CONFIG
+            out, text = {"unpaired": args.tag}, f"tag {args.tag} unpaired"
+        else:
+            tags = [{"tag": t.tag, "absent_after_s": t.absent_after_s, "paired_at": t.paired_at}
+                    for t in registry]
+            out = {"tags": tags}
+            text = "\n".join(f"{t['tag']}  absent after {t['absent_after_s']} s" for t in tags) \
+                or "no tag paired"
+    except (IdentityError, RegistryError) as exc:
+        print(f"provision: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError:
+        print("provision: --key must be 32 hex digits", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(out) if args.json else text)
+    if args.action != "list-tags":
+        print("provision: restart the gateway to apply the change", file=sys.stderr)
+    return 0
+
+
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
     from drivers import nmea_replay
 
@@ -151,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     rot.add_argument("--identity-dir", required=True)
     rot.add_argument("--json", action="store_true")
     rot.set_defaults(func=cmd_provision_rotate)
+
+    pair = psub.add_parser("pair-tag", help="pair an ankle tag with this gateway")
+    pair.add_argument("--identity-dir", required=True)
+    pair.add_argument("--tag", required=True, help="T00001000, 0x1000 or 4096")
+    pair.add_argument("--key", help="the tag's AES-128 key, 32 hex digits (default: generate)")
+    pair.add_argument("--absent-after", type=int, default=120, metavar="S",
+                      help="report the tag absent after S seconds unheard (default 120)")
+    pair.add_argument("--json", action="store_true")
+    pair.set_defaults(func=cmd_provision_tags)
+    unpair = psub.add_parser("unpair-tag", help="unpair an ankle tag")
+    unpair.add_argument("--identity-dir", required=True)
+    unpair.add_argument("--tag", required=True)
+    unpair.add_argument("--json", action="store_true")
+    unpair.set_defaults(func=cmd_provision_tags)
+    lst = psub.add_parser("list-tags", help="list the paired tags (never their keys)")
+    lst.add_argument("--identity-dir", required=True)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_provision_tags)
 
     diag = sub.add_parser("diag", help="technicians: diagnostics")
     dsub = diag.add_subparsers(dest="action", required=True)

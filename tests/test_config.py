@@ -106,3 +106,29 @@ def test_provision_init_then_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_bad_gateway_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not valid"):
         create_identity(tmp_path / "i", "Bad ID!")
+
+
+def test_pair_list_unpair_tags(tmp_path: Path) -> None:
+    import json
+
+    ident = str(tmp_path / "identity")
+    assert run_cli("provision", "init", "--identity-dir", ident, "--gateway-id",
+                   "gw-qc-0042").returncode == 0
+    paired = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "0x1000",
+                     "--json")
+    assert paired.returncode == 0, paired.stderr
+    key = json.loads(paired.stdout)["key"]
+    assert len(bytes.fromhex(key)) == 16
+    assert key not in (tmp_path / "identity" / "tags.json").read_text()  # encrypted at rest
+    listed = json.loads(run_cli("provision", "list-tags", "--identity-dir", ident,
+                                "--json").stdout)
+    assert [t["tag"] for t in listed["tags"]] == ["T00001000"]
+    assert "key" not in listed["tags"][0]
+    bad = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "zz")
+    assert bad.returncode == 2
+    assert "give T + 8 hex digits" in bad.stderr
+    assert run_cli("provision", "unpair-tag", "--identity-dir", ident, "--tag",
+                   "T00001000").returncode == 0
+    again = run_cli("provision", "unpair-tag", "--identity-dir", ident, "--tag", "T00001000")
+    assert again.returncode == 2
+    assert "not paired" in again.stderr
