@@ -154,6 +154,24 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diag(args: argparse.Namespace) -> int:
+    from smartcorr import diag
+    from smartcorr.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"diag: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "bundle":
+        report = diag.bundle(cfg, Path(args.out), include_personal=args.include_personal)
+    else:
+        report = {"buffer": diag.buffer_report, "keys": diag.keys_report,
+                  "ports": diag.ports_report}[args.action](cfg)
+    print(json.dumps(report, sort_keys=True) if args.json else diag.render(report))
+    return 0
+
+
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
     from drivers import nmea_replay
 
@@ -211,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diag", help="technicians: diagnostics")
     dsub = diag.add_subparsers(dest="action", required=True)
+    for name, text in (("buffer", "queued records per class, oldest age, store integrity"),
+                       ("keys", "identity, key ids, staged key, permissions (never a key)"),
+                       ("ports", "configured serial ports: present, device, access")):
+        cmd = dsub.add_parser(name, help=text)
+        cmd.add_argument("--config", required=True)
+        cmd.add_argument("--json", action="store_true")
+        cmd.set_defaults(func=cmd_diag)
+    bun = dsub.add_parser("bundle", help="a support bundle without secrets or personal data")
+    bun.add_argument("--config", required=True)
+    bun.add_argument("--out", required=True, help="file to write (tar.gz)")
+    bun.add_argument("--include-personal", action="store_true",
+                     help="also the queued records, decrypted (personal data: only on request)")
+    bun.add_argument("--json", action="store_true")
+    bun.set_defaults(func=cmd_diag)
     nmea = dsub.add_parser("nmea-replay", help="replay an NMEA capture through the GNSS driver")
     nmea.add_argument("file")
     nmea.add_argument("--json", action="store_true")

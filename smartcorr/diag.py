@@ -1,0 +1,147 @@
+"""``gateway.py diag``: what a technician on site asks, answered without personal data.
+
+Every command reads the same configuration as the daemon, may run while the
+daemon runs (the store is opened read-only), prints a readable report, and with
+``--json`` one JSON object. Nothing here prints a key, a tag id, a person
+reference or a position; the support bundle includes records only when asked
+(``--include-personal``), and then only the ones still queued.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import stat
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from buffer.record import Priority
+from provisioning.identity import IdentityError, load_identity
+from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
+from smartcorr.config import Config
+
+
+def buffer_report(cfg: Config) -> dict[str, Any]:
+    db = cfg.data_dir / "records.db"
+    if not db.exists():
+        return {"store": str(db), "exists": False}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
+        usage = conn.execute("SELECT prio, count, bytes FROM usage ORDER BY prio").fetchall()
+        now = int(time.time())
+        classes: dict[str, Any] = {}
+        for prio, count, size in usage:
+            row = conn.execute("SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1",
+                               (prio,)).fetchone()
+            classes[Priority(prio).label] = {
+                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None}
+        integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
+    files = {p.name: p.stat().st_size for p in db.parent.glob("records.db*")}
+    return {
+        "store": str(db), "exists": True, "last_seq": int(meta.get("last_seq", b"0")),
+        "boot": int(meta.get("boot", b"0")), "classes": classes, "files": files,
+        "integrity": integrity,
+    }
+
+
+def keys_report(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {"identity_dir": str(cfg.identity_dir)}
+    try:
+        ident = load_identity(cfg.identity_dir)
+    except IdentityError as exc:
+        return out | {"ok": False, "error": str(exc)}
+    staged = ident.next_key
+    problems = []
+    for name in ("signing.key", "storage.key", "signing.next.key", REGISTRY_FILE):
+        path = cfg.identity_dir / name
+        if path.exists() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            problems.append(f"{path} is readable by others: chmod 600 {path}")
+    try:
+        registry = open_registry(ident)
+        tags = sum(1 for _ in registry)
+        registry.close()
+    except RegistryError as exc:
+        problems.append(str(exc))
+        tags = None
+    from buffer.record import key_id
+
+    return out | {
+        "ok": not problems, "gateway_id": ident.gateway_id, "kid": ident.kid,
+        "staged_kid": key_id(staged.public_key()) if staged else None,
+        "paired_tags": tags, "problems": problems,
+    }
+
+
+def ports_report(cfg: Config) -> dict[str, Any]:
+    ports = [(d.name, d.path) for d in cfg.devices]
+    if cfg.gnss is not None:
+        ports.append(("gnss", cfg.gnss.path))
+    out: dict[str, Any] = {}
+    for name, path in ports:
+        p = Path(path)
+        entry: dict[str, Any] = {"path": path, "exists": p.exists()}
+        if p.exists():
+            entry["device"] = os.path.realpath(path)
+            entry["char_device"] = stat.S_ISCHR(p.stat().st_mode)
+            entry["read_write"] = os.access(path, os.R_OK | os.W_OK)
+        else:
+            entry["hint"] = ("not present: check the cable and `ls -l /dev/serial/by-id/`"
+                             if "/by-id/" in path else "not present: check the cable")
+        out[name] = entry
+    return out
+
+
+def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[str, Any]:
+    """A support bundle (tar.gz): reports, configuration, no secrets, no personal data
+    unless *include_personal* (then the queued records too, decrypted)."""
+    reports = {
+        "created": int(time.time()), "buffer": buffer_report(cfg), "keys": keys_report(cfg),
+        "ports": ports_report(cfg), "personal_data": include_personal,
+    }
+    with tarfile.open(out, "w:gz") as tar:
+        _add(tar, "reports.json", json.dumps(reports, indent=2).encode())
+        _add(tar, "gateway.toml", cfg.source.read_bytes())
+        if include_personal:
+            _add(tar, "records.ndjson", _queued_records(cfg))
+    out.chmod(0o600)
+    return {"bundle": str(out), "size": out.stat().st_size, "personal_data": include_personal}
+
+
+def _queued_records(cfg: Config) -> bytes:
+    from buffer.store import StoreReader
+
+    ident = load_identity(cfg.identity_dir)
+    reader = StoreReader(cfg.data_dir / "records.db", ident.storage_key)
+    lines: list[bytes] = []
+    cursors: dict[Priority, int] = {}
+    while (batch := reader.next_batch(cursors, 1000, 1 << 24)) is not None:
+        cursors[batch[0]] = batch[1][-1][0]
+        lines.extend(data for _, data in batch[1])
+    reader.close()
+    return b"\n".join(lines)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    info.mode = 0o600
+    tar.addfile(info, io.BytesIO(data))
+
+
+def render(report: dict[str, Any], indent: str = "") -> str:
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(render(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
