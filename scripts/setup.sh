@@ -39,8 +39,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2
     python3 -m venv .venv
 fi
 
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)${extra:+-test}"
-if [ ! -f "$stamp" ]; then
+hash="$(sha256sum < pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-${hash}${extra:+-test}"
+# an install with the test tools also serves the demo
+if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-${hash}-test" ]; then
     say "installing the project and its dependencies${extra:+ with test tools}"
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
     rm -f .venv/.installed-*
