@@ -43,17 +43,13 @@ def _gnss_spec(sec: GnssSection) -> GnssSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from provisioning.identity import IdentityError, load_identity
+    from provisioning.identity import load_identity
     from smartcorr.app import DeviceSpec, Gateway
-    from smartcorr.config import ConfigError, load_config
-    from uplink.forwarder import BrokerConfig, UplinkError
+    from smartcorr.config import load_config
+    from uplink.forwarder import BrokerConfig
 
-    try:
-        cfg = load_config(Path(args.config))
-        identity = load_identity(cfg.identity_dir)
-    except (ConfigError, IdentityError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config(Path(args.config))
+    identity = load_identity(cfg.identity_dir)
     b = cfg.broker
     broker = BrokerConfig(b.host, b.port, str(b.ca_file) if b.ca_file else None,
                           str(b.cert_file) if b.cert_file else None,
@@ -66,11 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        gateway.start()
-    except UplinkError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    gateway.start()
     logging.getLogger("gateway").warning("gateway %s running", identity.gateway_id)
     while not stop.wait(60):
         logging.getLogger("gateway").info("status %s", json.dumps(gateway.status()))
@@ -84,13 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_init(args: argparse.Namespace) -> int:
-    from provisioning.identity import IdentityError, create_identity
+    from provisioning.identity import create_identity
 
-    try:
-        ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force)
-    except IdentityError as exc:
-        print(f"provision: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force)
     out = {"gateway_id": ident.gateway_id, "kid": ident.kid,
            "public_key": str(ident.directory / "signing.pub")}
     print(json.dumps(out) if args.json else
@@ -101,13 +89,9 @@ def cmd_provision_init(args: argparse.Namespace) -> int:
 
 def cmd_provision_rotate(args: argparse.Namespace) -> int:
     from buffer.record import key_id
-    from provisioning.identity import IdentityError, stage_next_key
+    from provisioning.identity import stage_next_key
 
-    try:
-        key = stage_next_key(Path(args.identity_dir))
-    except IdentityError as exc:
-        print(f"provision: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    key = stage_next_key(Path(args.identity_dir))
     kid = key_id(key)
     print(json.dumps({"next_kid": kid}) if args.json else
           f"next signing key {kid} staged; the gateway announces it (signed by the current "
@@ -117,37 +101,30 @@ def cmd_provision_rotate(args: argparse.Namespace) -> int:
 
 def cmd_provision_tags(args: argparse.Namespace) -> int:
     """pair-tag, unpair-tag, list-tags: the tag registry beside the identity."""
-    from provisioning.identity import IdentityError, load_identity
-    from provisioning.registry import RegistryError, open_registry
+    from provisioning.identity import load_identity
+    from provisioning.registry import RegistryError, open_registry, parse_tag
 
-    try:
-        registry = open_registry(load_identity(Path(args.identity_dir)))
-        if args.action == "pair-tag":
+    registry = open_registry(load_identity(Path(args.identity_dir)))
+    if args.action == "pair-tag":
+        try:
             key = bytes.fromhex(args.key) if args.key else None
-            tag = registry.pair(args.tag, key, absent_after_s=args.absent_after)
-            out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s}
-            if args.key is None:  # generated here: the installer programs it into the tag
-                out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
-            text = f"tag {tag.tag} paired" + ("" if args.key else f"; key {tag.key.hex()}")
-        elif args.action == "unpair-tag":
-            from provisioning.registry import parse_tag
-
-            if not registry.unpair(args.tag):
-                print(f"provision: tag {parse_tag(args.tag)} is not paired", file=sys.stderr)
-                return EXIT_CONFIG
-            out, text = {"unpaired": args.tag}, f"tag {args.tag} unpaired"
-        else:
-            tags = [{"tag": t.tag, "absent_after_s": t.absent_after_s, "paired_at": t.paired_at}
-                    for t in registry]
-            out = {"tags": tags}
-            text = "\n".join(f"{t['tag']}  absent after {t['absent_after_s']} s" for t in tags) \
-                or "no tag paired"
-    except (IdentityError, RegistryError) as exc:
-        print(f"provision: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError:
-        print("provision: --key must be 32 hex digits", file=sys.stderr)
-        return EXIT_CONFIG
+        except ValueError:
+            raise RegistryError("--key must be 32 hex digits") from None
+        tag = registry.pair(args.tag, key, absent_after_s=args.absent_after)
+        out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s}
+        if args.key is None:  # generated here: the installer programs it into the tag
+            out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
+        text = f"tag {tag.tag} paired" + ("" if args.key else f"; key {tag.key.hex()}")
+    elif args.action == "unpair-tag":
+        if not registry.unpair(args.tag):
+            raise RegistryError(f"tag {parse_tag(args.tag)} is not paired")
+        out, text = {"unpaired": args.tag}, f"tag {args.tag} unpaired"
+    else:
+        tags = [{"tag": t.tag, "absent_after_s": t.absent_after_s, "paired_at": t.paired_at}
+                for t in registry]
+        out = {"tags": tags}
+        text = "\n".join(f"{t['tag']}  absent after {t['absent_after_s']} s" for t in tags) \
+            or "no tag paired"
     print(json.dumps(out) if args.json else text)
     if args.action != "list-tags":
         print("provision: restart the gateway to apply the change", file=sys.stderr)
@@ -156,13 +133,9 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
 
 def cmd_diag(args: argparse.Namespace) -> int:
     from smartcorr import diag
-    from smartcorr.config import ConfigError, load_config
+    from smartcorr.config import load_config
 
-    try:
-        cfg = load_config(Path(args.config))
-    except ConfigError as exc:
-        print(f"diag: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config(Path(args.config))
     if args.action == "bundle":
         report = diag.bundle(cfg, Path(args.out), include_personal=args.include_personal)
     else:
@@ -250,10 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "wrong input or setup": a message naming the fix, exit 2."""
+    from buffer.store import StoreError
+    from provisioning.identity import IdentityError
+    from provisioning.registry import RegistryError
+    from smartcorr.config import ConfigError
+    from smartcorr.mosquitto import BrokerError
+    from uplink.forwarder import UplinkError
+
+    return ConfigError, IdentityError, RegistryError, StoreError, UplinkError, BrokerError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except _user_errors() as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return result
 
 

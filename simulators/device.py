@@ -16,17 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
-from simulators.pty import Faults, Pty
+from simulators.pty import Faults, Pty, PtySim
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
 
 
-class FramedDeviceSim:
+class FramedDeviceSim(PtySim):
     def __init__(
         self,
         device_class: DeviceClass,
@@ -45,27 +44,12 @@ class FramedDeviceSim:
         self.from_host = from_host or Faults()
         self.byte_delay_s = byte_delay_s
         self._link = link
-        self.pty = Pty(link)
+        super().__init__(serial, link)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._stop = threading.Event()
         self._plugged = True
         self._frozen = False
         self.sent: dict[int, bytes] = {}  # event id -> body, every event ever generated
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"sim-{serial}", daemon=True)
-
-    @property
-    def path(self) -> str:
-        return self.pty.path
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.pty.close()
 
     def enqueue(self, msg_type: int, body: bytes) -> None:
         def do() -> None:

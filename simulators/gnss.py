@@ -6,11 +6,9 @@ import datetime as dt
 import functools
 import operator
 import os
-import threading
 from pathlib import Path
-from typing import Self
 
-from simulators.pty import Faults, Pty
+from simulators.pty import Faults, PtySim
 
 
 def nmea_sentence(body: str) -> bytes:
@@ -39,29 +37,14 @@ def fix_sentences(when: dt.datetime, lat: float, lon: float, *, talker: str = "G
     return nmea_sentence(rmc) + nmea_sentence(gga)
 
 
-class GnssSim:
+class GnssSim(PtySim):
     def __init__(self, lat: float = 46.81, lon: float = -71.21, *, period_s: float = 1.0,
                  link: Path | None = None, faults: Faults | None = None) -> None:
         self.lat, self.lon = lat, lon
         self.period_s = period_s
         self.faults = faults or Faults()
-        self.pty = Pty(link)
         self.sentences = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sim-gnss", daemon=True)
-
-    @property
-    def path(self) -> str:
-        return self.pty.path
-
-    def start(self) -> Self:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.pty.close()
+        super().__init__("gnss", link)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):

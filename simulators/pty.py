@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import threading
 import tty
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 
 @dataclass
@@ -80,3 +82,28 @@ class Pty:
         for fd in (self.master, self._slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class PtySim:
+    """A simulated device: a pty and the thread that serves it (subclasses write ``_run``)."""
+
+    def __init__(self, name: str, link: Path | None) -> None:
+        self.pty = Pty(link)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sim-{name}", daemon=True)
+
+    @property
+    def path(self) -> str:
+        return self.pty.path
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pty.close()
+
+    def _run(self) -> None:
+        raise NotImplementedError
