@@ -17,8 +17,9 @@ from typing import Any
 from buffer.record import JSON, Reading, Sealer, Source
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
-from drivers.framed import FramedDeviceProtocol
+from drivers.framed import Driver, FramedDeviceProtocol
 from drivers.gnss import Installed, time_steps
+from drivers.kiosk import KioskDriver
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
@@ -91,10 +92,14 @@ class Gateway:
             self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
         self.forwarder.start()
         for spec in self.devices:
-            cls = DeviceClass.TAG_RECEIVER if spec.kind == "tag_receiver" else DeviceClass.KIOSK
-            driver = TagReceiverDriver(self.tag_registry().snapshot(),
-                                       self.writer.last_committed_event,
-                                       started_ns=time.monotonic_ns())
+            driver: Driver
+            if spec.kind == "kiosk":
+                cls, driver = DeviceClass.KIOSK, KioskDriver(self.writer.last_committed_event)
+            else:
+                cls = DeviceClass.TAG_RECEIVER
+                driver = TagReceiverDriver(self.tag_registry().snapshot(),
+                                           self.writer.last_committed_event,
+                                           started_ns=time.monotonic_ns())
             proto = FramedDeviceProtocol(spec.name, cls, driver, self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
         if self.gnss is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-DEVICE_KINDS = ("tag_receiver",)  # the kiosk driver comes with issue 3
+DEVICE_KINDS = ("tag_receiver", "kiosk")
 
 
 class ConfigError(Exception):

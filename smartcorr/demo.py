@@ -23,6 +23,7 @@ from typing import Any
 from provisioning.identity import create_identity, load_public_keys
 from provisioning.registry import open_registry, tag_ref
 from simulators.gnss import GnssSim
+from simulators.kiosk import KioskSim
 from simulators.tag import SimTag, TagReceiverSim
 from smartcorr.app import DeviceSpec, Gateway, GnssSpec
 from smartcorr.mosquitto import PLATFORM_CN, BrokerError, make_pki, start_mosquitto
@@ -114,9 +115,12 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     stack.append(tag_sim.stop)
     gnss_sim = GnssSim(link=tmp / "ttyGNSS", period_s=1.0).start()
     stack.append(gnss_sim.stop)
+    kiosk = KioskSim("KI-DEMO-0001", link=tmp / "ttyKIOSK").start()
+    stack.append(kiosk.stop)
 
     gateway = Gateway(identity, tmp / "data", gw_broker,
-                      devices=[DeviceSpec("tags", "tag_receiver", tag_sim.path)],
+                      devices=[DeviceSpec("tags", "tag_receiver", tag_sim.path),
+                               DeviceSpec("kiosk", "kiosk", kiosk.path)],
                       gnss=None if args.no_gnss else GnssSpec(gnss_sim.path, fix_interval_s=5.0),
                       track_acked=True, health_interval_s=5.0)
     gateway.start()
@@ -133,6 +137,7 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     start = time.monotonic()
     stop = threading.Event()
     beacons = 0
+    checkins = 0
     next_status = start + 1
     try:
         while args.duration is None or time.monotonic() - start < args.duration:
@@ -143,6 +148,13 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
             if time.monotonic() >= next_status:
                 next_status += 1
                 _live(gateway, verifier, beacons, tag_sim)
+                if int(next_status - start) % 5 == 0:  # a person checks in every 5 s
+                    checkins += 1
+                    kiosk.checkin(f"P-{checkins:06d}", "fingerprint", 960)
+                if int(next_status - start) == 7:  # someone opens the kiosk's case
+                    kiosk.set_status(tamper=True)
+                if int(next_status - start) == 9:
+                    kiosk.set_status(tamper=False)
             stop.wait(min(0.02, 1 / args.rate))
     except KeyboardInterrupt:
         print("\ndemo: interrupted, draining", file=sys.stderr)
@@ -150,7 +162,8 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
 
     # drain: every beacon acked by the gateway, then everything forwarded and received
     deadline = time.monotonic() + 30
-    while (tag_sim.queued() or len(tag_sim.acked()) < beacons) and time.monotonic() < deadline:
+    while (tag_sim.queued() or len(tag_sim.acked()) < beacons or kiosk.queued()) \
+            and time.monotonic() < deadline:
         stop.wait(0.05)
     drained = gateway.stop(drain_s=30)
     gateway_stopped = True
@@ -169,6 +182,7 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
         "committed": gateway.writer.stats.committed,
         "beacons_sent": beacons,
         "beacons_acked": len(tag_sim.acked()),
+        "checkins_sent": checkins,
         "transactions": gateway.writer.stats.transactions,
         "duration_s": round(elapsed, 2),
         "records_per_s": round(summary["verified"] / elapsed, 1) if elapsed else 0,
@@ -177,7 +191,8 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     }
     ok = (out["published"] == out["received"] == out["verified"] > 0
           and out["bad_signature"] == 0 and out["chain_gaps"] == 0
-          and out["beacons_acked"] == beacons)
+          and out["beacons_acked"] == beacons
+          and out["kinds"].get("checkin", 0) == checkins)
     print(
         f"demo summary: {beacons} beacons sent, {out['beacons_acked']} acked by the gateway; "
         f"{out['committed']} records committed in {out['transactions']} transactions; "

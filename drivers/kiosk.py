@@ -1,0 +1,405 @@
+"""Check-in kiosk: check-ins and status flags become readings (sans-IO; docs/kiosk.md).
+
+Two messages travel in DATA frames from a kiosk (device class 2). All integers are
+little-endian.
+
+CHECKIN (``msg_type`` 0x10), 11 bytes + the person reference::
+
+    offset size field           meaning
+    0      1    method          u8: 1 fingerprint, 2 face, 3 id_card, 4 pin
+    1      1    result          u8: 1 match, 2 no_match, 3 abandoned, 4 error
+    2      2    score_permille  u16: 0..1000 (0.0..100.0 %)
+    4      4    kiosk_time      u32: seconds since 1970 UTC by the kiosk's clock; 0 unknown
+    8      2    tz_offset_min   i16: the kiosk's UTC offset, -720..+840 minutes
+    10     1    person_len      u8: 0..32 (0: nobody identified; not allowed with match)
+    11     n    person          ASCII 0x21..0x7E, an opaque reference
+
+Golden example: person ``P-000123``, fingerprint, 97.3 %, match, kiosk time
+2026-11-29T07:30:00Z, UTC+01:00::
+
+    01 01 cd03 78d40b6b 3c00 08 502d303030313233
+
+STATUS (``msg_type`` 0x11), 3 bytes::
+
+    offset size field        meaning
+    0      2    flags        u16: bit 0 tamper, 1 mains power lost, 2 on battery,
+                             3 paper fault, 4 camera fault, 5 fingerprint reader fault;
+                             bits 6..15 reserved, sent as 0
+    2      1    battery_pct  u8: 0..100, 0xFF unknown
+
+Golden example: tamper and paper fault, on battery at 57 %: ``0d00 39``.
+
+The driver keeps, per kiosk serial, the flags it last reported. For each STATUS it
+emits one record per flag that changed (``kiosk.tamper`` / ``kiosk.tamper_cleared``
+for the tamper switch, ``kiosk.fault`` / ``kiosk.fault_cleared`` naming ``power``,
+``paper``, ``camera`` or ``fingerprint``), then always one ``kiosk.status`` with the
+whole state, which carries the device event (and, in the store's ledger, the flags:
+after a gateway restart the driver compares with what was last committed). The
+first STATUS after a handshake (:meth:`KioskDriver.reset`, called from
+:meth:`KioskDriver.on_device_up`) reports every flag that is set as a fault again
+(``resync`` true), since the platform may have missed the change while the link
+was down. ``on_battery`` is a state, not a fault: it appears in ``kiosk.status`` only.
+
+An unknown ``msg_type`` or a malformed body becomes a ``device.error`` record with
+the raw bytes: never dropped. A check-in is personal data: the person reference is
+never logged (debug logs show only its length), left out of ``repr`` and of the text
+of the errors raised here.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Self
+
+from buffer.record import JSON, Priority, Reading, Source
+from drivers.framed import device_error
+from firmware_bridge.link import Message
+from firmware_bridge.messages import Hello, PayloadError
+
+log = logging.getLogger(__name__)
+
+MSG_CHECKIN = 0x10
+MSG_STATUS = 0x11
+
+#: Longest person reference, in ASCII characters.
+PERSON_MAX = 32
+#: Score of a perfect match, in thousandths (100.0 %).
+SCORE_MAX_PERMILLE = 1000
+#: Real-world UTC offsets: UTC-12:00 to UTC+14:00, in minutes.
+TZ_OFFSET_MIN_MIN = -12 * 60
+TZ_OFFSET_MIN_MAX = 14 * 60
+#: ``kiosk_time`` value of a kiosk whose clock is not set.
+KIOSK_TIME_UNKNOWN = 0
+#: ``battery_pct`` value of a kiosk that cannot measure its battery.
+BATTERY_UNKNOWN = 0xFF
+
+FLAG_TAMPER = 0x0001
+FLAG_MAINS_LOST = 0x0002
+FLAG_ON_BATTERY = 0x0004
+FLAG_PAPER_FAULT = 0x0008
+FLAG_CAMERA_FAULT = 0x0010
+FLAG_FINGERPRINT_FAULT = 0x0020
+KNOWN_FLAGS = 0x003F
+
+#: Flag -> name in the ``kiosk.status`` body (and keyword of ``KioskSim.set_status``).
+FLAG_NAMES: dict[int, str] = {
+    FLAG_TAMPER: "tamper",
+    FLAG_MAINS_LOST: "mains_lost",
+    FLAG_ON_BATTERY: "on_battery",
+    FLAG_PAPER_FAULT: "paper_fault",
+    FLAG_CAMERA_FAULT: "camera_fault",
+    FLAG_FINGERPRINT_FAULT: "fingerprint_fault",
+}
+#: Flags raised as ``kiosk.fault`` / ``kiosk.fault_cleared``, in the order they are reported.
+FAULTS: tuple[tuple[int, str], ...] = (
+    (FLAG_MAINS_LOST, "power"),
+    (FLAG_PAPER_FAULT, "paper"),
+    (FLAG_CAMERA_FAULT, "camera"),
+    (FLAG_FINGERPRINT_FAULT, "fingerprint"),
+)
+
+#: Delivery class of each kind this driver makes (merged into buffer.record.KIND_PRIORITY).
+KIOSK_KIND_PRIORITY: dict[str, Priority] = {
+    "checkin": Priority.CHECKIN,
+    "kiosk.tamper": Priority.ALARM,
+    "kiosk.tamper_cleared": Priority.STATUS,
+    "kiosk.fault": Priority.STATUS,
+    "kiosk.fault_cleared": Priority.STATUS,
+    "kiosk.status": Priority.STATUS,
+}
+
+_CHECKIN = struct.Struct("<BBHIhB")
+_STATUS = struct.Struct("<HB")
+
+
+class MessageError(ValueError):
+    """A kiosk message could not be built (a local error: the caller passed bad values).
+
+    The text never contains the person reference."""
+
+
+class CheckinPayloadError(PayloadError):
+    """A malformed CHECKIN body. Unlike :class:`PayloadError`, its text leaves out the
+    bytes, which may hold a person reference; they stay in ``raw``."""
+
+    def __init__(self, raw: bytes, why: str) -> None:
+        super().__init__("CHECKIN", raw)
+        self.args = (f"malformed CHECKIN payload ({len(raw)} bytes, withheld): {why}",)
+
+
+class _Labelled(enum.IntEnum):
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> Self:
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            names = ", ".join(m.label for m in cls)
+            raise MessageError(f"{cls.__name__.lower()} {label!r} is none of: {names}") from None
+
+
+class Method(_Labelled):
+    FINGERPRINT = 1
+    FACE = 2
+    ID_CARD = 3
+    PIN = 4
+
+
+class Result(_Labelled):
+    MATCH = 1
+    NO_MATCH = 2
+    ABANDONED = 3
+    ERROR = 4
+
+
+def _person_problem(person: str) -> str | None:
+    if len(person) > PERSON_MAX:
+        return f"person reference of {len(person)} characters (at most {PERSON_MAX})"
+    if not all("\x21" <= c <= "\x7e" for c in person):
+        return "person reference outside ASCII 0x21..0x7E"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckIn:
+    """One check-in attempt at the kiosk. ``person`` is kept out of ``repr``."""
+
+    person: str = field(repr=False)
+    method: Method
+    score_permille: int
+    result: Result
+    kiosk_time: int  # seconds since 1970 UTC by the kiosk's clock; 0 unknown
+    tz_offset_min: int
+
+    def __post_init__(self) -> None:
+        problem = _person_problem(self.person)
+        if problem is None and not self.person and self.result is Result.MATCH:
+            problem = "a match names the person"
+        if problem is None and not 0 <= self.score_permille <= SCORE_MAX_PERMILLE:
+            problem = f"score {self.score_permille} outside 0..{SCORE_MAX_PERMILLE}"
+        if problem is None and not 0 <= self.kiosk_time <= 0xFFFFFFFF:
+            problem = f"kiosk time {self.kiosk_time} outside u32"
+        if problem is None and not TZ_OFFSET_MIN_MIN <= self.tz_offset_min <= TZ_OFFSET_MIN_MAX:
+            problem = (f"UTC offset {self.tz_offset_min} min outside "
+                       f"{TZ_OFFSET_MIN_MIN}..{TZ_OFFSET_MIN_MAX}")
+        if problem is not None:
+            raise MessageError(problem)
+
+    def to_bytes(self) -> bytes:
+        person = self.person.encode("ascii")
+        return _CHECKIN.pack(self.method, self.result, self.score_permille, self.kiosk_time,
+                             self.tz_offset_min, len(person)) + person
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CheckIn:
+        if len(raw) < _CHECKIN.size:
+            raise CheckinPayloadError(raw, "shorter than 11 bytes")
+        method, result, score, kiosk_time, tz_offset, n = _CHECKIN.unpack_from(raw)
+        person = raw[_CHECKIN.size :]
+        if len(person) != n:
+            raise CheckinPayloadError(raw, f"person_len {n}, {len(person)} bytes follow")
+        try:
+            return cls(person.decode("ascii"), Method(method), score, Result(result),
+                       kiosk_time, tz_offset)
+        except UnicodeDecodeError:
+            raise CheckinPayloadError(raw, "person reference not ASCII") from None
+        except MessageError as exc:
+            raise CheckinPayloadError(raw, str(exc)) from None
+        except ValueError:  # an enum value out of range
+            raise CheckinPayloadError(raw, f"method {method} / result {result}") from None
+
+    @property
+    def kiosk_time_iso(self) -> str | None:
+        if self.kiosk_time == KIOSK_TIME_UNKNOWN:
+            return None
+        return datetime.fromtimestamp(self.kiosk_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class KioskStatus:
+    flags: int
+    battery_pct: int | None  # None: unknown (0xFF on the wire)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.flags <= 0xFFFF:
+            raise MessageError(f"flags {self.flags:#x} outside u16")
+        if self.battery_pct is not None and not 0 <= self.battery_pct <= 100:
+            raise MessageError(f"battery {self.battery_pct} % outside 0..100")
+
+    def to_bytes(self) -> bytes:
+        battery = BATTERY_UNKNOWN if self.battery_pct is None else self.battery_pct
+        return _STATUS.pack(self.flags, battery)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> KioskStatus:
+        if len(raw) != _STATUS.size:
+            raise PayloadError("STATUS", raw)
+        flags, battery = _STATUS.unpack(raw)
+        if battery > 100 and battery != BATTERY_UNKNOWN:
+            raise PayloadError("STATUS", raw)
+        return cls(flags, None if battery == BATTERY_UNKNOWN else battery)
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+def flags_key(serial: str) -> str:
+    """The ledger key of the flags last committed for a kiosk."""
+    return f"kiosk.flags:{serial}"
+
+
+def _nothing_known(_key: str) -> int | None:
+    return None
+
+
+@dataclass
+class _KioskState:
+    reported: int | None  # flags of the last committed kiosk.status; None: never seen
+    resync: bool = True  # the next STATUS is the first after a handshake
+
+
+@dataclass
+class KioskStats:
+    checkins: int = 0
+    statuses: int = 0
+    transitions: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, why: str) -> None:
+        self.rejected[why] = self.rejected.get(why, 0) + 1
+
+
+class KioskDriver:
+    """Turns a kiosk's messages into readings; the last reading of a message carries
+    the device event, committed together with the others.
+
+    *last_flags* looks a key up in the store's ledger (``StoreWriter.last_committed_event``),
+    so a restarted gateway still knows which faults it had reported.
+    """
+
+    def __init__(self, last_flags: Callable[[str], int | None] = _nothing_known) -> None:
+        self._last_flags_of = last_flags
+        self._states: dict[str, _KioskState] = {}
+        self._source = Source("kiosk", "unknown")
+        self.stats = KioskStats()
+
+    def reset(self, serial: str | None = None) -> None:
+        """A handshake happened: the next STATUS of *serial* (of every kiosk if None)
+        reports each fault that is set, even one already reported."""
+        for key, state in self._states.items():
+            if serial is None or key == serial:
+                state.resync = True
+
+    def on_device_up(self, hello: Hello) -> list[Reading]:
+        self._source = Source("kiosk", hello.serial, hello.firmware_text)
+        self.reset(hello.serial)
+        return []
+
+    def tick(self, mono_ns: int) -> list[Reading]:
+        del mono_ns
+        return []
+
+    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:
+        self._source = Source("kiosk", hello.serial, hello.firmware_text)
+        event = (msg.serial, msg.event_id)
+        if msg.msg_type == MSG_CHECKIN:
+            try:
+                checkin = CheckIn.from_bytes(msg.body)
+            except PayloadError as exc:
+                return [self._malformed(msg, exc, mono_ns)]
+            return [self._checkin(checkin, msg, mono_ns)]
+        if msg.msg_type == MSG_STATUS:
+            try:
+                status = KioskStatus.from_bytes(msg.body)
+            except PayloadError as exc:
+                return [self._malformed(msg, exc, mono_ns)]
+            return self._status(status, msg, mono_ns)
+        self.stats.reject("unknown_message")
+        log.debug("%s: unknown message type %#04x (%d bytes) recorded raw",
+                  msg.serial, msg.msg_type, len(msg.body))
+        return [device_error(self._source, msg, "unknown_message", mono_ns, event)]
+
+    # -- internals ---------------------------------------------------------------
+    def _malformed(self, msg: Message, exc: PayloadError, mono_ns: int) -> Reading:
+        self.stats.reject("malformed")
+        log.debug("%s: event %d: %s; recorded raw", msg.serial, msg.event_id, exc)
+        return device_error(self._source, msg, "malformed", mono_ns,
+                            (msg.serial, msg.event_id))
+
+    def _checkin(self, checkin: CheckIn, msg: Message, mono_ns: int) -> Reading:
+        self.stats.checkins += 1
+        log.debug("%s: event %d: check-in %s %s, score %d, person <withheld, %d chars>",
+                  msg.serial, msg.event_id, checkin.method.label, checkin.result.label,
+                  checkin.score_permille, len(checkin.person))
+        body: dict[str, JSON] = {
+            "person": checkin.person or None,
+            "method": checkin.method.label,
+            "score_permille": checkin.score_permille,
+            "result": checkin.result.label,
+            "kiosk_time": checkin.kiosk_time_iso,
+            "tz_offset_min": checkin.tz_offset_min,
+            "dev_event": msg.event_id,
+        }
+        return Reading("checkin", self._source, body, mono_ns, (msg.serial, msg.event_id))
+
+    def _status(self, status: KioskStatus, msg: Message, mono_ns: int) -> list[Reading]:
+        self.stats.statuses += 1
+        state = self._states.get(msg.serial)
+        if state is None:
+            state = self._states[msg.serial] = _KioskState(
+                self._last_flags_of(flags_key(msg.serial)))
+        before = state.reported or 0
+        now = status.flags
+        resync = state.resync
+        out: list[Reading] = []
+
+        def transition(flag: int, raised: str, cleared: str, extra: dict[str, JSON]) -> None:
+            was, is_ = bool(before & flag), bool(now & flag)
+            if is_ and (resync or not was):
+                kind = raised
+            elif was and not is_:
+                kind = cleared
+            else:
+                return
+            self.stats.transitions += 1
+            log.info("%s: %s %s%s", msg.serial, kind, extra.get("fault", ""),
+                     " (after handshake)" if resync else "")
+            out.append(Reading(kind, self._source,
+                               {**extra, "resync": resync, "dev_event": msg.event_id}, mono_ns))
+
+        transition(FLAG_TAMPER, "kiosk.tamper", "kiosk.tamper_cleared", {})
+        for flag, name in FAULTS:
+            transition(flag, "kiosk.fault", "kiosk.fault_cleared", {"fault": name})
+        body: dict[str, JSON] = {name: status.has(flag) for flag, name in FLAG_NAMES.items()}
+        body.update(battery_pct=status.battery_pct, unknown_flags=now & ~KNOWN_FLAGS,
+                    dev_event=msg.event_id)
+        out.append(Reading("kiosk.status", self._source, body, mono_ns,
+                           (msg.serial, msg.event_id), ledger=((flags_key(msg.serial), now),)))
+        state.reported = now
+        state.resync = False
+        return out
+
+
+__all__ = [
+    "FAULTS",
+    "FLAG_NAMES",
+    "KIOSK_KIND_PRIORITY",
+    "MSG_CHECKIN",
+    "MSG_STATUS",
+    "CheckIn",
+    "CheckinPayloadError",
+    "KioskDriver",
+    "KioskStatus",
+    "MessageError",
+    "Method",
+    "Result",
+    "flags_key",
+]

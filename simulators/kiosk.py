@@ -1,0 +1,93 @@
+"""The check-in kiosk simulator: check-ins and status changes from a kiosk on a pty.
+
+Wire faults come from :class:`simulators.pty.Faults`, as for every framed device.
+The kiosk keeps its status flags; :meth:`KioskSim.set_status` changes some and
+sends the whole state, as the firmware does on any change.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from drivers.kiosk import (
+    FLAG_NAMES,
+    MSG_CHECKIN,
+    MSG_STATUS,
+    CheckIn,
+    KioskStatus,
+    MessageError,
+    Method,
+    Result,
+)
+from firmware_bridge.messages import DeviceClass
+from simulators.device import FramedDeviceSim
+from simulators.pty import Faults
+
+_FLAG_OF_NAME = {name: flag for flag, name in FLAG_NAMES.items()}
+
+
+class _Keep(enum.Enum):
+    BATTERY = enum.auto()
+
+
+class KioskSim(FramedDeviceSim):
+    def __init__(
+        self,
+        serial: str = "KI-0001",
+        *,
+        link: Path | None = None,
+        tz_offset_min: int = 60,
+        battery_pct: int | None = 100,
+        wall_clock: Callable[[], float] = time.time,
+        to_host: Faults | None = None,
+        from_host: Faults | None = None,
+        byte_delay_s: float = 0.0,
+    ) -> None:
+        super().__init__(DeviceClass.KIOSK, serial, link=link, to_host=to_host,
+                         from_host=from_host, byte_delay_s=byte_delay_s)
+        self.tz_offset_min = tz_offset_min
+        self.status = KioskStatus(0, battery_pct)
+        self._wall_clock = wall_clock
+
+    def checkin(
+        self,
+        person: str,
+        method: Method | str = Method.FINGERPRINT,
+        score: int = 1000,
+        result: Result | str = Result.MATCH,
+    ) -> CheckIn:
+        """Queue a check-in; *score* in thousandths (973 is 97.3 %)."""
+        checkin = CheckIn(
+            person,
+            method if isinstance(method, Method) else Method.from_label(method),
+            score,
+            result if isinstance(result, Result) else Result.from_label(result),
+            int(self._wall_clock()),
+            self.tz_offset_min,
+        )
+        self.enqueue(MSG_CHECKIN, checkin.to_bytes())
+        return checkin
+
+    def set_status(
+        self,
+        *,
+        battery_pct: int | Literal[_Keep.BATTERY] | None = _Keep.BATTERY,
+        **flags: bool,
+    ) -> KioskStatus:
+        """Change flags by name (``tamper=True, paper_fault=False``, see
+        :data:`drivers.kiosk.FLAG_NAMES`) and/or the battery (None: unknown;
+        left as is when not given), then send the whole state."""
+        value = self.status.flags
+        for name, on in flags.items():
+            flag = _FLAG_OF_NAME.get(name)
+            if flag is None:
+                raise MessageError(f"no status flag {name!r}; flags: {', '.join(_FLAG_OF_NAME)}")
+            value = value | flag if on else value & ~flag
+        battery = self.status.battery_pct if battery_pct is _Keep.BATTERY else battery_pct
+        self.status = KioskStatus(value, battery)
+        self.enqueue(MSG_STATUS, self.status.to_bytes())
+        return self.status
