@@ -1,0 +1,985 @@
+#!/usr/bin/env python3
+"""Pipeline benchmark: seal + store + uplink against a private mosquitto (issue 4).
+
+Everything runs in one invocation, so the ratios hold on a noisy machine:
+
+1. ``sign``: Ed25519 signatures per second of the same records, nothing else, one thread;
+2. ``sustained``: tag.presence readings submitted to the product's StoreWriter as fast as
+   the pipeline takes them (a closed loop: at most MAX_UNCOMMITTED submitted and not yet
+   committed, MAX_UNACKED not yet PUBACKed), sealed, committed (SQLite WAL,
+   synchronous=FULL, AES-GCM rows), forwarded by the product's Forwarder over MQTT/mTLS
+   at QoS 1 and deleted on PUBACK. Rate, CPU, disk writes (/proc/self/io) per record;
+3. ``paced``: the same at a home gateway's steady 50 readings/s (groups of one);
+4. ``backlog``: 1,000,000 records committed with no forwarder (the broker unreachable);
+5. ``restart``: the store reopened with the backlog queued, until the first batch is
+   read (ready to forward); the store's pages are first dropped from the page cache
+   (posix_fadvise DONTNEED on its files), and once more in a fresh interpreter;
+6. ``drain``: the forwarder started on the backlog while alarms (tag.tamper) are
+   submitted at evenly spaced points of the drain; latency from submit to PUBACK;
+7. ``tinydb``: the sustained workload again, through a store on TinyDB's default
+   JSONStorage (bench/tinydb_store.py), capped in size;
+8. ``depth``: storage only, one commit's cost with 1k/10k/30k records queued, SQLite
+   and TinyDB, extrapolated for TinyDB to the backlog's depth.
+
+    python bench/pipeline.py --json            # full run, about 4 minutes on 2 cores
+    python bench/pipeline.py --quick --json    # smoke run, a few seconds
+    python bench/pipeline.py --profile         # cProfile of the sustained phase, per thread
+
+Progress goes to stderr. With ``--json`` the human report also goes to stderr and
+stdout holds one JSON object (its last line). Results are also saved under
+bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from bench.store_variants import RangeDeleteStore  # noqa: E402
+from bench.tinydb_store import TinyReader, TinyStore  # noqa: E402
+from buffer.record import GENESIS_PREV, Priority, Reading, SealedRecord, Sealer, Source  # noqa: E402
+from buffer.store import Store, StoreReader  # noqa: E402
+from buffer.writer import MAX_GROUP, StoreWriter  # noqa: E402
+from provisioning.identity import Identity, create_identity  # noqa: E402
+from smartcorr.clock import Clock  # noqa: E402
+from smartcorr.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto  # noqa: E402
+from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS, BrokerConfig, Forwarder  # noqa: E402
+
+GATEWAY_ID = "gw-bench-0001"
+TAG_SOURCE = Source("tag_receiver", "TR-BENCH-01", "1.4.2")
+TAGS = 8  # distinct tags beaconing through the receiver
+
+#: Closed loop: readings submitted and not yet committed (devices waiting for their ACK).
+MAX_UNCOMMITTED = MAX_GROUP
+#: Closed loop: records committed and not yet PUBACKed (the queue a live link carries).
+MAX_UNACKED = 10_000
+WINDOW = 8
+CONNECT_TIMEOUT_S = 20.0
+PROGRESS_EVERY_S = 2.0
+#: How long any phase may wait for the pipeline before the bench gives up, seconds.
+PHASE_TIMEOUT_S = 900.0
+
+FULL = {"records": 50_000, "backlog": 1_000_000, "tinydb": 2_000, "alarms": 200, "sign": 20_000,
+        "paced": 1_000}
+QUICK = {"records": 2_000, "backlog": 5_000, "tinydb": 200, "alarms": 20, "sign": 2_000,
+         "paced": 50}
+#: Queue depths at which one storage commit is timed, SQLite and TinyDB alike.
+DEPTHS_FULL = (1_000, 10_000, 30_000)
+DEPTHS_QUICK = (200, 1_000)
+#: Records inserted (and as many of the oldest deleted) by each timed commit.
+DEPTH_GROUP = 200
+DEPTH_STEPS = 8
+#: The paced run: a home gateway's realistic rate (the demo's default), readings/s.
+PACED_RATE = 50
+#: --drain-variant backpressure: uncommitted deletions past which the forwarder waits.
+BACKPRESSURE_KEYS = 8_000
+SIGN_DISTINCT = 2_000
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    text: str
+    check: Callable[[dict[str, Any]], bool]
+
+
+TARGETS = [
+    Target("records_per_s", "records_per_s >= 5000", lambda r: r["records_per_s"] >= 5000),
+    Target("records_per_s_vs_sign", "records_per_s >= 0.25 x sign_only_per_s",
+           lambda r: r["records_per_s"] >= 0.25 * r["sign_only_per_s"]),
+    Target("records_per_s_vs_tinydb", "records_per_s >= 50 x tinydb_records_per_s",
+           lambda r: r["records_per_s"] >= 50 * r["tinydb_records_per_s"]),
+    Target("drain_records_per_s", "drain_records_per_s >= 5000",
+           lambda r: r["drain_records_per_s"] >= 5000),
+    Target("disk_bytes_written_per_record", "disk_bytes_written_per_record <= 4 x record_bytes",
+           lambda r: r["disk_bytes_written_per_record"] <= 4 * r["record_bytes"]),
+    Target("restart_s_1m", "restart_s_1m < 2", lambda r: r["restart_s_1m"] < 2),
+    Target("peak_rss_mb", "peak_rss_mb < 80", lambda r: r["peak_rss_mb"] < 80),
+    Target("alarm_latency_ms_p99", "alarm_latency_ms_p99 < 500",
+           lambda r: r["alarm_latency_ms_p99"] < 500),
+]
+
+
+# -- measuring ------------------------------------------------------------------------
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters (all threads): read_bytes / write_bytes reach the disk."""
+    out: dict[str, int] = {}
+    with Path("/proc/self/io").open() as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            out[name] = int(value)
+    return out
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of each live Python thread, by thread name (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[thread.name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+class Meter:
+    """Wall, CPU and disk counters over one phase."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = cpu_s()
+        self.io0 = proc_io()
+        self.threads0 = thread_cpu_s()
+
+    def read(self) -> dict[str, Any]:
+        io1 = proc_io()
+        threads1 = thread_cpu_s()
+        return {
+            "wall_s": time.perf_counter() - self.t0,
+            "cpu_s": cpu_s() - self.cpu0,
+            "write_bytes": io1["write_bytes"] - self.io0["write_bytes"],
+            "read_bytes": io1["read_bytes"] - self.io0["read_bytes"],
+            "threads_cpu_s": {name: round(t - self.threads0.get(name, 0.0), 3)
+                              for name, t in threads1.items()},
+        }
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class Progress:
+    """A line on stderr every few seconds while a phase runs."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._status: Callable[[], str] | None = None
+        self._phase = ""
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="bench-progress", daemon=True)
+        self._thread.start()
+
+    def phase(self, name: str, status: Callable[[], str] | None = None) -> None:
+        self._phase = name
+        self._status = status
+        self._t0 = time.monotonic()
+        log(f"[{name}] start")
+
+    def done(self) -> None:
+        self._status = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROGRESS_EVERY_S):
+            status = self._status
+            if status is not None:
+                log(f"[{self._phase}] {time.monotonic() - self._t0:6.1f}s  {status()}  "
+                    f"rss {peak_rss_mb():.0f} MB")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the workload ---------------------------------------------------------------------
+
+class Readings:
+    """Realistic readings from one tag receiver; one device event counter."""
+
+    def __init__(self) -> None:
+        self.event = 0
+
+    def presence(self) -> Reading:
+        self.event += 1
+        n = self.event
+        body = {"tag": f"T{0x1000 + n % TAGS:08X}", "counter": n, "battery_pct": 90,
+                "strap_closed": True, "body_contact": True, "rssi_dbm": -60, "dev_event": n}
+        return Reading("tag.presence", TAG_SOURCE, body, time.monotonic_ns(),
+                       (TAG_SOURCE.id, n))
+
+    def tamper(self) -> Reading:
+        self.event += 1
+        n = self.event
+        body = {"tag": f"T{0x1000 + n % TAGS:08X}", "counter": n, "battery_pct": 90,
+                "strap_closed": False, "body_contact": False, "rssi_dbm": -61, "dev_event": n}
+        return Reading("tag.tamper", TAG_SOURCE, body, time.monotonic_ns(), (TAG_SOURCE.id, n))
+
+
+def produce(writer: StoreWriter, readings: Readings, count: int,
+            acked: Callable[[], int] | None, progress: list[int]) -> None:
+    """Submit *count* readings as fast as the closed loop allows (see MAX_UNCOMMITTED)."""
+    base_committed = writer.stats.committed
+    submitted = 0
+    while submitted < count:
+        while (submitted - (writer.stats.committed - base_committed) >= MAX_UNCOMMITTED
+               or (acked is not None and submitted - acked() >= MAX_UNACKED)):
+            time.sleep(0.0005)
+        for _ in range(min(64, count - submitted)):
+            writer.submit(readings.presence())
+        submitted = min(count, submitted + 64)
+        progress[0] = submitted
+
+
+class BenchError(Exception):
+    """The pipeline did not do what the bench waited for."""
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.0005) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise BenchError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+@dataclass
+class Env:
+    workdir: Path
+    pki: Pki
+    broker: Mosquitto
+    identity: Identity
+    config: BrokerConfig
+    progress: Progress
+
+
+@contextlib.contextmanager
+def environment(workdir: Path, progress: Progress) -> Iterator[Env]:
+    pki = make_pki(workdir / "pki")
+    broker = start_mosquitto(workdir / "mosquitto", pki)
+    try:
+        identity = create_identity(workdir / "identity", GATEWAY_ID)
+        files = pki.client(GATEWAY_ID)  # the client cert's CN is the gateway id (ACL)
+        config = BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
+                              str(files.key))
+        yield Env(workdir, pki, broker, identity, config, progress)
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Wired:
+    """The product's writer and forwarder around one store, with the bench's hooks."""
+
+    writer: StoreWriter
+    forwarder: Forwarder
+    sealed_bytes: list[int] = field(default_factory=lambda: [0, 0])  # bytes, records
+    #: seq -> perf_counter() when its PUBACK reached the forwarder, for alarm seqs only
+    alarm_acked_at: dict[int, float] = field(default_factory=dict)
+
+
+def waiting_deletions(writer: StoreWriter) -> int:
+    """Deletion keys the writer holds and has not committed yet, plus its inbox depth
+    (read from private attributes: a diagnostic of the bench, nothing relies on it)."""
+    return len(getattr(writer, "_deletes", ())) + writer._inbox.qsize()
+
+
+def wire(env: Env, store: Any, reader: Any, variant: str | None = None) -> Wired:
+    """The product's wiring; *variant* ``backpressure`` changes it to quantify a
+    suggested fix (see --drain-variant)."""
+    state = store.state
+    sealer = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
+                    last_digest=state.last_digest, boot=state.boot)
+    writer = StoreWriter(store, sealer, Clock())
+    forwarder = Forwarder(GATEWAY_ID, env.config, reader, writer, window=WINDOW,
+                          batch_records=BATCH_RECORDS, track_acked=False)
+    wired = Wired(writer, forwarder)
+
+    def on_commit(records: list[SealedRecord]) -> None:
+        wired.sealed_bytes[0] += sum(len(r.data) for r in records)
+        wired.sealed_bytes[1] += len(records)
+        forwarder.notify()
+
+    writer.on_commit = on_commit
+    # The forwarder has no "acked" hook; it hands each PUBACKed batch to writer.delete
+    # (one instance attribute here, product code untouched). track_acked=True would keep
+    # every acked seq in a set: about 60 MB for a million, which peak_rss_mb would count.
+    product_delete = writer.delete
+
+
+    def delete(keys: list[tuple[int, int]]) -> None:
+        now = time.perf_counter()
+        for prio, seq in keys:
+            if prio == Priority.ALARM:
+                wired.alarm_acked_at[seq] = now
+        product_delete(keys)
+        if variant == "backpressure":
+            # not the product: the forwarder thread (which calls this) waits while the
+            # writer holds more than BACKPRESSURE_KEYS uncommitted deletions, so it stops
+            # reading and publishing further batches until they are committed
+            while waiting_deletions(writer) > BACKPRESSURE_KEYS:
+                time.sleep(0.001)
+
+    writer.delete = delete  # type: ignore[method-assign]
+    return wired
+
+
+def start_forwarder(wired: Wired) -> None:
+    wired.forwarder.start()
+    wait_until(lambda: wired.forwarder.stats.connected, CONNECT_TIMEOUT_S,
+               "the forwarder to connect", poll=0.005)
+
+
+def stop_wired(wired: Wired) -> None:
+    wired.forwarder.stop()
+    wired.writer.stop()
+
+
+# -- phases ---------------------------------------------------------------------------
+
+def phase_sign(env: Env, count: int) -> dict[str, Any]:
+    """Sign the canonical bytes of sealed records (*count* signatures over SIGN_DISTINCT
+    distinct records, so the bench holds little memory), nothing else, one thread."""
+    env.progress.phase("sign", None)
+    key = env.identity.signing_key
+    sealer = Sealer(GATEWAY_ID, Ed25519PrivateKey.generate(), last_seq=0,
+                    last_digest=GENESIS_PREV, boot=1)
+    clock = Clock()
+    readings = Readings()
+    messages = []
+    for _ in range(min(count, SIGN_DISTINCT)):
+        reading = readings.presence()
+        messages.append(sealer.seal(reading, clock.timestamp(reading.mono_ns)).data)
+    t0 = time.perf_counter()
+    cpu0 = cpu_s()
+    for i in range(count):
+        key.sign(messages[i % len(messages)])
+    wall = time.perf_counter() - t0
+    cpu = cpu_s() - cpu0
+    seal_t0 = time.perf_counter()
+    for _ in range(count):
+        reading = readings.presence()
+        sealer.seal(reading, clock.timestamp(reading.mono_ns))
+    seal_wall = time.perf_counter() - seal_t0
+    out = {"sign_only_per_s": count / wall, "sign_only_cpu_us": cpu / count * 1e6,
+           "seal_only_per_s": count / seal_wall}
+    log(f"[sign] {out['sign_only_per_s']:.0f} signatures/s, "
+        f"{out['seal_only_per_s']:.0f} seals/s (Reading -> SealedRecord, no store)")
+    return out
+
+
+def run_sustained(env: Env, name: str, store: Any, reader: Any, count: int) -> dict[str, Any]:
+    """The closed-loop sustained workload through *store*; *count* records end to end."""
+    wired = wire(env, store, reader)
+    writer, forwarder = wired.writer, wired.forwarder
+    writer.start()
+    start_forwarder(wired)
+    readings = Readings()
+    submitted = [0]
+    acked = lambda: forwarder.stats.records_acked  # noqa: E731
+    tx0 = writer.stats.transactions
+    meter = Meter()
+    env.progress.phase(name, lambda: (
+        f"submitted {submitted[0]}  committed {writer.stats.committed}  "
+        f"acked {forwarder.stats.records_acked}  of {count}  "
+        f"({forwarder.stats.records_acked / max(1e-9, time.perf_counter() - meter.t0):.0f}/s)"))
+    produce(writer, readings, count, acked, submitted)
+    wait_until(lambda: acked() >= count, PHASE_TIMEOUT_S, f"{name}: all records acked")
+    wall_acked = time.perf_counter() - meter.t0
+    env.progress.done()
+    if not writer.flush(60):
+        raise BenchError("the writer did not commit the last deletions")
+    m = meter.read()
+    transactions = writer.stats.transactions - tx0
+    depth = reader.depth()
+    stop_wired(wired)
+    rate = count / wall_acked
+    out = {
+        "records": count,
+        "records_per_s": rate,
+        "cpu_us_per_record": m["cpu_s"] / count * 1e6,
+        "record_bytes": wired.sealed_bytes[0] / max(1, wired.sealed_bytes[1]),
+        "disk_bytes_written_per_record": m["write_bytes"] / count,
+        "commits": transactions,
+        "commits_per_s": transactions / m["wall_s"],
+        "wall_s": wall_acked,
+        "threads_cpu_s": m["threads_cpu_s"],
+        "left_in_store": sum(depth.values()),
+        "mqtt_messages": forwarder.stats.messages_published,
+    }
+    log(f"[{name}] {rate:.0f} records/s end to end, {out['cpu_us_per_record']:.0f} us CPU "
+        f"and {out['disk_bytes_written_per_record']:.0f} disk bytes per record, "
+        f"{transactions} commits")
+    return out
+
+
+def phase_sustained(env: Env, count: int) -> dict[str, Any]:
+    db = env.workdir / "sustained.db"
+    store = Store(db, env.identity.storage_key)
+    reader = StoreReader(db, env.identity.storage_key)
+    try:
+        out = run_sustained(env, "sustained", store, reader, count)
+    finally:
+        reader.close()
+        store.close()
+    wal = db.with_name(db.name + "-wal")
+    out["db_bytes"] = db.stat().st_size
+    out["wal_bytes_after"] = wal.stat().st_size if wal.exists() else 0
+    return out
+
+
+def phase_paced(env: Env, count: int, rate: float) -> dict[str, Any]:
+    """Readings at a steady low rate: what a home gateway sees most of the time. Groups
+    are then one reading each, so per-commit costs are no longer amortised."""
+    db = env.workdir / "paced.db"
+    store = Store(db, env.identity.storage_key)
+    reader = StoreReader(db, env.identity.storage_key)
+    wired = wire(env, store, reader)
+    writer, forwarder = wired.writer, wired.forwarder
+    writer.start()
+    start_forwarder(wired)
+    readings = Readings()
+    device_ack_ms: list[float] = []
+    env.progress.phase("paced", lambda: (
+        f"{forwarder.stats.records_acked} of {count} acked at {rate:.0f}/s, "
+        f"{writer.stats.transactions} commits"))
+    tx0 = writer.stats.transactions
+    meter = Meter()
+    for i in range(count):
+        due = meter.t0 + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        t_submit = time.perf_counter()
+
+        def committed(_rec: SealedRecord, t_submit: float = t_submit) -> None:
+            device_ack_ms.append((time.perf_counter() - t_submit) * 1000)
+
+        writer.submit(readings.presence(), committed)
+    wait_until(lambda: forwarder.stats.records_acked >= count, PHASE_TIMEOUT_S,
+               "paced: all records acked")
+    if not writer.flush(60):
+        raise BenchError("the writer did not commit the last deletions")
+    env.progress.done()
+    m = meter.read()
+    commits = writer.stats.transactions - tx0
+    stop_wired(wired)
+    reader.close()
+    store.close()
+    out = {"paced_rate_per_s": rate,
+           "paced_records": count,
+           "paced_commits_per_s": commits / m["wall_s"],
+           "paced_disk_bytes_written_per_record": m["write_bytes"] / count,
+           "paced_cpu_us_per_record": m["cpu_s"] / count * 1e6,
+           "paced_threads_cpu_s": m["threads_cpu_s"],
+           "paced_device_ack_ms_p99": percentile(device_ack_ms, 99)}
+    log(f"[paced] {rate:.0f} readings/s: {out['paced_commits_per_s']:.0f} commits/s, "
+        f"{out['paced_disk_bytes_written_per_record']:.0f} disk bytes per record, device ACK "
+        f"p99 {out['paced_device_ack_ms_p99']:.1f} ms")
+    return out
+
+
+def phase_tinydb(env: Env, count: int) -> dict[str, Any]:
+    path = env.workdir / "tinydb.json"
+    store = TinyStore(path, env.identity.storage_key)
+    reader = TinyReader(store, env.identity.storage_key)
+    try:
+        out = run_sustained(env, "tinydb", store, reader, count)
+    finally:
+        store.close()
+    return {"tinydb_records": count,
+            "tinydb_records_per_s": out["records_per_s"],
+            "tinydb_disk_bytes_written_per_record": out["disk_bytes_written_per_record"],
+            "tinydb_cpu_us_per_record": out["cpu_us_per_record"],
+            "tinydb_commits": out["commits"]}
+
+
+def phase_depth(env: Env, depths: tuple[int, ...], backlog: int) -> dict[str, Any]:
+    """Storage only: one commit (DEPTH_GROUP inserts + as many deletes of the oldest) with
+    *depth* records queued, on the product's Store and on the TinyDB candidate.
+
+    TinyDB's JSONStorage rewrites the whole queue on every commit, so its cost grows with
+    the depth; the sustained run above keeps the queue short (a live uplink), the outage
+    backlog does not. No sealing here: records are one real sealed record's bytes under
+    fresh seqs (encrypted per row as usual), so only the store is timed."""
+    env.progress.phase("depth", None)
+    reading = Readings().presence()
+    template = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=0,
+                      last_digest=GENESIS_PREV, boot=1).seal(
+        reading, Clock().timestamp(reading.mono_ns)).data
+    prio = Priority.POSITION
+
+    def fake(first: int, n: int) -> list[SealedRecord]:
+        return [SealedRecord(seq, prio, "tag.presence", template, b"\0" * 32)
+                for seq in range(first, first + n)]
+
+    rows: dict[int, dict[str, float]] = {d: {"depth": d} for d in depths}
+    for name in ("sqlite", "tinydb"):
+        path = env.workdir / f"depth-{name}.db"
+        store: Any = (Store(path, env.identity.storage_key) if name == "sqlite"
+                      else TinyStore(path, env.identity.storage_key))
+        last, oldest = 0, 1
+        for depth in depths:
+            while last - oldest + 1 < depth:
+                n = min(5_000, depth - (last - oldest + 1))
+                store.commit(fake(last + 1, n))
+                last += n
+            io0 = proc_io()["write_bytes"]
+            t0 = time.perf_counter()
+            for _ in range(DEPTH_STEPS):
+                store.commit(fake(last + 1, DEPTH_GROUP),
+                             deletes=[(int(prio), s) for s in range(oldest, oldest + DEPTH_GROUP)])
+                last += DEPTH_GROUP
+                oldest += DEPTH_GROUP
+            wall = time.perf_counter() - t0
+            written = proc_io()["write_bytes"] - io0
+            rows[depth][f"{name}_commit_ms"] = wall / DEPTH_STEPS * 1000
+            rows[depth][f"{name}_disk_bytes_per_record"] = written / (DEPTH_STEPS * DEPTH_GROUP)
+        store.close()
+        path.unlink()
+        for extra in ("-wal", "-shm"):
+            path.with_name(path.name + extra).unlink(missing_ok=True)
+    table = [rows[d] for d in depths]
+    # TinyDB: commit time is about linear in the depth; extrapolate to the backlog
+    xs = [r["depth"] for r in table]
+    ys = [r["tinydb_commit_ms"] for r in table]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+             / max(1e-9, sum((x - mean_x) ** 2 for x in xs)))
+    at_backlog_ms = mean_y + slope * (backlog - mean_x)
+    out = {"depth_group_records": DEPTH_GROUP,
+           "depth_scan": [{k: round(v, 2) for k, v in r.items()} for r in table],
+           "tinydb_commit_ms_at_backlog_extrapolated": at_backlog_ms,
+           "tinydb_store_records_per_s_at_backlog_extrapolated":
+               DEPTH_GROUP / max(1e-9, at_backlog_ms / 1000)}
+    for r in table:
+        log(f"[depth] {int(r['depth']):>7} queued: commit of {DEPTH_GROUP}+{DEPTH_GROUP} "
+            f"sqlite {r['sqlite_commit_ms']:7.1f} ms {r['sqlite_disk_bytes_per_record']:7.0f} B/rec"
+            f" | tinydb {r['tinydb_commit_ms']:7.1f} ms "
+            f"{r['tinydb_disk_bytes_per_record']:9.0f} B/rec")
+    log(f"[depth] TinyDB at {backlog} queued (extrapolated): {at_backlog_ms / 1000:.1f} s "
+        f"per commit, {out['tinydb_store_records_per_s_at_backlog_extrapolated']:.0f} records/s")
+    return out
+
+
+def phase_backlog(env: Env, count: int) -> tuple[Path, dict[str, Any]]:
+    """Commit *count* records with no forwarder: the broker is unreachable."""
+    db = env.workdir / "backlog.db"
+    store = Store(db, env.identity.storage_key)
+    state = store.state
+    sealer = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
+                    last_digest=state.last_digest, boot=state.boot)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    submitted = [0]
+    meter = Meter()
+    env.progress.phase("backlog", lambda: (
+        f"committed {writer.stats.committed} of {count} "
+        f"({writer.stats.committed / max(1e-9, time.perf_counter() - meter.t0):.0f}/s)"))
+    produce(writer, Readings(), count, None, submitted)
+    if not writer.flush(120):
+        raise BenchError("the writer did not commit the backlog")
+    env.progress.done()
+    m = meter.read()
+    writer.stop()
+    store.close()
+    out = {"backlog_records": count,
+           "backlog_fill_s": m["wall_s"],
+           "backlog_fill_records_per_s": count / m["wall_s"],
+           "backlog_fill_cpu_us_per_record": m["cpu_s"] / count * 1e6,
+           "backlog_fill_disk_bytes_written_per_record": m["write_bytes"] / count,
+           "backlog_db_bytes": db.stat().st_size}
+    log(f"[backlog] {count} records committed in {m['wall_s']:.1f}s "
+        f"({out['backlog_fill_records_per_s']:.0f}/s), db {out['backlog_db_bytes'] / 1e6:.0f} MB")
+    return db, out
+
+
+def drop_page_cache(db: Path) -> None:
+    """Evict the store's files from the page cache (clean pages only; they are fsynced)."""
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if not path.exists():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+RESTART_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from buffer.record import Sealer
+from buffer.store import Store, StoreReader
+from provisioning.identity import load_identity
+from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS
+t_imported = time.perf_counter()
+identity = load_identity(Path({identity!r}))
+store = Store(Path({db!r}), identity.storage_key)
+s = store.state
+sealer = Sealer(identity.gateway_id, identity.signing_key, last_seq=s.last_seq,
+                last_digest=s.last_digest, boot=s.boot)
+reader = StoreReader(Path({db!r}), identity.storage_key)
+batch = reader.next_batch({{}}, BATCH_RECORDS, BATCH_BYTES)
+t1 = time.perf_counter()
+print(json.dumps({{"imports_s": t_imported - t0, "open_to_batch_s": t1 - t_imported,
+                  "batch": len(batch[1]) if batch else 0}}))
+"""
+
+
+def phase_restart(env: Env, db: Path, count: int,
+                  variant: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Reopen the store with the backlog queued, until the first batch is read."""
+    env.progress.phase("restart", None)
+    drop_page_cache(db)
+    code = RESTART_CHILD.format(repo=str(REPO), identity=str(env.identity.directory), db=str(db))
+    t0 = time.perf_counter()
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=120)
+    process_wall = time.perf_counter() - t0
+    child_out = json.loads(child.stdout.strip().splitlines()[-1])
+    drop_page_cache(db)
+    io0 = proc_io()
+    t0 = time.perf_counter()
+    store = (RangeDeleteStore if variant == "range-deletes" else Store)(
+        db, env.identity.storage_key)
+    reader = StoreReader(db, env.identity.storage_key)
+    batch = reader.next_batch({}, BATCH_RECORDS, BATCH_BYTES)
+    restart = time.perf_counter() - t0
+    read_bytes = proc_io()["read_bytes"] - io0["read_bytes"]
+    first = len(batch[1]) if batch else 0
+    queued = sum(c for c, _ in store.usage.values())
+    if first == 0 or queued < count:
+        raise BenchError(f"the reopened store has {queued} records queued, first batch {first}")
+    out = {"restart_s_1m": restart,
+           "restart_read_bytes": read_bytes,
+           "restart_first_batch": first,
+           "restart_process_s_1m": process_wall,
+           "restart_process_imports_s": child_out["imports_s"],
+           "restart_process_open_to_batch_s": child_out["open_to_batch_s"]}
+    log(f"[restart] {queued} queued: first batch of {first} after {restart * 1000:.0f} ms "
+        f"(fresh interpreter: {process_wall * 1000:.0f} ms incl. imports "
+        f"{child_out['imports_s'] * 1000:.0f} ms)")
+    return store, reader, out
+
+
+def phase_drain(env: Env, store: Store, reader: StoreReader, count: int,
+                alarms: int, *, variant: str | None) -> dict[str, Any]:
+    """Forward the backlog; inject alarms at evenly spaced points of the drain."""
+    wired = wire(env, store, reader, variant)
+    writer, forwarder = wired.writer, wired.forwarder
+    readings = Readings()
+    readings.event = 10 * count  # device events after the backlog's
+    submitted_at: dict[int, float] = {}  # id(reading) -> perf_counter at submit
+    committed_seq: dict[int, int] = {}  # id(reading) -> seq
+    committed_at: dict[int, float] = {}  # id(reading) -> perf_counter after its commit
+    kept: list[Reading] = []  # keep ids unique while they are in the dicts
+    thresholds = [count * (i + 1) // (alarms + 1) for i in range(alarms)]
+    total = count + alarms
+    writer.start()
+    meter = Meter()
+    waiting_max = [0]
+    env.progress.phase("drain", lambda: (
+        f"acked {forwarder.stats.records_acked} of {total}  "
+        f"deletions waiting {waiting_deletions(writer)}  "
+        f"committed deletions {writer.stats.deleted}  alarms "
+        f"{len(submitted_at)}/{alarms} submitted, {len(wired.alarm_acked_at)} acked  "
+        f"({forwarder.stats.records_acked / max(1e-9, time.perf_counter() - meter.t0):.0f}/s)"))
+    forwarder.start()
+    done = threading.Event()
+
+    def sample_waiting() -> None:
+        while not done.wait(0.05):
+            waiting_max[0] = max(waiting_max[0], waiting_deletions(writer))
+
+    def inject() -> None:
+        for threshold in thresholds:
+            while forwarder.stats.records_acked < threshold:
+                if done.wait(0.001):
+                    return
+            reading = readings.tamper()
+            kept.append(reading)
+            key = id(reading)
+
+            def committed(rec: SealedRecord, key: int = key) -> None:
+                committed_at[key] = time.perf_counter()
+                committed_seq[key] = rec.seq
+
+            submitted_at[key] = time.perf_counter()
+            writer.submit(reading, committed)
+
+    injector = threading.Thread(target=inject, name="bench-alarms", daemon=True)
+    injector.start()
+    sampler = threading.Thread(target=sample_waiting, name="bench-waiting", daemon=True)
+    sampler.start()
+    try:
+        wait_until(lambda: forwarder.stats.records_acked >= total, PHASE_TIMEOUT_S,
+                   "the backlog and the alarms to be acked", poll=0.002)
+    finally:
+        done.set()
+        injector.join(5)
+        env.progress.done()
+    wall = time.perf_counter() - meter.t0
+    if not writer.flush(PHASE_TIMEOUT_S):
+        raise BenchError("the writer did not commit the last deletions")
+    emptied = time.perf_counter() - meter.t0
+    sampler.join(5)
+    m = meter.read()
+    depth = reader.depth()
+    stop_wired(wired)
+    reader.close()
+    store.close()
+    latencies = [
+        (wired.alarm_acked_at[committed_seq[key]] - t0) * 1000
+        for key, t0 in submitted_at.items()
+        if key in committed_seq and committed_seq[key] in wired.alarm_acked_at
+    ]
+    if len(latencies) != alarms:
+        raise BenchError(f"only {len(latencies)} of {alarms} alarms measured")
+    to_commit = [(committed_at[key] - t0) * 1000 for key, t0 in submitted_at.items()]
+    out = {"drain_records_per_s": total / wall,
+           "drain_s": wall,
+           "drain_until_deleted_s": emptied,
+           "drain_deletions_waiting_max": waiting_max[0],
+           "drain_cpu_us_per_record": m["cpu_s"] / total * 1e6,
+           "drain_disk_bytes_written_per_record": m["write_bytes"] / total,
+           "drain_threads_cpu_s": m["threads_cpu_s"],
+           "drain_left_in_store": sum(depth.values()),
+           "alarms": alarms,
+           "alarm_latency_ms_p50": percentile(latencies, 50),
+           "alarm_latency_ms_p99": percentile(latencies, 99),
+           "alarm_latency_ms_max": max(latencies),
+           # the part of it spent before the commit (writer queue + transaction)
+           "alarm_submit_to_commit_ms_p50": percentile(to_commit, 50),
+           "alarm_submit_to_commit_ms_p99": percentile(to_commit, 99)}
+    log(f"[drain] {total} records in {wall:.1f}s ({out['drain_records_per_s']:.0f}/s); "
+        f"alarm latency p50 {out['alarm_latency_ms_p50']:.0f} ms, "
+        f"p99 {out['alarm_latency_ms_p99']:.0f} ms (submit to commit: p50 "
+        f"{out['alarm_submit_to_commit_ms_p50']:.0f} ms, p99 "
+        f"{out['alarm_submit_to_commit_ms_p99']:.0f} ms)")
+    return out
+
+
+# -- profile mode ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def profile_threads() -> Iterator[list[tuple[str, cProfile.Profile]]]:
+    """cProfile every thread started inside the block, and the calling thread."""
+    profiles: list[tuple[str, cProfile.Profile]] = []
+    product_run = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        prof = cProfile.Profile()
+        profiles.append((self.name, prof))
+        prof.enable()
+        try:
+            product_run(self)
+        finally:
+            prof.disable()
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    main = cProfile.Profile()
+    profiles.append(("main (producer)", main))
+    main.enable()
+    try:
+        yield profiles
+    finally:
+        main.disable()
+        threading.Thread.run = product_run  # type: ignore[method-assign]
+
+
+def run_profile(env: Env, count: int, out_dir: Path) -> None:
+    db = env.workdir / "profile.db"
+    store = Store(db, env.identity.storage_key)
+    reader = StoreReader(db, env.identity.storage_key)
+    with profile_threads() as profiles:
+        result = run_sustained(env, "profile", store, reader, count)
+    reader.close()
+    store.close()
+    report = io.StringIO()
+    report.write(f"sustained phase under cProfile, {count} records: "
+                 f"{result['records_per_s']:.0f} records/s (profiling slows it down)\n")
+    report.write(f"thread CPU seconds (from /proc): {json.dumps(result['threads_cpu_s'])}\n")
+    for name, prof in profiles:
+        stats = pstats.Stats(prof, stream=report)
+        if not stats.stats:  # type: ignore[attr-defined]
+            continue
+        report.write(f"\n===== thread {name} =====\n")
+        stats.sort_stats("tottime").print_stats(18)
+        stats.sort_stats("cumulative").print_stats(14)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "profile.txt"
+    path.write_text(report.getvalue())
+    log(f"profile written to {path}")
+    print(report.getvalue())
+
+
+# -- report ---------------------------------------------------------------------------
+
+def judge(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for target in TARGETS:
+        try:
+            met = bool(target.check(results))
+        except KeyError:
+            met = False
+        out[target.key] = {"target": target.text, "met": met}
+    return out
+
+
+def human_report(results: dict[str, Any]) -> str:
+    lines = ["", "SmartCorr pipeline bench " + ("(QUICK smoke run: figures not meaningful)"
+                                               if results["quick"] else ""),
+             f"  {results['machine']}", ""]
+    rows = [
+        ("records_per_s", "sustained, end to end (PUBACKed)", "{:.0f}"),
+        ("cpu_us_per_record", "process CPU per record", "{:.0f} us"),
+        ("record_bytes", "sealed record, mean", "{:.0f} B"),
+        ("disk_bytes_written_per_record", "disk writes per record (sustained)", "{:.0f} B"),
+        ("sign_only_per_s", "Ed25519 signatures/s, one thread", "{:.0f}"),
+        ("seal_only_per_s", "seal only (no store, no uplink)", "{:.0f}"),
+        ("backlog_fill_records_per_s", "backlog fill, no forwarder", "{:.0f}"),
+        ("restart_s_1m", "restart with backlog queued", "{:.3f} s"),
+        ("restart_process_s_1m", "  same, fresh interpreter", "{:.3f} s"),
+        ("drain_records_per_s", "backlog drain", "{:.0f}"),
+        ("alarm_latency_ms_p99", "alarm latency during drain, p99", "{:.0f} ms"),
+        ("peak_rss_mb", "peak RSS", "{:.1f} MB"),
+        ("tinydb_records_per_s", f"TinyDB store ({results.get('tinydb_records')} records)",
+         "{:.0f}"),
+        ("tinydb_disk_bytes_written_per_record", "TinyDB disk writes per record", "{:.0f} B"),
+    ]
+    for key, label, fmt in rows:
+        if key in results:
+            lines.append(f"  {label:<40} {fmt.format(results[key]):>14}   {key}")
+    lines.append("")
+    lines.append("  targets:")
+    for verdict in results["targets"].values():
+        lines.append(f"    [{'PASS' if verdict['met'] else 'FAIL'}] {verdict['target']}")
+    lines.append(f"  wall time {results['bench_wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, help="sustained-phase records (50000)")
+    parser.add_argument("--backlog", type=int, help="backlog records (1000000)")
+    parser.add_argument("--tinydb-records", type=int, help="TinyDB run size (2000)")
+    parser.add_argument("--alarms", type=int, help="alarms injected during the drain (200)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the sustained phase, under cProfile (all threads)")
+    parser.add_argument("--drain-variant", choices=("backpressure", "range-deletes"),
+                        help="NOT the product, to quantify a fix during the drain: "
+                             "'backpressure': the forwarder waits while the writer holds "
+                             f"more than {BACKPRESSURE_KEYS} uncommitted deletions; "
+                             "'range-deletes': the store deletes each contiguous run of "
+                             "seqs with one statement (bench/store_variants.py)")
+    parser.add_argument("--workdir", type=Path, help="where stores go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    sizes = dict(QUICK if args.quick else FULL)
+    for key, value in (("records", args.records), ("backlog", args.backlog),
+                       ("tinydb", args.tinydb_records), ("alarms", args.alarms)):
+        if value is not None:
+            sizes[key] = value
+    if sizes["alarms"] >= sizes["backlog"]:
+        parser.error("--alarms must be smaller than --backlog")
+
+    started = time.perf_counter()
+    results_dir = REPO / "bench" / "results"
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="smartcorr-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress = Progress()
+    results: dict[str, Any] = {
+        "bench": "pipeline", "quick": args.quick,
+        "variant": (f"drain: {args.drain_variant} (bench-side, not the product)"
+                    if args.drain_variant else None),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
+                   f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}",
+    }
+    try:
+        with environment(workdir, progress) as env:
+            if args.profile:
+                run_profile(env, sizes["records"], results_dir)
+                return 0
+            results["rss_after_setup_mb"] = peak_rss_mb()
+            results.update(phase_sign(env, sizes["sign"]))
+            sustained = phase_sustained(env, sizes["records"])
+            results.update({k: sustained[k] for k in (
+                "records", "records_per_s", "cpu_us_per_record", "record_bytes",
+                "disk_bytes_written_per_record", "commits", "commits_per_s")})
+            results["records_per_commit"] = sustained["records"] / max(1, sustained["commits"])
+            results["sustained_threads_cpu_s"] = sustained["threads_cpu_s"]
+            results["sustained_left_in_store"] = sustained["left_in_store"]
+            results.update(phase_paced(env, sizes["paced"], PACED_RATE))
+            db, backlog = phase_backlog(env, sizes["backlog"])
+            results.update(backlog)
+            store, reader, restart = phase_restart(env, db, sizes["backlog"], args.drain_variant)
+            results.update(restart)
+            results.update(phase_drain(env, store, reader, sizes["backlog"], sizes["alarms"],
+                                       variant=args.drain_variant))
+            db.unlink()
+            results.update(phase_tinydb(env, sizes["tinydb"]))
+            # the pipeline's footprint: the depth scan below parses whole TinyDB files
+            results["peak_rss_mb"] = peak_rss_mb()
+            results.update(phase_depth(env, DEPTHS_QUICK if args.quick else DEPTHS_FULL,
+                                       sizes["backlog"]))
+    finally:
+        progress.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["peak_rss_mb_with_bench_extras"] = peak_rss_mb()
+    results["bench_wall_s"] = time.perf_counter() - started
+    results["closed_loop"] = {"max_uncommitted": MAX_UNCOMMITTED, "max_unacked": MAX_UNACKED,
+                              "window": WINDOW, "batch_records": BATCH_RECORDS}
+    results["targets"] = judge(results)
+    results["all_targets_met"] = all(v["met"] for v in results["targets"].values())
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    saved = results_dir / f"pipeline-{'quick-' if args.quick else ''}{stamp}.json"
+    saved.write_text(json.dumps(results, indent=2) + "\n")
+    report = human_report(results) + f"\n  saved to {saved.relative_to(REPO)}\n"
+    print(report, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
