@@ -60,7 +60,6 @@ if str(REPO) not in sys.path:
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from bench.store_variants import RangeDeleteStore  # noqa: E402
 from bench.tinydb_store import TinyReader, TinyStore  # noqa: E402
 from buffer.record import GENESIS_PREV, Priority, Reading, SealedRecord, Sealer, Source  # noqa: E402
 from buffer.store import Store, StoreReader  # noqa: E402
@@ -96,8 +95,6 @@ DEPTH_GROUP = 200
 DEPTH_STEPS = 8
 #: The paced run: a home gateway's realistic rate (the demo's default), readings/s.
 PACED_RATE = 50
-#: --drain-variant backpressure: uncommitted deletions past which the forwarder waits.
-BACKPRESSURE_KEYS = 8_000
 SIGN_DISTINCT = 2_000
 
 
@@ -313,14 +310,12 @@ class Wired:
 
 
 def waiting_deletions(writer: StoreWriter) -> int:
-    """Deletion keys the writer holds and has not committed yet, plus its inbox depth
-    (read from private attributes: a diagnostic of the bench, nothing relies on it)."""
-    return len(getattr(writer, "_deletes", ())) + writer._inbox.qsize()
+    """Rows PUBACKed and not yet deleted by the writer."""
+    return writer.deletions_waiting
 
 
-def wire(env: Env, store: Any, reader: Any, variant: str | None = None) -> Wired:
-    """The product's wiring; *variant* ``backpressure`` changes it to quantify a
-    suggested fix (see --drain-variant)."""
+def wire(env: Env, store: Any, reader: Any) -> Wired:
+    """The product's wiring, with the forwarder's PUBACK hook timing alarms."""
     state = store.state
     sealer = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
                     last_digest=state.last_digest, boot=state.boot)
@@ -334,27 +329,14 @@ def wire(env: Env, store: Any, reader: Any, variant: str | None = None) -> Wired
         wired.sealed_bytes[1] += len(records)
         forwarder.notify()
 
-    writer.on_commit = on_commit
-    # The forwarder has no "acked" hook; it hands each PUBACKed batch to writer.delete
-    # (one instance attribute here, product code untouched). track_acked=True would keep
-    # every acked seq in a set: about 60 MB for a million, which peak_rss_mb would count.
-    product_delete = writer.delete
-
-
-    def delete(keys: list[tuple[int, int]]) -> None:
-        now = time.perf_counter()
-        for prio, seq in keys:
-            if prio == Priority.ALARM:
+    def on_acked(prio: Priority, seqs: list[int]) -> None:
+        if prio == Priority.ALARM:
+            now = time.perf_counter()
+            for seq in seqs:
                 wired.alarm_acked_at[seq] = now
-        product_delete(keys)
-        if variant == "backpressure":
-            # not the product: the forwarder thread (which calls this) waits while the
-            # writer holds more than BACKPRESSURE_KEYS uncommitted deletions, so it stops
-            # reading and publishing further batches until they are committed
-            while waiting_deletions(writer) > BACKPRESSURE_KEYS:
-                time.sleep(0.001)
 
-    writer.delete = delete  # type: ignore[method-assign]
+    writer.on_commit = on_commit
+    forwarder.on_acked = on_acked
     return wired
 
 
@@ -560,7 +542,7 @@ def phase_depth(env: Env, depths: tuple[int, ...], backlog: int) -> dict[str, An
             t0 = time.perf_counter()
             for _ in range(DEPTH_STEPS):
                 store.commit(fake(last + 1, DEPTH_GROUP),
-                             deletes=[(int(prio), s) for s in range(oldest, oldest + DEPTH_GROUP)])
+                             delete_ranges=[(int(prio), oldest, oldest + DEPTH_GROUP - 1)])
                 last += DEPTH_GROUP
                 oldest += DEPTH_GROUP
             wall = time.perf_counter() - t0
@@ -662,8 +644,7 @@ print(json.dumps({{"imports_s": t_imported - t0, "open_to_batch_s": t1 - t_impor
 """
 
 
-def phase_restart(env: Env, db: Path, count: int,
-                  variant: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def phase_restart(env: Env, db: Path, count: int) -> tuple[Any, Any, dict[str, Any]]:
     """Reopen the store with the backlog queued, until the first batch is read."""
     env.progress.phase("restart", None)
     drop_page_cache(db)
@@ -676,8 +657,7 @@ def phase_restart(env: Env, db: Path, count: int,
     drop_page_cache(db)
     io0 = proc_io()
     t0 = time.perf_counter()
-    store = (RangeDeleteStore if variant == "range-deletes" else Store)(
-        db, env.identity.storage_key)
+    store = Store(db, env.identity.storage_key)
     reader = StoreReader(db, env.identity.storage_key)
     batch = reader.next_batch({}, BATCH_RECORDS, BATCH_BYTES)
     restart = time.perf_counter() - t0
@@ -699,9 +679,9 @@ def phase_restart(env: Env, db: Path, count: int,
 
 
 def phase_drain(env: Env, store: Store, reader: StoreReader, count: int,
-                alarms: int, *, variant: str | None) -> dict[str, Any]:
+                alarms: int) -> dict[str, Any]:
     """Forward the backlog; inject alarms at evenly spaced points of the drain."""
-    wired = wire(env, store, reader, variant)
+    wired = wire(env, store, reader)
     writer, forwarder = wired.writer, wired.forwarder
     readings = Readings()
     readings.event = 10 * count  # device events after the backlog's
@@ -904,12 +884,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     parser.add_argument("--profile", action="store_true",
                         help="only the sustained phase, under cProfile (all threads)")
-    parser.add_argument("--drain-variant", choices=("backpressure", "range-deletes"),
-                        help="NOT the product, to quantify a fix during the drain: "
-                             "'backpressure': the forwarder waits while the writer holds "
-                             f"more than {BACKPRESSURE_KEYS} uncommitted deletions; "
-                             "'range-deletes': the store deletes each contiguous run of "
-                             "seqs with one statement (bench/store_variants.py)")
     parser.add_argument("--workdir", type=Path, help="where stores go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -928,8 +902,6 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     results: dict[str, Any] = {
         "bench": "pipeline", "quick": args.quick,
-        "variant": (f"drain: {args.drain_variant} (bench-side, not the product)"
-                    if args.drain_variant else None),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}",
     }
@@ -950,10 +922,9 @@ def main(argv: list[str] | None = None) -> int:
             results.update(phase_paced(env, sizes["paced"], PACED_RATE))
             db, backlog = phase_backlog(env, sizes["backlog"])
             results.update(backlog)
-            store, reader, restart = phase_restart(env, db, sizes["backlog"], args.drain_variant)
+            store, reader, restart = phase_restart(env, db, sizes["backlog"])
             results.update(restart)
-            results.update(phase_drain(env, store, reader, sizes["backlog"], sizes["alarms"],
-                                       variant=args.drain_variant))
+            results.update(phase_drain(env, store, reader, sizes["backlog"], sizes["alarms"]))
             db.unlink()
             results.update(phase_tinydb(env, sizes["tinydb"]))
             # the pipeline's footprint: the depth scan below parses whole TinyDB files

@@ -29,7 +29,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from buffer.record import GENESIS_PREV, Priority, Reading, SealedRecord, Sealer, Source  # noqa: E402
-from buffer.store import Store, StoreState  # noqa: E402
+from buffer.store import Store  # noqa: E402
 from buffer.writer import seq_ranges  # noqa: E402
 from smartcorr.clock import Clock  # noqa: E402
 
@@ -157,43 +157,6 @@ class VariantStore:
         self.db.close()
 
 
-class RangeDeleteStore(Store):
-    """The product's Store, but deletions (and evictions) go as one ``DELETE ... seq
-    BETWEEN`` per contiguous run of seqs instead of one statement per key. PUBACKed
-    batches are contiguous runs within a class, so a batch of 200 is one statement: one
-    sqlite3_step (one release and re-take of the GIL) instead of 200. For
-    ``pipeline.py --drain-variant range-deletes``; a copy of Store.commit otherwise."""
-
-    def commit(self, records: Iterable[SealedRecord], *,
-               device_events: Mapping[str, int] | None = None,
-               deletes: Iterable[tuple[int, int]] = (), evict: Iterable[Any] = ()) -> None:
-        sealed = list(records)
-        now = int(time.time())
-        rows = [(int(r.priority), r.seq, now, self._seal_row(r.priority, r.seq, r.data))
-                for r in sealed]
-        by_prio: dict[int, list[int]] = {}
-        for prio, seq in [*deletes, *((e.prio, e.seq) for e in evict)]:
-            by_prio.setdefault(prio, []).append(seq)
-        ranges = [(prio, lo, hi) for prio, seqs in by_prio.items()
-                  for lo, hi in seq_ranges(seqs)]
-        new_state = self.state
-        db = self._db
-        with self._transaction():
-            if sealed:
-                last = max(sealed, key=lambda r: r.seq)
-                new_state = StoreState(last.seq, last.digest, self.state.boot)
-                db.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                               [("last_seq", str(last.seq).encode()),
-                                ("last_digest", last.digest)])
-            db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?", ranges)
-            if device_events:
-                db.executemany("INSERT OR REPLACE INTO device_events VALUES (?, ?)",
-                               list(device_events.items()))
-        self.state = new_state
-        self.usage = self._read_usage()
-
-
 class ProductStore:
     """buffer.store.Store itself, behind the same call."""
 
@@ -202,7 +165,10 @@ class ProductStore:
 
     def commit(self, records: list[SealedRecord], *, device_events: dict[str, int],
                deletes: Iterable[tuple[int, int]] = ()) -> None:
-        self.store.commit(records, device_events=device_events, deletes=deletes)
+        keys = list(deletes)
+        ranges = [(p, lo, hi) for p in {p for p, _ in keys}
+                  for lo, hi in seq_ranges([s for q, s in keys if q == p])]
+        self.store.commit(records, device_events=device_events, delete_ranges=ranges)
 
     def close(self) -> None:
         self.store.close()

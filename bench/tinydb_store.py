@@ -89,7 +89,7 @@ class TinyStore:
         records: Iterable[SealedRecord],
         *,
         device_events: Mapping[str, int] | None = None,
-        deletes: Iterable[tuple[int, int]] = (),
+        delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
     ) -> None:
         """One whole-file rewrite (and fsync) per group: inserts, deletes, chain state."""
@@ -103,7 +103,8 @@ class TinyStore:
             }
             for r in sealed
         }
-        gone = [_doc_id(p, s) for p, s in deletes] + [_doc_id(e.prio, e.seq) for e in evict]
+        gone = [_doc_id(p, s) for p, lo, hi in delete_ranges for s in range(lo, hi + 1)]
+        gone += [_doc_id(e.prio, e.seq) for e in evict]
         with self.lock:
             data = self.db.storage.read() or {}
             table = data.setdefault(RECORDS, {})

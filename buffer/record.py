@@ -108,6 +108,11 @@ def canonical(obj: Mapping[str, JSON]) -> bytes:
     ).encode("utf-8")
 
 
+_DUMPS = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return b64u(hashlib.sha256(raw).digest()[:12])
@@ -207,8 +212,14 @@ class Sealer:
             "body": dict(reading.body),
             "kid": self.kid,
         }
-        rec["sig"] = b64u(self._key.sign(canonical(rec)))
-        data = canonical(rec)
+        # encode each field once; the signed form is the same fields with "sig" spliced
+        # in at its sorted place (canonical() of the dict gives the same bytes: tested)
+        parts = [(key, _DUMPS(key) + ":" + _DUMPS(value)) for key, value in sorted(rec.items())]
+        unsigned = ("{" + ",".join(p for _, p in parts) + "}").encode("utf-8")
+        sig = b64u(self._key.sign(unsigned))
+        parts.append(("sig", '"sig":"' + sig + '"'))
+        parts.sort(key=lambda kp: kp[0])
+        data = ("{" + ",".join(p for _, p in parts) + "}").encode("utf-8")
         digest = hashlib.sha256(data).digest()
         self.last_seq = seq
         self.last_digest = digest

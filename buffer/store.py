@@ -176,7 +176,7 @@ class Store:
         records: Iterable[SealedRecord],
         *,
         device_events: Mapping[str, int] | None = None,
-        deletes: Iterable[tuple[int, int]] = (),
+        delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
     ) -> None:
         """Insert, delete, evict and advance the chain state in one fsynced transaction."""
@@ -196,7 +196,8 @@ class Store:
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                     [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],
                 )
-            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?", list(deletes))
+            self._db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                                 list(delete_ranges))
             self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
                                  [(e.prio, e.seq) for e in evict])
             if device_events:

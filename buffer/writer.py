@@ -38,7 +38,7 @@ from smartcorr.clock import Clock
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000  # readings in one transaction
-MAX_DELETES = 4000  # deletions in one transaction: bounds how long an alarm can wait
+MAX_DELETES = 20_000  # rows deleted in one transaction: bounds how long an alarm waits
 RETRY_S = 0.5
 
 OnCommitted = Callable[[SealedRecord], None]
@@ -82,7 +82,13 @@ class _Submit:
 
 @dataclass(frozen=True, slots=True)
 class _Delete:
-    keys: tuple[tuple[int, int], ...]
+    """Rows of one class with seq in [lo, hi] (a PUBACKed batch: every row of its class
+    in that range, since seqs only grow), *rows* of them."""
+
+    prio: int
+    lo: int
+    hi: int
+    rows: int
 
 
 class _Stop:
@@ -142,7 +148,7 @@ class StoreWriter:
         self._inbox: queue.SimpleQueue[_Item | _Stop] = queue.SimpleQueue()
         self._ledger_lock = threading.Lock()
         self._ledger = store.device_ledger()
-        self._deletes: list[tuple[int, int]] = []
+        self._deletes: list[_Delete] = []
         self._deletes_received = 0
         self._deletes_committed = 0
         self._waiting_barriers: list[_Barrier] = []
@@ -172,8 +178,20 @@ class StoreWriter:
         every later record is signed by *key*. *on_committed* runs once that is durable."""
         self._inbox.put(_Rotate(key, on_committed))
 
+    def delete_range(self, prio: int, lo: int, hi: int, rows: int) -> None:
+        """Delete the rows of class *prio* with seq in [lo, hi] (forwarded and PUBACKed)."""
+        self._inbox.put(_Delete(prio, lo, hi, rows))
+
     def delete(self, keys: list[tuple[int, int]]) -> None:
-        self._inbox.put(_Delete(tuple(keys)))
+        """Delete rows by (prio, seq)."""
+        for prio in {p for p, _ in keys}:
+            for lo, hi in seq_ranges([s for p, s in keys if p == prio]):
+                self.delete_range(prio, lo, hi, hi - lo + 1)
+
+    @property
+    def deletions_waiting(self) -> int:
+        """Rows PUBACKed and not yet deleted (read from other threads: a plain integer)."""
+        return self._deletes_received - self._deletes_committed
 
     def last_committed_event(self, serial: str) -> int | None:
         """The last device event committed for *serial* (the links' duplicate filter)."""
@@ -205,8 +223,8 @@ class StoreWriter:
                     elif isinstance(item, _Delete):
                         # deletions commute with everything else: they wait so that
                         # new readings (an alarm) never queue behind a drained backlog
-                        self._deletes.extend(item.keys)
-                        self._deletes_received += len(item.keys)
+                        self._deletes.append(item)
+                        self._deletes_received += item.rows
                     elif isinstance(item, _Barrier):
                         pending.append(_Barrier(item.done, self._deletes_received))
                     else:
@@ -264,14 +282,21 @@ class StoreWriter:
                     callbacks.append((item.on_committed, len(sealed) - 1))
                 if new_key is not None:
                     self._sealer.use_key(new_key)
-        deletes = self._deletes[:MAX_DELETES]
+        deletes: list[_Delete] = []
+        rows = 0
+        for d in self._deletes:
+            if deletes and rows + d.rows > MAX_DELETES:
+                break
+            deletes.append(d)
+            rows += d.rows
         items = pending[:taken]
         evict = self._store.plan_eviction(size)
         if evict:
             gap = gap_reading(evict, self._gateway_source, time.monotonic_ns())
             sealed.append(self._sealer.seal(gap, self._clock.timestamp(gap.mono_ns)))
         try:
-            self._store.commit(sealed, device_events=events, deletes=deletes, evict=evict)
+            self._store.commit(sealed, device_events=events,
+                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict)
         except sqlite3.Error as exc:
             self._sealer.last_seq, self._sealer.last_digest = saved[0], saved[1]
             self._sealer.use_key(saved[2])
@@ -282,12 +307,12 @@ class StoreWriter:
             )
             return -1
         del self._deletes[: len(deletes)]
-        self._deletes_committed += len(deletes)
+        self._deletes_committed += rows
         with self._ledger_lock:
             self._ledger.update(events)
         self.stats.transactions += 1
         self.stats.committed += len(sealed)
-        self.stats.deleted += len(deletes)
+        self.stats.deleted += rows
         for e in evict:
             label = Priority(e.prio).label
             self.stats.evicted[label] = self.stats.evicted.get(label, 0) + 1

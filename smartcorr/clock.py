@@ -32,6 +32,8 @@ def kernel_clock_synced() -> bool:
     return state not in (-1, TIME_ERROR)
 
 
+#: How often the kernel is asked whether its clock is synchronised, nanoseconds.
+SYNC_CHECK_NS = 1_000_000_000
 #: A change of the UTC-minus-monotonic offset beyond this is a step, milliseconds.
 STEP_THRESHOLD_MS = 1000
 
@@ -61,6 +63,7 @@ class Clock:
         self._lock = threading.Lock()
         self._gnss: tuple[int, int] | None = None  # (utc_ns - mono_ns, mono_ns of fix)
         self._observed: tuple[str, int] | None = None  # (quality, utc_ms - mono_ms)
+        self._sync_cache: tuple[int | None, bool] = (None, False)
 
     def observe(self) -> ClockStep | None:
         """Compare the time now with the last observation; a step when it changed source
@@ -81,11 +84,20 @@ class Clock:
         with self._lock:
             self._gnss = (utc_ns - mono_ns, mono_ns)
 
+    def _is_synced(self, now_mono: int) -> bool:
+        """The kernel's sync state, asked at most every :data:`SYNC_CHECK_NS` (the store
+        writer stamps thousands of records a second: one syscall each would show)."""
+        checked_at, synced = self._sync_cache
+        if checked_at is None or now_mono - checked_at >= SYNC_CHECK_NS:
+            synced = self._synced()
+            self._sync_cache = (now_mono, synced)
+        return synced
+
     def timestamp(self, mono_ns: int) -> Timestamp:
         """The UTC of an instant given on the monotonic clock, and its quality."""
         now_mono = self._mono_ns()
         mono_ms = mono_ns // 1_000_000
-        if self._synced():
+        if self._is_synced(now_mono):
             utc_ns = self._wall_ns() - (now_mono - mono_ns)
             return Timestamp(utc_ns // 1_000_000, "ntp", mono_ms)
         with self._lock:

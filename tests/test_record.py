@@ -132,3 +132,13 @@ def test_malformed_input_is_counted_not_raised() -> None:
     v.ingest(b"not json\n{}\n[1,2]\n" + b'{"v":1.5}')
     assert v.stats.malformed == 4
     assert v.stats.received == 0
+
+
+def test_the_spliced_encoding_is_the_canonical_one() -> None:
+    s = sealer()
+    bodies = [{"tag": "é\u2028\"q\\", "n": -1, "nested": {"b": [1, None, True], "a": "x"}},
+              {"sig": "a body key named sig", "src": {"seq": 1}}, {}]
+    for body in bodies:
+        data = s.seal(Reading("tag.presence", SRC, body, 1), Timestamp(1, "ntp", 1)).data
+        assert canonical(json.loads(data)) == data
+        verify_record(data, KEYS)

@@ -201,7 +201,8 @@ def test_an_alarm_does_not_queue_behind_a_backlog_of_deletions(tmp_path: Path) -
     store, sealer = open_store(tmp_path / "r.db")
     writer = StoreWriter(store, sealer, Clock())
     seen: list[int] = []
-    writer.delete([(3, n) for n in range(1, 50_001)])  # PUBACKs of a drained backlog
+    for lo in range(1, 50_001, 200):  # the PUBACKs of a drained backlog, batch by batch
+        writer.delete_range(3, lo, lo + 199, 200)
     writer.submit(presence(1, "tag.tamper"), lambda _rec: seen.append(writer._deletes_committed))
     writer.start()
     assert writer.flush(30)  # a barrier also waits for the deletions before it
@@ -209,3 +210,4 @@ def test_an_alarm_does_not_queue_behind_a_backlog_of_deletions(tmp_path: Path) -
     writer.stop()
     assert seen
     assert seen[0] < 50_000  # committed while deletions were still queued
+    assert writer.deletions_waiting == 0

@@ -20,6 +20,7 @@ import random
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ TOPIC_ROOT = "smartcorr/v1/gw"
 BATCH_RECORDS = 200
 BATCH_BYTES = 128 * 1024
 WINDOW = 8
+#: Stop publishing while this many PUBACKed rows wait to be deleted (bounds memory).
+MAX_DELETIONS_WAITING = 20_000
 KEEPALIVE_S = 30
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 60.0
@@ -125,6 +128,8 @@ class Forwarder:
         self._window = window
         self._batch = batch_records
         self._track = track_acked
+        #: Called on the forwarder's thread with each PUBACKed batch (class, seqs).
+        self.on_acked: Callable[[Priority, list[int]], None] | None = None
         self._topic = records_topic(gateway_id)
         self._status = status_topic(gateway_id)
         self._wake = threading.Event()
@@ -230,7 +235,6 @@ class Forwarder:
             self._cursors.clear()
 
     def _apply_acks(self) -> None:
-        deletes: list[tuple[int, int]] = []
         while True:
             try:
                 mid, refused, reason = self._acks.get_nowait()
@@ -247,15 +251,17 @@ class Forwarder:
                 log.error("broker refused %d records (%s): check the ACL for %s; they stay "
                           "queued", len(seqs), reason, self._topic)
                 continue
-            deletes.extend((int(prio), s) for s in seqs)
+            self._writer.delete_range(int(prio), seqs[0], seqs[-1], len(seqs))
             self.stats.records_acked += len(seqs)
             if self._track:
                 self.stats.acked_seqs.update(seqs)
-        if deletes:
-            self._writer.delete(deletes)
+            if self.on_acked is not None:
+                self.on_acked(prio, seqs)
 
     def _fill_window(self) -> None:
         while len(self._inflight) < self._window and not self._stop.is_set():
+            if self._writer.deletions_waiting > MAX_DELETIONS_WAITING:
+                return  # backpressure: let the store catch up (the next ACK wakes us)
             batch = self._reader.next_batch(self._cursors, self._batch, BATCH_BYTES)
             if batch is None:
                 if not self._inflight:
