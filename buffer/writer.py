@@ -38,7 +38,7 @@ from smartcorr.clock import Clock
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 2000  # readings in one transaction
-MAX_DELETES = 20_000  # rows deleted in one transaction: bounds how long an alarm waits
+MAX_DELETES = 5_000  # rows deleted in one transaction: bounds how long an alarm waits
 RETRY_S = 0.5
 
 OnCommitted = Callable[[SealedRecord], None]
@@ -323,7 +323,8 @@ class StoreWriter:
             self.stats.by_kind[rec.kind] = self.stats.by_kind.get(rec.kind, 0) + 1
         for callback, index in callbacks:
             self._call(callback, sealed[index])
-        if sealed and self.on_commit is not None:
+        if (sealed or deletes) and self.on_commit is not None:
+            # also after deletions alone: a forwarder held back by backpressure resumes
             self._call(self.on_commit, sealed)
         self._release_barriers(items)
         return taken

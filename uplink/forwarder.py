@@ -261,7 +261,7 @@ class Forwarder:
     def _fill_window(self) -> None:
         while len(self._inflight) < self._window and not self._stop.is_set():
             if self._writer.deletions_waiting > MAX_DELETIONS_WAITING:
-                return  # backpressure: let the store catch up (the next ACK wakes us)
+                return  # backpressure: the store catches up; its next commit wakes us
             batch = self._reader.next_batch(self._cursors, self._batch, BATCH_BYTES)
             if batch is None:
                 if not self._inflight:
