@@ -211,3 +211,16 @@ def test_an_alarm_does_not_queue_behind_a_backlog_of_deletions(tmp_path: Path) -
     assert seen
     assert seen[0] < 50_000  # committed while deletions were still queued
     assert writer.deletions_waiting == 0
+
+
+def test_stop_commits_lingering_deletions_and_ends(tmp_path: Path) -> None:
+    store, sealer = open_store(tmp_path / "r.db")
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    writer.submit(presence(1))
+    assert writer.flush()
+    writer.delete_range(3, 1, 1, 1)  # one deletion: it would linger for a second
+    writer.stop()
+    assert not writer._thread.is_alive()  # it did not block waiting for more work
+    assert writer.deletions_waiting == 0
+    assert store.usage[Priority.POSITION] == (0, 0)
