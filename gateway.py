@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ def _gnss_spec(sec: GnssSection) -> GnssSpec:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from provisioning.identity import load_identity
+    from smartcorr import systemd
     from smartcorr.app import DeviceSpec, Gateway
     from smartcorr.config import load_config
     from uplink.forwarder import BrokerConfig
@@ -63,9 +65,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     gateway.start()
-    logging.getLogger("gateway").warning("gateway %s running", identity.gateway_id)
-    while not stop.wait(60):
-        logging.getLogger("gateway").info("status %s", json.dumps(gateway.status()))
+    log = logging.getLogger("gateway")
+    log.warning("gateway %s running", identity.gateway_id)
+    systemd.notify(f"READY=1\nSTATUS=gateway {identity.gateway_id} running")
+    ping = systemd.watchdog_interval_s()
+    next_status = 0.0
+    while not stop.wait(min(ping or 60.0, 60.0)):
+        if ping is not None and gateway.alive():
+            systemd.notify("WATCHDOG=1")  # withheld if a thread died: systemd restarts us
+        if time.monotonic() >= next_status:
+            next_status = time.monotonic() + 60
+            log.info("status %s", json.dumps(gateway.status()))
+    systemd.notify("STOPPING=1\nSTATUS=draining")
     gateway.stop(drain_s=5)
     return 0
 

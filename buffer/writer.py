@@ -203,6 +203,9 @@ class StoreWriter:
         with self._ledger_lock:
             return self._ledger.get(serial)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted before this call is committed."""
         done = threading.Event()

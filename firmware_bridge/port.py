@@ -95,6 +95,9 @@ class PortWorker:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run *fn* on the port's thread (thread-safe)."""
         self._calls.put(fn)

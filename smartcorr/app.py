@@ -173,6 +173,11 @@ class Gateway:
         self.store.close()
         return drained
 
+    def alive(self) -> bool:
+        """Every thread of the pipeline is running (the watchdog's question)."""
+        return (self.writer.is_alive() and self.forwarder.is_alive()
+                and all(w.is_alive() for w in self.ports))
+
     def status(self) -> dict[str, Any]:
         return {
             "gateway_id": self.identity.gateway_id,

@@ -157,6 +157,9 @@ class Forwarder:
         connect(self.client, self.broker)
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def notify(self) -> None:
         """New records were committed."""
         self.idle.clear()
