@@ -49,16 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
 
 
-def _parse_hostport(text: str) -> tuple[str, int]:
+def _parse_hostport(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"--broker: expected HOST:PORT, got {text!r}")
+        return None
     return host.strip("[]"), int(port)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.tags < 1:
         print("demo: --rate must be positive and --tags at least 1", file=sys.stderr)
+        return 2
+    if args.broker and _parse_hostport(args.broker) is None:
+        print(f"demo: --broker: expected HOST:PORT (e.g. 127.0.0.1:1883), got {args.broker!r}",
+              file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-demo-"))
     stack: list[Any] = []
@@ -84,7 +88,7 @@ def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
     identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID)
     keys = load_public_keys([tmp / "identity" / "signing.pub"])
     if args.broker:
-        host, port = _parse_hostport(args.broker)
+        host, port = _parse_hostport(args.broker) or ("", 0)  # checked in run()
         gw_broker = BrokerConfig(host, port, tls=False)
         plat_broker = gw_broker
     else:

@@ -132,3 +132,9 @@ def test_pair_list_unpair_tags(tmp_path: Path) -> None:
     again = run_cli("provision", "unpair-tag", "--identity-dir", ident, "--tag", "T00001000")
     assert again.returncode == 2
     assert "not paired" in again.stderr
+
+
+def test_demo_refuses_a_bad_broker_address() -> None:
+    result = run_cli("demo", "--duration", "1", "--broker", "nonsense")
+    assert result.returncode == 2
+    assert "expected HOST:PORT" in result.stderr
