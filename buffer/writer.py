@@ -187,12 +187,6 @@ class StoreWriter:
         """Delete the rows of class *prio* with seq in [lo, hi] (forwarded and PUBACKed)."""
         self._inbox.put(_Delete(prio, lo, hi, rows))
 
-    def delete(self, keys: list[tuple[int, int]]) -> None:
-        """Delete rows by (prio, seq)."""
-        for prio in {p for p, _ in keys}:
-            for lo, hi in seq_ranges([s for p, s in keys if p == prio]):
-                self.delete_range(prio, lo, hi, hi - lo + 1)
-
     @property
     def deletions_waiting(self) -> int:
         """Rows PUBACKed and not yet deleted (read from other threads: a plain integer)."""
@@ -353,12 +347,8 @@ class StoreWriter:
         return max(0.0, self._deletes_since + DELETE_LINGER_S - time.monotonic())
 
     def _release_barriers(self, items: list[_Item]) -> None:
-        for item in items:
-            if isinstance(item, _Barrier):
-                if self._deletes_committed >= item.deletes_before:
-                    item.done.set()
-                else:
-                    self._waiting_barriers.append(item)
+        """Set each barrier whose deletions are all committed; keep the others waiting."""
+        self._waiting_barriers.extend(i for i in items if isinstance(i, _Barrier))
         still = []
         for barrier in self._waiting_barriers:
             if self._deletes_committed >= barrier.deletes_before:

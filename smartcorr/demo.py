@@ -60,14 +60,15 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.tags < 1:
         print("demo: --rate must be positive and --tags at least 1", file=sys.stderr)
         return 2
-    if args.broker and _parse_hostport(args.broker) is None:
+    broker = _parse_hostport(args.broker) if args.broker else None
+    if args.broker and broker is None:
         print(f"demo: --broker: expected HOST:PORT (e.g. 127.0.0.1:1883), got {args.broker!r}",
               file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-demo-"))
     stack: list[Any] = []
     try:
-        return _run(args, tmp, stack)
+        return _run(args, broker, tmp, stack)
     except BrokerError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 3
@@ -84,12 +85,12 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, tmp: Path, stack: list[Any]) -> int:
+def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
+         stack: list[Any]) -> int:
     identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID)
     keys = load_public_keys([tmp / "identity" / "signing.pub"])
-    if args.broker:
-        host, port = _parse_hostport(args.broker) or ("", 0)  # checked in run()
-        gw_broker = BrokerConfig(host, port, tls=False)
+    if broker is not None:
+        gw_broker = BrokerConfig(*broker, tls=False)
         plat_broker = gw_broker
     else:
         pki = make_pki(tmp / "pki")
