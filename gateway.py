@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-EXIT_CONFIG = 2
+from core.errors import EXIT_USER_ERROR, UserError
 
 if TYPE_CHECKING:
-    from smartcorr.app import GnssSpec
-    from smartcorr.config import GnssSection
+    from app.assembly import GnssSpec
+    from app.config import GnssSection
 
 
 def _logging(verbose: int) -> None:
@@ -33,8 +33,8 @@ def _logging(verbose: int) -> None:
 
 
 def _gnss_spec(sec: GnssSection) -> GnssSpec:
+    from app.assembly import GnssSpec
     from drivers.gnss import Installed
-    from smartcorr.app import GnssSpec
 
     installed = None
     if sec.installed_lat is not None and sec.installed_lon is not None:
@@ -44,11 +44,11 @@ def _gnss_spec(sec: GnssSection) -> GnssSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from app import systemd
+    from app.assembly import DeviceSpec, Gateway
+    from app.config import load_config
+    from core.mqtt import BrokerConfig
     from provisioning.identity import load_identity
-    from smartcorr import systemd
-    from smartcorr.app import DeviceSpec, Gateway
-    from smartcorr.config import load_config
-    from uplink.forwarder import BrokerConfig
 
     cfg = load_config(Path(args.config))
     identity = load_identity(cfg.identity_dir)
@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from smartcorr import demo
+    from lab import demo
     return demo.run(args)
 
 
@@ -99,7 +99,7 @@ def cmd_provision_init(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_rotate(args: argparse.Namespace) -> int:
-    from buffer.record import key_id
+    from core.record import key_id
     from provisioning.identity import stage_next_key
 
     key = stage_next_key(Path(args.identity_dir))
@@ -143,8 +143,8 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
 
 
 def cmd_diag(args: argparse.Namespace) -> int:
-    from smartcorr import diag
-    from smartcorr.config import load_config
+    from app import diag
+    from app.config import load_config
 
     cfg = load_config(Path(args.config))
     if args.action == "bundle":
@@ -157,7 +157,7 @@ def cmd_diag(args: argparse.Namespace) -> int:
 
 
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
-    from drivers import nmea_replay
+    from app import nmea_replay
 
     argv = [args.file] + (["--json"] if args.json else [])
     result: int = nmea_replay.main(argv)
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="everything on this machine: broker, devices, verifier")
-    from smartcorr.demo import add_arguments
+    from lab.demo import add_arguments
     add_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -234,26 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean "wrong input or setup": a message naming the fix, exit 2."""
-    from buffer.store import StoreError
-    from provisioning.identity import IdentityError
-    from provisioning.registry import RegistryError
-    from smartcorr.config import ConfigError
-    from smartcorr.mosquitto import BrokerError
-    from uplink.forwarder import UplinkError
-
-    return ConfigError, IdentityError, RegistryError, StoreError, UplinkError, BrokerError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logging(args.verbose)
     try:
         result: int = args.func(args)
-    except _user_errors() as exc:
+    except UserError as exc:
         print(f"{args.command}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USER_ERROR
     return result
 
 

@@ -37,13 +37,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from buffer.record import VerifiedRecord  # noqa: E402
+from central.client import VerifierClient  # noqa: E402
+from central.record import VerifiedRecord  # noqa: E402
+from core.devices import tag_ref  # noqa: E402
+from core.mqtt import BrokerConfig  # noqa: E402
+from core.topics import PLATFORM_CN  # noqa: E402
+from lab.mosquitto import make_pki, start_mosquitto  # noqa: E402
+from lab.simulators.tag import SimTag, TagReceiverSim  # noqa: E402
 from provisioning.identity import create_identity  # noqa: E402
-from provisioning.registry import open_registry, tag_ref  # noqa: E402
-from simulators.tag import SimTag, TagReceiverSim  # noqa: E402
-from smartcorr.mosquitto import PLATFORM_CN, make_pki, start_mosquitto  # noqa: E402
-from uplink.forwarder import BrokerConfig  # noqa: E402
-from verifier.client import VerifierClient  # noqa: E402
+from provisioning.registry import open_registry  # noqa: E402
 
 GATEWAY_ID = "gw-crash-0001"
 CONFIG = """

@@ -61,13 +61,21 @@ if str(REPO) not in sys.path:
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from bench.tinydb_store import TinyReader, TinyStore  # noqa: E402
-from buffer.record import GENESIS_PREV, Priority, Reading, SealedRecord, Sealer, Source  # noqa: E402
+from buffer.seal import Sealer  # noqa: E402
 from buffer.store import Store, StoreReader  # noqa: E402
 from buffer.writer import MAX_GROUP, StoreWriter  # noqa: E402
+from core.clock import Clock  # noqa: E402
+from core.kinds import Priority  # noqa: E402
+from core.mqtt import BrokerConfig  # noqa: E402
+from core.record import (  # noqa: E402
+    GENESIS_PREV,
+    Reading,
+    SealedRecord,
+    Source,
+)
+from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto  # noqa: E402
 from provisioning.identity import Identity, create_identity  # noqa: E402
-from smartcorr.clock import Clock  # noqa: E402
-from smartcorr.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto  # noqa: E402
-from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS, BrokerConfig, Forwarder  # noqa: E402
+from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS, Forwarder  # noqa: E402
 
 GATEWAY_ID = "gw-bench-0001"
 TAG_SOURCE = Source("tag_receiver", "TR-BENCH-01", "1.4.2")
@@ -626,7 +634,7 @@ import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from buffer.record import Sealer
+from buffer.seal import Sealer
 from buffer.store import Store, StoreReader
 from provisioning.identity import load_identity
 from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS

@@ -30,15 +30,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from buffer.record import Priority  # noqa: E402
+from app.assembly import DeviceSpec, Gateway  # noqa: E402
 from buffer.store import StoreReader  # noqa: E402
+from core.devices import tag_ref  # noqa: E402
+from core.kinds import Priority  # noqa: E402
+from core.mqtt import BrokerConfig  # noqa: E402
 from drivers.tag_receiver import Beacon  # noqa: E402
+from lab.simulators.pty import Faults  # noqa: E402
+from lab.simulators.tag import SimTag, TagReceiverSim  # noqa: E402
 from provisioning.identity import create_identity  # noqa: E402
-from provisioning.registry import open_registry, tag_ref  # noqa: E402
-from simulators.pty import Faults  # noqa: E402
-from simulators.tag import SimTag, TagReceiverSim  # noqa: E402
-from smartcorr.app import DeviceSpec, Gateway  # noqa: E402
-from uplink.forwarder import BrokerConfig  # noqa: E402
+from provisioning.registry import open_registry  # noqa: E402
 
 _pause = threading.Event()
 

@@ -41,10 +41,17 @@ if str(REPO) not in sys.path:
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from buffer.record import GENESIS_PREV, Priority, Reading, SealedRecord, Sealer, Source  # noqa: E402
+from buffer.seal import Sealer  # noqa: E402
 from buffer.store import Store  # noqa: E402
 from buffer.writer import seq_ranges  # noqa: E402
-from smartcorr.clock import Clock  # noqa: E402
+from core.clock import Clock  # noqa: E402
+from core.kinds import Priority  # noqa: E402
+from core.record import (  # noqa: E402
+    GENESIS_PREV,
+    Reading,
+    SealedRecord,
+    Source,
+)
 
 PRIO = int(Priority.POSITION)
 _AAD = struct.Struct(">4sBQ")

@@ -33,8 +33,9 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import TinyDB, where
 
-from buffer.record import GENESIS_PREV, Priority, SealedRecord
 from buffer.store import NONCE_BYTES, Evicted, StoreState, _aad
+from core.kinds import Priority
+from core.record import GENESIS_PREV, SealedRecord
 
 RECORDS = "records"
 META = "meta"

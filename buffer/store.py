@@ -21,7 +21,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from buffer.record import GENESIS_PREV, Priority, SealedRecord
+from core.errors import UserError
+from core.kinds import Priority
+from core.record import GENESIS_PREV, SealedRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -54,7 +56,7 @@ _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """The store could not do what was asked; the message says what and why."""
 
 

@@ -17,23 +17,18 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from buffer.record import (
-    JSON,
-    Priority,
-    Reading,
-    SealedRecord,
-    Sealer,
-    Source,
-    rotation_body,
-)
+from buffer.seal import Draft, Sealer, rotation_body
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store
-from smartcorr.clock import Clock
+from core.clock import Clock
+from core.kinds import Priority
+from core.record import JSON, Reading, SealedRecord, Source
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +58,7 @@ def seq_ranges(seqs: list[int]) -> list[list[int]]:
 
 def gap_reading(evicted: list[Evicted], source: Source, mono_ns: int) -> Reading:
     """The signed trace of an eviction: which seqs left the buffer unsent, and why."""
-    by_class: dict[str, JSON] = {}
-    for e in evicted:
-        label = Priority(e.prio).label
-        by_class[label] = int(by_class.get(label, 0)) + 1
+    by_class: dict[str, JSON] = dict(Counter(Priority(e.prio).label for e in evicted))
     body: dict[str, JSON] = {
         "reason": "quota",
         "count": len(evicted),
@@ -124,14 +116,36 @@ _Item = _Submit | _Delete | _Barrier | _Health | _Rotate
 
 
 @dataclass
+class _Group:
+    """Records sealed on a draft, waiting for their transaction."""
+
+    draft: Draft
+    records: list[SealedRecord] = field(default_factory=list)
+    callbacks: list[tuple[OnCommitted, int]] = field(default_factory=list)  # (callback, index)
+    events: dict[str, int] = field(default_factory=dict)  # device ledger entries
+    size: int = 0  # bytes in the store
+    taken: int = 0  # items of the pending list
+
+    def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
+        rec = self.draft.seal(reading, clock.timestamp(reading.mono_ns))
+        self.records.append(rec)
+        self.size += len(rec.data) + ROW_BYTES
+        if reading.device_event is not None:
+            self.events[reading.device_event[0]] = reading.device_event[1]
+        self.events.update(reading.ledger)
+        if on_committed is not None:
+            self.callbacks.append((on_committed, len(self.records) - 1))
+
+
+@dataclass
 class WriterStats:
     committed: int = 0
     deleted: int = 0
     transactions: int = 0
     commit_failures: int = 0
     callback_errors: int = 0
-    evicted: dict[str, int] = field(default_factory=dict)
-    by_kind: dict[str, int] = field(default_factory=dict)
+    evicted: Counter[str] = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
 
 
 class StoreWriter:
@@ -259,40 +273,56 @@ class StoreWriter:
     def _commit(self, pending: list[_Item]) -> int:
         """Seal and commit a prefix of *pending*, and up to :data:`MAX_DELETES` queued
         deletions, in one transaction; how many items of *pending* it took (-1: the
-        commit failed). A group holds at most :data:`MAX_GROUP` readings and, under a
-        quota, a quarter of it."""
-        saved = (self._sealer.last_seq, self._sealer.last_digest, self._sealer.signing_key)
+        commit failed, and nothing moved: the sealer advances only after a commit)."""
+        group = self._seal_group(pending)
+        deletes = self._take_deletes()
+        evict = self._store.plan_eviction(group.size)
+        if evict:
+            gap = gap_reading(evict, self._gateway_source, self._clock.now_ns())
+            group.records.append(group.draft.seal(gap, self._clock.timestamp(gap.mono_ns)))
+        try:
+            self._store.commit(group.records, device_events=group.events,
+                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict)
+        except sqlite3.Error as exc:
+            self.stats.commit_failures += 1
+            log.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
+                "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
+                len(group.records), exc, RETRY_S,
+            )
+            return -1
+        self._sealer.advance(group.draft)
+        self._committed(group, deletes, evict)
+        self._release_barriers(pending[: group.taken])
+        return group.taken
+
+    def _seal_group(self, pending: list[_Item]) -> _Group:
+        """Seal a prefix of *pending* on a draft: at most :data:`MAX_GROUP` records and,
+        under a quota, about a quarter of it in bytes. A health record opens its own group
+        (it reports committed state)."""
         limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
-        callbacks: list[tuple[OnCommitted, int]] = []  # (callback, index of its record)
-        events: dict[str, int] = {}
-        sealed: list[SealedRecord] = []
-        size = 0
-        taken = 0
+        group = _Group(self._sealer.draft())
         for item in pending:
-            if (limit is not None and size > limit) or len(sealed) >= MAX_GROUP:
+            if (limit is not None and group.size > limit) or len(group.records) >= MAX_GROUP:
                 break
-            if isinstance(item, _Health) and taken:
-                break  # a health record opens its own group: it reports committed state
-            taken += 1
+            if isinstance(item, _Health) and group.taken:
+                break
+            group.taken += 1
             if isinstance(item, _Health):
-                item = _Submit((self._health_reading(item),), None)  # noqa: PLW2901
-            new_key = item.key if isinstance(item, _Rotate) else None
-            if isinstance(item, _Rotate):
+                group.add(self._health_reading(item), self._clock)
+            elif isinstance(item, _Rotate):
                 body = rotation_body(item.key.public_key())
-                reading = Reading("key.rotate", self._gateway_source, body, time.monotonic_ns())
-                item = _Submit((reading,), item.on_committed)  # noqa: PLW2901
-            if isinstance(item, _Submit):
+                reading = Reading("key.rotate", self._gateway_source, body, self._clock.now_ns())
+                group.add(reading, self._clock, item.on_committed)
+                group.draft.use_key(item.key)
+            elif isinstance(item, _Submit):
                 for reading in item.readings:
-                    rec = self._sealer.seal(reading, self._clock.timestamp(reading.mono_ns))
-                    sealed.append(rec)
-                    size += len(rec.data) + ROW_BYTES
-                    if reading.device_event is not None:
-                        events[reading.device_event[0]] = reading.device_event[1]
-                    events.update(reading.ledger)
+                    group.add(reading, self._clock)
                 if item.on_committed is not None:
-                    callbacks.append((item.on_committed, len(sealed) - 1))
-                if new_key is not None:
-                    self._sealer.use_key(new_key)
+                    group.callbacks.append((item.on_committed, len(group.records) - 1))
+        return group
+
+    def _take_deletes(self) -> list[_Delete]:
+        """The queued deletions that fit in one transaction (at least one)."""
         deletes: list[_Delete] = []
         rows = 0
         for d in self._deletes:
@@ -300,45 +330,28 @@ class StoreWriter:
                 break
             deletes.append(d)
             rows += d.rows
-        items = pending[:taken]
-        evict = self._store.plan_eviction(size)
-        if evict:
-            gap = gap_reading(evict, self._gateway_source, time.monotonic_ns())
-            sealed.append(self._sealer.seal(gap, self._clock.timestamp(gap.mono_ns)))
-        try:
-            self._store.commit(sealed, device_events=events,
-                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict)
-        except sqlite3.Error as exc:
-            self._sealer.last_seq, self._sealer.last_digest = saved[0], saved[1]
-            self._sealer.use_key(saved[2])
-            self.stats.commit_failures += 1
-            log.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
-                "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
-                len(sealed), exc, RETRY_S,
-            )
-            return -1
+        return deletes
+
+    def _committed(self, group: _Group, deletes: list[_Delete], evict: list[Evicted]) -> None:
+        """After the commit: bookkeeping, the device ledger, then the listeners."""
+        rows = sum(d.rows for d in deletes)
         del self._deletes[: len(deletes)]
         self._deletes_committed += rows
         with self._ledger_lock:
-            self._ledger.update(events)
+            self._ledger.update(group.events)
         self.stats.transactions += 1
-        self.stats.committed += len(sealed)
+        self.stats.committed += len(group.records)
         self.stats.deleted += rows
-        for e in evict:
-            label = Priority(e.prio).label
-            self.stats.evicted[label] = self.stats.evicted.get(label, 0) + 1
+        self.stats.evicted.update(Priority(e.prio).label for e in evict)
         if evict:
             log.warning("quota reached: evicted %d records (%s); a gap record says so",
-                        len(evict), self.stats.evicted)
-        for rec in sealed:
-            self.stats.by_kind[rec.kind] = self.stats.by_kind.get(rec.kind, 0) + 1
-        for callback, index in callbacks:
-            self._call(callback, sealed[index])
-        if (sealed or deletes) and self.on_commit is not None:
+                        len(evict), dict(self.stats.evicted))
+        self.stats.by_kind.update(rec.kind for rec in group.records)
+        for callback, index in group.callbacks:
+            self._call(callback, group.records[index])
+        if (group.records or deletes) and self.on_commit is not None:
             # also after deletions alone: a forwarder held back by backpressure resumes
-            self._call(self.on_commit, sealed)
-        self._release_barriers(items)
-        return taken
+            self._call(self.on_commit, group.records)
 
     def _deletes_due_in(self) -> float:
         """Seconds before queued deletions deserve a transaction of their own (0: now)."""
@@ -370,7 +383,7 @@ class StoreWriter:
             body.update(item.extra())
         except Exception:
             log.exception("health: a contributor failed")
-        return Reading("gateway.health", self._gateway_source, body, time.monotonic_ns())
+        return Reading("gateway.health", self._gateway_source, body, self._clock.now_ns())
 
     def _call(self, fn: Callable[[Any], None], arg: object) -> None:
         try:

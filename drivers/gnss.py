@@ -22,10 +22,10 @@ import math
 import time
 from dataclasses import dataclass
 
-from buffer.record import JSON, Reading, Source
-from drivers.framed import Sink
+from core.clock import Clock
+from core.record import JSON, Reading, Source
 from drivers.nmea import Fix, GnssTime, NmeaReader
-from smartcorr.clock import Clock
+from firmware_bridge.framed import Sink
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Self
 
-from buffer.record import JSON, Priority, Reading, Source
-from drivers.framed import device_error
+from core.kinds import Priority
+from core.record import JSON, Reading, Source
+from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
 

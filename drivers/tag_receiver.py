@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from buffer.record import JSON, Reading, Source
-from drivers.framed import device_error
+from core.devices import PairedTag, tag_ref
+from core.record import JSON, Reading, Source
+from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
-from provisioning.registry import PairedTag, tag_ref
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from buffer.record import key_id
+from core.errors import UserError
+from core.record import key_id
 
 GATEWAY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 
 
-class IdentityError(Exception):
+class IdentityError(UserError):
     """The identity directory is missing, incomplete or unusable; the message says how to fix it."""
 
 

@@ -15,7 +15,6 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
+from core.devices import PairedTag, tag_ref
+from core.errors import UserError
 from provisioning.identity import Identity, atomic_write
 
 REGISTRY_FILE = "tags.json"
@@ -31,7 +32,7 @@ TAG_RE = re.compile(r"^T[0-9A-F]{8}$")
 DEFAULT_ABSENT_AFTER_S = 120
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """The registry cannot do what was asked; the message says why and what to do."""
 
 
@@ -60,22 +61,6 @@ class AtomicJSONStorage(Storage):
 
     def close(self) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class PairedTag:
-    tag: str  # "T" + 8 hex digits
-    key: bytes  # AES-128 CMAC key
-    absent_after_s: int
-    paired_at: int
-
-    @property
-    def tag_id(self) -> int:
-        return int(self.tag[1:], 16)
-
-
-def tag_ref(tag_id: int) -> str:
-    return f"T{tag_id:08X}"
 
 
 def parse_tag(text: str) -> str:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from core.mqtt import BrokerConfig
+from core.topics import PLATFORM_CN
+from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
 from provisioning.identity import Identity, create_identity
-from smartcorr.mosquitto import PLATFORM_CN, Mosquitto, Pki, make_pki, start_mosquitto
-from uplink.forwarder import BrokerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

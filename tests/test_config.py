@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from app.config import ConfigError, load_config
 from provisioning.identity import create_identity
-from smartcorr.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """

@@ -9,11 +9,12 @@ import tarfile
 import time
 from pathlib import Path
 
-from buffer.record import Reading, Sealer, Source
+from buffer.seal import Sealer
 from buffer.store import Store
+from core.clock import Clock
+from core.record import Reading, Source
 from provisioning.identity import create_identity
 from provisioning.registry import open_registry
-from smartcorr.clock import Clock
 
 REPO = Path(__file__).resolve().parents[1]
 

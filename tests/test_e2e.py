@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from buffer.record import VerifiedRecord
+from app.assembly import DeviceSpec, Gateway, GnssSpec
+from central.client import VerifierClient
+from central.record import VerifiedRecord
+from core.devices import tag_ref
+from core.topics import PLATFORM_CN
+from lab.mosquitto import Mosquitto, Pki
+from lab.simulators.gnss import GnssSim
+from lab.simulators.tag import SimTag, TagReceiverSim
 from provisioning.identity import Identity
-from provisioning.registry import open_registry, tag_ref
-from simulators.gnss import GnssSim
-from simulators.tag import SimTag, TagReceiverSim
-from smartcorr.app import DeviceSpec, Gateway, GnssSpec
-from smartcorr.mosquitto import PLATFORM_CN, Mosquitto, Pki
+from provisioning.registry import open_registry
 from tests.conftest import broker_for
 from tests.helpers import wait_for
-from verifier.client import VerifierClient
 
 pytestmark = pytest.mark.slow
 

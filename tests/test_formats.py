@@ -12,18 +12,20 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from buffer.record import GENESIS_PREV, KIND_PRIORITY, Reading, Sealer, Source, rotation_body
+from buffer.seal import Sealer, rotation_body
 from buffer.store import Evicted
 from buffer.writer import gap_reading
+from core.clock import Clock
+from core.devices import PairedTag
+from core.kinds import KIND_PRIORITY
+from core.record import GENESIS_PREV, Reading, Source
+from core.topics import records_topic, status_topic
 from drivers.gnss import GnssMonitor, Installed
 from drivers.nmea import Fix
 from drivers.tag_receiver import MSG_BEACON, TagReceiverDriver
 from firmware_bridge.link import Message
 from firmware_bridge.messages import DeviceClass, Hello
-from provisioning.registry import PairedTag
-from simulators.tag import SimTag
-from smartcorr.clock import Clock
-from uplink.forwarder import records_topic, status_topic
+from lab.simulators.tag import SimTag
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCHEMA = json.loads((DOCS / "record.schema.json").read_text())

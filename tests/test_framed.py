@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from buffer.record import Reading, SealedRecord
-from drivers.framed import FramedDeviceProtocol
+from core.record import Reading, SealedRecord
 from firmware_bridge.device import DeviceLink
+from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
 
 

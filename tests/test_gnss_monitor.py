@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from buffer.record import Source
+from core.clock import Clock
+from core.record import Source
 from drivers.gnss import GnssMonitor, Installed, distance_m, time_steps
 from drivers.nmea import Fix, GnssTime, NmeaReader
-from simulators.gnss import fix_sentences
-from smartcorr.clock import Clock
+from lab.simulators.gnss import fix_sentences
 
 S = 1_000_000_000
 SRC = Source("gnss", "port:gnss")

@@ -14,8 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buffer.record import GENESIS_PREV, KIND_PRIORITY, Priority, Reading, Sealer, VerifiedRecord
-from drivers.framed import FramedDeviceProtocol
+from app.assembly import Gateway
+from buffer.seal import Sealer
+from central.client import VerifierClient
+from central.record import VerifiedRecord
+from core.clock import Clock
+from core.kinds import KIND_PRIORITY, Priority
+from core.record import GENESIS_PREV, Reading
+from core.topics import PLATFORM_CN
 from drivers.kiosk import (
     FLAG_CAMERA_FAULT,
     FLAG_FINGERPRINT_FAULT,
@@ -36,18 +42,16 @@ from drivers.kiosk import (
     Result,
     flags_key,
 )
+from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Data, DeviceClass, Hello, PayloadError
+from lab.mosquitto import Mosquitto, Pki
+from lab.simulators.kiosk import KioskSim
+from lab.simulators.pty import Faults
 from provisioning.identity import Identity
-from simulators.kiosk import KioskSim
-from simulators.pty import Faults
-from smartcorr.app import Gateway
-from smartcorr.clock import Clock
-from smartcorr.mosquitto import PLATFORM_CN, Mosquitto, Pki
 from tests.conftest import broker_for
 from tests.helpers import wait_for
-from verifier.client import VerifierClient
 
 SERIAL = "KI-0001"
 S = 1_000_000_000

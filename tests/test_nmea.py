@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.nmea_replay import Progress, capture_chunks, main
 from drivers.nmea import (
     BAD_ADDRESS,
     BAD_CHECKSUM_FIELD,
@@ -38,7 +39,6 @@ from drivers.nmea import (
     Sentence,
     SentenceFramer,
 )
-from drivers.nmea_replay import Progress, capture_chunks, main
 
 NMEA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nmea"
 HYPOTHESIS = settings(

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from buffer.record import GENESIS_PREV, Sealer
+from buffer.seal import Sealer
 from buffer.store import Store
 from buffer.writer import StoreWriter
-from drivers.framed import FramedDeviceProtocol
+from core.clock import Clock
+from core.devices import PairedTag, tag_ref
+from core.record import GENESIS_PREV
 from drivers.tag_receiver import TagReceiverDriver
+from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.link import HostLink
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortWorker
+from lab.simulators.tag import SimTag, TagReceiverSim
 from provisioning.identity import Identity
-from provisioning.registry import PairedTag, tag_ref
-from simulators.tag import SimTag, TagReceiverSim
-from smartcorr.clock import Clock
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow

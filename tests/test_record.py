@@ -7,19 +7,10 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from buffer.record import (
-    GENESIS_PREV,
-    Reading,
-    RecordError,
-    Sealer,
-    Source,
-    Timestamp,
-    b64u,
-    canonical,
-    key_id,
-    verify_record,
-)
-from verifier.core import Verifier
+from buffer.seal import Sealer
+from central.record import RecordError, verify_record
+from central.verifier import Verifier
+from core.record import GENESIS_PREV, Reading, Source, Timestamp, b64u, canonical, key_id
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KEYS = {key_id(KEY.public_key()): KEY.public_key()}

@@ -6,14 +6,16 @@ import json
 import time
 from pathlib import Path
 
-from buffer.record import GENESIS_PREV, Priority, Reading, Sealer, Source, key_id
+from app.assembly import Gateway
+from buffer.seal import Sealer
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
+from central.verifier import Verifier
+from core.clock import Clock
+from core.kinds import Priority
+from core.mqtt import BrokerConfig
+from core.record import GENESIS_PREV, Reading, Source, key_id
 from provisioning.identity import Identity, load_identity, stage_next_key
-from smartcorr.app import Gateway
-from smartcorr.clock import Clock
-from uplink.forwarder import BrokerConfig
-from verifier.core import Verifier
 
 SRC = Source("tag_receiver", "TR-0001")
 

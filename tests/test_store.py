@@ -10,10 +10,12 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from buffer.record import GENESIS_PREV, Priority, Reading, Sealer, Source
+from buffer.seal import Sealer
 from buffer.store import Store, StoreError, StoreReader
 from buffer.writer import StoreWriter
-from smartcorr.clock import Clock
+from core.clock import Clock
+from core.kinds import Priority
+from core.record import GENESIS_PREV, Reading, Source
 
 KEY = Ed25519PrivateKey.generate()
 STORAGE = bytes(range(32))
@@ -122,8 +124,9 @@ def test_writer_acks_only_after_commit_and_rolls_back_on_failure(tmp_path: Path)
 
 
 def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path: Path) -> None:
-    from buffer.record import key_id, verify_record
-    from verifier.core import Verifier
+    from central.record import verify_record
+    from central.verifier import Verifier
+    from core.record import key_id
 
     db = tmp_path / "r.db"
     store = Store(db, STORAGE, quota_bytes=64 * 1024)

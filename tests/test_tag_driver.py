@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buffer.record import Reading
+from core.devices import PairedTag
+from core.record import Reading
 from drivers.tag_receiver import (
     BATTERY_LOW_PCT,
     MSG_BEACON,
@@ -16,8 +17,7 @@ from drivers.tag_receiver import (
 )
 from firmware_bridge.link import Message
 from firmware_bridge.messages import DeviceClass, Hello
-from provisioning.registry import PairedTag
-from simulators.tag import SimTag
+from lab.simulators.tag import SimTag
 
 HELLO = Hello(1, DeviceClass.TAG_RECEIVER, (1, 2, 3), 1, "TR-0001")
 KEY = bytes(range(16))

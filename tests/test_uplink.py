@@ -12,14 +12,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from buffer.record import Reading, Source, VerifiedRecord
+from app.assembly import Gateway
+from central.client import VerifierClient
+from central.record import VerifiedRecord
+from core.mqtt import BrokerConfig, make_client
+from core.record import Reading, Source
+from core.topics import PLATFORM_CN, records_topic
+from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
 from provisioning.identity import Identity
-from smartcorr.app import Gateway
-from smartcorr.mosquitto import PLATFORM_CN, Mosquitto, Pki, make_pki, start_mosquitto
 from tests.conftest import broker_for
 from tests.helpers import wait_for
-from uplink.forwarder import BrokerConfig, make_client, records_topic
-from verifier.client import VerifierClient
 
 pytestmark = pytest.mark.slow
 SRC = Source("tag_receiver", "TR-0001", "1.0.0")

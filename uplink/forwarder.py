@@ -17,7 +17,6 @@ import json
 import logging
 import queue
 import random
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -25,46 +24,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from buffer.record import Priority
 from buffer.store import StoreReader
 from buffer.writer import StoreWriter
+from core.kinds import Priority
+from core.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, BrokerConfig, connect, make_client
+from core.topics import records_topic, status_topic
 
 log = logging.getLogger(__name__)
 
-TOPIC_ROOT = "smartcorr/v1/gw"
 BATCH_RECORDS = 200
 BATCH_BYTES = 128 * 1024
 WINDOW = 8
 #: Stop publishing while this many PUBACKed rows wait to be deleted (bounds memory).
 MAX_DELETIONS_WAITING = 20_000
-KEEPALIVE_S = 30
-RECONNECT_MIN_S = 1.0
-RECONNECT_MAX_S = 60.0
-
-
-def records_topic(gateway_id: str) -> str:
-    return f"{TOPIC_ROOT}/{gateway_id}/records"
-
-
-def status_topic(gateway_id: str) -> str:
-    return f"{TOPIC_ROOT}/{gateway_id}/status"
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    host: str
-    port: int
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    tls: bool = True
-    keepalive_s: int = KEEPALIVE_S
-
-
-class UplinkError(Exception):
-    """The uplink cannot be set up as configured."""
 
 
 @dataclass
@@ -79,34 +52,6 @@ class UplinkStats:
     connected: bool = False
     last_error: str | None = None
     acked_seqs: set[int] = field(default_factory=set, repr=False)
-
-
-def make_client(client_id: str, broker: BrokerConfig) -> mqtt.Client:
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,  # v5: a PUBACK says whether the broker took the message
-    )
-    if broker.tls:
-        try:
-            client.tls_set(
-                ca_certs=broker.ca_file,
-                certfile=broker.cert_file,
-                keyfile=broker.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise UplinkError(f"TLS files unusable ({exc}): check ca_file, cert_file, key_file") \
-                from exc
-    client.reconnect_delay_set(int(RECONNECT_MIN_S), int(RECONNECT_MAX_S))
-    return client
-
-
-def connect(client: mqtt.Client, broker: BrokerConfig) -> None:
-    """Start connecting in the background; paho's loop thread reconnects by itself."""
-    client.connect_async(broker.host, broker.port, broker.keepalive_s, clean_start=True)
-    client.loop_start()
 
 
 class Forwarder:

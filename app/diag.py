@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from buffer.record import Priority
+from app.config import Config
+from core.kinds import Priority
 from provisioning.identity import IdentityError, load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
-from smartcorr.config import Config
 
 
 def buffer_report(cfg: Config) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def keys_report(cfg: Config) -> dict[str, Any]:
     except RegistryError as exc:
         problems.append(str(exc))
         tags = None
-    from buffer.record import key_id
+    from core.record import key_id
 
     return out | {
         "ok": not problems, "gateway_id": ident.gateway_id, "kid": ident.kid,

@@ -24,8 +24,8 @@ from drivers.kiosk import (
     Result,
 )
 from firmware_bridge.messages import DeviceClass
-from simulators.device import FramedDeviceSim
-from simulators.pty import Faults
+from lab.simulators.device import FramedDeviceSim
+from lab.simulators.pty import Faults
 
 _FLAG_OF_NAME = {name: flag for flag, name in FLAG_NAMES.items()}
 

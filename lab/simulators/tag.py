@@ -17,8 +17,8 @@ from drivers.tag_receiver import (
     beacon_mac,
 )
 from firmware_bridge.messages import DeviceClass
-from simulators.device import FramedDeviceSim
-from simulators.pty import Faults
+from lab.simulators.device import FramedDeviceSim
+from lab.simulators.pty import Faults
 
 
 @dataclass

@@ -8,7 +8,7 @@ import operator
 import os
 from pathlib import Path
 
-from simulators.pty import Faults, PtySim
+from lab.simulators.pty import Faults, PtySim
 
 
 def nmea_sentence(body: str) -> bytes:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from buffer.record import JSON, RecordError, VerifiedRecord, announced_key, verify_record
+from central.record import RecordError, VerifiedRecord, announced_key, verify_record
+from core.record import JSON
 
 log = logging.getLogger(__name__)
 #: Records signed by a key not yet announced, held until a key.rotate names it.

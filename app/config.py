@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.errors import UserError
+
 T = TypeVar("T")
 DEVICE_KINDS = ("tag_receiver", "kiosk")
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """The configuration is wrong; the message says where and how to fix it."""
 
 

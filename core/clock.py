@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from buffer.record import Timestamp
+from core.record import Timestamp
 
 TIME_ERROR = 5
 #: A GNSS time fix older than this no longer disciplines timestamps, seconds.
@@ -64,6 +64,10 @@ class Clock:
         self._gnss: tuple[int, int] | None = None  # (utc_ns - mono_ns, mono_ns of fix)
         self._observed: tuple[str, int] | None = None  # (quality, utc_ms - mono_ms)
         self._sync_cache: tuple[int | None, bool] = (None, False)
+
+    def now_ns(self) -> int:
+        """The monotonic time, nanoseconds: the instant every reading is stamped with."""
+        return self._mono_ns()
 
     def observe(self) -> ClockStep | None:
         """Compare the time now with the last observation; a step when it changed source

@@ -20,15 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.assembly import DeviceSpec, Gateway, GnssSpec
+from central.client import VerifierClient
+from core.devices import tag_ref
+from core.mqtt import BrokerConfig
+from core.topics import PLATFORM_CN
+from lab.mosquitto import BrokerError, make_pki, start_mosquitto
+from lab.simulators.gnss import GnssSim
+from lab.simulators.kiosk import KioskSim
+from lab.simulators.tag import SimTag, TagReceiverSim
 from provisioning.identity import create_identity, load_public_keys
-from provisioning.registry import open_registry, tag_ref
-from simulators.gnss import GnssSim
-from simulators.kiosk import KioskSim
-from simulators.tag import SimTag, TagReceiverSim
-from smartcorr.app import DeviceSpec, Gateway, GnssSpec
-from smartcorr.mosquitto import PLATFORM_CN, BrokerError, make_pki, start_mosquitto
-from uplink.forwarder import BrokerConfig
-from verifier.client import VerifierClient
+from provisioning.registry import open_registry
 
 log = logging.getLogger(__name__)
 DEMO_GATEWAY_ID = "demo-gw-0001"

@@ -14,19 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from buffer.record import JSON, Reading, Sealer, Source
+from buffer.seal import Sealer
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
-from drivers.framed import Driver, FramedDeviceProtocol
+from core.clock import Clock
+from core.mqtt import BrokerConfig
+from core.record import JSON, Reading, Source
 from drivers.gnss import Installed, time_steps
 from drivers.kiosk import KioskDriver
 from drivers.tag_receiver import TagReceiverDriver
+from firmware_bridge.framed import Driver, FramedDeviceProtocol
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
 from provisioning.identity import Identity
 from provisioning.registry import TagRegistry, open_registry
-from smartcorr.clock import Clock
-from uplink.forwarder import BrokerConfig, Forwarder
+from uplink.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"

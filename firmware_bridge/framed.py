@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from buffer.record import JSON, Reading, SealedRecord, Source
+from core.record import JSON, Reading, SealedRecord, Source
 from firmware_bridge.link import (
     DeviceRejected,
     DeviceSilent,

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from uplink.forwarder import TOPIC_ROOT, BrokerConfig, connect, make_client
-from verifier.core import Verifier
+from central.verifier import Verifier
+from core.mqtt import BrokerConfig, connect, make_client
+from core.topics import TOPIC_ROOT
 
 log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 24 * 3600

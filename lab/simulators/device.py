@@ -19,7 +19,7 @@ from pathlib import Path
 
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
-from simulators.pty import Faults, Pty, PtySim
+from lab.simulators.pty import Faults, Pty, PtySim
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01

@@ -17,25 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import UserError
+from core.topics import PLATFORM_CN, broker_acl
 from provisioning.pki import Authority, CertFiles, issue_to, make_authority, write_ca
 
 STARTUP_TIMEOUT_S = 15.0
-PLATFORM_CN = "platform-verifier"
-
-ACL = """\
-# gateways: only under their own prefix
-pattern write smartcorr/v1/gw/%u/records
-pattern write smartcorr/v1/gw/%u/status
-pattern read smartcorr/v1/gw/%u/cmd/#
-
-user {platform}
-topic read smartcorr/v1/gw/+/records
-topic read smartcorr/v1/gw/+/status
-topic write smartcorr/v1/gw/+/cmd/#
-"""
-
-
-class BrokerError(Exception):
+class BrokerError(UserError):
     """mosquitto is missing or did not start; the message says why and what to do."""
 
 
@@ -103,7 +90,7 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
     port = port or free_port(host)
     workdir.mkdir(parents=True, exist_ok=True)
     acl = workdir / "acl"
-    acl.write_text(ACL.format(platform=PLATFORM_CN))
+    acl.write_text(broker_acl(PLATFORM_CN))
     conf = workdir / "mosquitto.conf"
     lines = [
         f"listener {port} {host}",

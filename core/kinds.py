@@ -1,0 +1,67 @@
+"""The one table of record kinds and their delivery classes (DESIGN.md section 3).
+
+Every kind a gateway may seal is listed here, once. A kind missing from the
+table is an error (:class:`UnknownKindError`), never a default class: an unlisted
+alarm would otherwise go out behind the backlog.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Priority(enum.IntEnum):
+    """Delivery classes, highest first."""
+
+    ALARM = 0
+    CHECKIN = 1
+    STATUS = 2
+    POSITION = 3
+    HEARTBEAT = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class UnknownKindError(KeyError):
+    """A reading of a kind that is not in :data:`KIND_PRIORITY`."""
+
+
+KIND_PRIORITY: dict[str, Priority] = {
+    "tag.tamper": Priority.ALARM,
+    "tag.spoof": Priority.ALARM,
+    "gateway.moved": Priority.ALARM,
+    "gateway.returned": Priority.STATUS,
+    "checkin": Priority.CHECKIN,
+    "tag.tamper_restored": Priority.STATUS,
+    "tag.absent": Priority.STATUS,
+    "tag.present": Priority.STATUS,
+    "tag.battery_low": Priority.STATUS,
+    "tag.battery_ok": Priority.STATUS,
+    "kiosk.status": Priority.STATUS,
+    "kiosk.tamper": Priority.ALARM,
+    "kiosk.tamper_cleared": Priority.STATUS,
+    "kiosk.fault": Priority.STATUS,
+    "kiosk.fault_cleared": Priority.STATUS,
+    "device.up": Priority.STATUS,
+    "device.lost": Priority.STATUS,
+    "time.step": Priority.STATUS,
+    "gap": Priority.ALARM,
+    "tag.presence": Priority.POSITION,
+    "gnss.fix": Priority.POSITION,
+    "gateway.health": Priority.HEARTBEAT,
+    "gateway.boot": Priority.STATUS,
+    "device.error": Priority.STATUS,
+    # first out, so the platform learns the new key before records signed with it
+    "key.rotate": Priority.ALARM,
+}
+
+
+def priority_of(kind: str) -> Priority:
+    """The delivery class of *kind*; :class:`UnknownKindError` if the table does not list it."""
+    try:
+        return KIND_PRIORITY[kind]
+    except KeyError:
+        raise UnknownKindError(f"record kind {kind!r} is not in core.kinds.KIND_PRIORITY: "
+                          "add it there (and to docs/records.md)") from None

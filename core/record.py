@@ -1,0 +1,143 @@
+"""The record format shared by the gateway and the platform (docs/records.md).
+
+Value types of the pipeline (:class:`Source`, :class:`Reading`,
+:class:`Timestamp`), and the encoding both sides depend on: canonical bytes,
+base64url, key ids, the record's fields. Sealing lives in :mod:`buffer.seal`,
+verification in :mod:`central.record`.
+
+Canonical bytes: JSON with keys sorted, no insignificant whitespace, UTF-8 (not
+``\\u`` escapes), and no floating-point numbers anywhere (integers and strings
+only: a float has no single textual form across languages). Binary values are
+unpadded base64url (RFC 4648 section 5).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from core.kinds import Priority, priority_of
+
+FORMAT_VERSION = 1
+GENESIS_PREV = b"\x00" * 32
+JSON = Any  # JSON value without floats
+
+#: Every field of a record and its JSON type (``bool`` is never an ``int`` here).
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int, "gw": str, "seq": int, "prev": str, "boot": int, "t": int, "tq": str,
+    "mono": int, "src": dict, "kind": str, "prio": str, "body": dict, "kid": str, "sig": str,
+}
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def check_no_float(value: JSON, path: str) -> None:
+    """Raise :class:`TypeError` naming where *value* holds a float."""
+    if isinstance(value, float):
+        raise TypeError(f"float at {path}: records carry integers (scale them) or strings")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_no_float(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_no_float(item, f"{path}[{index}]")
+
+
+_SCALARS = frozenset({int, str, bool, type(None)})
+
+
+def has_float(value: JSON) -> bool:
+    """Fast check (the sealing hot path); :func:`check_no_float` says where."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list or kind is tuple:
+            stack.extend(item)
+        elif isinstance(item, float):
+            return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+    return False
+
+
+def canonical(obj: Mapping[str, JSON]) -> bytes:
+    """The one encoding that is signed and hashed."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """base64url of the first 12 bytes of SHA-256 over the raw public key."""
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return b64u(hashlib.sha256(raw).digest()[:12])
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    cls: str
+    id: str
+    fw: str | None = None
+
+    def to_json(self) -> dict[str, JSON]:
+        out: dict[str, JSON] = {"class": self.cls, "id": self.id}
+        if self.fw is not None:
+            out["fw"] = self.fw
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Something a driver observed; not yet a record. Its kind must be in the kind table
+    (:class:`core.kinds.UnknownKindError` otherwise)."""
+
+    kind: str
+    source: Source
+    body: Mapping[str, JSON]
+    mono_ns: int
+    #: (device serial, device event id) when a device waits for this to be committed.
+    device_event: tuple[str, int] | None = None
+    #: More (key, value) pairs the store keeps with this record, in its transaction
+    #: (e.g. a tag's rolling counter: replay protection that survives restarts).
+    ledger: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        priority_of(self.kind)  # an unknown kind fails where it is made, not at sealing
+
+    @property
+    def priority(self) -> Priority:
+        return priority_of(self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Timestamp:
+    utc_ms: int
+    quality: str  # gnss | ntp | rtc | unsynced
+    mono_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SealedRecord:
+    seq: int
+    priority: Priority
+    kind: str
+    data: bytes  # complete canonical bytes, signature included
+    digest: bytes  # SHA-256 of data: the next record's prev
