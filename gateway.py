@@ -12,18 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from core.devices import DEFAULT_ABSENT_AFTER_S
 from core.errors import EXIT_USER_ERROR, UserError
-
-if TYPE_CHECKING:
-    from app.assembly import GnssSpec
-    from app.config import GnssSection
 
 
 def _logging(verbose: int) -> None:
@@ -32,53 +25,10 @@ def _logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def _gnss_spec(sec: GnssSection) -> GnssSpec:
-    from app.assembly import GnssSpec
-    from drivers.gnss import Installed
-
-    installed = None
-    if sec.installed_lat is not None and sec.installed_lon is not None:
-        installed = Installed(round(sec.installed_lat * 1e7), round(sec.installed_lon * 1e7),
-                              sec.move_radius_m, sec.move_after_s)
-    return GnssSpec(sec.path, sec.baudrate, sec.fix_interval_s, installed)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from app import systemd
-    from app.assembly import DeviceSpec, Gateway
-    from app.config import load_config
-    from core.mqtt import BrokerConfig
-    from provisioning.identity import load_identity
+    from app import daemon
 
-    cfg = load_config(Path(args.config))
-    identity = load_identity(cfg.identity_dir)
-    b = cfg.broker
-    broker = BrokerConfig(b.host, b.port, str(b.ca_file) if b.ca_file else None,
-                          str(b.cert_file) if b.cert_file else None,
-                          str(b.key_file) if b.key_file else None, tls=b.tls)
-    gateway = Gateway(
-        identity, cfg.data_dir, broker,
-        devices=[DeviceSpec(d.name, d.kind, d.path, d.baudrate) for d in cfg.devices],
-        gnss=_gnss_spec(cfg.gnss) if cfg.gnss else None,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    gateway.start()
-    log = logging.getLogger("gateway")
-    log.warning("gateway %s running", identity.gateway_id)
-    systemd.notify(f"READY=1\nSTATUS=gateway {identity.gateway_id} running")
-    ping = systemd.watchdog_interval_s()
-    next_status = 0.0
-    while not stop.wait(min(ping or 60.0, 60.0)):
-        if ping is not None and gateway.alive():
-            systemd.notify("WATCHDOG=1")  # withheld if a thread died: systemd restarts us
-        if time.monotonic() >= next_status:
-            next_status = time.monotonic() + 60
-            log.info("status %s", json.dumps(gateway.status()))
-    systemd.notify("STOPPING=1\nSTATUS=draining")
-    gateway.stop(drain_s=5)
-    return 0
+    return daemon.run(Path(args.config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -169,17 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-
     run = sub.add_parser("run", help="run the gateway daemon")
     run.add_argument("--config", required=True, help="TOML configuration file")
     run.set_defaults(func=cmd_run)
-
     demo = sub.add_parser("demo", help="everything on this machine: broker, devices, verifier")
     from lab.demo import add_arguments
     add_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+    _provision_parsers(sub.add_parser("provision", help="installers: identity and enrolment"))
+    _diag_parsers(sub.add_parser("diag", help="technicians: diagnostics"))
+    return parser
 
-    prov = sub.add_parser("provision", help="installers: identity and enrolment")
+
+def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     psub = prov.add_subparsers(dest="action", required=True)
     init = psub.add_parser("init", help="create this gateway's identity and keys")
     init.add_argument("--identity-dir", required=True)
@@ -197,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--identity-dir", required=True)
     pair.add_argument("--tag", required=True, help="T00001000, 0x1000 or 4096")
     pair.add_argument("--key", help="the tag's AES-128 key, 32 hex digits (default: generate)")
-    pair.add_argument("--absent-after", type=int, default=120, metavar="S",
-                      help="report the tag absent after S seconds unheard (default 120)")
+    pair.add_argument("--absent-after", type=int, default=DEFAULT_ABSENT_AFTER_S, metavar="S",
+                      help="report the tag absent after S seconds unheard "
+                           f"(default {DEFAULT_ABSENT_AFTER_S})")
     pair.add_argument("--json", action="store_true")
     pair.set_defaults(func=cmd_provision_tags)
     unpair = psub.add_parser("unpair-tag", help="unpair an ankle tag")
@@ -211,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_provision_tags)
 
-    diag = sub.add_parser("diag", help="technicians: diagnostics")
+
+def _diag_parsers(diag: argparse.ArgumentParser) -> None:
     dsub = diag.add_subparsers(dest="action", required=True)
     for name, text in (("buffer", "queued records per class, oldest age, store integrity"),
                        ("keys", "identity, key ids, staged key, permissions (never a key)"),
@@ -231,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     nmea.add_argument("file")
     nmea.add_argument("--json", action="store_true")
     nmea.set_defaults(func=cmd_diag_nmea)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,126 +1,132 @@
-"""Assembly of the running gateway: ports -> drivers -> store writer -> uplink.
+"""The one place that builds the running gateway from its typed configuration.
 
-Threads: one per serial port, the store writer, the uplink forwarder and
-paho's network loop. They talk only through queues (and the clock and the
-writer's device ledger, both behind their own locks).
+ports -> drivers -> store writer -> uplink. Threads: one per serial port, the
+store writer, the uplink forwarder with paho's network loop, and the health
+thread. They talk only through queues (and the clock and the writer's device
+ledger, both behind their own locks). docs/architecture.md draws it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
+from app.config import Config, DeviceSection
 from buffer.seal import Sealer
-from buffer.store import Store, StoreReader
+from buffer.store import Store, StoreReader, store_path
 from buffer.writer import StoreWriter
 from core.clock import Clock
-from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, Source
-from drivers.gnss import Installed, time_steps
+from drivers.gnss import GnssProtocol, time_steps
 from drivers.kiosk import KioskDriver
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.framed import Driver, FramedDeviceProtocol
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
 from provisioning.identity import Identity
-from provisioning.registry import TagRegistry, open_registry
-from uplink.forwarder import Forwarder
+from provisioning.registry import open_registry
+from uplink.forwarder import AckHook, Forwarder
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 HEALTH_INTERVAL_S = 300.0
+#: How often the clock is compared with itself (a step is a ``time.step`` record).
 CLOCK_WATCH_S = 5.0
+#: How long ``stop`` waits for each thread.
+JOIN_TIMEOUT_S = 10.0
+GNSS_PORT_NAME = "gnss"
 
 
-@dataclass(frozen=True)
-class DeviceSpec:
-    name: str
-    kind: str  # tag_receiver | kiosk
-    path: str
-    baudrate: int = 115200
-
-
-@dataclass(frozen=True)
-class GnssSpec:
-    path: str
-    baudrate: int = 9600
-    fix_interval_s: float = 60.0
-    installed: Installed | None = None
-
-
-@dataclass
 class Gateway:
-    identity: Identity
-    data_dir: Path
-    broker: BrokerConfig
-    devices: list[DeviceSpec] = field(default_factory=list)
-    gnss: GnssSpec | None = None
-    clock: Clock = field(default_factory=Clock)
-    track_acked: bool = False
-    health_interval_s: float = HEALTH_INTERVAL_S
-    quota_bytes: int | None = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, config: Config, identity: Identity, *, clock: Clock | None = None,
+                 health_interval_s: float = HEALTH_INTERVAL_S,
+                 quota_bytes: int | None = None, on_acked: AckHook | None = None) -> None:
+        self.config = config
+        self.identity = identity
+        self.clock = clock or Clock()
+        self.health_interval_s = health_interval_s
+        self.quota_bytes = quota_bytes
+        self.on_acked = on_acked  # the uplink's PUBACK hook (the demo counts records)
+        self.source = Source("gateway", identity.gateway_id, VERSION)
         self.ports: list[PortWorker] = []
         self.protocols: dict[str, PortProtocol] = {}
         self._stopping = threading.Event()
         self._health = threading.Thread(target=self._health_loop, name="health", daemon=True)
 
+    @property
+    def data_dir(self) -> Path:
+        return self.config.data_dir
+
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = self.data_dir / "records.db"
-        self.store = Store(db, self.identity.storage_key, quota_bytes=self.quota_bytes)
+        self._start_pipeline()
+        for spec in self.config.devices:
+            proto = FramedDeviceProtocol(spec.name, spec.kind, self._driver(spec), self.writer)
+            self._add_port(spec.name, spec.path, spec.baudrate, proto)
+        gnss = self.config.gnss
+        if gnss is not None:
+            gproto = GnssProtocol(GNSS_PORT_NAME, self.writer, self.clock,
+                                  fix_interval_s=gnss.fix_interval_s, installed=gnss.installed)
+            self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
+        self._health.start()
+
+    def _start_pipeline(self) -> None:
+        """Store, sealer, writer and uplink; the boot record; a staged key announced."""
+        db = store_path(self.data_dir)
+        key = self.identity.storage_key
+        self.store = Store(db, key, quota_bytes=self.quota_bytes)
         state = self.store.state
         self.sealer = Sealer(self.identity.gateway_id, self.identity.signing_key,
                              last_seq=state.last_seq, last_digest=state.last_digest,
                              boot=state.boot)
-        self.reader = StoreReader(db, self.identity.storage_key)
+        self.reader = StoreReader(db, key)
         self.writer = StoreWriter(self.store, self.sealer, self.clock, source=self.source)
-        self.forwarder = Forwarder(self.identity.gateway_id, self.broker, self.reader,
-                                   self.writer, track_acked=self.track_acked)
+        self.forwarder = Forwarder(self.identity.gateway_id, self.config.broker, self.reader,
+                                   self.writer, on_acked=self.on_acked)
         self.writer.on_commit = lambda _records: self.forwarder.notify()
         self.writer.start()
         self.clock.observe()  # the baseline: later changes are time.step records
         self.writer.submit(Reading("gateway.boot", self.source, {
             "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
-        }, time.monotonic_ns()))
+        }, self.clock.now_ns()))
         next_key = self.identity.next_key
         if next_key is not None:
             log.warning("announcing the staged signing key and switching to it")
             self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
         self.forwarder.start()
-        for spec in self.devices:
-            driver: Driver
-            if spec.kind == "kiosk":
-                cls, driver = DeviceClass.KIOSK, KioskDriver(self.writer.last_committed_event)
-            else:
-                cls = DeviceClass.TAG_RECEIVER
-                driver = TagReceiverDriver(self.tag_registry().snapshot(),
-                                           self.writer.last_committed_event,
-                                           started_ns=time.monotonic_ns())
-            proto = FramedDeviceProtocol(spec.name, cls, driver, self.writer)
-            self._add_port(spec.name, spec.path, spec.baudrate, proto)
-        if self.gnss is not None:
-            from drivers.gnss import GnssProtocol  # pynmea2 is loaded only when needed
 
-            gproto = GnssProtocol("gnss", self.writer, self.clock,
-                                  fix_interval_s=self.gnss.fix_interval_s,
-                                  installed=self.gnss.installed)
-            self._add_port("gnss", self.gnss.path, self.gnss.baudrate, gproto)
-        self._health.start()
+    def _driver(self, spec: DeviceSection) -> Driver:
+        """The driver of a framed device, by its class (mypy checks every class is here)."""
+        kind = spec.kind
+        if kind is DeviceClass.TAG_RECEIVER:
+            registry = open_registry(self.identity)
+            try:
+                tags = registry.snapshot()
+            finally:
+                registry.close()
+            return TagReceiverDriver(tags, self.writer.last_committed_event,
+                                     started_ns=self.clock.now_ns())
+        if kind is DeviceClass.KIOSK:
+            return KioskDriver(self.writer.last_committed_event)
+        assert_never(kind)
+
+    def _add_port(self, name: str, path: str, baud: int, proto: PortProtocol) -> None:
+        worker = PortWorker(name, path, baud, proto)
+        self.ports.append(worker)
+        self.protocols[name] = proto
+        worker.start()
 
     def _health_loop(self) -> None:
-        next_health = time.monotonic() + self.health_interval_s
+        interval_ns = int(self.health_interval_s * 1e9)
+        next_health = self.clock.now_ns() + interval_ns
         while not self._stopping.wait(min(CLOCK_WATCH_S, self.health_interval_s)):
             steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
             if steps:
                 self.writer.submit_all(steps)
-            if time.monotonic() >= next_health:
-                next_health += self.health_interval_s
+            if self.clock.now_ns() >= next_health:
+                next_health += interval_ns
                 self.writer.submit_health(self._health_extra)
 
     def _health_extra(self) -> dict[str, JSON]:
@@ -146,25 +152,12 @@ class Gateway:
             "ports": ports,
         }
 
-    def tag_registry(self) -> TagRegistry:
-        return open_registry(self.identity)
-
-    @property
-    def source(self) -> Source:
-        return Source("gateway", self.identity.gateway_id, VERSION)
-
-    def _add_port(self, name: str, path: str, baud: int,
-                  proto: PortProtocol) -> None:
-        worker = PortWorker(name, path, baud, proto)
-        if isinstance(proto, FramedDeviceProtocol):
-            proto.post = worker.call_soon
-        self.ports.append(worker)
-        self.protocols[name] = proto
-        worker.start()
-
     def stop(self, drain_s: float = 5.0) -> bool:
-        """Stop reading devices, forward what is queued (up to *drain_s*), then stop."""
+        """Stop reading devices, forward what is queued (up to *drain_s*), then stop every
+        thread and close the store."""
         self._stopping.set()
+        if self._health.is_alive():
+            self._health.join(JOIN_TIMEOUT_S)
         for worker in self.ports:
             worker.stop()
         self.writer.flush()

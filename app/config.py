@@ -31,9 +31,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from core.errors import UserError
+from core.mqtt import BrokerConfig
+from drivers.gnss import Installed
+from firmware_bridge.messages import DeviceClass
 
 T = TypeVar("T")
-DEVICE_KINDS = ("tag_receiver", "kiosk")
+SECTIONS = ("gateway", "broker", "devices", "gnss")
+#: Device kinds a ``[[devices]]`` table may name: the framed device classes.
+DEVICE_KINDS = {c.label: c for c in DeviceClass}
+DEFAULT_DEVICE_BAUD = 115200
+DEFAULT_GNSS_BAUD = 9600
+DEFAULT_FIX_INTERVAL_S = 60.0
+DEFAULT_MOVE_RADIUS_M = 200
+MIN_MOVE_RADIUS_M = 10  # GNSS error is metres
+DEFAULT_MOVE_AFTER_S = 120.0
+MAX_PORT = 65535
+DEFAULT_MQTTS_PORT = 8883
 
 
 class ConfigError(UserError):
@@ -41,42 +54,41 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True)
-class BrokerSection:
-    host: str
-    port: int = 8883
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    tls: bool = True
-
-
-@dataclass(frozen=True)
 class DeviceSection:
     name: str
-    kind: str
+    kind: DeviceClass
     path: str
-    baudrate: int = 115200
+    baudrate: int = DEFAULT_DEVICE_BAUD
 
 
 @dataclass(frozen=True)
 class GnssSection:
     path: str
-    baudrate: int = 9600
-    fix_interval_s: float = 60.0
-    installed_lat: float | None = None  # degrees, WGS84: where the unit was installed
-    installed_lon: float | None = None
-    move_radius_m: int = 200
-    move_after_s: float = 120.0
+    baudrate: int = DEFAULT_GNSS_BAUD
+    fix_interval_s: float = DEFAULT_FIX_INTERVAL_S
+    #: Where the unit was installed; leaving it is the ``gateway.moved`` alarm.
+    installed: Installed | None = None
 
 
 @dataclass(frozen=True)
 class Config:
-    source: Path
-    identity_dir: Path
+    """What the gateway runs with: read from TOML by :func:`load_config`, or built in code
+    (the demo, tests) with the same types."""
+
     data_dir: Path
-    broker: BrokerSection
+    broker: BrokerConfig
     devices: list[DeviceSection] = field(default_factory=list)
     gnss: GnssSection | None = None
+    identity_dir: Path | None = None
+    source: Path | None = None  # the file it was read from
+
+    @property
+    def identity_path(self) -> Path:
+        """The identity directory (``[gateway] identity_dir``)."""
+        if self.identity_dir is None:
+            raise ConfigError(f"{self.source or 'configuration'}: [gateway] identity_dir is "
+                              "required: the directory 'provision init' made")
+        return self.identity_dir
 
 
 class _Section:
@@ -129,73 +141,84 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"gateway", "broker", "devices", "gnss"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: [{unknown[0]}]: unknown section")
-
     gw = _Section(path, "gateway", raw.get("gateway", {}))
     identity_dir = gw.path("identity_dir", required=True)
     data_dir = gw.path("data_dir", required=True)
     gw.done()
-
-    if "broker" not in raw:
-        raise ConfigError(f"{path}: [broker]: section is required (host, port, TLS files)")
-    br = _Section(path, "broker", raw["broker"])
-    tls = br.get("tls", bool, True)
-    broker = BrokerSection(
-        host=br.get("host", str, required=True),
-        port=br.get("port", int, 8883),
-        ca_file=br.path("ca_file", required=tls, must_exist=True),
-        cert_file=br.path("cert_file", required=tls, must_exist=True),
-        key_file=br.path("key_file", required=tls, must_exist=True),
-        tls=tls,
-    )
-    if not 1 <= broker.port <= 65535:
-        raise br.error("port", f"must be 1-65535, got {broker.port}")
-    br.done()
-
-    devices: list[DeviceSection] = []
-    tables = raw.get("devices", [])
-    if not isinstance(tables, list):
-        raise ConfigError(f"{path}: devices: use [[devices]] tables")
-    for index, table in enumerate(tables):
-        sec = _Section(path, f"devices.{index}", table)
-        dev = DeviceSection(
-            name=sec.get("name", str, required=True),
-            kind=sec.get("kind", str, required=True),
-            path=sec.get("path", str, required=True),
-            baudrate=sec.get("baudrate", int, 115200),
-        )
-        if dev.kind not in DEVICE_KINDS:
-            raise sec.error("kind", f"must be one of {', '.join(DEVICE_KINDS)}, got {dev.kind!r}")
-        if any(d.name == dev.name for d in devices):
-            raise sec.error("name", f"{dev.name!r} is used by another device")
-        sec.done()
-        devices.append(dev)
-
-    gnss = None
-    if "gnss" in raw:
-        sec = _Section(path, "gnss", raw["gnss"])
-        gnss = GnssSection(
-            path=sec.get("path", str, required=True),
-            baudrate=sec.get("baudrate", int, 9600),
-            fix_interval_s=sec.get("fix_interval_s", float, 60.0),
-            installed_lat=sec.get("installed_lat", float, None),
-            installed_lon=sec.get("installed_lon", float, None),
-            move_radius_m=sec.get("move_radius_m", int, 200),
-            move_after_s=sec.get("move_after_s", float, 120.0),
-        )
-        if gnss.fix_interval_s <= 0:
-            raise sec.error("fix_interval_s", "must be positive")
-        if (gnss.installed_lat is None) != (gnss.installed_lon is None):
-            raise sec.error("installed_lat", "give installed_lat and installed_lon together")
-        if gnss.installed_lat is not None and not -90 <= gnss.installed_lat <= 90:
-            raise sec.error("installed_lat", f"must be -90..90, got {gnss.installed_lat}")
-        if gnss.installed_lon is not None and not -180 <= gnss.installed_lon <= 180:
-            raise sec.error("installed_lon", f"must be -180..180, got {gnss.installed_lon}")
-        if gnss.move_radius_m < 10:
-            raise sec.error("move_radius_m", "must be at least 10 (GNSS error is metres)")
-        sec.done()
     if identity_dir is None or data_dir is None:  # pragma: no cover - required=True above
         raise gw.error(None, "identity_dir and data_dir are required")
-    return Config(path, identity_dir, data_dir, broker, devices, gnss)
+    if "broker" not in raw:
+        raise ConfigError(f"{path}: [broker]: section is required (host, port, TLS files)")
+    return Config(
+        data_dir=data_dir,
+        broker=_broker(_Section(path, "broker", raw["broker"])),
+        devices=_devices(path, raw.get("devices", [])),
+        gnss=_gnss(_Section(path, "gnss", raw["gnss"])) if "gnss" in raw else None,
+        identity_dir=identity_dir,
+        source=path,
+    )
+
+
+def _broker(sec: _Section) -> BrokerConfig:
+    tls = sec.get("tls", bool, True)
+    host = sec.get("host", str, required=True)
+    port = sec.get("port", int, DEFAULT_MQTTS_PORT)
+    ca, cert, key = (sec.path(name, required=tls, must_exist=True)
+                     for name in ("ca_file", "cert_file", "key_file"))
+    broker = BrokerConfig(host, port, _text(ca), _text(cert), _text(key), tls=tls)
+    if not 1 <= broker.port <= MAX_PORT:
+        raise sec.error("port", f"must be 1-{MAX_PORT}, got {broker.port}")
+    sec.done()
+    return broker
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _devices(path: Path, tables: Any) -> list[DeviceSection]:
+    if not isinstance(tables, list):
+        raise ConfigError(f"{path}: devices: use [[devices]] tables")
+    devices: list[DeviceSection] = []
+    for index, table in enumerate(tables):
+        sec = _Section(path, f"devices.{index}", table)
+        name = sec.get("name", str, required=True)
+        kind = sec.get("kind", str, required=True)
+        if kind not in DEVICE_KINDS:
+            raise sec.error("kind", f"must be one of {', '.join(DEVICE_KINDS)}, got {kind!r}")
+        if any(d.name == name for d in devices):
+            raise sec.error("name", f"{name!r} is used by another device")
+        devices.append(DeviceSection(name, DEVICE_KINDS[kind], sec.get("path", str, required=True),
+                                     sec.get("baudrate", int, DEFAULT_DEVICE_BAUD)))
+        sec.done()
+    return devices
+
+
+def _gnss(sec: _Section) -> GnssSection:
+    path = sec.get("path", str, required=True)
+    baudrate = sec.get("baudrate", int, DEFAULT_GNSS_BAUD)
+    fix_interval_s = sec.get("fix_interval_s", float, DEFAULT_FIX_INTERVAL_S)
+    if fix_interval_s <= 0:
+        raise sec.error("fix_interval_s", "must be positive")
+    lat = sec.get("installed_lat", float, None)
+    lon = sec.get("installed_lon", float, None)
+    radius_m = sec.get("move_radius_m", int, DEFAULT_MOVE_RADIUS_M)
+    after_s = sec.get("move_after_s", float, DEFAULT_MOVE_AFTER_S)
+    if (lat is None) != (lon is None):
+        raise sec.error("installed_lat", "give installed_lat and installed_lon together")
+    if lat is not None and not -90 <= lat <= 90:
+        raise sec.error("installed_lat", f"must be -90..90, got {lat}")
+    if lon is not None and not -180 <= lon <= 180:
+        raise sec.error("installed_lon", f"must be -180..180, got {lon}")
+    if radius_m < MIN_MOVE_RADIUS_M:
+        raise sec.error("move_radius_m", f"must be at least {MIN_MOVE_RADIUS_M} "
+                                         "(GNSS error is metres)")
+    installed = None
+    if lat is not None and lon is not None:
+        installed = Installed(round(lat * 1e7), round(lon * 1e7), radius_m, after_s)
+    gnss = GnssSection(path, baudrate, fix_interval_s, installed)
+    sec.done()
+    return gnss

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
+from buffer.store import STORE_FILE, store_path
 from core.kinds import Priority
 from provisioning.identity import IdentityError, load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
 
 
 def buffer_report(cfg: Config) -> dict[str, Any]:
-    db = cfg.data_dir / "records.db"
+    db = store_path(cfg.data_dir)
     if not db.exists():
         return {"store": str(db), "exists": False}
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -43,7 +44,7 @@ def buffer_report(cfg: Config) -> dict[str, Any]:
         integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
     finally:
         conn.close()
-    files = {p.name: p.stat().st_size for p in db.parent.glob("records.db*")}
+    files = {p.name: p.stat().st_size for p in db.parent.glob(f"{STORE_FILE}*")}
     return {
         "store": str(db), "exists": True, "last_seq": int(meta.get("last_seq", b"0")),
         "boot": int(meta.get("boot", b"0")), "classes": classes, "files": files,
@@ -54,13 +55,13 @@ def buffer_report(cfg: Config) -> dict[str, Any]:
 def keys_report(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"identity_dir": str(cfg.identity_dir)}
     try:
-        ident = load_identity(cfg.identity_dir)
+        ident = load_identity(cfg.identity_path)
     except IdentityError as exc:
         return out | {"ok": False, "error": str(exc)}
     staged = ident.next_key
     problems = []
     for name in ("signing.key", "storage.key", "signing.next.key", REGISTRY_FILE):
-        path = cfg.identity_dir / name
+        path = cfg.identity_path / name
         if path.exists() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             problems.append(f"{path} is readable by others: chmod 600 {path}")
     try:
@@ -107,7 +108,8 @@ def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[st
     }
     with tarfile.open(out, "w:gz") as tar:
         _add(tar, "reports.json", json.dumps(reports, indent=2).encode())
-        _add(tar, "gateway.toml", cfg.source.read_bytes())
+        if cfg.source is not None:
+            _add(tar, "gateway.toml", cfg.source.read_bytes())
         if include_personal:
             _add(tar, "records.ndjson", _queued_records(cfg))
     out.chmod(0o600)
@@ -117,8 +119,8 @@ def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[st
 def _queued_records(cfg: Config) -> bytes:
     from buffer.store import StoreReader
 
-    ident = load_identity(cfg.identity_dir)
-    reader = StoreReader(cfg.data_dir / "records.db", ident.storage_key)
+    ident = load_identity(cfg.identity_path)
+    reader = StoreReader(store_path(cfg.data_dir), ident.storage_key)
     lines: list[bytes] = []
     cursors: dict[Priority, int] = {}
     while (batch := reader.next_batch(cursors, 1000, 1 << 24)) is not None:

@@ -54,6 +54,13 @@ EVICT_SLACK = 0.02
 ROW_OVERHEAD = 16
 _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
+#: The store's file in the gateway's data directory (SQLite adds -wal and -shm beside it).
+STORE_FILE = "records.db"
+
+
+def store_path(data_dir: Path) -> Path:
+    """Where the record store of the gateway whose data directory is *data_dir* lives."""
+    return data_dir / STORE_FILE
 
 
 class StoreError(UserError):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: A paired tag not heard for this long is reported absent, seconds.
+DEFAULT_ABSENT_AFTER_S = 120
+
 
 @dataclass(frozen=True)
 class PairedTag:

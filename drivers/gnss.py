@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 from core.clock import Clock
 from core.record import JSON, Reading, Source
 from drivers.nmea import Fix, GnssTime, NmeaReader
-from firmware_bridge.framed import Sink
+from firmware_bridge.framed import REASON_CHARS, Sink
+from firmware_bridge.port import Transport
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,12 @@ class GnssProtocol:
         self.monitor = GnssMonitor(self._source, fix_interval_s=fix_interval_s,
                                    installed=installed)
 
-    def connection_made(self, now: float) -> None:
-        del now
+    def connection_made(self, transport: Transport, now_ns: int) -> None:
+        del transport, now_ns  # the GNSS receiver is only listened to
 
-    def data_received(self, data: bytes, now: float) -> None:
-        del now
+    def data_received(self, data: bytes, now_ns: int) -> None:
         readings: list[Reading] = []
-        for event in self.reader.feed(data, time.monotonic_ns()):
+        for event in self.reader.feed(data, now_ns):
             if isinstance(event, GnssTime):
                 if self.monitor.trusts(event):
                     self.clock.gnss_time(int(event.utc.timestamp() * 1e9), event.mono_ns)
@@ -141,14 +140,13 @@ class GnssProtocol:
         if readings:
             self.sink.submit_all(readings)
 
-    def tick(self, now: float) -> None:
-        del now
+    def tick(self, now_ns: int) -> None:
+        del now_ns
 
-    def connection_lost(self, reason: str, now: float) -> None:
-        del now
+    def connection_lost(self, reason: str, now_ns: int) -> None:
         self.sink.submit(Reading("device.lost", self._source,
-                                 {"port": self.port_name, "reason": reason[:120]},
-                                 time.monotonic_ns()))
+                                 {"port": self.port_name, "reason": reason[:REASON_CHARS]},
+                                 now_ns))
 
     def data_to_send(self) -> bytes:
         return b""

@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Self
 
-from core.kinds import Priority
 from core.record import JSON, Reading, Source
 from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
@@ -104,15 +103,9 @@ FAULTS: tuple[tuple[int, str], ...] = (
     (FLAG_FINGERPRINT_FAULT, "fingerprint"),
 )
 
-#: Delivery class of each kind this driver makes (merged into buffer.record.KIND_PRIORITY).
-KIOSK_KIND_PRIORITY: dict[str, Priority] = {
-    "checkin": Priority.CHECKIN,
-    "kiosk.tamper": Priority.ALARM,
-    "kiosk.tamper_cleared": Priority.STATUS,
-    "kiosk.fault": Priority.STATUS,
-    "kiosk.fault_cleared": Priority.STATUS,
-    "kiosk.status": Priority.STATUS,
-}
+#: The kinds this driver makes (their delivery classes are in core.kinds, once).
+KIOSK_KINDS = frozenset({"checkin", "kiosk.tamper", "kiosk.tamper_cleared", "kiosk.fault",
+                         "kiosk.fault_cleared", "kiosk.status"})
 
 _CHECKIN = struct.Struct("<BBHIhB")
 _STATUS = struct.Struct("<HB")
@@ -392,7 +385,7 @@ class KioskDriver:
 __all__ = [
     "FAULTS",
     "FLAG_NAMES",
-    "KIOSK_KIND_PRIORITY",
+    "KIOSK_KINDS",
     "MSG_CHECKIN",
     "MSG_STATUS",
     "CheckIn",

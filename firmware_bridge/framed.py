@@ -2,13 +2,12 @@
 
 Runs on the port's thread. Each new device message becomes readings submitted
 to the store writer; the device is ACKed from the writer's commit callback,
-hopped back onto the port thread with ``post``.
+hopped back onto the port thread with the transport's ``call_soon``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,11 +23,11 @@ from firmware_bridge.link import (
     Message,
 )
 from firmware_bridge.messages import DeviceClass, Hello
+from firmware_bridge.port import Transport
 
 log = logging.getLogger(__name__)
-
-Post = Callable[[Callable[[], None]], None]
-
+#: How much of a port error's text a device.lost record keeps.
+REASON_CHARS = 120
 
 class Driver(Protocol):
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]: ...
@@ -71,37 +70,37 @@ class FramedDeviceProtocol:
         self.driver = driver
         self.sink = sink
         self.link = link or HostLink(sink.last_committed_event)
-        self.post: Post = lambda fn: fn()
-        self.reopen_requested = False
+        self._transport: Transport | None = None
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
 
     # -- PortProtocol ------------------------------------------------------------
-    def connection_made(self, now: float) -> None:
-        self.link.connection_made(now)
+    def connection_made(self, transport: Transport, now_ns: int) -> None:
+        self._transport = transport
+        self.link.connection_made(now_ns / 1e9)
 
-    def data_received(self, data: bytes, now: float) -> None:
-        self._handle(self.link.receive_data(data, now))
+    def data_received(self, data: bytes, now_ns: int) -> None:
+        self._handle(self.link.receive_data(data, now_ns / 1e9), now_ns)
 
-    def tick(self, now: float) -> None:
-        self._handle(self.link.tick(now))
-        readings = self.driver.tick(time.monotonic_ns())
+    def tick(self, now_ns: int) -> None:
+        self._handle(self.link.tick(now_ns / 1e9), now_ns)
+        readings = self.driver.tick(now_ns)
         if readings:
             self.sink.submit_all(readings)
 
-    def connection_lost(self, reason: str, now: float) -> None:
-        del now
+    def connection_lost(self, reason: str, now_ns: int) -> None:
         self.link.connection_lost()
-        self._status("device.lost", {"port": self.port_name, "reason": reason[:120]})
+        self._status("device.lost", {"port": self.port_name, "reason": reason[:REASON_CHARS]},
+                     now_ns)
 
     def data_to_send(self) -> bytes:
         return self.link.data_to_send()
 
     # -- internals ---------------------------------------------------------------
-    def _handle(self, events: list[LinkEvent]) -> None:
+    def _handle(self, events: list[LinkEvent], now_ns: int) -> None:
         for event in events:
             if isinstance(event, Message):
-                self._on_message(event)
+                self._on_message(event, now_ns)
             elif isinstance(event, DeviceUp):
                 hello = event.hello
                 self._source = Source(self.device_class.label, hello.serial, hello.firmware_text)
@@ -110,7 +109,7 @@ class FramedDeviceProtocol:
                 self._status("device.up", {
                     "port": self.port_name, "boot": hello.boot_count,
                     "protocol": hello.protocol_version,
-                })
+                }, now_ns)
                 readings = self.driver.on_device_up(hello)
                 if readings:
                     self.sink.submit_all(readings)
@@ -119,18 +118,18 @@ class FramedDeviceProtocol:
                           event.hello.serial, event.result.name, event.hello.protocol_version)
             elif isinstance(event, DeviceSilent):
                 self._status("device.lost", {"port": self.port_name, "reason": "silent",
-                                             "silent_ms": int(event.silent_s * 1000)})
-                self.reopen_requested = True  # a wedged USB-UART often needs a reopen
+                                             "silent_ms": int(event.silent_s * 1000)}, now_ns)
+                if self._transport is not None:  # a wedged USB-UART often needs a reopen
+                    self._transport.reopen("device silent: reopening the port")
             elif isinstance(event, FrameRejected):
                 log.debug("%s: frame rejected (%s): %s", self.port_name, event.reason,
                           event.raw[:48].hex(" "))
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message, mono_ns: int) -> None:
         hello = self.link.hello
         if hello is None:  # pragma: no cover - the link only delivers after a handshake
             return
         self.stats.messages += 1
-        mono_ns = time.monotonic_ns()
         try:
             readings = self.driver.on_message(msg, hello, mono_ns)
         except Exception:
@@ -146,8 +145,12 @@ class FramedDeviceProtocol:
         event_id = msg.event_id
         self.stats.submitted += len(readings)
 
+        transport = self._transport
+        if transport is None:  # pragma: no cover - messages arrive only on a connection
+            return
+
         def on_committed(_rec: SealedRecord) -> None:
-            self.post(lambda: self._ack(event_id))
+            transport.call_soon(lambda: self._ack(event_id))
 
         self.sink.submit_all(readings, on_committed)
 
@@ -155,8 +158,8 @@ class FramedDeviceProtocol:
         self.stats.acked += 1
         self.link.committed(event_id)
 
-    def _status(self, kind: str, body: dict[str, JSON]) -> None:
-        self.sink.submit(Reading(kind, self._source, body, time.monotonic_ns()))
+    def _status(self, kind: str, body: dict[str, JSON], mono_ns: int) -> None:
+        self.sink.submit(Reading(kind, self._source, body, mono_ns))
 
 
 def device_error(

@@ -38,14 +38,24 @@ READ_CHUNK = 4096
 WRITE_TIMEOUT_S = 2.0
 
 
-class PortProtocol(Protocol):
-    """What a port worker drives. A protocol may also set ``reopen_requested = True``
-    (a device that stopped answering): the worker then closes and reopens the port."""
+class Transport(Protocol):
+    """What a protocol may ask of its port (given in ``connection_made``)."""
 
-    def connection_made(self, now: float) -> None: ...
-    def data_received(self, data: bytes, now: float) -> None: ...
-    def tick(self, now: float) -> None: ...
-    def connection_lost(self, reason: str, now: float) -> None: ...
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run *fn* on the port's thread (thread-safe: e.g. "this event is committed")."""
+
+    def reopen(self, reason: str) -> None:
+        """Close the port and open it again (a device that stopped answering)."""
+
+
+class PortProtocol(Protocol):
+    """What a port worker drives, as pyserial's ``serial.threaded.Protocol``. Every call
+    runs on the port's thread and gives the monotonic time, nanoseconds."""
+
+    def connection_made(self, transport: Transport, now_ns: int) -> None: ...
+    def data_received(self, data: bytes, now_ns: int) -> None: ...
+    def tick(self, now_ns: int) -> None: ...
+    def connection_lost(self, reason: str, now_ns: int) -> None: ...
     def data_to_send(self) -> bytes: ...
 
 
@@ -81,6 +91,7 @@ class PortWorker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
+        self._reopen_reason: str | None = None
         self.stats = PortStats()
         self._thread = threading.Thread(target=self._run, name=f"port-{name}", daemon=True)
         self.connected = threading.Event()
@@ -102,6 +113,10 @@ class PortWorker:
         """Run *fn* on the port's thread (thread-safe)."""
         self._calls.put(fn)
         self._wake()
+
+    def reopen(self, reason: str) -> None:
+        """Close and reopen the port after the current step (called on the port's thread)."""
+        self._reopen_reason = reason
 
     def _wake(self) -> None:
         # BlockingIOError: a wake-up is already pending; OSError: we are stopping
@@ -137,20 +152,22 @@ class PortWorker:
             self.connected.clear()
             with contextlib.suppress(serial.SerialException, OSError):
                 port.close()
-            self._guard(functools.partial(self.protocol.connection_lost, reason, time.monotonic()))
+            self._guard(functools.partial(self.protocol.connection_lost, reason,
+                                          time.monotonic_ns()))
             if reason != "stopped":
                 log.warning("%s: lost %s (%s); reopening", self.name, self.path, reason)
 
     def _serve(self, port: serial.Serial) -> str:
         self.stats.connected = True
         self.connected.set()
-        self._guard(lambda: self.protocol.connection_made(time.monotonic()))
+        self._reopen_reason = None
+        self._guard(functools.partial(self.protocol.connection_made, self, time.monotonic_ns()))
         fd = port.fileno()
         try:
             while not self._stop.is_set():
                 self._flush(port)
                 readable, _, _ = select.select([fd, self._wake_r], [], [], TICK_S)
-                now = time.monotonic()
+                now_ns = time.monotonic_ns()
                 if self._wake_r in readable:
                     os.read(self._wake_r, 512)
                 if fd in readable:
@@ -160,12 +177,11 @@ class PortWorker:
                     self.stats.bytes_in += len(data)
                     if trace.isEnabledFor(logging.DEBUG):
                         trace.debug("%s <- %s", self.name, data.hex(" "))
-                    self._guard(functools.partial(self.protocol.data_received, data, now))
+                    self._guard(functools.partial(self.protocol.data_received, data, now_ns))
                 self._run_calls()
-                self._guard(functools.partial(self.protocol.tick, now))
-                if getattr(self.protocol, "reopen_requested", False):
-                    self.protocol.reopen_requested = False  # type: ignore[attr-defined]
-                    return "device silent: reopening the port"
+                self._guard(functools.partial(self.protocol.tick, now_ns))
+                if self._reopen_reason is not None:
+                    return self._reopen_reason
             self._flush(port)
         except (serial.SerialException, OSError) as exc:
             return str(exc) or type(exc).__name__

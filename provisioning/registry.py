@@ -22,14 +22,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
-from core.devices import PairedTag, tag_ref
+from core.devices import DEFAULT_ABSENT_AFTER_S, PairedTag, tag_ref
 from core.errors import UserError
 from provisioning.identity import Identity, atomic_write
 
 REGISTRY_FILE = "tags.json"
 TAG_RE = re.compile(r"^T[0-9A-F]{8}$")
-#: A paired tag not heard for this long is reported absent, seconds.
-DEFAULT_ABSENT_AFTER_S = 120
 
 
 class RegistryError(UserError):

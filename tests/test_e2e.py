@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from app.assembly import DeviceSpec, Gateway, GnssSpec
+from app.assembly import Gateway
+from app.config import Config, DeviceSection, GnssSection
 from central.client import VerifierClient
 from central.record import VerifiedRecord
 from core.devices import tag_ref
 from core.topics import PLATFORM_CN
+from firmware_bridge.messages import DeviceClass
+from lab.acked import AckedCounter
 from lab.mosquitto import Mosquitto, Pki
 from lab.simulators.gnss import GnssSim
 from lab.simulators.tag import SimTag, TagReceiverSim
@@ -39,9 +42,11 @@ def test_every_beacon_arrives_verified_in_order_exactly_once(
         registry.pair(tag_ref(tag.tag_id), tag.key)
     sim = TagReceiverSim("TR-E2E-0001", tags=tags, link=tmp_path / "ttyTAGS").start()
     gnss = GnssSim(link=tmp_path / "ttyGNSS", period_s=0.2).start()
-    gateway = Gateway(identity, tmp_path / "data", broker_for(mosquitto, pki, identity.gateway_id),
-                      devices=[DeviceSpec("tags", "tag_receiver", sim.path)],
-                      gnss=GnssSpec(gnss.path, fix_interval_s=0.5), track_acked=True)
+    config = Config(tmp_path / "data", broker_for(mosquitto, pki, identity.gateway_id),
+                    devices=[DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)],
+                    gnss=GnssSection(gnss.path, fix_interval_s=0.5))
+    acked = AckedCounter()
+    gateway = Gateway(config, identity, on_acked=acked)
     gateway.start()
     try:
         n = 120
@@ -53,14 +58,14 @@ def test_every_beacon_arrives_verified_in_order_exactly_once(
         gnss.stop()
         sim.stop()
         assert gateway.stop(drain_s=15)
-    published = gateway.forwarder.stats.acked_seqs
-    wait_for(lambda: verifier.summary()["received"] >= len(published), 15, "the verifier")
+    published = acked.count
+    wait_for(lambda: verifier.summary()["received"] >= published, 15, "the verifier")
     verifier.stop()
 
     summary = verifier.summary()
     assert summary["bad_signature"] == 0
     assert summary["chain_gaps"] == 0
-    assert summary["received"] == summary["verified"] == len(published)
+    assert summary["received"] == summary["verified"] == published
     beacons = sorted((r for r in arrived if r.kind == "tag.presence"), key=lambda r: r.seq)
     assert len(beacons) == n  # exactly once after de-duplication
     for tag in tags:

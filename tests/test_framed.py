@@ -28,6 +28,19 @@ class Sink:
         return None
 
 
+class InlineTransport:
+    """The port's side, in memory: calls run at once, reopen requests are kept."""
+
+    def __init__(self) -> None:
+        self.reopens: list[str] = []
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def reopen(self, reason: str) -> None:
+        self.reopens.append(reason)
+
+
 class BrokenDriver:
     def on_message(self, msg: object, hello: Hello, mono_ns: int) -> list[Reading]:
         raise RuntimeError("bug")
@@ -44,14 +57,14 @@ def test_a_driver_exception_is_recorded_and_the_device_acknowledged() -> None:
     proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, BrokenDriver(), sink)
     device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
     device.enqueue(0x01, b"\x42")
-    now = 0.0
-    proto.connection_made(now)
+    now_ns = 0
+    proto.connection_made(InlineTransport(), now_ns)
     for _ in range(50):
-        now += 0.01
-        device.receive_data(proto.data_to_send(), now)
-        device.tick(now)
-        proto.data_received(device.data_to_send(), now)
-        proto.tick(now)
+        now_ns += 10_000_000
+        device.receive_data(proto.data_to_send(), now_ns / 1e9)
+        device.tick(now_ns / 1e9)
+        proto.data_received(device.data_to_send(), now_ns)
+        proto.tick(now_ns)
     assert not device.queue  # acknowledged
     errors = [r for r in sink.committed if r.kind == "device.error"]
     assert len(errors) == 1

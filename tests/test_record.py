@@ -133,3 +133,10 @@ def test_the_spliced_encoding_is_the_canonical_one() -> None:
         data = s.seal(Reading("tag.presence", SRC, body, 1), Timestamp(1, "ntp", 1)).data
         assert canonical(json.loads(data)) == data
         verify_record(data, KEYS)
+
+
+def test_a_kind_missing_from_the_table_is_an_error_not_a_default_class() -> None:
+    from core.kinds import UnknownKindError
+
+    with pytest.raises(UnknownKindError, match="core.kinds"):
+        Reading("tag.tamperd", Source("tag_receiver", "TR-1"), {}, 0)

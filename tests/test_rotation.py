@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from app.assembly import Gateway
+from app.config import Config
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader
 from buffer.writer import StoreWriter
@@ -82,7 +83,7 @@ def test_the_gateway_announces_a_staged_key_at_start_and_promotes_it(
 ) -> None:
     new_pub = stage_next_key(identity.directory)
     nowhere = BrokerConfig("127.0.0.1", 9, tls=False)  # no broker: records stay queued
-    gateway = Gateway(identity, tmp_path / "data", nowhere)
+    gateway = Gateway(Config(tmp_path / "data", nowhere), identity)
     gateway.start()
     assert gateway.writer.flush()
     gateway.stop(drain_s=0.1)
