@@ -138,5 +138,5 @@ def test_the_spliced_encoding_is_the_canonical_one() -> None:
 def test_a_kind_missing_from_the_table_is_an_error_not_a_default_class() -> None:
     from core.kinds import UnknownKindError
 
-    with pytest.raises(UnknownKindError, match="core.kinds"):
+    with pytest.raises(UnknownKindError, match=r"core\.kinds"):
         Reading("tag.tamperd", Source("tag_receiver", "TR-1"), {}, 0)
