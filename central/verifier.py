@@ -10,6 +10,7 @@ reported as gaps unless a signed ``gap`` record accounts for them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ class _GatewayChain:
     digests: dict[int, bytes] = field(default_factory=dict)
     prevs: dict[int, bytes] = field(default_factory=dict)
     explained: set[int] = field(default_factory=set)  # seqs a signed gap record accounts for
-    by_kind: dict[str, int] = field(default_factory=dict)
+    by_kind: Counter[str] = field(default_factory=Counter)
 
 
 class Verifier:
@@ -70,10 +71,6 @@ class Verifier:
         self.stats.held -= len(held)
         for data in held:
             self.ingest_record(data)
-
-    def unresolved(self) -> int:
-        """Records still held for an unknown key: at the end, they count as unknown_key."""
-        return len(self._held)
 
     def ingest(self, payload: bytes) -> list[VerifiedRecord]:
         """One MQTT message: records separated by newlines."""
@@ -111,7 +108,7 @@ class Verifier:
         self.stats.verified += 1
         chain.digests[rec.seq] = rec.digest
         chain.prevs[rec.seq] = rec.prev
-        chain.by_kind[rec.kind] = chain.by_kind.get(rec.kind, 0) + 1
+        chain.by_kind[rec.kind] += 1
         before = chain.digests.get(rec.seq - 1)
         if before is not None and before != rec.prev:
             self.stats.chain_breaks += 1
@@ -142,15 +139,6 @@ class Verifier:
                 missing.append((start, seq - 1))
                 start = None
         return missing
-
-    def explained(self, gateway_id: str) -> set[int]:
-        return set(self._chains.get(gateway_id, _GatewayChain()).explained)
-
-    def gateways(self) -> list[str]:
-        return sorted(self._chains)
-
-    def seqs(self, gateway_id: str) -> set[int]:
-        return set(self._chains.get(gateway_id, _GatewayChain()).digests)
 
     def kinds(self, gateway_id: str) -> dict[str, int]:
         return dict(self._chains.get(gateway_id, _GatewayChain()).by_kind)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -265,10 +266,10 @@ class KioskStats:
     checkins: int = 0
     statuses: int = 0
     transitions: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
 
     def reject(self, why: str) -> None:
-        self.rejected[why] = self.rejected.get(why, 0) + 1
+        self.rejected[why] += 1
 
 
 class KioskDriver:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from fractions import Fraction
@@ -176,9 +177,9 @@ class NmeaStats:
     """Part of ``sentences_ok``: proprietary and undecoded types, counted and skipped."""
     invalid_fixes: int = 0
     """GGA/RMC claiming a fix without a usable position (empty, malformed, out of range)."""
-    by_type: dict[str, int] = field(default_factory=dict)
-    by_talker: dict[str, int] = field(default_factory=dict)
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    by_type: Counter[str] = field(default_factory=Counter)
+    by_talker: Counter[str] = field(default_factory=Counter)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
     bytes_skipped: int = 0
     """Bytes outside any ``$`` run, line ends excepted (binary frames, noise)."""
 
@@ -307,14 +308,14 @@ class NmeaReader:
     def _reject(self, reason: str, head: bytes | str) -> None:
         stats = self.stats
         stats.rejected += 1
-        stats.rejected_by_reason[reason] = stats.rejected_by_reason.get(reason, 0) + 1
+        stats.rejected_by_reason[reason] += 1
         log.debug("nmea: rejected (%s): %r", reason, head[:40])
 
     def _count(self, talker: str, kind: str) -> None:
         stats = self.stats
         stats.sentences_ok += 1
-        stats.by_type[kind] = stats.by_type.get(kind, 0) + 1
-        stats.by_talker[talker] = stats.by_talker.get(talker, 0) + 1
+        stats.by_type[kind] += 1
+        stats.by_talker[talker] += 1
 
     def _on_sentence(self, body: str, mono_ns: int, events: list[Event]) -> None:
         address = body.partition(",")[0]

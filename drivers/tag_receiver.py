@@ -25,6 +25,7 @@ import enum
 import hmac
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -124,11 +125,11 @@ class _TagState:
 class TagStats:
     beacons: int = 0
     accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
     spoof_alarms: int = 0
 
     def reject(self, why: Rejection) -> None:
-        self.rejected[why.value] = self.rejected.get(why.value, 0) + 1
+        self.rejected[why.value] += 1
 
 
 class TagReceiverDriver:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 DELIMITER = 0x00
@@ -138,7 +139,7 @@ class DecoderStats:
     frames: int = 0
     bad_frames: int = 0
     garbage_bytes: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    by_reason: Counter[str] = field(default_factory=Counter)
 
 
 class FrameDecoder:
@@ -187,5 +188,5 @@ class FrameDecoder:
 
     def _bad(self, reason: BadFrameReason, raw: bytes) -> BadFrame:
         self.stats.bad_frames += 1
-        self.stats.by_reason[reason.value] = self.stats.by_reason.get(reason.value, 0) + 1
+        self.stats.by_reason[reason.value] += 1
         return BadFrame(reason, raw)

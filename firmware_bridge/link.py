@@ -13,6 +13,7 @@ commit and ACK) is acknowledged again and not delivered twice.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ class LinkStats:
     held_for_other_device: int = 0
     data_before_hello: int = 0
     handshakes: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    by_reason: Counter[str] = field(default_factory=Counter)
 
 
 class HostLink:
@@ -238,7 +239,7 @@ class HostLink:
 
     def _reject(self, events: list[LinkEvent], reason: str, raw: bytes) -> None:
         self.stats.bad_frames += 1
-        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self.stats.by_reason[reason] += 1
         self.stats.naks_sent += 1
         self._send(FrameType.NAK, Nak(NakReason.BAD_FRAME).to_bytes())
         events.append(FrameRejected(reason, raw))

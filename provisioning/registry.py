@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
@@ -111,10 +112,6 @@ class TagRegistry:
     def unpair(self, tag: str) -> bool:
         return bool(self._tags.remove(Query().tag == parse_tag(tag)))
 
-    def get(self, tag: str) -> PairedTag | None:
-        doc = self._tags.get(Query().tag == tag)
-        return None if doc is None else self._decode(doc)
-
     def __iter__(self) -> Iterator[PairedTag]:
         return (self._decode(doc) for doc in self._tags.all())
 
@@ -125,7 +122,7 @@ class TagRegistry:
         raw = bytes.fromhex(doc["key_enc"])
         try:
             key = self._aead.decrypt(raw[:12], raw[12:], str(doc["tag"]).encode())
-        except Exception as exc:
+        except InvalidTag as exc:
             raise RegistryError(
                 f"{self.path}: the key of {doc['tag']} does not decrypt with this gateway's "
                 "storage key (registry from another gateway?)") from exc
