@@ -36,8 +36,8 @@ from core.devices import tag_ref  # noqa: E402
 from core.kinds import Priority  # noqa: E402
 from core.mqtt import BrokerConfig  # noqa: E402
 from drivers.tag_receiver import Beacon  # noqa: E402
-from lab.simulators.pty import Faults  # noqa: E402
 from lab.simulators.tag import SimTag, TagReceiverSim  # noqa: E402
+from lab.wire import Damage  # noqa: E402
 from provisioning.identity import create_identity  # noqa: E402
 from provisioning.registry import open_registry  # noqa: E402
 
@@ -69,8 +69,8 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
         registry.close()
         sim = TagReceiverSim(
             "TR-FAULTS-01", tags=tags, link=tmp / "ttyTAGS",
-            to_host=Faults(bit_error_rate, drop_rate, garbage_rate, seed=seed),
-            from_host=Faults(bit_error_rate, drop_rate, garbage_rate, seed=seed + 1),
+            to_host=Damage(bit_error_rate, drop_rate, garbage_rate, seed=seed),
+            from_host=Damage(bit_error_rate, drop_rate, garbage_rate, seed=seed + 1),
             byte_delay_s=byte_delay_s,
         ).start()
         nowhere = BrokerConfig("127.0.0.1", 9, tls=False)  # records stay in the store

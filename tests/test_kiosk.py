@@ -48,7 +48,7 @@ from firmware_bridge.link import Message
 from firmware_bridge.messages import Data, DeviceClass, Hello, PayloadError
 from lab.mosquitto import Mosquitto, Pki
 from lab.simulators.kiosk import KioskSim
-from lab.simulators.pty import Faults
+from lab.wire import Damage
 from provisioning.identity import Identity
 from tests.conftest import broker_for
 from tests.helpers import wait_for
@@ -480,8 +480,8 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
     verifier.start()
     assert verifier.subscribed.wait(10)
 
-    def faults(seed: int) -> Faults | None:
-        return None if wire is None else Faults(bit_error_rate=wire, drop_rate=wire, seed=seed)
+    def faults(seed: int) -> Damage | None:
+        return None if wire is None else Damage(bit_error_rate=wire, drop_rate=wire, seed=seed)
 
     sim = KioskSim("KI-E2E-0001", link=tmp_path / "ttyKIOSK", to_host=faults(1),
                    from_host=faults(2)).start()

@@ -1,8 +1,8 @@
 """HostLink and the reference DeviceLink wired to each other in memory.
 
-Sans-IO: a fake clock, two in-memory one-way channels (FIFO, optional latency,
-seeded byte drops and bit flips), a fake store that commits what the host
-delivers. No port, no thread, no sleep. After every step the rig checks the
+Sans-IO: a fake clock, two in-memory one-way lines (:class:`lab.wire.Line`: FIFO,
+optional latency, seeded byte drops and bit flips), a fake store that commits what
+the host delivers. No port, no thread, no sleep. After every step the rig checks the
 safety invariant of the protocol: the device never holds an ACK for an event
 the store has not committed.
 """
@@ -56,6 +56,7 @@ from firmware_bridge.messages import (
     HelloResult,
     Nak,
 )
+from lab.wire import Damage, Line, byte_flip_rate
 
 STEP_S = 0.005
 
@@ -79,53 +80,6 @@ class Store:
         return [event_id for s, event_id, _ in self.records if s == serial]
 
 
-@dataclass
-class Channel:
-    """One direction of the serial line: in order, after *latency_s*, maybe damaged."""
-
-    rng: random.Random | None = None
-    drop: float = 0.0  # probability that a byte is lost
-    ber: float = 0.0  # probability that a bit is flipped
-    latency_s: float = 0.0
-    bytewise: bool = False  # deliver one byte per receive_data call
-    _in_flight: deque[tuple[float, bytes]] = field(default_factory=deque)
-    #: applied once to the next non-empty write, then forgotten
-    tamper_next: Callable[[bytes], bytes] | None = None
-    sent: list[bytes] = field(default_factory=list)
-
-    def send(self, data: bytes, now: float) -> None:
-        if not data:
-            return
-        self.sent.append(data)
-        if self.tamper_next is not None:
-            data, self.tamper_next = self.tamper_next(data), None
-        if self.rng is not None and (self.drop or self.ber):
-            data = self._damage(data)
-        self._in_flight.append((now + self.latency_s, data))
-
-    def _damage(self, data: bytes) -> bytes:
-        assert self.rng is not None
-        out = bytearray()
-        per_byte_flip = 8 * self.ber
-        for byte in data:
-            if self.rng.random() < self.drop:
-                continue
-            flip = 1 << self.rng.randrange(8) if self.rng.random() < per_byte_flip else 0
-            out.append(byte ^ flip)
-        return bytes(out)
-
-    def receive(self, now: float) -> list[bytes]:
-        out = bytearray()
-        while self._in_flight and self._in_flight[0][0] <= now:
-            out += self._in_flight.popleft()[1]
-        if not out:
-            return []
-        return [bytes((b,)) for b in out] if self.bytewise else [bytes(out)]
-
-    def clear(self) -> None:
-        self._in_flight.clear()
-
-
 def frames_in(chunks: list[bytes]) -> list[Frame]:
     decoder = FrameDecoder()
     return [f for chunk in chunks for f in decoder.feed(chunk) if isinstance(f, Frame)]
@@ -139,16 +93,16 @@ class Rig:
         device: DeviceLink,
         *,
         store: Store | None = None,
-        to_host: Channel | None = None,
-        to_device: Channel | None = None,
+        to_host: Line | None = None,
+        to_device: Line | None = None,
         auto_commit: bool = True,
         commit_delay_s: float = 0.0,
     ) -> None:
         self.now = 0.0
         self.device = device
         self.store = store or Store()
-        self.to_host = to_host or Channel()
-        self.to_device = to_device or Channel()
+        self.to_host = to_host or Line()
+        self.to_device = to_device or Line()
         self.auto_commit = auto_commit
         self.commit_delay_s = commit_delay_s
         self.events: list[LinkEvent] = []
@@ -546,8 +500,7 @@ def test_rto_converges_on_four_round_trips_within_its_clamps(
 def test_rto_doubles_then_device_handshakes_again() -> None:
     rig = up_rig(auto_commit=False)
     rig.device.enqueue(0x01, b"x")
-    rig.to_host.drop = 1.0  # the host hears nothing more
-    rig.to_host.rng = random.Random(0)
+    rig.to_host.damage = Damage(drop_rate=1.0)  # the host hears nothing more
     sends: list[float] = []
     hello_at: float | None = None
     while hello_at is None:
@@ -614,10 +567,15 @@ def test_lossy_line_delivers_every_event_exactly_once_in_order(
     seed: int, drop: float, ber: float, bytewise: bool,
 ) -> None:
     rng = random.Random(seed)
+
+    def line() -> Line:  # ber is per bit: a byte is hit with probability 8 x ber
+        return Line(Damage(bit_error_rate=byte_flip_rate(ber), drop_rate=drop, rng=rng),
+                    latency_s=0.002, chunk_size=1 if bytewise else 0)
+
     rig = Rig(
         make_device(first_id=0xFFFFFFF0),  # crosses the wrap from 0xFFFFFFFF to 1
-        to_host=Channel(rng, drop, ber, latency_s=0.002, bytewise=bytewise),
-        to_device=Channel(rng, drop, ber, latency_s=0.002, bytewise=bytewise),
+        to_host=line(),
+        to_device=line(),
         commit_delay_s=0.02,
     )
     bodies = [rng.randbytes(rng.randrange(0, 40)) for _ in range(60)]

@@ -1,8 +1,8 @@
 """A framed device (tag receiver, kiosk) on a pseudo-terminal, with fault injection.
 
 The device logic is the reference :class:`firmware_bridge.device.DeviceLink`;
-this class only moves its bytes through a pty (and through :class:`Faults` in
-each direction) on its own thread. Events are queued with :meth:`enqueue`.
+this class only moves its bytes through a pty (and through a :class:`lab.wire.Damage`
+in each direction) on its own thread. Events are queued with :meth:`enqueue`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
-from lab.simulators.pty import Faults, Pty, PtySim
+from lab.simulators.pty import Pty, PtySim
+from lab.wire import Damage
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
@@ -34,14 +35,14 @@ class FramedDeviceSim(PtySim):
         link: Path | None = None,
         firmware: tuple[int, int, int] = (1, 0, 0),
         protocol_version: int = PROTOCOL_VERSION,
-        to_host: Faults | None = None,
-        from_host: Faults | None = None,
+        to_host: Damage | None = None,
+        from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
     ) -> None:
         hello = Hello(protocol_version, device_class, firmware, 1, serial)
         self.device = DeviceLink(hello)
-        self.to_host = to_host or Faults()
-        self.from_host = from_host or Faults()
+        self.to_host = to_host or Damage()
+        self.from_host = from_host or Damage()
         self.byte_delay_s = byte_delay_s
         self._link = link
         super().__init__(serial, link)
@@ -97,7 +98,7 @@ class FramedDeviceSim(PtySim):
                 except queue.Empty:
                     break
             if not self._plugged or self._frozen:
-                time.sleep(TICK_S)
+                self._stop.wait(TICK_S)
                 continue
             now = time.monotonic()
             try:
@@ -118,7 +119,8 @@ class FramedDeviceSim(PtySim):
         if self.byte_delay_s:
             for i in range(len(data)):
                 self._write_now(data[i : i + 1])
-                time.sleep(self.byte_delay_s)
+                if self._stop.wait(self.byte_delay_s):
+                    return  # stopping: the rest of the write is lost, as at power-off
         else:
             self._write_now(data)
 

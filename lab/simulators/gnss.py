@@ -8,7 +8,8 @@ import operator
 import os
 from pathlib import Path
 
-from lab.simulators.pty import Faults, PtySim
+from lab.simulators.pty import PtySim
+from lab.wire import Damage
 
 
 def nmea_sentence(body: str) -> bytes:
@@ -39,10 +40,10 @@ def fix_sentences(when: dt.datetime, lat: float, lon: float, *, talker: str = "G
 
 class GnssSim(PtySim):
     def __init__(self, lat: float = 46.81, lon: float = -71.21, *, period_s: float = 1.0,
-                 link: Path | None = None, faults: Faults | None = None) -> None:
+                 link: Path | None = None, faults: Damage | None = None) -> None:
         self.lat, self.lon = lat, lon
         self.period_s = period_s
-        self.faults = faults or Faults()
+        self.faults = faults or Damage()
         self.sentences = 0
         super().__init__("gnss", link)
 

@@ -1,6 +1,6 @@
 """The check-in kiosk simulator: check-ins and status changes from a kiosk on a pty.
 
-Wire faults come from :class:`simulators.pty.Faults`, as for every framed device.
+Wire faults come from :class:`lab.wire.Damage`, as for every framed device.
 The kiosk keeps its status flags; :meth:`KioskSim.set_status` changes some and
 sends the whole state, as the firmware does on any change.
 """
@@ -25,7 +25,7 @@ from drivers.kiosk import (
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
-from lab.simulators.pty import Faults
+from lab.wire import Damage
 
 _FLAG_OF_NAME = {name: flag for flag, name in FLAG_NAMES.items()}
 
@@ -43,8 +43,8 @@ class KioskSim(FramedDeviceSim):
         tz_offset_min: int = 60,
         battery_pct: int | None = 100,
         wall_clock: Callable[[], float] = time.time,
-        to_host: Faults | None = None,
-        from_host: Faults | None = None,
+        to_host: Damage | None = None,
+        from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
     ) -> None:
         super().__init__(DeviceClass.KIOSK, serial, link=link, to_host=to_host,

@@ -1,4 +1,4 @@
-"""Pseudo-terminal plumbing and fault injection shared by the device simulators.
+"""Pseudo-terminal plumbing shared by the device simulators (wire faults: :mod:`lab.wire`).
 
 A simulator holds the master side of a pty; the gateway opens the slave's path
 with pyserial exactly as it would open ``/dev/ttyUSB0``. A stable symlink (like
@@ -10,52 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import threading
 import tty
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-
-@dataclass
-class Faults:
-    """What the wire does to bytes, seeded so every run can be replayed."""
-
-    bit_error_rate: float = 0.0  # per byte: probability that one bit flips
-    drop_rate: float = 0.0  # per byte: probability that it is lost
-    garbage_rate: float = 0.0  # per write: probability of a burst of random bytes
-    seed: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.bit_error_rate or self.drop_rate or self.garbage_rate)
-
-    def apply(self, data: bytes) -> bytes:
-        if not self.active:
-            return data
-        out = bytearray()
-        rng = self._rng
-        if self.garbage_rate and rng.random() < self.garbage_rate:
-            out += rng.randbytes(rng.randint(1, 64))
-            self._count("garbage_bursts")
-        for original in data:
-            byte = original
-            if self.drop_rate and rng.random() < self.drop_rate:
-                self._count("dropped")
-                continue
-            if self.bit_error_rate and rng.random() < self.bit_error_rate:
-                byte ^= 1 << rng.randrange(8)
-                self._count("bit_errors")
-            out.append(byte)
-        return bytes(out)
-
-    def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
+STOP_TIMEOUT_S = 5.0
 
 
 class Pty:
@@ -63,6 +23,7 @@ class Pty:
 
     def __init__(self, link: Path | None = None) -> None:
         self.master, self._slave = os.openpty()
+        self._closed = False
         tty.setraw(self._slave)
         tty.setraw(self.master)
         os.set_blocking(self.master, False)
@@ -79,6 +40,10 @@ class Pty:
         return str(self.link) if self.link is not None else self.slave_path
 
     def close(self) -> None:
+        """Close both sides once: a second call must not close a reused descriptor number."""
+        if self._closed:
+            return
+        self._closed = True
         for fd in (self.master, self._slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -101,9 +66,16 @@ class PtySim:
         return self
 
     def stop(self) -> None:
+        """Stop the thread and wait for it, then close the pty; a thread that does not
+        end within :data:`STOP_TIMEOUT_S` is an error, not a thread left behind."""
         self._stop.set()
-        self._thread.join(5)
-        self.pty.close()
+        try:
+            if self._thread.ident is not None:  # started
+                self._thread.join(STOP_TIMEOUT_S)
+                if self._thread.is_alive():
+                    raise RuntimeError(f"{self._thread.name} did not stop in {STOP_TIMEOUT_S} s")
+        finally:
+            self.pty.close()
 
     def _run(self) -> None:
         raise NotImplementedError

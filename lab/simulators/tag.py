@@ -1,6 +1,6 @@
 """The ankle-tag receiver simulator: tags beaconing through a receiver on a pty.
 
-Fault injection beyond the wire (see :class:`simulators.pty.Faults`): a spoofing
+Fault injection beyond the wire (see :class:`lab.wire.Damage`): a spoofing
 tag (right id, wrong key) and a replaying tag (an old beacon sent again).
 """
 
@@ -18,7 +18,7 @@ from drivers.tag_receiver import (
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
-from lab.simulators.pty import Faults
+from lab.wire import Damage
 
 
 @dataclass
@@ -52,8 +52,8 @@ class SimTag:
 
 class TagReceiverSim(FramedDeviceSim):
     def __init__(self, serial: str = "TR-0001", *, tags: list[SimTag] | None = None,
-                 link: Path | None = None, to_host: Faults | None = None,
-                 from_host: Faults | None = None, byte_delay_s: float = 0.0) -> None:
+                 link: Path | None = None, to_host: Damage | None = None,
+                 from_host: Damage | None = None, byte_delay_s: float = 0.0) -> None:
         super().__init__(DeviceClass.TAG_RECEIVER, serial, link=link, to_host=to_host,
                          from_host=from_host, byte_delay_s=byte_delay_s)
         self.tags = tags or [SimTag(0x1001, bytes(16))]
