@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from bench import crash
+from lab import crash_loop
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("seed", [3, 11])
 def test_sigkill_loses_nothing_acked_and_corrupts_nothing(seed: int) -> None:
-    res = crash.run(kills=4, seed=seed, rate=60.0, min_up_s=0.4, max_up_s=1.5)
+    res = crash_loop.run(kills=4, seed=seed, rate=60.0, min_up_s=0.4, max_up_s=1.5)
     assert res.kills == 4
     assert res.records_acked_to_devices > 20
     assert res.records_lost == 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import serial_faults
+from lab import serial_faults
 
 pytestmark = pytest.mark.slow
 
