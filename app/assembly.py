@@ -18,6 +18,7 @@ from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, store_path
 from buffer.writer import StoreWriter
 from core.clock import Clock
+from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, Source
 from drivers.gnss import GnssProtocol, time_steps
 from drivers.kiosk import KioskDriver
@@ -39,16 +40,66 @@ JOIN_TIMEOUT_S = 10.0
 GNSS_PORT_NAME = "gnss"
 
 
+class Pipeline:
+    """What every reading passes through: the store, its sealer, the store writer (the one
+    thread that seals and commits) and the uplink. Built once here, for the gateway, the
+    lab's rigs and the benchmarks alike."""
+
+    def __init__(self, data_dir: Path, identity: Identity, broker: BrokerConfig, *,
+                 clock: Clock, source: Source, quota_bytes: int | None = None,
+                 on_acked: AckHook | None = None) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.source = source
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = store_path(data_dir)
+        self.store = Store(db, identity.storage_key, quota_bytes=quota_bytes)
+        self.sealer = self.store.sealer(identity.gateway_id, identity.signing_key)
+        self.reader = StoreReader(db, identity.storage_key)
+        self.writer = StoreWriter(self.store, self.sealer, clock, source=source)
+        self.forwarder = Forwarder(identity.gateway_id, broker, self.reader, self.writer,
+                                   on_acked=on_acked)  # e.g. the lab counting what arrived
+        self.writer.on_commit = lambda _records: self.forwarder.notify()
+
+    def start(self, *, uplink: bool = True) -> None:
+        """Start the writer (a ``gateway.boot`` record first; a staged key announced), then
+        the uplink unless *uplink* is false (records then wait in the store)."""
+        self.writer.start()
+        state = self.store.state
+        self.writer.submit(Reading("gateway.boot", self.source, {
+            "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
+        }, self.clock.now_ns()))
+        next_key = self.identity.next_key
+        if next_key is not None:
+            log.warning("announcing the staged signing key and switching to it")
+            self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
+        if uplink:
+            self.forwarder.start()
+
+    def stop(self, drain_s: float) -> bool:
+        """Commit what is queued, forward it (up to *drain_s*), stop both threads, close the
+        store. True when everything committed was acknowledged by the broker."""
+        self.writer.flush()
+        drained = self.forwarder.wait_idle(drain_s) if self.forwarder.is_alive() else False
+        self.forwarder.stop()
+        self.writer.stop()
+        self.reader.close()
+        self.store.close()
+        return drained
+
+
 class Gateway:
+    """The pipeline, a port per configured device, and the health thread."""
+
     def __init__(self, config: Config, identity: Identity, *, clock: Clock | None = None,
                  health_interval_s: float = HEALTH_INTERVAL_S,
                  quota_bytes: int | None = None, on_acked: AckHook | None = None) -> None:
         self.config = config
+        self.on_acked = on_acked
         self.identity = identity
         self.clock = clock or Clock()
         self.health_interval_s = health_interval_s
         self.quota_bytes = quota_bytes
-        self.on_acked = on_acked  # the uplink's PUBACK hook (the demo counts records)
         self.source = Source("gateway", identity.gateway_id, VERSION)
         self.ports: list[PortWorker] = []
         self.protocols: dict[str, PortProtocol] = {}
@@ -60,8 +111,11 @@ class Gateway:
         return self.config.data_dir
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._start_pipeline()
+        self.pipeline = Pipeline(self.data_dir, self.identity, self.config.broker,
+                                 clock=self.clock, source=self.source,
+                                 quota_bytes=self.quota_bytes, on_acked=self.on_acked)
+        self.clock.observe()  # the baseline: later changes are time.step records
+        self.pipeline.start()
         for spec in self.config.devices:
             proto = FramedDeviceProtocol(spec.name, spec.kind, self._driver(spec), self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
@@ -72,30 +126,17 @@ class Gateway:
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
         self._health.start()
 
-    def _start_pipeline(self) -> None:
-        """Store, sealer, writer and uplink; the boot record; a staged key announced."""
-        db = store_path(self.data_dir)
-        key = self.identity.storage_key
-        self.store = Store(db, key, quota_bytes=self.quota_bytes)
-        state = self.store.state
-        self.sealer = Sealer(self.identity.gateway_id, self.identity.signing_key,
-                             last_seq=state.last_seq, last_digest=state.last_digest,
-                             boot=state.boot)
-        self.reader = StoreReader(db, key)
-        self.writer = StoreWriter(self.store, self.sealer, self.clock, source=self.source)
-        self.forwarder = Forwarder(self.identity.gateway_id, self.config.broker, self.reader,
-                                   self.writer, on_acked=self.on_acked)
-        self.writer.on_commit = lambda _records: self.forwarder.notify()
-        self.writer.start()
-        self.clock.observe()  # the baseline: later changes are time.step records
-        self.writer.submit(Reading("gateway.boot", self.source, {
-            "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
-        }, self.clock.now_ns()))
-        next_key = self.identity.next_key
-        if next_key is not None:
-            log.warning("announcing the staged signing key and switching to it")
-            self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
-        self.forwarder.start()
+    @property
+    def writer(self) -> StoreWriter:
+        return self.pipeline.writer
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.pipeline.forwarder
+
+    @property
+    def sealer(self) -> Sealer:
+        return self.pipeline.sealer
 
     def _driver(self, spec: DeviceSection) -> Driver:
         """The driver of a framed device, by its class (mypy checks every class is here)."""
@@ -160,13 +201,7 @@ class Gateway:
             self._health.join(JOIN_TIMEOUT_S)
         for worker in self.ports:
             worker.stop()
-        self.writer.flush()
-        drained = self.forwarder.wait_idle(drain_s)
-        self.forwarder.stop()
-        self.writer.stop()
-        self.reader.close()
-        self.store.close()
-        return drained
+        return self.pipeline.stop(drain_s)
 
     def alive(self) -> bool:
         """Every thread of the pipeline is running (the watchdog's question)."""

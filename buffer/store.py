@@ -19,8 +19,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from buffer.seal import Sealer
 from core.errors import UserError
 from core.kinds import Priority
 from core.record import GENESIS_PREV, SealedRecord
@@ -110,6 +112,12 @@ class Store:
             raise StoreError(f"cannot open record store {path}: {exc}") from exc
         self.state = self._bump_boot()
         self.usage = self._read_usage()
+
+    def sealer(self, gateway_id: str, signing_key: Ed25519PrivateKey) -> Sealer:
+        """A sealer that continues this store's chain (its last seq and digest, this boot)."""
+        st = self.state
+        return Sealer(gateway_id, signing_key, last_seq=st.last_seq, last_digest=st.last_digest,
+                      boot=st.boot)
 
     def _read_usage(self) -> dict[Priority, tuple[int, int]]:
         rows = self._db.execute("SELECT prio, count, bytes FROM usage").fetchall()

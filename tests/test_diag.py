@@ -9,8 +9,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from buffer.seal import Sealer
-from buffer.store import Store
+from buffer.store import Store, store_path
 from core.clock import Clock
 from core.record import Reading, Source
 from provisioning.identity import create_identity
@@ -25,10 +24,8 @@ def setup(tmp_path: Path) -> Path:
     registry.pair("T0000CAFE", bytes(range(16)))
     registry.close()
     (tmp_path / "data").mkdir()
-    store = Store(tmp_path / "data" / "records.db", ident.storage_key)
-    st = store.state
-    sealer = Sealer(ident.gateway_id, ident.signing_key, last_seq=st.last_seq,
-                    last_digest=st.last_digest, boot=st.boot)
+    store = Store(store_path(tmp_path / "data"), ident.storage_key)
+    sealer = store.sealer(ident.gateway_id, ident.signing_key)
     store.commit([sealer.seal(Reading("tag.presence", Source("tag_receiver", "TR-1"),
                                       {"tag": "T0000CAFE", "lat_e7": 468123456}, 1),
                               Clock().timestamp(time.monotonic_ns()))])

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from buffer.seal import Sealer
-from buffer.store import Store
-from buffer.writer import StoreWriter
+from app.assembly import Pipeline
 from core.clock import Clock
 from core.devices import PairedTag, tag_ref
-from core.record import GENESIS_PREV
+from core.mqtt import BrokerConfig
+from core.record import Source
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.link import HostLink
@@ -24,17 +24,23 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.slow
 
 
+NOWHERE = BrokerConfig("127.0.0.1", 9, tls=False)  # records stay in the store
+
+
+def pipeline(tmp_path: Path, identity: Identity) -> Pipeline:
+    """The product's own store, sealer and writer (no uplink: records wait in the store)."""
+    pipe = Pipeline(tmp_path / "data", identity, NOWHERE, clock=Clock(),
+                    source=Source("gateway", identity.gateway_id))
+    pipe.start(uplink=False)
+    return pipe
+
+
 class Rig:
     def __init__(self, tmp_path: Path, identity: Identity, *, link_timeout_s: float = 7) -> None:
         self.tag = SimTag(0x1000, bytes(range(16)))
         self.sim = TagReceiverSim("TR-PORT-01", tags=[self.tag], link=tmp_path / "ttyTAGS").start()
-        store = Store(tmp_path / "r.db", identity.storage_key)
-        sealer = Sealer(identity.gateway_id, identity.signing_key, last_seq=0,
-                        last_digest=GENESIS_PREV, boot=1)
-        self.kinds: list[str] = []
-        self.writer = StoreWriter(store, sealer, Clock(),
-                                  on_commit=lambda recs: self.kinds.extend(r.kind for r in recs))
-        self.writer.start()
+        self.pipeline = pipeline(tmp_path, identity)
+        self.writer = self.pipeline.writer
         tags = {tag_ref(0x1000): PairedTag(tag_ref(0x1000), self.tag.key, 600, 0)}
         driver = TagReceiverDriver(tags, self.writer.last_committed_event)
         link = HostLink(self.writer.last_committed_event, heartbeat_s=1,
@@ -42,8 +48,12 @@ class Rig:
         self.proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, driver, self.writer,
                                           link=link)
         self.worker = PortWorker("tags", self.sim.path, 115200, self.proto, reopen_min_s=0.05)
-        self.proto.post = self.worker.call_soon
         self.worker.start()
+
+    @property
+    def kinds(self) -> Counter[str]:
+        """Records committed, by kind."""
+        return self.writer.stats.by_kind
 
     def beacons(self, n: int) -> None:
         for _ in range(n):
@@ -52,7 +62,7 @@ class Rig:
     def close(self) -> None:
         self.worker.stop()
         self.sim.stop()
-        self.writer.stop()
+        self.pipeline.stop(drain_s=0)
 
 
 def test_unplug_and_replug_recover_without_a_restart(tmp_path: Path, identity: Identity) -> None:
@@ -66,8 +76,8 @@ def test_unplug_and_replug_recover_without_a_restart(tmp_path: Path, identity: I
         rig.sim.replug()
         wait_for(lambda: len(rig.sim.acked()) == 20, 20, "the queued beacons after replug")
         assert rig.worker.stats.opens >= 2
-        assert rig.kinds.count("tag.presence") == 20
-        assert rig.kinds.count("device.up") >= 2
+        assert rig.kinds["tag.presence"] == 20
+        assert rig.kinds["device.up"] >= 2
     finally:
         rig.close()
 
@@ -91,9 +101,8 @@ def test_a_device_that_stops_answering_gets_its_port_reopened(
 
 
 def test_a_missing_port_is_retried_and_counted(tmp_path: Path, identity: Identity) -> None:
-    store = Store(tmp_path / "r.db", identity.storage_key)
-    writer = StoreWriter(store, Sealer(identity.gateway_id, identity.signing_key, last_seq=0,
-                                       last_digest=GENESIS_PREV, boot=1), Clock())
+    pipe = pipeline(tmp_path, identity)
+    writer = pipe.writer
     proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER,
                                  TagReceiverDriver({}, writer.last_committed_event), writer)
     worker = PortWorker("tags", str(tmp_path / "no-such-tty"), 115200, proto,
@@ -104,4 +113,5 @@ def test_a_missing_port_is_retried_and_counted(tmp_path: Path, identity: Identit
         assert worker.stats.opens == 0
     finally:
         worker.stop()
+        pipe.stop(drain_s=0)
 

@@ -37,8 +37,7 @@ def test_rotation_mid_stream_is_followed_in_any_arrival_order(
 ) -> None:
     db = tmp_path / "r.db"
     store = Store(db, identity.storage_key)
-    sealer = Sealer(identity.gateway_id, identity.signing_key, last_seq=0,
-                    last_digest=GENESIS_PREV, boot=1)
+    sealer = store.sealer(identity.gateway_id, identity.signing_key)
     writer = StoreWriter(store, sealer, Clock())
     writer.start()
     old_kid = identity.kid

@@ -24,9 +24,7 @@ SRC = Source("tag_receiver", "TR-0001")
 
 def open_store(path: Path) -> tuple[Store, Sealer]:
     store = Store(path, STORAGE)
-    st = store.state
-    return store, Sealer("gw-test-0001", KEY, last_seq=st.last_seq, last_digest=st.last_digest,
-                         boot=st.boot)
+    return store, store.sealer("gw-test-0001", KEY)
 
 
 def presence(n: int, kind: str = "tag.presence") -> Reading:
@@ -130,9 +128,7 @@ def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path:
 
     db = tmp_path / "r.db"
     store = Store(db, STORAGE, quota_bytes=64 * 1024)
-    st = store.state
-    sealer = Sealer("gw-test-0001", KEY, last_seq=st.last_seq, last_digest=st.last_digest,
-                    boot=st.boot)
+    sealer = store.sealer("gw-test-0001", KEY)
     writer = StoreWriter(store, sealer, Clock())
     writer.start()
     kinds = {0: "tag.tamper", 1: "checkin", 2: "gateway.health"}
