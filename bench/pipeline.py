@@ -329,7 +329,7 @@ def wire(env: Env, store: Any, reader: Any) -> Wired:
                     last_digest=state.last_digest, boot=state.boot)
     writer = StoreWriter(store, sealer, Clock())
     forwarder = Forwarder(GATEWAY_ID, env.config, reader, writer, window=WINDOW,
-                          batch_records=BATCH_RECORDS, track_acked=False)
+                          batch_records=BATCH_RECORDS)
     wired = Wired(writer, forwarder)
 
     def on_commit(records: list[SealedRecord]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 import ssl
 import threading
 import time
@@ -13,15 +14,18 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from app.assembly import Gateway
+from app.config import Config
 from central.client import VerifierClient
 from central.record import VerifiedRecord
 from core.mqtt import BrokerConfig, make_client
 from core.record import Reading, Source
 from core.topics import PLATFORM_CN, records_topic
+from lab.acked import AckedCounter
 from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
 from provisioning.identity import Identity
 from tests.conftest import broker_for
 from tests.helpers import wait_for
+from uplink.forwarder import Forwarder
 
 pytestmark = pytest.mark.slow
 SRC = Source("tag_receiver", "TR-0001", "1.0.0")
@@ -38,8 +42,9 @@ def test_broker_outage_loses_nothing_and_alarms_go_first(
     verifier.verifier._on_record = arrived.append
     verifier.start()
     assert verifier.subscribed.wait(10)
-    gateway = Gateway(identity, tmp_path / "data", broker_for(broker, pki, identity.gateway_id),
-                      track_acked=True)
+    acked = AckedCounter()
+    gateway = Gateway(Config(tmp_path / "data", broker_for(broker, pki, identity.gateway_id)),
+                      identity, on_acked=acked)
     gateway.start()
     try:
         wait_for(lambda: gateway.forwarder.stats.records_acked >= 1, 15, "the boot record")
@@ -55,9 +60,15 @@ def test_broker_outage_loses_nothing_and_alarms_go_first(
         wait_for(lambda: gateway.forwarder.stats.connects >= 2, 30, "the gateway to reconnect")
         assert gateway.forwarder.wait_idle(30)
     finally:
-        gateway.stop(drain_s=10)
-    published = gateway.forwarder.stats.acked_seqs
-    wait_for(lambda: verifier.summary()["received"] >= len(published), 20, "the verifier")
+        drained = gateway.stop(drain_s=10)
+    assert drained
+    published = acked.count
+    assert published == gateway.writer.stats.committed  # each record counted once
+    # stop() joined the uplink thread and paho's network loop
+    assert not gateway.forwarder.is_alive()
+    assert f"paho-mqtt-client-gw-{identity.gateway_id}" not in {
+        t.name for t in threading.enumerate()}
+    wait_for(lambda: verifier.summary()["received"] >= published, 20, "the verifier")
     verifier.stop()
     broker.stop()
 
@@ -68,6 +79,34 @@ def test_broker_outage_loses_nothing_and_alarms_go_first(
     kinds = [r.kind for r in after if r.kind in ("tag.presence", "tag.tamper")]
     assert kinds.count("tag.presence") == 300
     assert kinds[:5] == ["tag.tamper"] * 5  # the alarms overtook the backlog
+
+
+class _EmptyStore:
+    """Reader and writer of a store with nothing queued."""
+
+    deletions_waiting = 0
+
+    def next_batch(self, *_args: object) -> None:
+        return None
+
+
+def test_stop_joins_both_uplink_threads_while_the_broker_is_down(
+    pki: Pki, identity: Identity
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    files = pki.client(identity.gateway_id)
+    cfg = BrokerConfig("127.0.0.1", port, str(pki.ca_file), str(files.cert), str(files.key))
+    forwarder = Forwarder(identity.gateway_id, cfg, _EmptyStore(), _EmptyStore())  # type: ignore[arg-type]
+    forwarder.start()
+    wait_for(lambda: forwarder.stats.connect_failures >= 1, 15, "a failed connection attempt")
+    forwarder.stop()  # paho's loop is waiting to reconnect: only loop_stop() ends it now
+    assert not forwarder.is_alive()
+    assert f"paho-mqtt-client-gw-{identity.gateway_id}" not in {
+        t.name for t in threading.enumerate()}
+    assert not forwarder.stats.connected
+    assert forwarder.stats.last_error is not None
 
 
 def _publish(client: mqtt.Client, topic: str, payload: bytes) -> Any:

@@ -2,13 +2,13 @@
 
 Threads: paho's own network loop, and the forwarder thread, which reads the
 store, publishes batches and turns PUBACKs into deletions (sent to the store
-writer: one writer owns the store). paho's callbacks only put facts on queues
-and set a wake-up event: they never take a lock of ours, because paho calls
-``on_publish`` while holding its own message lock.
+writer: one writer owns the store). paho's callbacks only put facts on one
+queue and set a wake-up event: they touch no state of ours and take no lock of
+ours, because paho calls ``on_publish`` while holding its own message lock.
+:attr:`Forwarder.stats` is written on the forwarder thread alone.
 
-Delivery: highest class first; within a class in seq order. A bounded window
-of MQTT messages in flight. After a reconnect everything not yet deleted is
-sent again (the platform de-duplicates by gateway id and seq).
+The delivery logic (window, cursors, PUBACK bookkeeping, reset on reconnect)
+is the sans-IO :class:`uplink.delivery.Delivery`; this module is its glue.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,28 +30,83 @@ from buffer.writer import StoreWriter
 from core.kinds import Priority
 from core.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, BrokerConfig, connect, make_client
 from core.topics import records_topic, status_topic
+from uplink.delivery import (
+    MAX_DELETIONS_WAITING,
+    WINDOW,
+    Delete,
+    Delivery,
+    Ignored,
+    ReadFrom,
+    Refused,
+)
+
+__all__ = ["BATCH_BYTES", "BATCH_RECORDS", "MAX_DELETIONS_WAITING", "WINDOW", "AckHook",
+           "Forwarder", "UplinkStats"]
 
 log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 200
 BATCH_BYTES = 128 * 1024
-WINDOW = 8
-#: Stop publishing while this many PUBACKed rows wait to be deleted (bounds memory).
-MAX_DELETIONS_WAITING = 20_000
+#: The forwarder thread looks at its queue at least this often, seconds.
+POLL_S = 1.0
+#: How often :meth:`Forwarder.wait_idle` nudges the thread, seconds.
+IDLE_CHECK_S = 0.1
+#: How long :meth:`Forwarder.stop` waits for the forwarder thread, seconds.
+STOP_JOIN_S = 10.0
+#: The next reconnect waits RECONNECT_MIN_S times a factor drawn in this range.
+RECONNECT_JITTER = (0.5, 2.0)
+
+#: Called on the forwarder's thread with each PUBACKed batch (class, seqs increasing).
+AckHook = Callable[[Priority, list[int]], None]
+
+
+# -- facts from paho's thread ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRefused:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The PUBACK of message *mid*; *refused* when its reason code is a failure."""
+
+    mid: int
+    refused: bool
+    reason: str
+
+
+UplinkEvent = Connected | ConnectRefused | ConnectFailed | Disconnected | Published
 
 
 @dataclass
 class UplinkStats:
+    """Written on the forwarder thread only; other threads read plain values."""
+
     connects: int = 0
     disconnects: int = 0
     messages_published: int = 0
     records_published: int = 0
     records_acked: int = 0
     refused: int = 0
+    ignored_acks: int = 0
     connect_failures: int = 0
     connected: bool = False
     last_error: str | None = None
-    acked_seqs: set[int] = field(default_factory=set, repr=False)
 
 
 class Forwarder:
@@ -64,28 +119,23 @@ class Forwarder:
         *,
         window: int = WINDOW,
         batch_records: int = BATCH_RECORDS,
-        track_acked: bool = False,
+        on_acked: AckHook | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.broker = broker
         self._reader = reader
         self._writer = writer
-        self._window = window
         self._batch = batch_records
-        self._track = track_acked
-        #: Called on the forwarder's thread with each PUBACKed batch (class, seqs).
-        self.on_acked: Callable[[Priority, list[int]], None] | None = None
+        self.on_acked = on_acked
         self._topic = records_topic(gateway_id)
         self._status = status_topic(gateway_id)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._acks: queue.SimpleQueue[tuple[int, bool, str]] = queue.SimpleQueue()
-        self._conn_events: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        self._inflight: dict[int, tuple[Priority, list[int]]] = {}
-        self._cursors: dict[Priority, int] = {}
-        self._connected = False
+        self._events: queue.SimpleQueue[UplinkEvent] = queue.SimpleQueue()
+        self._delivery = Delivery(window=window)
         self.stats = UplinkStats()
         self.idle = threading.Event()
+        self._commits = 0  # notify() calls (the writer's thread alone adds to it)
         self.client = make_client(f"gw-{gateway_id}", broker)
         self.client.will_set(self._status, self._status_payload(online=False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -93,6 +143,7 @@ class Forwarder:
         self.client.on_publish = self._on_publish
         self.client.on_connect_fail = self._on_connect_fail
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._loop_started = False
 
     def _status_payload(self, *, online: bool) -> bytes:
         return json.dumps({"gw": self.gateway_id, "online": online}).encode()
@@ -100,6 +151,7 @@ class Forwarder:
     # -- API -------------------------------------------------------------------
     def start(self) -> None:
         connect(self.client, self.broker)
+        self._loop_started = True
         self._thread.start()
 
     def is_alive(self) -> bool:
@@ -107,113 +159,133 @@ class Forwarder:
 
     def notify(self) -> None:
         """New records were committed."""
+        self._commits += 1
         self.idle.clear()
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop the forwarder thread, say offline, disconnect and join paho's loop."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(10)
-        if self._connected:
+        if self._thread.ident is not None:
+            self._thread.join(STOP_JOIN_S)
+            if self._thread.is_alive():
+                log.error("the uplink thread did not stop within %.0f s", STOP_JOIN_S)
+        if self.stats.connected:
             self.client.publish(self._status, self._status_payload(online=False), 1, retain=True)
         self.client.disconnect()
-        self.client.loop_stop()
+        if self._loop_started:
+            self.client.loop_stop()  # joins paho's network thread
+            self._loop_started = False
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until everything committed so far is acknowledged by the broker."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._wake.set()
+            if self.idle.wait(IDLE_CHECK_S):
+                return True
+        return False
 
     # -- paho callbacks (paho's thread): only queue facts ---------------------------
+    def _post(self, event: UplinkEvent) -> None:
+        self._events.put(event)
+        self._wake.set()
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         del userdata, flags, properties
         if reason.is_failure:
-            self.stats.last_error = f"connect refused: {reason}"
-            log.error("broker refused the connection: %s", reason)
+            self._post(ConnectRefused(str(reason)))
             return
         client.publish(self._status, self._status_payload(online=True), qos=1, retain=True)
-        self._conn_events.put(True)
-        self._wake.set()
+        self._post(Connected())
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
-        self.stats.connect_failures += 1
-        self.stats.last_error = "cannot connect (network, TLS or broker down); retrying"
+        self._post(ConnectFailed())
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         del userdata, flags, properties
         # jitter the next reconnect so a province of gateways does not reconnect in step
         client.reconnect_delay_set(
-            max(1, round(RECONNECT_MIN_S * random.uniform(0.5, 2.0))),  # noqa: S311
+            max(1, round(RECONNECT_MIN_S * random.uniform(*RECONNECT_JITTER))),  # noqa: S311
             int(RECONNECT_MAX_S),
         )
-        self.stats.last_error = f"disconnected: {reason}"
-        self._conn_events.put(False)
-        self._wake.set()
+        self._post(Disconnected(str(reason)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
         del client, userdata, properties
-        self._acks.put((mid, reason.is_failure, str(reason)))
-        self._wake.set()
+        self._post(Published(mid, bool(reason.is_failure), str(reason)))
 
     # -- the forwarder thread ---------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(1.0)
+            self._wake.wait(POLL_S)
             self._wake.clear()
-            self._apply_connection_events()
-            self._apply_acks()
-            if self._connected:
-                self._fill_window()
+            self._drain_events()
+            self._fill_window()
 
-    def _apply_connection_events(self) -> None:
+    def _drain_events(self) -> None:
         while True:
             try:
-                up = self._conn_events.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
                 return
-            if up:
-                self.stats.connects += 1
-                log.info("uplink connected to %s:%d", self.broker.host, self.broker.port)
-            elif self._connected:
-                self.stats.disconnects += 1
-                log.warning("uplink lost: %s", self.stats.last_error)
-            self._connected = up
-            self.stats.connected = up
-            # whatever was in flight is sent again from the store
-            self._inflight.clear()
-            self._cursors.clear()
+            self._apply(event)
 
-    def _apply_acks(self) -> None:
-        while True:
-            try:
-                mid, refused, reason = self._acks.get_nowait()
-            except queue.Empty:
-                break
-            entry = self._inflight.pop(mid, None)
-            if entry is None:
-                continue
-            prio, seqs = entry
-            if refused:
-                # kept in the store, sent again after the next reconnect
-                self.stats.refused += len(seqs)
+    def _apply(self, event: UplinkEvent) -> None:
+        stats = self.stats
+        match event:
+            case Published(mid, refused, reason):
+                self._acked(self._delivery.puback(mid, refused=refused, reason=reason))
+            case Connected():
+                self._delivery.connection_made()
+                stats.connects += 1
+                stats.connected = True
+                log.info("uplink connected to %s:%d", self.broker.host, self.broker.port)
+            case Disconnected(reason):
+                stats.last_error = f"disconnected: {reason}"
+                if self._delivery.connection_lost():
+                    stats.disconnects += 1
+                    log.warning("uplink lost: %s", stats.last_error)
+                stats.connected = False
+            case ConnectRefused(reason):
+                stats.last_error = f"connect refused: {reason}"
+                log.error("broker refused the connection: %s", reason)
+            case ConnectFailed():
+                stats.connect_failures += 1
+                stats.last_error = "cannot connect (network, TLS or broker down); retrying"
+
+    def _acked(self, outcome: Delete | Refused | Ignored) -> None:
+        match outcome:
+            case Delete(prio=prio, lo=lo, hi=hi, rows=rows, seqs=seqs):
+                self._writer.delete_range(int(prio), lo, hi, rows)
+                self.stats.records_acked += rows
+                if self.on_acked is not None:
+                    self.on_acked(prio, list(seqs))
+            case Refused(rows=rows, reason=reason):
+                self.stats.refused += rows
                 self.stats.last_error = f"broker refused records: {reason}"
                 log.error("broker refused %d records (%s): check the ACL for %s; they stay "
-                          "queued", len(seqs), reason, self._topic)
-                continue
-            self._writer.delete_range(int(prio), seqs[0], seqs[-1], len(seqs))
-            self.stats.records_acked += len(seqs)
-            if self._track:
-                self.stats.acked_seqs.update(seqs)
-            if self.on_acked is not None:
-                self.on_acked(prio, seqs)
+                          "queued", rows, reason, self._topic)
+            case Ignored():
+                self.stats.ignored_acks += 1
 
     def _fill_window(self) -> None:
-        while len(self._inflight) < self._window and not self._stop.is_set():
-            if self._writer.deletions_waiting > MAX_DELETIONS_WAITING:
-                return  # backpressure: the store catches up; its next commit wakes us
-            batch = self._reader.next_batch(self._cursors, self._batch, BATCH_BYTES)
+        commits = self._commits
+        while not self._stop.is_set():
+            step = self._delivery.next_read(self._writer.deletions_waiting)
+            if not isinstance(step, ReadFrom):
+                return
+            batch = self._reader.next_batch(step.cursors, self._batch, BATCH_BYTES)
             if batch is None:
-                if not self._inflight:
+                if self._delivery.nothing_to_read():
                     self.idle.set()
+                    if self._commits != commits:  # a commit raced the read: look again
+                        self.idle.clear()
                 return
             prio, rows = batch
             payload = b"\n".join(data for _, data in rows)
@@ -222,16 +294,6 @@ class Forwarder:
                 return  # not connected: the connection events will reset us
             self.idle.clear()
             seqs = [seq for seq, _ in rows]
-            self._inflight[info.mid] = (prio, seqs)
-            self._cursors[prio] = seqs[-1]
+            self._delivery.published(info.mid, prio, seqs)
             self.stats.messages_published += 1
             self.stats.records_published += len(seqs)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until everything committed so far is acknowledged by the broker."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._wake.set()
-            if self.idle.wait(0.1):
-                return True
-        return False
