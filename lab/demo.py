@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.assembly import DeviceSpec, Gateway, GnssSpec
+from app.assembly import Gateway
+from app.config import Config, DeviceSection, GnssSection
 from central.client import VerifierClient
 from core.devices import tag_ref
 from core.mqtt import BrokerConfig
 from core.topics import PLATFORM_CN
+from firmware_bridge.messages import DeviceClass
+from lab.acked import AckedCounter
 from lab.mosquitto import BrokerError, make_pki, start_mosquitto
 from lab.simulators.gnss import GnssSim
 from lab.simulators.kiosk import KioskSim
@@ -34,6 +37,8 @@ from provisioning.registry import open_registry
 
 log = logging.getLogger(__name__)
 DEMO_GATEWAY_ID = "demo-gw-0001"
+#: The demo shows health records often; a real gateway sends one every 5 minutes.
+DEMO_HEALTH_INTERVAL_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,11 +130,14 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     kiosk = KioskSim("KI-DEMO-0001", link=tmp / "ttyKIOSK").start()
     stack.append(kiosk.stop)
 
-    gateway = Gateway(identity, tmp / "data", gw_broker,
-                      devices=[DeviceSpec("tags", "tag_receiver", tag_sim.path),
-                               DeviceSpec("kiosk", "kiosk", kiosk.path)],
-                      gnss=None if args.no_gnss else GnssSpec(gnss_sim.path, fix_interval_s=5.0),
-                      track_acked=True, health_interval_s=5.0)
+    config = Config(
+        tmp / "data", gw_broker,
+        devices=[DeviceSection("tags", DeviceClass.TAG_RECEIVER, tag_sim.path),
+                 DeviceSection("kiosk", DeviceClass.KIOSK, kiosk.path)],
+        gnss=None if args.no_gnss else GnssSection(gnss_sim.path, fix_interval_s=5.0))
+    acked = AckedCounter()
+    gateway = Gateway(config, identity, health_interval_s=DEMO_HEALTH_INTERVAL_S,
+                      on_acked=acked)
     gateway.start()
     gateway_stopped = False
 
@@ -174,7 +182,7 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
         stop.wait(0.05)
     drained = gateway.stop(drain_s=30)
     gateway_stopped = True
-    published = len(gateway.forwarder.stats.acked_seqs)
+    published = acked.count
     deadline = time.monotonic() + 30
     while verifier.summary()["received"] < published and time.monotonic() < deadline:
         stop.wait(0.05)

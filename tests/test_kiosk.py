@@ -15,11 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.assembly import Gateway
+from app.config import Config, DeviceSection
 from buffer.seal import Sealer
 from central.client import VerifierClient
 from central.record import VerifiedRecord
 from core.clock import Clock
 from core.kinds import KIND_PRIORITY, Priority
+from core.mqtt import BrokerConfig
 from core.record import GENESIS_PREV, Reading
 from core.topics import PLATFORM_CN
 from drivers.kiosk import (
@@ -29,7 +31,7 @@ from drivers.kiosk import (
     FLAG_ON_BATTERY,
     FLAG_PAPER_FAULT,
     FLAG_TAMPER,
-    KIOSK_KIND_PRIORITY,
+    KIOSK_KINDS,
     MSG_CHECKIN,
     MSG_STATUS,
     PERSON_MAX,
@@ -42,10 +44,10 @@ from drivers.kiosk import (
     Result,
     flags_key,
 )
-from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Data, DeviceClass, Hello, PayloadError
+from lab.acked import AckedCounter
 from lab.mosquitto import Mosquitto, Pki
 from lab.simulators.kiosk import KioskSim
 from lab.wire import Damage
@@ -55,7 +57,7 @@ from tests.helpers import wait_for
 
 SERIAL = "KI-0001"
 S = 1_000_000_000
-KIOSK_KINDS = set(KIOSK_KIND_PRIORITY) | {"device.error"}
+KINDS_MADE = KIOSK_KINDS | {"device.error"}
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCHEMA = json.loads((DOCS / "record.schema.json").read_text())
 # 2026-11-29T07:30:00Z
@@ -166,8 +168,8 @@ def test_the_kiosk_document_shows_the_bytes_and_records_the_code_makes() -> None
     readings += feed.status(FLAG_ON_BATTERY, 55)
     for rec in readings:
         assert f"| `{rec.kind}` | `{json.dumps(rec.body, sort_keys=True)}` |" in text
-    for kind, prio in KIOSK_KIND_PRIORITY.items():
-        assert f"| `{kind}` | {prio.label} |" in text
+    for kind in sorted(KIOSK_KINDS):
+        assert f"| `{kind}` | {KIND_PRIORITY[kind].label} |" in text
 
 
 MALFORMED_CHECKINS = {
@@ -363,12 +365,10 @@ def test_unknown_flags_are_kept_in_the_status_and_change_nothing_else() -> None:
 
 
 def test_the_kiosk_kinds_have_their_delivery_classes() -> None:
-    assert KIOSK_KIND_PRIORITY["checkin"] is Priority.CHECKIN
-    assert KIOSK_KIND_PRIORITY["kiosk.tamper"] is Priority.ALARM
-    others = set(KIOSK_KIND_PRIORITY) - {"checkin", "kiosk.tamper"}
-    assert {KIOSK_KIND_PRIORITY[k] for k in others} == {Priority.STATUS}
-    # once merged into the record table, the two must agree
-    assert all(KIND_PRIORITY.get(k, p) is p for k, p in KIOSK_KIND_PRIORITY.items())
+    assert KIND_PRIORITY["checkin"] is Priority.CHECKIN
+    assert KIND_PRIORITY["kiosk.tamper"] is Priority.ALARM
+    others = KIOSK_KINDS - {"checkin", "kiosk.tamper"}
+    assert {KIND_PRIORITY[k] for k in others} == {Priority.STATUS}
 
 
 def test_kiosk_records_validate_against_the_record_schema() -> None:
@@ -424,7 +424,7 @@ def test_garbage_bodies_never_raise_and_every_message_ends_with_its_event(
         assert out
         assert out[-1].device_event == (SERIAL, feed.event)
         assert all(r.device_event is None for r in out[:-1])
-        assert set(kinds(out)) <= KIOSK_KINDS
+        assert set(kinds(out)) <= KINDS_MADE
 
 
 @given(st.lists(st.tuples(st.integers(0, 0x3F), st.booleans()), min_size=1, max_size=30))
@@ -454,14 +454,12 @@ def test_fault_records_always_pair_up_with_the_state(steps: list[tuple[int, bool
 # -- the whole path --------------------------------------------------------------------
 
 
-def start_gateway_with_kiosk(gateway: Gateway, sim: KioskSim) -> FramedDeviceProtocol:
-    """app.py does not assemble kiosks yet: add the port the way it adds a tag receiver."""
-    gateway.start()
-    proto = FramedDeviceProtocol("kiosk", DeviceClass.KIOSK,
-                                 KioskDriver(gateway.writer.last_committed_event),
-                                 gateway.writer)
-    gateway._add_port("kiosk", sim.path, 115200, proto)
-    return proto
+def kiosk_gateway(tmp_path: Path, broker: BrokerConfig, identity: Identity,
+                  sim: KioskSim, *, on_acked: AckedCounter | None = None) -> Gateway:
+    """A gateway configured with one kiosk, as an installer's [[devices]] table would."""
+    config = Config(tmp_path / "data", broker,
+                    devices=[DeviceSection("kiosk", DeviceClass.KIOSK, sim.path)])
+    return Gateway(config, identity, on_acked=on_acked)
 
 
 @pytest.mark.slow
@@ -485,12 +483,13 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
 
     sim = KioskSim("KI-E2E-0001", link=tmp_path / "ttyKIOSK", to_host=faults(1),
                    from_host=faults(2)).start()
-    gateway = Gateway(identity, tmp_path / "data",
-                      broker_for(mosquitto, pki, identity.gateway_id), track_acked=True)
+    acked = AckedCounter()
+    gateway = kiosk_gateway(tmp_path, broker_for(mosquitto, pki, identity.gateway_id), identity,
+                            sim, on_acked=acked)
     methods = list(Method)
     n = 40
     try:
-        start_gateway_with_kiosk(gateway, sim)
+        gateway.start()
         sent = []
         for i in range(n):
             sent.append(sim.checkin(f"P-{i:06d}", methods[i % 4], 900 + i,
@@ -515,8 +514,8 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
         sim.stop()
         drained = gateway.stop(drain_s=15)
     assert drained
-    published = gateway.forwarder.stats.acked_seqs
-    wait_for(lambda: verifier.summary()["received"] >= len(published), 15, "the verifier")
+    published = acked.count
+    wait_for(lambda: verifier.summary()["received"] >= published, 15, "the verifier")
     verifier.stop()
 
     summary = verifier.summary()
@@ -524,7 +523,7 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
         assert sim.to_host.counts  # the wire did damage bytes
         assert sim.from_host.counts
     assert summary["bad_signature"] == summary["chain_gaps"] == 0
-    assert summary["received"] == summary["verified"] == len(published)
+    assert summary["received"] == summary["verified"] == published
     got = [r for r in arrived if r.kind == "checkin"]
     assert [r.record["body"]["person"] for r in got] == [c.person for c in sent]
     assert [r.seq for r in got] == sorted(r.seq for r in got)
