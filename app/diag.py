@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
-from buffer.store import STORE_FILE, store_path
+from buffer.store import STORE_FILE, StoreReader, store_path
 from core.kinds import Priority
 from provisioning.identity import IdentityError, load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
@@ -117,17 +117,11 @@ def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[st
 
 
 def _queued_records(cfg: Config) -> bytes:
-    from buffer.store import StoreReader
-
-    ident = load_identity(cfg.identity_path)
-    reader = StoreReader(store_path(cfg.data_dir), ident.storage_key)
-    lines: list[bytes] = []
-    cursors: dict[Priority, int] = {}
-    while (batch := reader.next_batch(cursors, 1000, 1 << 24)) is not None:
-        cursors[batch[0]] = batch[1][-1][0]
-        lines.extend(data for _, data in batch[1])
-    reader.close()
-    return b"\n".join(lines)
+    reader = StoreReader(store_path(cfg.data_dir), load_identity(cfg.identity_path).storage_key)
+    try:
+        return b"\n".join(reader.queued())
+    finally:
+        reader.close()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,8 @@ EVICT_SLACK = 0.02
 ROW_OVERHEAD = 16
 _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
+#: A batch read by :meth:`StoreReader.queued` stops at this many bytes.
+QUEUED_BATCH_BYTES = 16 * 1024 * 1024
 #: The store's file in the gateway's data directory (SQLite adds -wal and -shm beside it).
 STORE_FILE = "records.db"
 
@@ -253,6 +255,15 @@ class StoreReader:
     def __init__(self, path: Path, storage_key: bytes) -> None:
         self._aead = AESGCM(storage_key)
         self._db = _connect(path)
+
+    def queued(self, batch: int = 1000) -> Iterator[bytes]:
+        """Every queued record, decrypted, in delivery order (highest class first)."""
+        cursors: dict[Priority, int] = {}
+        while (found := self.next_batch(cursors, batch, QUEUED_BATCH_BYTES)) is not None:
+            prio, rows = found
+            cursors[prio] = rows[-1][0]
+            for _, data in rows:
+                yield data
 
     def next_batch(
         self, after: Mapping[Priority, int], limit: int, max_bytes: int

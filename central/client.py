@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from central.record import VerifiedRecord
 from central.verifier import Verifier
 from core.mqtt import BrokerConfig, connect, make_client
 from core.topics import TOPIC_ROOT
@@ -33,9 +34,10 @@ class VerifierClient:
         client_id: str = "platform-verifier",
         share_group: str | None = None,
         persistent_session: bool = False,
+        on_record: Callable[[VerifiedRecord], None] | None = None,
     ) -> None:
         self.persistent = persistent_session
-        self.verifier = Verifier(keys)
+        self.verifier = Verifier(keys, on_record=on_record)
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         topic = f"{TOPIC_ROOT}/+/records"

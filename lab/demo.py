@@ -10,9 +10,11 @@ last line is one JSON object).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -20,25 +22,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.assembly import Gateway
-from app.config import Config, DeviceSection, GnssSection
-from central.client import VerifierClient
-from core.devices import tag_ref
 from core.mqtt import BrokerConfig
 from core.topics import PLATFORM_CN
-from firmware_bridge.messages import DeviceClass
 from lab.acked import AckedCounter
-from lab.mosquitto import BrokerError, make_pki, start_mosquitto
-from lab.simulators.gnss import GnssSim
+from lab.mosquitto import BrokerError, client_config, make_pki, start_mosquitto
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
-from provisioning.identity import create_identity, load_public_keys
-from provisioning.registry import open_registry
+from lab.site import Platform, PlatformError, Site
+from provisioning.identity import create_identity
 
 log = logging.getLogger(__name__)
 DEMO_GATEWAY_ID = "demo-gw-0001"
 #: The demo shows health records often; a real gateway sends one every 5 minutes.
 DEMO_HEALTH_INTERVAL_S = 5.0
+DEMO_FIX_INTERVAL_S = 5.0
+#: A person checks in every this many seconds; the kiosk's case is opened and closed.
+CHECKIN_EVERY_S = 5
+TAMPER_AT_S, TAMPER_CLEARED_AT_S = 7, 9
+#: How long the end of the demo waits for devices, the broker and the platform, seconds.
+DRAIN_S = 30.0
+EXIT_PROBLEM, EXIT_BAD_ARGS, EXIT_NO_BROKER = 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,166 +69,164 @@ def _parse_hostport(text: str) -> tuple[str, int] | None:
 def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.tags < 1:
         print("demo: --rate must be positive and --tags at least 1", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGS
     broker = _parse_hostport(args.broker) if args.broker else None
     if args.broker and broker is None:
         print(f"demo: --broker: expected HOST:PORT (e.g. 127.0.0.1:1883), got {args.broker!r}",
               file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGS
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-demo-"))
-    stack: list[Any] = []
     try:
-        return _run(args, broker, tmp, stack)
-    except BrokerError as exc:
+        with contextlib.ExitStack() as stack:
+            return _run(args, broker, tmp, stack)
+    except (BrokerError, PlatformError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_NO_BROKER
     finally:
-        for item in reversed(stack):
-            try:
-                item()
-            except Exception:
-                log.exception("demo tear-down step failed")
         if args.keep:
             print(f"demo: files kept in {tmp}", file=sys.stderr)
         else:
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
-         stack: list[Any]) -> int:
-    identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID)
-    keys = load_public_keys([tmp / "identity" / "signing.pub"])
+def _brokers(broker: tuple[str, int] | None, tmp: Path,
+             stack: contextlib.ExitStack) -> tuple[BrokerConfig, BrokerConfig]:
+    """(the gateway's, the platform's) connection: to *broker* in plain MQTT, or to a
+    private mosquitto with mTLS and the production ACL."""
     if broker is not None:
-        gw_broker = BrokerConfig(*broker, tls=False)
-        plat_broker = gw_broker
-    else:
-        pki = make_pki(tmp / "pki")
-        mosq = start_mosquitto(tmp / "mosquitto", pki)
-        stack.append(mosq.stop)
-        gw_files = pki.client(DEMO_GATEWAY_ID)
-        plat_files = pki.client(PLATFORM_CN)
-        gw_broker = BrokerConfig(mosq.host, mosq.port, str(pki.ca_file), str(gw_files.cert),
-                                 str(gw_files.key))
-        plat_broker = BrokerConfig(mosq.host, mosq.port, str(pki.ca_file), str(plat_files.cert),
-                                   str(plat_files.key))
-        print(f"demo: mosquitto with mTLS on {mosq.host}:{mosq.port}", file=sys.stderr)
+        plain = BrokerConfig(*broker, tls=False)
+        return plain, plain
+    pki = make_pki(tmp / "pki")
+    mosq = start_mosquitto(tmp / "mosquitto", pki)
+    stack.callback(mosq.stop)
+    print(f"demo: mosquitto with mTLS on {mosq.host}:{mosq.port}", file=sys.stderr)
+    return client_config(mosq, pki, DEMO_GATEWAY_ID), client_config(mosq, pki, PLATFORM_CN)
 
-    verifier = VerifierClient(plat_broker, keys)
-    verifier.start()
-    stack.append(verifier.stop)
-    if not verifier.subscribed.wait(15):
-        print("demo: the verifier could not subscribe to the broker", file=sys.stderr)
-        return 3
 
-    tags = [SimTag(0x1000 + i, secrets.token_bytes(16)) for i in range(args.tags)]
-    registry = open_registry(identity)
-    for tag in tags:  # what the installer does: pair each tag with this gateway
-        registry.pair(tag_ref(tag.tag_id), tag.key)
-    registry.close()
-    tag_sim = TagReceiverSim("TR-DEMO-0001", tags=tags, link=tmp / "ttyTAGS").start()
-    stack.append(tag_sim.stop)
-    gnss_sim = GnssSim(link=tmp / "ttyGNSS", period_s=1.0).start()
-    stack.append(gnss_sim.stop)
-    kiosk = KioskSim("KI-DEMO-0001", link=tmp / "ttyKIOSK").start()
-    stack.append(kiosk.stop)
-
-    config = Config(
-        tmp / "data", gw_broker,
-        devices=[DeviceSection("tags", DeviceClass.TAG_RECEIVER, tag_sim.path),
-                 DeviceSection("kiosk", DeviceClass.KIOSK, kiosk.path)],
-        gnss=None if args.no_gnss else GnssSection(gnss_sim.path, fix_interval_s=5.0))
+def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
+         stack: contextlib.ExitStack) -> int:
+    identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID)
+    gw_broker, plat_broker = _brokers(broker, tmp, stack)
+    platform = Platform(plat_broker, identity).start()
+    stack.callback(platform.stop)
     acked = AckedCounter()
-    gateway = Gateway(config, identity, health_interval_s=DEMO_HEALTH_INTERVAL_S,
-                      on_acked=acked)
-    gateway.start()
-    gateway_stopped = False
-
-    def stop_gateway() -> None:
-        if not gateway_stopped:
-            gateway.stop(drain_s=2)
-
-    stack.append(stop_gateway)
-    print(f"demo: tags on {tag_sim.path}, GNSS on {gnss_sim.path}; gateway {DEMO_GATEWAY_ID}",
-          file=sys.stderr)
-
-    start = time.monotonic()
-    stop = threading.Event()
-    beacons = 0
-    checkins = 0
-    next_status = start + 1
-    try:
-        while args.duration is None or time.monotonic() - start < args.duration:
-            target = int((time.monotonic() - start) * args.rate)
-            while beacons < target:
-                tag_sim.send_beacon(tags[beacons % len(tags)])
-                beacons += 1
-            if time.monotonic() >= next_status:
-                next_status += 1
-                _live(gateway, verifier, beacons, tag_sim)
-                if int(next_status - start) % 5 == 0:  # a person checks in every 5 s
-                    checkins += 1
-                    kiosk.checkin(f"P-{checkins:06d}", "fingerprint", 960)
-                if int(next_status - start) == 7:  # someone opens the kiosk's case
-                    kiosk.set_status(tamper=True)
-                if int(next_status - start) == 9:
-                    kiosk.set_status(tamper=False)
-            stop.wait(min(0.02, 1 / args.rate))
-    except KeyboardInterrupt:
-        print("\ndemo: interrupted, draining", file=sys.stderr)
-    elapsed = time.monotonic() - start
-
-    # drain: every beacon acked by the gateway, then everything forwarded and received
-    deadline = time.monotonic() + 30
-    while (tag_sim.queued() or len(tag_sim.acked()) < beacons or kiosk.queued()) \
-            and time.monotonic() < deadline:
-        stop.wait(0.05)
-    drained = gateway.stop(drain_s=30)
-    gateway_stopped = True
-    published = acked.count
-    deadline = time.monotonic() + 30
-    while verifier.summary()["received"] < published and time.monotonic() < deadline:
-        stop.wait(0.05)
-    summary = verifier.summary()
-    out: dict[str, Any] = {
-        "published": published,
-        "received": summary["received"],
-        "verified": summary["verified"],
-        "bad_signature": summary["bad_signature"],
-        "chain_gaps": summary["chain_gaps"],
-        "duplicates": summary["duplicates"],
-        "committed": gateway.writer.stats.committed,
-        "beacons_sent": beacons,
-        "beacons_acked": len(tag_sim.acked()),
-        "checkins_sent": checkins,
-        "transactions": gateway.writer.stats.transactions,
-        "duration_s": round(elapsed, 2),
-        "records_per_s": round(summary["verified"] / elapsed, 1) if elapsed else 0,
-        "drained": drained,
-        "kinds": verifier.verifier.kinds(DEMO_GATEWAY_ID),
-    }
+    site = Site(tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S,
+                on_acked=acked)
+    stack.callback(site.close, 2.0)
+    tags = [SimTag(0x1000 + i, secrets.token_bytes(16)) for i in range(args.tags)]
+    tag_sim = site.tag_receiver(tags, "TR-DEMO-0001")
+    kiosk = site.kiosk("KI-DEMO-0001")
+    gnss = "no GNSS" if args.no_gnss else \
+        f"GNSS on {site.gnss(fix_interval_s=DEMO_FIX_INTERVAL_S).path}"
+    site.start()
+    print(f"demo: tags on {tag_sim.path}, {gnss}; gateway {DEMO_GATEWAY_ID}", file=sys.stderr)
+    drive = _Drive(site, platform, tag_sim, kiosk, args.rate)
+    elapsed = drive.run(args.duration)
+    drained = _drain(site, platform, drive, acked)
+    out = _summary(site, platform, drive, published=acked.count, elapsed=elapsed,
+                   drained=drained)
     ok = (out["published"] == out["received"] == out["verified"] > 0
           and out["bad_signature"] == 0 and out["chain_gaps"] == 0
-          and out["beacons_acked"] == beacons
-          and out["kinds"].get("checkin", 0) == checkins)
+          and out["beacons_acked"] == drive.beacons
+          and out["kinds"].get("checkin", 0) == drive.checkins)
     print(
-        f"demo summary: {beacons} beacons sent, {out['beacons_acked']} acked by the gateway; "
-        f"{out['committed']} records committed in {out['transactions']} transactions; "
-        f"{published} published; {out['received']} received, {out['verified']} verified, "
+        f"demo summary: {drive.beacons} beacons sent, {out['beacons_acked']} acked by the "
+        f"gateway; {out['committed']} records committed in {out['transactions']} transactions; "
+        f"{out['published']} published; {out['received']} received, {out['verified']} verified, "
         f"{out['bad_signature']} bad signatures, {out['chain_gaps']} chain gaps, "
         f"{out['duplicates']} duplicates; {out['records_per_s']} records/s "
         f"-> {'OK' if ok else 'PROBLEM'}",
     )
     if args.json:
         print(json.dumps(out, sort_keys=True))
-    return 0 if ok else 1
+    return 0 if ok else EXIT_PROBLEM
 
 
-def _live(gateway: Gateway, verifier: VerifierClient, beacons: int, sim: TagReceiverSim) -> None:
-    s = verifier.summary()
-    print(
-        f"beacons {beacons:6d}  acked {len(sim.acked()):6d}  committed "
-        f"{gateway.writer.stats.committed:6d}  published {gateway.forwarder.stats.records_acked:6d}"
-        f"  verified {s['verified']:6d}  bad {s['bad_signature']}  dup {s['duplicates']}",
-        file=sys.stderr,
-    )
+class _Drive:
+    """The people and things of the demo: tags beacon at *rate*, a person checks in every
+    few seconds, someone opens the kiosk's case; live counts every second."""
+
+    def __init__(self, site: Site, platform: Platform, tag_sim: TagReceiverSim,
+                 kiosk: KioskSim, rate: float) -> None:
+        self.site, self.platform = site, platform
+        self.tag_sim, self.kiosk, self.rate = tag_sim, kiosk, rate
+        self.beacons = 0
+        self.checkins = 0
+        self.pause = threading.Event()
+
+    def run(self, duration: float | None) -> float:
+        """Until *duration* seconds have passed (or Ctrl-C); the time it ran."""
+        start = time.monotonic()
+        next_second = 1
+        try:
+            while duration is None or time.monotonic() - start < duration:
+                target = int((time.monotonic() - start) * self.rate)
+                while self.beacons < target:
+                    tags = self.tag_sim.tags
+                    self.tag_sim.send_beacon(tags[self.beacons % len(tags)])
+                    self.beacons += 1
+                if time.monotonic() - start >= next_second:
+                    next_second += 1
+                    self._second(next_second)
+                self.pause.wait(min(0.02, 1 / self.rate))
+        except KeyboardInterrupt:
+            print("\ndemo: interrupted, draining", file=sys.stderr)
+        return time.monotonic() - start
+
+    def _second(self, second: int) -> None:
+        self._live()
+        if second % CHECKIN_EVERY_S == 0:
+            self.checkins += 1
+            self.kiosk.checkin(f"P-{self.checkins:06d}", "fingerprint", 960)
+        if second == TAMPER_AT_S:
+            self.kiosk.set_status(tamper=True)
+        if second == TAMPER_CLEARED_AT_S:
+            self.kiosk.set_status(tamper=False)
+
+    def _live(self) -> None:
+        s = self.platform.summary()
+        gateway = self.site.gateway
+        print(
+            f"beacons {self.beacons:6d}  acked {len(self.tag_sim.acked()):6d}  committed "
+            f"{gateway.writer.stats.committed:6d}  published "
+            f"{gateway.forwarder.stats.records_acked:6d}  verified {s['verified']:6d}  "
+            f"bad {s['bad_signature']}  dup {s['duplicates']}",
+            file=sys.stderr,
+        )
+
+
+def _drain(site: Site, platform: Platform, drive: _Drive, acked: AckedCounter) -> bool:
+    """Every beacon acked by the gateway, then everything forwarded and received."""
+    deadline = time.monotonic() + DRAIN_S
+    sim, kiosk = drive.tag_sim, drive.kiosk
+    while (sim.queued() or len(sim.acked()) < drive.beacons or kiosk.queued()) \
+            and time.monotonic() < deadline:
+        drive.pause.wait(0.05)
+    drained = site.stop_gateway(drain_s=DRAIN_S)
+    deadline = time.monotonic() + DRAIN_S
+    while platform.summary()["received"] < acked.count and time.monotonic() < deadline:
+        drive.pause.wait(0.05)
+    return drained
+
+
+def _summary(site: Site, platform: Platform, drive: _Drive, *, published: int,
+             elapsed: float, drained: bool) -> dict[str, Any]:
+    summary = platform.summary()
+    stats = site.gateway.writer.stats
+    return {
+        "published": published,
+        "received": summary["received"],
+        "verified": summary["verified"],
+        "bad_signature": summary["bad_signature"],
+        "chain_gaps": summary["chain_gaps"],
+        "duplicates": summary["duplicates"],
+        "committed": stats.committed,
+        "beacons_sent": drive.beacons,
+        "beacons_acked": len(drive.tag_sim.acked()),
+        "checkins_sent": drive.checkins,
+        "transactions": stats.transactions,
+        "duration_s": round(elapsed, 2),
+        "records_per_s": round(summary["verified"] / elapsed, 1) if elapsed else 0,
+        "drained": drained,
+        "kinds": platform.client.verifier.kinds(DEMO_GATEWAY_ID),
+    }

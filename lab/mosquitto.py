@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
+from core.mqtt import BrokerConfig
 from core.topics import PLATFORM_CN, broker_acl
 from provisioning.pki import Authority, CertFiles, issue_to, make_authority, write_ca
 
@@ -134,6 +135,14 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
         broker.stop()
         raise BrokerError("mosquitto did not start:\n" + "\n".join(log[-20:]))
     return broker
+
+
+def client_config(broker: Mosquitto, pki: Pki, cn: str) -> BrokerConfig:
+    """How a client with a certificate for *cn* (a gateway id, or the platform's
+    :data:`~core.topics.PLATFORM_CN`) connects to *broker*: mTLS, the lab's CA."""
+    files = pki.client(cn)
+    return BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
+                        str(files.key))
 
 
 @contextlib.contextmanager

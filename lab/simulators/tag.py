@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.devices import tag_ref
 from drivers.tag_receiver import (
     FLAG_BODY_CONTACT,
     FLAG_STRAP_CLOSED,
@@ -30,6 +31,11 @@ class SimTag:
     strap_closed: bool = True
     body_contact: bool = True
     history: list[Beacon] = field(default_factory=list, repr=False)
+
+    @property
+    def tag(self) -> str:
+        """The tag's reference, as paired ("T" + 8 hex digits)."""
+        return tag_ref(self.tag_id)
 
     def beacon(self, rssi: int = -60) -> Beacon:
         self.counter += 1

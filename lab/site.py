@@ -1,0 +1,175 @@
+"""A home or office imitated on this machine: devices on ptys, the gateway, the platform.
+
+:class:`Site` starts the simulators an installer would have wired (a tag receiver
+with its tags paired to the gateway's identity, a kiosk, a GNSS receiver), writes
+the gateway's configuration for them, builds the gateway with the product's own
+assembly and stops everything in the right order. :class:`Platform` is the
+platform's verifier on a broker, collecting what arrives. The demo, the fault
+scenarios and the end-to-end tests are all built from these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Self
+
+from app.assembly import HEALTH_INTERVAL_S, Gateway
+from app.config import Config, DeviceSection, GnssSection
+from central.client import VerifierClient
+from central.record import VerifiedRecord
+from core.errors import UserError
+from core.mqtt import BrokerConfig
+from firmware_bridge.messages import DeviceClass
+from lab.simulators.gnss import GnssSim
+from lab.simulators.kiosk import KioskSim
+from lab.simulators.tag import SimTag, TagReceiverSim
+from lab.wire import Damage
+from provisioning.identity import Identity
+from provisioning.registry import open_registry
+from uplink.forwarder import AckHook
+
+#: A broker no gateway reaches: records stay in the store (the discard port on loopback).
+NOWHERE = BrokerConfig("127.0.0.1", 9, tls=False)
+#: How long the platform's consumer may take to subscribe, seconds.
+SUBSCRIBE_TIMEOUT_S = 15.0
+
+
+class PlatformError(UserError):
+    """The platform's consumer could not subscribe (broker unreachable, refused)."""
+
+
+def pair_tags(identity: Identity, tags: list[SimTag]) -> None:
+    """What the installer does: pair each tag (its id and key) with this gateway."""
+    registry = open_registry(identity)
+    try:
+        for tag in tags:
+            registry.pair(tag.tag, tag.key)
+    finally:
+        registry.close()
+
+
+class Site:
+    """Simulated devices and the gateway configured for them. Add devices, then
+    :meth:`start`; :meth:`close` stops the gateway (draining) and then the devices."""
+
+    def __init__(self, workdir: Path, identity: Identity, broker: BrokerConfig, *,
+                 health_interval_s: float = HEALTH_INTERVAL_S,
+                 on_acked: AckHook | None = None) -> None:
+        self.workdir = workdir
+        self.identity = identity
+        self.broker = broker
+        self.health_interval_s = health_interval_s
+        self.on_acked = on_acked
+        self.devices: list[DeviceSection] = []
+        self.gnss_section: GnssSection | None = None
+        self._sims = contextlib.ExitStack()
+        self._gateway: Gateway | None = None
+        self._stopped = False
+        self.drained = False
+
+    def tag_receiver(self, tags: list[SimTag], serial: str = "TR-SITE-0001", *,
+                     name: str = "tags", to_host: Damage | None = None,
+                     from_host: Damage | None = None,
+                     byte_delay_s: float = 0.0) -> TagReceiverSim:
+        """A tag receiver on a pty, its *tags* paired with the gateway."""
+        pair_tags(self.identity, tags)
+        sim = TagReceiverSim(serial, tags=tags, link=self.workdir / f"tty-{name}",
+                             to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s)
+        self._sims.callback(sim.stop)
+        sim.start()
+        self.devices.append(DeviceSection(name, DeviceClass.TAG_RECEIVER, sim.path))
+        return sim
+
+    def kiosk(self, serial: str = "KI-SITE-0001", *, name: str = "kiosk",
+              to_host: Damage | None = None, from_host: Damage | None = None) -> KioskSim:
+        sim = KioskSim(serial, link=self.workdir / f"tty-{name}", to_host=to_host,
+                       from_host=from_host)
+        self._sims.callback(sim.stop)
+        sim.start()
+        self.devices.append(DeviceSection(name, DeviceClass.KIOSK, sim.path))
+        return sim
+
+    def gnss(self, *, period_s: float = 1.0, fix_interval_s: float = 60.0) -> GnssSim:
+        sim = GnssSim(link=self.workdir / "tty-gnss", period_s=period_s)
+        self._sims.callback(sim.stop)
+        sim.start()
+        self.gnss_section = GnssSection(sim.path, fix_interval_s=fix_interval_s)
+        return sim
+
+    @property
+    def config(self) -> Config:
+        """The configuration an installer would write for these devices."""
+        return Config(self.workdir / "data", self.broker, devices=list(self.devices),
+                      gnss=self.gnss_section, identity_dir=self.identity.directory)
+
+    def start(self) -> Gateway:
+        self._gateway = Gateway(self.config, self.identity,
+                                health_interval_s=self.health_interval_s,
+                                on_acked=self.on_acked)
+        self._gateway.start()
+        return self._gateway
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise RuntimeError("the site's gateway is not started: call start() first")
+        return self._gateway
+
+    def stop_gateway(self, drain_s: float = 5.0) -> bool:
+        """Stop the gateway once (ports, then the uplink after up to *drain_s* of
+        forwarding); True when everything committed was acknowledged by the broker."""
+        if self._gateway is not None and not self._stopped:
+            self._stopped = True
+            self.drained = self._gateway.stop(drain_s)
+        return self.drained
+
+    def close(self, drain_s: float = 5.0) -> bool:
+        try:
+            return self.stop_gateway(drain_s)
+        finally:
+            self._sims.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Platform:
+    """The platform's verifier on *broker*, keeping every verified record it received."""
+
+    def __init__(self, broker: BrokerConfig, identity: Identity, *,
+                 persistent_session: bool = False,
+                 on_record: Callable[[VerifiedRecord], None] | None = None) -> None:
+        self.arrived: list[VerifiedRecord] = []
+        self._on_record = on_record
+        self.client = VerifierClient(broker, {identity.kid: identity.public_key},
+                                     persistent_session=persistent_session,
+                                     on_record=self._record)
+        self._lock = threading.Lock()
+
+    def _record(self, rec: VerifiedRecord) -> None:
+        self.arrived.append(rec)
+        if self._on_record is not None:
+            self._on_record(rec)
+
+    def start(self) -> Self:
+        """Connect and subscribe; RuntimeError if the subscription does not come."""
+        self.client.start()
+        if not self.client.subscribed.wait(SUBSCRIBE_TIMEOUT_S):
+            self.client.stop()
+            raise PlatformError("the platform's verifier could not subscribe to the broker "
+                                f"{self.client.broker.host}:{self.client.broker.port} within "
+                                f"{SUBSCRIBE_TIMEOUT_S:.0f} s: is it running, and does its ACL "
+                                "let the platform read?")
+        return self
+
+    def summary(self) -> dict[str, int]:
+        return self.client.summary()
+
+    def stop(self) -> None:
+        self.client.stop()
