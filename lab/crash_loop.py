@@ -17,6 +17,7 @@ end it is left to drain, and :func:`run` counts (in a :class:`Result`):
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
@@ -26,19 +27,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from central.client import VerifierClient
-from central.record import VerifiedRecord
-from core.devices import tag_ref
-from core.mqtt import BrokerConfig
+from buffer.store import store_path
 from core.topics import PLATFORM_CN
-from lab.mosquitto import make_pki, start_mosquitto
+from lab.mosquitto import client_config, make_pki, start_mosquitto
 from lab.simulators.tag import SimTag, TagReceiverSim
+from lab.site import Platform, pair_tags
 from provisioning.identity import create_identity
-from provisioning.registry import open_registry
 
 REPO = Path(__file__).resolve().parents[1]  # where gateway.py is
 
@@ -82,6 +81,67 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class _Beacons:
+    """Tags beaconing at *rate* through the receiver, on a thread of their own."""
+
+    def __init__(self, sim: TagReceiverSim, rate: float) -> None:
+        self.sim, self.rate = sim, rate
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="crash-beacons", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        tags = self.sim.tags
+        while not self._stop.wait(0.01):
+            while self.sent < int((time.monotonic() - t0) * self.rate):
+                self.sim.send_beacon(tags[self.sent % len(tags)])
+                self.sent += 1
+
+    def stop(self) -> None:
+        """Stop and wait: no beacon is queued into a stopped simulator."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _Loop:
+    """The lab around the gateway process: PKI, mosquitto, identity, configuration,
+    tag receiver, platform."""
+
+    def __init__(self, tmp: Path, stack: contextlib.ExitStack, *, verbose: bool) -> None:
+        self.tmp, self.verbose = tmp, verbose
+        pki = make_pki(tmp / "pki")
+        broker = start_mosquitto(tmp / "mq", pki)
+        stack.callback(broker.stop)
+        identity = create_identity(tmp / "identity", GATEWAY_ID)
+        self.platform = Platform(client_config(broker, pki, PLATFORM_CN), identity).start()
+        stack.callback(self.platform.stop)
+        tags = [SimTag(0x2000 + i, bytes([i + 7]) * 16) for i in range(3)]
+        pair_tags(identity, tags)
+        tty = tmp / "ttyTAGS"
+        self.sim = TagReceiverSim("TR-CRASH-0001", tags=tags, link=tty).start()
+        stack.callback(self.sim.stop)
+        gw_files = pki.client(GATEWAY_ID)
+        self.config = tmp / "gateway.toml"
+        self.config.write_text(CONFIG.format(
+            identity=tmp / "identity", data=tmp / "data", host=broker.host, port=broker.port,
+            ca=pki.ca_file, cert=gw_files.cert, key=gw_files.key, tty=tty))
+        self.db = store_path(tmp / "data")
+        self.starts = 0
+
+    def start_gateway(self) -> subprocess.Popen[bytes]:
+        self.starts += 1
+        with (self.tmp / "gateway.log").open("ab") as logf:
+            return subprocess.Popen(
+                [sys.executable, str(REPO / "gateway.py"), *(["-v"] if self.verbose else []),
+                 "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=logf)
+
+    def integrity_problems(self) -> int:
+        return _integrity_problems(self.db) if self.db.exists() else 0
+
+
 def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
         max_up_s: float = 2.0, drain_timeout_s: float = 120.0, verbose: bool = False,
         keep: bool = False) -> Result:
@@ -89,109 +149,28 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-crash-"))
     result = Result()
     started = time.monotonic()
-    pki = make_pki(tmp / "pki")
-    broker = start_mosquitto(tmp / "mq", pki)
-    identity = create_identity(tmp / "identity", GATEWAY_ID)
-    gw_files = pki.client(GATEWAY_ID)
-    plat = pki.client(PLATFORM_CN)
-    config = tmp / "gateway.toml"
-    tty = tmp / "ttyTAGS"
-    config.write_text(CONFIG.format(
-        identity=tmp / "identity", data=tmp / "data", host=broker.host, port=broker.port,
-        ca=pki.ca_file, cert=gw_files.cert, key=gw_files.key, tty=tty))
-    verifier = VerifierClient(
-        BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(plat.cert), str(plat.key)),
-        {identity.kid: identity.public_key})
-    arrived: list[VerifiedRecord] = []
-    verifier.verifier._on_record = arrived.append  # collect for the checks
-    verifier.start()
-    if not verifier.subscribed.wait(15):
-        raise RuntimeError("verifier could not subscribe")
-
-    tags = [SimTag(0x2000 + i, bytes([i + 7]) * 16) for i in range(3)]
-    registry = open_registry(identity)
-    for tag in tags:
-        registry.pair(tag_ref(tag.tag_id), tag.key)
-    registry.close()
-    sim = TagReceiverSim("TR-CRASH-0001", tags=tags, link=tty).start()
-    stop_beacons = threading.Event()
-
-    def beacons() -> None:
-        n = 0
-        t0 = time.monotonic()
-        while not stop_beacons.wait(0.01):
-            while n < int((time.monotonic() - t0) * rate):
-                sim.send_beacon(tags[n % len(tags)])
-                n += 1
-        result.beacons_sent = n
-
-    beacon_thread = threading.Thread(target=beacons, daemon=True)
-    beacon_thread.start()
-    log_path = tmp / "gateway.log"
-
-    def start_gateway() -> subprocess.Popen[bytes]:
-        result.gateway_starts += 1
-        with log_path.open("ab") as logf:
-            return subprocess.Popen(
-                [sys.executable, str(REPO / "gateway.py"), *(["-v"] if verbose else []),
-                 "run", "--config", str(config)],
-                stdout=subprocess.DEVNULL, stderr=logf)
-
-    db = tmp / "data" / "records.db"
-    try:
+    with contextlib.ExitStack() as stack:
+        lab = _Loop(tmp, stack, verbose=verbose)
+        beacons = _Beacons(lab.sim, rate)
+        stack.callback(beacons.stop)
         for i in range(kills):
-            proc = start_gateway()
+            proc = lab.start_gateway()
             time.sleep(rng.uniform(min_up_s, max_up_s))  # the random moment of the crash
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             result.kills += 1
-            if db.exists():
-                result.store_corruptions += _integrity_problems(db)
+            result.store_corruptions += lab.integrity_problems()
             if (i + 1) % 10 == 0 or i + 1 == kills:
-                _progress(f"crash: {i + 1}/{kills} kills, {len(sim.acked())} beacons acked, "
-                          f"{verifier.summary()['verified']} records verified")
-        stop_beacons.set()
-        beacon_thread.join()
-        proc = start_gateway()
-        deadline = time.monotonic() + drain_timeout_s
-        while time.monotonic() < deadline:
-            if len(sim.acked()) >= result.beacons_sent and _complete(verifier, sim, arrived):
-                break
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if db.exists():
-            result.store_corruptions += _integrity_problems(db)
-        time.sleep(0.5)  # last messages in flight to the verifier
-    finally:
-        stop_beacons.set()
-        beacon_thread.join()  # no beacon is queued into a stopped simulator
-        sim.stop()
-        verifier.stop()
-        broker.stop()
-
-    acked = set(sim.acked())
-    with verifier.lock:
-        records = list(arrived)
-        summary = verifier.verifier.summary()
-        gaps = verifier.verifier.gaps(GATEWAY_ID)
-    events: dict[int, int] = {}
-    for rec in records:
-        if rec.kind == "tag.presence":
-            ev = rec.record["body"]["dev_event"]
-            events[ev] = events.get(ev, 0) + 1
-    result.records_acked_to_devices = len(acked)
-    result.records_verified = summary["verified"]
-    result.records_lost = len(acked - set(events))
-    result.bad_signatures = summary["bad_signature"]
-    result.unexplained_gaps = len(gaps) + summary["chain_breaks"]
-    result.duplicates_after_dedupe = sum(n - 1 for n in events.values() if n > 1)
+                _progress(f"crash: {i + 1}/{kills} kills, {len(lab.sim.acked())} beacons acked, "
+                          f"{lab.platform.summary()['verified']} records verified")
+        beacons.stop()
+        result.beacons_sent = beacons.sent
+        _drain(lab, beacons.sent, drain_timeout_s)
+        result.store_corruptions += lab.integrity_problems()
+        result.gateway_starts = lab.starts
+    _count(result, lab)
     result.duration_s = round(time.monotonic() - started, 1)
-    result.extra = {"duplicates_at_platform": summary["duplicates"], "seed": seed}
+    result.extra["seed"] = seed
     if keep:
         result.extra["workdir"] = str(tmp)
     else:
@@ -199,11 +178,46 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
     return result
 
 
-def _complete(verifier: VerifierClient, sim: TagReceiverSim, arrived: list[VerifiedRecord]) -> bool:
-    with verifier.lock:
-        if verifier.verifier.gaps(GATEWAY_ID):
+def _drain(lab: _Loop, beacons_sent: int, timeout_s: float) -> None:
+    """A last gateway runs until every acked beacon is verified, then stops cleanly."""
+    proc = lab.start_gateway()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(lab.sim.acked()) >= beacons_sent and _complete(lab.platform, lab.sim):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    time.sleep(0.5)  # last messages in flight to the verifier
+
+
+def _count(result: Result, lab: _Loop) -> None:
+    acked = set(lab.sim.acked())
+    client = lab.platform.client
+    with client.lock:
+        summary = client.verifier.summary()
+        gaps = client.verifier.gaps(GATEWAY_ID)
+        events = Counter(r.record["body"]["dev_event"] for r in lab.platform.arrived
+                         if r.kind == "tag.presence")
+    result.records_acked_to_devices = len(acked)
+    result.records_verified = summary["verified"]
+    result.records_lost = len(acked - set(events))
+    result.bad_signatures = summary["bad_signature"]
+    result.unexplained_gaps = len(gaps) + summary["chain_breaks"]
+    result.duplicates_after_dedupe = sum(n - 1 for n in events.values() if n > 1)
+    result.extra["duplicates_at_platform"] = summary["duplicates"]
+
+
+def _complete(platform: Platform, sim: TagReceiverSim) -> bool:
+    with platform.client.lock:
+        if platform.client.verifier.gaps(GATEWAY_ID):
             return False
-        seen = {r.record["body"]["dev_event"] for r in arrived if r.kind == "tag.presence"}
+        seen = {r.record["body"]["dev_event"] for r in platform.arrived
+                if r.kind == "tag.presence"}
     return set(sim.acked()) <= seen
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from core.mqtt import BrokerConfig
 from core.topics import PLATFORM_CN
 from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
 from provisioning.identity import Identity, create_identity
@@ -26,12 +25,6 @@ def mosquitto(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
     broker = start_mosquitto(tmp_path / "mosquitto", pki)
     yield broker
     broker.stop()
-
-
-def broker_for(broker: Mosquitto, pki: Pki, cn: str) -> BrokerConfig:
-    files = pki.client(cn)
-    return BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
-                        str(files.key))
 
 
 @pytest.fixture

@@ -7,20 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from app.assembly import Gateway
-from app.config import Config, DeviceSection, GnssSection
-from central.client import VerifierClient
-from central.record import VerifiedRecord
-from core.devices import tag_ref
 from core.topics import PLATFORM_CN
-from firmware_bridge.messages import DeviceClass
 from lab.acked import AckedCounter
-from lab.mosquitto import Mosquitto, Pki
-from lab.simulators.gnss import GnssSim
-from lab.simulators.tag import SimTag, TagReceiverSim
+from lab.mosquitto import Mosquitto, Pki, client_config
+from lab.simulators.tag import SimTag
+from lab.site import Platform, Site
 from provisioning.identity import Identity
-from provisioning.registry import open_registry
-from tests.conftest import broker_for
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -29,25 +21,15 @@ pytestmark = pytest.mark.slow
 def test_every_beacon_arrives_verified_in_order_exactly_once(
     tmp_path: Path, mosquitto: Mosquitto, pki: Pki, identity: Identity
 ) -> None:
-    keys = {identity.kid: identity.public_key}
-    verifier = VerifierClient(broker_for(mosquitto, pki, PLATFORM_CN), keys)
-    arrived: list[VerifiedRecord] = []
-    verifier.verifier._on_record = arrived.append
-    verifier.start()
-    assert verifier.subscribed.wait(10)
-
-    tags = [SimTag(0x1000 + i, bytes([i + 1]) * 16) for i in range(3)]
-    registry = open_registry(identity)
-    for tag in tags:
-        registry.pair(tag_ref(tag.tag_id), tag.key)
-    sim = TagReceiverSim("TR-E2E-0001", tags=tags, link=tmp_path / "ttyTAGS").start()
-    gnss = GnssSim(link=tmp_path / "ttyGNSS", period_s=0.2).start()
-    config = Config(tmp_path / "data", broker_for(mosquitto, pki, identity.gateway_id),
-                    devices=[DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)],
-                    gnss=GnssSection(gnss.path, fix_interval_s=0.5))
+    platform = Platform(client_config(mosquitto, pki, PLATFORM_CN), identity).start()
+    arrived = platform.arrived
     acked = AckedCounter()
-    gateway = Gateway(config, identity, on_acked=acked)
-    gateway.start()
+    site = Site(tmp_path, identity, client_config(mosquitto, pki, identity.gateway_id),
+                on_acked=acked)
+    tags = [SimTag(0x1000 + i, bytes([i + 1]) * 16) for i in range(3)]
+    sim = site.tag_receiver(tags, "TR-E2E-0001")
+    site.gnss(period_s=0.2, fix_interval_s=0.5)
+    site.start()
     try:
         n = 120
         for i in range(n):
@@ -55,14 +37,12 @@ def test_every_beacon_arrives_verified_in_order_exactly_once(
         wait_for(lambda: len(sim.acked()) == n, 30, "the gateway to ack every beacon")
         wait_for(lambda: any(r.kind == "gnss.fix" for r in arrived), 15, "a GNSS fix record")
     finally:
-        gnss.stop()
-        sim.stop()
-        assert gateway.stop(drain_s=15)
+        assert site.close(drain_s=15)
     published = acked.count
-    wait_for(lambda: verifier.summary()["received"] >= published, 15, "the verifier")
-    verifier.stop()
+    wait_for(lambda: platform.summary()["received"] >= published, 15, "the verifier")
+    platform.stop()
 
-    summary = verifier.summary()
+    summary = platform.summary()
     assert summary["bad_signature"] == 0
     assert summary["chain_gaps"] == 0
     assert summary["received"] == summary["verified"] == published

@@ -14,14 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.assembly import Gateway
-from app.config import Config, DeviceSection
 from buffer.seal import Sealer
-from central.client import VerifierClient
-from central.record import VerifiedRecord
 from core.clock import Clock
 from core.kinds import KIND_PRIORITY, Priority
-from core.mqtt import BrokerConfig
 from core.record import GENESIS_PREV, Reading
 from core.topics import PLATFORM_CN
 from drivers.kiosk import (
@@ -48,11 +43,10 @@ from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Data, DeviceClass, Hello, PayloadError
 from lab.acked import AckedCounter
-from lab.mosquitto import Mosquitto, Pki
-from lab.simulators.kiosk import KioskSim
+from lab.mosquitto import Mosquitto, Pki, client_config
+from lab.site import Platform, Site
 from lab.wire import Damage
 from provisioning.identity import Identity
-from tests.conftest import broker_for
 from tests.helpers import wait_for
 
 SERIAL = "KI-0001"
@@ -454,14 +448,6 @@ def test_fault_records_always_pair_up_with_the_state(steps: list[tuple[int, bool
 # -- the whole path --------------------------------------------------------------------
 
 
-def kiosk_gateway(tmp_path: Path, broker: BrokerConfig, identity: Identity,
-                  sim: KioskSim, *, on_acked: AckedCounter | None = None) -> Gateway:
-    """A gateway configured with one kiosk, as an installer's [[devices]] table would."""
-    config = Config(tmp_path / "data", broker,
-                    devices=[DeviceSection("kiosk", DeviceClass.KIOSK, sim.path)])
-    return Gateway(config, identity, on_acked=on_acked)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("wire", [
     pytest.param(None, id="clean"),
@@ -471,25 +457,20 @@ def kiosk_gateway(tmp_path: Path, broker: BrokerConfig, identity: Identity,
 def test_every_checkin_arrives_verified_in_order_exactly_once(
     tmp_path: Path, mosquitto: Mosquitto, pki: Pki, identity: Identity, wire: float | None
 ) -> None:
-    verifier = VerifierClient(broker_for(mosquitto, pki, PLATFORM_CN),
-                              {identity.kid: identity.public_key})
-    arrived: list[VerifiedRecord] = []
-    verifier.verifier._on_record = arrived.append
-    verifier.start()
-    assert verifier.subscribed.wait(10)
+    platform = Platform(client_config(mosquitto, pki, PLATFORM_CN), identity).start()
+    arrived = platform.arrived
 
     def faults(seed: int) -> Damage | None:
         return None if wire is None else Damage(bit_error_rate=wire, drop_rate=wire, seed=seed)
 
-    sim = KioskSim("KI-E2E-0001", link=tmp_path / "ttyKIOSK", to_host=faults(1),
-                   from_host=faults(2)).start()
     acked = AckedCounter()
-    gateway = kiosk_gateway(tmp_path, broker_for(mosquitto, pki, identity.gateway_id), identity,
-                            sim, on_acked=acked)
+    site = Site(tmp_path, identity, client_config(mosquitto, pki, identity.gateway_id),
+                on_acked=acked)
+    sim = site.kiosk("KI-E2E-0001", to_host=faults(1), from_host=faults(2))
     methods = list(Method)
     n = 40
     try:
-        gateway.start()
+        gateway = site.start()
         sent = []
         for i in range(n):
             sent.append(sim.checkin(f"P-{i:06d}", methods[i % 4], 900 + i,
@@ -511,14 +492,13 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
         wait_for(acked_only_after_commit, 30, "the gateway to ack every kiosk event")
         assert sim.queued() == 0
     finally:
-        sim.stop()
-        drained = gateway.stop(drain_s=15)
+        drained = site.close(drain_s=15)
     assert drained
     published = acked.count
-    wait_for(lambda: verifier.summary()["received"] >= published, 15, "the verifier")
-    verifier.stop()
+    wait_for(lambda: platform.summary()["received"] >= published, 15, "the verifier")
+    platform.stop()
 
-    summary = verifier.summary()
+    summary = platform.summary()
     if wire is not None:
         assert sim.to_host.counts  # the wire did damage bytes
         assert sim.from_host.counts

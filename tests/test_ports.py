@@ -10,7 +10,6 @@ import pytest
 from app.assembly import Pipeline
 from core.clock import Clock
 from core.devices import PairedTag, tag_ref
-from core.mqtt import BrokerConfig
 from core.record import Source
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.framed import FramedDeviceProtocol
@@ -18,13 +17,11 @@ from firmware_bridge.link import HostLink
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortWorker
 from lab.simulators.tag import SimTag, TagReceiverSim
+from lab.site import NOWHERE
 from provisioning.identity import Identity
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
-
-
-NOWHERE = BrokerConfig("127.0.0.1", 9, tls=False)  # records stay in the store
 
 
 def pipeline(tmp_path: Path, identity: Identity) -> Pipeline:

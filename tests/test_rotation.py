@@ -14,8 +14,8 @@ from buffer.writer import StoreWriter
 from central.verifier import Verifier
 from core.clock import Clock
 from core.kinds import Priority
-from core.mqtt import BrokerConfig
 from core.record import GENESIS_PREV, Reading, Source, key_id
+from lab.site import NOWHERE
 from provisioning.identity import Identity, load_identity, stage_next_key
 
 SRC = Source("tag_receiver", "TR-0001")
@@ -81,8 +81,7 @@ def test_the_gateway_announces_a_staged_key_at_start_and_promotes_it(
     tmp_path: Path, identity: Identity
 ) -> None:
     new_pub = stage_next_key(identity.directory)
-    nowhere = BrokerConfig("127.0.0.1", 9, tls=False)  # no broker: records stay queued
-    gateway = Gateway(Config(tmp_path / "data", nowhere), identity)
+    gateway = Gateway(Config(tmp_path / "data", NOWHERE), identity)  # records stay queued
     gateway.start()
     assert gateway.writer.flush()
     gateway.stop(drain_s=0.1)

@@ -15,15 +15,13 @@ import pytest
 
 from app.assembly import Gateway
 from app.config import Config
-from central.client import VerifierClient
-from central.record import VerifiedRecord
 from core.mqtt import BrokerConfig, make_client
 from core.record import Reading, Source
 from core.topics import PLATFORM_CN, records_topic
 from lab.acked import AckedCounter
-from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
+from lab.mosquitto import Mosquitto, Pki, client_config, make_pki, start_mosquitto
+from lab.site import Platform
 from provisioning.identity import Identity
-from tests.conftest import broker_for
 from tests.helpers import wait_for
 from uplink.forwarder import Forwarder
 
@@ -36,14 +34,11 @@ def test_broker_outage_loses_nothing_and_alarms_go_first(
 ) -> None:
     workdir = tmp_path / "mq"
     broker = start_mosquitto(workdir, pki, persistence=True)
-    keys = {identity.kid: identity.public_key}
-    verifier = VerifierClient(broker_for(broker, pki, PLATFORM_CN), keys, persistent_session=True)
-    arrived: list[VerifiedRecord] = []
-    verifier.verifier._on_record = arrived.append
-    verifier.start()
-    assert verifier.subscribed.wait(10)
+    verifier = Platform(client_config(broker, pki, PLATFORM_CN), identity,
+                        persistent_session=True).start()
+    arrived = verifier.arrived
     acked = AckedCounter()
-    gateway = Gateway(Config(tmp_path / "data", broker_for(broker, pki, identity.gateway_id)),
+    gateway = Gateway(Config(tmp_path / "data", client_config(broker, pki, identity.gateway_id)),
                       identity, on_acked=acked)
     gateway.start()
     try:
@@ -137,7 +132,8 @@ def _connected_client(broker: Mosquitto, cfg: BrokerConfig, client_id: str) -> m
 def test_a_gateway_cannot_publish_under_another_gateways_prefix(
     mosquitto: Mosquitto, pki: Pki
 ) -> None:
-    client = _connected_client(mosquitto, broker_for(mosquitto, pki, "gw-aaa-0001"), "gw-aaa-0001")
+    config = client_config(mosquitto, pki, "gw-aaa-0001")
+    client = _connected_client(mosquitto, config, "gw-aaa-0001")
     try:
         own = _publish(client, records_topic("gw-aaa-0001"), b"x")
         other = _publish(client, records_topic("gw-bbb-0002"), b"x")
