@@ -322,12 +322,18 @@ def waiting_deletions(writer: StoreWriter) -> int:
     return writer.deletions_waiting
 
 
+def continue_chain(env: Env, store: Any) -> Sealer:
+    """The sealer that continues *store*'s chain (the product's Store or the TinyDB one)."""
+    if isinstance(store, Store):
+        return store.sealer(GATEWAY_ID, env.identity.signing_key)
+    state = store.state
+    return Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
+                  last_digest=state.last_digest, boot=state.boot)
+
+
 def wire(env: Env, store: Any, reader: Any) -> Wired:
     """The product's wiring, with the forwarder's PUBACK hook timing alarms."""
-    state = store.state
-    sealer = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
-                    last_digest=state.last_digest, boot=state.boot)
-    writer = StoreWriter(store, sealer, Clock())
+    writer = StoreWriter(store, continue_chain(env, store), Clock())
     forwarder = Forwarder(GATEWAY_ID, env.config, reader, writer, window=WINDOW,
                           batch_records=BATCH_RECORDS)
     wired = Wired(writer, forwarder)
@@ -588,10 +594,7 @@ def phase_backlog(env: Env, count: int) -> tuple[Path, dict[str, Any]]:
     """Commit *count* records with no forwarder: the broker is unreachable."""
     db = env.workdir / "backlog.db"
     store = Store(db, env.identity.storage_key)
-    state = store.state
-    sealer = Sealer(GATEWAY_ID, env.identity.signing_key, last_seq=state.last_seq,
-                    last_digest=state.last_digest, boot=state.boot)
-    writer = StoreWriter(store, sealer, Clock())
+    writer = StoreWriter(store, store.sealer(GATEWAY_ID, env.identity.signing_key), Clock())
     writer.start()
     submitted = [0]
     meter = Meter()
@@ -634,16 +637,13 @@ import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from buffer.seal import Sealer
 from buffer.store import Store, StoreReader
 from provisioning.identity import load_identity
 from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS
 t_imported = time.perf_counter()
 identity = load_identity(Path({identity!r}))
 store = Store(Path({db!r}), identity.storage_key)
-s = store.state
-sealer = Sealer(identity.gateway_id, identity.signing_key, last_seq=s.last_seq,
-                last_digest=s.last_digest, boot=s.boot)
+sealer = store.sealer(identity.gateway_id, identity.signing_key)
 reader = StoreReader(Path({db!r}), identity.storage_key)
 batch = reader.next_batch({{}}, BATCH_RECORDS, BATCH_BYTES)
 t1 = time.perf_counter()
