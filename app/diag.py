@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 import stat
 import tarfile
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
-from buffer.store import STORE_FILE, StoreReader, store_path
-from core.kinds import Priority
+from buffer.store import StoreReader, inspect_store, store_path
 from provisioning.identity import IdentityError, load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
 
@@ -30,26 +28,7 @@ def buffer_report(cfg: Config) -> dict[str, Any]:
     db = store_path(cfg.data_dir)
     if not db.exists():
         return {"store": str(db), "exists": False}
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
-        usage = conn.execute("SELECT prio, count, bytes FROM usage ORDER BY prio").fetchall()
-        now = int(time.time())
-        classes: dict[str, Any] = {}
-        for prio, count, size in usage:
-            row = conn.execute("SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1",
-                               (prio,)).fetchone()
-            classes[Priority(prio).label] = {
-                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None}
-        integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
-    finally:
-        conn.close()
-    files = {p.name: p.stat().st_size for p in db.parent.glob(f"{STORE_FILE}*")}
-    return {
-        "store": str(db), "exists": True, "last_seq": int(meta.get("last_seq", b"0")),
-        "boot": int(meta.get("boot", b"0")), "classes": classes, "files": files,
-        "integrity": integrity,
-    }
+    return {"store": str(db), "exists": True} | inspect_store(db)
 
 
 def keys_report(cfg: Config) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -296,3 +297,28 @@ class StoreReader:
 
     def close(self) -> None:
         self._db.close()
+
+
+def inspect_store(path: Path) -> dict[str, Any]:
+    """What a technician asks of a store, read-only (the daemon may be running), without
+    its key: last seq, boot count, per class the queued records, their bytes and the age
+    of the oldest, the files on disk, and SQLite's quick check."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
+        usage = conn.execute("SELECT prio, count, bytes FROM usage ORDER BY prio").fetchall()
+        now = int(time.time())
+        classes: dict[str, Any] = {}
+        for prio, count, size in usage:
+            row = conn.execute("SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1",
+                               (prio,)).fetchone()
+            classes[Priority(prio).label] = {
+                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None}
+        integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
+    return {
+        "last_seq": int(meta.get("last_seq", b"0")), "boot": int(meta.get("boot", b"0")),
+        "classes": classes, "integrity": integrity,
+        "files": {p.name: p.stat().st_size for p in path.parent.glob(f"{path.name}*")},
+    }

@@ -9,7 +9,7 @@ from pathlib import Path
 from app.assembly import Gateway
 from app.config import Config
 from buffer.seal import Sealer
-from buffer.store import Store, StoreReader
+from buffer.store import Store, StoreReader, store_path
 from buffer.writer import StoreWriter
 from central.verifier import Verifier
 from core.clock import Clock
@@ -89,6 +89,6 @@ def test_the_gateway_announces_a_staged_key_at_start_and_promotes_it(
     assert promoted.kid == key_id(new_pub)
     assert promoted.next_key is None
     assert not (identity.directory / "signing.next.key").exists()
-    kinds = [json.loads(r)["kind"] for r in drain(tmp_path / "data" / "records.db",
+    kinds = [json.loads(r)["kind"] for r in drain(store_path(tmp_path / "data"),
                                                   identity.storage_key)]
     assert "key.rotate" in kinds
