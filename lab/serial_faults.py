@@ -72,8 +72,9 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
             gateway = site.start()
             t0 = time.monotonic()
             plan = ["genuine"] * events + ["spoof"] * spoofs + ["replay"] * replays
-            random.Random(seed).shuffle(plan)
-            traffic = _send(sim, plan, rng=random.Random(seed), rate=rate, reboot=reboot,
+            rng = random.Random(seed)  # one source: the shuffle, then the replays' picks
+            rng.shuffle(plan)
+            traffic = _send(sim, plan, rng=rng, rate=rate, reboot=reboot,
                             unplug=unplug, unplug_s=unplug_s)
             done = _wait(lambda: len(sim.acked()) >= traffic.sent, timeout_s)
             site.stop_gateway(drain_s=0)
