@@ -15,7 +15,7 @@ from typing import Any, assert_never
 
 from app.config import Config, DeviceSection
 from buffer.seal import Sealer
-from buffer.store import Store, StoreReader, store_path
+from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.mqtt import BrokerConfig
@@ -111,9 +111,11 @@ class Gateway:
         return self.config.data_dir
 
     def start(self) -> None:
+        quota = self.quota_bytes or self.config.quota_bytes or default_quota(self.data_dir)
+        log.info("record store quota: %d bytes", quota)
         self.pipeline = Pipeline(self.data_dir, self.identity, self.config.broker,
                                  clock=self.clock, source=self.source,
-                                 quota_bytes=self.quota_bytes, on_acked=self.on_acked)
+                                 quota_bytes=quota, on_acked=self.on_acked)
         self.clock.observe()  # the baseline: later changes are time.step records
         self.pipeline.start()
         for spec in self.config.devices:

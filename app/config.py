@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from buffer.store import MIN_QUOTA_BYTES
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 from drivers.gnss import Installed
@@ -81,6 +82,9 @@ class Config:
     gnss: GnssSection | None = None
     identity_dir: Path | None = None
     source: Path | None = None  # the file it was read from
+    #: The record store's disk quota (``[gateway] quota_bytes``); None: derived from the
+    #: filesystem of data_dir (``buffer.store.default_quota``).
+    quota_bytes: int | None = None
 
     @property
     def identity_path(self) -> Path:
@@ -147,6 +151,10 @@ def load_config(path: Path) -> Config:
     gw = _Section(path, "gateway", raw.get("gateway", {}))
     identity_dir = gw.path("identity_dir", required=True)
     data_dir = gw.path("data_dir", required=True)
+    quota_bytes = gw.get("quota_bytes", int, None)
+    if quota_bytes is not None and quota_bytes < MIN_QUOTA_BYTES:
+        raise gw.error("quota_bytes", f"must be at least {MIN_QUOTA_BYTES} (256 KiB), got "
+                                      f"{quota_bytes}; leave it out to derive it from the disk")
     gw.done()
     if identity_dir is None or data_dir is None:  # pragma: no cover - required=True above
         raise gw.error(None, "identity_dir and data_dir are required")
@@ -159,6 +167,7 @@ def load_config(path: Path) -> Config:
         gnss=_gnss(_Section(path, "gnss", raw["gnss"])) if "gnss" in raw else None,
         identity_dir=identity_dir,
         source=path,
+        quota_bytes=quota_bytes,
     )
 
 

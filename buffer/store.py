@@ -7,10 +7,18 @@ committed transaction is fsynced: it survives power loss, not only a crash.
 
 Each row holds ``nonce (12 bytes) || AES-GCM(record bytes)`` with the record's
 priority and seq as associated data, so a row cannot be moved to another seq.
+
+Under a quota (:class:`Limits`) everything the store puts on disk counts: the pages
+in use, the WAL (bounded: checkpointed at half its bound, truncated past it), the
+wal-index and a reserve file. The reserve (``records.db.reserve``, preallocated and
+fsynced) is released when the disk fills anyway (another process), so that
+deletions can still commit, and re-created once there is room again.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sqlite3
 import struct
@@ -51,21 +59,127 @@ CREATE TRIGGER IF NOT EXISTS records_out AFTER DELETE ON records BEGIN
     UPDATE usage SET count = count - 1, bytes = bytes - length(OLD.blob) WHERE prio = OLD.prio;
 END;
 """
+log = logging.getLogger(__name__)
+
 #: Eviction frees this share of the quota beyond what is needed, so it runs rarely.
 EVICT_SLACK = 0.02
-#: Bytes a row costs beyond its blob (key, page slack); counted against the quota.
+#: Bytes a row costs beyond its blob (key, cell header); the logical size of a row.
 ROW_OVERHEAD = 16
+#: Pages of the B-tree per logical byte of rows (pages are not full). An estimate, used
+#: to size an incoming group and how much to evict; the quota itself is checked against
+#: the pages really in use, so a wrong estimate is corrected at the next commit.
+PAGE_FACTOR = 1.5
+#: Pages a transaction may take beyond its records' estimate (B-tree splits, the gap
+#: record, the meta rows): kept free under the quota.
+TXN_MARGIN_PAGES = 4
+#: The smallest quota: room for the schema, the WAL bound, the wal-index and the reserve.
+MIN_QUOTA_BYTES = 256 * 1024
+#: The WAL's bound is quota/WAL_SHARE, between these; without a quota, the maximum.
+WAL_SHARE = 8
+WAL_MIN_BYTES = 32 * 1024
+WAL_MAX_BYTES = 4 * 1024 * 1024
+#: The reserve file is quota/RESERVE_SHARE, between these (none without a quota).
+RESERVE_SHARE = 16
+RESERVE_MIN_BYTES = 32 * 1024
+RESERVE_MAX_BYTES = 1024 * 1024
+#: The wal-index (``-shm``) file: 32 KiB covers a WAL of up to about 4,000 pages.
+SHM_BYTES = 32 * 1024
+#: Default quota (no ``[gateway] quota_bytes``): this share of the filesystem's size...
+DEFAULT_QUOTA_SHARE = 2
+#: ...and never more than what is free plus what the store holds, less this share of the
+#: filesystem's size left to the rest of the system.
+FS_RESERVE_SHARE = 10
+_ZEROS = bytes(64 * 1024)
 _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
 #: A batch read by :meth:`StoreReader.queued` stops at this many bytes.
 QUEUED_BATCH_BYTES = 16 * 1024 * 1024
 #: The store's file in the gateway's data directory (SQLite adds -wal and -shm beside it).
 STORE_FILE = "records.db"
+#: Beside it, the reserve file: ``records.db.reserve``.
+RESERVE_SUFFIX = ".reserve"
 
 
 def store_path(data_dir: Path) -> Path:
     """Where the record store of the gateway whose data directory is *data_dir* lives."""
     return data_dir / STORE_FILE
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether *exc* (from SQLite or the OS) means "no space left", not another I/O error."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of *path*."""
+    st = os.statvfs(_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+def default_quota(data_dir: Path) -> int:
+    """The quota when the configuration gives none, from the filesystem of *data_dir*:
+    half its size, and no more than the store's files plus the free space, less a tenth
+    of its size left to the rest of the system; at least :data:`MIN_QUOTA_BYTES`."""
+    st = os.statvfs(_existing(data_dir))
+    size = st.f_blocks * st.f_frsize
+    held = store_files_bytes(store_path(data_dir))
+    quota = min(size // DEFAULT_QUOTA_SHARE,
+                held + st.f_bavail * st.f_frsize - size // FS_RESERVE_SHARE)
+    if quota < MIN_QUOTA_BYTES:
+        log.warning("the filesystem of %s has little room (%d bytes of %d free): the "
+                    "record store's quota is the minimum, %d bytes", data_dir,
+                    st.f_bavail * st.f_frsize, size, MIN_QUOTA_BYTES)
+        return MIN_QUOTA_BYTES
+    return quota
+
+
+def store_files_bytes(path: Path) -> int:
+    """Bytes on disk of the store at *path*: the database, WAL, wal-index and reserve."""
+    total = 0
+    for suffix in ("", "-wal", "-shm", RESERVE_SUFFIX):
+        try:
+            total += path.with_name(path.name + suffix).stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How a quota is shared: the WAL's bound, the reserve file, the rest for pages."""
+
+    quota: int | None
+    wal: int
+    reserve: int
+
+    @classmethod
+    def of(cls, quota: int | None) -> Limits:
+        if quota is None:
+            return cls(None, WAL_MAX_BYTES, 0)
+        wal = min(WAL_MAX_BYTES, max(WAL_MIN_BYTES, quota // WAL_SHARE))
+        reserve = min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, quota // RESERVE_SHARE))
+        return cls(quota, wal, reserve)
+
+    @property
+    def pages(self) -> int | None:
+        """Bytes of database pages in use the quota allows."""
+        if self.quota is None:
+            return None
+        return self.quota - self.wal - self.reserve - SHM_BYTES
+
+    @property
+    def group_bytes(self) -> int:
+        """The most (logical) bytes of records one transaction may add: a transaction
+        goes whole into the WAL, which is checkpointed at half its bound."""
+        return int(self.wal / 4 / PAGE_FACTOR)
 
 
 class StoreError(UserError):
@@ -90,10 +204,14 @@ def _aad(prio: int, seq: int) -> bytes:
     return _AAD.pack(b"SCR1", prio, seq)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, wal_bytes: int = WAL_MAX_BYTES) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    # the WAL: checkpointed once it holds half its bound, cut back to the bound when reset
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(1, wal_bytes // 2 // page)}")
+    conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
     return conn
 
 
@@ -101,20 +219,27 @@ class Store:
     """The writer's side. Not thread-safe: one thread (the store writer) owns it."""
 
     def __init__(self, path: Path, storage_key: bytes, *, quota_bytes: int | None = None) -> None:
-        if quota_bytes is not None and quota_bytes < 64 * 1024:
-            raise StoreError(f"quota of {quota_bytes} bytes is too small: give at least 64 KiB")
+        if quota_bytes is not None and quota_bytes < MIN_QUOTA_BYTES:
+            raise StoreError(f"quota of {quota_bytes} bytes is too small: give at least "
+                             f"{MIN_QUOTA_BYTES} bytes ({MIN_QUOTA_BYTES // 1024} KiB)")
         self.quota_bytes = quota_bytes
+        self.limits = Limits.of(quota_bytes)
         if len(storage_key) != 32:
             raise StoreError("storage key must be 32 bytes (AES-256)")
         self.path = path
+        self.reserve_path = path.with_name(path.name + RESERVE_SUFFIX)
         self._aead = AESGCM(storage_key)
         try:
-            self._db = _connect(path)
+            self._db = _connect(path, self.limits.wal)
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open record store {path}: {exc}") from exc
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self.state = self._bump_boot()
         self.usage = self._read_usage()
+        if self.limits.reserve and not self.restore_reserve():
+            log.warning("no room for the record store's reserve file %s (%d bytes) yet",
+                        self.reserve_path, self.limits.reserve)
 
     def sealer(self, gateway_id: str, signing_key: Ed25519PrivateKey) -> Sealer:
         """A sealer that continues this store's chain (its last seq and digest, this boot)."""
@@ -142,14 +267,25 @@ class Store:
 
     @property
     def used_bytes(self) -> int:
-        return sum(b + c * ROW_OVERHEAD for c, b in self.usage.values())
+        """Bytes the store holds on disk (database, WAL, wal-index, reserve): the quota's
+        measure."""
+        return store_files_bytes(self.path)
+
+    def pages_in_use_bytes(self) -> int:
+        """Bytes of the database's pages in use (its file, less the free pages)."""
+        count = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(count - free) * self._page_size
 
     def plan_eviction(self, incoming_bytes: int) -> list[Evicted]:
-        """Rows to evict so that *incoming_bytes* more fit the quota: lowest class first,
-        oldest first within a class; alarms and check-ins only when nothing else is left."""
-        if self.quota_bytes is None:
+        """Rows to evict so that *incoming_bytes* more (logical) fit the quota's pages:
+        lowest class first, oldest first within a class; alarms and check-ins only when
+        nothing else is left."""
+        budget = self.limits.pages
+        if budget is None or self.quota_bytes is None:
             return []
-        excess = self.used_bytes + incoming_bytes - self.quota_bytes
+        margin = TXN_MARGIN_PAGES * self._page_size
+        excess = self.pages_in_use_bytes() + int(incoming_bytes * PAGE_FACTOR) + margin - budget
         if excess <= 0:
             return []
         target = excess + int(self.quota_bytes * EVICT_SLACK)
@@ -166,10 +302,72 @@ class Store:
                     break
                 for seq, size in rows:
                     out.append(Evicted(int(prio), seq, size + ROW_OVERHEAD))
-                    freed += size + ROW_OVERHEAD
+                    freed += int((size + ROW_OVERHEAD) * PAGE_FACTOR)
                     if freed >= target:
                         break
         return out
+
+    # -- the reserve file and the WAL's bound --------------------------------------------
+    @property
+    def has_reserve(self) -> bool:
+        try:
+            return self.reserve_path.stat().st_size >= self.limits.reserve
+        except FileNotFoundError:
+            return False
+
+    def room(self) -> bool:
+        """Whether the filesystem has room to re-create the reserve and let the WAL and
+        the next groups grow (twice the reserve plus the WAL's bound free)."""
+        return free_bytes(self.path) >= 2 * self.limits.reserve + self.limits.wal
+
+    def restore_reserve(self) -> bool:
+        """Create the reserve file (preallocated, fsynced, with its directory) unless it is
+        in place; False when there is no room for it."""
+        if not self.limits.reserve or self.has_reserve:
+            return True
+        if not self.room():
+            return False
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _preallocate(fd, self.limits.reserve)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(self.reserve_path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if not is_disk_full(exc):
+                raise
+            return False
+        return True
+
+    def release_reserve(self) -> int:
+        """Delete the reserve file so that deletions can commit on a full disk; the bytes
+        released (0 if it was not there)."""
+        try:
+            size = self.reserve_path.stat().st_size
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return 0
+        _fsync_dir(self.path.parent)
+        return size
+
+    def bound_wal(self) -> None:
+        """Checkpoint and truncate the WAL if it has grown past its bound (a checkpoint
+        held back by a reader); the automatic checkpoints keep it below otherwise."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            if wal.stat().st_size <= self.limits.wal:
+                return
+        except FileNotFoundError:
+            return
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of %s failed: %s", wal, exc)
 
     def _meta(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
@@ -208,6 +406,12 @@ class Store:
         ]
         new_state = self.state
         with self._transaction():
+            # deletions first: the inserts reuse the pages they free, so the file does
+            # not grow past the quota within the transaction
+            self._db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                                 list(delete_ranges))
+            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
+                                 [(e.prio, e.seq) for e in evict])
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
                 new_state = StoreState(last.seq, last.digest, self.state.boot)
@@ -216,10 +420,6 @@ class Store:
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                     [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],
                 )
-            self._db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
-                                 list(delete_ranges))
-            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
-                                 [(e.prio, e.seq) for e in evict])
             if device_events:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO device_events VALUES (?, ?)",
@@ -227,6 +427,7 @@ class Store:
                 )
         self.state = new_state
         self.usage = self._read_usage()
+        self.bound_wal()
 
     def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -245,9 +446,37 @@ class _Txn:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
         else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after SQLITE_FULL or an I/O error: a ROLLBACK then
+        # fails ("no transaction is active") and would hide the real cause
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
+
+
+def _preallocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        for offset in range(0, size, len(_ZEROS)):  # a filesystem without fallocate
+            os.pwrite(fd, _ZEROS[: size - offset], offset)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StoreReader:
@@ -294,6 +523,20 @@ class StoreReader:
     def depth(self) -> dict[str, int]:
         rows = self._db.execute("SELECT prio, COUNT(*) FROM records GROUP BY prio").fetchall()
         return {Priority(p).label: n for p, n in rows}
+
+    def newest_record(self) -> bytes | None:
+        """The record with the highest seq still in the store, decrypted (None when the
+        store is empty): at start, its time is a floor for the clock. One lookup per class
+        on the primary key. Raises ``cryptography.exceptions.InvalidTag`` if it is corrupt."""
+        newest: tuple[int, int, bytes] | None = None
+        for prio in Priority:
+            row = self._db.execute(
+                "SELECT seq, blob FROM records WHERE prio=? ORDER BY seq DESC LIMIT 1",
+                (int(prio),),
+            ).fetchone()
+            if row is not None and (newest is None or row[0] > newest[0]):
+                newest = (row[0], int(prio), bytes(row[1]))
+        return None if newest is None else self.open_row(newest[1], newest[0], newest[2])
 
     def close(self) -> None:
         self._db.close()

@@ -7,7 +7,14 @@ PUBACK travel through the same queue, so they join the next transaction.
 
 When a commit fails (disk full, I/O error) the sealer is rolled back, the
 batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
-is not on disk, and no seq is skipped.
+is not on disk, and no seq is skipped. The failure is classified (disk full or
+another error) and logged once, then every :data:`FAILURE_LOG_S`. While commits
+fail, deletions are committed on their own first; when the disk is full (another
+process filled it: the quota keeps the store itself below), the store's reserve
+file is released so that they can, a ``storage.full`` record says so, and
+readings wait (devices keep them) until the filesystem has room again: then the
+reserve is re-created, and once the next group has committed, a
+``storage.recovered`` record follows it.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from buffer.seal import Draft, Sealer, rotation_body
-from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store
+from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store, free_bytes, is_disk_full
 from core.clock import Clock
 from core.kinds import Priority
 from core.record import JSON, Reading, SealedRecord, Source
@@ -39,6 +46,8 @@ MAX_DELETES = 5_000  # rows deleted in one transaction: bounds how long an alarm
 DELETE_LINGER_S = 1.0
 DELETE_BATCH_ROWS = 1_000
 RETRY_S = 0.5
+#: While commits keep failing, the failure is logged again this often (seconds).
+FAILURE_LOG_S = 60.0
 
 OnCommitted = Callable[[SealedRecord], None]
 #: What a sealed record costs in the store beyond its bytes (nonce, GCM tag, row).
@@ -138,11 +147,24 @@ class _Group:
 
 
 @dataclass
+class _Trouble:
+    """Commits are failing: since when (monotonic s), why, how often, what was said."""
+
+    since: float
+    disk_full: bool
+    error: str
+    failures: int = 0
+    logged_at: float = 0.0
+    full_recorded: bool = False  # the storage.full record is committed
+
+
+@dataclass
 class WriterStats:
     committed: int = 0
     deleted: int = 0
     transactions: int = 0
     commit_failures: int = 0
+    disk_full: int = 0  # times the disk filled up (storage.full)
     callback_errors: int = 0
     evicted: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
@@ -171,6 +193,7 @@ class StoreWriter:
         self._deletes_since = 0.0
         self._deletes_committed = 0
         self._waiting_barriers: list[_Barrier] = []
+        self._trouble: _Trouble | None = None
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._stopped = threading.Event()
@@ -200,6 +223,12 @@ class StoreWriter:
     def delete_range(self, prio: int, lo: int, hi: int, rows: int) -> None:
         """Delete the rows of class *prio* with seq in [lo, hi] (forwarded and PUBACKed)."""
         self._inbox.put(_Delete(prio, lo, hi, rows))
+
+    @property
+    def disk_full(self) -> bool:
+        """Whether commits are failing because the disk is full (read from other threads)."""
+        trouble = self._trouble
+        return trouble is not None and trouble.disk_full
 
     @property
     def deletions_waiting(self) -> int:
@@ -273,7 +302,14 @@ class StoreWriter:
     def _commit(self, pending: list[_Item]) -> int:
         """Seal and commit a prefix of *pending*, and up to :data:`MAX_DELETES` queued
         deletions, in one transaction; how many items of *pending* it took (-1: the
-        commit failed, and nothing moved: the sealer advances only after a commit)."""
+        commit failed, and nothing moved: the sealer advances only after a commit).
+        While commits fail, deletions go first on their own; on a full disk, readings
+        wait until there is room again."""
+        trouble = self._trouble
+        if trouble is not None:
+            self._relieve(trouble)
+            if trouble.disk_full and not self._store.restore_reserve():
+                return -1  # no room yet
         group = self._seal_group(pending)
         deletes = self._take_deletes()
         evict = self._store.plan_eviction(group.size)
@@ -284,22 +320,106 @@ class StoreWriter:
             self._store.commit(group.records, device_events=group.events,
                                delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict)
         except sqlite3.Error as exc:
-            self.stats.commit_failures += 1
-            log.error(  # noqa: TRY400 - the cause is in the message; no traceback wanted
-                "commit of %d records failed (%s); devices stay unacknowledged, retrying in %.1fs",
-                len(group.records), exc, RETRY_S,
-            )
+            self._failed(exc, len(group.records))
             return -1
         self._sealer.advance(group.draft)
         self._committed(group, deletes, evict)
         self._release_barriers(pending[: group.taken])
+        if trouble is not None and self._trouble is trouble:
+            self._trouble = None
+            log.warning("commits work again after %.1f s and %d failures%s",
+                        time.monotonic() - trouble.since, trouble.failures,
+                        ": room on the disk again, recording resumes" if trouble.disk_full
+                        else "")
+            if trouble.disk_full:
+                self._record_storage("storage.recovered", trouble)
         return group.taken
+
+    def _failed(self, exc: sqlite3.Error, records: int) -> None:
+        """Count a failed commit; log it when it starts, changes cause, or every
+        :data:`FAILURE_LOG_S` (never once per retry)."""
+        self.stats.commit_failures += 1
+        full = is_disk_full(exc)
+        now = time.monotonic()
+        trouble = self._trouble
+        if trouble is None or trouble.disk_full != full:
+            trouble = self._trouble = _Trouble(trouble.since if trouble else now, full, str(exc))
+            if full:
+                self.stats.disk_full += 1
+                log.error("disk full: commit of %d records failed (%s) on the filesystem of "
+                          "%s (%d bytes free): devices stay unacknowledged, deletions go on, "
+                          "recording resumes once there is room", records, exc,
+                          self._store.path.parent, free_bytes(self._store.path))
+            else:
+                log.error("commit of %d records failed: %s (an I/O error, not a full disk): "
+                          "devices stay unacknowledged, retrying every %.1fs", records, exc,
+                          RETRY_S)
+            trouble.logged_at = now
+        elif now - trouble.logged_at >= FAILURE_LOG_S:
+            trouble.logged_at = now
+            log.error("commits still failing after %.0f s (%d failures): %s",
+                      now - trouble.since, trouble.failures, exc)
+        trouble.failures += 1
+        trouble.error = str(exc)
+
+    def _relieve(self, trouble: _Trouble) -> None:
+        """While commits fail: commit the queued deletions on their own (the reserve
+        released first when the disk is full), then the ``storage.full`` record."""
+        if trouble.disk_full:
+            released = self._store.release_reserve()
+            if released:
+                log.warning("released the store's reserve file (%d bytes) so that "
+                            "deletions can commit", released)
+        while self._deletes:
+            deletes = self._take_deletes()
+            try:
+                self._store.commit([], delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes])
+            except sqlite3.Error as exc:
+                self._failed(exc, 0)
+                return
+            self._committed(_Group(self._sealer.draft()), deletes, [])
+            self._release_barriers([])
+        if trouble.disk_full and not trouble.full_recorded:
+            trouble.full_recorded = self._record_storage("storage.full", trouble)
+
+    def _record_storage(self, kind: str, trouble: _Trouble) -> bool:
+        """Commit a ``storage.full`` or ``storage.recovered`` record in a transaction of
+        its own; False if that failed too."""
+        group = _Group(self._sealer.draft())
+        group.add(self._storage_reading(kind, trouble), self._clock)
+        try:
+            self._store.commit(group.records)
+        except sqlite3.Error as exc:
+            self._failed(exc, 1)
+            return False
+        self._sealer.advance(group.draft)
+        self.stats.transactions += 1
+        self.stats.committed += 1
+        self.stats.by_kind[kind] += 1
+        if self.on_commit is not None:
+            self._call(self.on_commit, group.records)
+        return True
+
+    def _storage_reading(self, kind: str, trouble: _Trouble) -> Reading:
+        """``storage.full`` (what failed) or ``storage.recovered`` (after how long; sealed
+        after the first group that committed again)."""
+        body: dict[str, JSON] = {
+            "reason": "disk_full",
+            "error": trouble.error,
+            "failures": trouble.failures,
+            "free_bytes": free_bytes(self._store.path),
+            "store_bytes": self._store.used_bytes,
+            "quota_bytes": self._store.quota_bytes,
+        }
+        if kind == "storage.recovered":
+            body["full_ms"] = int((time.monotonic() - trouble.since) * 1000)
+        return Reading(kind, self._gateway_source, body, self._clock.now_ns())
 
     def _seal_group(self, pending: list[_Item]) -> _Group:
         """Seal a prefix of *pending* on a draft: at most :data:`MAX_GROUP` records and,
         under a quota, about a quarter of it in bytes. A health record opens its own group
         (it reports committed state)."""
-        limit = self._store.quota_bytes // 4 if self._store.quota_bytes else None
+        limit = self._store.limits.group_bytes if self._store.quota_bytes else None
         group = _Group(self._sealer.draft())
         for item in pending:
             if (limit is not None and group.size > limit) or len(group.records) >= MAX_GROUP:
@@ -377,6 +497,7 @@ class StoreWriter:
             "quota_bytes": self._store.quota_bytes,
             "evicted": dict(self.stats.evicted),
             "commit_failures": self.stats.commit_failures,
+            "disk_full": self.stats.disk_full,
             "committed": self.stats.committed,
         }
         try:

@@ -53,6 +53,9 @@ KIND_PRIORITY: dict[str, Priority] = {
     "gateway.health": Priority.HEARTBEAT,
     "gateway.boot": Priority.STATUS,
     "device.error": Priority.STATUS,
+    # the disk filled up (another process: the quota keeps the store below), and its restore
+    "storage.full": Priority.ALARM,
+    "storage.recovered": Priority.STATUS,
     # first out, so the platform learns the new key before records signed with it
     "key.rotate": Priority.ALARM,
 }

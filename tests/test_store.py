@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from buffer.seal import Sealer
-from buffer.store import Store, StoreError, StoreReader
+from buffer.store import MIN_QUOTA_BYTES, Store, StoreError, StoreReader
 from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.kinds import Priority
@@ -94,7 +96,16 @@ def test_wrong_key_size_is_a_clear_error(tmp_path: Path) -> None:
         Store(tmp_path / "r.db", b"short")
 
 
-def test_writer_acks_only_after_commit_and_rolls_back_on_failure(tmp_path: Path) -> None:
+def kinds_in(db: Path) -> list[str]:
+    """The kinds of the queued records, in seq order."""
+    reader = StoreReader(db, STORAGE)
+    records = sorted((json.loads(data) for data in reader.queued()), key=lambda r: r["seq"])
+    reader.close()
+    return [r["kind"] for r in records]
+
+
+def test_writer_acks_only_after_commit_and_rolls_back_on_failure(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = tmp_path / "r.db"
     store, sealer = open_store(db)
     writer = StoreWriter(store, sealer, Clock())
@@ -116,9 +127,17 @@ def test_writer_acks_only_after_commit_and_rolls_back_on_failure(tmp_path: Path)
     assert writer.last_committed_event("TR-0001") is None
     store._db.execute("PRAGMA max_page_count=1000000")  # space freed
     assert writer.flush(timeout=10)
-    assert committed == [1, 2, 3]
+    assert committed == [1, 3, 4]  # seq 2: the storage.full record
     assert writer.last_committed_event("TR-0001") == 3
     writer.stop()
+    assert kinds_in(db) == ["tag.presence", "storage.full", "tag.presence", "tag.presence",
+                            "storage.recovered"]
+    # classified and said once, not at every retry; the cause is not hidden by the rollback
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("disk full")
+    assert "database or disk is full" in errors[0]
+    assert not any("cannot rollback" in r.getMessage() for r in caplog.records)
 
 
 def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path: Path) -> None:
@@ -127,17 +146,27 @@ def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path:
     from core.record import key_id
 
     db = tmp_path / "r.db"
-    store = Store(db, STORAGE, quota_bytes=64 * 1024)
+    quota = 2 * MIN_QUOTA_BYTES
+    store = Store(db, STORAGE, quota_bytes=quota)
     sealer = store.sealer("gw-test-0001", KEY)
     writer = StoreWriter(store, sealer, Clock())
     writer.start()
     kinds = {0: "tag.tamper", 1: "checkin", 2: "gateway.health"}
-    for i in range(600):
+    wal = db.with_name(db.name + "-wal")
+    wal_sizes = []
+    for i in range(1200):
         writer.submit(Reading(kinds.get(i % 20, "tag.presence"), SRC,
                               {"tag": "T0000CAFE", "counter": i, "pad": "p" * 200}, i))
+        if i % 50 == 0:
+            assert writer.flush()
+            wal_sizes.append(wal.stat().st_size)
+            assert store.used_bytes <= quota  # every file counted: pages, WAL, reserve
     assert writer.flush()
     writer.stop()
-    assert store.used_bytes <= 64 * 1024
+    # the WAL stays within its bound; the store's files within the quota
+    assert max(wal_sizes) <= store.limits.wal
+    assert store.has_reserve
+    assert store.used_bytes <= quota
 
     reader = StoreReader(db, STORAGE)
     left: dict[str, list[int]] = {}
@@ -149,14 +178,14 @@ def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path:
         left.setdefault(prio.label, []).extend(seq for seq, _ in rows)
         records.extend(data for _, data in rows)
     # every alarm and check-in is still there; heartbeats went before positions
-    assert len(left["alarm"]) >= 30
-    assert len(left["checkin"]) == 30
+    assert len(left["alarm"]) >= 60
+    assert len(left["checkin"]) == 60
     assert "heartbeat" not in left
-    assert writer.stats.evicted["heartbeat"] == 30
+    assert writer.stats.evicted["heartbeat"] == 60
     assert writer.stats.evicted["position"] > 0
     # the positions left are the newest ones
     assert left["position"] == sorted(left["position"])
-    assert min(left["position"]) > 300
+    assert min(left["position"]) > 600
     # the platform sees every missing seq accounted for by a signed gap record
     keys = {key_id(KEY.public_key()): KEY.public_key()}
     v = Verifier(keys)
