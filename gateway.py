@@ -18,11 +18,24 @@ from pathlib import Path
 from core.devices import DEFAULT_ABSENT_AFTER_S
 from core.errors import EXIT_USER_ERROR, UserError
 
+#: Raw serial frames (hex; person references and positions in clear): only with
+#: --trace-serial, never with -v/-vv alone.
+SERIAL_TRACE_LOGGER = "smartcorr.trace.serial"
+#: Every trace logger is off unless its own option turns it on.
+TRACE_LOGGERS = "smartcorr.trace"
+#: Largest key file read (a tag key is 32 hex digits).
+MAX_KEY_FILE_BYTES = 4096
 
-def _logging(verbose: int) -> None:
+
+def _logging(verbose: int, trace_serial: bool = False) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger(TRACE_LOGGERS).setLevel(logging.CRITICAL + 1)
+    if trace_serial:
+        logging.getLogger(SERIAL_TRACE_LOGGER).setLevel(logging.DEBUG)
+        logging.getLogger(SERIAL_TRACE_LOGGER).warning(
+            "--trace-serial: raw serial frames are logged; they hold personal data")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,17 +78,14 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
     from provisioning.identity import load_identity
     from provisioning.registry import RegistryError, open_registry, parse_tag
 
+    key = _tag_key(args) if args.action == "pair-tag" else None
     registry = open_registry(load_identity(Path(args.identity_dir)))
     if args.action == "pair-tag":
-        try:
-            key = bytes.fromhex(args.key) if args.key else None
-        except ValueError:
-            raise RegistryError("--key must be 32 hex digits") from None
         tag = registry.pair(args.tag, key, absent_after_s=args.absent_after)
         out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s}
-        if args.key is None:  # generated here: the installer programs it into the tag
+        if key is None:  # generated here: the installer programs it into the tag
             out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
-        text = f"tag {tag.tag} paired" + ("" if args.key else f"; key {tag.key.hex()}")
+        text = f"tag {tag.tag} paired" + ("" if key else f"; key {tag.key.hex()}")
     elif args.action == "unpair-tag":
         if not registry.unpair(args.tag):
             raise RegistryError(f"tag {parse_tag(args.tag)} is not paired")
@@ -90,6 +100,30 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
     if args.action != "list-tags":
         print("provision: restart the gateway to apply the change", file=sys.stderr)
     return 0
+
+
+def _tag_key(args: argparse.Namespace) -> bytes | None:
+    """The tag key from --key-file FILE or --key - (stdin); never from argv, where ps shows it."""
+    from provisioning.registry import RegistryError
+
+    if args.key is not None and args.key != "-":
+        raise RegistryError("--key on the command line shows in 'ps': put the key in a file "
+                            "(--key-file FILE, mode 600) or pipe it in with --key -")
+    if args.key == "-":
+        where, text = "--key - (stdin)", sys.stdin.read(MAX_KEY_FILE_BYTES)
+    elif args.key_file is not None:
+        where = f"--key-file {args.key_file}"
+        try:
+            with Path(args.key_file).open(encoding="ascii") as file:
+                text = file.read(MAX_KEY_FILE_BYTES)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{where}: cannot read the key ({exc})") from None
+    else:
+        return None
+    try:
+        return bytes.fromhex(text.strip())
+    except ValueError:
+        raise RegistryError(f"{where}: the key must be 32 hex digits") from None
 
 
 def cmd_diag(args: argparse.Namespace) -> int:
@@ -117,7 +151,10 @@ def cmd_diag_nmea(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway.py", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
+                        help="more log output (-v info, -vv debug; never raw frames)")
+    parser.add_argument("--trace-serial", action="store_true",
+                        help="also log raw serial frames in hex (personal data: only on "
+                             "request, for a technician)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway daemon")
     run.add_argument("--config", required=True, help="TOML configuration file")
@@ -148,7 +185,12 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     pair = psub.add_parser("pair-tag", help="pair an ankle tag with this gateway")
     pair.add_argument("--identity-dir", required=True)
     pair.add_argument("--tag", required=True, help="T00001000, 0x1000 or 4096")
-    pair.add_argument("--key", help="the tag's AES-128 key, 32 hex digits (default: generate)")
+    source = pair.add_mutually_exclusive_group()
+    source.add_argument("--key-file", metavar="FILE",
+                        help="read the tag's AES-128 key (32 hex digits) from FILE "
+                             "(default: generate one)")
+    source.add_argument("--key", metavar="-",
+                        help="'-': read the key from stdin (a key in argv shows in 'ps')")
     pair.add_argument("--absent-after", type=int, default=DEFAULT_ABSENT_AFTER_S, metavar="S",
                       help="report the tag absent after S seconds unheard "
                            f"(default {DEFAULT_ABSENT_AFTER_S})")
@@ -189,7 +231,7 @@ def _diag_parsers(diag: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _logging(args.verbose)
+    _logging(args.verbose, args.trace_serial)
     try:
         result: int = args.func(args)
     except UserError as exc:

@@ -17,6 +17,7 @@ from app.config import Config, DeviceSection
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
+from core import durable
 from core.clock import Clock
 from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, Source
@@ -51,7 +52,7 @@ class Pipeline:
         self.identity = identity
         self.clock = clock
         self.source = source
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.make_dirs(data_dir, 0o700)  # durable: its parent fsynced
         db = store_path(data_dir)
         self.store = Store(db, identity.storage_key, quota_bytes=quota_bytes)
         self.sealer = self.store.sealer(identity.gateway_id, identity.signing_key)
@@ -189,7 +190,8 @@ class Gateway:
                              duplicates=link.duplicates, handshakes=link.handshakes)
             ports[worker.name] = entry
         return {
-            "uplink": {"connected": up.connected, "connects": up.connects,
+            "uplink": {"tls": self.config.broker.tls,  # false: plaintext, opted in
+                       "connected": up.connected, "connects": up.connects,
                        "disconnects": up.disconnects, "acked": up.records_acked,
                        "refused": up.refused},
             "ports": ports,

@@ -25,6 +25,7 @@ Example (docs/configuration.md has the full reference)::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ DEFAULT_MOVE_RADIUS_M = 200
 MIN_MOVE_RADIUS_M = 10  # GNSS error is metres
 DEFAULT_MOVE_AFTER_S = 120.0
 MAX_PORT = 65535
+#: Serial speeds a port may be opened at (termios goes from 50 to 4 000 000 baud).
+MIN_BAUD, MAX_BAUD = 50, 4_000_000
 DEFAULT_MQTTS_PORT = 8883
 
 
@@ -119,12 +122,23 @@ class _Section:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(key, f"expected {kind.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"must be a finite number, got {value!r}")
         return value
+
+    def baudrate(self, default: int) -> int:
+        baud = self.get("baudrate", int, default)
+        if not MIN_BAUD <= baud <= MAX_BAUD:
+            raise self.error("baudrate", f"must be {MIN_BAUD}-{MAX_BAUD} (the device's serial "
+                                         f"speed, e.g. {default}), got {baud}")
+        return baud
 
     def path(self, key: str, *, required: bool = False, must_exist: bool = False) -> Path | None:
         text = self.get(key, str, required=required)
         if text is None:
             return None
+        if not text.strip():
+            raise self.error(key, "is empty: give a path")
         path = Path(text)
         if must_exist and not path.exists():
             raise self.error(key, f"file {path} does not exist")
@@ -155,6 +169,9 @@ def load_config(path: Path) -> Config:
     if quota_bytes is not None and quota_bytes < MIN_QUOTA_BYTES:
         raise gw.error("quota_bytes", f"must be at least {MIN_QUOTA_BYTES} (256 KiB), got "
                                       f"{quota_bytes}; leave it out to derive it from the disk")
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise gw.error("data_dir", f"{data_dir} is not a directory: give a directory (the "
+                                   "gateway creates it when missing)")
     gw.done()
     if identity_dir is None or data_dir is None:  # pragma: no cover - required=True above
         raise gw.error(None, "identity_dir and data_dir are required")
@@ -173,7 +190,16 @@ def load_config(path: Path) -> Config:
 
 def _broker(sec: _Section) -> BrokerConfig:
     tls = sec.get("tls", bool, True)
+    plaintext = sec.get("insecure_plaintext", bool, False)
+    if not tls and not plaintext:
+        raise sec.error("tls", "false sends every record unencrypted: set tls = true with "
+                               "ca_file, cert_file and key_file, or opt in with "
+                               "insecure_plaintext = true (test benches only)")
+    if plaintext and tls:
+        raise sec.error("insecure_plaintext", "applies only with tls = false: remove it")
     host = sec.get("host", str, required=True)
+    if not host.strip():
+        raise sec.error("host", "is empty: give the broker's host name or address")
     port = sec.get("port", int, DEFAULT_MQTTS_PORT)
     ca, cert, key = (sec.path(name, required=tls, must_exist=True)
                      for name in ("ca_file", "cert_file", "key_file"))
@@ -201,14 +227,14 @@ def _devices(path: Path, tables: Any) -> list[DeviceSection]:
         if any(d.name == name for d in devices):
             raise sec.error("name", f"{name!r} is used by another device")
         devices.append(DeviceSection(name, DEVICE_KINDS[kind], sec.get("path", str, required=True),
-                                     sec.get("baudrate", int, DEFAULT_DEVICE_BAUD)))
+                                     sec.baudrate(DEFAULT_DEVICE_BAUD)))
         sec.done()
     return devices
 
 
 def _gnss(sec: _Section) -> GnssSection:
     path = sec.get("path", str, required=True)
-    baudrate = sec.get("baudrate", int, DEFAULT_GNSS_BAUD)
+    baudrate = sec.baudrate(DEFAULT_GNSS_BAUD)
     fix_interval_s = sec.get("fix_interval_s", float, DEFAULT_FIX_INTERVAL_S)
     if fix_interval_s <= 0:
         raise sec.error("fix_interval_s", "must be positive")
@@ -222,6 +248,8 @@ def _gnss(sec: _Section) -> GnssSection:
         raise sec.error("installed_lat", f"must be -90..90, got {lat}")
     if lon is not None and not -180 <= lon <= 180:
         raise sec.error("installed_lon", f"must be -180..180, got {lon}")
+    if after_s < 0:
+        raise sec.error("move_after_s", f"must be 0 or more seconds, got {after_s}")
     if radius_m < MIN_MOVE_RADIUS_M:
         raise sec.error("move_radius_m", f"must be at least {MIN_MOVE_RADIUS_M} "
                                          "(GNSS error is metres)")

@@ -3,33 +3,122 @@
 READY=1 once the pipeline runs; WATCHDOG=1 only while every pipeline thread
 lives (a wedged thread gets the unit restarted); STOPPING=1 on SIGTERM, then
 the queue is forwarded for a few seconds and every thread stopped.
+
+Before anything starts it checks what it can on its own: its umask (077: the store
+and its -wal/-shm are the gateway's alone, whatever the service manager set), the
+permissions of every key file (group or others may not read one: the start is
+refused, as ssh refuses such a key), the data directory (created durably when
+missing), the identity (an interrupted key rotation is completed or rolled back), and
+the broker's host name (resolved once, a warning when it does not resolve; the uplink
+keeps retrying). Plaintext MQTT (``insecure_plaintext = true``) is warned about loudly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
+import stat
 import threading
 import time
 from pathlib import Path
 
 from app import systemd
 from app.assembly import Gateway
-from app.config import load_config
-from provisioning.identity import load_identity
+from app.config import Config, ConfigError, load_config
+from core import durable
+from core.errors import UserError
+from provisioning.identity import KEY, NEXT_KEY, STORAGE, load_identity, recover_identity
+from provisioning.registry import REGISTRY_FILE, open_registry
 
 log = logging.getLogger("gateway")
 #: How often the daemon logs its status line, seconds.
 STATUS_INTERVAL_S = 60.0
 #: How long a stopping daemon keeps forwarding what is queued, seconds.
 STOP_DRAIN_S = 5.0
+#: The daemon's own umask: what it creates (the store, its -wal/-shm) is its alone.
+UMASK = 0o077
+#: Permission bits a secret file must not have.
+NOT_PRIVATE = stat.S_IRWXG | stat.S_IRWXO
+#: Files of the identity directory holding secrets or personal data.
+PRIVATE_IDENTITY_FILES = (KEY, STORAGE, NEXT_KEY, REGISTRY_FILE)
+
+
+class KeyFileError(UserError):
+    """A key file is readable by others; the message names it and the fix."""
+
+
+def check_private_files(cfg: Config) -> None:
+    """Refuse to start when group or others may read a key (or the tag registry)."""
+    paths = [cfg.identity_path / name for name in PRIVATE_IDENTITY_FILES]
+    if cfg.broker.key_file is not None:
+        paths.append(Path(cfg.broker.key_file))
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue  # optional, or reported by whoever needs it
+        if mode & NOT_PRIVATE:
+            raise KeyFileError(
+                f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}): "
+                f"'chmod 600 {path}' (and check who may have copied it)")
+
+
+def prepare_data_dir(cfg: Config) -> None:
+    """Create the data directory when missing, durably (its parent fsynced)."""
+    try:
+        durable.make_dirs(cfg.data_dir, 0o700)
+    except OSError as exc:
+        raise ConfigError(f"{cfg.source or 'configuration'}: [gateway] data_dir: cannot "
+                          f"create {cfg.data_dir} ({exc.strerror or exc}): create it for the "
+                          "gateway's user or give another directory") from None
+
+
+def warn_plaintext(cfg: Config) -> None:
+    if not cfg.broker.tls:
+        log.warning("PLAINTEXT MQTT: records cross the network unencrypted and the broker "
+                    "is not authenticated (%s: [broker] insecure_plaintext = true); for "
+                    "test benches only", cfg.source or "configuration")
+
+
+def check_broker_host(cfg: Config) -> None:
+    """Resolve the broker's host once and say so when it does not resolve."""
+    host, port = cfg.broker.host, cfg.broker.port
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        log.warning("%s: [broker] host %r does not resolve (%s): check the name and the "
+                    "DNS; records wait in the store and the uplink keeps retrying",
+                    cfg.source or "configuration", host, exc)
+        return
+    log.info("broker %s resolves to %s", host, sorted({a[4][0] for a in addresses}))
+
+
+def prepare(config_path: Path) -> Gateway:
+    """Everything the daemon checks and sets up before the pipeline starts."""
+    os.umask(UMASK)
+    cfg = load_config(config_path)
+    for change in recover_identity(cfg.identity_path):
+        log.warning("identity %s: %s", cfg.identity_path, change)
+    identity = load_identity(cfg.identity_path)
+    check_private_files(cfg)
+    registry = open_registry(identity)  # a damaged registry is an error before anything runs
+    try:
+        registry.snapshot()
+    finally:
+        registry.close()
+    prepare_data_dir(cfg)
+    warn_plaintext(cfg)
+    threading.Thread(target=check_broker_host, args=(cfg,), name="resolve-broker",
+                     daemon=True).start()
+    return Gateway(cfg, identity)
 
 
 def run(config_path: Path) -> int:
-    cfg = load_config(config_path)
-    identity = load_identity(cfg.identity_path)
-    gateway = Gateway(cfg, identity)
+    gateway = prepare(config_path)
+    identity = gateway.identity
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -5,6 +5,14 @@ daemon runs (the store is opened read-only), prints a readable report, and with
 ``--json`` one JSON object. Nothing here prints a key, a tag id, a person
 reference or a position; the support bundle includes records only when asked
 (``--include-personal``), and then only the ones still queued.
+
+What the bundle holds without ``--include-personal``: ``reports.json`` (buffer, keys
+and ports reports: counts, key ids, paths) and ``gateway.json``, the configuration
+re-encoded from its parsed values with every key of :data:`PERSONAL_KEYS` replaced by
+:data:`REDACTED` (comments are dropped: they may say anything). Personal: the
+installed position (``[gnss] installed_lat``/``installed_lon``), which is the
+supervised person's home. Not personal, kept: device paths (by-id names carry the
+devices' serial numbers, not a person), the broker, directories, intervals, radius.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import stat
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,12 @@ from app.config import Config
 from buffer.store import StoreReader, inspect_store, store_path
 from provisioning.identity import IdentityError, load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
+
+#: Configuration keys whose values are personal data, by section: never in a bundle.
+PERSONAL_KEYS: dict[str, frozenset[str]] = {
+    "gnss": frozenset({"installed_lat", "installed_lon"}),
+}
+REDACTED = "<redacted: personal data>"
 
 
 def buffer_report(cfg: Config) -> dict[str, Any]:
@@ -34,7 +49,7 @@ def buffer_report(cfg: Config) -> dict[str, Any]:
 def keys_report(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"identity_dir": str(cfg.identity_dir)}
     try:
-        ident = load_identity(cfg.identity_path)
+        ident = load_identity(cfg.identity_path, repair=False)  # the daemon repairs
     except IdentityError as exc:
         return out | {"ok": False, "error": str(exc)}
     staged = ident.next_key
@@ -85,18 +100,31 @@ def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[st
         "created": int(time.time()), "buffer": buffer_report(cfg), "keys": keys_report(cfg),
         "ports": ports_report(cfg), "personal_data": include_personal,
     }
-    with tarfile.open(out, "w:gz") as tar:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # never readable by others, not even while it is written
+    with os.fdopen(fd, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
         _add(tar, "reports.json", json.dumps(reports, indent=2).encode())
         if cfg.source is not None:
-            _add(tar, "gateway.toml", cfg.source.read_bytes())
+            _add(tar, "gateway.json", json.dumps(redacted_config(cfg.source), indent=2).encode())
         if include_personal:
             _add(tar, "records.ndjson", _queued_records(cfg))
-    out.chmod(0o600)
     return {"bundle": str(out), "size": out.stat().st_size, "personal_data": include_personal}
 
 
+def redacted_config(source: Path) -> dict[str, Any]:
+    """The configuration's values (already checked by load_config) without personal data."""
+    raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    for section, keys in PERSONAL_KEYS.items():
+        tables = raw.get(section)
+        for table in tables if isinstance(tables, list) else [tables]:
+            if isinstance(table, dict):
+                table.update(dict.fromkeys(keys & table.keys(), REDACTED))
+    return raw
+
+
 def _queued_records(cfg: Config) -> bytes:
-    reader = StoreReader(store_path(cfg.data_dir), load_identity(cfg.identity_path).storage_key)
+    identity = load_identity(cfg.identity_path, repair=False)
+    reader = StoreReader(store_path(cfg.data_dir), identity.storage_key)
     try:
         return b"\n".join(reader.queued())
     finally:

@@ -170,7 +170,8 @@ class TagReceiverDriver:
             self.stats.reject(Rejection.UNKNOWN_TAG)
             if beacon.tag not in self._unknown_logged:
                 self._unknown_logged.add(beacon.tag)
-                log.info("beacons of unpaired tag %s are ignored (counted)", beacon.tag)
+                log.info("beacons of an unpaired tag are ignored (counted; its id is personal "
+                         "data: --trace-serial shows the raw frames)")
             return []
         why = self._check(state, beacon)
         if why is not None:

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -29,6 +29,11 @@ from provisioning.identity import Identity, atomic_write
 
 REGISTRY_FILE = "tags.json"
 TAG_RE = re.compile(r"^T[0-9A-F]{8}$")
+TAG_KEY_BYTES = 16
+NONCE_BYTES = 12
+MIN_ABSENT_AFTER_S = 10
+#: A tag unheard for longer than a day is absent: a larger value would disable the alarm.
+MAX_ABSENT_AFTER_S = 86_400
 
 
 class RegistryError(UserError):
@@ -53,13 +58,29 @@ class AtomicJSONStorage(Storage):
         except json.JSONDecodeError as exc:
             raise RegistryError(f"{self.path} is corrupt ({exc}); restore it from backup") \
                 from None
-        return data if isinstance(data, dict) else None
+        return _check_document(self.path, data)
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
         atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
 
     def close(self) -> None:
         pass
+
+
+def _check_document(path: Path, data: object) -> dict[str, dict[str, Any]]:
+    """TinyDB's shape: tables of documents keyed by a decimal id. Anything else is a
+    :class:`RegistryError` naming the file and the place, never a traceback."""
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path} is corrupt (not a JSON object); restore it from backup")
+    for table, docs in data.items():
+        if not isinstance(docs, dict):
+            raise RegistryError(f"{path}: table {table!r} is corrupt (not an object); "
+                                "restore the file from backup")
+        for doc_id, doc in docs.items():
+            if not (isinstance(doc_id, str) and doc_id.isdecimal() and isinstance(doc, dict)):
+                raise RegistryError(f"{path}: table {table!r} entry {doc_id!r} is corrupt; "
+                                    "restore the file from backup or unpair and pair again")
+    return data
 
 
 def parse_tag(text: str) -> str:
@@ -94,12 +115,14 @@ class TagRegistry:
     def pair(self, tag: str, key: bytes | None = None, *,
              absent_after_s: int = DEFAULT_ABSENT_AFTER_S) -> PairedTag:
         tag = parse_tag(tag)
-        key = key if key is not None else secrets.token_bytes(16)
-        if len(key) != 16:
-            raise RegistryError(f"tag {tag}: the key must be 16 bytes (32 hex digits)")
-        if absent_after_s < 10:
-            raise RegistryError(f"tag {tag}: absent_after_s must be at least 10 seconds")
-        nonce = os.urandom(12)
+        key = key if key is not None else secrets.token_bytes(TAG_KEY_BYTES)
+        if len(key) != TAG_KEY_BYTES:
+            raise RegistryError(f"tag {tag}: the key must be {TAG_KEY_BYTES} bytes "
+                                f"({2 * TAG_KEY_BYTES} hex digits)")
+        if not MIN_ABSENT_AFTER_S <= absent_after_s <= MAX_ABSENT_AFTER_S:
+            raise RegistryError(f"tag {tag}: --absent-after must be {MIN_ABSENT_AFTER_S}-"
+                                f"{MAX_ABSENT_AFTER_S} seconds, got {absent_after_s}")
+        nonce = os.urandom(NONCE_BYTES)
         doc = {
             "tag": tag,
             "key_enc": (nonce + self._aead.encrypt(nonce, key, tag.encode())).hex(),
@@ -119,11 +142,34 @@ class TagRegistry:
         return {t.tag: t for t in self}
 
     def _decode(self, doc: Mapping[str, Any]) -> PairedTag:
-        raw = bytes.fromhex(doc["key_enc"])
+        tag = doc.get("tag")
+        where = f"{self.path}: entry {tag!r}" if isinstance(tag, str) else \
+            f"{self.path}: an entry without a valid 'tag'"
+        fix = "unpair and pair the tag again, or restore the file from backup"
+        if not isinstance(tag, str) or not TAG_RE.match(tag):
+            raise RegistryError(f"{where}: 'tag' must be T + 8 hex digits; {fix}")
+        absent, paired = doc.get("absent_after_s"), doc.get("paired_at")
+        if not _whole(absent) or not MIN_ABSENT_AFTER_S <= absent <= MAX_ABSENT_AFTER_S:
+            raise RegistryError(f"{where}: 'absent_after_s' must be {MIN_ABSENT_AFTER_S}-"
+                                f"{MAX_ABSENT_AFTER_S}, got {absent!r}; {fix}")
+        if not _whole(paired):
+            raise RegistryError(f"{where}: 'paired_at' must be a time in seconds, got "
+                                f"{paired!r}; {fix}")
         try:
-            key = self._aead.decrypt(raw[:12], raw[12:], str(doc["tag"]).encode())
-        except InvalidTag as exc:
+            raw = bytes.fromhex(doc["key_enc"])
+        except (KeyError, TypeError, ValueError):
+            raise RegistryError(f"{where}: 'key_enc' is missing or not hex; {fix}") from None
+        try:
+            key = self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], tag.encode())
+        except (InvalidTag, ValueError) as exc:
             raise RegistryError(
-                f"{self.path}: the key of {doc['tag']} does not decrypt with this gateway's "
-                "storage key (registry from another gateway?)") from exc
-        return PairedTag(doc["tag"], key, int(doc["absent_after_s"]), int(doc["paired_at"]))
+                f"{where}: the key does not decrypt with this gateway's storage key "
+                f"(registry from another gateway, or altered?); {fix}") from exc
+        if len(key) != TAG_KEY_BYTES:
+            raise RegistryError(f"{where}: the key is {len(key)} bytes, not {TAG_KEY_BYTES}; "
+                                f"{fix}")
+        return PairedTag(tag, key, absent, paired)
+
+
+def _whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -21,6 +21,7 @@ data_dir = "{data}"
 host = "127.0.0.1"
 port = 8883
 tls = false
+insecure_plaintext = true
 
 [[devices]]
 name = "tags"
@@ -55,7 +56,26 @@ def test_a_good_config_loads(tmp_path: Path) -> None:
         (('kind = "tag_receiver"', 'kind = "toaster"'), r"\[devices.0\] kind: must be one of"),
         (("fix_interval_s = 30", "fix_intervall_s = 30"),
          r"\[gnss\] fix_intervall_s: unknown key"),
-        (("tls = false", "tls = true"), r"\[broker\] ca_file: is required"),
+        (("tls = false\ninsecure_plaintext = true", "tls = true"),
+         r"\[broker\] ca_file: is required"),
+        (("fix_interval_s = 30", "fix_interval_s = nan"),
+         r"\[gnss\] fix_interval_s: must be a finite number, got nan"),
+        (("fix_interval_s = 30", "fix_interval_s = inf"),
+         r"\[gnss\] fix_interval_s: must be a finite number, got inf"),
+        (("fix_interval_s = 30", "move_after_s = nan"), r"\[gnss\] move_after_s: must be a finite"),
+        (("fix_interval_s = 30", "move_after_s = -10"), r"\[gnss\] move_after_s: must be 0 or"),
+        (("fix_interval_s = 30", "installed_lat = nan\ninstalled_lon = 1.0"),
+         r"\[gnss\] installed_lat: must be a finite"),
+        (("fix_interval_s = 30", "baudrate = 0"), r"\[gnss\] baudrate: must be 50-4000000"),
+        (('kind = "tag_receiver"', 'kind = "tag_receiver"\nbaudrate = -5'),
+         r"\[devices.0\] baudrate: must be 50-4000000 .*got -5"),
+        (("insecure_plaintext = true\n", ""), r"\[broker\] tls: false sends every record "
+                                              r"unencrypted.*insecure_plaintext = true"),
+        (("tls = false\n", ""), r"\[broker\] insecure_plaintext: applies only with tls = false"),
+        (('host = "127.0.0.1"', 'host = " "'), r"\[broker\] host: is empty"),
+        (('data_dir = "{data}"', 'data_dir = ""'), r"\[gateway\] data_dir: is empty"),
+        (('identity_dir = "{ident}"', 'identity_dir = ""'),
+         r"\[gateway\] identity_dir: is empty"),
         (('host = "127.0.0.1"', ""), r"\[broker\] host: is required"),
         (("[gnss]", "[gnss"), r"not valid TOML"),
     ],
@@ -65,6 +85,13 @@ def test_bad_config_names_the_key(tmp_path: Path, change: tuple[str, str], messa
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('data_dir = "{data}"', f'data_dir = "{tmp_path}/f"'))
+    (tmp_path / "f").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"\[gateway\] data_dir: .*/f is not a directory"):
+        load_config(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:

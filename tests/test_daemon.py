@@ -28,6 +28,7 @@ data_dir = "{tmp_path / 'data'}"
 host = "127.0.0.1"
 port = 9
 tls = false
+insecure_plaintext = true
 """)
     sock_path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -38,6 +38,7 @@ data_dir = "{tmp_path / 'data'}"
 [broker]
 host = "127.0.0.1"
 tls = false
+insecure_plaintext = true
 [[devices]]
 name = "tags"
 kind = "tag_receiver"
