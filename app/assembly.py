@@ -59,7 +59,8 @@ class Pipeline:
         self.reader = StoreReader(db, identity.storage_key)
         self.writer = StoreWriter(self.store, self.sealer, clock, source=source)
         self.forwarder = Forwarder(identity.gateway_id, broker, self.reader, self.writer,
-                                   on_acked=on_acked)  # e.g. the lab counting what arrived
+                                   on_acked=on_acked,  # e.g. the lab counting what arrived
+                                   source=source, now_ns=clock.now_ns)
         self.writer.on_commit = lambda _records: self.forwarder.notify()
 
     def start(self, *, uplink: bool = True) -> None:

@@ -68,6 +68,11 @@ class VerifierClient:
         with self.lock:
             return self.verifier.summary()
 
+    def takeovers(self) -> dict[str, int]:
+        """``uplink.takeover`` records per gateway (see :meth:`Verifier.takeovers`)."""
+        with self.lock:
+            return self.verifier.takeovers()
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         del userdata, flags, properties

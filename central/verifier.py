@@ -5,6 +5,9 @@ For each gateway: every record's signature on its own, exact de-duplication by
 SHA-256 of record ``n-1``. Records arrive out of seq order (alarms first), so a
 link is checked whenever both ends have arrived, and seqs still missing are
 reported as gaps unless a signed ``gap`` record accounts for them.
+
+It also counts, per gateway, the ``uplink.takeover`` alarms: a gateway saying
+that another MQTT client took its client id (docs/broker.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from core.record import JSON
 log = logging.getLogger(__name__)
 #: Records signed by a key not yet announced, held until a key.rotate names it.
 MAX_HELD = 100_000
+#: The kind of a gateway's report that another client took its MQTT client id.
+TAKEOVER_KIND = "uplink.takeover"
 
 
 @dataclass
@@ -143,10 +148,18 @@ class Verifier:
     def kinds(self, gateway_id: str) -> dict[str, int]:
         return dict(self._chains.get(gateway_id, _GatewayChain()).by_kind)
 
+    def takeovers(self) -> dict[str, int]:
+        """Per gateway that reported any: its ``uplink.takeover`` records (distinct)."""
+        return {gw: chain.by_kind[TAKEOVER_KIND] for gw, chain in self._chains.items()
+                if chain.by_kind[TAKEOVER_KIND]}
+
     def summary(self) -> dict[str, int]:
         out = self.stats.as_dict()
         out["unknown_key"] += len(self._held)
         out["chain_gaps"] = sum(len(self.gaps(gw)) for gw in self._chains) + self.stats.chain_breaks
+        takeovers = self.takeovers()
+        out["takeovers"] = sum(takeovers.values())  # records, all gateways
+        out["gateways_taken_over"] = len(takeovers)
         return out
 
 

@@ -32,6 +32,8 @@ KIND_PRIORITY: dict[str, Priority] = {
     "tag.tamper": Priority.ALARM,
     "tag.spoof": Priority.ALARM,
     "gateway.moved": Priority.ALARM,
+    # another client connected with this gateway's MQTT client id (uplink/takeover.py)
+    "uplink.takeover": Priority.ALARM,
     "gateway.returned": Priority.STATUS,
     "checkin": Priority.CHECKIN,
     "tag.tamper_restored": Priority.STATUS,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from core.errors import UserError
 
@@ -56,7 +58,17 @@ def make_client(client_id: str, broker: BrokerConfig) -> mqtt.Client:
     return client
 
 
-def connect(client: mqtt.Client, broker: BrokerConfig) -> None:
-    """Start connecting in the background; paho's loop thread reconnects by itself."""
-    client.connect_async(broker.host, broker.port, broker.keepalive_s, clean_start=True)
+def connect(client: mqtt.Client, broker: BrokerConfig, *, session_expiry_s: int = 0) -> None:
+    """Start connecting in the background; paho's loop thread reconnects by itself.
+
+    With *session_expiry_s*, the first connect starts a clean session that the broker
+    keeps that long after a disconnection, and every reconnect resumes it (so the
+    CONNACK's *session present* tells whether the broker still had it)."""
+    if not session_expiry_s:
+        client.connect_async(broker.host, broker.port, broker.keepalive_s, clean_start=True)
+    else:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+        client.connect_async(broker.host, broker.port, broker.keepalive_s,
+                             clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
     client.loop_start()

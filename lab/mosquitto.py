@@ -2,7 +2,11 @@
 
 The ACL is the one a province would deploy: a gateway (MQTT user = the common
 name of its client certificate) may write only under its own topic prefix; the
-platform's consumers may read every gateway's records and status.
+platform's consumers may read every gateway's records and status. The client
+id is bound to the certificate too (``use_username_as_clientid``: the broker
+replaces whatever client id a client sends with its certificate's CN), so a
+client with a valid certificate of its own cannot take a gateway's session;
+only a copy of that gateway's certificate can (docs/broker.md).
 """
 
 from __future__ import annotations
@@ -84,9 +88,11 @@ def mosquitto_binary() -> str:
 
 
 def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
-                    host: str = "127.0.0.1", persistence: bool = False) -> Mosquitto:
+                    host: str = "127.0.0.1", persistence: bool = False,
+                    bind_client_id: bool = True) -> Mosquitto:
     """Start mosquitto; with *persistence*, sessions and queued messages survive a restart
-    on the same *workdir* (as on a production broker)."""
+    on the same *workdir* (as on a production broker). *bind_client_id* false leaves the
+    client id as the client sent it (stock mosquitto: any client can take any id)."""
     binary = mosquitto_binary()
     port = port or free_port(host)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,8 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
         f"keyfile {pki.server.key}",
         "require_certificate true",
         "use_identity_as_username true",
+        # client id := username (the CN): one certificate, one session
+        f"use_username_as_clientid {'true' if bind_client_id else 'false'}",
         "allow_anonymous false",
         f"acl_file {acl}",
         f"persistence {'true' if persistence else 'false'}",

@@ -285,18 +285,22 @@ class _Reason:
 
 
 def test_paho_callbacks_only_queue_facts() -> None:
+    from paho.mqtt.client import DisconnectFlags
+
     from core.mqtt import BrokerConfig
 
     fwd = Forwarder("gw-test-0001", BrokerConfig("localhost", tls=False),
                     _NoStore(), _NoStore())  # type: ignore[arg-type]
     before = repr(fwd.stats)
     fwd._on_connect_fail(fwd.client, None)
-    fwd._on_disconnect(fwd.client, None, None, "lost", None)
+    fwd._on_disconnect(fwd.client, None, DisconnectFlags(is_disconnect_packet_from_server=False),
+                       "lost", None)
     fwd._on_publish(fwd.client, None, 7, _Reason(failure=False), None)
     assert repr(fwd.stats) == before  # nothing written from paho's thread
     events = [fwd._events.get_nowait() for _ in range(3)]
     assert events == [ConnectFailed(), Disconnected("lost"), Published(7, False, "Success")]
-    for event in [*events, Connected(), Published(7, True, "Not authorized")]:
+    for event in [*events, Connected(session_present=False, session_expiry_s=3600),
+                  Published(7, True, "Not authorized")]:
         fwd._apply(event)
     assert fwd.stats.connect_failures == 1
     assert fwd.stats.connects == 1

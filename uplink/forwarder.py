@@ -8,7 +8,11 @@ ours, because paho calls ``on_publish`` while holding its own message lock.
 :attr:`Forwarder.stats` is written on the forwarder thread alone.
 
 The delivery logic (window, cursors, PUBACK bookkeeping, reset on reconnect)
-is the sans-IO :class:`uplink.delivery.Delivery`; this module is its glue.
+is the sans-IO :class:`uplink.delivery.Delivery`; this module is its glue. So
+is the watch for another client taking our client id
+(:class:`uplink.takeover.TakeoverWatch`): the uplink resumes its MQTT session on
+every reconnect, and a takeover it sees becomes an ``uplink.takeover`` alarm
+record, submitted to the store writer from this thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from buffer.store import StoreReader
 from buffer.writer import StoreWriter
 from core.kinds import Priority
 from core.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, BrokerConfig, connect, make_client
+from core.record import JSON, Reading, Source
 from core.topics import records_topic, status_topic
 from uplink.delivery import (
     MAX_DELETIONS_WAITING,
@@ -39,6 +44,7 @@ from uplink.delivery import (
     ReadFrom,
     Refused,
 )
+from uplink.takeover import Takeover, TakeoverWatch
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "MAX_DELETIONS_WAITING", "WINDOW", "AckHook",
            "Forwarder", "UplinkStats"]
@@ -55,6 +61,11 @@ IDLE_CHECK_S = 0.1
 STOP_JOIN_S = 10.0
 #: The next reconnect waits RECONNECT_MIN_S times a factor drawn in this range.
 RECONNECT_JITTER = (0.5, 2.0)
+#: How long the broker keeps our session after we drop, seconds: a reconnect within it
+#: resumes the session, and finding none is a sign of a takeover (uplink/takeover.py).
+SESSION_EXPIRY_S = 3600
+#: The record kind of a detected takeover of our client id (an alarm).
+TAKEOVER_KIND = "uplink.takeover"
 
 #: Called on the forwarder's thread with each PUBACKed batch (class, seqs increasing).
 AckHook = Callable[[Priority, list[int]], None]
@@ -63,7 +74,9 @@ AckHook = Callable[[Priority, list[int]], None]
 # -- facts from paho's thread ---------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Connected:
-    pass
+    session_present: bool
+    #: How long the broker keeps the session: ours, unless its CONNACK said otherwise.
+    session_expiry_s: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,8 @@ class ConnectFailed:
 @dataclass(frozen=True, slots=True)
 class Disconnected:
     reason: str
+    #: The reason code of the broker's DISCONNECT; None when the connection just closed.
+    code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +120,9 @@ class UplinkStats:
     refused: int = 0
     ignored_acks: int = 0
     connect_failures: int = 0
+    taken_over: int = 0  # the broker said "session taken over" (0x8E)
+    sessions_lost: int = 0  # reconnected in time, and the broker had no session for us
+    takeover_records: int = 0  # uplink.takeover records submitted
     connected: bool = False
     last_error: str | None = None
 
@@ -120,6 +138,8 @@ class Forwarder:
         window: int = WINDOW,
         batch_records: int = BATCH_RECORDS,
         on_acked: AckHook | None = None,
+        source: Source | None = None,
+        now_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.gateway_id = gateway_id
         self.broker = broker
@@ -133,10 +153,14 @@ class Forwarder:
         self._stop = threading.Event()
         self._events: queue.SimpleQueue[UplinkEvent] = queue.SimpleQueue()
         self._delivery = Delivery(window=window)
+        self._takeover = TakeoverWatch()
+        self._source = source or Source("gateway", gateway_id)
+        self._now_ns = now_ns
         self.stats = UplinkStats()
         self.idle = threading.Event()
         self._commits = 0  # notify() calls (the writer's thread alone adds to it)
-        self.client = make_client(f"gw-{gateway_id}", broker)
+        self.client_id = f"gw-{gateway_id}"
+        self.client = make_client(self.client_id, broker)
         self.client.will_set(self._status, self._status_payload(online=False), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -150,7 +174,7 @@ class Forwarder:
 
     # -- API -------------------------------------------------------------------
     def start(self) -> None:
-        connect(self.client, self.broker)
+        connect(self.client, self.broker, session_expiry_s=SESSION_EXPIRY_S)
         self._loop_started = True
         self._thread.start()
 
@@ -194,12 +218,13 @@ class Forwarder:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
-        del userdata, flags, properties
+        del userdata
         if reason.is_failure:
             self._post(ConnectRefused(str(reason)))
             return
         client.publish(self._status, self._status_payload(online=True), qos=1, retain=True)
-        self._post(Connected())
+        expiry = getattr(properties, "SessionExpiryInterval", SESSION_EXPIRY_S)
+        self._post(Connected(bool(flags.session_present), int(expiry)))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
@@ -207,13 +232,14 @@ class Forwarder:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
-        del userdata, flags, properties
+        del userdata, properties
         # jitter the next reconnect so a province of gateways does not reconnect in step
         client.reconnect_delay_set(
             max(1, round(RECONNECT_MIN_S * random.uniform(*RECONNECT_JITTER))),  # noqa: S311
             int(RECONNECT_MAX_S),
         )
-        self._post(Disconnected(str(reason)))
+        code = int(reason.value) if flags.is_disconnect_packet_from_server else None
+        self._post(Disconnected(str(reason), code))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -226,6 +252,7 @@ class Forwarder:
             self._wake.wait(POLL_S)
             self._wake.clear()
             self._drain_events()
+            self._report_takeover()
             self._fill_window()
 
     def _drain_events(self) -> None:
@@ -241,13 +268,22 @@ class Forwarder:
         match event:
             case Published(mid, refused, reason):
                 self._acked(self._delivery.puback(mid, refused=refused, reason=reason))
-            case Connected():
+            case Connected(session_present, expiry_s):
                 self._delivery.connection_made()
                 stats.connects += 1
                 stats.connected = True
                 log.info("uplink connected to %s:%d", self.broker.host, self.broker.port)
-            case Disconnected(reason):
+                if self._takeover.connected(session_present=session_present,
+                                            session_expiry_s=expiry_s, now_ns=self._now_ns()):
+                    stats.sessions_lost += 1
+                    log.warning("the broker had no session for %s: another client may have "
+                                "connected with our client id", self.client_id)
+            case Disconnected(reason, code):
                 stats.last_error = f"disconnected: {reason}"
+                if self._takeover.disconnected(code, self._now_ns()):
+                    stats.taken_over += 1
+                    log.error("another client connected with our client id %s: the broker "
+                              "dropped us (session taken over)", self.client_id)
                 if self._delivery.connection_lost():
                     stats.disconnects += 1
                     log.warning("uplink lost: %s", stats.last_error)
@@ -258,6 +294,19 @@ class Forwarder:
             case ConnectFailed():
                 stats.connect_failures += 1
                 stats.last_error = "cannot connect (network, TLS or broker down); retrying"
+
+    def _report_takeover(self) -> None:
+        """Write down a takeover seen (at most one record a minute: uplink/takeover.py)."""
+        now_ns = self._now_ns()
+        found = self._takeover.report(now_ns)
+        if found is not None:
+            self._writer.submit(Reading(TAKEOVER_KIND, self._source,
+                                        self._takeover_body(found), now_ns))
+            self.stats.takeover_records += 1
+
+    def _takeover_body(self, found: Takeover) -> dict[str, JSON]:
+        return {"taken_over": found.taken_over, "sessions_lost": found.sessions_lost,
+                "client_id": self.client_id, "broker": f"{self.broker.host}:{self.broker.port}"}
 
     def _acked(self, outcome: Delete | Refused | Ignored) -> None:
         match outcome:
