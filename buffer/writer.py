@@ -194,6 +194,8 @@ class StoreWriter:
         self._deletes_committed = 0
         self._waiting_barriers: list[_Barrier] = []
         self._trouble: _Trouble | None = None
+        self._backlog_lock = threading.Lock()
+        self._backlog = 0  # readings submitted and not yet committed
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._stopped = threading.Event()
@@ -203,21 +205,36 @@ class StoreWriter:
         self._thread.start()
 
     def submit(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
+        self._add_backlog(1)
         self._inbox.put(_Submit((reading,), on_committed))
 
     def submit_all(self, readings: list[Reading], on_committed: OnCommitted | None = None) -> None:
         """Commit *readings* in one transaction; *on_committed* gets the last record."""
         if readings:
+            self._add_backlog(len(readings))
             self._inbox.put(_Submit(tuple(readings), on_committed))
+
+    @property
+    def backlog(self) -> int:
+        """Readings submitted and not yet committed (any thread): the ports stop reading
+        above a bound (``firmware_bridge.framed``), so this queue stays bounded."""
+        with self._backlog_lock:
+            return self._backlog
+
+    def _add_backlog(self, readings: int) -> None:
+        with self._backlog_lock:
+            self._backlog += readings
 
     def submit_health(self, extra: Callable[[], dict[str, JSON]]) -> None:
         """Queue a gateway.health record: buffer depth and age per class, evictions,
         commit failures, and whatever *extra()* (called on the writer's thread) adds."""
+        self._add_backlog(1)
         self._inbox.put(_Health(extra))
 
     def rotate_key(self, key: Ed25519PrivateKey, on_committed: OnCommitted | None = None) -> None:
         """Key rotation: a ``key.rotate`` record signed by the current key announces *key*;
         every later record is signed by *key*. *on_committed* runs once that is durable."""
+        self._add_backlog(1)
         self._inbox.put(_Rotate(key, on_committed))
 
     def delete_range(self, prio: int, lo: int, hi: int, rows: int) -> None:
@@ -461,6 +478,9 @@ class StoreWriter:
             self._ledger.update(group.events)
         self.stats.transactions += 1
         self.stats.committed += len(group.records)
+        # every record of the group was submitted (one per health or rotation request)
+        # but the gap record the writer adds itself when it evicts
+        self._add_backlog(-(len(group.records) - bool(evict)))
         self.stats.deleted += rows
         self.stats.evicted.update(Priority(e.prio).label for e in evict)
         if evict:

@@ -48,6 +48,7 @@ KIND_PRIORITY: dict[str, Priority] = {
     "kiosk.fault_cleared": Priority.STATUS,
     "device.up": Priority.STATUS,
     "device.lost": Priority.STATUS,
+    "device.flapping": Priority.STATUS,
     "time.step": Priority.STATUS,
     "gap": Priority.ALARM,
     "tag.presence": Priority.POSITION,

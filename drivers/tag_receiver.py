@@ -47,6 +47,10 @@ MAC_BYTES = 8
 BATTERY_LOW_PCT = 20
 BATTERY_OK_PCT = 30
 PRESENT_AFTER_BEACONS = 3
+#: Unpaired tags logged (once each) per window, at most; beyond, they are only counted,
+#: so beacons of random ids cost neither memory nor log lines.
+MAX_UNKNOWN_LOGGED = 64
+UNKNOWN_LOG_WINDOW_S = 3600.0
 _BEACON = struct.Struct("<IIBBb")
 _SIGNED = struct.Struct("<IIBB")
 
@@ -146,7 +150,9 @@ class TagReceiverDriver:
         self._last_counter_of = last_counter
         self._tags = {t.tag: _TagState(t, last_heard_ns=started_ns) for t in tags.values()}
         self._source = Source("tag_receiver", "unknown")
-        self._unknown_logged: set[str] = set()
+        self._unknown_logged: set[str] = set()  # at most MAX_UNKNOWN_LOGGED per window
+        self._unknown_since_ns: int | None = None
+        self._unknown_capped = False  # the window's cap was reached (and said so)
         self.stats = TagStats()
 
     def on_device_up(self, hello: Hello) -> list[Reading]:
@@ -168,8 +174,7 @@ class TagReceiverDriver:
         state = self._tags.get(beacon.tag)
         if state is None:
             self.stats.reject(Rejection.UNKNOWN_TAG)
-            if beacon.tag not in self._unknown_logged:
-                self._unknown_logged.add(beacon.tag)
+            if self._first_sight(beacon.tag, mono_ns):
                 log.info("beacons of an unpaired tag are ignored (counted; its id is personal "
                          "data: --trace-serial shows the raw frames)")
             return []
@@ -213,6 +218,25 @@ class TagReceiverDriver:
         return out
 
     # -- internals ---------------------------------------------------------------
+    def _first_sight(self, tag: str, mono_ns: int) -> bool:
+        """Whether this unpaired tag deserves a log line: each once per window, and no
+        more than :data:`MAX_UNKNOWN_LOGGED` of them (then one line says so)."""
+        since = self._unknown_since_ns
+        if since is None or mono_ns - since >= UNKNOWN_LOG_WINDOW_S * 1e9:
+            self._unknown_since_ns = mono_ns
+            self._unknown_logged.clear()
+            self._unknown_capped = False
+        if tag in self._unknown_logged or self._unknown_capped:
+            return False
+        if len(self._unknown_logged) >= MAX_UNKNOWN_LOGGED:
+            self._unknown_capped = True
+            log.warning("beacons of more than %d unpaired tags within %.0f s: the next "
+                        "ones are counted, not logged", MAX_UNKNOWN_LOGGED,
+                        UNKNOWN_LOG_WINDOW_S)
+            return False
+        self._unknown_logged.add(tag)
+        return True
+
     def _check(self, state: _TagState, beacon: Beacon) -> Rejection | None:
         expected = beacon_mac(state.paired.key, beacon.signed_part())
         if not hmac.compare_digest(expected, beacon.mac):

@@ -3,6 +3,14 @@
 Runs on the port's thread. Each new device message becomes readings submitted
 to the store writer; the device is ACKed from the writer's commit callback,
 hopped back onto the port thread with the transport's ``call_soon``.
+Load: while the writer holds more than :data:`BACKLOG_PAUSE` readings not yet
+committed, the port stops reading (the transport's ``pause_reading``) until the
+backlog falls to :data:`BACKLOG_RESUME`; the link itself holds back new events
+beyond its own bound (``link.MAX_PENDING_EVENTS``). Either way the device keeps its
+events and retransmits: a flood costs throughput, never memory or evidence. A
+device that handshakes again and again (a reboot loop, a HELLO flood) gets at most
+:data:`DEVICE_UP_BURST` ``device.up`` records per :data:`FLAP_WINDOW_S`, and one
+``device.flapping`` record counting the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ from firmware_bridge.port import Transport
 log = logging.getLogger(__name__)
 #: How much of a port error's text a device.lost record keeps.
 REASON_CHARS = 120
+#: Readings submitted to the writer and not yet committed (every port together) above
+#: which a port stops reading, and at or below which it reads again.
+BACKLOG_PAUSE = 4_000
+BACKLOG_RESUME = 1_000
+#: device.up records per port in one window; later handshakes of the window are counted
+#: and summarised in one device.flapping record when the window ends.
+DEVICE_UP_BURST = 3
+FLAP_WINDOW_S = 60.0
 
 class Driver(Protocol):
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]: ...
@@ -46,6 +62,10 @@ class Sink(Protocol):
 
     def last_committed_event(self, serial: str) -> int | None: ...
 
+    @property
+    def backlog(self) -> int:
+        """Readings submitted and not yet committed."""
+
 
 @dataclass
 class FramedStats:
@@ -53,6 +73,56 @@ class FramedStats:
     submitted: int = 0
     acked: int = 0
     driver_errors: int = 0
+    pauses: int = 0  # times this port stopped reading because the writer was behind
+    handshakes_not_recorded: int = 0  # summarised in device.flapping records
+
+
+@dataclass(frozen=True, slots=True)
+class Flapping:
+    """A window in which a port saw more handshakes than it records."""
+
+    handshakes: int
+    not_recorded: int
+
+
+class FlapLimiter:
+    """Rate limit of one port's ``device.up`` records (sans-IO, time from the caller).
+
+    A window opens at a handshake; the first *burst* handshakes in it are recorded, the
+    others only counted, and :meth:`due` returns their summary once the window is over.
+    """
+
+    def __init__(self, burst: int = DEVICE_UP_BURST, window_s: float = FLAP_WINDOW_S) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._start_ns: int | None = None
+        self._count = 0
+
+    def allow(self, now_ns: int) -> bool:
+        """A handshake happened: True if it deserves its own device.up record."""
+        if self._start_ns is None:
+            self._start_ns = now_ns
+        self._count += 1
+        return self._count <= self.burst
+
+    @property
+    def flapping(self) -> bool:
+        """The current window has handshakes not recorded."""
+        return self._count > self.burst
+
+    def due(self, now_ns: int) -> Flapping | None:
+        """The summary of the window if it is over and had handshakes not recorded."""
+        start = self._start_ns
+        if start is None or now_ns - start < self.window_s * 1e9:
+            return None
+        return self.close()
+
+    def close(self) -> Flapping | None:
+        """End the window now (the port closed); its summary, if it needs one."""
+        count, self._start_ns, self._count = self._count, None, 0
+        if count <= self.burst:
+            return None
+        return Flapping(count, count - self.burst)
 
 
 class FramedDeviceProtocol:
@@ -64,6 +134,9 @@ class FramedDeviceProtocol:
         sink: Sink,
         *,
         link: HostLink | None = None,
+        flap: FlapLimiter | None = None,
+        backlog_pause: int = BACKLOG_PAUSE,
+        backlog_resume: int = BACKLOG_RESUME,
     ) -> None:
         self.port_name = port_name
         self.device_class = device_class
@@ -71,18 +144,30 @@ class FramedDeviceProtocol:
         self.sink = sink
         self.link = link or HostLink(sink.last_committed_event)
         self._transport: Transport | None = None
+        self._flap = flap or FlapLimiter()
+        self._backlog_pause = backlog_pause
+        self._backlog_resume = backlog_resume
+        self._paused = False
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
 
     # -- PortProtocol ------------------------------------------------------------
     def connection_made(self, transport: Transport, now_ns: int) -> None:
         self._transport = transport
+        self._paused = False  # a port opens reading
         self.link.connection_made(now_ns / 1e9)
 
     def data_received(self, data: bytes, now_ns: int) -> None:
         self._handle(self.link.receive_data(data, now_ns / 1e9), now_ns)
+        self._flow()
 
     def tick(self, now_ns: int) -> None:
+        self._flapping_summary(self._flap.due(now_ns), now_ns)
+        self._flow()
+        if self._paused:
+            # Nothing is read: the link's silence and the driver's timeouts (a tag not
+            # heard) would be our own doing. They resume with the reading.
+            return
         self._handle(self.link.tick(now_ns / 1e9), now_ns)
         readings = self.driver.tick(now_ns)
         if readings:
@@ -90,6 +175,7 @@ class FramedDeviceProtocol:
 
     def connection_lost(self, reason: str, now_ns: int) -> None:
         self.link.connection_lost()
+        self._flapping_summary(self._flap.close(), now_ns)
         self._status("device.lost", {"port": self.port_name, "reason": reason[:REASON_CHARS]},
                      now_ns)
 
@@ -102,17 +188,7 @@ class FramedDeviceProtocol:
             if isinstance(event, Message):
                 self._on_message(event, now_ns)
             elif isinstance(event, DeviceUp):
-                hello = event.hello
-                self._source = Source(self.device_class.label, hello.serial, hello.firmware_text)
-                log.info("%s: %s %s fw %s up (boot %d)", self.port_name, self.device_class.label,
-                         hello.serial, hello.firmware_text, hello.boot_count)
-                self._status("device.up", {
-                    "port": self.port_name, "boot": hello.boot_count,
-                    "protocol": hello.protocol_version,
-                }, now_ns)
-                readings = self.driver.on_device_up(hello)
-                if readings:
-                    self.sink.submit_all(readings)
+                self._on_device_up(event.hello, now_ns)
             elif isinstance(event, DeviceRejected):
                 log.error("%s: device %s rejected: %s (protocol %d)", self.port_name,
                           event.hello.serial, event.result.name, event.hello.protocol_version)
@@ -124,6 +200,56 @@ class FramedDeviceProtocol:
             elif isinstance(event, FrameRejected):
                 log.debug("%s: frame rejected (%s): %s", self.port_name, event.reason,
                           event.raw[:48].hex(" "))
+
+    def _on_device_up(self, hello: Hello, now_ns: int) -> None:
+        self._source = Source(self.device_class.label, hello.serial, hello.firmware_text)
+        self._flapping_summary(self._flap.due(now_ns), now_ns)
+        was_flapping = self._flap.flapping
+        if self._flap.allow(now_ns):
+            log.info("%s: %s %s fw %s up (boot %d)", self.port_name, self.device_class.label,
+                     hello.serial, hello.firmware_text, hello.boot_count)
+            self._status("device.up", {
+                "port": self.port_name, "boot": hello.boot_count,
+                "protocol": hello.protocol_version,
+            }, now_ns)
+        else:
+            self.stats.handshakes_not_recorded += 1
+            if not was_flapping:
+                log.warning("%s: %s %s handshakes again and again: more than %d in %.0f s; "
+                            "the next ones are counted in a device.flapping record",
+                            self.port_name, self.device_class.label, hello.serial,
+                            self._flap.burst, self._flap.window_s)
+        readings = self.driver.on_device_up(hello)
+        if readings:
+            self.sink.submit_all(readings)
+
+    def _flapping_summary(self, flapping: Flapping | None, now_ns: int) -> None:
+        if flapping is None:
+            return
+        log.warning("%s: device flapping: %d handshakes in %.0f s, %d of them summarised in "
+                    "one device.flapping record", self.port_name, flapping.handshakes,
+                    self._flap.window_s, flapping.not_recorded)
+        self._status("device.flapping", {
+            "port": self.port_name, "handshakes": flapping.handshakes,
+            "not_recorded": flapping.not_recorded, "window_s": round(self._flap.window_s),
+        }, now_ns)
+
+    def _flow(self) -> None:
+        """Backpressure: stop reading while the writer is behind, read again once it
+        caught up (hysteresis between the two bounds)."""
+        transport = self._transport
+        if transport is None:
+            return
+        backlog = self.sink.backlog
+        if not self._paused and backlog >= self._backlog_pause:
+            self._paused = True
+            self.stats.pauses += 1
+            log.debug("%s: %d readings wait for the store: not reading", self.port_name,
+                      backlog)
+            transport.pause_reading()
+        elif self._paused and backlog <= self._backlog_resume:
+            self._paused = False
+            transport.resume_reading()
 
     def _on_message(self, msg: Message, mono_ns: int) -> None:
         hello = self.link.hello

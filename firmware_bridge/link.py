@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2
 #: Silence after which the host declares the device gone, seconds.
 LINK_TIMEOUT_S = 3 * HEARTBEAT_S + 1
+#: Events delivered and not yet committed, at most, per link. A stop-and-wait device has
+#: one; beyond this bound a new event is neither delivered nor ACKed (the device keeps it
+#: and retransmits), so a device that ignores stop-and-wait costs throughput, not memory.
+MAX_PENDING_EVENTS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class LinkStats:
     duplicates: int = 0
     retransmits_while_pending: int = 0
     held_for_other_device: int = 0
+    held_busy: int = 0
     data_before_hello: int = 0
     handshakes: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
@@ -102,10 +107,12 @@ class HostLink:
         *,
         heartbeat_s: int = HEARTBEAT_S,
         link_timeout_s: float = LINK_TIMEOUT_S,
+        max_pending: int = MAX_PENDING_EVENTS,
     ) -> None:
         self._last_committed_of = last_committed
         self._heartbeat_s = heartbeat_s
         self._link_timeout_s = link_timeout_s
+        self._max_pending = max_pending
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._seq = 0
@@ -233,6 +240,10 @@ class HostLink:
                 return
             self.stats.retransmits_while_pending += 1
             self._pending[data.event_id] = (serial, frame.seq)
+            return
+        if len(self._pending) >= self._max_pending:
+            # backpressure (section 9.7): held back unanswered; the device retransmits
+            self.stats.held_busy += 1
             return
         self._pending[data.event_id] = (serial, frame.seq)
         events.append(Message(serial, data.event_id, data.msg_type, data.body))

@@ -9,6 +9,12 @@ A port that is missing, vanishes (USB unplug) or fails is closed and reopened
 with exponential backoff and jitter; the worker never blocks another port.
 Serial I/O errors and errors of the protocol code are caught separately: a
 protocol bug is logged and counted, and reading goes on.
+
+Backpressure: the protocol may ask its transport to stop reading
+(:meth:`Transport.pause_reading`, as asyncio's transports) while the stages after it
+are behind; the worker then leaves the port unread (the kernel's buffer fills, the
+device waits or retransmits later) but still runs calls and ticks, so the protocol
+can resume it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ class Transport(Protocol):
     def reopen(self, reason: str) -> None:
         """Close the port and open it again (a device that stopped answering)."""
 
+    def pause_reading(self) -> None:
+        """Stop reading the port until :meth:`resume_reading` (or the next open)."""
+
+    def resume_reading(self) -> None:
+        """Read the port again."""
+
 
 class PortProtocol(Protocol):
     """What a port worker drives, as pyserial's ``serial.threaded.Protocol``. Every call
@@ -67,6 +79,7 @@ class PortStats:
     bytes_in: int = 0
     bytes_out: int = 0
     protocol_errors: int = 0
+    pauses: int = 0  # times the protocol stopped reading (backpressure)
     connected: bool = False
 
 
@@ -92,6 +105,7 @@ class PortWorker:
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._reopen_reason: str | None = None
+        self._reading = True
         self.stats = PortStats()
         self._thread = threading.Thread(target=self._run, name=f"port-{name}", daemon=True)
         self.connected = threading.Event()
@@ -117,6 +131,16 @@ class PortWorker:
     def reopen(self, reason: str) -> None:
         """Close and reopen the port after the current step (called on the port's thread)."""
         self._reopen_reason = reason
+
+    def pause_reading(self) -> None:
+        """Leave the port unread after the current step (called on the port's thread)."""
+        if self._reading:
+            self._reading = False
+            self.stats.pauses += 1
+
+    def resume_reading(self) -> None:
+        """Read the port again (called on the port's thread)."""
+        self._reading = True
 
     def _wake(self) -> None:
         # BlockingIOError: a wake-up is already pending; OSError: we are stopping
@@ -161,12 +185,14 @@ class PortWorker:
         self.stats.connected = True
         self.connected.set()
         self._reopen_reason = None
+        self._reading = True
         self._guard(functools.partial(self.protocol.connection_made, self, time.monotonic_ns()))
         fd = port.fileno()
         try:
             while not self._stop.is_set():
                 self._flush(port)
-                readable, _, _ = select.select([fd, self._wake_r], [], [], TICK_S)
+                watched = [fd, self._wake_r] if self._reading else [self._wake_r]
+                readable, _, _ = select.select(watched, [], [], TICK_S)
                 now_ns = time.monotonic_ns()
                 if self._wake_r in readable:
                     os.read(self._wake_r, 512)

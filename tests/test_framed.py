@@ -13,6 +13,7 @@ from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
 class Sink:
     def __init__(self) -> None:
         self.committed: list[Reading] = []
+        self.backlog = 0  # readings not yet committed: none, it commits at once
 
     def submit(self, reading: Reading,
                on_committed: Callable[[SealedRecord], None] | None = None) -> None:
