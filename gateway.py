@@ -31,6 +31,7 @@ def _logging(verbose: int, trace_serial: bool = False) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger().setLevel(max(level, logging.DEBUG))  # also when handlers existed
     logging.getLogger(TRACE_LOGGERS).setLevel(logging.CRITICAL + 1)
     if trace_serial:
         logging.getLogger(SERIAL_TRACE_LOGGER).setLevel(logging.DEBUG)

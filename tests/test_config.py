@@ -165,3 +165,82 @@ def test_demo_refuses_a_bad_broker_address() -> None:
     result = run_cli("demo", "--duration", "1", "--broker", "nonsense")
     assert result.returncode == 2
     assert "expected HOST:PORT" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["signing.key", "storage.key", "tls.key"])
+def test_run_refuses_a_key_readable_by_others(tmp_path: Path, name: str) -> None:
+    create_identity(tmp_path / "identity", "gw-qc-0042")
+    text = GOOD
+    if name == "tls.key":
+        for tls_file in ("ca.crt", "gw.crt", "tls.key"):
+            (tmp_path / tls_file).write_text("-----BEGIN placeholder-----\n")
+        text = GOOD.replace("tls = false\ninsecure_plaintext = true",
+                            f'ca_file = "{tmp_path}/ca.crt"\ncert_file = "{tmp_path}/gw.crt"\n'
+                            f'key_file = "{tmp_path}/tls.key"')
+    key = tmp_path / name if name == "tls.key" else tmp_path / "identity" / name
+    key.chmod(0o644)
+    result = run_cli("run", "--config", str(write(tmp_path, text)))
+    assert result.returncode == 2, result.stderr
+    assert f"{key} is readable by group or others (mode 0644): 'chmod 600 {key}'" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_names_a_data_dir_it_cannot_create(tmp_path: Path) -> None:
+    create_identity(tmp_path / "identity", "gw-qc-0042")
+    (tmp_path / "file").write_text("")
+    path = write(tmp_path, GOOD.replace('data_dir = "{data}"', f'data_dir = "{tmp_path}/file/d"'))
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"{path}: [gateway] data_dir: cannot create {tmp_path}/file/d" in result.stderr
+
+
+TAMPERED = {
+    "no key_enc": lambda e: e.pop("key_enc"),
+    "key_enc not hex": lambda e: e.update(key_enc="zz"),
+    "key_enc too short": lambda e: e.update(key_enc="00"),
+    "no tag": lambda e: e.pop("tag"),
+    "tag a number": lambda e: e.update(tag=4096),
+    "absent_after_s a string": lambda e: e.update(absent_after_s="60"),
+    "absent_after_s huge": lambda e: e.update(absent_after_s=10**30),
+    "paired_at null": lambda e: e.update(paired_at=None),
+}
+
+
+@pytest.mark.parametrize("how", [*TAMPERED, "entry a list", "table a list", "doc id a word"])
+def test_a_tampered_registry_is_a_clear_error(tmp_path: Path, how: str) -> None:
+    import json
+
+    ident = tmp_path / "identity"
+    create_identity(ident, "gw-qc-0042")
+    key_file = tmp_path / "tag.key"
+    key_file.write_text(bytes(range(16)).hex())
+    assert run_cli("provision", "pair-tag", "--identity-dir", str(ident), "--tag", "0x1000",
+                   "--key-file", str(key_file)).returncode == 0
+    registry = ident / "tags.json"
+    doc = json.loads(registry.read_text())
+    if how in TAMPERED:
+        TAMPERED[how](doc["tags"]["1"])
+    elif how == "entry a list":
+        doc["tags"]["1"] = []
+    elif how == "table a list":
+        doc["tags"] = []
+    else:
+        doc["tags"]["one"] = doc["tags"].pop("1")
+    registry.write_text(json.dumps(doc))
+    listed = run_cli("provision", "list-tags", "--identity-dir", str(ident))
+    started = run_cli("run", "--config", str(write(tmp_path, GOOD)))
+    for result in (listed, started):
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"{registry}:" in result.stderr
+        assert "restore the file from backup" in result.stderr
+
+
+def test_absent_after_is_bounded(tmp_path: Path) -> None:
+    ident = str(tmp_path / "identity")
+    create_identity(tmp_path / "identity", "gw-qc-0042")
+    result = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "0x1000",
+                     "--absent-after", str(10**30))
+    assert result.returncode == 2
+    assert "--absent-after must be 10-86400 seconds" in result.stderr

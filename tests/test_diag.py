@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import struct
 import subprocess
 import sys
 import tarfile
@@ -43,8 +45,48 @@ insecure_plaintext = true
 name = "tags"
 kind = "tag_receiver"
 path = "/dev/serial/by-id/usb-nothing-here"
+[gnss]
+path = "/dev/ttyACM0"
+# the house on the corner: 46.8123, -71.2145
+installed_lat = 46.8123
+installed_lon = -71.2145
 """)
     return cfg
+
+
+#: The installed position of setup(), and every textual form it could take.
+HOME = (46.8123, -71.2145)
+
+
+def position_forms() -> list[bytes]:
+    forms: list[bytes] = []
+    for value in HOME:
+        e7 = round(value * 1e7)
+        for text in (f"{abs(value):.4f}", f"{abs(value):.4f}".replace(".", ","),  # 46.8123
+                     f"{abs(value):.3f}", repr(value), str(abs(e7)), str(abs(e7))[:6],
+                     f"{abs(value) * 1e7:.1f}"):
+            forms += [text.encode(), text.encode("utf-16-le")]
+        forms += [struct.pack(fmt, value) for fmt in ("<d", ">d", "<f", ">f")]
+        forms += [struct.pack(fmt, e7) for fmt in ("<i", ">i")]
+    return forms
+
+
+def test_the_bundle_holds_no_installed_position_in_any_form(tmp_path: Path) -> None:
+    cfg = str(setup(tmp_path))
+    out = tmp_path / "bundle.tar.gz"
+    assert diag("bundle", "--config", cfg, "--out", str(out)).returncode == 0
+    compressed = out.read_bytes()
+    blobs = [compressed, gzip.decompress(compressed)]  # the tar stream: headers and members
+    with tarfile.open(out) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    blobs += members.values()
+    for form in position_forms():
+        for blob in blobs:
+            assert form not in blob, f"{form!r} is in the bundle"
+    config = json.loads(members["gateway.json"])
+    assert config["gnss"]["installed_lat"] == "<redacted: personal data>"
+    assert config["gnss"]["path"] == "/dev/ttyACM0"  # the rest is there for the technician
+    assert out.stat().st_mode & 0o077 == 0
 
 
 def diag(*args: str) -> subprocess.CompletedProcess[str]:
