@@ -226,9 +226,9 @@ class FramedDeviceProtocol:
     def _flapping_summary(self, flapping: Flapping | None, now_ns: int) -> None:
         if flapping is None:
             return
-        log.warning("%s: device flapping: %d handshakes in %.0f s, %d of them summarised in "
-                    "one device.flapping record", self.port_name, flapping.handshakes,
-                    self._flap.window_s, flapping.not_recorded)
+        log.warning("%s: device flapping: %d handshakes in one window (%.0f s at most), %d "
+                    "of them summarised in one device.flapping record", self.port_name,
+                    flapping.handshakes, self._flap.window_s, flapping.not_recorded)
         self._status("device.flapping", {
             "port": self.port_name, "handshakes": flapping.handshakes,
             "not_recorded": flapping.not_recorded, "window_s": round(self._flap.window_s),
