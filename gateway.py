@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.devices import DEFAULT_ABSENT_AFTER_S
 from core.errors import EXIT_USER_ERROR, UserError
@@ -127,6 +128,55 @@ def _tag_key(args: argparse.Namespace) -> bytes | None:
         raise RegistryError(f"{where}: the key must be 32 hex digits") from None
 
 
+def cmd_provision_kiosks(args: argparse.Namespace) -> int:
+    """pair-kiosk, unpair-kiosk, list-kiosks: the kiosks whose check-ins this gateway takes."""
+    from provisioning.identity import load_identity
+    from provisioning.kiosks import open_kiosks, parse_key, parse_serial
+    from provisioning.registry import RegistryError
+
+    key = None
+    if args.action == "pair-kiosk" and args.key_file is not None:
+        key = parse_key(_read_key_file(args.key_file))
+    registry = open_kiosks(load_identity(Path(args.identity_dir)))
+    try:
+        if args.action == "pair-kiosk":
+            kiosk = registry.pair(args.serial, key)
+            out: dict[str, object] = {"serial": kiosk.serial, "paired_at": kiosk.paired_at}
+            text = f"kiosk {kiosk.serial} paired"
+            if key is None:  # generated here, shown this once: the installer loads it
+                out["key"] = kiosk.key.hex()
+                text += f"; key {kiosk.key.hex()} (shown once: load it into the kiosk now)"
+        elif args.action == "unpair-kiosk":
+            serial = parse_serial(args.serial)
+            if not registry.unpair(serial):
+                raise RegistryError(f"kiosk {serial} is not paired")
+            out, text = {"unpaired": serial}, f"kiosk {serial} unpaired"
+        else:
+            kiosks = [{"serial": k.serial, "paired_at": k.paired_at} for k in registry]
+            out = {"kiosks": kiosks}
+            text = "\n".join(f"{k['serial']}  paired at {k['paired_at']}" for k in kiosks) \
+                or "no kiosk paired"
+    finally:
+        registry.close()
+    print(json.dumps(out) if args.json else text)
+    if args.action != "list-kiosks":
+        print("provision: restart the gateway to apply the change", file=sys.stderr)
+    return 0
+
+
+def _read_key_file(name: str) -> str:
+    """A key from a file, or from stdin for ``-``: never from argv, where ps shows it."""
+    from provisioning.registry import RegistryError
+
+    if name == "-":
+        return sys.stdin.read(MAX_KEY_FILE_BYTES)
+    try:
+        with Path(name).open(encoding="ascii") as file:
+            return file.read(MAX_KEY_FILE_BYTES)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"--key-file {name}: cannot read the key ({exc})") from None
+
+
 def cmd_diag(args: argparse.Namespace) -> int:
     from app import diag
     from app.config import load_config
@@ -206,6 +256,27 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     lst.add_argument("--identity-dir", required=True)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_provision_tags)
+    _kiosk_parsers(psub)
+
+
+def _kiosk_parsers(psub: Any) -> None:
+    pair = psub.add_parser("pair-kiosk", help="pair a check-in kiosk (its serial and key)")
+    pair.add_argument("--identity-dir", required=True)
+    pair.add_argument("--serial", required=True, help="the serial the kiosk reports")
+    pair.add_argument("--key-file", metavar="FILE",
+                      help="read the kiosk's AES-128 key (32 hex digits) from FILE, or from "
+                           "stdin with '-' (default: generate one and print it once)")
+    pair.add_argument("--json", action="store_true")
+    pair.set_defaults(func=cmd_provision_kiosks)
+    unpair = psub.add_parser("unpair-kiosk", help="unpair a check-in kiosk")
+    unpair.add_argument("--identity-dir", required=True)
+    unpair.add_argument("--serial", required=True)
+    unpair.add_argument("--json", action="store_true")
+    unpair.set_defaults(func=cmd_provision_kiosks)
+    lst = psub.add_parser("list-kiosks", help="list the paired kiosks (never their keys)")
+    lst.add_argument("--identity-dir", required=True)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_provision_kiosks)
 
 
 def _diag_parsers(diag: argparse.ArgumentParser) -> None:

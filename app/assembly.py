@@ -28,6 +28,7 @@ from firmware_bridge.framed import Driver, FramedDeviceProtocol
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
 from provisioning.identity import Identity
+from provisioning.kiosks import open_kiosks
 from provisioning.registry import open_registry
 from uplink.forwarder import AckHook, Forwarder
 
@@ -154,7 +155,15 @@ class Gateway:
             return TagReceiverDriver(tags, self.writer.last_committed_event,
                                      started_ns=self.clock.now_ns())
         if kind is DeviceClass.KIOSK:
-            return KioskDriver(self.writer.last_committed_event)
+            kiosk_registry = open_kiosks(self.identity)
+            try:
+                kiosks = kiosk_registry.snapshot()
+            finally:
+                kiosk_registry.close()
+            if not kiosks:
+                log.warning("%s: no kiosk is paired: its check-ins are recorded as kiosk.spoof "
+                            "(provision pair-kiosk)", spec.name)
+            return KioskDriver(kiosks, self.writer.last_committed_event)
         assert_never(kind)
 
     def _add_port(self, name: str, path: str, baud: int, proto: PortProtocol) -> None:

@@ -1,4 +1,5 @@
-"""Paired devices as values: what a driver needs to know of a device an installer paired.
+"""Paired devices as values (tags, kiosks): what a driver needs to know of a device an
+installer paired.
 
 The registry that keeps them (a file, encrypted keys) is :mod:`provisioning.registry`;
 drivers receive these values and never open the registry.
@@ -6,7 +7,7 @@ drivers receive these values and never open the registry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: A paired tag not heard for this long is reported absent, seconds.
 DEFAULT_ABSENT_AFTER_S = 120
@@ -26,3 +27,13 @@ class PairedTag:
 
 def tag_ref(tag_id: int) -> str:
     return f"T{tag_id:08X}"
+
+
+@dataclass(frozen=True)
+class PairedKiosk:
+    """A check-in kiosk paired with this gateway: its serial (as in its HELLO) and the
+    AES-128 key under which it signs its check-ins. The key stays out of ``repr``."""
+
+    serial: str
+    key: bytes = field(repr=False)
+    paired_at: int

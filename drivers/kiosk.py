@@ -1,9 +1,19 @@
 """Check-in kiosk: check-ins and status flags become readings (sans-IO; docs/kiosk.md).
 
-Two messages travel in DATA frames from a kiosk (device class 2). All integers are
+Messages travel in DATA frames from a kiosk (device class 2). All integers are
 little-endian.
 
-CHECKIN (``msg_type`` 0x10), 11 bytes + the person reference::
+CHECKIN (``msg_type`` 0x12): ``counter u32 | check-in (below) | mac[8]``. ``counter`` is
+the kiosk's check-in counter (+1 per check-in, never repeated under one pairing key);
+``mac`` the first 8 bytes of AES-CMAC under the kiosk's 16-byte pairing key over
+``counter | check-in``. The gateway checks both, like a tag's beacon: a check-in of an
+unpaired kiosk, with a wrong MAC, or whose counter does not move forward (a replay,
+whatever its event id) becomes a ``kiosk.spoof`` alarm, never a ``checkin``. The
+last accepted counter is kept in the store's ledger (``kiosk.counter:<serial>``),
+committed with the record. The unsigned check-in of kiosk messages version 1
+(``msg_type`` 0x10, the check-in below alone) is a ``kiosk.spoof`` too (``unsigned``).
+
+The check-in, 11 bytes + the person reference::
 
     offset size field           meaning
     0      1    method          u8: 1 fingerprint, 2 face, 3 id_card, 4 pin
@@ -49,14 +59,19 @@ of the errors raised here.
 from __future__ import annotations
 
 import enum
+import hmac
 import logging
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Self
 
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.cmac import CMAC
+
+from core.devices import PairedKiosk
 from core.record import JSON, Reading, Source
 from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
@@ -64,8 +79,16 @@ from firmware_bridge.messages import Hello, PayloadError
 
 log = logging.getLogger(__name__)
 
-MSG_CHECKIN = 0x10
+#: The unsigned check-in of kiosk messages version 1: refused (``kiosk.spoof``, unsigned).
+MSG_UNSIGNED_CHECKIN = 0x10
 MSG_STATUS = 0x11
+#: A signed check-in: counter, check-in, MAC.
+MSG_CHECKIN = 0x12
+
+#: Bytes of the truncated AES-CMAC of a signed check-in.
+MAC_BYTES = 8
+#: Bytes of a pairing key (AES-128).
+KEY_BYTES = 16
 
 #: Longest person reference, in ASCII characters.
 PERSON_MAX = 32
@@ -106,9 +129,10 @@ FAULTS: tuple[tuple[int, str], ...] = (
 
 #: The kinds this driver makes (their delivery classes are in core.kinds, once).
 KIOSK_KINDS = frozenset({"checkin", "kiosk.tamper", "kiosk.tamper_cleared", "kiosk.fault",
-                         "kiosk.fault_cleared", "kiosk.status"})
+                         "kiosk.fault_cleared", "kiosk.status", "kiosk.spoof"})
 
 _CHECKIN = struct.Struct("<BBHIhB")
+_COUNTER = struct.Struct("<I")
 _STATUS = struct.Struct("<HB")
 
 
@@ -218,6 +242,46 @@ class CheckIn:
         return datetime.fromtimestamp(self.kiosk_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def checkin_mac(key: bytes, signed_part: bytes) -> bytes:
+    """The first :data:`MAC_BYTES` of AES-CMAC (RFC 4493) under *key* over *signed_part*."""
+    mac = CMAC(AES(key))
+    mac.update(signed_part)
+    return mac.finalize()[:MAC_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCheckIn:
+    """A CHECKIN as the kiosk signs it: ``counter u32 | check-in | mac[8]``."""
+
+    counter: int
+    checkin: CheckIn
+    mac: bytes = field(repr=False)
+
+    @classmethod
+    def sign(cls, key: bytes, counter: int, checkin: CheckIn) -> SignedCheckIn:
+        if not 0 <= counter <= 0xFFFFFFFF:
+            raise MessageError(f"check-in counter {counter} outside u32")
+        unsigned = cls(counter, checkin, b"")
+        return cls(counter, checkin, checkin_mac(key, unsigned.signed_part()))
+
+    def signed_part(self) -> bytes:
+        return _COUNTER.pack(self.counter) + self.checkin.to_bytes()
+
+    def to_bytes(self) -> bytes:
+        return self.signed_part() + self.mac
+
+    def verifies(self, key: bytes) -> bool:
+        return hmac.compare_digest(checkin_mac(key, self.signed_part()), self.mac)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SignedCheckIn:
+        if len(raw) < _COUNTER.size + _CHECKIN.size + MAC_BYTES:
+            raise CheckinPayloadError(raw, "shorter than 23 bytes")
+        (counter,) = _COUNTER.unpack_from(raw)
+        checkin = CheckIn.from_bytes(raw[_COUNTER.size : -MAC_BYTES])
+        return cls(counter, checkin, bytes(raw[-MAC_BYTES:]))
+
+
 @dataclass(frozen=True, slots=True)
 class KioskStatus:
     flags: int
@@ -251,6 +315,20 @@ def flags_key(serial: str) -> str:
     return f"kiosk.flags:{serial}"
 
 
+def counter_key(serial: str) -> str:
+    """The ledger key of the check-in counter last accepted from a kiosk."""
+    return f"kiosk.counter:{serial}"
+
+
+class Spoof(enum.Enum):
+    """Why a check-in is not taken as one (the ``reason`` of ``kiosk.spoof``)."""
+
+    UNPAIRED = "unpaired"
+    UNSIGNED = "unsigned"
+    BAD_MAC = "bad_mac"
+    REPLAY = "replay"
+
+
 def _nothing_known(_key: str) -> int | None:
     return None
 
@@ -264,6 +342,7 @@ class _KioskState:
 @dataclass
 class KioskStats:
     checkins: int = 0
+    spoofs: int = 0
     statuses: int = 0
     transitions: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -276,12 +355,18 @@ class KioskDriver:
     """Turns a kiosk's messages into readings; the last reading of a message carries
     the device event, committed together with the others.
 
-    *last_flags* looks a key up in the store's ledger (``StoreWriter.last_committed_event``),
-    so a restarted gateway still knows which faults it had reported.
+    *kiosks* are the paired kiosks by serial (their check-in keys). *ledger* looks a key
+    up in the store's ledger (``StoreWriter.last_committed_event``), so a restarted
+    gateway still knows which faults it had reported and which check-in counter it
+    last accepted.
     """
 
-    def __init__(self, last_flags: Callable[[str], int | None] = _nothing_known) -> None:
-        self._last_flags_of = last_flags
+    def __init__(self, kiosks: Mapping[str, PairedKiosk] | None = None,
+                 ledger: Callable[[str], int | None] = _nothing_known) -> None:
+        self._kiosks = dict(kiosks or {})
+        self._last_flags_of = ledger
+        # last accepted counter per paired kiosk (bounded by the pairings)
+        self._counters: dict[str, int | None] = {}
         self._states: dict[str, _KioskState] = {}
         self._source = Source("kiosk", "unknown")
         self.stats = KioskStats()
@@ -306,11 +391,9 @@ class KioskDriver:
         self._source = Source("kiosk", hello.serial, hello.firmware_text)
         event = (msg.serial, msg.event_id)
         if msg.msg_type == MSG_CHECKIN:
-            try:
-                checkin = CheckIn.from_bytes(msg.body)
-            except PayloadError as exc:
-                return [self._malformed(msg, exc, mono_ns)]
-            return [self._checkin(checkin, msg, mono_ns)]
+            return [self._signed_checkin(msg, mono_ns)]
+        if msg.msg_type == MSG_UNSIGNED_CHECKIN:
+            return [self._spoof(Spoof.UNSIGNED, msg, None, mono_ns)]
         if msg.msg_type == MSG_STATUS:
             try:
                 status = KioskStatus.from_bytes(msg.body)
@@ -329,7 +412,46 @@ class KioskDriver:
         return device_error(self._source, msg, "malformed", mono_ns,
                             (msg.serial, msg.event_id))
 
-    def _checkin(self, checkin: CheckIn, msg: Message, mono_ns: int) -> Reading:
+    def _signed_checkin(self, msg: Message, mono_ns: int) -> Reading:
+        try:
+            signed = SignedCheckIn.from_bytes(msg.body)
+        except PayloadError as exc:
+            return self._malformed(msg, exc, mono_ns)
+        why = self._check(msg.serial, signed)
+        if why is not None:
+            return self._spoof(why, msg, signed.counter, mono_ns)
+        return self._checkin(signed, msg, mono_ns)
+
+    def _check(self, serial: str, signed: SignedCheckIn) -> Spoof | None:
+        paired = self._kiosks.get(serial)
+        if paired is None:
+            return Spoof.UNPAIRED
+        if not signed.verifies(paired.key):
+            return Spoof.BAD_MAC
+        if serial not in self._counters:
+            self._counters[serial] = self._last_flags_of(counter_key(serial))
+        last = self._counters[serial]
+        if last is not None and signed.counter <= last:
+            return Spoof.REPLAY
+        return None
+
+    def _spoof(self, why: Spoof, msg: Message, counter: int | None, mono_ns: int) -> Reading:
+        """Not a check-in: an alarm, which keeps the raw body as evidence (it may hold a
+        person reference: a record, never a log line)."""
+        self.stats.spoofs += 1
+        self.stats.reject(why.value)
+        last = self._counters.get(msg.serial)
+        log.warning("%s: event %d: check-in refused (%s), counter %s, last accepted %s",
+                    msg.serial, msg.event_id, why.value, counter, last)
+        body: dict[str, JSON] = {
+            "reason": why.value, "counter": counter, "last_counter": last,
+            "msg_type": msg.msg_type, "raw": msg.body.hex(), "dev_event": msg.event_id,
+        }
+        return Reading("kiosk.spoof", self._source, body, mono_ns, (msg.serial, msg.event_id))
+
+    def _checkin(self, signed: SignedCheckIn, msg: Message, mono_ns: int) -> Reading:
+        checkin = signed.checkin
+        self._counters[msg.serial] = signed.counter
         self.stats.checkins += 1
         log.debug("%s: event %d: check-in %s %s, score %d, person <withheld, %d chars>",
                   msg.serial, msg.event_id, checkin.method.label, checkin.result.label,
@@ -341,9 +463,11 @@ class KioskDriver:
             "result": checkin.result.label,
             "kiosk_time": checkin.kiosk_time_iso,
             "tz_offset_min": checkin.tz_offset_min,
+            "counter": signed.counter,
             "dev_event": msg.event_id,
         }
-        return Reading("checkin", self._source, body, mono_ns, (msg.serial, msg.event_id))
+        return Reading("checkin", self._source, body, mono_ns, (msg.serial, msg.event_id),
+                       ledger=((counter_key(msg.serial), signed.counter),))
 
     def _status(self, status: KioskStatus, msg: Message, mono_ns: int) -> list[Reading]:
         self.stats.statuses += 1
@@ -386,9 +510,12 @@ class KioskDriver:
 __all__ = [
     "FAULTS",
     "FLAG_NAMES",
+    "KEY_BYTES",
     "KIOSK_KINDS",
+    "MAC_BYTES",
     "MSG_CHECKIN",
     "MSG_STATUS",
+    "MSG_UNSIGNED_CHECKIN",
     "CheckIn",
     "CheckinPayloadError",
     "KioskDriver",
@@ -396,5 +523,9 @@ __all__ = [
     "MessageError",
     "Method",
     "Result",
+    "SignedCheckIn",
+    "Spoof",
+    "checkin_mac",
+    "counter_key",
     "flags_key",
 ]

@@ -10,6 +10,13 @@ round trip longer than ``srto`` is still measured); both clamped
 to [:data:`RTO_MIN_S`, :data:`RTO_MAX_S`]. After
 :data:`MAX_RETRIES` timeouts in a row it starts the handshake again; it never
 drops an event.
+
+Version 2 (docs/serial-protocol.md, section 8): the HELLO offers features; the device
+uses only those the HELLO_ACK grants. Answered by a version-1 host (a HELLO_ACK
+"unsupported version" naming version 1, or a NAK of the longer HELLO it cannot read),
+it says HELLO again in version 1. An ACK is taken only for a head the device sent since
+it powered up: an ACK still on its way to the device that was on the port before
+(swapped without the port being reopened) must not erase the newcomer's event.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from dataclasses import dataclass, field
 
 from firmware_bridge.framing import BadFrame, Frame, FrameDecoder, FrameType
 from firmware_bridge.messages import (
+    FEATURES_VERSION,
     PROTOCOL_VERSION,
     Ack,
     Data,
+    Feature,
     Heartbeat,
     Hello,
     HelloAck,
@@ -52,6 +61,8 @@ class DeviceStats:
     handshakes: int = 0
     rejected_by_host: int = 0
     bad_frames: int = 0
+    stale_acks: int = 0
+    fallbacks: int = 0
 
 
 @dataclass
@@ -64,6 +75,10 @@ class DeviceLink:
     stats: DeviceStats = field(default_factory=DeviceStats)
 
     def __post_init__(self) -> None:
+        self._offered = self.hello  # what the device says at power-up (its own version)
+        #: the features the host granted at the handshake in force
+        self.features = Feature.NONE
+        self._head_sent = False  # the head went out at least once since power-up
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._seq = 0
@@ -95,10 +110,13 @@ class DeviceLink:
 
     def reboot(self, now: float) -> None:
         """Power cycle: the queue survives (it is in flash), the link does not."""
-        self.hello = Hello(
-            self.hello.protocol_version, self.hello.device_class, self.hello.firmware,
-            self.hello.boot_count + 1, self.hello.serial,
+        offered = self._offered
+        self.hello = self._offered = Hello(
+            offered.protocol_version, offered.device_class, offered.firmware,
+            self.hello.boot_count + 1, offered.serial, offered.features,
         )
+        self.features = Feature.NONE
+        self._head_sent = False
         self._decoder = FrameDecoder()
         self._out.clear()
         self._up = False
@@ -153,14 +171,7 @@ class DeviceLink:
             self._sent_at = None
             self._send_hello(now)
         elif frame.type is FrameType.HELLO_ACK:
-            ack = HelloAck.from_bytes(frame.payload)
-            if ack.result is HelloResult.OK:
-                self._up = True
-                self._heartbeat_s = max(ack.heartbeat_s, 1)
-                self.stats.handshakes += 1
-                self._sent_at = None
-            else:
-                self.stats.rejected_by_host += 1
+            self._on_hello_ack(HelloAck.from_bytes(frame.payload), now)
         elif frame.type is FrameType.ACK:
             self._on_ack(Ack.from_bytes(frame.payload), now)
         elif frame.type is FrameType.NAK:
@@ -168,11 +179,40 @@ class DeviceLink:
             if self._up and self._sent_at is not None:
                 self.stats.retransmits += 1
                 self._send_head(now)
+            elif not self._up and self.hello.protocol_version >= FEATURES_VERSION:
+                self._fall_back(1, now)  # a version-1 host cannot read this HELLO
+
+    def _on_hello_ack(self, ack: HelloAck, now: float) -> None:
+        if ack.result is HelloResult.OK:
+            self._up = True
+            self._heartbeat_s = max(ack.heartbeat_s, 1)
+            self.features = Feature(self.hello.features & (ack.features or 0))
+            self.stats.handshakes += 1
+            self._sent_at = None
+            return
+        self.stats.rejected_by_host += 1
+        if (ack.result is HelloResult.UNSUPPORTED_VERSION
+                and 1 <= ack.protocol_version < self.hello.protocol_version):
+            self._fall_back(ack.protocol_version, now)
+
+    def _fall_back(self, version: int, now: float) -> None:
+        """Say HELLO again in an older *version* (this model speaks every one up to its own)."""
+        self.stats.fallbacks += 1
+        hello = self.hello
+        features = hello.features if version >= FEATURES_VERSION else 0
+        self.hello = Hello(version, hello.device_class, hello.firmware, hello.boot_count,
+                           hello.serial, features)
+        self._send_hello(now)
 
     def _on_ack(self, ack: Ack, now: float) -> None:
         if not self.queue or self.queue[0].event_id != ack.event_id:
             return  # a late ACK of an event already acknowledged
+        if not self._head_sent:
+            # not sent since power-up: an ACK meant for the device that was on the port
+            self.stats.stale_acks += 1
+            return
         self.queue.popleft()
+        self._head_sent = False
         self.acked_ids.append(ack.event_id)
         self.stats.acked += 1
         if self._sent_at is not None and self._retries == 0:
@@ -191,6 +231,7 @@ class DeviceLink:
     def _send_head(self, now: float) -> None:
         head = self.queue[0]
         self._sent_at = now
+        self._head_sent = True
         self.stats.sent += 1
         self._frame(FrameType.DATA, Data(head.event_id, head.msg_type, head.body).to_bytes(), now)
 
@@ -200,4 +241,4 @@ class DeviceLink:
         self._last_tx = now
 
 
-__all__ = ["PROTOCOL_VERSION", "DeviceLink", "QueuedEvent"]
+__all__ = ["PROTOCOL_VERSION", "DeviceLink", "Feature", "QueuedEvent"]

@@ -3,6 +3,7 @@
 Runs on the port's thread. Each new device message becomes readings submitted
 to the store writer; the device is ACKed from the writer's commit callback,
 hopped back onto the port thread with the transport's ``call_soon``.
+
 Load: while the writer holds more than :data:`BACKLOG_PAUSE` readings not yet
 committed, the port stops reading (the transport's ``pause_reading``) until the
 backlog falls to :data:`BACKLOG_RESUME`; the link itself holds back new events
@@ -36,6 +37,9 @@ from firmware_bridge.port import Transport
 log = logging.getLogger(__name__)
 #: How much of a port error's text a device.lost record keeps.
 REASON_CHARS = 120
+#: A port records a refused device (wrong class, version) at most once per this many
+#: seconds; the record counts the refusals since the previous one.
+REFUSED_RECORD_INTERVAL_S = 300.0
 #: Readings submitted to the writer and not yet committed (every port together) above
 #: which a port stops reading, and at or below which it reads again.
 BACKLOG_PAUSE = 4_000
@@ -125,6 +129,25 @@ class FlapLimiter:
         return Flapping(count, count - self.burst)
 
 
+class RefusalLimiter:
+    """One ``device.refused`` record per port per *interval_s* at most (sans-IO): a device
+    looping HELLOs is counted, and each record says how many refusals it stands for."""
+
+    def __init__(self, interval_s: float = REFUSED_RECORD_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last_ns: int | None = None
+        self._count = 0
+
+    def refused(self, now_ns: int) -> int | None:
+        """A HELLO was refused: the refusals to record now (this one included), or None."""
+        self._count += 1
+        if self._last_ns is not None and now_ns - self._last_ns < self.interval_s * 1e9:
+            return None
+        self._last_ns = now_ns
+        count, self._count = self._count, 0
+        return count
+
+
 class FramedDeviceProtocol:
     def __init__(
         self,
@@ -142,7 +165,8 @@ class FramedDeviceProtocol:
         self.device_class = device_class
         self.driver = driver
         self.sink = sink
-        self.link = link or HostLink(sink.last_committed_event)
+        self.link = link or HostLink(sink.last_committed_event, expected_class=device_class)
+        self._refusals = RefusalLimiter()
         self._transport: Transport | None = None
         self._flap = flap or FlapLimiter()
         self._backlog_pause = backlog_pause
@@ -190,8 +214,7 @@ class FramedDeviceProtocol:
             elif isinstance(event, DeviceUp):
                 self._on_device_up(event.hello, now_ns)
             elif isinstance(event, DeviceRejected):
-                log.error("%s: device %s rejected: %s (protocol %d)", self.port_name,
-                          event.hello.serial, event.result.name, event.hello.protocol_version)
+                self._on_refused(event, now_ns)
             elif isinstance(event, DeviceSilent):
                 self._status("device.lost", {"port": self.port_name, "reason": "silent",
                                              "silent_ms": int(event.silent_s * 1000)}, now_ns)
@@ -250,6 +273,31 @@ class FramedDeviceProtocol:
         elif self._paused and backlog <= self._backlog_resume:
             self._paused = False
             transport.resume_reading()
+
+    def _on_refused(self, event: DeviceRejected, now_ns: int) -> None:
+        """A device the port does not serve said HELLO: it gets no ACK for its data, and a
+        ``device.refused`` record says so (rate-limited: a HELLO loop cannot flood the store)."""
+        hello = event.hello
+        count = self._refusals.refused(now_ns)
+        if count is None:
+            log.debug("%s: device %s refused again (%s)", self.port_name, hello.serial,
+                      event.result.name)
+            return
+        try:
+            offered = DeviceClass(hello.device_class).label
+        except ValueError:
+            offered = str(hello.device_class)
+        log.error("%s: device %s (%s, protocol %d) refused: %s; this port serves a %s",
+                  self.port_name, hello.serial, offered, hello.protocol_version,
+                  event.result.name.lower(), self.device_class.label)
+        body: dict[str, JSON] = {
+            "port": self.port_name, "reason": event.result.name.lower(), "serial": hello.serial,
+            "class": offered, "expected": self.device_class.label,
+            "protocol": hello.protocol_version, "fw": hello.firmware_text, "refused": count,
+        }
+        self.sink.submit(Reading("device.refused", Source(self.device_class.label,
+                                                          f"port:{self.port_name}"),
+                                 body, now_ns))
 
     def _on_message(self, msg: Message, mono_ns: int) -> None:
         hello = self.link.hello

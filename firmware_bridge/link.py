@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 
 from firmware_bridge.framing import BadFrame, Frame, FrameDecoder, FrameType
 from firmware_bridge.messages import (
+    FEATURES_VERSION,
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Ack,
     Data,
     DeviceClass,
+    Feature,
     Hello,
     HelloAck,
     HelloResult,
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2
 #: Silence after which the host declares the device gone, seconds.
 LINK_TIMEOUT_S = 3 * HEARTBEAT_S + 1
+#: The link features this host implements (granted to a device that offers them).
+HOST_FEATURES = Feature.NONE
 #: Events delivered and not yet committed, at most, per link. A stop-and-wait device has
 #: one; beyond this bound a new event is neither delivered nor ACKed (the device keeps it
 #: and retransmits), so a device that ignores stop-and-wait costs throughput, not memory.
@@ -45,13 +50,18 @@ MAX_PENDING_EVENTS = 32
 
 @dataclass(frozen=True, slots=True)
 class DeviceUp:
-    """A device completed the handshake (first contact, reconnect or reboot)."""
+    """A device completed the handshake (first contact, reconnect or reboot); *features*
+    are those granted to it (always none for a version-1 device)."""
 
     hello: Hello
+    features: Feature = Feature.NONE
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceRejected:
+    """A HELLO refused: *result* is the reason (``WRONG_CLASS`` also when a version-1
+    device was told ``UNKNOWN_CLASS``, the nearest its version knows)."""
+
     hello: Hello
     result: HelloResult
 
@@ -107,11 +117,17 @@ class HostLink:
         *,
         heartbeat_s: int = HEARTBEAT_S,
         link_timeout_s: float = LINK_TIMEOUT_S,
+        expected_class: DeviceClass | None = None,
+        features: Feature = HOST_FEATURES,
         max_pending: int = MAX_PENDING_EVENTS,
     ) -> None:
         self._last_committed_of = last_committed
         self._heartbeat_s = heartbeat_s
         self._link_timeout_s = link_timeout_s
+        self._expected_class = expected_class
+        self._host_features = features
+        #: the features granted at the handshake in force
+        self.features = Feature.NONE
         self._max_pending = max_pending
         self._decoder = FrameDecoder()
         self._out = bytearray()
@@ -200,25 +216,38 @@ class HostLink:
             self._reject(events, f"unexpected:{frame.type.name}", frame.payload)
 
     def _on_hello(self, hello: Hello, events: list[LinkEvent]) -> None:
-        if hello.protocol_version != PROTOCOL_VERSION:
-            result = HelloResult.UNSUPPORTED_VERSION
-        elif hello.device_class not in DeviceClass.__members__.values():
-            result = HelloResult.UNKNOWN_CLASS
-        else:
-            result = HelloResult.OK
-        self._send(
-            FrameType.HELLO_ACK,
-            HelloAck(PROTOCOL_VERSION, result, self._heartbeat_s).to_bytes(),
-        )
+        result = self._decide(hello)
+        version = hello.protocol_version
+        if version not in SUPPORTED_VERSIONS:
+            version = PROTOCOL_VERSION  # the device may try again in this version
+        wire_result = result
+        if result is HelloResult.WRONG_CLASS and version < FEATURES_VERSION:
+            wire_result = HelloResult.UNKNOWN_CLASS  # all a version-1 device knows
+        granted = Feature(hello.features & self._host_features)
+        ack_features = (int(granted) if result is HelloResult.OK
+                        and version >= FEATURES_VERSION else None)
+        self._send(FrameType.HELLO_ACK,
+                   HelloAck(version, wire_result, self._heartbeat_s, ack_features).to_bytes())
         if result is not HelloResult.OK:
             self.hello = None
+            self.features = Feature.NONE
             events.append(DeviceRejected(hello, result))
             return
         self.stats.handshakes += 1
         if self.hello is None or self.hello.serial != hello.serial:
             self._last_committed = self._last_committed_of(hello.serial)
         self.hello = hello
-        events.append(DeviceUp(hello))
+        self.features = granted if ack_features is not None else Feature.NONE
+        events.append(DeviceUp(hello, self.features))
+
+    def _decide(self, hello: Hello) -> HelloResult:
+        if hello.protocol_version not in SUPPORTED_VERSIONS:
+            return HelloResult.UNSUPPORTED_VERSION
+        if hello.device_class not in DeviceClass.__members__.values():
+            return HelloResult.UNKNOWN_CLASS
+        if self._expected_class is not None and hello.device_class != self._expected_class:
+            return HelloResult.WRONG_CLASS
+        return HelloResult.OK
 
     def _on_data(self, frame: Frame, data: Data, events: list[LinkEvent]) -> None:
         if self.hello is None:

@@ -3,6 +3,11 @@
 Each payload is a frozen dataclass with ``to_bytes`` and ``from_bytes``;
 ``from_bytes`` raises :class:`PayloadError` (carrying the bytes) on a payload
 that does not fit its layout. All integers are little-endian.
+
+Versions: the first 10 + n bytes of HELLO and the first 3 bytes of HELLO_ACK are the
+same in every version. From version 2 on, HELLO carries the features the device
+offers and an accepting HELLO_ACK those the host grants (:class:`Feature`): a later
+capability adds a feature bit, not a protocol version.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ import enum
 import struct
 from dataclasses import dataclass
 
-#: Version of the link protocol this host speaks.
-PROTOCOL_VERSION = 1
+#: The highest version of the link protocol this host speaks.
+PROTOCOL_VERSION = 2
+#: The first version whose HELLO and HELLO_ACK carry features.
+FEATURES_VERSION = 2
+#: Versions this host serves: every version up to its own.
+SUPPORTED_VERSIONS = frozenset({1, 2})
 
 
 class PayloadError(ValueError):
@@ -36,6 +45,22 @@ class HelloResult(enum.IntEnum):
     OK = 0
     UNSUPPORTED_VERSION = 1
     UNKNOWN_CLASS = 2
+    #: version 2: a known class, but not the one this port serves
+    WRONG_CLASS = 3
+
+
+class Feature(enum.IntFlag):
+    """Features of the link, negotiated in HELLO / HELLO_ACK (version 2 on): a u32 bit set.
+
+    A device offers what it implements; the host grants the subset it implements too;
+    both then use exactly the granted set. An unknown bit is ignored, never refused.
+    """
+
+    NONE = 0
+    #: reserved: several DATA frames in flight (a window instead of stop-and-wait)
+    WINDOW = 1 << 0
+    #: reserved: firmware image transfer from the host to the device
+    FIRMWARE = 1 << 1
 
 
 class NakReason(enum.IntEnum):
@@ -45,6 +70,7 @@ class NakReason(enum.IntEnum):
 
 _HELLO = struct.Struct("<BBBBBIB")
 _HELLO_ACK = struct.Struct("<BBB")
+_FEATURES = struct.Struct("<I")
 _DATA = struct.Struct("<IB")
 _ACK = struct.Struct("<I")
 _NAK = struct.Struct("<B")
@@ -53,28 +79,33 @@ _HEARTBEAT = struct.Struct("<IH")
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """HELLO. ``features`` is sent from version 2 on (a version-1 HELLO has none); the
+    bytes a later version appends after the fields of version 2 are ignored here."""
+
     protocol_version: int
     device_class: int
     firmware: tuple[int, int, int]
     boot_count: int
     serial: str
+    features: int = 0
 
     def to_bytes(self) -> bytes:
         serial = self.serial.encode("ascii")
-        return (
-            _HELLO.pack(
-                self.protocol_version, self.device_class, *self.firmware,
-                self.boot_count, len(serial),
-            )
-            + serial
-        )
+        head = _HELLO.pack(
+            self.protocol_version, self.device_class, *self.firmware,
+            self.boot_count, len(serial),
+        ) + serial
+        if self.protocol_version < FEATURES_VERSION:
+            return head
+        return head + _FEATURES.pack(self.features)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Hello:
         if len(raw) < _HELLO.size:
             raise PayloadError("HELLO", raw)
         ver, dclass, fw_a, fw_b, fw_c, boot, n = _HELLO.unpack_from(raw)
-        serial = raw[_HELLO.size :]
+        end = _HELLO.size + n
+        serial = raw[_HELLO.size : end]
         if len(serial) != n or not n:
             raise PayloadError("HELLO", raw)
         try:
@@ -83,29 +114,51 @@ class Hello:
             raise PayloadError("HELLO", raw) from None
         if not text.isprintable():
             raise PayloadError("HELLO", raw)
-        return cls(ver, dclass, (fw_a, fw_b, fw_c), boot, text)
+        return cls(ver, dclass, (fw_a, fw_b, fw_c), boot, text, _features(ver, raw, end))
 
     @property
     def firmware_text(self) -> str:
         return ".".join(str(part) for part in self.firmware)
 
 
+def _features(version: int, raw: bytes, end: int) -> int:
+    """The features field after the serial: none in version 1, exactly one u32 in
+    version 2, at least one in a later version (whose further fields are ignored)."""
+    rest = len(raw) - end
+    if version < FEATURES_VERSION:
+        if rest:
+            raise PayloadError("HELLO", raw)
+        return 0
+    if rest < _FEATURES.size or (version == FEATURES_VERSION and rest != _FEATURES.size):
+        raise PayloadError("HELLO", raw)
+    (features,) = _FEATURES.unpack_from(raw, end)
+    return int(features)
+
+
 @dataclass(frozen=True, slots=True)
 class HelloAck:
+    """HELLO_ACK: 3 bytes, or 7 when it accepts a HELLO of version 2 or later (then it
+    carries the granted ``features``; ``None`` means the 3-byte form)."""
+
     protocol_version: int
     result: HelloResult
     heartbeat_s: int
+    features: int | None = None
 
     def to_bytes(self) -> bytes:
-        return _HELLO_ACK.pack(self.protocol_version, self.result, self.heartbeat_s)
+        head = _HELLO_ACK.pack(self.protocol_version, self.result, self.heartbeat_s)
+        return head if self.features is None else head + _FEATURES.pack(self.features)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> HelloAck:
-        if len(raw) != _HELLO_ACK.size:
+        if len(raw) not in (_HELLO_ACK.size, _HELLO_ACK.size + _FEATURES.size):
             raise PayloadError("HELLO_ACK", raw)
-        ver, result, hb = _HELLO_ACK.unpack(raw)
+        ver, result, hb = _HELLO_ACK.unpack_from(raw)
+        features = None
+        if len(raw) > _HELLO_ACK.size:
+            (features,) = _FEATURES.unpack_from(raw, _HELLO_ACK.size)
         try:
-            return cls(ver, HelloResult(result), hb)
+            return cls(ver, HelloResult(result), hb, features)
         except ValueError:
             raise PayloadError("HELLO_ACK", raw) from None
 

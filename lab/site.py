@@ -1,7 +1,7 @@
 """A home or office imitated on this machine: devices on ptys, the gateway, the platform.
 
 :class:`Site` starts the simulators an installer would have wired (a tag receiver
-with its tags paired to the gateway's identity, a kiosk, a GNSS receiver), writes
+with its tags paired to the gateway's identity, a kiosk paired likewise, a GNSS receiver), writes
 the gateway's configuration for them, builds the gateway with the product's own
 assembly and stops everything in the right order. :class:`Platform` is the
 platform's verifier on a broker, collecting what arrives. The demo, the fault
@@ -11,6 +11,7 @@ scenarios and the end-to-end tests are all built from these.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.wire import Damage
 from provisioning.identity import Identity
+from provisioning.kiosks import KIOSK_KEY_BYTES, open_kiosks
 from provisioning.registry import open_registry
 from uplink.forwarder import AckHook
 
@@ -47,6 +49,15 @@ def pair_tags(identity: Identity, tags: list[SimTag]) -> None:
     try:
         for tag in tags:
             registry.pair(tag.tag, tag.key)
+    finally:
+        registry.close()
+
+
+def pair_kiosk(identity: Identity, serial: str, key: bytes) -> None:
+    """What the installer does: pair the kiosk (its serial and check-in key)."""
+    registry = open_kiosks(identity)
+    try:
+        registry.pair(serial, key)
     finally:
         registry.close()
 
@@ -84,8 +95,13 @@ class Site:
         return sim
 
     def kiosk(self, serial: str = "KI-SITE-0001", *, name: str = "kiosk",
-              to_host: Damage | None = None, from_host: Damage | None = None) -> KioskSim:
-        sim = KioskSim(serial, link=self.workdir / f"tty-{name}", to_host=to_host,
+              to_host: Damage | None = None, from_host: Damage | None = None,
+              paired: bool = True) -> KioskSim:
+        """A kiosk on a pty, paired with the gateway (a fresh key) unless *paired* is false."""
+        key = secrets.token_bytes(KIOSK_KEY_BYTES)
+        if paired:
+            pair_kiosk(self.identity, serial, key)
+        sim = KioskSim(serial, key=key, link=self.workdir / f"tty-{name}", to_host=to_host,
                        from_host=from_host)
         self._sims.callback(sim.stop)
         sim.start()

@@ -6,11 +6,15 @@ from collections.abc import Callable
 
 from core.record import Reading, SealedRecord
 from firmware_bridge.device import DeviceLink
-from firmware_bridge.framed import FramedDeviceProtocol
+from firmware_bridge.framed import REFUSED_RECORD_INTERVAL_S, FramedDeviceProtocol
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
+
+S = 1_000_000_000
 
 
 class Sink:
+    backlog = 0  # readings submitted, not yet committed: this sink commits at once
+
     def __init__(self) -> None:
         self.committed: list[Reading] = []
         self.backlog = 0  # readings not yet committed: none, it commits at once
@@ -72,3 +76,39 @@ def test_a_driver_exception_is_recorded_and_the_device_acknowledged() -> None:
     assert errors[0].body["error"] == "driver_failure"
     assert errors[0].body["raw"] == "42"
     assert proto.stats.driver_errors == 1
+
+
+class NoDriver(BrokenDriver):
+    def on_message(self, msg: object, hello: Hello, mono_ns: int) -> list[Reading]:
+        raise AssertionError("a refused device's message reached the driver")
+
+
+def test_a_device_of_the_wrong_class_is_refused_with_a_rate_limited_record() -> None:
+    """A kiosk on a tag receiver's port, looping HELLOs for an hour: its events are never
+    ACKed nor delivered, and the store gets one device.refused per interval, not one per
+    HELLO."""
+    sink = Sink()
+    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, NoDriver(), sink)
+    kiosk = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.KIOSK, (2, 1, 0), 3, "KI-0001"))
+    kiosk.enqueue(0x12, b"check-in")
+    now_ns = 0
+    proto.connection_made(InlineTransport(), now_ns)
+    hour_ns = 3600 * S
+    while now_ns < hour_ns:
+        now_ns += S // 10
+        kiosk.receive_data(proto.data_to_send(), now_ns / 1e9)
+        kiosk.tick(now_ns / 1e9)
+        proto.data_received(kiosk.data_to_send(), now_ns)
+        proto.tick(now_ns)
+    assert len(kiosk.queue) == 1  # kept by the kiosk for a port that serves it
+    assert kiosk.stats.sent == 0
+    assert kiosk.stats.rejected_by_host >= 3600 - 2  # it said HELLO every second
+    refused = [r for r in sink.committed if r.kind == "device.refused"]
+    assert len(refused) == 3600 // REFUSED_RECORD_INTERVAL_S  # 12, not 3600
+    assert refused[0].body == {
+        "port": "tags", "reason": "wrong_class", "serial": "KI-0001", "class": "kiosk",
+        "expected": "tag_receiver", "protocol": PROTOCOL_VERSION, "fw": "2.1.0", "refused": 1,
+    }
+    assert sum(int(r.body["refused"]) for r in refused) <= kiosk.stats.rejected_by_host
+    assert refused[1].body["refused"] >= REFUSED_RECORD_INTERVAL_S - 1
+    assert not [r for r in sink.committed if r.kind in ("device.up", "device.error")]

@@ -77,21 +77,24 @@ HELLO_REQ = Golden(
 )
 HELLO = Golden(
     "HELLO",
-    Frame(FrameType.HELLO, 0, bytes.fromhex("01 01 01 04 02 07 00 00 00 07 54 52 2d 30 30 30 31")),
-    Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001"),
+    Frame(FrameType.HELLO, 0,
+          bytes.fromhex("02 01 01 04 02 07 00 00 00 07 54 52 2d 30 30 30 31 00 00 00 00")),
+    Hello(2, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001", 0),
     raw=bytes.fromhex(
-        "01  00  01  01  01 04 02  07 00 00 00  07  54 52 2d 30 30 30 31  de b6 27 6f"
+        "01  00  02  01  01 04 02  07 00 00 00  07  54 52 2d 30 30 30 31  00 00 00 00"
+        "  5b df ca 5a"
     ),
     wire=bytes.fromhex(
-        "02 01  07 01 01 01 04 02 07  01  01  0d 07 54 52 2d 30 30 30 31 de b6 27 6f  00"
+        "02 01  07 02 01 01 04 02 07  01  01  09 07 54 52 2d 30 30 30 31  01  01  01"
+        "  05 5b df ca 5a  00"
     ),
 )
 HELLO_ACK = Golden(
     "HELLO_ACK",
-    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("01 00 02")),
-    HelloAck(1, HelloResult.OK, 2),
-    raw=bytes.fromhex("02  01  01  00  02  03 c8 92 eb"),
-    wire=bytes.fromhex("04 02 01 01  06 02 03 c8 92 eb  00"),
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("02 00 02 00 00 00 00")),
+    HelloAck(2, HelloResult.OK, 2, 0),
+    raw=bytes.fromhex("02  01  02  00  02  00 00 00 00  ff 7e 0a e9"),
+    wire=bytes.fromhex("04 02 01 02  02 02  01  01  01  05 ff 7e 0a e9  00"),
 )
 DATA = Golden(
     "DATA",
@@ -127,26 +130,69 @@ NAK = Golden(
     raw=bytes.fromhex("12  02  01  18 fc d2 a5"),
     wire=bytes.fromhex("08 12 02 01 18 fc d2 a5  00"),
 )
-HELLO_V2 = Golden(
-    "HELLO (protocol 2)",
-    Frame(FrameType.HELLO, 0, bytes.fromhex("02 01 02 00 00 01 00 00 00 07 54 52 2d 30 30 30 32")),
-    Hello(2, DeviceClass.TAG_RECEIVER, (2, 0, 0), 1, "TR-0002"),
+HELLO_V1 = Golden(
+    "HELLO (protocol 1)",
+    Frame(FrameType.HELLO, 0, bytes.fromhex("01 01 01 04 02 07 00 00 00 07 54 52 2d 30 30 30 31")),
+    Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001"),
     raw=bytes.fromhex(
-        "01  00  02  01  02 00 00  01 00 00 00  07  54 52 2d 30 30 30 32  29 49 04 22"
+        "01  00  01  01  01 04 02  07 00 00 00  07  54 52 2d 30 30 30 31  de b6 27 6f"
     ),
     wire=bytes.fromhex(
-        "02 01  04 02 01 02  01  02 01  01  01  0d 07 54 52 2d 30 30 30 32 29 49 04 22  00"
+        "02 01  07 01 01 01 04 02 07  01  01  0d 07 54 52 2d 30 30 30 31 de b6 27 6f  00"
     ),
 )
-HELLO_ACK_REJECT = Golden(
+HELLO_ACK_V1 = Golden(
+    "HELLO_ACK (protocol 1)",
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("01 00 02")),
+    HelloAck(1, HelloResult.OK, 2),
+    raw=bytes.fromhex("02  01  01  00  02  03 c8 92 eb"),
+    wire=bytes.fromhex("04 02 01 01  06 02 03 c8 92 eb  00"),
+)
+HELLO_V3 = Golden(
+    "HELLO (protocol 3)",
+    Frame(FrameType.HELLO, 0,
+          bytes.fromhex("03 01 03 00 00 01 00 00 00 07 54 52 2d 30 30 30 33 03 00 00 00")),
+    Hello(3, DeviceClass.TAG_RECEIVER, (3, 0, 0), 1, "TR-0003", 0x03),
+    raw=bytes.fromhex(
+        "01  00  03  01  03 00 00  01 00 00 00  07  54 52 2d 30 30 30 33  03 00 00 00"
+        "  9f 88 d4 55"
+    ),
+    wire=bytes.fromhex(
+        "02 01  04 03 01 03  01  02 01  01  01  0a 07 54 52 2d 30 30 30 33 03  01  01"
+        "  05 9f 88 d4 55  00"
+    ),
+)
+HELLO_ACK_UNSUPPORTED = Golden(
     "HELLO_ACK (unsupported version)",
-    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("01 01 02")),
-    HelloAck(1, HelloResult.UNSUPPORTED_VERSION, 2),
-    raw=bytes.fromhex("02  01  01  01  02  42 f9 89 f2"),
-    wire=bytes.fromhex("0a 02 01 01 01 02 42 f9 89 f2  00"),
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("02 01 02")),
+    HelloAck(2, HelloResult.UNSUPPORTED_VERSION, 2),
+    raw=bytes.fromhex("02  01  02  01  02  1b 47 cf f0"),
+    wire=bytes.fromhex("0a 02 01 02 01 02 1b 47 cf f0  00"),
+)
+HELLO_KIOSK = Golden(
+    "HELLO (a kiosk)",
+    Frame(FrameType.HELLO, 0,
+          bytes.fromhex("02 02 02 01 00 03 00 00 00 07 4b 49 2d 30 30 30 31 00 00 00 00")),
+    Hello(2, DeviceClass.KIOSK, (2, 1, 0), 3, "KI-0001", 0),
+    raw=bytes.fromhex(
+        "01  00  02  02  02 01 00  03 00 00 00  07  4b 49 2d 30 30 30 31  00 00 00 00"
+        "  8d e3 82 50"
+    ),
+    wire=bytes.fromhex(
+        "02 01  05 02 02 02 01  02 03  01  01  09 07 4b 49 2d 30 30 30 31  01  01  01"
+        "  05 8d e3 82 50  00"
+    ),
+)
+HELLO_ACK_WRONG_CLASS = Golden(
+    "HELLO_ACK (wrong class)",
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("02 03 02")),
+    HelloAck(2, HelloResult.WRONG_CLASS, 2),
+    raw=bytes.fromhex("02  01  02  03  02  99 25 f9 c2"),
+    wire=bytes.fromhex("0a 02 01 02 03 02 99 25 f9 c2  00"),
 )
 
-GOLDEN = [HELLO_REQ, HELLO, HELLO_ACK, DATA, ACK, HEARTBEAT, NAK, HELLO_V2, HELLO_ACK_REJECT]
+GOLDEN = [HELLO_REQ, HELLO, HELLO_ACK, DATA, ACK, HEARTBEAT, NAK, HELLO_V1, HELLO_ACK_V1,
+          HELLO_V3, HELLO_ACK_UNSUPPORTED, HELLO_KIOSK, HELLO_ACK_WRONG_CLASS]
 PAYLOAD_TYPES: dict[FrameType, Any] = {
     FrameType.HELLO: Hello,
     FrameType.HELLO_ACK: HelloAck,
@@ -214,9 +260,8 @@ def test_golden_beacon_mac_is_the_truncated_cmac() -> None:
 
 def test_golden_session_is_what_the_links_send() -> None:
     """The golden examples are a real exchange between HostLink and DeviceLink."""
-    host = HostLink(lambda _serial: None)
-    device = DeviceLink(Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001"),
-                        next_event_id=42)
+    host = HostLink(lambda _serial: None, expected_class=DeviceClass.TAG_RECEIVER)
+    device = DeviceLink(HELLO.payload, next_event_id=42)  # type: ignore[arg-type]
     host.connection_made(0.0)
     assert host.data_to_send() == HELLO_REQ.wire
     device.receive_data(HELLO_REQ.wire, 0.0)
@@ -241,13 +286,20 @@ def test_golden_session_is_what_the_links_send() -> None:
     host.receive_data(bytes(corrupted), 2.0)
     assert host.data_to_send() == NAK.wire
 
-    host = HostLink(lambda _serial: None)
-    device = DeviceLink(Hello(2, DeviceClass.TAG_RECEIVER, (2, 0, 0), 1, "TR-0002"))
+
+@pytest.mark.parametrize(("hello", "answer"), [
+    (HELLO_V1, HELLO_ACK_V1),  # a version-1 device is served in version 1
+    (HELLO_V3, HELLO_ACK_UNSUPPORTED),  # a newer one is told the host's version
+    (HELLO_KIOSK, HELLO_ACK_WRONG_CLASS),  # a kiosk on a tag receiver's port
+], ids=["v1", "v3", "kiosk"])
+def test_golden_handshakes_are_what_the_links_send(hello: Golden, answer: Golden) -> None:
+    host = HostLink(lambda _serial: None, expected_class=DeviceClass.TAG_RECEIVER)
+    device = DeviceLink(hello.payload)  # type: ignore[arg-type]
     host.connection_made(0.0)
     device.receive_data(host.data_to_send(), 0.0)
-    assert device.data_to_send() == HELLO_V2.wire
-    host.receive_data(HELLO_V2.wire, 0.0)
-    assert host.data_to_send() == HELLO_ACK_REJECT.wire
+    assert device.data_to_send() == hello.wire
+    host.receive_data(hello.wire, 0.0)
+    assert host.data_to_send() == answer.wire
 
 
 def test_doc_carries_the_golden_examples() -> None:

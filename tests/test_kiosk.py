@@ -11,11 +11,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.cmac import CMAC
 from hypothesis import given
 from hypothesis import strategies as st
 
 from buffer.seal import Sealer
 from core.clock import Clock
+from core.devices import PairedKiosk
 from core.kinds import KIND_PRIORITY, Priority
 from core.record import GENESIS_PREV, Reading
 from core.topics import PLATFORM_CN
@@ -29,6 +32,7 @@ from drivers.kiosk import (
     KIOSK_KINDS,
     MSG_CHECKIN,
     MSG_STATUS,
+    MSG_UNSIGNED_CHECKIN,
     PERSON_MAX,
     CheckIn,
     CheckinPayloadError,
@@ -37,6 +41,9 @@ from drivers.kiosk import (
     MessageError,
     Method,
     Result,
+    SignedCheckIn,
+    checkin_mac,
+    counter_key,
     flags_key,
 )
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
@@ -58,16 +65,26 @@ SCHEMA = json.loads((DOCS / "record.schema.json").read_text())
 T_KIOSK = 1795937400
 GOLDEN = CheckIn("P-000123", Method.FINGERPRINT, 973, Result.MATCH, T_KIOSK, 60)
 GOLDEN_BYTES = bytes.fromhex("01  01  cd 03  78 d4 0b 6b  3c 00  08  50 2d 30 30 30 31 32 33")
+#: The pairing key of the kiosk of docs/kiosk.md, and its signed golden check-in (counter 5).
+KEY = bytes(range(16))
+SIGNED_BYTES = bytes.fromhex(
+    "05 00 00 00  01 01 cd 03 78 d4 0b 6b 3c 00 08 50 2d 30 30 30 31 32 33"
+    "  1d 7f e1 1b fe 03 ea 20")
+
+
+def paired(*serials: str) -> dict[str, PairedKiosk]:
+    return {serial: PairedKiosk(serial, KEY, 0) for serial in serials}
 
 
 class Feed:
     """Messages of one kiosk, numbered as its link would number them."""
 
     def __init__(self, drv: KioskDriver | None = None, serial: str = SERIAL) -> None:
-        self.drv = drv or KioskDriver()
+        self.drv = drv or KioskDriver(paired(SERIAL))
         self.serial = serial
-        self.hello = Hello(1, DeviceClass.KIOSK, (2, 1, 0), 3, serial)
+        self.hello = Hello(2, DeviceClass.KIOSK, (2, 1, 0), 3, serial)
         self.event = 0
+        self.counter = 0
         self.drv.on_device_up(self.hello)
 
     def raw(self, msg_type: int, body: bytes) -> list[Reading]:
@@ -75,11 +92,24 @@ class Feed:
         msg = Message(self.serial, self.event, msg_type, body)
         return self.drv.on_message(msg, self.hello, self.event * S)
 
+    def checkin(self, inner: bytes, key: bytes = KEY, counter: int | None = None) -> list[Reading]:
+        """A CHECKIN signed as the kiosk signs it (next counter unless *counter*)."""
+        if counter is None:
+            self.counter += 1
+            counter = self.counter
+        return self.raw(MSG_CHECKIN, signed_body(inner, key, counter))
+
     def status(self, flags: int, battery: int | None = 80) -> list[Reading]:
         return self.raw(MSG_STATUS, KioskStatus(flags, battery).to_bytes())
 
     def up(self) -> None:
         self.drv.on_device_up(self.hello)
+
+
+def signed_body(inner: bytes, key: bytes, counter: int) -> bytes:
+    """counter | check-in | mac, whatever the check-in bytes (valid or not)."""
+    signed_part = counter.to_bytes(4, "little") + inner
+    return signed_part + checkin_mac(key, signed_part)
 
 
 def kinds(readings: list[Reading]) -> list[str]:
@@ -101,6 +131,88 @@ def test_golden_checkin_bytes() -> None:
     assert GOLDEN.kiosk_time_iso == "2026-11-29T07:30:00Z"
 
 
+def test_golden_signed_checkin_bytes() -> None:
+    signed = SignedCheckIn.sign(KEY, 5, GOLDEN)
+    assert signed.to_bytes() == SIGNED_BYTES
+    assert SignedCheckIn.from_bytes(SIGNED_BYTES) == signed
+    assert signed.verifies(KEY)
+    assert not signed.verifies(bytes(16))
+    cmac = CMAC(AES(KEY))
+    cmac.update(SIGNED_BYTES[:-8])  # counter | check-in
+    assert cmac.finalize()[:8] == SIGNED_BYTES[-8:]
+
+
+# -- authentication: a check-in is a check-in once, from the paired kiosk only ----------
+
+
+def test_a_replayed_checkin_is_a_spoof_alarm_never_a_second_checkin() -> None:
+    """The finding: one check-in became three records, sent again under a new event id
+    and under an older one. The counter, under the MAC, tells the copies apart."""
+    feed = Feed()
+    body = signed_body(GOLDEN_BYTES, KEY, 7)
+    assert kinds(feed.raw(MSG_CHECKIN, body)) == ["checkin"]
+    again = feed.raw(MSG_CHECKIN, body)  # the same bytes, a new event id
+    feed.event = 0  # and under event ids going backwards
+    backwards = feed.raw(MSG_CHECKIN, body)
+    older = feed.checkin(GOLDEN_BYTES, counter=6)  # signed, but an older counter
+    for out in (again, backwards, older):
+        assert kinds(out) == ["kiosk.spoof"]
+        assert out[0].body["reason"] == "replay"
+        assert out[0].body["last_counter"] == 7
+        assert out[0].device_event is not None  # acknowledged once recorded: not resent
+        assert out[0].ledger == ()  # the accepted counter stays 7
+    assert again[0].body["counter"] == 7
+    assert KIND_PRIORITY["kiosk.spoof"] is Priority.ALARM
+    assert feed.drv.stats.checkins == 1
+    assert feed.drv.stats.rejected == {"replay": 3}
+    assert kinds(feed.checkin(GOLDEN_BYTES, counter=8)) == ["checkin"]
+
+
+def test_replay_protection_survives_a_gateway_restart() -> None:
+    ledger = {counter_key(SERIAL): 7}  # what the store committed before the restart
+    feed = Feed(KioskDriver(paired(SERIAL), ledger.get))
+    out = feed.checkin(GOLDEN_BYTES, counter=7)
+    assert kinds(out) == ["kiosk.spoof"]
+    assert (out[0].body["reason"], out[0].body["last_counter"]) == ("replay", 7)
+
+
+@pytest.mark.parametrize(("name", "key", "drv_kiosks", "reason"), [
+    ("wrong key", bytes(16), paired(SERIAL), "bad_mac"),
+    ("unpaired kiosk", KEY, {}, "unpaired"),
+    ("another kiosk's key", KEY, {SERIAL: PairedKiosk(SERIAL, b"\x01" * 16, 0)}, "bad_mac"),
+])
+def test_a_forged_checkin_is_a_spoof_alarm(
+    name: str, key: bytes, drv_kiosks: dict[str, PairedKiosk], reason: str,
+) -> None:
+    feed = Feed(KioskDriver(drv_kiosks))
+    out = feed.checkin(GOLDEN_BYTES, key=key)
+    assert kinds(out) == ["kiosk.spoof"], name
+    body = out[0].body
+    assert body["reason"] == reason
+    assert body["raw"] == signed_body(GOLDEN_BYTES, key, 1).hex()  # the evidence, kept
+    assert out[0].device_event == (SERIAL, 1)
+    # a forgery does not advance the counter: the genuine check-in 1 is still taken
+    if reason == "bad_mac":
+        genuine = drv_kiosks[SERIAL].key
+        assert kinds(feed.checkin(GOLDEN_BYTES, key=genuine, counter=1)) == ["checkin"]
+
+
+def test_a_flipped_bit_anywhere_in_a_signed_checkin_is_not_a_checkin() -> None:
+    for bit in range(len(SIGNED_BYTES) * 8):
+        damaged = bytearray(SIGNED_BYTES)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        out = Feed().raw(MSG_CHECKIN, bytes(damaged))
+        assert kinds(out) in (["kiosk.spoof"], ["device.error"]), bit
+
+
+def test_an_unsigned_checkin_of_version_1_is_a_spoof_alarm() -> None:
+    out = Feed().raw(MSG_UNSIGNED_CHECKIN, GOLDEN_BYTES)
+    assert kinds(out) == ["kiosk.spoof"]
+    assert out[0].body == {"reason": "unsigned", "counter": None, "last_counter": None,
+                           "msg_type": MSG_UNSIGNED_CHECKIN, "raw": GOLDEN_BYTES.hex(),
+                           "dev_event": 1}
+
+
 def test_golden_status_bytes() -> None:
     status = KioskStatus(FLAG_TAMPER | FLAG_ON_BATTERY | FLAG_PAPER_FAULT, 57)
     assert status.to_bytes() == bytes.fromhex("0d 00  39")
@@ -118,11 +230,11 @@ def test_an_anonymous_abandoned_checkin_round_trips() -> None:
 
 # the DATA frames of docs/kiosk.md: (event id, msg_type, body, raw frame, wire bytes)
 GOLDEN_FRAMES = [
-    (7, MSG_CHECKIN, GOLDEN_BYTES,
-     "10  03  07 00 00 00  10  01 01 cd 03 78 d4 0b 6b 3c 00 08 50 2d 30 30 30 31 32 33"
-     "  f7 a7 14 8f",
-     "04 10 03 07  01  01  0b 10 01 01 cd 03 78 d4 0b 6b 3c"
-     "  0e 08 50 2d 30 30 30 31 32 33 f7 a7 14 8f  00"),
+    (7, MSG_CHECKIN, SIGNED_BYTES,
+     "10  03  07 00 00 00  12  05 00 00 00  01 01 cd 03 78 d4 0b 6b 3c 00 08 50 2d 30 30 30 31"
+     " 32 33  1d 7f e1 1b fe 03 ea 20  9c 1d a3 d2",
+     "04 10 03 07  01  01  03 12 05  01  01  0a 01 01 cd 03 78 d4 0b 6b 3c"
+     "  16 08 50 2d 30 30 30 31 32 33 1d 7f e1 1b fe 03 ea 20 9c 1d a3 d2  00"),
     (8, MSG_STATUS, bytes.fromhex("0d 00 39"),
      "10  03  08 00 00 00  11  0d 00 39  4f e5 34 91",
      "04 10 03 08  01  01  03 11 0d  06 39 4f e5 34 91  00"),
@@ -154,7 +266,7 @@ def test_the_kiosk_document_shows_the_bytes_and_records_the_code_makes() -> None
     abandoned = CheckIn("", Method.FACE, 0, Result.ABANDONED, 0, -300)
     for checkin in (GOLDEN, abandoned):
         assert f'body = bytes.fromhex("{spaced(checkin.to_bytes())}")' in text
-    body = dict(Feed().raw(MSG_CHECKIN, GOLDEN_BYTES)[0].body, dev_event=7)
+    body = dict(Feed().checkin(GOLDEN_BYTES, counter=5)[0].body, dev_event=7)
     assert json.dumps(body, sort_keys=True) in text
     feed = Feed()
     feed.event = 7
@@ -188,11 +300,11 @@ MALFORMED_CHECKINS = {
 def test_a_malformed_checkin_is_a_device_error_with_its_raw_bytes(raw: bytes) -> None:
     with pytest.raises(PayloadError):
         CheckIn.from_bytes(raw)
-    drv = KioskDriver()
-    out = Feed(drv).raw(MSG_CHECKIN, raw)
+    drv = KioskDriver(paired(SERIAL))
+    out = Feed(drv).checkin(raw)
     assert kinds(out) == ["device.error"]
-    assert out[0].body == {"error": "malformed", "msg_type": MSG_CHECKIN, "raw": raw.hex(),
-                           "dev_event": 1}
+    assert out[0].body == {"error": "malformed", "msg_type": MSG_CHECKIN,
+                           "raw": signed_body(raw, KEY, 1).hex(), "dev_event": 1}
     assert out[0].device_event == (SERIAL, 1)  # acknowledged once committed, never dropped
     assert drv.stats.rejected == {"malformed": 1}
 
@@ -247,8 +359,9 @@ def test_the_person_reference_stays_out_of_reprs_errors_and_logs(
     assert info.value.raw == bad  # the bytes themselves are kept for the record
     with caplog.at_level(logging.DEBUG, logger="drivers.kiosk"):
         feed = Feed()
-        assert kinds(feed.raw(MSG_CHECKIN, checkin.to_bytes())) == ["checkin"]
-        assert kinds(feed.raw(MSG_CHECKIN, bad)) == ["device.error"]
+        assert kinds(feed.checkin(checkin.to_bytes())) == ["checkin"]
+        assert kinds(feed.checkin(bad)) == ["device.error"]
+        assert kinds(feed.checkin(checkin.to_bytes(), counter=1)) == ["kiosk.spoof"]
     assert caplog.records  # it did log, at debug
     text = caplog.text
     for secret in (person, person[:-1], person.encode().hex(), person.encode().hex(" ")):
@@ -256,18 +369,19 @@ def test_the_person_reference_stays_out_of_reprs_errors_and_logs(
 
 
 def test_a_checkin_becomes_one_checkin_record() -> None:
-    out = Feed().raw(MSG_CHECKIN, GOLDEN_BYTES)
+    out = Feed().checkin(GOLDEN_BYTES)
     assert kinds(out) == ["checkin"]
     (rec,) = out
     assert rec.body == {
         "person": "P-000123", "method": "fingerprint", "score_permille": 973,
         "result": "match", "kiosk_time": "2026-11-29T07:30:00Z", "tz_offset_min": 60,
-        "dev_event": 1,
+        "counter": 1, "dev_event": 1,
     }
     assert rec.device_event == (SERIAL, 1)
+    assert rec.ledger == ((counter_key(SERIAL), 1),)  # committed with the record
     assert rec.source.to_json() == {"class": "kiosk", "id": SERIAL, "fw": "2.1.0"}
     anonymous = CheckIn("", Method.FACE, 120, Result.NO_MATCH, 0, 0).to_bytes()
-    body = Feed().raw(MSG_CHECKIN, anonymous)[0].body
+    body = Feed().checkin(anonymous)[0].body
     assert body["person"] is None
     assert body["kiosk_time"] is None
 
@@ -334,7 +448,7 @@ def test_after_a_handshake_set_faults_are_reported_again_and_cleared_ones_restor
 
 def test_a_restarted_gateway_restores_what_cleared_while_it_was_down() -> None:
     ledger = {flags_key(SERIAL): FLAG_TAMPER | FLAG_PAPER_FAULT}
-    feed = Feed(KioskDriver(ledger.get))
+    feed = Feed(KioskDriver(paired(SERIAL), ledger.get))
     out = feed.status(FLAG_PAPER_FAULT)
     assert transitions(out) == [("kiosk.tamper_cleared", None, True),
                                 ("kiosk.fault", "paper", True)]
@@ -361,14 +475,17 @@ def test_unknown_flags_are_kept_in_the_status_and_change_nothing_else() -> None:
 def test_the_kiosk_kinds_have_their_delivery_classes() -> None:
     assert KIND_PRIORITY["checkin"] is Priority.CHECKIN
     assert KIND_PRIORITY["kiosk.tamper"] is Priority.ALARM
-    others = KIOSK_KINDS - {"checkin", "kiosk.tamper"}
+    assert KIND_PRIORITY["kiosk.spoof"] is Priority.ALARM
+    others = KIOSK_KINDS - {"checkin", "kiosk.tamper", "kiosk.spoof"}
     assert {KIND_PRIORITY[k] for k in others} == {Priority.STATUS}
 
 
 def test_kiosk_records_validate_against_the_record_schema() -> None:
     feed = Feed()
     readings = feed.status(FLAG_TAMPER | FLAG_MAINS_LOST) + feed.status(0)
-    readings += feed.raw(MSG_CHECKIN, GOLDEN_BYTES) + feed.raw(MSG_CHECKIN, b"\x07")
+    readings += feed.checkin(GOLDEN_BYTES) + feed.raw(MSG_CHECKIN, b"\x07")
+    readings += feed.checkin(GOLDEN_BYTES, counter=1) + feed.checkin(GOLDEN_BYTES, bytes(16))
+    assert kinds(readings)[-2:] == ["kiosk.spoof", "kiosk.spoof"]
     sealer = Sealer("gw-test-0001", Ed25519PrivateKey.generate(), last_seq=0,
                     last_digest=GENESIS_PREV, boot=1)
     clock = Clock()
@@ -394,7 +511,7 @@ checkins = st.tuples(
 def test_any_valid_checkin_round_trips_and_becomes_a_checkin_record(checkin: CheckIn) -> None:
     raw = checkin.to_bytes()
     assert CheckIn.from_bytes(raw) == checkin
-    out = Feed().raw(MSG_CHECKIN, raw)
+    out = Feed().checkin(raw)
     assert kinds(out) == ["checkin"]
     assert out[0].body["person"] == (checkin.person or None)
     assert out[0].body["score_permille"] == checkin.score_permille
@@ -407,7 +524,7 @@ near_misses = st.builds(
     st.integers(0, 255))
 
 
-@given(st.sampled_from([MSG_CHECKIN, MSG_STATUS, 0x00, 0x01, 0x12, 0xFF]),
+@given(st.sampled_from([MSG_CHECKIN, MSG_UNSIGNED_CHECKIN, MSG_STATUS, 0x00, 0x01, 0xFF]),
        st.lists(st.binary(max_size=60) | near_misses, min_size=1, max_size=8))
 def test_garbage_bodies_never_raise_and_every_message_ends_with_its_event(
     msg_type: int, bodies: list[bytes]

@@ -50,6 +50,7 @@ from firmware_bridge.messages import (
     Ack,
     Data,
     DeviceClass,
+    Feature,
     Heartbeat,
     Hello,
     HelloAck,
@@ -62,8 +63,10 @@ STEP_S = 0.005
 
 
 def make_device(serial: str = "TR-0001", *, version: int = PROTOCOL_VERSION,
-                device_class: int = DeviceClass.TAG_RECEIVER, first_id: int = 1) -> DeviceLink:
-    return DeviceLink(Hello(version, device_class, (1, 4, 2), 1, serial), next_event_id=first_id)
+                device_class: int = DeviceClass.TAG_RECEIVER, first_id: int = 1,
+                features: int = 0) -> DeviceLink:
+    return DeviceLink(Hello(version, device_class, (1, 4, 2), 1, serial, features),
+                      next_event_id=first_id)
 
 
 @dataclass
@@ -97,8 +100,12 @@ class Rig:
         to_device: Line | None = None,
         auto_commit: bool = True,
         commit_delay_s: float = 0.0,
+        expected_class: DeviceClass | None = DeviceClass.TAG_RECEIVER,
+        host_features: Feature = Feature.NONE,
     ) -> None:
         self.now = 0.0
+        self.expected_class = expected_class
+        self.host_features = host_features
         self.device = device
         self.store = store or Store()
         self.to_host = to_host or Line()
@@ -112,7 +119,8 @@ class Rig:
         self.host = self._new_host()
 
     def _new_host(self) -> HostLink:
-        return HostLink(self.store.last_committed)
+        return HostLink(self.store.last_committed, expected_class=self.expected_class,
+                        features=self.host_features)
 
     # -- actions -----------------------------------------------------------------
     def connect(self) -> None:
@@ -212,7 +220,7 @@ def test_handshake_on_port_open() -> None:
     assert rig.host.hello == rig.device.hello
     ack = [f for f in frames_in(rig.to_device.sent) if f.type is FrameType.HELLO_ACK]
     assert [HelloAck.from_bytes(f.payload) for f in ack] == [
-        HelloAck(PROTOCOL_VERSION, HelloResult.OK, HEARTBEAT_S)
+        HelloAck(PROTOCOL_VERSION, HelloResult.OK, HEARTBEAT_S, 0)
     ]
     assert rig.device.up
     assert rig.device.stats.handshakes == 1
@@ -240,9 +248,9 @@ def test_heartbeat_before_handshake_gets_a_hello_request() -> None:
 @pytest.mark.parametrize(
     ("version", "device_class", "result"),
     [
-        (PROTOCOL_VERSION + 1, DeviceClass.TAG_RECEIVER, HelloResult.UNSUPPORTED_VERSION),
-        (0, DeviceClass.KIOSK, HelloResult.UNSUPPORTED_VERSION),
+        (0, DeviceClass.TAG_RECEIVER, HelloResult.UNSUPPORTED_VERSION),
         (PROTOCOL_VERSION, 0x7F, HelloResult.UNKNOWN_CLASS),
+        (PROTOCOL_VERSION, DeviceClass.KIOSK, HelloResult.WRONG_CLASS),
     ],
 )
 def test_rejected_device_sends_no_data(version: int, device_class: int,
@@ -268,6 +276,86 @@ def test_rejected_device_sends_no_data(version: int, device_class: int,
     assert answers
     assert {a.result for a in answers} == {result}
     assert {a.protocol_version for a in answers} == {PROTOCOL_VERSION}
+    assert {a.features for a in answers} == {None}  # a refusal grants nothing
+
+
+# -- version 2: versions, features, the device class of the port -----------------------
+
+def test_a_version_1_device_is_served_in_version_1() -> None:
+    rig = up_rig(make_device(version=1), host_features=Feature.WINDOW)
+    answers = [HelloAck.from_bytes(f.payload) for f in frames_in(rig.to_device.sent)
+               if f.type is FrameType.HELLO_ACK]
+    assert answers == [HelloAck(1, HelloResult.OK, HEARTBEAT_S)]  # 3 bytes, as in version 1
+    assert rig.of_type(DeviceUp) == [DeviceUp(rig.device.hello, Feature.NONE)]
+    ids = [rig.device.enqueue(0x01, b"v1") for _ in range(3)]
+    rig.drain(2.0)
+    assert rig.store.committed_ids("TR-0001") == ids
+
+
+def test_a_device_of_a_later_version_falls_back_and_is_served() -> None:
+    device = make_device(version=PROTOCOL_VERSION + 1, features=0x3)
+    rig = up_rig(device)
+    assert device.stats.fallbacks >= 1
+    assert device.hello.protocol_version == PROTOCOL_VERSION
+    assert rig.host.hello == device.hello
+    assert isinstance(rig.events[0], DeviceRejected)
+    assert rig.of_type(DeviceUp) == [DeviceUp(device.hello, Feature.NONE)]
+
+
+def test_a_version_2_device_falls_back_to_version_1_on_a_nak_of_its_hello() -> None:
+    """A version-1 host cannot read the features field: it NAKs the HELLO."""
+    device = make_device()
+    device.tick(0.0)
+    (hello,) = frames_in([device.data_to_send()])
+    assert Hello.from_bytes(hello.payload).protocol_version == 2
+    device.receive_data(Frame(FrameType.NAK, 0, Nak(1).to_bytes()).to_bytes(), 0.01)
+    (again,) = frames_in([device.data_to_send()])
+    assert Hello.from_bytes(again.payload) == Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 1,
+                                                    "TR-0001")
+    device.reboot(1.0)  # at its next power-up it offers version 2 again
+    device.tick(1.0)
+    (hello,) = frames_in([device.data_to_send()])
+    assert Hello.from_bytes(hello.payload).protocol_version == 2
+
+
+@pytest.mark.parametrize(("host", "offered", "granted"), [
+    (Feature.NONE, Feature.WINDOW | Feature.FIRMWARE, Feature.NONE),
+    (Feature.WINDOW | Feature.FIRMWARE, Feature.WINDOW, Feature.WINDOW),
+    (Feature.WINDOW, 0x80000001, Feature.WINDOW),  # an unknown bit: not granted, not refused
+    (Feature.FIRMWARE, Feature.WINDOW, Feature.NONE),
+])
+def test_features_granted_are_those_both_sides_implement(
+    host: Feature, offered: int, granted: Feature,
+) -> None:
+    rig = up_rig(make_device(features=offered), host_features=host)
+    acks = [HelloAck.from_bytes(f.payload) for f in frames_in(rig.to_device.sent)
+            if f.type is FrameType.HELLO_ACK]
+    assert [a.features for a in acks] == [granted]
+    assert rig.host.features == rig.device.features == granted
+    assert rig.of_type(DeviceUp) == [DeviceUp(rig.device.hello, granted)]
+
+
+def test_a_device_of_the_wrong_class_is_refused_and_none_of_its_data_acked() -> None:
+    """A kiosk on a tag receiver's port: refused at HELLO, and a DATA it sends anyway
+    (a device ignoring the refusal) draws a HELLO_REQ, never an ACK or a delivery."""
+    for version, told in ((2, HelloResult.WRONG_CLASS), (1, HelloResult.UNKNOWN_CLASS)):
+        kiosk = make_device("KI-0001", version=version, device_class=DeviceClass.KIOSK)
+        rig = Rig(kiosk)
+        rig.connect()
+        rig.run(3.0)
+        rejected = rig.of_type(DeviceRejected)
+        assert rejected
+        assert {e.result for e in rejected if isinstance(e, DeviceRejected)} == {
+            HelloResult.WRONG_CLASS}
+        answers = {HelloAck.from_bytes(f.payload).result for f in frames_in(rig.to_device.sent)
+                   if f.type is FrameType.HELLO_ACK}
+        assert answers == {told}  # a version-1 device hears the nearest it knows
+        rig.to_device.clear()
+        rig.host.receive_data(Frame(FrameType.DATA, 9, Data(1, 0x12, b"x").to_bytes())
+                              .to_bytes(), rig.now)
+        sent = frames_in([rig.host.data_to_send()])
+        assert [f.type for f in sent] == [FrameType.HELLO_REQ]
+        assert rig.messages == []
 
 
 # -- DATA and ACK -----------------------------------------------------------------------
@@ -556,6 +644,28 @@ def test_swapped_device_is_not_acked_for_the_previous_ones_event() -> None:
     assert new.acked_ids == [5]
 
 
+def test_swapped_device_without_a_reopen_loses_nothing() -> None:
+    """Finding 9: the device behind an open port is swapped for another that numbers its
+    events the same way, while the ACK of the old one's last event is still on the line.
+    The newcomer must not take that ACK for its own event of the same id."""
+    old = make_device("TR-OLD", first_id=5)
+    rig = up_rig(old, auto_commit=False)
+    old.enqueue(0x01, b"old")
+    rig.run(0.05)
+    assert rig.commit() == 1  # committed: the ACK for the old device leaves the host
+    assert any(f.type is FrameType.ACK for f in frames_in(rig.to_device.sent))
+    new = make_device("TR-NEW", first_id=5)  # powers up as the old ACK arrives
+    new.enqueue(0x01, b"new")
+    rig.device = new  # no reopen: the host's link object, and the line, go on
+    rig.auto_commit = True
+    rig.drain(10.0)
+    assert rig.store.committed_ids("TR-NEW") == [5]
+    assert new.acked_ids == [5]
+    assert new.stats.stale_acks == 1
+    assert [m.body for m in rig.messages] == [b"old", b"new"]
+    assert rig.host.hello == new.hello
+
+
 # -- a lossy line --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -593,18 +703,35 @@ def test_lossy_line_delivers_every_event_exactly_once_in_order(
 # -- any schedule of faults --------------------------------------------------------------------
 
 class LinkMachine(RuleBasedStateMachine):
-    """Events, time, losses, restarts and commits in any order; then a clean line must
-    deliver everything, and at every moment nothing ACKed is uncommitted."""
+    """Events, time, losses, restarts, commits, and devices swapped behind the open port,
+    in any order; then a clean line must deliver everything, and at every moment nothing
+    ACKed is uncommitted. Each device offers features; what it is granted is what the
+    host implements too, whatever happened before."""
 
-    @initialize()
-    def start(self) -> None:
-        self.rig = Rig(make_device(), auto_commit=False)
+    SERIALS = ("TR-0001", "TR-0002")
+
+    @initialize(host=st.sampled_from(list(Feature)), offered=st.integers(0, 0xFFFFFFFF),
+                version=st.sampled_from([1, PROTOCOL_VERSION]))
+    def start(self, host: Feature, offered: int, version: int) -> None:
+        # both devices number their events alike: the same ids on one port
+        self.devices = {serial: make_device(serial, version=version, features=offered)
+                        for serial in self.SERIALS}
+        self.granted = Feature(offered & host) if version >= 2 else Feature.NONE
+        self.rig = Rig(self.devices[self.SERIALS[0]], auto_commit=False, host_features=host)
+        self.rig.check_safety = self.check_safety  # every device, not only the one plugged
         self.rig.connect()
-        self.expected: list[tuple[int, bytes]] = []
+        self.expected: dict[str, list[tuple[int, bytes]]] = {s: [] for s in self.SERIALS}
+
+    def check_safety(self) -> None:
+        for serial, device in self.devices.items():
+            committed = set(self.rig.store.committed_ids(serial))
+            unsafe = [i for i in device.acked_ids if i not in committed]
+            assert not unsafe, f"{serial} dropped events {unsafe} never committed"
 
     @rule(body=st.binary(max_size=16))
     def enqueue(self, body: bytes) -> None:
-        self.expected.append((self.rig.device.enqueue(0x01, body), body))
+        device = self.rig.device
+        self.expected[device.hello.serial].append((device.enqueue(0x01, body), body))
 
     @rule(ms=st.integers(1, 1500))
     def advance(self, ms: int) -> None:
@@ -642,6 +769,15 @@ class LinkMachine(RuleBasedStateMachine):
         self.rig.to_device.clear()
         self.rig.connect()
 
+    @rule()
+    def swap_device(self) -> None:
+        """The other device takes the place of this one behind the open port (no reopen:
+        what is on the line stays on it); it powers up as it is plugged in."""
+        serial = self.rig.device.hello.serial
+        other = self.devices[self.SERIALS[1 - self.SERIALS.index(serial)]]
+        other.reboot(self.rig.now)
+        self.rig.device = other
+
     @rule(ms=st.integers(100, 10_000))
     def device_stalls(self, ms: int) -> None:
         """The device says nothing for a while (long enough, the host calls it silent)."""
@@ -655,16 +791,29 @@ class LinkMachine(RuleBasedStateMachine):
 
     @invariant()
     def committed_is_a_prefix_of_what_was_queued(self) -> None:
-        committed = self.rig.store.records
-        assert committed == [("TR-0001", i, b) for i, b in self.expected[: len(committed)]]
-        assert self.rig.device.acked_ids == [i for i, _ in self.expected[: len(
-            self.rig.device.acked_ids)]]
+        for serial, device in self.devices.items():
+            committed = [(i, b) for s, i, b in self.rig.store.records if s == serial]
+            assert committed == self.expected[serial][: len(committed)]
+            assert device.acked_ids == [i for i, _ in self.expected[serial][: len(
+                device.acked_ids)]]
+
+    @invariant()
+    def features_in_force_are_the_granted_ones(self) -> None:
+        device = self.rig.device
+        if self.rig.host.hello is not None and device.up:
+            assert self.rig.host.features in (self.granted, Feature.NONE)
+        assert device.features in (self.granted, Feature.NONE)  # NONE: fell back to v1
 
     def teardown(self) -> None:
         self.rig.to_host.tamper_next = self.rig.to_device.tamper_next = None
         self.rig.auto_commit = True
+        for _ in self.SERIALS:  # each device in turn, until both queues are empty
+            self.rig.drain(60.0)
+            self.swap_device()
         self.rig.drain(60.0)
-        assert self.rig.store.records == [("TR-0001", i, b) for i, b in self.expected]
+        for serial in self.SERIALS:
+            assert [(i, b) for s, i, b in self.rig.store.records if s == serial] == \
+                self.expected[serial]
 
 
 LinkMachine.TestCase.settings = settings(

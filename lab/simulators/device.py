@@ -2,7 +2,8 @@
 
 The device logic is the reference :class:`firmware_bridge.device.DeviceLink`;
 this class only moves its bytes through a pty (and through a :class:`lab.wire.Damage`
-in each direction) on its own thread. Events are queued with :meth:`enqueue`.
+in each direction) on its own thread. Events are queued with :meth:`enqueue`. It says
+HELLO in *protocol_version* (the newest by default), offering *features*.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class FramedDeviceSim(PtySim):
         link: Path | None = None,
         firmware: tuple[int, int, int] = (1, 0, 0),
         protocol_version: int = PROTOCOL_VERSION,
+        features: int = 0,
         to_host: Damage | None = None,
         from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
     ) -> None:
-        hello = Hello(protocol_version, device_class, firmware, 1, serial)
+        hello = Hello(protocol_version, device_class, firmware, 1, serial, features)
         self.device = DeviceLink(hello)
         self.to_host = to_host or Damage()
         self.from_host = from_host or Damage()

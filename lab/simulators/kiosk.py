@@ -2,7 +2,12 @@
 
 Wire faults come from :class:`lab.wire.Damage`, as for every framed device.
 The kiosk keeps its status flags; :meth:`KioskSim.set_status` changes some and
-sends the whole state, as the firmware does on any change.
+sends the whole state, as the firmware does on any change. Each check-in is signed
+under the kiosk's pairing key with the next value of its check-in counter
+(docs/kiosk.md); fault injection beyond the wire: a replayed check-in
+(:meth:`KioskSim.replay`), a forged one (:meth:`KioskSim.forge`, the wrong key) and
+one without a signature (:meth:`KioskSim.send_unsigned`, firmware of kiosk messages
+version 1).
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from typing import Literal
 
 from drivers.kiosk import (
     FLAG_NAMES,
+    KEY_BYTES,
     MSG_CHECKIN,
     MSG_STATUS,
+    MSG_UNSIGNED_CHECKIN,
     CheckIn,
     KioskStatus,
     MessageError,
     Method,
     Result,
+    SignedCheckIn,
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
@@ -39,6 +47,7 @@ class KioskSim(FramedDeviceSim):
         self,
         serial: str = "KI-0001",
         *,
+        key: bytes = bytes(KEY_BYTES),
         link: Path | None = None,
         tz_offset_min: int = 60,
         battery_pct: int | None = 100,
@@ -52,6 +61,9 @@ class KioskSim(FramedDeviceSim):
         self.tz_offset_min = tz_offset_min
         self.status = KioskStatus(0, battery_pct)
         self._wall_clock = wall_clock
+        self.key = key
+        self.counter = 0  # the check-in counter, kept in the kiosk's flash
+        self.signed: list[SignedCheckIn] = []  # every check-in signed, for replays
 
     def checkin(
         self,
@@ -60,8 +72,38 @@ class KioskSim(FramedDeviceSim):
         score: int = 1000,
         result: Result | str = Result.MATCH,
     ) -> CheckIn:
-        """Queue a check-in; *score* in thousandths (973 is 97.3 %)."""
-        checkin = CheckIn(
+        """Queue a check-in, signed with the next counter; *score* in thousandths (973 is
+        97.3 %)."""
+        checkin = self._checkin(person, method, score, result)
+        self.counter += 1
+        signed = SignedCheckIn.sign(self.key, self.counter, checkin)
+        self.signed.append(signed)
+        self.enqueue(MSG_CHECKIN, signed.to_bytes())
+        return checkin
+
+    def replay(self, index: int = -1) -> SignedCheckIn:
+        """Send again a check-in sent before, byte for byte (a new event of the kiosk)."""
+        signed = self.signed[index]
+        self.enqueue(MSG_CHECKIN, signed.to_bytes())
+        return signed
+
+    def forge(self, person: str, method: Method | str = Method.FINGERPRINT) -> SignedCheckIn:
+        """A check-in with a fresh counter, signed with a key that is not the kiosk's."""
+        wrong = bytes(b ^ 0xFF for b in self.key)
+        signed = SignedCheckIn.sign(wrong, self.counter + 1,
+                                    self._checkin(person, method, 1000, Result.MATCH))
+        self.enqueue(MSG_CHECKIN, signed.to_bytes())
+        return signed
+
+    def send_unsigned(self, person: str) -> CheckIn:
+        """A check-in as kiosk messages version 1 sent it: no counter, no MAC."""
+        checkin = self._checkin(person, Method.FINGERPRINT, 1000, Result.MATCH)
+        self.enqueue(MSG_UNSIGNED_CHECKIN, checkin.to_bytes())
+        return checkin
+
+    def _checkin(self, person: str, method: Method | str, score: int,
+                 result: Result | str) -> CheckIn:
+        return CheckIn(
             person,
             method if isinstance(method, Method) else Method.from_label(method),
             score,
@@ -69,8 +111,6 @@ class KioskSim(FramedDeviceSim):
             int(self._wall_clock()),
             self.tz_offset_min,
         )
-        self.enqueue(MSG_CHECKIN, checkin.to_bytes())
-        return checkin
 
     def set_status(
         self,
