@@ -9,8 +9,11 @@ from /proc/self/status, and a device that says HELLO in a loop. The figures of a
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -41,6 +44,7 @@ from lab.site import NOWHERE
 from provisioning.identity import Identity
 from tests.helpers import wait_for
 
+REPO = Path(__file__).resolve().parents[1]
 MS = 1_000_000
 HELLO = Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-FLOOD")
 
@@ -377,3 +381,16 @@ def test_a_device_saying_hello_in_a_loop_over_a_pty(tmp_path: Path, identity: Id
     assert kinds["device.up"] <= 6  # 3 per 60 s window
     assert kinds["device.flapping"] >= 1
     assert kinds["device.up"] + rig.proto.stats.handshakes_not_recorded == handshakes
+
+
+@pytest.mark.slow
+def test_the_flood_bench_stays_runnable(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "flood.py"), "--seconds", "2",
+                          "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode in (0, 1), run.stderr[-2000:]  # 1: the RSS target missed
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for key in ("rss_mb_max", "frames_sent", "frames_committed", "device_up_records",
+                "device_flapping_records", "held_busy"):
+        assert isinstance(out[key], int | float), key
+    assert set(out["ports"]) == {"data", "unknown", "hello"}
