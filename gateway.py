@@ -260,7 +260,9 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
 
 
 def _kiosk_parsers(psub: Any) -> None:
-    pair = psub.add_parser("pair-kiosk", help="pair a check-in kiosk (its serial and key)")
+    # no abbreviations: "--key HEX" must not pass for "--key-file" (and echo the key)
+    pair = psub.add_parser("pair-kiosk", help="pair a check-in kiosk (its serial and key)",
+                           allow_abbrev=False)
     pair.add_argument("--identity-dir", required=True)
     pair.add_argument("--serial", required=True, help="the serial the kiosk reports")
     pair.add_argument("--key-file", metavar="FILE",

@@ -7,8 +7,11 @@ step. Hex is spaced by field (raw frames) or by COBS block (wire form).
 
 from __future__ import annotations
 
+import random
 import re
+import shutil
 import struct
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -588,3 +591,91 @@ def test_byte_drops_cost_only_the_frames_they_touch(
         start += len(wire)
     assert is_subsequence(got, frames)
     assert is_subsequence(intact, got)
+
+
+# -- the reference code in C (docs/serial-protocol.md, section 16) ------------------------
+
+C_HARNESS = r"""
+#include <stdio.h>
+#include <string.h>
+void handle_chunk(const uint8_t *encoded, size_t n) { (void)encoded; (void)n; }
+static size_t unhex(const char *h, uint8_t *out)
+{
+    size_t n = 0;
+    unsigned v;
+    while (h[0] && h[1] && sscanf(h, "%2x", &v) == 1) { out[n++] = (uint8_t)v; h += 2; }
+    return n;
+}
+static void hex(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) printf("%02x", p[i]);
+    printf("\n");
+}
+int main(void)
+{
+    static char line[8192], op[16], arg[8000];
+    static uint8_t in[4096], out[4096];
+    while (fgets(line, sizeof line, stdin)) {
+        arg[0] = 0;
+        if (sscanf(line, "%15s %7999s", op, arg) < 1) continue;
+        size_t n = unhex(arg, in);
+        if (!strcmp(op, "crc")) printf("%08x\n", (unsigned)crc32_iso_hdlc(in, n));
+        else if (!strcmp(op, "enc")) hex(out, cobs_encode(in, n, out));
+        else if (!strcmp(op, "dec")) {
+            int m = cobs_decode(in, n, out);
+            if (m < 0) printf("invalid\n"); else hex(out, (size_t)m);
+        } else if (!strcmp(op, "hello")) {  /* class fw[3] boot[4] features[4] serial */
+            uint32_t boot = in[4] | in[5] << 8 | in[6] << 16 | (uint32_t)in[7] << 24;
+            uint32_t feat = in[8] | in[9] << 8 | in[10] << 16 | (uint32_t)in[11] << 24;
+            hex(out, hello_payload(in[0], in + 1, boot, (const char *)in + 12, n - 12, feat,
+                                   out));
+        }
+    }
+    return 0;
+}
+"""
+
+
+def c_blocks(doc: Path) -> str:
+    return "\n".join(re.findall(r"```c\n(.*?)```", doc.read_text(encoding="utf-8"), re.S))
+
+
+def compile_c(tmp_path: Path, source: str, *libs: str) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    src, exe = tmp_path / "ref.c", tmp_path / "ref"
+    src.write_text(source)
+    subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    str(src), *libs], check=True, capture_output=True, timeout=60)
+    return exe
+
+
+def run_c(exe: Path, lines: list[str]) -> list[str]:
+    done = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, check=True, timeout=30)
+    return done.stdout.splitlines()
+
+
+def test_the_c_reference_code_agrees_with_the_python_one(tmp_path: Path) -> None:
+    exe = compile_c(tmp_path, c_blocks(DOC) + C_HARNESS)
+    rng = random.Random(7)
+    inputs = [g.raw for g in GOLDEN] + [plain for plain, _ in COBS_VECTORS]
+    inputs += [rng.randbytes(rng.randrange(0, 600)) for _ in range(200)]
+    inputs += [bytes(rng.choice((0, 0, 1, 0xFF)) for _ in range(rng.randrange(1, 300)))
+               for _ in range(100)]
+    lines = [f"crc {b.hex()}" for b in inputs] + [f"enc {b.hex()}" for b in inputs]
+    lines += [f"dec {cobs_encode(b).hex()}" for b in inputs]
+    lines += [f"dec {bad.hex()}" for bad in (b"\x05\x11\x22", b"\x02\x11\x00", b"\x03\x11")]
+    hello = HELLO.payload
+    assert isinstance(hello, Hello)
+    lines.append("hello " + (bytes((hello.device_class, *hello.firmware))
+                             + struct.pack("<II", hello.boot_count, hello.features)
+                             + hello.serial.encode()).hex())
+    out = run_c(exe, lines)
+    n = len(inputs)
+    assert out[:n] == [f"{zlib.crc32(b):08x}" for b in inputs]
+    assert out[n : 2 * n] == [cobs_encode(b).hex() for b in inputs]
+    assert out[2 * n : 3 * n] == [b.hex() for b in inputs]
+    assert out[3 * n : 3 * n + 3] == ["invalid"] * 3
+    assert out[-1] == HELLO.frame.payload.hex()  # the golden HELLO of version 2

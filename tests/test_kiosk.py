@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,6 +57,7 @@ from lab.mosquitto import Mosquitto, Pki, client_config
 from lab.site import Platform, Site
 from lab.wire import Damage
 from provisioning.identity import Identity
+from provisioning.kiosks import open_kiosks
 from tests.helpers import wait_for
 
 SERIAL = "KI-0001"
@@ -595,7 +599,9 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
             if i == n // 2:
                 sim.set_status(tamper=True, paper_fault=True, battery_pct=70)
         sim.set_status(tamper=False)
-        total = n + 2
+        sim.replay(0)  # the first check-in again, byte for byte, under a new event id
+        forged = sim.forge("P-999999")  # a fresh counter, the wrong key
+        total = n + 4
 
         def acked_only_after_commit() -> bool:
             acked = sim.acked()
@@ -623,14 +629,109 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
     assert summary["received"] == summary["verified"] == published
     got = [r for r in arrived if r.kind == "checkin"]
     assert [r.record["body"]["person"] for r in got] == [c.person for c in sent]
+    assert [r.record["body"]["counter"] for r in got] == list(range(1, n + 1))
+    spoofs = sorted((r for r in arrived if r.kind == "kiosk.spoof"), key=lambda r: r.seq)
+    assert [(r.record["body"]["reason"], r.record["body"]["counter"]) for r in spoofs] == [
+        ("replay", 1), ("bad_mac", forged.counter)]
+    assert {r.record["prio"] for r in spoofs} == {"alarm"}
     assert [r.seq for r in got] == sorted(r.seq for r in got)
     assert len({r.record["body"]["dev_event"] for r in got}) == n  # exactly once
     assert {r.record["prio"] for r in got} == {"checkin"}
     assert got[0].record["src"] == {"class": "kiosk", "id": "KI-E2E-0001", "fw": "1.0.0"}
     assert got[0].record["body"]["method"] == "fingerprint"
-    kiosk = [r for r in sorted(arrived, key=lambda r: r.seq) if r.kind.startswith("kiosk.")]
+    kiosk = [r for r in sorted(arrived, key=lambda r: r.seq)
+             if r.kind.startswith("kiosk.") and r.kind != "kiosk.spoof"]
     if sim.device.stats.handshakes == 1:  # a second one would re-report the paper fault
         assert [r.kind for r in kiosk] == ["kiosk.tamper", "kiosk.fault", "kiosk.status",
                                            "kiosk.tamper_cleared", "kiosk.status"]
     last = kiosk[-1].record["body"]
     assert (last["tamper"], last["paper_fault"], last["battery_pct"]) == (False, True, 70)
+
+
+# -- the kiosk's side in C (docs/kiosk.md) -----------------------------------------------
+
+KIOSK_C_HARNESS = r"""
+#include <stdio.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+void aes_cmac(const uint8_t key[16], const uint8_t *msg, size_t n, uint8_t mac[16])
+{
+    EVP_MAC *cmac = EVP_MAC_fetch(NULL, "CMAC", NULL);
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(cmac);
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string("cipher", (char *)"AES-128-CBC", 0),
+        OSSL_PARAM_construct_end(),
+    };
+    size_t len = 0;
+    EVP_MAC_init(ctx, key, 16, params);
+    EVP_MAC_update(ctx, msg, n);
+    EVP_MAC_final(ctx, mac, &len, 16);
+    EVP_MAC_CTX_free(ctx);
+    EVP_MAC_free(cmac);
+}
+int main(void)
+{
+    uint8_t key[16], out[64];
+    for (int i = 0; i < 16; i++) key[i] = (uint8_t)i;
+    size_t n = kiosk_checkin_body(key, 5, 1, 1, 973, 1795937400u, 60, "P-000123", 8, out);
+    for (size_t i = 0; i < n; i++) printf("%02x", out[i]);
+    printf("\n%zu\n", kiosk_checkin_body(key, 1, 1, 1, 0, 0, 0, "x", 33, out));
+    return 0;
+}
+"""
+
+
+def test_the_c_reference_signs_the_golden_checkin(tmp_path: Path) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not Path("/usr/include/openssl/evp.h").exists():
+        pytest.skip("no C compiler or OpenSSL headers on this machine")
+    text = (DOCS / "kiosk.md").read_text(encoding="utf-8")
+    source = "\n".join(re.findall(r"```c\n(.*?)```", text, re.S)) + KIOSK_C_HARNESS
+    src, exe = tmp_path / "kiosk.c", tmp_path / "kiosk"
+    src.write_text(source)
+    subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    str(src), "-lcrypto"], check=True, capture_output=True, timeout=60)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
+                         timeout=30).stdout.split()
+    assert out == [SIGNED_BYTES.hex(), "0"]
+
+
+# -- pairing, from the installer's command line -------------------------------------------
+
+
+def test_pair_kiosk_takes_its_key_from_a_file_or_generates_it_never_from_argv(
+    tmp_path: Path, identity: Identity, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import gateway
+
+    key_file = tmp_path / "kiosk.key"
+    key_file.write_text(KEY.hex() + "\n")
+    ident = str(identity.directory)
+    argv = ["provision", "pair-kiosk", "--identity-dir", ident, "--serial", SERIAL,
+            "--key-file", str(key_file), "--json"]
+    assert gateway.main(argv) == 0
+    assert "key" not in json.loads(capsys.readouterr().out)  # the installer has it already
+    assert gateway.main(["provision", "pair-kiosk", "--identity-dir", ident,
+                         "--serial", "KI-0002", "--json"]) == 0
+    generated = bytes.fromhex(json.loads(capsys.readouterr().out)["key"])  # shown once
+    assert gateway.main(["provision", "list-kiosks", "--identity-dir", ident, "--json"]) == 0
+    listed = capsys.readouterr().out
+    assert {k["serial"] for k in json.loads(listed)["kiosks"]} == {SERIAL, "KI-0002"}
+    assert KEY.hex() not in listed
+    assert generated.hex() not in listed
+    registry = open_kiosks(identity)
+    try:
+        assert {k.serial: k.key for k in registry} == {SERIAL: KEY, "KI-0002": generated}
+    finally:
+        registry.close()
+    raw = (identity.directory / "kiosks.json").read_text()
+    assert KEY.hex() not in raw
+    assert generated.hex() not in raw
+    with pytest.raises(SystemExit):  # there is no option that takes a key in argv
+        gateway.main(["provision", "pair-kiosk", "--identity-dir", ident, "--serial", "K",
+                      "--key", KEY.hex()])
+    capsys.readouterr()
+    assert gateway.main(["provision", "unpair-kiosk", "--identity-dir", ident,
+                         "--serial", "KI-0002"]) == 0
+    assert gateway.main(["provision", "unpair-kiosk", "--identity-dir", ident,
+                         "--serial", "KI-0002"]) == 2  # a clear error, not a traceback
