@@ -1,0 +1,269 @@
+"""HostLink, frame by frame: the paths mutation testing found that no test could fail.
+
+The host alone, fed hand-made device frames under a fake clock, and what it answers read
+back with a FrameDecoder. No device model, no port. Found by mutation testing
+(docs/mutation.md): a host that refused every heartbeat, never ran its bad-payload and
+unexpected-frame paths, or re-ACKed a duplicate only once, passed every test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from firmware_bridge.framing import BadFrame, Frame, FrameDecoder, FrameType, cobs_encode
+from firmware_bridge.link import (
+    DeviceRejected,
+    DeviceSilent,
+    DeviceUp,
+    FrameRejected,
+    HostLink,
+    LinkEvent,
+    Message,
+)
+from firmware_bridge.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Data,
+    DeviceClass,
+    Heartbeat,
+    Hello,
+    HelloAck,
+    HelloResult,
+    Nak,
+    NakReason,
+)
+
+SERIAL = "TR-0001"
+HEARTBEAT = 2
+TIMEOUT = 7.0
+HELLO = Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 4, 2), 1, SERIAL)
+
+
+class Host:
+    """A HostLink with a ledger of last committed event ids and a fake clock."""
+
+    def __init__(self, ledger: dict[str, int] | None = None) -> None:
+        self.ledger = dict(ledger or {})
+        self.link = HostLink(self.ledger.get, heartbeat_s=HEARTBEAT, link_timeout_s=TIMEOUT)
+        self.now = 0.0
+        self._device_seq = 0
+
+    def send(self, ftype: FrameType, payload: bytes = b"", *, seq: int | None = None,
+             at: float | None = None) -> list[LinkEvent]:
+        """The device sends one frame; the host's events."""
+        if seq is None:
+            seq, self._device_seq = self._device_seq, (self._device_seq + 1) & 0xFF
+        if at is not None:
+            self.now = at
+        return self.link.receive_data(Frame(ftype, seq, payload).to_bytes(), self.now)
+
+    def hello(self, hello: Hello = HELLO) -> list[LinkEvent]:
+        return self.send(FrameType.HELLO, hello.to_bytes())
+
+    def data(self, event_id: int, *, seq: int | None = None, body: bytes = b"\x01") -> list[
+            LinkEvent]:
+        return self.send(FrameType.DATA, Data(event_id, 0x21, body).to_bytes(), seq=seq)
+
+    def replies(self) -> list[Frame]:
+        out = FrameDecoder().feed(self.link.data_to_send())
+        assert not [f for f in out if isinstance(f, BadFrame)]
+        return [f for f in out if isinstance(f, Frame)]
+
+
+def up(ledger: dict[str, int] | None = None) -> Host:
+    host = Host(ledger)
+    host.link.connection_made(0.0)
+    assert host.hello() == [DeviceUp(HELLO)]
+    host.replies()
+    return host
+
+
+def nak() -> Frame:
+    return Frame(FrameType.NAK, 0, Nak(NakReason.BAD_FRAME).to_bytes())
+
+
+def types_and_payloads(frames: list[Frame]) -> list[tuple[FrameType, bytes]]:
+    return [(f.type, f.payload) for f in frames]
+
+
+# -- heartbeats -------------------------------------------------------------------------
+def test_a_heartbeat_of_a_handshaken_device_is_taken_silently_and_keeps_it_alive() -> None:
+    host = up()
+    beat = Heartbeat(uptime_s=60, queued=0).to_bytes()
+    for t in (5.0, 10.0, 15.0):  # each within the timeout of the one before
+        assert host.send(FrameType.HEARTBEAT, beat, at=t) == []
+        assert host.link.tick(t + TIMEOUT - 0.5) == []
+    assert host.replies() == []  # no NAK, no HELLO_REQ
+    assert host.link.stats.bad_frames == 0
+    assert host.link.hello == HELLO
+    assert host.link.tick(15.0 + TIMEOUT) == [DeviceSilent(SERIAL, TIMEOUT)]
+
+
+def test_a_heartbeat_before_the_handshake_asks_who_is_there() -> None:
+    host = Host()
+    assert host.send(FrameType.HEARTBEAT, Heartbeat(1, 0).to_bytes()) == []
+    assert types_and_payloads(host.replies()) == [(FrameType.HELLO_REQ, b"")]
+
+
+# -- frames the host cannot use -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ftype", "payload", "reason"),
+    [
+        (FrameType.DATA, bytes.fromhex("05 00 00"), "payload:DATA"),  # shorter than id + type
+        (FrameType.HELLO, bytes.fromhex("01 01"), "payload:HELLO"),
+        (FrameType.ACK, Ack(5).to_bytes(), "unexpected:ACK"),  # a host's frame, from a device
+        (FrameType.HELLO_REQ, b"", "unexpected:HELLO_REQ"),
+    ],
+)
+def test_a_frame_the_host_cannot_use_is_naked_and_reported(
+    ftype: FrameType, payload: bytes, reason: str
+) -> None:
+    host = up()
+    events = host.send(ftype, payload)
+    assert events == [FrameRejected(reason, payload)]
+    assert types_and_payloads(host.replies()) == [(FrameType.NAK, nak().payload)]
+    stats = host.link.stats
+    assert (stats.bad_frames, stats.naks_sent, stats.by_reason) == (1, 1, {reason: 1})
+    assert host.link.hello == HELLO  # the link goes on
+    assert host.data(1) == [Message(SERIAL, 1, 0x21, b"\x01")]
+
+
+def test_a_damaged_frame_is_naked_and_does_not_count_as_a_sign_of_life() -> None:
+    host = up()  # last valid frame at 0.0
+    raw = bytes.fromhex("10  00  01 00 00 00 21  00 00 00 00")  # DATA with a wrong CRC
+    events = host.link.receive_data(cobs_encode(raw) + b"\x00", 5.0)
+    assert events == [FrameRejected("crc", raw)]
+    assert types_and_payloads(host.replies()) == [(FrameType.NAK, nak().payload)]
+    assert host.link.tick(TIMEOUT) == [DeviceSilent(SERIAL, TIMEOUT)]
+
+
+# -- duplicates and commits ---------------------------------------------------------------
+def test_every_retransmission_of_the_last_committed_event_is_acked_again() -> None:
+    host = up()
+    assert host.data(5, seq=40) == [Message(SERIAL, 5, 0x21, b"\x01")]
+    host.link.committed(5)
+    assert host.replies() == [Frame(FrameType.ACK, 40, Ack(5).to_bytes())]
+    for seq in (41, 42, 43):  # the ACKs were lost: each retransmission is ACKed, in its seq
+        assert host.data(5, seq=seq) == []
+        assert host.replies() == [Frame(FrameType.ACK, seq, Ack(5).to_bytes())]
+    assert host.link.stats.duplicates == 3
+    assert host.link.pending == 0
+
+
+def test_a_retransmission_while_committing_is_acked_once_in_its_latest_seq() -> None:
+    host = up()
+    assert host.data(6, seq=10) != []
+    assert host.data(6, seq=11) == []  # not delivered twice
+    assert host.link.stats.retransmits_while_pending == 1
+    assert host.link.pending == 1
+    assert host.replies() == []  # nothing ACKed before the commit
+    host.link.committed(6)
+    assert host.replies() == [Frame(FrameType.ACK, 11, Ack(6).to_bytes())]
+
+
+def test_committed_with_an_unknown_or_already_acked_id_sends_nothing() -> None:
+    host = up()
+    host.data(7, seq=3)
+    host.link.committed(99)  # never delivered
+    assert host.replies() == []
+    assert host.link.pending == 1
+    host.link.committed(7)
+    host.link.committed(7)  # twice
+    assert host.replies() == [Frame(FrameType.ACK, 3, Ack(7).to_bytes())]
+    assert host.link.pending == 0
+
+
+def test_the_ledger_tells_which_event_was_committed_before_a_restart() -> None:
+    host = up({SERIAL: 41})
+    assert host.data(41, seq=8) == []  # committed, then the gateway restarted before the ACK
+    assert host.replies() == [Frame(FrameType.ACK, 8, Ack(41).to_bytes())]
+    assert host.data(42) == [Message(SERIAL, 42, 0x21, b"\x01")]
+
+
+def test_data_before_the_handshake_is_neither_delivered_nor_acked() -> None:
+    host = Host()
+    assert host.data(1) == []
+    assert types_and_payloads(host.replies()) == [(FrameType.HELLO_REQ, b"")]
+    assert host.link.stats.data_before_hello == 1
+    assert host.link.pending == 0
+
+
+# -- handshake ------------------------------------------------------------------------------
+def hello_ack(frames: list[Frame]) -> HelloAck:
+    [frame] = frames
+    assert frame.type is FrameType.HELLO_ACK
+    return HelloAck.from_bytes(frame.payload)
+
+
+def test_an_accepted_hello_is_answered_with_the_heartbeat_interval() -> None:
+    host = Host()
+    assert host.hello() == [DeviceUp(HELLO)]
+    ack = hello_ack(host.replies())
+    assert (ack.result, ack.heartbeat_s) == (HelloResult.OK, HEARTBEAT)
+    assert host.link.stats.handshakes == 1
+
+
+@pytest.mark.parametrize(
+    ("hello", "result"),
+    [
+        (Hello(0, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, SERIAL), HelloResult.UNSUPPORTED_VERSION),
+        (Hello(PROTOCOL_VERSION, 9, (1, 0, 0), 1, SERIAL), HelloResult.UNKNOWN_CLASS),
+    ],
+)
+def test_a_refused_hello_is_answered_with_the_reason(hello: Hello, result: HelloResult) -> None:
+    host = up()
+    assert host.hello(hello) == [DeviceRejected(hello, result)]
+    assert hello_ack(host.replies()).result is result
+    assert host.link.hello is None  # the device that was up is no longer trusted
+    assert host.link.stats.handshakes == 1
+    assert host.data(1) == []  # nor is its data taken
+
+
+# -- time, seq numbers, reconnects ------------------------------------------------------
+def test_silence_is_declared_at_the_timeout_not_before_and_once() -> None:
+    host = up()
+    host.send(FrameType.HEARTBEAT, Heartbeat(1, 0).to_bytes(), at=2.0)
+    assert host.link.tick(2.0 + TIMEOUT - 0.001) == []
+    assert host.link.tick(2.0 + TIMEOUT + 1.5) == [DeviceSilent(SERIAL, TIMEOUT + 1.5)]
+    assert host.link.tick(2.0 + TIMEOUT + 10) == []
+    assert host.link.hello is None
+
+
+def test_no_silence_without_a_device() -> None:
+    host = Host()
+    assert host.link.tick(1000.0) == []
+    host.link.connection_made(0.0)
+    assert host.link.tick(1000.0) == []  # port open, nobody said HELLO
+
+
+def test_host_frames_are_numbered_and_the_number_wraps() -> None:
+    host = Host()
+    for _ in range(257):
+        host.link.connection_made(0.0)  # one HELLO_REQ each
+    seqs = [f.seq for f in host.replies()]
+    assert seqs == [*range(256), 0]
+
+
+def test_an_ack_takes_the_seq_of_its_data_frame_not_a_new_one() -> None:
+    host = up()  # HELLO_REQ seq 0, HELLO_ACK seq 1
+    host.data(1, seq=200)
+    host.link.committed(1)
+    host.send(FrameType.ACK, Ack(1).to_bytes())  # not a device's frame: NAKed
+    assert [(f.type, f.seq) for f in host.replies()] == [(FrameType.ACK, 200),
+                                                         (FrameType.NAK, 2)]
+
+
+def test_a_reopened_port_forgets_half_a_frame_and_asks_again() -> None:
+    host = up()
+    wire = Frame(FrameType.DATA, 1, Data(1, 0x21, b"\x01").to_bytes()).to_bytes()
+    assert wire == bytes.fromhex("04 10 01 01  01  01  07 21 01 26 13 2a 8f  00")
+    assert host.link.receive_data(wire[:5], 1.0) == []  # the port is reopened mid-frame
+    host.link.connection_lost()
+    assert host.link.data_to_send() == b""
+    assert host.link.hello is None
+    host.link.connection_made(2.0)
+    assert types_and_payloads(host.replies()) == [(FrameType.HELLO_REQ, b"")]
+    # the second half alone: the first half was forgotten, so this is not that frame
+    tail = bytes.fromhex("00 21 01 26 13 2a 8f")
+    assert host.link.receive_data(wire[5:], 3.0) == [FrameRejected("crc", tail)]
+    assert host.hello() == [DeviceUp(HELLO)]
