@@ -8,17 +8,20 @@ ledger, both behind their own locks). docs/architecture.md draws it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
 from typing import Any, assert_never
+
+from cryptography.exceptions import InvalidTag
 
 from app.config import Config, DeviceSection
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
 from core import durable
-from core.clock import Clock
+from core.clock import FLOOR_LEDGER_KEY, TRUSTED_QUALITIES, Clock
 from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, Source
 from drivers.gnss import GnssProtocol, time_steps
@@ -42,6 +45,23 @@ JOIN_TIMEOUT_S = 10.0
 GNSS_PORT_NAME = "gnss"
 
 
+def restore_floor(clock: Clock, reader: StoreReader, writer: StoreWriter) -> None:
+    """Give *clock* the last known good time from the store: the floor the GNSS driver
+    keeps in the ledger, and the newest record still stored if its time was trusted."""
+    floor = writer.last_committed_event(FLOOR_LEDGER_KEY) or 0
+    try:
+        newest = reader.newest_record()
+    except InvalidTag:
+        log.warning("the newest stored record does not decrypt: its time is not a floor")
+        newest = None
+    if newest is not None:
+        rec = json.loads(newest)
+        if rec["tq"] in TRUSTED_QUALITIES:
+            floor = max(floor, int(rec["t"]))
+    if floor:
+        clock.set_floor(floor)
+
+
 class Pipeline:
     """What every reading passes through: the store, its sealer, the store writer (the one
     thread that seals and commits) and the uplink. Built once here, for the gateway, the
@@ -59,6 +79,7 @@ class Pipeline:
         self.sealer = self.store.sealer(identity.gateway_id, identity.signing_key)
         self.reader = StoreReader(db, identity.storage_key)
         self.writer = StoreWriter(self.store, self.sealer, clock, source=source)
+        restore_floor(clock, self.reader, self.writer)
         self.forwarder = Forwarder(identity.gateway_id, broker, self.reader, self.writer,
                                    on_acked=on_acked,  # e.g. the lab counting what arrived
                                    source=source, now_ns=clock.now_ns)
@@ -127,7 +148,8 @@ class Gateway:
         gnss = self.config.gnss
         if gnss is not None:
             gproto = GnssProtocol(GNSS_PORT_NAME, self.writer, self.clock,
-                                  fix_interval_s=gnss.fix_interval_s, installed=gnss.installed)
+                                  fix_interval_s=gnss.fix_interval_s, installed=gnss.installed,
+                                  ledger=self.writer.last_committed_event)
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
         self._health.start()
 
@@ -205,6 +227,7 @@ class Gateway:
                        "disconnects": up.disconnects, "acked": up.records_acked,
                        "refused": up.refused},
             "ports": ports,
+            "clock": dict(self.clock.stats.as_dict()),
         }
 
     def stop(self, drain_s: float = 5.0) -> bool:

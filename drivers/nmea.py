@@ -84,6 +84,17 @@ CENTURY_PIVOT_YY: Final = 80
 """RMC two-digit years: 80-99 are 1980-1999 (GPS began 1980), 00-79 are 2000-2079."""
 MIN_PLAUSIBLE_YEAR: Final = 2000
 """Dates before this are receiver defaults (no time yet) or week-rollover bugs: never trusted."""
+MAX_PLAUSIBLE_YEAR: Final = 2099
+"""Dates after this are corrupt (ZDA year 9999). Whether a date in range is true is the
+clock's call (core.clock: the floor and the steady-fix rule), not the reader's."""
+MIN_ALT_DM: Final = -10_000
+"""Lowest altitude accepted, decimetres (-1000 m: below any place a gateway is installed)."""
+MAX_ALT_DM: Final = 100_000
+"""Highest altitude accepted, decimetres (10 km)."""
+MAX_HDOP_C: Final = 9_999
+"""Highest HDOP x 100 accepted (99.99, the field's usual "unknown")."""
+MAX_SATS: Final = 99
+"""Most satellites in use accepted (the field has two digits)."""
 
 _COORD = re.compile(r"(\d{1,3})(\d\d(?:\.\d*)?)")
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
@@ -98,6 +109,12 @@ LAST_SECOND: Final = 59  # a leap second (60) has no datetime; such a time is dr
 _PYNMEA2_ERRORS = (ValueError, IndexError, KeyError, TypeError)
 """What ``pynmea2.parse`` raises on malformed input: ``ParseError`` (a ValueError) for a bad
 address, IndexError/KeyError from proprietary subclasses on very short sentences."""
+
+# -- fields out of range (counted in ``NmeaStats.out_of_range``) ---------------------
+FIELD_DATE: Final = "date"
+FIELD_ALT: Final = "alt"
+FIELD_HDOP: Final = "hdop"
+FIELD_SATS: Final = "sats"
 
 # -- rejection reasons ----------------------------------------------------------------
 NO_CHECKSUM: Final = "no_checksum"
@@ -182,6 +199,9 @@ class NmeaStats:
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     bytes_skipped: int = 0
     """Bytes outside any ``$`` run, line ends excepted (binary frames, noise)."""
+    out_of_range: Counter[str] = field(default_factory=Counter)
+    """Numeric fields present but out of range, by field (``date``, ``alt``, ``hdop``,
+    ``sats``): a date gives no time, another field is left out of the fix (None)."""
 
 
 def _run_end(buf: bytes, pos: int) -> int:
@@ -356,15 +376,17 @@ class NmeaReader:
             return
         alt_dm = None
         if _raw(msg, "altitude_units") == ALTITUDE_UNIT:
-            alt_dm = _parse_scaled(_raw(msg, "altitude"), 1)
-        hdop_c = _parse_scaled(_raw(msg, "horizontal_dil"), 2)
+            alt_dm = self._in_range(FIELD_ALT, _parse_scaled(_raw(msg, "altitude"), 1),
+                                    MIN_ALT_DM, MAX_ALT_DM)
         tod = _parse_time_of_day(_raw(msg, "timestamp"))
         fix = Fix(
             lat_e7=position[0],
             lon_e7=position[1],
             quality=quality,
-            sats=_parse_unsigned(_raw(msg, "num_sats")),
-            hdop_c=hdop_c if hdop_c is not None and hdop_c >= 0 else None,
+            sats=self._in_range(FIELD_SATS, _parse_unsigned(_raw(msg, "num_sats")), 0,
+                                MAX_SATS),
+            hdop_c=self._in_range(FIELD_HDOP, _parse_scaled(_raw(msg, "horizontal_dil"), 2),
+                                  0, MAX_HDOP_C),
             alt_dm=alt_dm,
             utc=self._utc_on_known_date(tod, mono_ns),
             sentence=address,
@@ -377,7 +399,7 @@ class NmeaReader:
         if status != RMC_VALID_STATUS or mode in RMC_NO_FIX_MODES:
             return
         tod = _parse_time_of_day(_raw(msg, "timestamp"))
-        day = _parse_ddmmyy(_raw(msg, "datestamp"))
+        day = self._date(_parse_ddmmyy(_raw(msg, "datestamp")))
         utc: datetime | None
         if tod is not None and day is not None:
             utc = datetime.combine(day, tod)
@@ -402,9 +424,28 @@ class NmeaReader:
         day = _parse_unsigned(_raw(msg, "day"))
         if tod is None or year is None or month is None or day is None:
             return
-        when = _make_date(year, month, day)
+        when = self._date((year, month, day))
         if when is not None:
             self._emit_time(GnssTime(datetime.combine(when, tod), mono_ns, "ZDA"), events)
+
+    # -- range checks --------------------------------------------------------------------
+    def _in_range(self, name: str, value: int | None, lowest: int, highest: int) -> int | None:
+        """*value* if within [lowest, highest]; None (counted) if out of range."""
+        if value is None or lowest <= value <= highest:
+            return value
+        self.stats.out_of_range[name] += 1
+        log.debug("nmea: %s out of range", name)  # the value may be a position's part
+        return None
+
+    def _date(self, ymd: tuple[int, int, int] | None) -> date | None:
+        """The date of (year, month, day), None (counted) when it is no plausible date."""
+        if ymd is None:
+            return None
+        when = _make_date(*ymd)
+        if when is None:
+            self.stats.out_of_range[FIELD_DATE] += 1
+            log.debug("nmea: date %04d-%02d-%02d out of range", *ymd)
+        return when
 
     # -- output --------------------------------------------------------------------------
     def _emit_fix(self, fix: Fix, events: list[Event]) -> None:
@@ -498,17 +539,18 @@ def _parse_time_of_day(text: str) -> time | None:
     return time(hour, minute, second, int(fraction), tzinfo=UTC)
 
 
-def _parse_ddmmyy(text: str) -> date | None:
+def _parse_ddmmyy(text: str) -> tuple[int, int, int] | None:
+    """``ddmmyy`` -> (year, month, day), not yet checked; None when not six digits."""
     match = _DDMMYY.fullmatch(text)
     if match is None:
         return None
     yy = int(match[3])
     year = (1900 if yy >= CENTURY_PIVOT_YY else 2000) + yy
-    return _make_date(year, int(match[2]), int(match[1]))
+    return year, int(match[2]), int(match[1])
 
 
 def _make_date(year: int, month: int, day: int) -> date | None:
-    if year < MIN_PLAUSIBLE_YEAR:
+    if not MIN_PLAUSIBLE_YEAR <= year <= MAX_PLAUSIBLE_YEAR:
         return None
     try:
         return date(year, month, day)

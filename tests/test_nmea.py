@@ -26,7 +26,17 @@ from drivers.nmea import (
     BAD_ADDRESS,
     BAD_CHECKSUM_FIELD,
     E7,
+    FIELD_ALT,
+    FIELD_DATE,
+    FIELD_HDOP,
+    FIELD_SATS,
+    MAX_ALT_DM,
+    MAX_HDOP_C,
     MAX_LINE,
+    MAX_PLAUSIBLE_YEAR,
+    MAX_SATS,
+    MIN_ALT_DM,
+    MIN_PLAUSIBLE_YEAR,
     NO_CHECKSUM,
     TOO_LONG,
     UNPARSABLE,
@@ -440,6 +450,50 @@ def test_rmc_status_v_gives_neither_fix_nor_time() -> None:
     reader, events = feed_all(nmea(body))
     assert events == []
     assert reader.stats.invalid_fixes == 0  # it does not claim a fix
+
+
+# ----------------------------------------------------------------------------------------
+# Range checks: every numeric field that reaches a record
+# ----------------------------------------------------------------------------------------
+def test_out_of_range_fields_are_left_out_and_counted() -> None:
+    body = "GPGGA,123519,4807.038,N,01131.000,E,1,120,100.0,100000000000000000000.0,M,,,,"
+    reader, events = feed_all(nmea(body))
+    [fix] = fixes(events)
+    assert (fix.sats, fix.hdop_c, fix.alt_dm) == (None, None, None)
+    assert fix.lat_e7 == 481173000  # the fix itself stands
+    assert reader.stats.out_of_range == {FIELD_SATS: 1, FIELD_HDOP: 1, FIELD_ALT: 1}
+
+
+@pytest.mark.parametrize("zda", ["GPZDA,120000.00,01,01,9999,00,00",
+                                 "GPZDA,120000.00,01,01,2100,00,00",
+                                 "GPZDA,120000.00,01,01,1999,00,00"])
+def test_zda_year_out_of_range_gives_no_time(zda: str) -> None:
+    reader, events = feed_all(nmea(zda))
+    assert events == []
+    assert reader.stats.out_of_range == {FIELD_DATE: 1}
+
+
+_NUMBER = st.text("0123456789.-", min_size=1, max_size=24)
+
+
+@HYPOTHESIS
+@given(alt=_NUMBER, hdop=_NUMBER, sats=_NUMBER, ddmmyy=st.text("0123456789", min_size=6,
+                                                               max_size=6),
+       year=st.integers(0, 99_999))
+def test_numeric_fields_reaching_a_fix_are_in_range(alt: str, hdop: str, sats: str,
+                                                    ddmmyy: str, year: int) -> None:
+    gga = f"GPGGA,123519,4807.038,N,01131.000,E,1,{sats},{hdop},{alt},M,46.9,M,,"
+    rmc = f"GPRMC,123519.00,A,4807.038,N,01131.000,E,0.1,1.0,{ddmmyy},,,A"
+    zda = f"GPZDA,123519.00,{ddmmyy[:2]},{ddmmyy[2:4]},{year},00,00"
+    reader, events = feed_all(nmea(gga) + nmea(rmc) + nmea(zda))
+    for fix in fixes(events):
+        assert fix.sats is None or 0 <= fix.sats <= MAX_SATS
+        assert fix.hdop_c is None or 0 <= fix.hdop_c <= MAX_HDOP_C
+        assert fix.alt_dm is None or MIN_ALT_DM <= fix.alt_dm <= MAX_ALT_DM
+        assert fix.utc is None or MIN_PLAUSIBLE_YEAR <= fix.utc.year <= MAX_PLAUSIBLE_YEAR + 1
+    for t in times(events):
+        assert MIN_PLAUSIBLE_YEAR <= t.utc.year <= MAX_PLAUSIBLE_YEAR
+    assert reader.stats.sentences_ok == 3
 
 
 # ----------------------------------------------------------------------------------------
