@@ -351,6 +351,11 @@ class KioskStats:
         self.rejected[why] += 1
 
 
+#: Kiosks whose reported faults are kept in memory (one port has one kiosk at a time;
+#: a device that changes its serial at each handshake must not grow memory).
+MAX_KIOSK_STATES = 16
+
+
 class KioskDriver:
     """Turns a kiosk's messages into readings; the last reading of a message carries
     the device event, committed together with the others.
@@ -473,6 +478,10 @@ class KioskDriver:
         self.stats.statuses += 1
         state = self._states.get(msg.serial)
         if state is None:
+            if len(self._states) >= MAX_KIOSK_STATES:
+                # a device chooses its serial: the oldest state goes (the ledger keeps
+                # what was reported, so it is rebuilt if that kiosk comes back)
+                del self._states[next(iter(self._states))]
             state = self._states[msg.serial] = _KioskState(
                 self._last_flags_of(flags_key(msg.serial)))
         before = state.reported or 0

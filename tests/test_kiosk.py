@@ -51,7 +51,7 @@ from drivers.kiosk import (
 )
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
-from firmware_bridge.messages import Data, DeviceClass, Hello, PayloadError
+from firmware_bridge.messages import PROTOCOL_VERSION, Data, DeviceClass, Hello, PayloadError
 from lab.acked import AckedCounter
 from lab.mosquitto import Mosquitto, Pki, client_config
 from lab.site import Platform, Site
@@ -735,3 +735,15 @@ def test_pair_kiosk_takes_its_key_from_a_file_or_generates_it_never_from_argv(
                          "--serial", "KI-0002"]) == 0
     assert gateway.main(["provision", "unpair-kiosk", "--identity-dir", ident,
                          "--serial", "KI-0002"]) == 2  # a clear error, not a traceback
+
+
+def test_a_kiosk_changing_its_serial_at_every_handshake_does_not_grow_memory() -> None:
+    from drivers.kiosk import MAX_KIOSK_STATES
+
+    drv = KioskDriver()
+    for n in range(10 * MAX_KIOSK_STATES):
+        serial = f"KI-{n:06d}"
+        hello = Hello(PROTOCOL_VERSION, DeviceClass.KIOSK, (1, 0, 0), 1, serial)
+        drv.on_message(Message(serial, n + 1, MSG_STATUS, KioskStatus(FLAG_TAMPER, 50).to_bytes()),
+                       hello, n)
+    assert len(drv._states) == MAX_KIOSK_STATES
