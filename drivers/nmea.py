@@ -67,6 +67,14 @@ DECODED_TYPES: Final = frozenset({"GGA", "RMC", "GSA", "GSV", "VTG", "GLL", "ZDA
 PROPRIETARY_TALKER: Final = "P"
 _TALKER_ADDRESS = re.compile(r"[A-Z][A-Z0-9][A-Z][A-Z0-9]{2}")
 _PROPRIETARY_ADDRESS = re.compile(r"P[A-Z][A-Z0-9]*")
+#: Distinct sentence types (and talkers) counted by name; the wire chooses them, so more
+#: are counted together under :data:`OTHER_KEY`.
+MAX_COUNTED_KEYS = 64
+OTHER_KEY = "other"
+
+
+def _bounded_key(counter: Counter[str], key: str) -> str:
+    return key if key in counter or len(counter) < MAX_COUNTED_KEYS else OTHER_KEY
 
 FIX_QUALITIES: Final = frozenset({1, 2, 3, 4, 5, 6})
 """GGA quality giving a fix: GPS, DGPS, PPS, RTK fixed, RTK float, dead reckoning.
@@ -334,8 +342,8 @@ class NmeaReader:
     def _count(self, talker: str, kind: str) -> None:
         stats = self.stats
         stats.sentences_ok += 1
-        stats.by_type[kind] += 1
-        stats.by_talker[talker] += 1
+        stats.by_type[_bounded_key(stats.by_type, kind)] += 1
+        stats.by_talker[_bounded_key(stats.by_talker, talker)] += 1
 
     def _on_sentence(self, body: str, mono_ns: int, events: list[Event]) -> None:
         address = body.partition(",")[0]

@@ -849,3 +849,19 @@ def test_replay_marks_unusual_talkers(tmp_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "by talker         GP 1  P 1  QZ (other) 1" in out
     assert "48.1173000, 11.5166667  quality 1  date unknown  (GPGGA)" in out
+
+
+def test_sentence_types_chosen_by_the_wire_are_counted_in_bounded_memory() -> None:
+    from drivers.nmea import MAX_COUNTED_KEYS, OTHER_KEY
+
+    reader = NmeaReader()
+    for n in range(1000):
+        body = f"PXYZ{n:06d},1"
+        checksum = 0
+        for ch in body:
+            checksum ^= ord(ch)
+        reader.feed(f"${body}*{checksum:02X}\r\n".encode(), n)
+    assert reader.stats.sentences_ok == 1000
+    assert len(reader.stats.by_type) <= MAX_COUNTED_KEYS + 1
+    assert reader.stats.by_type[OTHER_KEY] >= 1000 - MAX_COUNTED_KEYS
+    assert sum(reader.stats.by_type.values()) == 1000
