@@ -46,6 +46,8 @@ MAX_DELETES = 5_000  # rows deleted in one transaction: bounds how long an alarm
 DELETE_LINGER_S = 1.0
 DELETE_BATCH_ROWS = 1_000
 RETRY_S = 0.5
+#: How much of the error a device.error record of an unsealable reading keeps.
+UNSEALABLE_DETAIL_CHARS = 200
 #: While commits keep failing, the failure is logged again this often (seconds).
 FAILURE_LOG_S = 60.0
 
@@ -75,6 +77,26 @@ def gap_reading(evicted: list[Evicted], source: Source, mono_ns: int) -> Reading
         "evicted": seq_ranges([e.seq for e in evicted]),
     }
     return Reading("gap", source, body, mono_ns)
+
+
+def unsealable(reading: Reading, exc: Exception) -> Reading:
+    """The evidence of a reading that cannot be sealed as it is: its kind, why, and its
+    body with every value JSON cannot sign (floats, other objects) written as text."""
+    body: dict[str, JSON] = {"error": "unsealable", "kind": reading.kind,
+                             "detail": str(exc)[:UNSEALABLE_DETAIL_CHARS],
+                             "body": _signable(dict(reading.body))}
+    return Reading("device.error", reading.source, body, reading.mono_ns,
+                   reading.device_event, reading.ledger)
+
+
+def _signable(value: object) -> JSON:
+    if isinstance(value, dict):
+        return {str(k): _signable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_signable(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +158,15 @@ class _Group:
     taken: int = 0  # items of the pending list
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
-        rec = self.draft.seal(reading, clock.timestamp(reading.mono_ns))
+        ts = clock.timestamp(reading.mono_ns)
+        try:
+            rec = self.draft.seal(reading, ts)
+        except (TypeError, ValueError) as exc:
+            # a reading our own code made wrong (a float, an object JSON cannot hold) must
+            # not stop the writer nor vanish: it is recorded as what it is
+            log.exception("cannot seal a %s reading: recorded as device.error", reading.kind)
+            reading = unsealable(reading, exc)
+            rec = self.draft.seal(reading, ts)
         self.records.append(rec)
         self.size += len(rec.data) + ROW_BYTES
         if reading.device_event is not None:

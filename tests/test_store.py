@@ -252,3 +252,30 @@ def test_stop_commits_lingering_deletions_and_ends(tmp_path: Path) -> None:
     assert not writer._thread.is_alive()  # it did not block waiting for more work
     assert writer.deletions_waiting == 0
     assert store.usage[Priority.POSITION] == (0, 0)
+
+
+def test_a_reading_that_cannot_be_sealed_is_recorded_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    store, sealer = open_store(tmp_path / "r.db")
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    try:
+        acked: list[int] = []
+        bad = Reading("tag.presence", Source("tag_receiver", "TR-1"), {"rssi": -60.5, "n": 1},
+                      time.monotonic_ns(), ("TR-1", 7))
+        writer.submit(bad, lambda rec: acked.append(rec.seq))
+        writer.submit(presence(2))
+        assert writer.flush()
+        assert writer.is_alive()
+        assert acked == [1]  # the device event is acknowledged: its evidence is on disk
+        assert writer.last_committed_event("TR-1") == 7
+        rows = [json.loads(d) for d in StoreReader(tmp_path / "r.db", STORAGE).queued()]
+        error = next(r for r in rows if r["kind"] == "device.error")
+        assert error["body"]["error"] == "unsealable"
+        assert error["body"]["kind"] == "tag.presence"
+        assert error["body"]["body"] == {"rssi": "-60.5", "n": 1}
+        assert [r["kind"] for r in rows].count("tag.presence") == 1
+    finally:
+        writer.stop()
+        store.close()
