@@ -214,18 +214,22 @@ class Gateway:
                 "connected": worker.stats.connected, "opens": worker.stats.opens,
                 "losses": worker.stats.losses, "open_failures": worker.stats.open_failures,
                 "protocol_errors": worker.stats.protocol_errors,
+                "pauses": worker.stats.pauses,  # reading stopped: the writer was behind
             }
             proto = self.protocols[worker.name]
             if isinstance(proto, FramedDeviceProtocol):
                 link = proto.link.stats
                 entry.update(bad_frames=link.bad_frames, naks_sent=link.naks_sent,
-                             duplicates=link.duplicates, handshakes=link.handshakes)
+                             duplicates=link.duplicates, handshakes=link.handshakes,
+                             held_busy=link.held_busy,
+                             handshakes_not_recorded=proto.stats.handshakes_not_recorded)
             ports[worker.name] = entry
         return {
             "uplink": {"tls": self.config.broker.tls,  # false: plaintext, opted in
                        "connected": up.connected, "connects": up.connects,
                        "disconnects": up.disconnects, "acked": up.records_acked,
-                       "refused": up.refused},
+                       "refused": up.refused, "taken_over": up.taken_over,
+                       "sessions_lost": up.sessions_lost},
             "ports": ports,
             "clock": dict(self.clock.stats.as_dict()),
         }

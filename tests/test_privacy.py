@@ -154,3 +154,4 @@ def test_the_health_record_says_plaintext(tmp_path: Path) -> None:
     health = [r for r in records if r["kind"] == "gateway.health"]
     assert health
     assert health[0]["body"]["uplink"]["tls"] is False
+    assert {"taken_over", "sessions_lost"} <= health[0]["body"]["uplink"].keys()
