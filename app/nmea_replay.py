@@ -140,6 +140,7 @@ def summary(reader: NmeaReader, last_fix: Fix | None) -> dict[str, object]:
         "rejected_by_reason": dict(sorted(stats.rejected_by_reason.items())),
         "fixes": stats.fixes,
         "invalid_fixes": stats.invalid_fixes,
+        "out_of_range": dict(sorted(stats.out_of_range.items())),
         "times": stats.times,
         "skipped_types": stats.skipped_types,
         "bytes_skipped": stats.bytes_skipped,
@@ -181,6 +182,8 @@ def render_text(path: Path, size: int, reader: NmeaReader, last_fix: Fix | None)
         f"  bytes skipped     {stats.bytes_skipped:,}  (noise outside sentences)",
         f"  fixes             {stats.fixes:,}"
         f"  (claimed without a usable position: {stats.invalid_fixes:,})",
+        f"  out of range      {_counts_line(stats.out_of_range)}"
+        "  (fields dropped from the fix)",
         f"  GNSS times        {stats.times:,}",
         f"  last fix          {fix_text}",
         f"  by type           {_counts_line(stats.by_type)}",
