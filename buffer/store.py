@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from buffer.seal import Sealer
+from core.durable import fsync_dir
 from core.errors import UserError
 from core.kinds import Priority
 from core.record import GENESIS_PREV, SealedRecord
@@ -336,7 +337,7 @@ class Store:
             finally:
                 os.close(fd)
             tmp.replace(self.reserve_path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if not is_disk_full(exc):
@@ -352,7 +353,7 @@ class Store:
             self.reserve_path.unlink()
         except FileNotFoundError:
             return 0
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return size
 
     def bound_wal(self) -> None:
@@ -469,14 +470,6 @@ def _preallocate(fd: int, size: int) -> None:
             raise
         for offset in range(0, size, len(_ZEROS)):  # a filesystem without fallocate
             os.pwrite(fd, _ZEROS[: size - offset], offset)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StoreReader:

@@ -68,11 +68,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Self
 
-from cryptography.hazmat.primitives.ciphers.algorithms import AES
-from cryptography.hazmat.primitives.cmac import CMAC
-
 from core.devices import PairedKiosk
 from core.record import JSON, Reading, Source
+from drivers.mac import MAC_BYTES, device_mac
 from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
@@ -85,8 +83,6 @@ MSG_STATUS = 0x11
 #: A signed check-in: counter, check-in, MAC.
 MSG_CHECKIN = 0x12
 
-#: Bytes of the truncated AES-CMAC of a signed check-in.
-MAC_BYTES = 8
 #: Bytes of a pairing key (AES-128).
 KEY_BYTES = 16
 
@@ -242,11 +238,7 @@ class CheckIn:
         return datetime.fromtimestamp(self.kiosk_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def checkin_mac(key: bytes, signed_part: bytes) -> bytes:
-    """The first :data:`MAC_BYTES` of AES-CMAC (RFC 4493) under *key* over *signed_part*."""
-    mac = CMAC(AES(key))
-    mac.update(signed_part)
-    return mac.finalize()[:MAC_BYTES]
+checkin_mac = device_mac
 
 
 @dataclass(frozen=True, slots=True)

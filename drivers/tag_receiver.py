@@ -29,11 +29,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.ciphers.algorithms import AES
-from cryptography.hazmat.primitives.cmac import CMAC
-
 from core.devices import PairedTag, tag_ref
 from core.record import JSON, Reading, Source
+from drivers.mac import MAC_BYTES, device_mac
 from firmware_bridge.framed import device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 MSG_BEACON = 0x01
 FLAG_STRAP_CLOSED = 0x01
 FLAG_BODY_CONTACT = 0x02
-MAC_BYTES = 8
 BATTERY_LOW_PCT = 20
 BATTERY_OK_PCT = 30
 PRESENT_AFTER_BEACONS = 3
@@ -55,10 +52,7 @@ _BEACON = struct.Struct("<IIBBb")
 _SIGNED = struct.Struct("<IIBB")
 
 
-def beacon_mac(key: bytes, signed_part: bytes) -> bytes:
-    mac = CMAC(AES(key))
-    mac.update(signed_part)
-    return mac.finalize()[:MAC_BYTES]
+beacon_mac = device_mac
 
 
 def counter_key(tag: str) -> str:

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from drivers.tag_receiver import MAC_BYTES, MSG_BEACON, Beacon
+from drivers.mac import MAC_BYTES
+from drivers.tag_receiver import MSG_BEACON, Beacon
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.messages import PROTOCOL_VERSION, Ack, Data, DeviceClass, Hello
 from lab.simulators.pty import PtySim
