@@ -319,3 +319,79 @@ def test_gga_mono_clock_is_read_in_nanoseconds() -> None:
     # 11 hours later: 23:00 on the same day
     assert one_fix(gga(time="230000.00"), reader, mono_ns=11 * HOUR_NS).utc == datetime(
         2024, 3, 2, 23, 0, 0, tzinfo=UTC)
+
+
+# -- found by the second run --------------------------------------------------------------
+def test_a_too_long_run_cut_at_a_read_boundary_then_a_sentence() -> None:
+    framer = SentenceFramer()
+    assert framer.feed(b"$" + b"A" * 200) == [Fragment(TOO_LONG, b"$" + b"A" * 11)]
+    # the next read starts with the next sentence: the run ended right before it
+    assert framer.feed(nmea("GPHDT,,T")) == [Sentence("GPHDT,,T")]
+    assert framer.bytes_skipped == 0
+
+
+def test_bytes_of_a_discarded_run_are_not_noise_the_bytes_after_it_are() -> None:
+    framer = SentenceFramer()
+    framer.feed(b"$" + b"A" * 200)
+    framer.feed(b"A" * 300)
+    assert framer.bytes_skipped == 0  # part of the rejected run
+    framer.feed(b"AA*00\r\n")  # the run ends at "*": "*00" is noise
+    assert framer.bytes_skipped == 3
+    framer.feed(b"xy\r\n")  # no longer discarding: noise
+    assert framer.bytes_skipped == 5
+
+
+def test_invalid_fixes_and_checksum_errors_add_up() -> None:
+    reader = NmeaReader()
+    reader.feed(gga(lat="9100.000") + gga(lon="") + b"$GPHDT,,T*00\r\n$GPHDT,,T*01\r\n", 0)
+    assert (reader.stats.invalid_fixes, reader.stats.checksum_errors) == (2, 2)
+
+
+def test_rmc_without_a_date_is_dated_by_the_last_trusted_time() -> None:
+    reader = NmeaReader()
+    reader.feed(nmea("GPZDA,120000.00,02,03,2024,00,00"), 0)
+    fix = one_fix(rmc(time="120001.00", date=""), reader, mono_ns=10**9)
+    assert fix.utc == datetime(2024, 3, 2, 12, 0, 1, tzinfo=UTC)
+    assert reader.stats.times == 1  # a fix, not a trusted time
+
+
+@pytest.mark.parametrize("fields", ["201530.00,04,07,,00,00", "201530.00,04,,2002,00,00",
+                                    "201530.00,,07,2002,00,00", ",04,07,2002,00,00"])
+def test_zda_with_a_field_missing_gives_no_time(fields: str) -> None:
+    reader = NmeaReader()
+    assert reader.feed(nmea(f"GPZDA,{fields}"), 0) == []
+    assert reader.stats.times == 0
+
+
+def test_the_date_follows_the_monotonic_clock_from_the_trusted_time_not_from_zero() -> None:
+    reader = NmeaReader()
+    trusted_at = 50 * HOUR_NS
+    reader.feed(rmc(time="235959.00", date="020324"), trusted_at)
+    assert one_fix(gga(time="000001.00"), reader, mono_ns=trusted_at + 2 * 10**9).utc == \
+        datetime(2024, 3, 3, 0, 0, 1, tzinfo=UTC)
+
+
+def test_monotonic_nanoseconds_become_whole_microseconds() -> None:
+    reader = NmeaReader()
+    reader.feed(rmc(time="120000.00", date="020324"), 0)
+    # 24 h 30 s later: 12:00:30 on the 3rd, nearer midnight of the 4th than of the 3rd
+    assert one_fix(gga(time="000000.00"), reader, mono_ns=(24 * 3600 + 30) * 10**9).utc == \
+        datetime(2024, 3, 4, 0, 0, 0, tzinfo=UTC)
+    # 24 h and 999 ns: exactly noon (the 999 ns are dropped), halfway between two
+    # midnights: the earlier one
+    assert one_fix(gga(time="000000.00"), reader, mono_ns=24 * HOUR_NS + 999).utc == \
+        datetime(2024, 3, 3, 0, 0, 0, tzinfo=UTC)
+
+
+def test_rejections_and_checksum_errors_are_logged_with_their_head(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bad_address = "gpgga," + "1" * 60
+    with caplog.at_level("DEBUG", logger="drivers.nmea"):
+        NmeaReader().feed(nmea(bad_address) + b"$GPHDT,,T*1C\r\n"
+                          + b"$GPGGA," + b"1," * 40 + b"*00\r\n", 0)
+    assert caplog.messages == [
+        f"nmea: rejected (bad_address): {bad_address[:40]!r}",
+        "nmea: checksum 1C != 1B in 'GPHDT,,T'",
+        f"nmea: checksum 00 != 7A in {('GPGGA,' + '1,' * 40)[:40]!r}",
+    ]
