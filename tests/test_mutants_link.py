@@ -25,6 +25,7 @@ from firmware_bridge.messages import (
     Ack,
     Data,
     DeviceClass,
+    Feature,
     Heartbeat,
     Hello,
     HelloAck,
@@ -197,6 +198,7 @@ def hello_ack(frames: list[Frame]) -> HelloAck:
 
 def test_an_accepted_hello_is_answered_with_the_heartbeat_interval() -> None:
     host = Host()
+    assert host.link.features is Feature.NONE
     assert host.hello() == [DeviceUp(HELLO)]
     ack = hello_ack(host.replies())
     assert (ack.result, ack.heartbeat_s) == (HelloResult.OK, HEARTBEAT)
@@ -215,6 +217,7 @@ def test_a_refused_hello_is_answered_with_the_reason(hello: Hello, result: Hello
     assert host.hello(hello) == [DeviceRejected(hello, result)]
     assert hello_ack(host.replies()).result is result
     assert host.link.hello is None  # the device that was up is no longer trusted
+    assert host.link.features is Feature.NONE
     assert host.link.stats.handshakes == 1
     assert host.data(1) == []  # nor is its data taken
 
@@ -267,3 +270,80 @@ def test_a_reopened_port_forgets_half_a_frame_and_asks_again() -> None:
     tail = bytes.fromhex("00 21 01 26 13 2a 8f")
     assert host.link.receive_data(wire[5:], 3.0) == [FrameRejected("crc", tail)]
     assert host.hello() == [DeviceUp(HELLO)]
+
+
+# -- found by the second run: counters, holds, the state after a reopen --------------------
+def test_counters_add_up() -> None:
+    host = Host()
+    host.link.connection_made(0.0)  # HELLO_REQ
+    host.data(1)  # before the handshake: HELLO_REQ
+    host.data(1)  # again
+    host.hello()  # HELLO_ACK
+    host.hello()  # a reboot: HELLO_ACK
+    crc_bad = cobs_encode(bytes.fromhex("03  00  3c 41 f4 6b")) + b"\x00"
+    host.link.receive_data(crc_bad + crc_bad, 1.0)  # two NAKs
+    host.send(FrameType.ACK, Ack(1).to_bytes())  # a NAK
+    stats = host.link.stats
+    assert (stats.data_before_hello, stats.handshakes) == (2, 2)
+    assert (stats.bad_frames, stats.naks_sent) == (3, 3)
+    assert stats.by_reason == {"crc": 2, "unexpected:ACK": 1}
+    assert stats.frames_in == 5  # the damaged frames are not frames
+    assert stats.frames_out == 1 + 2 + 2 + 3
+    assert len(host.replies()) == stats.frames_out
+
+
+def test_a_damaged_frame_does_not_hide_the_frames_after_it_in_the_same_read() -> None:
+    host = up()
+    crc_bad = cobs_encode(bytes.fromhex("03  00  3c 41 f4 6b")) + b"\x00"
+    good = Frame(FrameType.DATA, 1, Data(3, 0x21, b"\x01").to_bytes()).to_bytes()
+    assert host.link.receive_data(crc_bad + crc_bad + good, 1.0) == [
+        FrameRejected("crc", bytes.fromhex("03 00 3c 41 f4 6b")),
+        FrameRejected("crc", bytes.fromhex("03 00 3c 41 f4 6b")),
+        Message(SERIAL, 3, 0x21, b"\x01"),
+    ]
+
+
+def test_an_event_id_still_committing_for_the_previous_device_is_held() -> None:
+    host = up()
+    assert host.data(5, seq=1) != []  # device A's event 5 is being committed
+    other = Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 4, 2), 1, "TR-0002")
+    assert host.hello(other) == [DeviceUp(other)]  # swapped for B behind the open port
+    host.replies()
+    assert host.data(5, seq=2) == []  # B's own event 5: held, not mistaken for A's
+    assert host.data(5, seq=3) == []
+    assert host.link.stats.held_for_other_device == 2
+    host.link.committed(5)  # A's event: A is gone, so no ACK
+    assert host.replies() == []
+    assert host.data(5, seq=4) == [Message("TR-0002", 5, 0x21, b"\x01")]
+
+
+def test_beyond_max_pending_an_event_is_neither_delivered_nor_acked() -> None:
+    host = Host()
+    host.link = HostLink(host.ledger.get, heartbeat_s=HEARTBEAT, link_timeout_s=TIMEOUT,
+                         max_pending=2)
+    host.hello()
+    host.replies()
+    assert host.data(1) != []
+    assert host.data(2) != []
+    assert host.data(3) == []  # the third while two are committing
+    assert host.data(4) == []
+    assert host.link.stats.held_busy == 2
+    assert host.replies() == []
+    host.link.committed(1)
+    host.replies()
+    assert host.data(3) == [Message(SERIAL, 3, 0x21, b"\x01")]
+
+
+def test_silence_is_declared_at_exactly_the_timeout() -> None:
+    host = up()
+    host.send(FrameType.HEARTBEAT, Heartbeat(1, 0).to_bytes(), at=2.0)
+    assert host.link.tick(2.0 + TIMEOUT) == [DeviceSilent(SERIAL, TIMEOUT)]
+
+
+def test_after_the_port_is_lost_nothing_is_taken_and_nothing_times_out() -> None:
+    host = up()
+    host.link.connection_lost()
+    assert host.link.hello is None
+    assert host.link.tick(100.0) == []
+    assert host.data(1) == []  # data without a handshake
+    assert types_and_payloads(host.replies()) == [(FrameType.HELLO_REQ, b"")]
