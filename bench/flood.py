@@ -90,7 +90,7 @@ def run(modes: list[str], seconds: float, workdir: Path) -> dict[str, object]:
         frames = sum(p.link.stats.frames_in for p, _, _ in ports.values())
         print(f"{time.monotonic() - started:5.1f} s  rss {rss:6.1f} MB  frames in {frames:>9}"
               f"  committed {writer.stats.committed:>8}  backlog {writer.backlog:>6}",
-              flush=True)
+              file=sys.stderr, flush=True)
     time.sleep(SETTLE_S)
     per_port: dict[str, dict[str, object]] = {}
     for mode, (proto, worker, device) in ports.items():
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--mode", choices=["data", "unknown", "hello", "all"], default="all")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--json", action="store_true",
+                        help="stdout is exactly one JSON object (progress goes to stderr)")
     args = parser.parse_args(argv)
     modes = ["data", "unknown", "hello"] if args.mode == "all" else [args.mode]
     if args.workdir is not None:
@@ -131,8 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
             result = run(modes, args.seconds, Path(tmp))
+    ok = result["rss_mb_max"] < RSS_TARGET_MB  # type: ignore[operator]
+    if not args.json:
+        print(f"flood: RSS {result['rss_mb_start']} -> max {result['rss_mb_max']} MB "
+              f"(target < {RSS_TARGET_MB}); {result['frames_sent']} frames sent, "
+              f"{result['frames_committed']} beacons committed, {result['device_up_records']} "
+              f"device.up from {sum(int(p['handshakes']) for p in result['ports'].values())} "  # type: ignore[attr-defined]
+              f"handshakes -> {'OK' if ok else 'PROBLEM'}")
     print(json.dumps(result))
-    return 0 if result["rss_mb_max"] < RSS_TARGET_MB else 1  # type: ignore[operator]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

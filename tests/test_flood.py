@@ -386,10 +386,10 @@ def test_a_device_saying_hello_in_a_loop_over_a_pty(tmp_path: Path, identity: Id
 @pytest.mark.slow
 def test_the_flood_bench_stays_runnable(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(REPO / "bench" / "flood.py"), "--seconds", "2",
-                          "--workdir", str(tmp_path)],
+                          "--workdir", str(tmp_path), "--json"],
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode in (0, 1), run.stderr[-2000:]  # 1: the RSS target missed
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = json.loads(run.stdout)  # with --json, stdout is exactly one JSON object
     for key in ("rss_mb_max", "frames_sent", "frames_committed", "device_up_records",
                 "device_flapping_records", "held_busy"):
         assert isinstance(out[key], int | float), key
