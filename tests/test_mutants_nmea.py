@@ -395,3 +395,34 @@ def test_rejections_and_checksum_errors_are_logged_with_their_head(
         "nmea: checksum 1C != 1B in 'GPHDT,,T'",
         f"nmea: checksum 00 != 7A in {('GPGGA,' + '1,' * 40)[:40]!r}",
     ]
+
+
+# -- range checks (drivers/nmea.py: MAX_PLAUSIBLE_YEAR, MIN/MAX_ALT_DM, MAX_HDOP_C, MAX_SATS)
+@pytest.mark.parametrize(
+    ("field", "highest", "above"),
+    [("alt", "10000.0", "10000.1"), ("alt", "-1000.0", "-1000.1"), ("hdop", "99.99", "100.00"),
+     ("sats", "99", "100")],
+)
+def test_fix_fields_at_their_limits_are_kept_and_beyond_are_dropped_and_counted(
+    field: str, highest: str, above: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    attr = {"hdop": "hdop_c", "alt": "alt_dm", "sats": "sats"}[field]
+    reader = NmeaReader()
+    assert getattr(one_fix(gga(**{field: highest}), reader), attr) is not None
+    with caplog.at_level("DEBUG", logger="drivers.nmea"):
+        assert getattr(one_fix(gga(**{field: above}), reader), attr) is None
+        assert getattr(one_fix(gga(**{field: above}), reader), attr) is None
+    assert reader.stats.out_of_range == {field: 2}
+    assert caplog.messages == [f"nmea: {field} out of range"] * 2
+
+
+def test_zda_years_up_to_2099_and_no_further(caplog: pytest.LogCaptureFixture) -> None:
+    reader = NmeaReader()
+    assert reader.feed(nmea("GPZDA,000000.00,31,12,2099,00,00"), 0) == [
+        GnssTime(datetime(2099, 12, 31, tzinfo=UTC), 0, "ZDA")]
+    with caplog.at_level("DEBUG", logger="drivers.nmea"):
+        assert reader.feed(nmea("GPZDA,000000.00,01,01,2100,00,00")
+                           + nmea("GPZDA,000000.00,30,02,2024,00,00"), 0) == []
+    assert reader.stats.out_of_range == {"date": 2}
+    assert caplog.messages == ["nmea: date 2100-01-01 out of range",
+                               "nmea: date 2024-02-30 out of range"]
