@@ -82,6 +82,7 @@ for m in "${modules[@]}"; do
 source_paths = $(toml_list "${packages[@]}")
 only_mutate = $(toml_list ${mutate[$m]})
 pytest_add_cli_args_test_selection = $(toml_list "${selected[@]}")
+also_copy = ["docs", "gateway.py"]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly"]
 use_git_change_detection = false
 EOF
