@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any, Protocol, TypeVar, assert_never
 
 from cryptography.exceptions import InvalidTag
 
@@ -36,6 +37,7 @@ from provisioning.registry import open_registry
 from uplink.forwarder import AckHook, Forwarder
 
 log = logging.getLogger(__name__)
+T_co = TypeVar("T_co", covariant=True)
 VERSION = "0.1.0"
 HEALTH_INTERVAL_S = 300.0
 #: How often the clock is compared with itself (a step is a ``time.step`` record).
@@ -169,19 +171,11 @@ class Gateway:
         """The driver of a framed device, by its class (mypy checks every class is here)."""
         kind = spec.kind
         if kind is DeviceClass.TAG_RECEIVER:
-            registry = open_registry(self.identity)
-            try:
-                tags = registry.snapshot()
-            finally:
-                registry.close()
+            tags = _paired(open_registry(self.identity))
             return TagReceiverDriver(tags, self.writer.last_committed_event,
                                      started_ns=self.clock.now_ns())
         if kind is DeviceClass.KIOSK:
-            kiosk_registry = open_kiosks(self.identity)
-            try:
-                kiosks = kiosk_registry.snapshot()
-            finally:
-                kiosk_registry.close()
+            kiosks = _paired(open_kiosks(self.identity))
             if not kiosks:
                 log.warning("%s: no kiosk is paired: its check-ins are recorded as kiosk.spoof "
                             "(provision pair-kiosk)", spec.name)
@@ -259,3 +253,16 @@ class Gateway:
             "ports": {w.name: {"connected": w.stats.connected, "opens": w.stats.opens,
                                "bytes_in": w.stats.bytes_in} for w in self.ports},
         }
+
+
+class _Registry(Protocol[T_co]):
+    def snapshot(self) -> Mapping[str, T_co]: ...
+    def close(self) -> None: ...
+
+
+def _paired(registry: _Registry[T_co]) -> Mapping[str, T_co]:
+    """What a registry of paired devices holds now; the registry is closed."""
+    try:
+        return registry.snapshot()
+    finally:
+        registry.close()
