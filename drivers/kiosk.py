@@ -29,7 +29,17 @@ Golden example: person ``P-000123``, fingerprint, 97.3 %, match, kiosk time
 
     01 01 cd03 78d40b6b 3c00 08 502d303030313233
 
-STATUS (``msg_type`` 0x11), 3 bytes::
+STATUS (``msg_type`` 0x13): ``counter u32 | status (below) | mac[8]``, 15 bytes, signed
+like a check-in and under the **same counter**: one counter per kiosk, +1 for each
+signed message, check-in or status, so one ledger key (``kiosk.counter:<serial>``)
+orders and guards both. Its MAC is AES-CMAC over ``0x13 | counter | status``: the
+msg_type byte, under the MAC but not sent, separates the domains, so no check-in's
+MAC (over ``counter | check-in``, 15 bytes or more, no prefix) can pass as a status's.
+A STATUS that is unpaired, forged or not newer is a ``kiosk.spoof`` like a check-in
+and changes no state; so is the unsigned STATUS of version 2 (``msg_type`` 0x11,
+``unsigned``).
+
+The status, 3 bytes::
 
     offset size field        meaning
     0      2    flags        u16: bit 0 tamper, 1 mains power lost, 2 on battery,
@@ -66,7 +76,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Self
+from typing import Protocol, Self
 
 from core.devices import PairedKiosk
 from core.record import JSON, Reading, Source
@@ -79,9 +89,15 @@ log = logging.getLogger(__name__)
 
 #: The unsigned check-in of kiosk messages version 1: refused (``kiosk.spoof``, unsigned).
 MSG_UNSIGNED_CHECKIN = 0x10
-MSG_STATUS = 0x11
+#: The unsigned status of kiosk messages version 2: refused (``kiosk.spoof``, unsigned).
+MSG_UNSIGNED_STATUS = 0x11
 #: A signed check-in: counter, check-in, MAC.
 MSG_CHECKIN = 0x12
+#: A signed status: counter, status, MAC (over the domain byte first).
+MSG_STATUS = 0x13
+#: What a status's MAC covers before its signed part, and a check-in's does not: the
+#: message type, so a MAC made for one kind of message never verifies as the other.
+STATUS_MAC_DOMAIN = bytes([MSG_STATUS])
 
 #: Bytes of a pairing key (AES-128).
 KEY_BYTES = 16
@@ -130,6 +146,8 @@ KIOSK_KINDS = frozenset({"checkin", "kiosk.tamper", "kiosk.tamper_cleared", "kio
 _CHECKIN = struct.Struct("<BBHIhB")
 _COUNTER = struct.Struct("<I")
 _STATUS = struct.Struct("<HB")
+#: Bytes of a signed STATUS body: counter, status, MAC.
+SIGNED_STATUS_BYTES = _COUNTER.size + _STATUS.size + MAC_BYTES
 
 
 class MessageError(ValueError):
@@ -251,8 +269,7 @@ class SignedCheckIn:
 
     @classmethod
     def sign(cls, key: bytes, counter: int, checkin: CheckIn) -> SignedCheckIn:
-        if not 0 <= counter <= 0xFFFFFFFF:
-            raise MessageError(f"check-in counter {counter} outside u32")
+        _check_counter(counter)
         unsigned = cls(counter, checkin, b"")
         return cls(counter, checkin, checkin_mac(key, unsigned.signed_part()))
 
@@ -302,18 +319,70 @@ class KioskStatus:
         return bool(self.flags & flag)
 
 
+def status_mac(key: bytes, signed_part: bytes) -> bytes:
+    """The MAC of a signed STATUS: over :data:`STATUS_MAC_DOMAIN`, then *signed_part*."""
+    return device_mac(key, STATUS_MAC_DOMAIN + signed_part)
+
+
+def _check_counter(counter: int) -> None:
+    if not 0 <= counter <= 0xFFFFFFFF:
+        raise MessageError(f"message counter {counter} outside u32")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedStatus:
+    """A STATUS as the kiosk signs it: ``counter u32 | flags u16 | battery u8 | mac[8]``;
+    the counter is the one its check-ins use."""
+
+    counter: int
+    status: KioskStatus
+    mac: bytes = field(repr=False)
+
+    @classmethod
+    def sign(cls, key: bytes, counter: int, status: KioskStatus) -> SignedStatus:
+        _check_counter(counter)
+        unsigned = cls(counter, status, b"")
+        return cls(counter, status, status_mac(key, unsigned.signed_part()))
+
+    def signed_part(self) -> bytes:
+        return _COUNTER.pack(self.counter) + self.status.to_bytes()
+
+    def to_bytes(self) -> bytes:
+        return self.signed_part() + self.mac
+
+    def verifies(self, key: bytes) -> bool:
+        return hmac.compare_digest(status_mac(key, self.signed_part()), self.mac)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SignedStatus:
+        if len(raw) != SIGNED_STATUS_BYTES:
+            raise PayloadError("STATUS", raw)
+        (counter,) = _COUNTER.unpack_from(raw)
+        status = KioskStatus.from_bytes(raw[_COUNTER.size : -MAC_BYTES])
+        return cls(counter, status, bytes(raw[-MAC_BYTES:]))
+
+
+class _Signed(Protocol):
+    """A signed kiosk message: its counter, and whether its MAC verifies under a key."""
+
+    @property
+    def counter(self) -> int: ...
+
+    def verifies(self, key: bytes, /) -> bool: ...
+
+
 def flags_key(serial: str) -> str:
     """The ledger key of the flags last committed for a kiosk."""
     return f"kiosk.flags:{serial}"
 
 
 def counter_key(serial: str) -> str:
-    """The ledger key of the check-in counter last accepted from a kiosk."""
+    """The ledger key of the counter last accepted from a kiosk (check-in or status)."""
     return f"kiosk.counter:{serial}"
 
 
 class Spoof(enum.Enum):
-    """Why a check-in is not taken as one (the ``reason`` of ``kiosk.spoof``)."""
+    """Why a check-in or a status is not taken as one (the ``reason`` of ``kiosk.spoof``)."""
 
     UNPAIRED = "unpaired"
     UNSIGNED = "unsigned"
@@ -389,14 +458,10 @@ class KioskDriver:
         event = (msg.serial, msg.event_id)
         if msg.msg_type == MSG_CHECKIN:
             return [self._signed_checkin(msg, mono_ns)]
-        if msg.msg_type == MSG_UNSIGNED_CHECKIN:
-            return [self._spoof(Spoof.UNSIGNED, msg, None, mono_ns)]
         if msg.msg_type == MSG_STATUS:
-            try:
-                status = KioskStatus.from_bytes(msg.body)
-            except PayloadError as exc:
-                return [self._malformed(msg, exc, mono_ns)]
-            return self._status(status, msg, mono_ns)
+            return self._signed_status(msg, mono_ns)
+        if msg.msg_type in (MSG_UNSIGNED_CHECKIN, MSG_UNSIGNED_STATUS):
+            return [self._spoof(Spoof.UNSIGNED, msg, None, mono_ns)]
         self.stats.reject("unknown_message")
         log.debug("%s: unknown message type %#04x (%d bytes) recorded raw",
                   msg.serial, msg.msg_type, len(msg.body))
@@ -419,7 +484,17 @@ class KioskDriver:
             return self._spoof(why, msg, signed.counter, mono_ns)
         return self._checkin(signed, msg, mono_ns)
 
-    def _check(self, serial: str, signed: SignedCheckIn) -> Spoof | None:
+    def _signed_status(self, msg: Message, mono_ns: int) -> list[Reading]:
+        try:
+            signed = SignedStatus.from_bytes(msg.body)
+        except PayloadError as exc:
+            return [self._malformed(msg, exc, mono_ns)]
+        why = self._check(msg.serial, signed)
+        if why is not None:
+            return [self._spoof(why, msg, signed.counter, mono_ns)]
+        return self._status(signed, msg, mono_ns)
+
+    def _check(self, serial: str, signed: _Signed) -> Spoof | None:
         paired = self._kiosks.get(serial)
         if paired is None:
             return Spoof.UNPAIRED
@@ -433,13 +508,13 @@ class KioskDriver:
         return None
 
     def _spoof(self, why: Spoof, msg: Message, counter: int | None, mono_ns: int) -> Reading:
-        """Not a check-in: an alarm, which keeps the raw body as evidence (it may hold a
-        person reference: a record, never a log line)."""
+        """Not a check-in or a status: an alarm, which keeps the raw body as evidence (it
+        may hold a person reference: a record, never a log line). No state changes."""
         self.stats.spoofs += 1
         self.stats.reject(why.value)
         last = self._counters.get(msg.serial)
-        log.warning("%s: event %d: check-in refused (%s), counter %s, last accepted %s",
-                    msg.serial, msg.event_id, why.value, counter, last)
+        log.warning("%s: event %d: message %#04x refused (%s), counter %s, last accepted %s",
+                    msg.serial, msg.event_id, msg.msg_type, why.value, counter, last)
         body: dict[str, JSON] = {
             "reason": why.value, "counter": counter, "last_counter": last,
             "msg_type": msg.msg_type, "raw": msg.body.hex(), "dev_event": msg.event_id,
@@ -466,7 +541,9 @@ class KioskDriver:
         return Reading("checkin", self._source, body, mono_ns, (msg.serial, msg.event_id),
                        ledger=((counter_key(msg.serial), signed.counter),))
 
-    def _status(self, status: KioskStatus, msg: Message, mono_ns: int) -> list[Reading]:
+    def _status(self, signed: SignedStatus, msg: Message, mono_ns: int) -> list[Reading]:
+        status = signed.status
+        self._counters[msg.serial] = signed.counter
         self.stats.statuses += 1
         state = self._states.get(msg.serial)
         if state is None:
@@ -500,9 +577,10 @@ class KioskDriver:
             transition(flag, "kiosk.fault", "kiosk.fault_cleared", {"fault": name})
         body: dict[str, JSON] = {name: status.has(flag) for flag, name in FLAG_NAMES.items()}
         body.update(battery_pct=status.battery_pct, unknown_flags=now & ~KNOWN_FLAGS,
-                    dev_event=msg.event_id)
+                    counter=signed.counter, dev_event=msg.event_id)
+        ledger = ((flags_key(msg.serial), now), (counter_key(msg.serial), signed.counter))
         out.append(Reading("kiosk.status", self._source, body, mono_ns,
-                           (msg.serial, msg.event_id), ledger=((flags_key(msg.serial), now),)))
+                           (msg.serial, msg.event_id), ledger=ledger))
         state.reported = now
         state.resync = False
         return out
@@ -517,6 +595,8 @@ __all__ = [
     "MSG_CHECKIN",
     "MSG_STATUS",
     "MSG_UNSIGNED_CHECKIN",
+    "MSG_UNSIGNED_STATUS",
+    "STATUS_MAC_DOMAIN",
     "CheckIn",
     "CheckinPayloadError",
     "KioskDriver",
@@ -525,8 +605,10 @@ __all__ = [
     "Method",
     "Result",
     "SignedCheckIn",
+    "SignedStatus",
     "Spoof",
     "checkin_mac",
     "counter_key",
     "flags_key",
+    "status_mac",
 ]

@@ -36,6 +36,7 @@ from drivers.kiosk import (
     MSG_CHECKIN,
     MSG_STATUS,
     MSG_UNSIGNED_CHECKIN,
+    MSG_UNSIGNED_STATUS,
     PERSON_MAX,
     CheckIn,
     CheckinPayloadError,
@@ -45,9 +46,11 @@ from drivers.kiosk import (
     Method,
     Result,
     SignedCheckIn,
+    SignedStatus,
     checkin_mac,
     counter_key,
     flags_key,
+    status_mac,
 )
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
@@ -74,6 +77,8 @@ KEY = bytes(range(16))
 SIGNED_BYTES = bytes.fromhex(
     "05 00 00 00  01 01 cd 03 78 d4 0b 6b 3c 00 08 50 2d 30 30 30 31 32 33"
     "  1d 7f e1 1b fe 03 ea 20")
+#: Its signed golden status (counter 6: the check-ins' counter): tamper, paper, battery 57 %.
+SIGNED_STATUS_BYTES = bytes.fromhex("06 00 00 00  0d 00 39  b9 79 22 58 db 4a 56 61")
 
 
 def paired(*serials: str) -> dict[str, PairedKiosk]:
@@ -103,8 +108,14 @@ class Feed:
             counter = self.counter
         return self.raw(MSG_CHECKIN, signed_body(inner, key, counter))
 
-    def status(self, flags: int, battery: int | None = 80) -> list[Reading]:
-        return self.raw(MSG_STATUS, KioskStatus(flags, battery).to_bytes())
+    def status(self, flags: int, battery: int | None = 80, key: bytes = KEY,
+               counter: int | None = None) -> list[Reading]:
+        """A STATUS signed as the kiosk signs it (next counter, the check-ins' one)."""
+        if counter is None:
+            self.counter += 1
+            counter = self.counter
+        status = KioskStatus(flags, battery)
+        return self.raw(MSG_STATUS, SignedStatus.sign(key, counter, status).to_bytes())
 
     def up(self) -> None:
         self.drv.on_device_up(self.hello)
@@ -239,9 +250,10 @@ GOLDEN_FRAMES = [
      " 32 33  1d 7f e1 1b fe 03 ea 20  9c 1d a3 d2",
      "04 10 03 07  01  01  03 12 05  01  01  0a 01 01 cd 03 78 d4 0b 6b 3c"
      "  16 08 50 2d 30 30 30 31 32 33 1d 7f e1 1b fe 03 ea 20 9c 1d a3 d2  00"),
-    (8, MSG_STATUS, bytes.fromhex("0d 00 39"),
-     "10  03  08 00 00 00  11  0d 00 39  4f e5 34 91",
-     "04 10 03 08  01  01  03 11 0d  06 39 4f e5 34 91  00"),
+    (8, MSG_STATUS, SIGNED_STATUS_BYTES,
+     "10  03  08 00 00 00  13  06 00 00 00  0d 00 39  b9 79 22 58 db 4a 56 61  31 2f 4a eb",
+     "04 10 03 08  01  01  03 13 06  01  01  02 0d  0e 39 b9 79 22 58 db 4a 56 61 31 2f 4a eb"
+     "  00"),
 ]
 
 
@@ -273,7 +285,7 @@ def test_the_kiosk_document_shows_the_bytes_and_records_the_code_makes() -> None
     body = dict(Feed().checkin(GOLDEN_BYTES, counter=5)[0].body, dev_event=7)
     assert json.dumps(body, sort_keys=True) in text
     feed = Feed()
-    feed.event = 7
+    feed.event, feed.counter = 7, 5
     readings = feed.status(FLAG_TAMPER | FLAG_ON_BATTERY | FLAG_PAPER_FAULT, 57)
     readings += feed.status(FLAG_ON_BATTERY, 55)
     for rec in readings:
@@ -315,9 +327,13 @@ def test_a_malformed_checkin_is_a_device_error_with_its_raw_bytes(raw: bytes) ->
 
 @pytest.mark.parametrize("raw", ["", "00 00", "00 00 00 00", "00 00 65", "00 00 fe"])
 def test_a_malformed_status_is_a_device_error(raw: str) -> None:
-    body = bytes.fromhex(raw)
+    status = bytes.fromhex(raw)
     with pytest.raises(PayloadError):
-        KioskStatus.from_bytes(body)
+        KioskStatus.from_bytes(status)
+    signed_part = (1).to_bytes(4, "little") + status
+    body = signed_part + status_mac(KEY, signed_part)
+    with pytest.raises(PayloadError):
+        SignedStatus.from_bytes(body)
     out = Feed().raw(MSG_STATUS, body)
     assert kinds(out) == ["device.error"]
     assert out[0].body["raw"] == body.hex()
@@ -402,10 +418,10 @@ def test_the_first_status_reports_every_fault_that_is_set() -> None:
     assert status.body == {
         "tamper": True, "mains_lost": False, "on_battery": True, "paper_fault": True,
         "camera_fault": False, "fingerprint_fault": False, "battery_pct": 57,
-        "unknown_flags": 0, "dev_event": 1,
+        "unknown_flags": 0, "counter": 1, "dev_event": 1,
     }
     assert status.device_event == (SERIAL, 1)
-    assert status.ledger == ((flags_key(SERIAL), 0x0D),)
+    assert status.ledger == ((flags_key(SERIAL), 0x0D), (counter_key(SERIAL), 1))
     assert all(r.device_event is None for r in out[:-1])
 
 
@@ -459,7 +475,7 @@ def test_a_restarted_gateway_restores_what_cleared_while_it_was_down() -> None:
 
 
 def test_kiosks_swapped_on_one_port_keep_their_own_state() -> None:
-    drv = KioskDriver()
+    drv = KioskDriver(paired("KI-A", "KI-B"))
     first, second = Feed(drv, "KI-A"), Feed(drv, "KI-B")
     first.status(FLAG_PAPER_FAULT)
     out = second.status(0)
@@ -524,11 +540,12 @@ def test_any_valid_checkin_round_trips_and_becomes_a_checkin_record(checkin: Che
 # garbage, and near misses: the golden check-in and a status with one byte replaced
 near_misses = st.builds(
     lambda good, i, b: good[: i % len(good)] + bytes([b]) + good[i % len(good) + 1 :],
-    st.sampled_from([GOLDEN_BYTES, bytes.fromhex("0d 00 39")]), st.integers(0, 63),
+    st.sampled_from([GOLDEN_BYTES, SIGNED_STATUS_BYTES]), st.integers(0, 63),
     st.integers(0, 255))
 
 
-@given(st.sampled_from([MSG_CHECKIN, MSG_UNSIGNED_CHECKIN, MSG_STATUS, 0x00, 0x01, 0xFF]),
+@given(st.sampled_from([MSG_CHECKIN, MSG_UNSIGNED_CHECKIN, MSG_STATUS, MSG_UNSIGNED_STATUS,
+                        0x00, 0x01, 0xFF]),
        st.lists(st.binary(max_size=60) | near_misses, min_size=1, max_size=8))
 def test_garbage_bodies_never_raise_and_every_message_ends_with_its_event(
     msg_type: int, bodies: list[bytes]
@@ -601,7 +618,9 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
         sim.set_status(tamper=False)
         sim.replay(0)  # the first check-in again, byte for byte, under a new event id
         forged = sim.forge("P-999999")  # a fresh counter, the wrong key
-        total = n + 4
+        tampered = sim.replay_status(0)  # the tamper status again: it must raise nothing
+        sim.send_unsigned_status(KioskStatus(FLAG_TAMPER, 70))  # nor this one
+        total = n + 6
 
         def acked_only_after_commit() -> bool:
             acked = sim.acked()
@@ -629,10 +648,14 @@ def test_every_checkin_arrives_verified_in_order_exactly_once(
     assert summary["received"] == summary["verified"] == published
     got = [r for r in arrived if r.kind == "checkin"]
     assert [r.record["body"]["person"] for r in got] == [c.person for c in sent]
-    assert [r.record["body"]["counter"] for r in got] == list(range(1, n + 1))
+    # one counter for check-ins and statuses: together they count 1, 2, 3... in order
+    signed = sorted((r for r in arrived if r.kind in ("checkin", "kiosk.status")),
+                    key=lambda r: r.seq)
+    assert [r.record["body"]["counter"] for r in signed] == list(range(1, n + 3))
     spoofs = sorted((r for r in arrived if r.kind == "kiosk.spoof"), key=lambda r: r.seq)
     assert [(r.record["body"]["reason"], r.record["body"]["counter"]) for r in spoofs] == [
-        ("replay", 1), ("bad_mac", forged.counter)]
+        ("replay", 1), ("bad_mac", forged.counter), ("replay", tampered.counter),
+        ("unsigned", None)]
     assert {r.record["prio"] for r in spoofs} == {"alarm"}
     assert [r.seq for r in got] == sorted(r.seq for r in got)
     assert len({r.record["body"]["dev_event"] for r in got}) == n  # exactly once
@@ -740,10 +763,149 @@ def test_pair_kiosk_takes_its_key_from_a_file_or_generates_it_never_from_argv(
 def test_a_kiosk_changing_its_serial_at_every_handshake_does_not_grow_memory() -> None:
     from drivers.kiosk import MAX_KIOSK_STATES
 
-    drv = KioskDriver()
-    for n in range(10 * MAX_KIOSK_STATES):
-        serial = f"KI-{n:06d}"
+    serials = [f"KI-{n:06d}" for n in range(10 * MAX_KIOSK_STATES)]
+    drv = KioskDriver(paired(*serials))
+    body = SignedStatus.sign(KEY, 1, KioskStatus(FLAG_TAMPER, 50)).to_bytes()
+    for n, serial in enumerate(serials):
         hello = Hello(PROTOCOL_VERSION, DeviceClass.KIOSK, (1, 0, 0), 1, serial)
-        drv.on_message(Message(serial, n + 1, MSG_STATUS, KioskStatus(FLAG_TAMPER, 50).to_bytes()),
-                       hello, n)
+        out = drv.on_message(Message(serial, n + 1, MSG_STATUS, body), hello, n)
+        assert kinds(out)[-1] == "kiosk.status"
     assert len(drv._states) == MAX_KIOSK_STATES
+
+
+# -- signed statuses: one counter with the check-ins, a status is a status once -------------
+
+
+def test_golden_signed_status_bytes() -> None:
+    status = KioskStatus(FLAG_TAMPER | FLAG_ON_BATTERY | FLAG_PAPER_FAULT, 57)
+    signed = SignedStatus.sign(KEY, 6, status)
+    assert signed.to_bytes() == SIGNED_STATUS_BYTES
+    assert SignedStatus.from_bytes(SIGNED_STATUS_BYTES) == signed
+    assert signed.verifies(KEY)
+    cmac = CMAC(AES(KEY))
+    cmac.update(bytes([MSG_STATUS]) + SIGNED_STATUS_BYTES[:-8])  # domain | counter | status
+    assert cmac.finalize()[:8] == SIGNED_STATUS_BYTES[-8:]
+    # the MAC a check-in would carry over the same bytes is not a status's
+    assert checkin_mac(KEY, SIGNED_STATUS_BYTES[:-8]) != SIGNED_STATUS_BYTES[-8:]
+    text = (DOCS / "kiosk.md").read_text()
+    assert 'body = bytes.fromhex("06 00 00 00  0d 00 39  b9 79 22 58 db 4a 56 61")' in text
+
+
+def test_a_replayed_status_clears_nothing_and_is_a_spoof_alarm() -> None:
+    feed = Feed()
+    feed.status(0)  # counter 1: all clear
+    all_clear = SignedStatus.sign(KEY, 1, KioskStatus(0, 80)).to_bytes()
+    assert kinds(feed.status(FLAG_TAMPER)) == ["kiosk.tamper", "kiosk.status"]  # counter 2
+    for _ in range(2):  # the all-clear again, byte for byte, under new event ids
+        out = feed.raw(MSG_STATUS, all_clear)
+        assert kinds(out) == ["kiosk.spoof"]
+        body = out[0].body
+        assert (body["reason"], body["counter"], body["last_counter"]) == ("replay", 1, 2)
+        assert (body["msg_type"], body["raw"]) == (MSG_STATUS, all_clear.hex())
+        assert out[0].device_event == (SERIAL, feed.event)  # acknowledged once committed
+        assert out[0].ledger == ()  # neither the flags nor the counter move
+    assert kinds(feed.status(FLAG_TAMPER, counter=2)) == ["kiosk.spoof"]  # nor raises
+    # the tamper alarm is still active: the next genuine status changes nothing
+    assert kinds(feed.status(FLAG_TAMPER)) == ["kiosk.status"]
+    assert kinds(feed.status(0)) == ["kiosk.tamper_cleared", "kiosk.status"]
+    assert feed.drv.stats.rejected == {"replay": 3}
+
+
+@pytest.mark.parametrize(("key", "drv_kiosks", "reason"), [
+    (bytes(16), paired(SERIAL), "bad_mac"),
+    (KEY, {SERIAL: PairedKiosk(SERIAL, b"\x01" * 16, 0)}, "bad_mac"),  # another kiosk's key
+    (KEY, {}, "unpaired"),
+], ids=["wrong key", "another kiosk's key", "unpaired kiosk"])
+def test_a_forged_status_clears_and_raises_nothing(
+    key: bytes, drv_kiosks: dict[str, PairedKiosk], reason: str,
+) -> None:
+    drv = KioskDriver(drv_kiosks, {flags_key(SERIAL): FLAG_TAMPER}.get)
+    feed = Feed(drv)
+    for flags in (0, FLAG_PAPER_FAULT):  # clear the tamper alarm, raise a fault
+        out = feed.status(flags, key=key)
+        assert kinds(out) == ["kiosk.spoof"]
+        assert out[0].body["reason"] == reason
+        signed = SignedStatus.sign(key, feed.counter, KioskStatus(flags, 80))
+        assert out[0].body["raw"] == signed.to_bytes().hex()  # the evidence, kept
+        assert out[0].device_event == (SERIAL, feed.event)
+        assert out[0].ledger == ()
+    assert drv.stats.statuses == 0
+
+
+def test_a_checkin_mac_never_passes_as_a_status_mac() -> None:
+    """Domain separation: the same key, the same bytes, signed as a check-in is signed."""
+    signed_part = (1).to_bytes(4, "little") + KioskStatus(0, 80).to_bytes()
+    feed = Feed(KioskDriver(paired(SERIAL), {flags_key(SERIAL): FLAG_TAMPER}.get))
+    out = feed.raw(MSG_STATUS, signed_part + checkin_mac(KEY, signed_part))
+    assert kinds(out) == ["kiosk.spoof"]
+    assert out[0].body["reason"] == "bad_mac"
+
+
+def test_an_unsigned_status_cannot_clear_a_tamper_alarm() -> None:
+    feed = Feed()
+    assert kinds(feed.status(FLAG_TAMPER)) == ["kiosk.tamper", "kiosk.status"]
+    clear = KioskStatus(0, 80).to_bytes()
+    out = feed.raw(MSG_UNSIGNED_STATUS, clear)
+    assert kinds(out) == ["kiosk.spoof"]
+    assert out[0].body == {"reason": "unsigned", "counter": None, "last_counter": 1,
+                           "msg_type": MSG_UNSIGNED_STATUS, "raw": clear.hex(),
+                           "dev_event": 2}
+    assert out[0].device_event == (SERIAL, 2)  # acknowledged, never left unacked
+    assert out[0].ledger == ()
+    assert kinds(feed.status(FLAG_TAMPER)) == ["kiosk.status"]  # still tampered
+    # and a malformed unsigned status is refused just the same, not read
+    assert kinds(feed.raw(MSG_UNSIGNED_STATUS, b"\x00")) == ["kiosk.spoof"]
+
+
+def test_status_replay_protection_survives_a_gateway_restart() -> None:
+    ledger = {counter_key(SERIAL): 7, flags_key(SERIAL): FLAG_TAMPER}  # committed before
+    feed = Feed(KioskDriver(paired(SERIAL), ledger.get))
+    out = feed.status(0, counter=7)
+    assert kinds(out) == ["kiosk.spoof"]
+    assert (out[0].body["reason"], out[0].body["last_counter"]) == ("replay", 7)
+    assert transitions(feed.status(0, counter=8)) == [("kiosk.tamper_cleared", None, True)]
+
+
+def test_checkins_and_statuses_share_one_counter() -> None:
+    feed = Feed()
+    assert kinds(feed.checkin(GOLDEN_BYTES)) == ["checkin"]  # 1
+    out = feed.status(FLAG_PAPER_FAULT)  # 2
+    assert kinds(out) == ["kiosk.fault", "kiosk.status"]
+    assert out[-1].ledger == ((flags_key(SERIAL), FLAG_PAPER_FAULT), (counter_key(SERIAL), 2))
+    assert kinds(feed.checkin(GOLDEN_BYTES)) == ["checkin"]  # 3
+    assert kinds(feed.status(0)) == ["kiosk.fault_cleared", "kiosk.status"]  # 4
+    # a counter taken by one kind of message cannot be used by the other
+    assert kinds(feed.checkin(GOLDEN_BYTES, counter=4)) == ["kiosk.spoof"]
+    assert kinds(feed.status(FLAG_TAMPER, counter=3)) == ["kiosk.spoof"]
+    assert kinds(feed.checkin(GOLDEN_BYTES, counter=5)) == ["checkin"]
+    assert kinds(feed.status(FLAG_TAMPER, counter=6)) == ["kiosk.tamper", "kiosk.status"]
+    assert (feed.drv.stats.checkins, feed.drv.stats.statuses) == (3, 3)
+
+
+KIOSK_C_STATUS_MAIN = r"""
+int main(void)
+{
+    uint8_t key[16], out[16];
+    for (int i = 0; i < 16; i++) key[i] = (uint8_t)i;
+    size_t n = kiosk_status_body(key, 6, 0x000d, 57, out);
+    for (size_t i = 0; i < n; i++) printf("%02x", out[i]);
+    printf("\n");
+    return 0;
+}
+"""
+
+
+def test_the_c_reference_signs_the_golden_status(tmp_path: Path) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not Path("/usr/include/openssl/evp.h").exists():
+        pytest.skip("no C compiler or OpenSSL headers on this machine")
+    text = (DOCS / "kiosk.md").read_text(encoding="utf-8")
+    harness = KIOSK_C_HARNESS[: KIOSK_C_HARNESS.index("int main")] + KIOSK_C_STATUS_MAIN
+    source = "\n".join(re.findall(r"```c\n(.*?)```", text, re.S)) + harness
+    src, exe = tmp_path / "kiosk.c", tmp_path / "kiosk"
+    src.write_text(source)
+    subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                    str(src), "-lcrypto"], check=True, capture_output=True, timeout=60)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
+                         timeout=30).stdout.split()
+    assert out == [SIGNED_STATUS_BYTES.hex()]

@@ -2,12 +2,13 @@
 
 Wire faults come from :class:`lab.wire.Damage`, as for every framed device.
 The kiosk keeps its status flags; :meth:`KioskSim.set_status` changes some and
-sends the whole state, as the firmware does on any change. Each check-in is signed
-under the kiosk's pairing key with the next value of its check-in counter
-(docs/kiosk.md); fault injection beyond the wire: a replayed check-in
+sends the whole state, as the firmware does on any change. Each check-in and each
+status is signed under the kiosk's pairing key with the next value of its one message
+counter (docs/kiosk.md); fault injection beyond the wire: a replayed check-in
 (:meth:`KioskSim.replay`), a forged one (:meth:`KioskSim.forge`, the wrong key) and
 one without a signature (:meth:`KioskSim.send_unsigned`, firmware of kiosk messages
-version 1).
+version 1); likewise a replayed status (:meth:`KioskSim.replay_status`) and an
+unsigned one (:meth:`KioskSim.send_unsigned_status`, version 2).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from drivers.kiosk import (
     MSG_CHECKIN,
     MSG_STATUS,
     MSG_UNSIGNED_CHECKIN,
+    MSG_UNSIGNED_STATUS,
     CheckIn,
     KioskStatus,
     MessageError,
     Method,
     Result,
     SignedCheckIn,
+    SignedStatus,
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
@@ -62,8 +65,9 @@ class KioskSim(FramedDeviceSim):
         self.status = KioskStatus(0, battery_pct)
         self._wall_clock = wall_clock
         self.key = key
-        self.counter = 0  # the check-in counter, kept in the kiosk's flash
+        self.counter = 0  # the message counter (check-ins and statuses), kept in flash
         self.signed: list[SignedCheckIn] = []  # every check-in signed, for replays
+        self.statuses: list[SignedStatus] = []  # every status signed, for replays
 
     def checkin(
         self,
@@ -129,5 +133,20 @@ class KioskSim(FramedDeviceSim):
             value = value | flag if on else value & ~flag
         battery = self.status.battery_pct if battery_pct is _Keep.BATTERY else battery_pct
         self.status = KioskStatus(value, battery)
-        self.enqueue(MSG_STATUS, self.status.to_bytes())
+        self.counter += 1
+        signed = SignedStatus.sign(self.key, self.counter, self.status)
+        self.statuses.append(signed)
+        self.enqueue(MSG_STATUS, signed.to_bytes())
         return self.status
+
+    def replay_status(self, index: int = -1) -> SignedStatus:
+        """Send again a status sent before, byte for byte (a new event of the kiosk)."""
+        signed = self.statuses[index]
+        self.enqueue(MSG_STATUS, signed.to_bytes())
+        return signed
+
+    def send_unsigned_status(self, status: KioskStatus) -> KioskStatus:
+        """A status as kiosk messages version 2 sent it: no counter, no MAC (the kiosk's
+        own state is left as it is)."""
+        self.enqueue(MSG_UNSIGNED_STATUS, status.to_bytes())
+        return status
