@@ -704,19 +704,24 @@ int main(void)
 """
 
 
-def test_the_c_reference_signs_the_golden_checkin(tmp_path: Path) -> None:
+def run_kiosk_c(tmp_path: Path, harness: str) -> list[str]:
+    """Compile docs/kiosk.md's C reference with *harness* (its main) against OpenSSL, run
+    it, and return what it printed, split on white space."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not Path("/usr/include/openssl/evp.h").exists():
         pytest.skip("no C compiler or OpenSSL headers on this machine")
     text = (DOCS / "kiosk.md").read_text(encoding="utf-8")
-    source = "\n".join(re.findall(r"```c\n(.*?)```", text, re.S)) + KIOSK_C_HARNESS
+    source = "\n".join(re.findall(r"```c\n(.*?)```", text, re.S)) + harness
     src, exe = tmp_path / "kiosk.c", tmp_path / "kiosk"
     src.write_text(source)
     subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
                     str(src), "-lcrypto"], check=True, capture_output=True, timeout=60)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
-                         timeout=30).stdout.split()
-    assert out == [SIGNED_BYTES.hex(), "0"]
+    return subprocess.run([str(exe)], capture_output=True, text=True, check=True,
+                          timeout=30).stdout.split()
+
+
+def test_the_c_reference_signs_the_golden_checkin(tmp_path: Path) -> None:
+    assert run_kiosk_c(tmp_path, KIOSK_C_HARNESS) == [SIGNED_BYTES.hex(), "0"]
 
 
 # -- pairing, from the installer's command line -------------------------------------------
@@ -896,16 +901,5 @@ int main(void)
 
 
 def test_the_c_reference_signs_the_golden_status(tmp_path: Path) -> None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not Path("/usr/include/openssl/evp.h").exists():
-        pytest.skip("no C compiler or OpenSSL headers on this machine")
-    text = (DOCS / "kiosk.md").read_text(encoding="utf-8")
     harness = KIOSK_C_HARNESS[: KIOSK_C_HARNESS.index("int main")] + KIOSK_C_STATUS_MAIN
-    source = "\n".join(re.findall(r"```c\n(.*?)```", text, re.S)) + harness
-    src, exe = tmp_path / "kiosk.c", tmp_path / "kiosk"
-    src.write_text(source)
-    subprocess.run([compiler, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
-                    str(src), "-lcrypto"], check=True, capture_output=True, timeout=60)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True,
-                         timeout=30).stdout.split()
-    assert out == [SIGNED_STATUS_BYTES.hex()]
+    assert run_kiosk_c(tmp_path, harness) == [SIGNED_STATUS_BYTES.hex()]
