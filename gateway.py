@@ -111,17 +111,11 @@ def _tag_key(args: argparse.Namespace) -> bytes | None:
     if args.key is not None and args.key != "-":
         raise RegistryError("--key on the command line shows in 'ps': put the key in a file "
                             "(--key-file FILE, mode 600) or pipe it in with --key -")
-    if args.key == "-":
-        where, text = "--key - (stdin)", sys.stdin.read(MAX_KEY_FILE_BYTES)
-    elif args.key_file is not None:
-        where = f"--key-file {args.key_file}"
-        try:
-            with Path(args.key_file).open(encoding="ascii") as file:
-                text = file.read(MAX_KEY_FILE_BYTES)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RegistryError(f"{where}: cannot read the key ({exc})") from None
-    else:
+    name = "-" if args.key == "-" else args.key_file
+    if name is None:
         return None
+    where = "--key - (stdin)" if name == "-" else f"--key-file {name}"
+    text = _read_key_file(name)
     try:
         return bytes.fromhex(text.strip())
     except ValueError:
