@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this checkout on Debian 12 / Raspberry Pi OS: system packages (python3-venv,
-# mosquitto) when missing, a virtual env in .venv, and the project with its dependencies.
+# mosquitto, the TPM's libtss2-dev and swtpm) when missing, a virtual env in .venv, and
+# the project with its dependencies.
 #   scripts/setup.sh          runtime dependencies
 #   scripts/setup.sh --test   and the test tools (pytest, hypothesis, ruff, mypy)
 set -euo pipefail
@@ -21,6 +22,18 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     missing+=(mosquitto)
 fi
+# the TPM 2.0 (provisioning/tpm.py): tpm2-pytss has no wheels and builds against the
+# TCG TSS (libtss2-dev, found with pkg-config) with a C compiler and Python's headers;
+# swtpm is the software TPM of the tests, the bench and the demo (lab/swtpm.py)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists tss2-esys; then
+    missing+=(libtss2-dev)
+fi
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    >/dev/null 2>&1 || missing+=(python3-dev)
+command -v swtpm >/dev/null 2>&1 || missing+=(swtpm swtpm-tools)
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         say "please install: ${missing[*]} (no apt-get on this machine)"; exit 1
@@ -44,6 +57,7 @@ stamp=".venv/.installed-${hash}${extra:+-test}"
 # an install with the test tools also serves the demo
 if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-${hash}-test" ]; then
     say "installing the project and its dependencies${extra:+ with test tools}"
+    say "(the first install compiles tpm2-pytss against libtss2: about a minute)"
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
     rm -f .venv/.installed-*
     touch "$stamp"

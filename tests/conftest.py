@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from core.topics import PLATFORM_CN
 from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
+from lab.swtpm import Swtpm
 from provisioning.identity import Identity, create_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,3 +36,25 @@ def identity(tmp_path: Path) -> Identity:
 @pytest.fixture
 def platform_cn() -> str:
     return PLATFORM_CN
+
+
+@pytest.fixture
+def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[str], Swtpm]]:
+    """Start software TPMs by name: each name is its own state directory under tmp_path,
+    so another name is another TPM (another gateway). All are stopped after the test."""
+    started: list[Swtpm] = []
+
+    def start(name: str) -> Swtpm:
+        tpm = Swtpm(tmp_path / name).start()
+        started.append(tpm)
+        return tpm
+
+    yield start
+    for tpm in started:
+        tpm.stop()
+
+
+@pytest.fixture
+def swtpm(swtpm_factory: Callable[[str], Swtpm]) -> Swtpm:
+    """A fresh software TPM 2.0 on loopback (state in tmp_path/swtpm)."""
+    return swtpm_factory("swtpm")
