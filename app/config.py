@@ -21,6 +21,14 @@ Example (docs/configuration.md has the full reference)::
     [gnss]
     path = "/dev/ttyACM0"
     baudrate = 9600
+
+    [inputs]                    # optional: enclosure switch, mains, UPS (GPIO lines)
+    chip = "/dev/gpiochip0"
+    enclosure_line = 17
+    enclosure_active = "high"   # the level that means "open"
+    mains_line = 27
+    mains_active = "high"       # the level that means "mains present"
+    ups_runtime_s = 900         # power off cleanly before the UPS runs out
 """
 
 from __future__ import annotations
@@ -35,10 +43,19 @@ from buffer.store import MIN_QUOTA_BYTES
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 from drivers.gnss import Installed
+from drivers.inputs import (
+    DEFAULT_ENCLOSURE_DEBOUNCE_MS,
+    DEFAULT_MAINS_DEBOUNCE_MS,
+    DEFAULT_SHUTDOWN_MARGIN_S,
+    DEFAULT_UPS_LOW_DEBOUNCE_MS,
+    MAX_DEBOUNCE_MS,
+    InputsSpec,
+    LineSpec,
+)
 from firmware_bridge.messages import DeviceClass
 
 T = TypeVar("T")
-SECTIONS = ("gateway", "broker", "devices", "gnss")
+SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs")
 #: Device kinds a ``[[devices]]`` table may name: the framed device classes.
 DEVICE_KINDS = {c.label: c for c in DeviceClass}
 DEFAULT_DEVICE_BAUD = 115200
@@ -55,6 +72,21 @@ DEFAULT_MQTTS_PORT = 8883
 
 class ConfigError(UserError):
     """The configuration is wrong; the message says where and how to fix it."""
+
+
+DEFAULT_GPIO_CHIP = "/dev/gpiochip0"
+DEFAULT_SHUTDOWN_COMMAND = ("systemctl", "poweroff")
+#: Highest line offset accepted (a Raspberry Pi's chip has 54 lines; expanders fewer).
+MAX_GPIO_LINE = 1023
+
+
+@dataclass(frozen=True)
+class InputsSection:
+    """``[inputs]``: the GPIO chip, its lines (drivers/inputs.py) and how to power off."""
+
+    chip: str
+    spec: InputsSpec
+    shutdown_command: tuple[str, ...] = DEFAULT_SHUTDOWN_COMMAND
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,8 @@ class Config:
     #: The record store's disk quota (``[gateway] quota_bytes``); None: derived from the
     #: filesystem of data_dir (``buffer.store.default_quota``).
     quota_bytes: int | None = None
+    #: ``[inputs]``: enclosure switch, mains, UPS; None: no such inputs.
+    inputs: InputsSection | None = None
 
     @property
     def identity_path(self) -> Path:
@@ -185,6 +219,7 @@ def load_config(path: Path) -> Config:
         identity_dir=identity_dir,
         source=path,
         quota_bytes=quota_bytes,
+        inputs=_inputs(_Section(path, "inputs", raw["inputs"])) if "inputs" in raw else None,
     )
 
 
@@ -259,3 +294,59 @@ def _gnss(sec: _Section) -> GnssSection:
     gnss = GnssSection(path, baudrate, fix_interval_s, installed)
     sec.done()
     return gnss
+
+
+def _inputs(sec: _Section) -> InputsSection:
+    chip = sec.get("chip", str, DEFAULT_GPIO_CHIP)
+    if not chip.strip():
+        raise sec.error("chip", f"is empty: give the GPIO chip's device, e.g. {DEFAULT_GPIO_CHIP}")
+    defaults = {"enclosure": DEFAULT_ENCLOSURE_DEBOUNCE_MS, "mains": DEFAULT_MAINS_DEBOUNCE_MS,
+                "ups_low": DEFAULT_UPS_LOW_DEBOUNCE_MS}
+    lines: dict[str, LineSpec | None] = {}
+    used: dict[int, str] = {}
+    for name, default_ms in defaults.items():
+        offset = sec.get(f"{name}_line", int, None)
+        active = sec.get(f"{name}_active", str, "high")
+        debounce_ms = sec.get(f"{name}_debounce_ms", int, default_ms)
+        if active not in ("high", "low"):
+            raise sec.error(f"{name}_active", f'must be "high" or "low" (the level the line '
+                                              f"reads when it is {_MEANING[name]}), got {active!r}")
+        if not 0 <= debounce_ms <= MAX_DEBOUNCE_MS:
+            raise sec.error(f"{name}_debounce_ms", f"must be 0-{MAX_DEBOUNCE_MS} ms (default "
+                                                   f"{default_ms}), got {debounce_ms}")
+        if offset is None:
+            lines[name] = None
+            continue
+        if not 0 <= offset <= MAX_GPIO_LINE:
+            raise sec.error(f"{name}_line", f"must be a line offset 0-{MAX_GPIO_LINE} on {chip} "
+                                            f"(gpioinfo lists them), got {offset}")
+        if offset in used:
+            raise sec.error(f"{name}_line", f"line {offset} is already {used[offset]}_line: "
+                                            "give each input its own line")
+        used[offset] = name
+        lines[name] = LineSpec(offset, active == "high", debounce_ms)
+    if not used:
+        raise sec.error(None, "names no line: give enclosure_line, mains_line or ups_low_line "
+                              "(or remove the table)")
+    runtime_s = sec.get("ups_runtime_s", float, None)
+    margin_s = sec.get("shutdown_margin_s", float, DEFAULT_SHUTDOWN_MARGIN_S)
+    if margin_s < 0:
+        raise sec.error("shutdown_margin_s", f"must be 0 or more seconds, got {margin_s}")
+    if runtime_s is not None:
+        if lines["mains"] is None:
+            raise sec.error("ups_runtime_s", "needs mains_line: the budget starts when mains "
+                                             "is lost")
+        if runtime_s <= margin_s:
+            raise sec.error("ups_runtime_s", f"must exceed shutdown_margin_s ({margin_s:g} s): "
+                                             "the UPS's runtime on battery, seconds")
+    command = sec.get("shutdown_command", list, list(DEFAULT_SHUTDOWN_COMMAND))
+    if not command or not all(isinstance(arg, str) and arg for arg in command):
+        raise sec.error("shutdown_command", 'must be a non-empty list of strings (argv, no '
+                                            'shell), e.g. ["systemctl", "poweroff"]')
+    spec = InputsSpec(lines["enclosure"], lines["mains"], lines["ups_low"], runtime_s, margin_s)
+    section = InputsSection(chip, spec, tuple(command))
+    sec.done()
+    return section
+
+
+_MEANING = {"enclosure": "open", "mains": "powered", "ups_low": "low on battery"}

@@ -141,7 +141,8 @@ def test_pair_list_unpair_tags(tmp_path: Path) -> None:
     ident = str(tmp_path / "identity")
     assert run_cli("provision", "init", "--identity-dir", ident, "--gateway-id",
                    "gw-qc-0042").returncode == 0
-    paired = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "0x1000",
+    paired = run_cli("provision", "pair-tag", "--operator", "Ann Installer",
+                     "--identity-dir", ident, "--tag", "0x1000",
                      "--json")
     assert paired.returncode == 0, paired.stderr
     key = json.loads(paired.stdout)["key"]
@@ -151,12 +152,15 @@ def test_pair_list_unpair_tags(tmp_path: Path) -> None:
                                 "--json").stdout)
     assert [t["tag"] for t in listed["tags"]] == ["T00001000"]
     assert "key" not in listed["tags"][0]
-    bad = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "zz")
+    bad = run_cli("provision", "pair-tag", "--operator", "Ann Installer",
+                  "--identity-dir", ident, "--tag", "zz")
     assert bad.returncode == 2
     assert "give T + 8 hex digits" in bad.stderr
-    assert run_cli("provision", "unpair-tag", "--identity-dir", ident, "--tag",
+    assert run_cli("provision", "unpair-tag", "--operator", "Ann Installer",
+                   "--identity-dir", ident, "--tag",
                    "T00001000").returncode == 0
-    again = run_cli("provision", "unpair-tag", "--identity-dir", ident, "--tag", "T00001000")
+    again = run_cli("provision", "unpair-tag", "--operator", "Ann Installer",
+                    "--identity-dir", ident, "--tag", "T00001000")
     assert again.returncode == 2
     assert "not paired" in again.stderr
 
@@ -215,7 +219,8 @@ def test_a_tampered_registry_is_a_clear_error(tmp_path: Path, how: str) -> None:
     create_identity(ident, "gw-qc-0042")
     key_file = tmp_path / "tag.key"
     key_file.write_text(bytes(range(16)).hex())
-    assert run_cli("provision", "pair-tag", "--identity-dir", str(ident), "--tag", "0x1000",
+    assert run_cli("provision", "pair-tag", "--operator", "Ann Installer",
+                   "--identity-dir", str(ident), "--tag", "0x1000",
                    "--key-file", str(key_file)).returncode == 0
     registry = ident / "tags.json"
     doc = json.loads(registry.read_text())
@@ -240,7 +245,8 @@ def test_a_tampered_registry_is_a_clear_error(tmp_path: Path, how: str) -> None:
 def test_absent_after_is_bounded(tmp_path: Path) -> None:
     ident = str(tmp_path / "identity")
     create_identity(tmp_path / "identity", "gw-qc-0042")
-    result = run_cli("provision", "pair-tag", "--identity-dir", ident, "--tag", "0x1000",
+    result = run_cli("provision", "pair-tag", "--operator", "Ann Installer",
+                     "--identity-dir", ident, "--tag", "0x1000",
                      "--absent-after", str(10**30))
     assert result.returncode == 2
     assert "--absent-after must be 10-86400 seconds" in result.stderr
