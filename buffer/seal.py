@@ -1,4 +1,4 @@
-"""Sealing: numbering, hash chain and Ed25519 signature of each record (docs/records.md).
+"""Sealing: numbering, hash chain and signature of each record (docs/records.md).
 
 Sans-IO. A group of readings is sealed on a :class:`Draft` taken from the
 :class:`Sealer`; the sealer moves on to the draft's chain state only once the
@@ -6,17 +6,15 @@ group is committed (:meth:`Sealer.advance`). A failed commit simply drops the
 draft: nothing is rolled back because nothing moved.
 
 ``sig`` is over the canonical bytes (:func:`core.record.canonical`) of the record
-without ``sig``; ``prev`` is the SHA-256 of the complete canonical bytes of the
-record with the previous ``seq``.
+without ``sig``, by the session key named in ``kid`` with the algorithm named in ``alg``
+(:mod:`core.suites`); ``prev`` is the hash of ``alg`` (SHA-256 or SM3) of the complete
+canonical bytes of the record with the previous ``seq``. The first record of every start
+is a ``key.session`` (:mod:`core.session`), signed by the session key it certifies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from core.record import (
     FORMAT_VERSION,
@@ -27,8 +25,8 @@ from core.record import (
     b64u,
     check_no_float,
     has_float,
-    key_id,
 )
+from core.suites import Signer, hash_function, key_id
 
 #: The record's fields that sort after "sig".
 _AFTER_SIG = ("src", "t", "tq", "v")
@@ -37,36 +35,44 @@ _DUMPS = json.JSONEncoder(
 ).encode
 
 
-def rotation_body(new_key: Ed25519PublicKey) -> dict[str, JSON]:
-    """Body of a ``key.rotate`` record: signed by the old key, it vouches for the new one."""
-    return {"new_kid": key_id(new_key),
-            "new_key": b64u(new_key.public_bytes(Encoding.Raw, PublicFormat.Raw))}
+class NoSessionKeyError(RuntimeError):
+    """A record to seal before any key.session: the pipeline starts a session first."""
 
 
 class Draft:
     """Seals records after the sealer's last committed one, without moving the sealer."""
 
-    def __init__(self, gateway_id: str, key: Ed25519PrivateKey, kid: str, *, boot: int,
+    def __init__(self, gateway_id: str, key: Signer | None, *, boot: int,
                  last_seq: int, last_digest: bytes) -> None:
         self.gateway_id = gateway_id
-        self.key = key
-        self.kid = kid
+        self.key: Signer | None = None
+        self.kid = ""
+        self.alg = ""
+        if key is not None:
+            self.use_key(key)
         self.boot = boot
         self.base_seq = last_seq
         self.last_seq = last_seq
         self.last_digest = last_digest
 
-    def use_key(self, key: Ed25519PrivateKey) -> None:
-        """Sign from the next record on with *key*."""
+    def use_key(self, key: Signer) -> None:
+        """Sign from the next record on with *key* (a session key: the chain's algorithm
+        does not change within a store)."""
         self.key = key
-        self.kid = key_id(key.public_key())
+        self.alg = key.alg
+        self.kid = key_id(key.alg, key.public_raw)
+        self._hash = hash_function(key.alg)
 
     def seal(self, reading: Reading, ts: Timestamp) -> SealedRecord:
+        key = self.key
+        if key is None:
+            raise NoSessionKeyError("no session key yet: a key.session record comes first")
         if has_float(reading.body):
             check_no_float(dict(reading.body), "body")  # raises, naming where
         seq = self.last_seq + 1
         priority = reading.priority
         rec: dict[str, JSON] = {
+            "alg": self.alg,
             "v": FORMAT_VERSION,
             "gw": self.gateway_id,
             "seq": seq,
@@ -86,10 +92,10 @@ class Draft:
         # canonical() of the signed dict gives the same bytes (tested).
         unsigned = _DUMPS(rec)
         tail = _DUMPS({k: rec[k] for k in _AFTER_SIG})  # '{"src":…,"v":1}'
-        head = unsigned[: len(unsigned) - len(tail) + 1]  # '{"body":…,"seq":N,'
-        sig = b64u(self.key.sign(unsigned.encode("utf-8")))
+        head = unsigned[: len(unsigned) - len(tail) + 1]  # '{"alg":…,"seq":N,'
+        sig = b64u(key.sign(unsigned.encode("utf-8")))
         data = (head + '"sig":"' + sig + '",' + tail[1:]).encode("utf-8")
-        digest = hashlib.sha256(data).digest()
+        digest = self._hash(data)
         self.last_seq = seq
         self.last_digest = digest
         return SealedRecord(seq, priority, reading.kind, data, digest)
@@ -101,7 +107,7 @@ class Sealer:
     def __init__(
         self,
         gateway_id: str,
-        signing_key: Ed25519PrivateKey,
+        signing_key: Signer | None = None,
         *,
         last_seq: int,
         last_digest: bytes,
@@ -109,18 +115,19 @@ class Sealer:
     ) -> None:
         self.gateway_id = gateway_id
         self._key = signing_key
-        self.kid = key_id(signing_key.public_key())
+        self.kid = key_id(signing_key.alg, signing_key.public_raw) if signing_key else ""
         self.last_seq = last_seq
         self.last_digest = last_digest
         self.boot = boot
 
     @property
-    def signing_key(self) -> Ed25519PrivateKey:
+    def signing_key(self) -> Signer | None:
+        """The session key records are signed with (None before the first key.session)."""
         return self._key
 
     def draft(self) -> Draft:
         """A draft to seal the next group on."""
-        return Draft(self.gateway_id, self._key, self.kid, boot=self.boot,
+        return Draft(self.gateway_id, self._key, boot=self.boot,
                      last_seq=self.last_seq, last_digest=self.last_digest)
 
     def advance(self, draft: Draft) -> None:

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from buffer.seal import Sealer
 from core.durable import fsync_dir
 from core.errors import UserError
 from core.kinds import Priority
 from core.record import GENESIS_PREV, SealedRecord
+from core.suites import Signer, storage_aead
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -225,11 +223,13 @@ class Store:
                              f"{MIN_QUOTA_BYTES} bytes ({MIN_QUOTA_BYTES // 1024} KiB)")
         self.quota_bytes = quota_bytes
         self.limits = Limits.of(quota_bytes)
-        if len(storage_key) != 32:
-            raise StoreError("storage key must be 32 bytes (AES-256)")
+        try:
+            aead = storage_aead(storage_key)
+        except ValueError as exc:
+            raise StoreError(f"storage key: {exc}") from None
         self.path = path
         self.reserve_path = path.with_name(path.name + RESERVE_SUFFIX)
-        self._aead = AESGCM(storage_key)
+        self._aead = aead
         try:
             self._db = _connect(path, self.limits.wal)
             self._db.executescript(SCHEMA)
@@ -242,7 +242,7 @@ class Store:
             log.warning("no room for the record store's reserve file %s (%d bytes) yet",
                         self.reserve_path, self.limits.reserve)
 
-    def sealer(self, gateway_id: str, signing_key: Ed25519PrivateKey) -> Sealer:
+    def sealer(self, gateway_id: str, signing_key: Signer | None = None) -> Sealer:
         """A sealer that continues this store's chain (its last seq and digest, this boot)."""
         st = self.state
         return Sealer(gateway_id, signing_key, last_seq=st.last_seq, last_digest=st.last_digest,
@@ -476,7 +476,7 @@ class StoreReader:
     """A read connection (the forwarder's): decrypts queued records in delivery order."""
 
     def __init__(self, path: Path, storage_key: bytes) -> None:
-        self._aead = AESGCM(storage_key)
+        self._aead = storage_aead(storage_key)
         self._db = _connect(path)
 
     def queued(self, batch: int = 1000) -> Iterator[bytes]:

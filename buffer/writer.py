@@ -29,13 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from buffer.seal import Draft, Sealer, rotation_body
+from buffer.seal import Draft, Sealer
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store, free_bytes, is_disk_full
 from core.clock import Clock
 from core.kinds import Priority
 from core.record import JSON, Reading, SealedRecord, Source
+from core.suites import Signer
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +128,20 @@ class _Health:
     extra: Callable[[], dict[str, JSON]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Rotate:
-    """Announce *key* in a record signed by the current key, then sign with *key*."""
+#: The body of a key record, given where it lands in the chain: (seq, boot) -> body.
+KeyBody = Callable[[int, int], dict[str, JSON]]
 
-    key: Ed25519PrivateKey
+
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """A ``key.session`` (signed by *session*, as every record after it) or a
+    ``key.rotate``; its certificate names the seq it lands at, so the body is made when
+    it is sealed."""
+
+    kind: str
+    body: KeyBody
+    session: Signer | None
+    mono_ns: int
     on_committed: OnCommitted | None
 
 
@@ -143,7 +151,7 @@ class _Barrier:
     deletes_before: int = 0  # deletions received before it: committed when it fires
 
 
-_Item = _Submit | _Delete | _Barrier | _Health | _Rotate
+_Item = _Submit | _Delete | _Barrier | _Health | _KeyRecord
 
 
 @dataclass
@@ -196,6 +204,7 @@ class WriterStats:
     commit_failures: int = 0
     disk_full: int = 0  # times the disk filled up (storage.full)
     callback_errors: int = 0
+    key_failures: int = 0  # key records that could not be certified (logged)
     evicted: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
 
@@ -261,11 +270,15 @@ class StoreWriter:
         self._add_backlog(1)
         self._inbox.put(_Health(extra))
 
-    def rotate_key(self, key: Ed25519PrivateKey, on_committed: OnCommitted | None = None) -> None:
-        """Key rotation: a ``key.rotate`` record signed by the current key announces *key*;
-        every later record is signed by *key*. *on_committed* runs once that is durable."""
+    def key_record(self, kind: str, body: KeyBody, *, session: Signer | None, mono_ns: int,
+                   on_committed: OnCommitted | None = None) -> None:
+        """Seal a key record: ``key.session`` with *session* (which signs it and every
+        later record) or ``key.rotate`` (*session* None). *body(seq, boot)* is called on
+        the writer's thread when its seq is known (a certificate names it); if it fails,
+        the key record is left out (logged, counted) and the current key goes on.
+        *on_committed* runs once it is durable."""
         self._add_backlog(1)
-        self._inbox.put(_Rotate(key, on_committed))
+        self._inbox.put(_KeyRecord(kind, body, session, mono_ns, on_committed))
 
     def delete_range(self, prio: int, lo: int, hi: int, rows: int) -> None:
         """Delete the rows of class *prio* with seq in [lo, hi] (forwarded and PUBACKed)."""
@@ -476,17 +489,33 @@ class StoreWriter:
             group.taken += 1
             if isinstance(item, _Health):
                 group.add(self._health_reading(item), self._clock)
-            elif isinstance(item, _Rotate):
-                body = rotation_body(item.key.public_key())
-                reading = Reading("key.rotate", self._gateway_source, body, self._clock.now_ns())
-                group.add(reading, self._clock, item.on_committed)
-                group.draft.use_key(item.key)
+            elif isinstance(item, _KeyRecord):
+                self._add_key_record(group, item)
             elif isinstance(item, _Submit):
                 for reading in item.readings:
                     group.add(reading, self._clock)
                 if item.on_committed is not None:
                     group.callbacks.append((item.on_committed, len(group.records) - 1))
         return group
+
+    def _add_key_record(self, group: _Group, item: _KeyRecord) -> None:
+        draft = group.draft
+        try:
+            body = item.body(draft.last_seq + 1, draft.boot)
+        except Exception:  # a TPM that stopped answering: keep signing with the current key
+            log.exception("cannot certify the %s record: the current key goes on", item.kind)
+            self.stats.key_failures += 1
+            return
+        previous = draft.key
+        if item.session is not None:
+            draft.use_key(item.session)
+        try:
+            group.add(Reading(item.kind, self._gateway_source, body, item.mono_ns), self._clock,
+                      item.on_committed)
+        except Exception:
+            if previous is not None:
+                draft.use_key(previous)
+            raise
 
     def _take_deletes(self) -> list[_Delete]:
         """The queued deletions that fit in one transaction (at least one)."""

@@ -12,11 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from central.record import VerifiedRecord
+from central.record import Registration, VerifiedRecord
 from central.verifier import Verifier
 from core.mqtt import BrokerConfig, connect, make_client
 from core.topics import TOPIC_ROOT
@@ -29,7 +28,7 @@ class VerifierClient:
     def __init__(
         self,
         broker: BrokerConfig,
-        keys: Mapping[str, Ed25519PublicKey],
+        registrations: Mapping[str, Registration],
         *,
         client_id: str = "platform-verifier",
         share_group: str | None = None,
@@ -37,7 +36,7 @@ class VerifierClient:
         on_record: Callable[[VerifiedRecord], None] | None = None,
     ) -> None:
         self.persistent = persistent_session
-        self.verifier = Verifier(keys, on_record=on_record)
+        self.verifier = Verifier(registrations, on_record=on_record)
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         topic = f"{TOPIC_ROOT}/+/records"

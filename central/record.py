@@ -1,27 +1,29 @@
 """What the platform runs on each record it receives: shape, canonical form, key, signature.
 
-Depends only on the shared record format (:mod:`core.record`, docs/records.md).
+Depends only on the shared record format (:mod:`core.record`, :mod:`core.suites`,
+:mod:`core.session`; docs/records.md). Which key may sign which record is the
+verifier's business (:mod:`central.verifier`): here a record is checked against the one
+key it is given.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pathlib import Path
 
 from core.record import (
     FORMAT_VERSION,
     JSON,
+    LEGACY_FORMAT_VERSION,
     REQUIRED_FIELDS,
     canonical,
     check_no_float,
-    key_id,
     unb64u,
 )
+from core.session import KEY_CLASSES
+from core.suites import ED25519, SIGNATURE_ALGS, Verifier, digest, key_id
 
 
 class RecordError(Exception):
@@ -40,48 +42,112 @@ class VerifiedRecord:
     digest: bytes
     kind: str
     record: dict[str, JSON]
+    #: the class of the identity key behind the signature: ``tpm`` or ``file``
+    key_class: str = ""
 
 
-def announced_key(record: Mapping[str, JSON]) -> Ed25519PublicKey | None:
-    """The new key a verified ``key.rotate`` record announces (None if malformed)."""
-    body = record.get("body")
-    if record.get("kind") != "key.rotate" or not isinstance(body, dict):
-        return None
-    try:
-        key = Ed25519PublicKey.from_public_bytes(unb64u(str(body.get("new_key", ""))))
-    except ValueError:
-        return None
-    return key if key_id(key) == body.get("new_kid") else None
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What the platform registered for a gateway at enrolment: its identity key
+    (``signing.pub`` of the gateway's identity directory)."""
+
+    gateway_id: str
+    alg: str
+    public_raw: bytes
+    kid: str
+    key_class: str
+    suite: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, JSON]) -> Registration:
+        try:
+            alg, key_class = str(obj["alg"]), str(obj["class"])
+            raw = unb64u(str(obj["key"]))
+            reg = cls(str(obj["gateway_id"]), alg, raw, str(obj["kid"]), key_class,
+                      str(obj.get("suite", "ed25519")))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"not a gateway registration ({exc})") from None
+        if alg not in SIGNATURE_ALGS or key_class not in KEY_CLASSES:
+            raise ValueError(f"registration of {reg.gateway_id}: algorithm {alg!r} or class "
+                             f"{key_class!r} unknown")
+        Verifier(alg, raw)  # a key of that algorithm?
+        if key_id(alg, raw) != reg.kid:
+            raise ValueError(f"registration of {reg.gateway_id}: kid does not match the key")
+        return reg
+
+    def verifier(self) -> Verifier:
+        return Verifier(self.alg, self.public_raw)
 
 
-def verify_record(data: bytes, keys: Mapping[str, Ed25519PublicKey]) -> VerifiedRecord:
-    """Check one record on its own: shape, canonical form, known key, signature."""
+def load_registrations(paths: list[Path]) -> dict[str, Registration]:
+    """Registrations by gateway id, from the gateways' ``signing.pub`` files."""
+    out: dict[str, Registration] = {}
+    for path in paths:
+        try:
+            reg = Registration.from_json(json.loads(path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        out[reg.gateway_id] = reg
+    return out
+
+
+def parse_record(data: bytes) -> dict[str, JSON]:
+    """A record's fields, shape-checked (types, version, canonical-able); not yet verified.
+    A format-1 record (no ``alg``) gets ``alg`` = Ed25519 here, and ``v`` stays 1."""
     try:
         rec = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError("malformed", f"not JSON: {exc}") from None
     if not isinstance(rec, dict):
         raise RecordError("malformed", "not a JSON object")
+    legacy = rec.get("v") == LEGACY_FORMAT_VERSION and "alg" not in rec
     for name, kind in REQUIRED_FIELDS.items():
+        if legacy and name == "alg":
+            continue
         if not isinstance(rec.get(name), kind) or isinstance(rec.get(name), bool):
             raise RecordError("malformed", f"field {name!r} missing or not {kind}")
-    if rec["v"] != FORMAT_VERSION:
+    if rec["v"] not in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
         raise RecordError("version", f"format version {rec['v']} not supported")
+    if not legacy and rec["alg"] not in SIGNATURE_ALGS:
+        raise RecordError("malformed", f"unknown algorithm {rec['alg']!r}")
     try:
         check_no_float(rec, "record")
-        complete = canonical(rec)
+        canonical(rec)
     except (TypeError, ValueError) as exc:
         raise RecordError("malformed", str(exc)) from None
-    key = keys.get(rec["kid"])
-    if key is None:
-        raise RecordError("unknown_key", f"key id {rec['kid']!r} is not trusted")
+    return rec
+
+
+KeyLookup = Callable[[dict[str, JSON]], tuple[Verifier, str] | None]
+
+
+def verify_record(data: bytes, key_for: KeyLookup) -> VerifiedRecord:
+    """Check one record on its own: shape, canonical form, signature by the key
+    *key_for(record)* gives (with its class), or ``unknown_key`` when it gives none."""
+    rec = parse_record(data)
+    return verify_parsed(rec, key_for)
+
+
+def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup) -> VerifiedRecord:
+    found = key_for(rec)
+    if found is None:
+        raise RecordError("unknown_key", f"key id {rec['kid']!r} is not trusted for "
+                          f"gateway {rec['gw']!r}")
+    key, key_class = found
+    legacy = "alg" not in rec
+    alg = ED25519 if legacy else str(rec["alg"])
+    if key.alg != alg:
+        raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}: alg {alg!r} "
+                          f"but key {rec['kid']!r} is {key.alg}")
+    complete = canonical(rec)
     sig_text = rec.pop("sig")
     try:
-        key.verify(unb64u(sig_text), canonical(rec))
-        prev = unb64u(rec["prev"])
-    except (InvalidSignature, ValueError):
-        raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}") from None
+        good = key.verify(unb64u(str(sig_text)), canonical(rec))
+        prev = unb64u(str(rec["prev"]))
+    except ValueError:
+        good = False
     rec["sig"] = sig_text
-    return VerifiedRecord(
-        rec["gw"], rec["seq"], prev, hashlib.sha256(complete).digest(), rec["kind"], rec
-    )
+    if not good:
+        raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}")
+    return VerifiedRecord(str(rec["gw"]), int(rec["seq"]),
+                          prev, digest(alg, complete), str(rec["kind"]), rec, key_class)

@@ -1,9 +1,9 @@
 """Platform-side verification of what gateways send (sans-IO).
 
-For each gateway: every record's signature on its own, exact de-duplication by
-(gateway id, seq), and the hash chain: record ``n``'s ``prev`` must equal the
-SHA-256 of record ``n-1``. Records arrive out of seq order (alarms first), so a
-link is checked whenever both ends have arrived, and seqs still missing are
+For each registered gateway: every record's signature by a session key its identity
+certified (:mod:`core.session`), exact de-duplication by (gateway id, seq), and the hash
+chain: record ``n``'s ``prev`` must equal the hash (of ``alg``) of record ``n-1``.
+Records arrive out of seq order (alarms first), so a link is checked whenever both ends have arrived, and seqs still missing are
 reported as gaps unless a signed ``gap`` record accounts for them.
 
 It also counts, per gateway, the ``uplink.takeover`` alarms: a gateway saying
@@ -12,18 +12,32 @@ that another MQTT client took its client id (docs/broker.md).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from central.record import RecordError, VerifiedRecord, announced_key, verify_record
+from central.record import (
+    RecordError,
+    Registration,
+    VerifiedRecord,
+    parse_record,
+    verify_parsed,
+)
 from core.record import JSON
+from core.session import (
+    ROTATE_KIND,
+    SESSION_KIND,
+    CertificateError,
+    SessionCert,
+    parse_identity,
+    parse_session,
+)
+from core.suites import Verifier as PublicKey
 
 log = logging.getLogger(__name__)
-#: Records signed by a key not yet announced, held until a key.rotate names it.
+#: Records waiting for the certificate of their key (a key.session still on its way).
 MAX_HELD = 100_000
 #: The kind of a gateway's report that another client took its MQTT client id.
 TAKEOVER_KIND = "uplink.takeover"
@@ -37,45 +51,87 @@ class VerifierStats:
     bad_signature: int = 0
     malformed: int = 0
     unknown_key: int = 0
+    unknown_gateway: int = 0  # records of a gateway the platform never registered
+    forged_certificate: int = 0  # key.session / key.rotate not signed by the identity
+    out_of_validity: int = 0  # signed by a session key outside its boot, seqs or time
     duplicates: int = 0
     chain_breaks: int = 0  # prev does not match the record before it
-    held: int = 0  # waiting for the announcement of their key
+    held: int = 0  # waiting for the certificate of their key
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 @dataclass
+class _Identity:
+    from_seq: int  # the identity signs certificates of records from this seq on
+    kid: str
+    key: PublicKey
+    key_class: str
+
+
+@dataclass
+class _Session:
+    cert: SessionCert
+    key: PublicKey
+    key_class: str
+
+
+@dataclass
 class _GatewayChain:
+    identities: list[_Identity]
+    sessions: dict[str, _Session] = field(default_factory=dict)
+    session_starts: list[int] = field(default_factory=list)  # from_seq of each, sorted
     digests: dict[int, bytes] = field(default_factory=dict)
     prevs: dict[int, bytes] = field(default_factory=dict)
     explained: set[int] = field(default_factory=set)  # seqs a signed gap record accounts for
     by_kind: Counter[str] = field(default_factory=Counter)
+    key_classes: Counter[str] = field(default_factory=Counter)
+
+    def identity(self, kid: str, seq: int) -> _Identity | None:
+        """The identity *kid* if it was this gateway's identity at *seq*."""
+        for i, ident in enumerate(self.identities):
+            until = self.identities[i + 1].from_seq if i + 1 < len(self.identities) else None
+            if ident.kid == kid and ident.from_seq <= seq and (until is None or seq < until):
+                return ident
+        return None
+
+
+class _HoldError(Exception):
+    """The record's key may still be certified by a record on its way."""
 
 
 class Verifier:
+    """Verifies records of registered gateways. A record is trusted only if signed by a
+    session key that the gateway's registered identity (or an identity it certified in a
+    ``key.rotate``) certified for that gateway, that boot, from that seq on, up to that
+    monotonic time, and not superseded by the gateway's next ``key.session``."""
+
     def __init__(
         self,
-        keys: Mapping[str, Ed25519PublicKey],
+        registrations: Mapping[str, Registration],
         *,
         on_record: Callable[[VerifiedRecord], None] | None = None,
     ) -> None:
-        self.keys = dict(keys)
+        self.registrations = dict(registrations)
         self.stats = VerifierStats()
         self._chains: dict[str, _GatewayChain] = {}
         self._on_record = on_record
         self._held: list[bytes] = []
 
-    def _trust(self, rec: VerifiedRecord) -> None:
-        key = announced_key(rec.record)
-        if key is None:
-            self.stats.malformed += 1
-            return
-        self.keys[str(rec.record["body"]["new_kid"])] = key
-        held, self._held = self._held, []
-        self.stats.held -= len(held)
-        for data in held:
-            self.ingest_record(data)
+    def register(self, reg: Registration) -> None:
+        """Enrol one more gateway (its identity key)."""
+        self.registrations[reg.gateway_id] = reg
+
+    def _chain(self, gw: str) -> _GatewayChain | None:
+        chain = self._chains.get(gw)
+        if chain is None:
+            reg = self.registrations.get(gw)
+            if reg is None:
+                return None
+            chain = _GatewayChain([_Identity(0, reg.kid, reg.verifier(), reg.key_class)])
+            self._chains[gw] = chain
+        return chain
 
     def ingest(self, payload: bytes) -> list[VerifiedRecord]:
         """One MQTT message: records separated by newlines."""
@@ -90,22 +146,98 @@ class Verifier:
 
     def ingest_record(self, data: bytes) -> VerifiedRecord | None:
         try:
-            rec = verify_record(data, self.keys)
-        except RecordError as exc:
-            if exc.reason == "unknown_key" and len(self._held) < MAX_HELD:
-                # perhaps signed by a new key whose announcement is still on its way
+            rec = self._verify(data)
+        except _HoldError:
+            if len(self._held) < MAX_HELD:
                 self._held.append(data)
                 self.stats.held += 1
-                return None
-            if exc.reason == "bad_signature":
-                self.stats.bad_signature += 1
-            elif exc.reason == "unknown_key":
-                self.stats.unknown_key += 1
             else:
-                self.stats.malformed += 1
+                self.stats.unknown_key += 1
+            return None
+        except RecordError as exc:
+            counter = {"bad_signature": "bad_signature", "unknown_key": "unknown_key",
+                       "unknown_gateway": "unknown_gateway",
+                       "forged_certificate": "forged_certificate",
+                       "out_of_validity": "out_of_validity"}.get(exc.reason, "malformed")
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             log.warning("record rejected: %s", exc)
             return None
-        chain = self._chains.setdefault(rec.gateway_id, _GatewayChain())
+        return self._accept(rec)
+
+    def _verify(self, data: bytes) -> VerifiedRecord:
+        rec = parse_record(data)
+        gw = str(rec["gw"])
+        chain = self._chain(gw)
+        if chain is None:
+            raise RecordError("unknown_gateway", f"gateway {gw!r} is not registered")
+        seq = int(rec["seq"])
+        if "alg" not in rec:  # format 1: signed by the identity key itself
+            ident = chain.identity(str(rec["kid"]), seq)
+            return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None)
+        if rec["kind"] == SESSION_KIND:
+            return self._verify_session(rec, chain, seq)
+        session = chain.sessions.get(str(rec["kid"]))
+        if session is None:
+            raise _HoldError
+        verified = verify_parsed(rec, lambda _r: (session.key, session.key_class))
+        cert = session.cert
+        if rec["boot"] != cert.boot or seq < cert.from_seq or \
+                int(rec["mono"]) > cert.until_mono:
+            raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
+                              f"certified for boot {cert.boot}, seq >= {cert.from_seq}, "
+                              f"mono <= {cert.until_mono}")
+        later = bisect.bisect_right(chain.session_starts, cert.from_seq)
+        if later < len(chain.session_starts) and chain.session_starts[later] <= seq:
+            raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
+                              f"key superseded at seq {chain.session_starts[later]}")
+        return verified
+
+    def _verify_session(self, rec: dict[str, JSON], chain: _GatewayChain,
+                        seq: int) -> VerifiedRecord:
+        try:
+            cert, sig, signed = parse_session(rec["body"])
+        except CertificateError as exc:
+            raise RecordError("malformed", f"key.session: {exc}") from None
+        if (cert.gateway_id, cert.boot, cert.from_seq, cert.kid, cert.alg) != \
+                (rec["gw"], rec["boot"], seq, rec["kid"], rec["alg"]):
+            raise RecordError("forged_certificate", f"key.session at seq {seq} of {rec['gw']}: "
+                              "its certificate is for another gateway, boot, seq or key")
+        ident = chain.identity(cert.identity.kid, seq)
+        if ident is None:
+            if any(i.kid == cert.identity.kid for i in chain.identities):
+                raise RecordError("forged_certificate", f"key.session at seq {seq}: identity "
+                                  f"{cert.identity.kid} was not the gateway's at that seq")
+            raise _HoldError  # perhaps certified by a rotation still on its way
+        if not ident.key.verify(sig, signed):
+            raise RecordError("forged_certificate", f"key.session at seq {seq} of "
+                              f"{rec['gw']} is not signed by identity {ident.kid}")
+        key = PublicKey(cert.alg, cert.public_raw)
+        verified = verify_parsed(rec, lambda _r: (key, ident.key_class))
+        chain.sessions[cert.kid] = _Session(cert, key, ident.key_class)
+        bisect.insort(chain.session_starts, cert.from_seq)
+        return verified
+
+    def _trust_rotation(self, rec: VerifiedRecord, chain: _GatewayChain) -> bool:
+        try:
+            cert, sig, signed = parse_identity(rec.record["body"])
+        except CertificateError as exc:
+            log.warning("key.rotate at seq %d of %s: %s", rec.seq, rec.gateway_id, exc)
+            self.stats.malformed += 1
+            return False
+        current = chain.identity(cert.by.kid, rec.seq)
+        if cert.gateway_id != rec.gateway_id or cert.from_seq != rec.seq or current is None \
+                or not current.key.verify(sig, signed):
+            log.warning("key.rotate at seq %d of %s is not certified by the gateway's "
+                        "identity", rec.seq, rec.gateway_id)
+            self.stats.forged_certificate += 1
+            return False
+        chain.identities.append(_Identity(cert.from_seq, cert.kid,
+                                          PublicKey(cert.alg, cert.public_raw), cert.key_class))
+        chain.identities.sort(key=lambda i: i.from_seq)
+        return True
+
+    def _accept(self, rec: VerifiedRecord) -> VerifiedRecord | None:
+        chain = self._chains[rec.gateway_id]
         if rec.seq in chain.digests:
             self.stats.duplicates += 1
             return None
@@ -114,20 +246,31 @@ class Verifier:
         chain.digests[rec.seq] = rec.digest
         chain.prevs[rec.seq] = rec.prev
         chain.by_kind[rec.kind] += 1
+        chain.key_classes[rec.key_class] += 1
         before = chain.digests.get(rec.seq - 1)
         if before is not None and before != rec.prev:
             self.stats.chain_breaks += 1
         after = chain.prevs.get(rec.seq + 1)
         if after is not None and after != rec.digest:
             self.stats.chain_breaks += 1
-        if rec.kind == "key.rotate":
-            self._trust(rec)
         if rec.kind == "gap":
             for lo, hi in _ranges(rec.record.get("body")):
                 chain.explained.update(range(lo, hi + 1))
         if self._on_record is not None:
             self._on_record(rec)
+        trusted = rec.kind == SESSION_KIND or (
+            rec.kind == ROTATE_KIND and self._trust_rotation(rec, chain))
+        if trusted and self._held:
+            held, self._held = self._held, []
+            self.stats.held -= len(held)
+            for data in held:
+                self.ingest_record(data)
         return rec
+
+    def key_classes(self, gateway_id: str) -> dict[str, int]:
+        """Records of *gateway_id* by the class of the identity behind their key."""
+        return dict(self._chains[gateway_id].key_classes) if gateway_id in self._chains \
+            else {}
 
     def gaps(self, gateway_id: str, first_seq: int = 1) -> list[tuple[int, int]]:
         """Missing seq ranges from *first_seq* to the highest seen, not covered by gap records."""
@@ -146,7 +289,8 @@ class Verifier:
         return missing
 
     def kinds(self, gateway_id: str) -> dict[str, int]:
-        return dict(self._chains.get(gateway_id, _GatewayChain()).by_kind)
+        chain = self._chains.get(gateway_id)
+        return dict(chain.by_kind) if chain else {}
 
     def takeovers(self) -> dict[str, int]:
         """Per gateway that reported any: its ``uplink.takeover`` records (distinct)."""

@@ -63,6 +63,20 @@ KIND_PRIORITY: dict[str, Priority] = {
     "storage.recovered": Priority.STATUS,
     # first out, so the platform learns the new key before records signed with it
     "key.rotate": Priority.ALARM,
+    # the session key of this start, certified by the identity key (core/session.py)
+    "key.session": Priority.ALARM,
+    # the enclosure's tamper switch and mains power (drivers/inputs.py), with their
+    # restores; power.shutdown: the gateway powers off cleanly before its UPS runs out
+    "enclosure.opened": Priority.ALARM,
+    "enclosure.closed": Priority.STATUS,
+    "power.lost": Priority.ALARM,
+    "power.restored": Priority.STATUS,
+    "power.shutdown": Priority.ALARM,
+    # every local human action, naming who (app/actions.py, issue 9 item 6); the files the
+    # gateway runs with, hashed at each start, and an alarm when they changed since
+    "local.action": Priority.ALARM,
+    "config.loaded": Priority.STATUS,
+    "config.changed": Priority.ALARM,
 }
 
 

@@ -25,13 +25,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from core.kinds import Priority, priority_of
 
-FORMAT_VERSION = 1
+#: Format 2 adds ``alg`` and signs with session keys certified by the gateway's identity;
+#: format 1 (no ``alg``: Ed25519 by the identity key itself) is still verified.
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
 GENESIS_PREV = b"\x00" * 32
 JSON = Any  # JSON value without floats
 
 #: Every field of a record and its JSON type (``bool`` is never an ``int`` here).
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "v": int, "gw": str, "seq": int, "prev": str, "boot": int, "t": int, "tq": str,
+    "alg": str, "v": int, "gw": str, "seq": int, "prev": str, "boot": int, "t": int, "tq": str,
     "mono": int, "src": dict, "kind": str, "prio": str, "body": dict, "kid": str, "sig": str,
 }
 
@@ -86,7 +89,8 @@ def canonical(obj: Mapping[str, JSON]) -> bytes:
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    """base64url of the first 12 bytes of SHA-256 over the raw public key."""
+    """base64url of the first 12 bytes of SHA-256 over the raw Ed25519 public key
+    (:func:`core.suites.key_id` for every algorithm)."""
     raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return b64u(hashlib.sha256(raw).digest()[:12])
 

@@ -20,7 +20,7 @@ from typing import Self
 from app.assembly import HEALTH_INTERVAL_S, Gateway
 from app.config import Config, DeviceSection, GnssSection
 from central.client import VerifierClient
-from central.record import VerifiedRecord
+from central.record import Registration, VerifiedRecord
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 from firmware_bridge.messages import DeviceClass
@@ -155,6 +155,11 @@ class Site:
         self.close()
 
 
+def registrations(*identities: Identity) -> dict[str, Registration]:
+    """What the platform registered at enrolment for these gateways."""
+    return {i.gateway_id: Registration.from_json(i.registration()) for i in identities}
+
+
 class Platform:
     """The platform's verifier on *broker*, keeping every verified record it received."""
 
@@ -163,7 +168,7 @@ class Platform:
                  on_record: Callable[[VerifiedRecord], None] | None = None) -> None:
         self.arrived: list[VerifiedRecord] = []
         self._on_record = on_record
-        self.client = VerifierClient(broker, {identity.kid: identity.public_key},
+        self.client = VerifierClient(broker, registrations(identity),
                                      persistent_session=persistent_session,
                                      on_record=self._record)
         self._lock = threading.Lock()

@@ -1,12 +1,25 @@
 """The gateway's identity and key store: who it is, how it signs, how it encrypts at rest.
 
+The **identity key** signs only certificates (:mod:`core.session`): of the session key
+made in RAM at each start, and of the next identity key at a rotation. Records are signed
+by the session key. Where a TPM 2.0 can be had, the identity key lives in it and never
+leaves it, and the storage key is sealed by it (:mod:`provisioning.tpm`): a copy of the
+SD card then signs nothing and decrypts nothing (docs/threat-model.md). Without a TPM
+both are files (class ``file``): the demo and hardware without one, said in every
+session certificate and warned about by ``provision check``.
+
 An identity directory holds (mode 0700, files 0600):
 
-* ``gateway.json`` - gateway id and the signing key id; written last by ``provision
-  init``, so an identity without it is an unfinished one (``provision init`` again);
-* ``signing.key`` - Ed25519 private key, PKCS#8 PEM;
-* ``signing.pub`` - its public key, for enrolment at the platform;
-* ``storage.key`` - 32 random bytes, the AES-256-GCM key of the record store;
+* ``gateway.json`` - gateway id, suite, identity key id, algorithm and class, the TPM's
+  TCTI; written last by ``provision init``, so an identity without it is an unfinished one
+  (``provision init`` again);
+* ``signing.key`` - the identity key: a TPM key blob (class ``tpm``; its private part is
+  wrapped by the TPM's storage root key), or the private key (class ``file``: Ed25519 in
+  PKCS#8 PEM, other algorithms as JSON);
+* ``signing.pub`` - what the platform registers (JSON: gateway id, algorithm, key, key id,
+  class, suite), for enrolment;
+* ``storage.key`` - the store's key (32 bytes for AES-256-GCM, 16 for SM4-GCM), raw
+  (class ``file``) or sealed by the TPM (a sealed-object blob);
 * while a rotation is staged: ``signing.next.key`` and ``signing.next.pub``;
 * while a staged key is being promoted: ``rotation.json``, the intent.
 
@@ -21,7 +34,7 @@ files and ``gateway.json``'s key id are derived from them.
   ``signing.next.key``; the latter is the commit point. A ``signing.next.pub`` alone is
   rolled back; a ``signing.next.pub`` that does not match ``signing.next.key`` is
   rewritten from it.
-* promotion (after the ``key.rotate`` record that announces the staged key is
+* promotion (after the ``key.rotate`` record that certifies the staged key is
   committed) writes ``rotation.json`` (from, to), then renames ``signing.next.key`` over
   ``signing.key``, rewrites ``signing.pub`` and ``gateway.json``, removes
   ``signing.next.pub`` and finally ``rotation.json``. With ``rotation.json`` present the
@@ -35,31 +48,39 @@ files and ``gateway.json``'s key id are derived from them.
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
-    PublicFormat,
     load_pem_private_key,
-    load_pem_public_key,
 )
 
 from core import durable
 from core.durable import atomic_write
 from core.errors import UserError
-from core.record import key_id
+from core.record import JSON, b64u, unb64u
+from core.suites import (
+    DEFAULT_SUITE,
+    ED25519,
+    SoftwareKey,
+    Suite,
+    UnknownAlgorithmError,
+    key_id,
+    suite,
+)
 
-__all__ = ["GATEWAY_ID_RE", "Identity", "IdentityError", "atomic_write", "create_identity",
-           "load_identity", "load_public_keys", "promotion_steps", "recover_identity",
-           "stage_next_key", "staging_steps"]
+__all__ = ["GATEWAY_ID_RE", "TPM_ENV", "Identity", "IdentityError", "IdentityKey",
+           "atomic_write", "create_identity", "find_tpm", "load_identity", "promotion_steps",
+           "recover_identity", "registration", "stage_next_key", "staging_steps"]
 
 GATEWAY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 META = "gateway.json"
@@ -72,7 +93,11 @@ NEXT_PUB = "signing.next.pub"
 INTENT = "rotation.json"
 IDENTITY_FILES = (META, KEY, PUB, STORAGE, NEXT_KEY, NEXT_PUB, INTENT)
 PUBLIC_MODE = 0o644
-STORAGE_KEY_BYTES = 32
+#: Overrides the TCTI that gateway.json names (the TPM moved to another bus; a lab TPM).
+TPM_ENV = "SMARTCORR_TPM"
+#: The kernel's TPM resource manager (tpm_tis_spi on a Raspberry Pi TPM module).
+DEVICE_TPM = "/dev/tpmrm0"
+META_FORMAT = 2
 Step = Callable[[], None]
 
 
@@ -80,53 +105,211 @@ class IdentityError(UserError):
     """The identity directory is missing, incomplete or unusable; the message says how to fix it."""
 
 
+class IdentityKey(Protocol):
+    """An identity key: in a TPM (class ``tpm``) or a file (class ``file``)."""
+
+    @property
+    def alg(self) -> str: ...
+
+    @property
+    def public_raw(self) -> bytes: ...
+
+    @property
+    def key_class(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def find_tpm(choice: str = "auto") -> str | None:
+    """The TCTI to use: *choice* itself, or for ``auto`` :data:`TPM_ENV`, else the kernel's
+    resource manager ``/dev/tpmrm0`` when present, else None (no TPM)."""
+    if choice != "auto":
+        return choice
+    if os.environ.get(TPM_ENV):
+        return os.environ[TPM_ENV]
+    return f"device:{DEVICE_TPM}" if Path(DEVICE_TPM).exists() else None
+
+
+def kid_of(key: IdentityKey) -> str:
+    return key_id(key.alg, key.public_raw)
+
+
+def registration(gateway_id: str, key: IdentityKey, suite_name: str) -> dict[str, JSON]:
+    """What the platform registers for this gateway (``signing.pub``; docs/records.md)."""
+    return {"format": 2, "gateway_id": gateway_id, "alg": key.alg, "key": b64u(key.public_raw),
+            "kid": kid_of(key), "class": key.key_class, "suite": suite_name}
+
+
+def _public_bytes(gateway_id: str, key: IdentityKey, suite_name: str) -> bytes:
+    return json.dumps(registration(gateway_id, key, suite_name), indent=2,
+                      sort_keys=True).encode() + b"\n"
+
+
+def _file_key_bytes(key: SoftwareKey) -> bytes:
+    if key.alg == ED25519:  # PKCS#8 PEM, as every identity of format 1
+        return Ed25519PrivateKey.from_private_bytes(key.private_bytes()).private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    return json.dumps({"format": 1, "class": "file", "alg": key.alg,
+                       "private": b64u(key.private_bytes()),
+                       "public": b64u(key.public_raw)}).encode()
+
+
+class _Keys:
+    """Loads and makes keys for one identity directory; opens its TPM at most once."""
+
+    def __init__(self, tcti: str | None) -> None:
+        self.tcti = os.environ.get(TPM_ENV) or tcti
+        self._tpm: Any = None
+        self._lock = threading.Lock()
+
+    def tpm(self) -> Any:
+        with self._lock:
+            if self._tpm is None:
+                if not self.tcti:
+                    raise IdentityError("this identity's keys are in a TPM, but no TPM is "
+                                        f"named: set {TPM_ENV}=TCTI (e.g. device:/dev/tpmrm0)")
+                from provisioning.tpm import open_tpm
+
+                self._tpm = open_tpm(self.tcti)
+            return self._tpm
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tpm is not None:
+                self._tpm.close()
+                self._tpm = None
+
+    def create(self, alg: str, key_class: str) -> tuple[bytes, IdentityKey]:
+        """A new key: the bytes of its key file and the key."""
+        if key_class == "tpm":
+            tpm = self.tpm()
+            blob = tpm.create_signing_key(alg)
+            return blob.to_json(), tpm.load_signing_key(blob)
+        soft = SoftwareKey.generate(alg)
+        return _file_key_bytes(soft), soft
+
+    def load(self, path: Path) -> IdentityKey:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IdentityError(f"{path} is missing: restore the identity directory from "
+                                "backup or provision it anew ('provision init')") from None
+        except OSError as exc:
+            raise IdentityError(f"{path} cannot be read ({exc})") from None
+        if data.startswith(b"-----BEGIN"):
+            return _load_pem(path, data)
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise IdentityError(f"{path} is not a key file (PEM or JSON): restore the "
+                                "identity directory from backup")
+        if "kind" in obj:  # a TPM key blob
+            from provisioning.tpm import KeyBlob
+
+            tpm = self.tpm()
+            return tpm.load_signing_key(KeyBlob.from_json(data))  # type: ignore[no-any-return]
+        try:
+            return SoftwareKey(str(obj["alg"]), unb64u(str(obj["private"])),
+                               unb64u(str(obj["public"])))
+        except (KeyError, ValueError, UnknownAlgorithmError) as exc:
+            raise IdentityError(f"{path} is not a usable key file ({exc})") from None
+
+    def storage_key(self, path: Path, storage_class: str, the_suite: Suite) -> bytes:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise IdentityError(f"{path} cannot be read ({exc}): restore it from "
+                                "backup") from None
+        if storage_class == "tpm":
+            from provisioning.tpm import KeyBlob
+
+            data = self.tpm().unseal(KeyBlob.from_json(data))
+        if len(data) != the_suite.storage_key_bytes:
+            raise IdentityError(f"{path} must hold a {the_suite.storage_key_bytes}-byte "
+                                f"{the_suite.aead_name} key, has {len(data)} bytes")
+        return data
+
+    def seal_storage(self, key: bytes, storage_class: str) -> bytes:
+        if storage_class == "tpm":
+            return bytes(self.tpm().seal(key).to_json())
+        return key
+
+
+def _load_pem(path: Path, data: bytes) -> IdentityKey:
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"{path} is not a readable PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(f"{path} is not an Ed25519 key")
+    return SoftwareKey(ED25519, key.private_bytes(Encoding.Raw, PrivateFormat.Raw,
+                                                  NoEncryption()))
+
+
 @dataclass(frozen=True)
 class Identity:
     gateway_id: str
-    signing_key: Ed25519PrivateKey
+    suite: Suite
+    key: IdentityKey
     storage_key: bytes
     directory: Path
-
-    @property
-    def next_key(self) -> Ed25519PrivateKey | None:
-        """A key staged by 'provision rotate-key', announced at the next start."""
-        path = self.directory / NEXT_KEY
-        if not path.exists():
-            return None
-        return _load_private(path)
-
-    def promote_next_key(self) -> None:
-        """After the key.rotate record is committed: the staged key becomes the key."""
-        for step in promotion_steps(self.directory):
-            step()
-
-    @property
-    def public_key(self) -> Ed25519PublicKey:
-        return self.signing_key.public_key()
+    storage_class: str = "file"
+    keys: _Keys = field(default_factory=lambda: _Keys(None), repr=False, compare=False)
 
     @property
     def kid(self) -> str:
-        return key_id(self.public_key)
+        return kid_of(self.key)
+
+    @property
+    def key_class(self) -> str:
+        return self.key.key_class
+
+    @property
+    def next_key(self) -> IdentityKey | None:
+        """A key staged by 'provision rotate-key', certified at the next start."""
+        path = self.directory / NEXT_KEY
+        if not path.exists():
+            return None
+        return self.keys.load(path)
+
+    def promote_next_key(self) -> None:
+        """After the key.rotate record is committed: the staged key becomes the key."""
+        for step in promotion_steps(self.directory, self.keys):
+            step()
+
+    def registration(self) -> dict[str, JSON]:
+        return registration(self.gateway_id, self.key, self.suite.name)
+
+    def session_key(self) -> SoftwareKey:
+        """A new session key of the suite, in RAM only."""
+        return SoftwareKey.generate(self.suite.alg)
+
+    def close(self) -> None:
+        """Close the TPM connection (if any)."""
+        self.keys.close()
 
 
-def _pem_public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+def _meta(gateway_id: str, key: IdentityKey, suite_name: str, tcti: str | None,
+          storage_class: str) -> bytes:
+    return json.dumps({"format": META_FORMAT, "gateway_id": gateway_id, "kid": kid_of(key),
+                       "alg": key.alg, "class": key.key_class, "suite": suite_name,
+                       "storage": storage_class, "tpm": tcti}, indent=2).encode()
 
 
-def _pem_private(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-
-
-def _meta(gateway_id: str, key: Ed25519PrivateKey) -> bytes:
-    return json.dumps({"gateway_id": gateway_id, "kid": key_id(key.public_key()), "format": 1},
-                      indent=2).encode()
-
-
-def create_identity(directory: Path, gateway_id: str, *, force: bool = False) -> Identity:
+def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
+                    suite_name: str = DEFAULT_SUITE, tpm: str | None = None) -> Identity:
+    """A new identity: with *tpm* (a TCTI) its key in that TPM and the storage key sealed
+    by it; without, both in files."""
     if not GATEWAY_ID_RE.match(gateway_id):
         raise IdentityError(
             f"gateway id {gateway_id!r} is not valid: use 3-63 lower-case letters, digits, '-'"
         )
+    try:
+        the_suite = suite(suite_name)
+    except UnknownAlgorithmError as exc:
+        raise IdentityError(str(exc)) from None
     if (directory / META).exists() and not force:
         raise IdentityError(
             f"{directory} already holds an identity; decommission it first or pass --force"
@@ -136,64 +319,84 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False) ->
     except OSError as exc:
         raise IdentityError(f"{directory}: cannot create the identity directory ({exc})") \
             from None
-    key = Ed25519PrivateKey.generate()
-    storage = secrets.token_bytes(STORAGE_KEY_BYTES)
+    keys = _Keys(tpm)
+    key_class = "tpm" if tpm else "file"
+    alg = the_suite.identity_algs[0]
+    if key_class == "tpm":
+        supported = [a for a in the_suite.identity_algs if keys.tpm().supports(a)]
+        if not supported:
+            raise IdentityError(f"the TPM at {tpm} holds none of {the_suite.identity_algs}")
+        alg = supported[0]
+    key_bytes, key = keys.create(alg, key_class)
+    storage = the_suite.new_storage_key()
+    sealed = keys.seal_storage(storage, key_class)
     # gateway.json goes first and comes back last: until then this is no identity
     for name in (META, INTENT, NEXT_KEY, NEXT_PUB):
         durable.remove(directory / name)
-    atomic_write(directory / KEY, _pem_private(key))
-    atomic_write(directory / PUB, _pem_public(key), PUBLIC_MODE)
-    atomic_write(directory / STORAGE, storage)
-    atomic_write(directory / META, _meta(gateway_id, key), PUBLIC_MODE)
-    return Identity(gateway_id, key, storage, directory)
+    atomic_write(directory / KEY, key_bytes)
+    atomic_write(directory / PUB, _public_bytes(gateway_id, key, the_suite.name), PUBLIC_MODE)
+    atomic_write(directory / STORAGE, sealed)
+    atomic_write(directory / META, _meta(gateway_id, key, the_suite.name, tpm, key_class),
+                 PUBLIC_MODE)
+    return Identity(gateway_id, the_suite, key, storage, directory, key_class, keys)
 
 
-def staging_steps(directory: Path) -> list[Step]:
-    """The durable steps of staging a new key; the last one is the commit point."""
-    key = Ed25519PrivateKey.generate()
-    return [lambda: atomic_write(directory / NEXT_PUB, _pem_public(key), PUBLIC_MODE),
-            lambda: atomic_write(directory / NEXT_KEY, _pem_private(key))]
+def staging_steps(directory: Path, keys: _Keys | None = None) -> list[Step]:
+    """The durable steps of staging a new key; the last one is the commit point. The new
+    key is of the current one's algorithm and class."""
+    meta = _read_meta(directory)
+    keys = keys or _Keys(meta.tcti)
+    current = keys.load(directory / KEY)
+    key_bytes, key = keys.create(current.alg, current.key_class)
+    public = _public_bytes(meta.gateway_id, key, meta.suite)
+    return [lambda: atomic_write(directory / NEXT_PUB, public, PUBLIC_MODE),
+            lambda: atomic_write(directory / NEXT_KEY, key_bytes)]
 
 
-def stage_next_key(directory: Path) -> Ed25519PublicKey:
-    """Create the next signing key; the gateway announces it and switches at its next start."""
-    load_identity(directory)  # there must be an identity to rotate (and no rotation half-done)
-    for step in staging_steps(directory):
-        step()
-    return _load_private(directory / NEXT_KEY).public_key()
+def stage_next_key(directory: Path) -> IdentityKey:
+    """Create the next identity key; the gateway certifies it and switches at its next start."""
+    ident = load_identity(directory)  # there must be an identity to rotate (none half-done)
+    try:
+        for step in staging_steps(directory, ident.keys):
+            step()
+        return ident.keys.load(directory / NEXT_KEY)
+    finally:
+        ident.close()
 
 
-def promotion_steps(directory: Path) -> list[Step]:
+def promotion_steps(directory: Path, keys: _Keys | None = None) -> list[Step]:
     """The durable steps of promoting the staged key (none when nothing is staged). Only
     after its ``key.rotate`` record is committed: the intent says the platform knows it."""
     nxt = directory / NEXT_KEY
     if not nxt.exists():
         return []
-    intent = {"from": key_id(_load_private(directory / KEY).public_key()),
-              "to": key_id(_load_private(nxt).public_key())}
+    keys = keys or _Keys(_read_meta(directory).tcti)
+    intent = {"from": kid_of(keys.load(directory / KEY)), "to": kid_of(keys.load(nxt))}
     return [lambda: atomic_write(directory / INTENT, json.dumps(intent).encode()),
-            *_completion_steps(directory)]
+            *_completion_steps(directory, keys)]
 
 
-def _completion_steps(directory: Path) -> list[Step]:
+def _completion_steps(directory: Path, keys: _Keys) -> list[Step]:
     """After the intent: the staged key over the key, then the derived files."""
     def adopt() -> None:
         if (directory / NEXT_KEY).exists():
             durable.replace(directory / NEXT_KEY, directory / KEY)  # the old key is gone
 
     def derive() -> None:
-        key = _load_private(directory / KEY)
-        atomic_write(directory / PUB, _pem_public(key), PUBLIC_MODE)
+        meta = _read_meta(directory)
+        atomic_write(directory / PUB, _public_bytes(meta.gateway_id, keys.load(directory / KEY),
+                                                    meta.suite), PUBLIC_MODE)
 
-    def meta() -> None:
-        key = _load_private(directory / KEY)
-        atomic_write(directory / META, _meta(_read_meta(directory)[0], key), PUBLIC_MODE)
+    def write_meta() -> None:
+        meta = _read_meta(directory)
+        atomic_write(directory / META, _meta(meta.gateway_id, keys.load(directory / KEY),
+                                             meta.suite, meta.tcti, meta.storage), PUBLIC_MODE)
 
-    return [adopt, derive, lambda: durable.remove(directory / NEXT_PUB), meta,
+    return [adopt, derive, lambda: durable.remove(directory / NEXT_PUB), write_meta,
             lambda: durable.remove(directory / INTENT)]
 
 
-def recover_identity(directory: Path) -> list[str]:
+def recover_identity(directory: Path, keys: _Keys | None = None) -> list[str]:
     """Complete or roll back an interrupted change (module docstring); what it did."""
     done: list[str] = []
     for name in IDENTITY_FILES:
@@ -203,28 +406,32 @@ def recover_identity(directory: Path) -> list[str]:
             done.append(f"removed the unfinished write {tmp.name}")
     if not (directory / META).exists():
         return done  # not (or not yet) an identity: load_identity says so
+    meta = _read_meta(directory)
+    keys = keys or _Keys(meta.tcti)
     if (directory / INTENT).exists():
-        _complete_promotion(directory)
+        _complete_promotion(directory, keys)
         return [*done, "completed an interrupted key promotion"]
     nxt_key, nxt_pub = directory / NEXT_KEY, directory / NEXT_PUB
     if nxt_key.exists():
-        if _sync_public(nxt_pub, _load_private(nxt_key)):
+        if _sync_public(nxt_pub, _public_bytes(meta.gateway_id, keys.load(nxt_key),
+                                               meta.suite)):
             done.append(f"rewrote {NEXT_PUB} from {NEXT_KEY}")
     elif nxt_pub.exists():
         durable.remove(nxt_pub)
         done.append(f"rolled back an unfinished staging ({NEXT_PUB} without {NEXT_KEY})")
-    if (directory / KEY).exists() and _sync_public(directory / PUB,
-                                                   _load_private(directory / KEY)):
+    if (directory / KEY).exists() and _sync_public(
+            directory / PUB, _public_bytes(meta.gateway_id, keys.load(directory / KEY),
+                                           meta.suite)):
         done.append(f"rewrote {PUB} from {KEY}")
     return done
 
 
-def _complete_promotion(directory: Path) -> None:
+def _complete_promotion(directory: Path, keys: _Keys) -> None:
     intent = _read_json(directory / INTENT)
     target = intent.get("to")
     nxt = directory / NEXT_KEY
-    staged = key_id(_load_private(nxt).public_key()) if nxt.exists() else None
-    current = key_id(_load_private(directory / KEY).public_key())
+    staged = kid_of(keys.load(nxt)) if nxt.exists() else None
+    current = kid_of(keys.load(directory / KEY))
     if target not in (staged, current):
         raise IdentityError(
             f"{directory / INTENT} promotes key {target!r}, but neither {KEY} nor {NEXT_KEY} "
@@ -232,13 +439,12 @@ def _complete_promotion(directory: Path) -> None:
     if staged is not None and staged != target:
         raise IdentityError(f"{nxt} is not the key {directory / INTENT} promotes: "
                             "restore the identity directory from backup")
-    for step in _completion_steps(directory):
+    for step in _completion_steps(directory, keys):
         step()
 
 
-def _sync_public(pub: Path, key: Ed25519PrivateKey) -> bool:
-    """Make *pub* the public half of *key*; True when it had to be (re)written."""
-    want = _pem_public(key)
+def _sync_public(pub: Path, want: bytes) -> bool:
+    """Make *pub* hold *want*; True when it had to be (re)written."""
     try:
         if pub.read_bytes() == want:
             return False
@@ -246,19 +452,6 @@ def _sync_public(pub: Path, key: Ed25519PrivateKey) -> bool:
         pass
     atomic_write(pub, want, PUBLIC_MODE)
     return True
-
-
-def _load_private(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise IdentityError(f"{path} is missing: restore the identity directory from backup "
-                            "or provision it anew ('provision init')") from None
-    except (OSError, ValueError, TypeError) as exc:
-        raise IdentityError(f"{path} is not a readable PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IdentityError(f"{path} is not an Ed25519 key")
-    return key
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -271,8 +464,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_meta(directory: Path) -> tuple[str, str | None]:
-    """gateway.json's gateway id and key id."""
+@dataclass(frozen=True)
+class _Meta:
+    gateway_id: str
+    kid: str | None
+    suite: str
+    tcti: str | None
+    storage: str
+
+
+def _read_meta(directory: Path) -> _Meta:
+    """gateway.json (format 1: Ed25519 files, no suite)."""
     path = directory / META
     if not path.exists():
         raise IdentityError(
@@ -283,41 +485,41 @@ def _read_meta(directory: Path) -> tuple[str, str | None]:
     if not isinstance(gateway_id, str) or not GATEWAY_ID_RE.match(gateway_id):
         raise IdentityError(f"{path} is corrupt (gateway_id {gateway_id!r}): restore it "
                             "from backup")
-    return gateway_id, kid if isinstance(kid, str) else None
+    suite_name = meta.get("suite", DEFAULT_SUITE)
+    storage = meta.get("storage", "file")
+    tcti = meta.get("tpm")
+    if suite_name not in ("ed25519", "sm") or storage not in ("tpm", "file") or \
+            not isinstance(tcti, str | None):
+        raise IdentityError(f"{path} is corrupt (suite {suite_name!r}, storage {storage!r}, "
+                            f"tpm {tcti!r}): restore it from backup")
+    return _Meta(gateway_id, kid if isinstance(kid, str) else None, suite_name, tcti, storage)
 
 
 def load_identity(directory: Path, *, repair: bool = True) -> Identity:
     """The identity in *directory*, after completing or rolling back an interrupted
-    change (*repair*; without it such a change is an error, e.g. for read-only tools)."""
+    change (*repair*; without it such a change is an error, e.g. for read-only tools).
+    Opens the identity's TPM when its keys are there (:data:`TPM_ENV` overrides which)."""
+    keys = _Keys(_read_meta(directory).tcti)
+    try:
+        return _load(directory, keys, repair=repair)
+    except BaseException:
+        keys.close()
+        raise
+
+
+def _load(directory: Path, keys: _Keys, *, repair: bool) -> Identity:
     if repair:
-        recover_identity(directory)
+        recover_identity(directory, keys)
     elif (directory / INTENT).exists():
         raise IdentityError(f"{directory}: a key rotation is half done; the gateway "
                             "completes it at its next start")
-    gateway_id, kid = _read_meta(directory)
-    key = _load_private(directory / KEY)
-    if kid is not None and kid != key_id(key.public_key()):
+    meta = _read_meta(directory)
+    key = keys.load(directory / KEY)
+    if meta.kid is not None and meta.kid != kid_of(key):
         raise IdentityError(
-            f"{directory / KEY} (key id {key_id(key.public_key())}) is not the key "
-            f"{directory / META} names ({kid}) and no rotation is under way: restore the "
-            "identity directory from backup")
-    try:
-        storage = (directory / STORAGE).read_bytes()
-    except OSError as exc:
-        raise IdentityError(f"{directory / STORAGE} cannot be read ({exc}): restore it from "
-                            "backup") from None
-    if len(storage) != STORAGE_KEY_BYTES:
-        raise IdentityError(f"{directory / STORAGE} must hold {STORAGE_KEY_BYTES} bytes, "
-                            f"has {len(storage)}")
-    return Identity(gateway_id, key, storage, directory)
-
-
-def load_public_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
-    """Trusted gateway keys for the verifier, by key id."""
-    keys: dict[str, Ed25519PublicKey] = {}
-    for path in paths:
-        key = load_pem_public_key(path.read_bytes())
-        if not isinstance(key, Ed25519PublicKey):
-            raise IdentityError(f"{path} is not an Ed25519 public key")
-        keys[key_id(key)] = key
-    return keys
+            f"{directory / KEY} (key id {kid_of(key)}) is not the key "
+            f"{directory / META} names ({meta.kid}) and no rotation is under way: restore "
+            "the identity directory from backup")
+    the_suite = suite(meta.suite)
+    storage = keys.storage_key(directory / STORAGE, meta.storage, the_suite)
+    return Identity(meta.gateway_id, the_suite, key, storage, directory, meta.storage, keys)

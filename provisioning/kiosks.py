@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import Query, TinyDB
 
 from core.devices import PairedKiosk
+from core.suites import storage_aead
 from provisioning.identity import Identity
 from provisioning.registry import AtomicJSONStorage, RegistryError
 
@@ -66,7 +66,7 @@ def _aad(serial: str) -> bytes:
 class KioskRegistry:
     def __init__(self, path: Path, storage_key: bytes) -> None:
         self.path = path
-        self._aead = AESGCM(storage_key)
+        self._aead = storage_aead(storage_key)
         self._db = TinyDB(str(path), storage=AtomicJSONStorage)
         self._kiosks = self._db.table("kiosks")
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
 from core.devices import DEFAULT_ABSENT_AFTER_S, PairedTag, tag_ref
 from core.errors import UserError
+from core.suites import storage_aead
 from provisioning.identity import Identity, atomic_write
 
 REGISTRY_FILE = "tags.json"
@@ -105,7 +105,7 @@ def open_registry(identity: Identity) -> TagRegistry:
 class TagRegistry:
     def __init__(self, path: Path, storage_key: bytes) -> None:
         self.path = path
-        self._aead = AESGCM(storage_key)
+        self._aead = storage_aead(storage_key)
         self._db = TinyDB(str(path), storage=AtomicJSONStorage)
         self._tags = self._db.table("tags")
 

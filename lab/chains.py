@@ -1,0 +1,83 @@
+"""Record chains without a gateway: for tests and benchmarks of sealing and verification.
+
+A :class:`Chain` is what the store writer does at each start, by hand: an identity key,
+a sealer, a ``key.session`` record certifying a session key, then records signed by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from buffer.seal import Sealer
+from central.record import Registration
+from core.record import GENESIS_PREV, JSON, Reading, SealedRecord, Source, Timestamp, b64u
+from core.session import SESSION_KIND, SESSION_LIFETIME_MS, rotation_body, session_body
+from core.suites import SUITES, SoftwareKey, Signer, key_id
+
+GATEWAY_SOURCE = Source("gateway", "gw-test-0001", "0.1.0")
+
+
+@dataclass
+class Chain:
+    """One gateway's chain: ``identity`` certifies sessions, ``sealer`` seals records."""
+
+    gateway_id: str = "gw-test-0001"
+    suite: str = "ed25519"
+    identity: SoftwareKey | None = None
+    boot: int = 1
+    sealer: Sealer = field(init=False)
+    session: Signer | None = None
+
+    def __post_init__(self) -> None:
+        if self.identity is None:
+            self.identity = SoftwareKey.generate(SUITES[self.suite].identity_algs[0])
+        self.sealer = Sealer(self.gateway_id, last_seq=0, last_digest=GENESIS_PREV,
+                             boot=self.boot)
+
+    @property
+    def registration(self) -> Registration:
+        assert self.identity is not None
+        key = self.identity
+        return Registration(self.gateway_id, key.alg, key.public_raw,
+                            key_id(key.alg, key.public_raw), "file", self.suite)
+
+    def start_session(self, ts: Timestamp, *, session: Signer | None = None,
+                      certifier: Signer | None = None, identity_class: str = "file",
+                      lifetime_ms: int = SESSION_LIFETIME_MS) -> SealedRecord:
+        """Seal a ``key.session`` record: a new session key (or *session*) certified by
+        the identity (or *certifier*); every later record is signed by it."""
+        session = session or SoftwareKey.generate(SUITES[self.suite].alg)
+        certifier = certifier or self.identity
+        assert certifier is not None
+        draft = self.sealer.draft()
+        body = session_body(gateway_id=self.gateway_id, session=session, boot=draft.boot,
+                            from_seq=draft.last_seq + 1, until_mono=ts.mono_ms + lifetime_ms,
+                            identity=certifier, identity_class=identity_class)
+        draft.use_key(session)
+        rec = draft.seal(Reading(SESSION_KIND, self.source, body, ts.mono_ms * 1_000_000), ts)
+        self.sealer.advance(draft)
+        self.session = session
+        return rec
+
+    def rotate_identity(self, ts: Timestamp, new: SoftwareKey) -> SealedRecord:
+        """Seal a ``key.rotate`` certifying *new*; later sessions are certified by it."""
+        assert self.identity is not None
+        body = rotation_body(gateway_id=self.gateway_id, new=new, new_class="file",
+                             from_seq=self.sealer.last_seq + 1, current=self.identity,
+                             current_class="file")
+        rec = self.seal("key.rotate", body, ts)
+        self.identity = new
+        return rec
+
+    @property
+    def source(self) -> Source:
+        return Source("gateway", self.gateway_id, "0.1.0")
+
+    def seal(self, kind: str, body: dict[str, JSON], ts: Timestamp,
+             source: Source | None = None) -> SealedRecord:
+        return self.sealer.seal(Reading(kind, source or self.source, body,
+                                        ts.mono_ms * 1_000_000), ts)
+
+
+def raw_public(key: Signer) -> str:
+    return b64u(key.public_raw)
