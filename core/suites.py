@@ -139,10 +139,14 @@ class SoftwareKey:
                 # multiplication here through the P-256-shaped arithmetic is not possible
                 # (another curve), so key files carry the public key beside the scalar.
                 raise ValueError("an SM2 private key needs its public key beside it")
-            self._sm2 = _sm2_module().SM2(private_key=private.hex(),
-                                          public_key=sm2_public_hex(public_raw))
+            gm = _sm2_module()
+            self._sm2 = gm.SM2(private_key=private.hex(), public_key=sm2_public_hex(public_raw))
             self.public_raw = public_raw
-            if not self._sm2.verify(b"check", self._sm2.sign(b"check")):
+            try:  # GmSSL checks that the point is d*G when it parses the pair
+                matches = self._sm2.verify(b"check", self._sm2.sign(b"check"))
+            except (gm.GmsslError, ValueError):  # GmsslValueError: the pair does not parse
+                matches = False
+            if not matches:
                 raise ValueError("the SM2 public key does not belong to the private key")
 
     @classmethod

@@ -167,7 +167,8 @@ def test_an_unreachable_tpm_is_a_clear_error(tmp_path: Path, swtpm: Swtpm) -> No
 
 def test_without_a_tpm_the_key_class_is_file_and_check_warns(tmp_path: Path) -> None:
     identity = create_identity(tmp_path / "identity", "gw-file-0001")
-    assert identity.key_class == "file" and identity.storage_class == "file"
+    assert identity.key_class == "file"
+    assert identity.storage_class == "file"
     from app.config import Config
     from app.diag import keys_report
     from lab.site import NOWHERE
