@@ -29,6 +29,7 @@ from lab.mosquitto import BrokerError, client_config, make_pki, start_mosquitto
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import Platform, PlatformError, Site
+from lab.swtpm import Swtpm, SwtpmError
 from provisioning.identity import create_identity
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON object on the last line")
     parser.add_argument("--no-gnss", action="store_true", help="run without the GNSS simulator")
+    parser.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519",
+                        help="signatures, hash and cipher: Ed25519/SHA-256/AES-256-GCM "
+                             "(default) or SM2/SM3/SM4-GCM")
+    parser.add_argument("--no-tpm", action="store_true",
+                        help="keys in files instead of a software TPM (swtpm)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
 
 
@@ -103,9 +109,27 @@ def _brokers(broker: tuple[str, int] | None, tmp: Path,
     return client_config(mosq, pki, DEMO_GATEWAY_ID), client_config(mosq, pki, PLATFORM_CN)
 
 
+def _swtpm(tmp: Path, stack: contextlib.ExitStack) -> str | None:
+    """A software TPM for the demo's identity (as a TPM 2.0 module on a real gateway); None,
+    said loudly, when swtpm cannot be had."""
+    try:
+        tpm = Swtpm(tmp / "swtpm").start()
+    except SwtpmError as exc:
+        print(f"demo: WARNING: no software TPM ({exc}); the identity and storage keys are "
+              "FILES this time", file=sys.stderr)
+        return None
+    stack.callback(tpm.stop)
+    print(f"demo: software TPM at {tpm.tcti}", file=sys.stderr)
+    return tpm.tcti
+
+
 def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
          stack: contextlib.ExitStack) -> int:
-    identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID)
+    identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID, suite_name=args.suite,
+                               tpm=None if args.no_tpm else _swtpm(tmp, stack))
+    stack.callback(identity.close)
+    print(f"demo: identity key {identity.kid} ({identity.key.alg}, class "
+          f"{identity.key_class}), suite {identity.suite.name}", file=sys.stderr)
     gw_broker, plat_broker = _brokers(broker, tmp, stack)
     platform = Platform(plat_broker, identity).start()
     stack.callback(platform.stop)
@@ -127,6 +151,7 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
                    drained=drained)
     ok = (out["published"] == out["received"] == out["verified"] > 0
           and out["bad_signature"] == 0 and out["chain_gaps"] == 0
+          and out["forged_certificate"] == 0
           and out["beacons_acked"] == drive.beacons
           and out["kinds"].get("checkin", 0) == drive.checkins)
     print(
@@ -229,4 +254,7 @@ def _summary(site: Site, platform: Platform, drive: _Drive, *, published: int,
         "records_per_s": round(summary["verified"] / elapsed, 1) if elapsed else 0,
         "drained": drained,
         "kinds": platform.client.verifier.kinds(DEMO_GATEWAY_ID),
+        "key_classes": platform.client.verifier.key_classes(DEMO_GATEWAY_ID),
+        "forged_certificate": summary["forged_certificate"],
+        "suite": site.identity.suite.name,
     }
