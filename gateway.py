@@ -52,23 +52,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_init(args: argparse.Namespace) -> int:
-    from provisioning.identity import create_identity
+    from provisioning.identity import create_identity, find_tpm
 
-    ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force)
-    out = {"gateway_id": ident.gateway_id, "kid": ident.kid,
+    tcti = None if args.no_tpm else find_tpm(args.tpm)
+    if tcti is None:
+        print("WARNING: no TPM: the identity key and the storage key are FILES on this "
+              "disk; whoever copies it can sign as this gateway and read its records. "
+              "Every session certificate says class 'file' and 'provision check' warns. "
+              "Use a TPM (--tpm device:/dev/tpmrm0) outside the lab.", file=sys.stderr)
+    ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force,
+                            suite_name=args.suite, tpm=tcti)
+    out = {"gateway_id": ident.gateway_id, "kid": ident.kid, "alg": ident.key.alg,
+           "key_class": ident.key_class, "suite": ident.suite.name, "tpm": tcti,
            "public_key": str(ident.directory / "signing.pub")}
+    ident.close()
     print(json.dumps(out) if args.json else
-          f"gateway {ident.gateway_id} provisioned; key id {ident.kid}; "
-          f"enrol {out['public_key']} at the platform")
+          f"gateway {ident.gateway_id} provisioned; identity key {ident.kid} "
+          f"({ident.key.alg}, {'in the TPM ' + tcti if tcti else 'in a file'}), suite "
+          f"{ident.suite.name}; enrol {out['public_key']} at the platform")
     return 0
 
 
 def cmd_provision_rotate(args: argparse.Namespace) -> int:
-    from core.record import key_id
-    from provisioning.identity import stage_next_key
+    from core.suites import key_id
+    from provisioning.identity import load_identity, stage_next_key
 
+    operator = _operator(args)  # who acts: written down before anything changes
+    identity = load_identity(Path(args.identity_dir))
+    try:
+        _write_down(identity, "key.staged", {"kid": identity.kid}, operator)
+    finally:
+        identity.close()
     key = stage_next_key(Path(args.identity_dir))
-    kid = key_id(key)
+    kid = key_id(key.alg, key.public_raw)
     print(json.dumps({"next_kid": kid}) if args.json else
           f"next signing key {kid} staged; the gateway announces it (signed by the current "
           f"key) and switches to it at its next start")
@@ -78,10 +94,28 @@ def cmd_provision_rotate(args: argparse.Namespace) -> int:
 def cmd_provision_tags(args: argparse.Namespace) -> int:
     """pair-tag, unpair-tag, list-tags: the tag registry beside the identity."""
     from provisioning.identity import load_identity
-    from provisioning.registry import RegistryError, open_registry, parse_tag
+    from provisioning.registry import (
+        MAX_ABSENT_AFTER_S,
+        MIN_ABSENT_AFTER_S,
+        RegistryError,
+        open_registry,
+        parse_tag,
+    )
 
+    operator = _operator(args) if args.action != "list-tags" else None
     key = _tag_key(args) if args.action == "pair-tag" else None
-    registry = open_registry(load_identity(Path(args.identity_dir)))
+    identity = load_identity(Path(args.identity_dir))
+    registry = open_registry(identity)
+    if operator is not None:  # written down before anything changes (a refusal is not)
+        ref = parse_tag(args.tag)
+        if args.action == "pair-tag" and not \
+                MIN_ABSENT_AFTER_S <= args.absent_after <= MAX_ABSENT_AFTER_S:
+            raise RegistryError(f"tag {ref}: --absent-after must be {MIN_ABSENT_AFTER_S}-"
+                                f"{MAX_ABSENT_AFTER_S} seconds, got {args.absent_after}")
+        if args.action == "unpair-tag" and all(t.tag != ref for t in registry):
+            raise RegistryError(f"tag {ref} is not paired")
+        _write_down(identity, "tag.paired" if args.action == "pair-tag" else "tag.unpaired",
+                    {"tag": ref, **_file_details(registry.path)}, operator)
     if args.action == "pair-tag":
         tag = registry.pair(args.tag, key, absent_after_s=args.absent_after)
         out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s}
@@ -128,11 +162,20 @@ def cmd_provision_kiosks(args: argparse.Namespace) -> int:
     from provisioning.kiosks import open_kiosks, parse_key, parse_serial
     from provisioning.registry import RegistryError
 
+    operator = _operator(args) if args.action != "list-kiosks" else None
     key = None
     if args.action == "pair-kiosk" and args.key_file is not None:
         key = parse_key(_read_key_file(args.key_file))
-    registry = open_kiosks(load_identity(Path(args.identity_dir)))
+    identity = load_identity(Path(args.identity_dir))
+    registry = open_kiosks(identity)
     try:
+        if operator is not None:  # written down before anything changes (a refusal is not)
+            serial = parse_serial(args.serial)
+            if args.action == "unpair-kiosk" and all(k.serial != serial for k in registry):
+                raise RegistryError(f"kiosk {serial} is not paired")
+            _write_down(identity, "kiosk.paired" if args.action == "pair-kiosk"
+                        else "kiosk.unpaired", {"serial": serial,
+                                                **_file_details(registry.path)}, operator)
         if args.action == "pair-kiosk":
             kiosk = registry.pair(args.serial, key)
             out: dict[str, object] = {"serial": kiosk.serial, "paired_at": kiosk.paired_at}
@@ -158,6 +201,42 @@ def cmd_provision_kiosks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace, default_role: str = "installer") -> Any:
+    """Who acts (--operator, --role, --operator-file or the default operator file):
+    an OperatorError (exit 2) when nobody says."""
+    from provisioning.operator import resolve_operator
+
+    return resolve_operator(args.operator, args.role, args.operator_file,
+                            default_role=default_role)
+
+
+def _write_down(identity: Any, action: str, details: dict[str, Any], operator: Any) -> None:
+    """The action in the journal, durably, before it is done (the gateway records it)."""
+    from provisioning.actions import record
+
+    number = record(identity, action, details, operator)
+    logging.getLogger("gateway").info("%s written down as action %d", action, number)
+
+
+def _file_details(path: Path) -> dict[str, Any]:
+    from provisioning.actions import file_sha256
+
+    return {"file": path.name, "sha256_before": file_sha256(path)}
+
+
+def _operator_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who acts: recorded with the action (a name is no secret; never put a key here)."""
+    parser.add_argument("--operator", metavar="NAME",
+                        help="your name: the action is recorded, and sent, with it")
+    parser.add_argument("--role", choices=("installer", "technician"),
+                        help="your role (default: installer for provision, technician for "
+                             "diag)")
+    parser.add_argument("--operator-file", metavar="PATH",
+                        help="a JSON file naming you ({\"name\", \"role\", \"badge\"}; not "
+                             "writable by others); default $SMARTCORR_OPERATOR_FILE, else "
+                             "/etc/smartcorr/operator.json")
+
+
 def _read_key_file(name: str) -> str:
     """A key from a file, or from stdin for ``-``: never from argv, where ps shows it."""
     from provisioning.registry import RegistryError
@@ -174,8 +253,21 @@ def _read_key_file(name: str) -> str:
 def cmd_diag(args: argparse.Namespace) -> int:
     from app import diag
     from app.config import load_config
+    from provisioning.actions import file_sha256
 
     cfg = load_config(Path(args.config))
+    if args.action == "bundle" and args.include_personal:
+        from provisioning.identity import load_identity
+
+        operator = _operator(args, "technician")  # personal data leaves: who took it
+        identity = load_identity(cfg.identity_path, repair=False)
+        try:
+            _write_down(identity, "bundle.personal", {
+                "out": str(Path(args.out).absolute()), "config": str(cfg.source),
+                "config_sha256": None if cfg.source is None else file_sha256(cfg.source),
+            }, operator)
+        finally:
+            identity.close()
     if args.action == "bundle":
         report = diag.bundle(cfg, Path(args.out), include_personal=args.include_personal)
     else:
@@ -183,6 +275,19 @@ def cmd_diag(args: argparse.Namespace) -> int:
                   "ports": diag.ports_report}[args.action](cfg)
     print(json.dumps(report, sort_keys=True) if args.json else diag.render(report))
     return 0
+
+
+def cmd_provision_check(args: argparse.Namespace) -> int:
+    """The identity as installed: keys, their class (TPM or file), permissions. Exit 1 on
+    a problem; a key in a file is a warning (the demo, hardware without a TPM)."""
+    from app import diag
+    from app.config import load_config
+
+    report = diag.keys_report(load_config(Path(args.config)))
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
+    print(json.dumps(report, sort_keys=True) if args.json else diag.render(report))
+    return 0 if report.get("ok") else 1
 
 
 def cmd_diag_nmea(args: argparse.Namespace) -> int:
@@ -219,11 +324,28 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     init.add_argument("--identity-dir", required=True)
     init.add_argument("--gateway-id", required=True)
     init.add_argument("--force", action="store_true", help="replace an existing identity")
+    init.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519",
+                      help="signatures, hash and cipher: Ed25519/SHA-256/AES-256-GCM (default) "
+                           "or SM2/SM3/SM4-GCM (GB/T 39786 deployments)")
+    init.add_argument("--tpm", metavar="TCTI", default="auto",
+                      help="the TPM that holds the identity key and seals the storage key: "
+                           "'auto' (default: $SMARTCORR_TPM, else device:/dev/tpmrm0 if "
+                           "present), or a TCTI such as device:/dev/tpmrm0, "
+                           "swtpm:host=127.0.0.1,port=2321")
+    init.add_argument("--no-tpm", action="store_true",
+                      help="keys in files (the demo, hardware without a TPM): loudly weaker")
     init.add_argument("--json", action="store_true")
     init.set_defaults(func=cmd_provision_init)
 
+    chk = psub.add_parser("check", help="check the installed identity: keys, TPM or file, "
+                                        "permissions (exit 1 on a problem)")
+    chk.add_argument("--config", required=True)
+    chk.add_argument("--json", action="store_true")
+    chk.set_defaults(func=cmd_provision_check)
+
     rot = psub.add_parser("rotate-key", help="stage a new signing key (used from next start)")
     rot.add_argument("--identity-dir", required=True)
+    _operator_arguments(rot)
     rot.add_argument("--json", action="store_true")
     rot.set_defaults(func=cmd_provision_rotate)
 
@@ -239,11 +361,13 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     pair.add_argument("--absent-after", type=int, default=DEFAULT_ABSENT_AFTER_S, metavar="S",
                       help="report the tag absent after S seconds unheard "
                            f"(default {DEFAULT_ABSENT_AFTER_S})")
+    _operator_arguments(pair)
     pair.add_argument("--json", action="store_true")
     pair.set_defaults(func=cmd_provision_tags)
     unpair = psub.add_parser("unpair-tag", help="unpair an ankle tag")
     unpair.add_argument("--identity-dir", required=True)
     unpair.add_argument("--tag", required=True)
+    _operator_arguments(unpair)
     unpair.add_argument("--json", action="store_true")
     unpair.set_defaults(func=cmd_provision_tags)
     lst = psub.add_parser("list-tags", help="list the paired tags (never their keys)")
@@ -262,11 +386,13 @@ def _kiosk_parsers(psub: Any) -> None:
     pair.add_argument("--key-file", metavar="FILE",
                       help="read the kiosk's AES-128 key (32 hex digits) from FILE, or from "
                            "stdin with '-' (default: generate one and print it once)")
+    _operator_arguments(pair)
     pair.add_argument("--json", action="store_true")
     pair.set_defaults(func=cmd_provision_kiosks)
     unpair = psub.add_parser("unpair-kiosk", help="unpair a check-in kiosk")
     unpair.add_argument("--identity-dir", required=True)
     unpair.add_argument("--serial", required=True)
+    _operator_arguments(unpair)
     unpair.add_argument("--json", action="store_true")
     unpair.set_defaults(func=cmd_provision_kiosks)
     lst = psub.add_parser("list-kiosks", help="list the paired kiosks (never their keys)")
@@ -288,7 +414,9 @@ def _diag_parsers(diag: argparse.ArgumentParser) -> None:
     bun.add_argument("--config", required=True)
     bun.add_argument("--out", required=True, help="file to write (tar.gz)")
     bun.add_argument("--include-personal", action="store_true",
-                     help="also the queued records, decrypted (personal data: only on request)")
+                     help="also the queued records, decrypted (personal data: only on request,"
+                          " recorded with who asked: --operator or an operator file)")
+    _operator_arguments(bun)
     bun.add_argument("--json", action="store_true")
     bun.set_defaults(func=cmd_diag)
     nmea = dsub.add_parser("nmea-replay", help="replay an NMEA capture through the GNSS driver")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,3 +180,40 @@ def test_without_a_tpm_the_key_class_is_file_and_check_warns(tmp_path: Path) -> 
     assert report["key_class"] == "file"
     assert any("no TPM" in w for w in report["warnings"])
     shutil.rmtree(tmp_path / "identity")
+
+
+def _config(tmp_path: Path, identity: Identity) -> Path:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"""
+[gateway]
+identity_dir = "{identity.directory}"
+data_dir = "{tmp_path / 'data'}"
+[broker]
+host = "127.0.0.1"
+tls = false
+insecure_plaintext = true
+""")
+    return cfg
+
+
+def _check(cfg: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "gateway.py", "provision", "check", "--config",
+                           str(cfg), "--json"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parents[1], env=env, timeout=60)
+
+
+def test_provision_check_warns_about_a_key_file_and_not_about_a_tpm(
+    tmp_path: Path, swtpm: Swtpm
+) -> None:
+    filed = create_identity(tmp_path / "file" / "identity", "gw-file-0001")
+    done = _check(_config(tmp_path / "file", filed))
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: the identity key is a file" in done.stderr
+    assert json.loads(done.stdout)["key_class"] == "file"
+    held = tpm_identity(tmp_path / "tpm", swtpm)
+    held.close()
+    done = _check(_config(tmp_path / "tpm", held))
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stderr
+    report = json.loads(done.stdout)
+    assert (report["key_class"], report["storage_class"]) == ("tpm", "tpm")
