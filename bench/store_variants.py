@@ -38,7 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from buffer.seal import Sealer  # noqa: E402
@@ -52,6 +51,7 @@ from core.record import (  # noqa: E402
     SealedRecord,
     Source,
 )
+from core.suites import ED25519, SoftwareKey  # noqa: E402
 
 PRIO = int(Priority.POSITION)
 _AAD = struct.Struct(">4sBQ")
@@ -197,7 +197,7 @@ def template_record() -> bytes:
     body = {"tag": "T00001000", "counter": 1, "battery_pct": 90, "strap_closed": True,
             "body_contact": True, "rssi_dbm": -60, "dev_event": 1}
     reading = Reading("tag.presence", source, body, time.monotonic_ns())
-    sealer = Sealer("gw-bench-0001", Ed25519PrivateKey.generate(), last_seq=0,
+    sealer = Sealer("gw-bench-0001", SoftwareKey.generate(ED25519), last_seq=0,
                     last_digest=GENESIS_PREV, boot=1)
     return sealer.seal(reading, Clock().timestamp(reading.mono_ns)).data
 

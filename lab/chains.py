@@ -12,7 +12,7 @@ from buffer.seal import Sealer
 from central.record import Registration
 from core.record import GENESIS_PREV, JSON, Reading, SealedRecord, Source, Timestamp, b64u
 from core.session import SESSION_KIND, SESSION_LIFETIME_MS, rotation_body, session_body
-from core.suites import SUITES, SoftwareKey, Signer, key_id
+from core.suites import SUITES, Signer, SoftwareKey, key_id
 
 GATEWAY_SOURCE = Source("gateway", "gw-test-0001", "0.1.0")
 
@@ -29,15 +29,20 @@ class Chain:
     session: Signer | None = None
 
     def __post_init__(self) -> None:
-        if self.identity is None:
-            self.identity = SoftwareKey.generate(SUITES[self.suite].identity_algs[0])
+        self.identity = self.identity or SoftwareKey.generate(SUITES[self.suite].identity_algs[0])
         self.sealer = Sealer(self.gateway_id, last_seq=0, last_digest=GENESIS_PREV,
                              boot=self.boot)
 
     @property
+    def key(self) -> SoftwareKey:
+        """The identity key (made in __post_init__ when not given)."""
+        if self.identity is None:
+            raise RuntimeError("Chain.identity is made in __post_init__")
+        return self.identity
+
+    @property
     def registration(self) -> Registration:
-        assert self.identity is not None
-        key = self.identity
+        key = self.key
         return Registration(self.gateway_id, key.alg, key.public_raw,
                             key_id(key.alg, key.public_raw), "file", self.suite)
 
@@ -47,8 +52,7 @@ class Chain:
         """Seal a ``key.session`` record: a new session key (or *session*) certified by
         the identity (or *certifier*); every later record is signed by it."""
         session = session or SoftwareKey.generate(SUITES[self.suite].alg)
-        certifier = certifier or self.identity
-        assert certifier is not None
+        certifier = certifier or self.key
         draft = self.sealer.draft()
         body = session_body(gateway_id=self.gateway_id, session=session, boot=draft.boot,
                             from_seq=draft.last_seq + 1, until_mono=ts.mono_ms + lifetime_ms,
@@ -61,9 +65,8 @@ class Chain:
 
     def rotate_identity(self, ts: Timestamp, new: SoftwareKey) -> SealedRecord:
         """Seal a ``key.rotate`` certifying *new*; later sessions are certified by it."""
-        assert self.identity is not None
         body = rotation_body(gateway_id=self.gateway_id, new=new, new_class="file",
-                             from_seq=self.sealer.last_seq + 1, current=self.identity,
+                             from_seq=self.sealer.last_seq + 1, current=self.key,
                              current_class="file")
         rec = self.seal("key.rotate", body, ts)
         self.identity = new

@@ -5,7 +5,8 @@ own (the file fsynced, then its directory), so the states a cut can leave are "t
 first *i* steps done" (plus, maybe, the temporary file of step *i + 1*). For each one
 the gateway restarts and must end with one consistent identity (signing.key,
 signing.pub and gateway.json agreeing) and a store whose every record verifies for a
-platform that was told only the old key (the rest it learns from key.rotate records).
+platform that registered only the old identity (the rest it learns from key.rotate
+records certified by it).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import pytest
 from app.assembly import Gateway
 from app.config import Config
 from buffer.store import store_path
+from central.record import load_registrations
 from central.verifier import Verifier
 from core import durable
-from core.record import key_id
-from lab.site import NOWHERE
+from core.suites import key_id
+from lab.site import NOWHERE, registrations
 from provisioning.identity import (
     IDENTITY_FILES,
     Identity,
     IdentityError,
     create_identity,
     load_identity,
-    load_public_keys,
     promotion_steps,
     stage_next_key,
     staging_steps,
@@ -68,25 +69,30 @@ def litter(directory: Path) -> None:
 def assert_consistent(directory: Path) -> Identity:
     ident = load_identity(directory)
     assert json.loads((directory / "gateway.json").read_text())["kid"] == ident.kid
-    assert list(load_public_keys([directory / "signing.pub"])) == [ident.kid]
+    registered = load_registrations([directory / "signing.pub"])
+    assert list(registered) == [ident.gateway_id]
+    assert registered[ident.gateway_id].kid == ident.kid
+    assert registered[ident.gateway_id].public_raw == ident.key.public_raw
     assert not (directory / "rotation.json").exists()
     assert not list(directory.glob(".*.tmp"))
     staged = ident.next_key
     if staged is None:
         assert not (directory / "signing.next.pub").exists()
     else:
-        assert list(load_public_keys([directory / "signing.next.pub"])) == \
-            [key_id(staged.public_key())]
+        staged_pub = load_registrations([directory / "signing.next.pub"])
+        assert list(staged_pub) == [ident.gateway_id]
+        assert staged_pub[ident.gateway_id].kid == key_id(staged.alg, staged.public_raw)
     return ident
 
 
 def assert_every_record_verifies(data: Path, ident: Identity, told: Identity) -> None:
     records = drain(store_path(data), ident.storage_key)
-    verifier = Verifier({told.kid: told.public_key})
+    verifier = Verifier(registrations(told))
     verifier.ingest(b"\n".join(records))
     summary = verifier.summary()
     assert summary["unknown_key"] == 0
     assert summary["bad_signature"] == 0
+    assert summary["forged_certificate"] == summary["out_of_validity"] == 0
     assert summary["verified"] == len(records)
 
 
@@ -96,11 +102,13 @@ def test_a_promotion_cut_after_any_step_completes_at_the_next_start(
     tmp_path: Path, identity: Identity, cut: int, junk: bool
 ) -> None:
     assert len(promotion_steps(identity.directory)) == 0  # nothing staged, nothing to do
-    new_kid = key_id(stage_next_key(identity.directory))
+    staged = stage_next_key(identity.directory)
+    new_kid = key_id(staged.alg, staged.public_raw)
     assert len(promotion_steps(identity.directory)) == PROMOTION_STEPS
     data = tmp_path / "data"
-    run_once(CutIdentity(identity.gateway_id, identity.signing_key, identity.storage_key,
-                         identity.directory, cut=cut), data)  # key.rotate committed, then the cut
+    run_once(CutIdentity(identity.gateway_id, identity.suite, identity.key,
+                         identity.storage_key, identity.directory, identity.storage_class,
+                         identity.keys, cut=cut), data)  # key.rotate committed, then the cut
     if junk:
         litter(identity.directory)
     run_once(load_identity(identity.directory), data)  # the restart
@@ -131,7 +139,8 @@ def test_a_staging_cut_after_any_step_rolls_back_or_rotates(
 def test_the_wedged_rotation_of_the_issue_restarts(tmp_path: Path, identity: Identity) -> None:
     """The old promotion renamed signing.next.pub over signing.pub, then lost power: every
     restart failed with FileNotFoundError on signing.next.pub."""
-    new_kid = key_id(stage_next_key(identity.directory))
+    staged = stage_next_key(identity.directory)
+    new_kid = key_id(staged.alg, staged.public_raw)
     (identity.directory / "signing.next.pub").replace(identity.directory / "signing.pub")
     data = tmp_path / "data"
     run_once(load_identity(identity.directory), data)
@@ -141,12 +150,13 @@ def test_the_wedged_rotation_of_the_issue_restarts(tmp_path: Path, identity: Ide
 
 
 def test_a_restaged_key_over_a_staged_one_keeps_a_matching_pair(identity: Identity) -> None:
-    first = key_id(stage_next_key(identity.directory))
+    staged = stage_next_key(identity.directory)
+    first = key_id(staged.alg, staged.public_raw)
     steps = staging_steps(identity.directory)
     steps[0]()  # the second key's public half written, its private half not: a cut
     ident = assert_consistent(identity.directory)
     assert ident.next_key is not None
-    assert key_id(ident.next_key.public_key()) == first
+    assert key_id(ident.next_key.alg, ident.next_key.public_raw) == first
 
 
 def test_a_signing_key_that_is_not_the_identitys_is_refused(identity: Identity) -> None:

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.cmac import CMAC
 from hypothesis import given
 from hypothesis import strategies as st
 
-from buffer.seal import Sealer
 from core.clock import Clock
 from core.devices import PairedKiosk
 from core.kinds import KIND_PRIORITY, Priority
-from core.record import GENESIS_PREV, Reading
+from core.record import Reading
 from core.topics import PLATFORM_CN
 from drivers.kiosk import (
     FLAG_CAMERA_FAULT,
@@ -56,6 +54,7 @@ from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import Message
 from firmware_bridge.messages import PROTOCOL_VERSION, Data, DeviceClass, Hello, PayloadError
 from lab.acked import AckedCounter
+from lab.chains import Chain
 from lab.mosquitto import Mosquitto, Pki, client_config
 from lab.site import Platform, Site
 from lab.wire import Damage
@@ -506,11 +505,12 @@ def test_kiosk_records_validate_against_the_record_schema() -> None:
     readings += feed.checkin(GOLDEN_BYTES) + feed.raw(MSG_CHECKIN, b"\x07")
     readings += feed.checkin(GOLDEN_BYTES, counter=1) + feed.checkin(GOLDEN_BYTES, bytes(16))
     assert kinds(readings)[-2:] == ["kiosk.spoof", "kiosk.spoof"]
-    sealer = Sealer("gw-test-0001", Ed25519PrivateKey.generate(), last_seq=0,
-                    last_digest=GENESIS_PREV, boot=1)
+    chain = Chain()  # records are signed by the session key its key.session certifies
     clock = Clock()
+    jsonschema.validate(json.loads(chain.start_session(
+        clock.timestamp(time.monotonic_ns())).data), SCHEMA)
     for reading in readings:
-        rec = sealer.seal(reading, clock.timestamp(time.monotonic_ns()))
+        rec = chain.sealer.seal(reading, clock.timestamp(time.monotonic_ns()))
         jsonschema.validate(json.loads(rec.data), SCHEMA)
 
 
@@ -735,11 +735,13 @@ def test_pair_kiosk_takes_its_key_from_a_file_or_generates_it_never_from_argv(
     key_file = tmp_path / "kiosk.key"
     key_file.write_text(KEY.hex() + "\n")
     ident = str(identity.directory)
-    argv = ["provision", "pair-kiosk", "--identity-dir", ident, "--serial", SERIAL,
+    argv = ["provision", "pair-kiosk", "--operator", "Ann Installer",
+            "--identity-dir", ident, "--serial", SERIAL,
             "--key-file", str(key_file), "--json"]
     assert gateway.main(argv) == 0
     assert "key" not in json.loads(capsys.readouterr().out)  # the installer has it already
-    assert gateway.main(["provision", "pair-kiosk", "--identity-dir", ident,
+    assert gateway.main(["provision", "pair-kiosk", "--operator", "Ann Installer",
+                         "--identity-dir", ident,
                          "--serial", "KI-0002", "--json"]) == 0
     generated = bytes.fromhex(json.loads(capsys.readouterr().out)["key"])  # shown once
     assert gateway.main(["provision", "list-kiosks", "--identity-dir", ident, "--json"]) == 0
@@ -756,12 +758,15 @@ def test_pair_kiosk_takes_its_key_from_a_file_or_generates_it_never_from_argv(
     assert KEY.hex() not in raw
     assert generated.hex() not in raw
     with pytest.raises(SystemExit):  # there is no option that takes a key in argv
-        gateway.main(["provision", "pair-kiosk", "--identity-dir", ident, "--serial", "K",
+        gateway.main(["provision", "pair-kiosk", "--operator", "Ann Installer",
+                      "--identity-dir", ident, "--serial", "K",
                       "--key", KEY.hex()])
     capsys.readouterr()
-    assert gateway.main(["provision", "unpair-kiosk", "--identity-dir", ident,
+    assert gateway.main(["provision", "unpair-kiosk", "--operator", "Ann Installer",
+                         "--identity-dir", ident,
                          "--serial", "KI-0002"]) == 0
-    assert gateway.main(["provision", "unpair-kiosk", "--identity-dir", ident,
+    assert gateway.main(["provision", "unpair-kiosk", "--operator", "Ann Installer",
+                         "--identity-dir", ident,
                          "--serial", "KI-0002"]) == 2  # a clear error, not a traceback
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from buffer.seal import Sealer
 from buffer.store import MIN_QUOTA_BYTES, Store, StoreError, StoreReader
@@ -18,8 +17,11 @@ from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.kinds import Priority
 from core.record import GENESIS_PREV, Reading, Source
+from core.suites import ED25519, SoftwareKey
 
-KEY = Ed25519PrivateKey.generate()
+#: The session key the records are signed with (as the gateway's; its identity is IDENTITY).
+KEY = SoftwareKey.generate(ED25519)
+IDENTITY = SoftwareKey.generate(ED25519)
 STORAGE = bytes(range(32))
 SRC = Source("tag_receiver", "TR-0001")
 
@@ -92,7 +94,8 @@ def test_a_row_moved_to_another_seq_does_not_decrypt(tmp_path: Path) -> None:
 
 
 def test_wrong_key_size_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="32 bytes"):
+    # the key's length says its cipher: 32 bytes AES-256-GCM, 16 bytes SM4-GCM
+    with pytest.raises(StoreError, match="32 or 16 bytes, not 5"):
         Store(tmp_path / "r.db", b"short")
 
 
@@ -141,16 +144,21 @@ def test_writer_acks_only_after_commit_and_rolls_back_on_failure(
 
 
 def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path: Path) -> None:
-    from central.record import verify_record
+    from central.record import Registration, verify_record
     from central.verifier import Verifier
-    from core.record import key_id
+    from core.session import SESSION_KIND, SESSION_LIFETIME_MS, session_body
+    from core.suites import Verifier as PublicKey
 
     db = tmp_path / "r.db"
     quota = 2 * MIN_QUOTA_BYTES
     store = Store(db, STORAGE, quota_bytes=quota)
-    sealer = store.sealer("gw-test-0001", KEY)
-    writer = StoreWriter(store, sealer, Clock())
+    writer = StoreWriter(store, store.sealer("gw-test-0001"), Clock())
     writer.start()
+    # as the gateway at each start: KEY certified by the identity, then records signed by it
+    writer.key_record(SESSION_KIND, lambda seq, boot: session_body(
+        gateway_id="gw-test-0001", session=KEY, boot=boot, from_seq=seq,
+        until_mono=SESSION_LIFETIME_MS, identity=IDENTITY, identity_class="file"),
+        session=KEY, mono_ns=0)
     kinds = {0: "tag.tamper", 1: "checkin", 2: "gateway.health"}
     wal = db.with_name(db.name + "-wal")
     wal_sizes = []
@@ -187,15 +195,19 @@ def test_tiny_quota_evicts_lowest_class_oldest_first_with_a_signed_gap(tmp_path:
     assert left["position"] == sorted(left["position"])
     assert min(left["position"]) > 600
     # the platform sees every missing seq accounted for by a signed gap record
-    keys = {key_id(KEY.public_key()): KEY.public_key()}
-    v = Verifier(keys)
+    v = Verifier({"gw-test-0001": Registration("gw-test-0001", IDENTITY.alg,
+                                               IDENTITY.public_raw, IDENTITY.kid, "file",
+                                               "ed25519")})
     for data in records:
         v.ingest_record(data)
-    gaps = [verify_record(d, keys) for d in records if b'"kind":"gap"' in d]
+    session = PublicKey(KEY.alg, KEY.public_raw)
+    gaps = [verify_record(d, lambda _r: (session, "file")) for d in records
+            if b'"kind":"gap"' in d]
     assert gaps
     assert all(g.record["body"]["reason"] == "quota" for g in gaps)
     assert v.gaps("gw-test-0001") == []
     assert v.stats.bad_signature == 0
+    assert v.summary()["verified"] == len(records)
 
 
 def test_health_record_reports_depth_age_and_extra_counters(tmp_path: Path) -> None:
