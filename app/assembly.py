@@ -8,16 +8,19 @@ ledger, both behind their own locks). docs/architecture.md draws it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, assert_never
 
 from cryptography.exceptions import InvalidTag
 
+from app.actions import LocalActions
 from app.config import Config, DeviceSection
+from app.inputs import InputsWorker, OpenedLines, PowerOff, open_gpio
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
@@ -25,13 +28,22 @@ from core import durable
 from core.clock import FLOOR_LEDGER_KEY, TRUSTED_QUALITIES, Clock
 from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, Source
+from core.session import (
+    ROTATE_KIND,
+    SESSION_KIND,
+    SESSION_LIFETIME_MS,
+    rotation_body,
+    session_body,
+)
+from core.suites import key_id
 from drivers.gnss import GnssProtocol, time_steps
+from drivers.inputs import InputsCore
 from drivers.kiosk import KioskDriver
 from drivers.tag_receiver import TagReceiverDriver
 from firmware_bridge.framed import Driver, FramedDeviceProtocol
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
-from provisioning.identity import Identity
+from provisioning.identity import Identity, IdentityKey
 from provisioning.kiosks import open_kiosks
 from provisioning.registry import open_registry
 from uplink.forwarder import AckHook, Forwarder
@@ -39,6 +51,8 @@ from uplink.forwarder import AckHook, Forwarder
 log = logging.getLogger(__name__)
 T_co = TypeVar("T_co", covariant=True)
 VERSION = "0.1.0"
+#: A session key is renewed after a day (it is certified for SESSION_LIFETIME_MS).
+SESSION_RENEW_S = 24 * 3600
 HEALTH_INTERVAL_S = 300.0
 #: How often the clock is compared with itself (a step is a ``time.step`` record).
 CLOCK_WATCH_S = 5.0
@@ -64,6 +78,11 @@ def restore_floor(clock: Clock, reader: StoreReader, writer: StoreWriter) -> Non
         clock.set_floor(floor)
 
 
+def _rotated(key: IdentityKey) -> str:
+    """The store's ledger entry that a ``key.rotate`` certifying *key* is committed."""
+    return f"identity.rotated:{key_id(key.alg, key.public_raw)}"
+
+
 class Pipeline:
     """What every reading passes through: the store, its sealer, the store writer (the one
     thread that seals and commits) and the uplink. Built once here, for the gateway, the
@@ -78,7 +97,7 @@ class Pipeline:
         durable.make_dirs(data_dir, 0o700)  # durable: its parent fsynced
         db = store_path(data_dir)
         self.store = Store(db, identity.storage_key, quota_bytes=quota_bytes)
-        self.sealer = self.store.sealer(identity.gateway_id, identity.signing_key)
+        self.sealer = self.store.sealer(identity.gateway_id)  # keyed by start()'s key.session
         self.reader = StoreReader(db, identity.storage_key)
         self.writer = StoreWriter(self.store, self.sealer, clock, source=source)
         restore_floor(clock, self.reader, self.writer)
@@ -88,19 +107,70 @@ class Pipeline:
         self.writer.on_commit = lambda _records: self.forwarder.notify()
 
     def start(self, *, uplink: bool = True) -> None:
-        """Start the writer (a ``gateway.boot`` record first; a staged key announced), then
-        the uplink unless *uplink* is false (records then wait in the store)."""
+        """Start the writer: a ``key.session`` record first (a new session key, certified by
+        the identity key), ``gateway.boot``, a staged identity key certified and switched
+        to; then the uplink unless *uplink* is false (records then wait in the store)."""
         self.writer.start()
+        identity_key = self.identity.key
+        next_key = self.identity.next_key
+        if next_key is not None and self.writer.last_committed_event(_rotated(next_key)):
+            # its key.rotate was committed, and the power went before the promotion: the
+            # platform follows the new identity from there, so it certifies from now on
+            log.warning("completing the promotion of the identity key certified at the "
+                        "last start")
+            self.identity.promote_next_key()
+            identity_key, next_key = next_key, None
+        self.identity_key = identity_key
+        # the first certificate is made here, so a TPM that does not answer stops the start
+        first = self.identity.session_key()
+        mono_ns = self.clock.now_ns()
         state = self.store.state
+        body = self._session_body(first, identity_key, state.last_seq + 1, state.boot, mono_ns)
+        self.writer.key_record(SESSION_KIND, lambda _seq, _boot: body, session=first,
+                               mono_ns=mono_ns)
+        self.session_started_ns = mono_ns
         self.writer.submit(Reading("gateway.boot", self.source, {
             "boot": state.boot, "version": VERSION, "queued_from_last_run": state.last_seq,
+            "key_class": identity_key.key_class, "suite": self.identity.suite.name,
         }, self.clock.now_ns()))
-        next_key = self.identity.next_key
         if next_key is not None:
-            log.warning("announcing the staged signing key and switching to it")
-            self.writer.rotate_key(next_key, lambda _rec: self.identity.promote_next_key())
+            log.warning("certifying the staged identity key and switching to it")
+            staged = next_key
+
+            def rotate(seq: int, _boot: int) -> dict[str, JSON]:
+                return rotation_body(gateway_id=self.identity.gateway_id, new=staged,
+                                     new_class=staged.key_class, from_seq=seq,
+                                     current=identity_key, current_class=identity_key.key_class)
+
+            self.writer.key_record(ROTATE_KIND, rotate, session=None,
+                                   mono_ns=self.clock.now_ns(),
+                                   on_committed=lambda _rec: self.identity.promote_next_key(),
+                                   ledger=((_rotated(staged), 1),))
+            self.identity_key = staged
+            self.renew_session()
         if uplink:
             self.forwarder.start()
+
+    identity_key: IdentityKey | None = None
+    session_started_ns = 0
+
+    def _session_body(self, session: IdentityKey, identity: IdentityKey, seq: int,
+                      boot: int, mono_ns: int) -> dict[str, JSON]:
+        return session_body(gateway_id=self.identity.gateway_id, session=session, boot=boot,
+                            from_seq=seq, until_mono=mono_ns // 1_000_000 + SESSION_LIFETIME_MS,
+                            identity=identity, identity_class=identity.key_class)
+
+    def renew_session(self) -> None:
+        """A new session key, certified by the identity key (at a rotation, and before the
+        session's lifetime ends: :data:`SESSION_RENEW_S`)."""
+        identity = self.identity_key or self.identity.key
+        session = self.identity.session_key()
+        mono_ns = self.clock.now_ns()
+        self.writer.key_record(
+            SESSION_KIND,
+            lambda seq, boot: self._session_body(session, identity, seq, boot, mono_ns),
+            session=session, mono_ns=mono_ns)
+        self.session_started_ns = mono_ns
 
     def stop(self, drain_s: float) -> bool:
         """Commit what is queued, forward it (up to *drain_s*), stop both threads, close the
@@ -112,6 +182,10 @@ class Pipeline:
         self.reader.close()
         self.store.close()
         return drained
+
+    def session_due(self) -> bool:
+        """Whether the session key should be renewed (a day old: its lifetime is eight)."""
+        return self.clock.now_ns() - self.session_started_ns > SESSION_RENEW_S * 1_000_000_000
 
 
 class Gateway:
@@ -130,6 +204,8 @@ class Gateway:
         self.ports: list[PortWorker] = []
         self.protocols: dict[str, PortProtocol] = {}
         self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped: bool | None = None
         self._health = threading.Thread(target=self._health_loop, name="health", daemon=True)
 
     @property
@@ -144,6 +220,10 @@ class Gateway:
                                  quota_bytes=quota, on_acked=self.on_acked)
         self.clock.observe()  # the baseline: later changes are time.step records
         self.pipeline.start()
+        # local actions (the journal), then the files' hashes, before the pairings are read
+        self.actions = LocalActions(self.writer, self.identity, self.config.source,
+                                    self.source, self.clock.now_ns)
+        self.actions.start()
         for spec in self.config.devices:
             proto = FramedDeviceProtocol(spec.name, spec.kind, self._driver(spec), self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
@@ -153,7 +233,23 @@ class Gateway:
                                   fix_interval_s=gnss.fix_interval_s, installed=gnss.installed,
                                   ledger=self.writer.last_committed_event)
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
+        self._start_inputs()
         self._health.start()
+
+    #: The enclosure switch and mains power (config [inputs]; drivers/inputs.py).
+    inputs: InputsWorker | None = None
+    #: Opens the input lines: the GPIO chip of the configuration, or the lab's stand-in.
+    open_lines: Callable[[], OpenedLines] | None = None
+
+    def _start_inputs(self) -> None:
+        inp = self.config.inputs
+        if inp is None:
+            return
+        opener = self.open_lines or functools.partial(open_gpio, inp.chip, inp.spec.lines())
+        poweroff = PowerOff(self.writer.flush, self.stop, inp.shutdown_command)
+        self.inputs = InputsWorker(InputsCore(inp.spec, self.source), opener,
+                                   self.writer.submit, poweroff, now_ns=self.clock.now_ns)
+        self.inputs.start()
 
     @property
     def writer(self) -> StoreWriter:
@@ -192,12 +288,15 @@ class Gateway:
         interval_ns = int(self.health_interval_s * 1e9)
         next_health = self.clock.now_ns() + interval_ns
         while not self._stopping.wait(min(CLOCK_WATCH_S, self.health_interval_s)):
+            self.actions.poll()  # a pairing made while running: recorded within seconds
             steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
             if steps:
                 self.writer.submit_all(steps)
             if self.clock.now_ns() >= next_health:
                 next_health += interval_ns
                 self.writer.submit_health(self._health_extra)
+            if self.pipeline.session_due():
+                self.pipeline.renew_session()
 
     def _health_extra(self) -> dict[str, JSON]:
         """Counters of the other threads (plain integers, read as they stand)."""
@@ -226,12 +325,22 @@ class Gateway:
                        "sessions_lost": up.sessions_lost},
             "ports": ports,
             "clock": dict(self.clock.stats.as_dict()),
-        }
+        } | ({"inputs": self.inputs.health()} if self.inputs is not None else {})
 
     def stop(self, drain_s: float = 5.0) -> bool:
         """Stop reading devices, forward what is queued (up to *drain_s*), then stop every
-        thread and close the store."""
+        thread and close the store. A second call (a power-off after a UPS shutdown, then
+        SIGTERM) waits for the first and returns its result."""
+        with self._stop_lock:
+            if self._stopped is not None:
+                return self._stopped
+            self._stopped = self._stop(drain_s)
+            return self._stopped
+
+    def _stop(self, drain_s: float) -> bool:
         self._stopping.set()
+        if self.inputs is not None:
+            self.inputs.stop()
         if self._health.is_alive():
             self._health.join(JOIN_TIMEOUT_S)
         for worker in self.ports:
@@ -241,7 +350,8 @@ class Gateway:
     def alive(self) -> bool:
         """Every thread of the pipeline is running (the watchdog's question)."""
         return (self.writer.is_alive() and self.forwarder.is_alive()
-                and all(w.is_alive() for w in self.ports))
+                and all(w.is_alive() for w in self.ports)
+                and (self.inputs is None or self.inputs.is_alive()))
 
     def status(self) -> dict[str, Any]:
         return {

@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="beacons per second")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="gateway logs at info level")
+    parser.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519")
+    parser.add_argument("--no-tpm", action="store_true",
+                        help="identity and storage keys in files instead of a swtpm")
     args = parser.parse_args(argv)
     res = run(args.kills, args.seed, rate=args.rate, verbose=args.verbose,
-              keep=bool(os.environ.get("SMARTCORR_KEEP")))
+              keep=bool(os.environ.get("SMARTCORR_KEEP")), suite=args.suite,
+              tpm=not args.no_tpm)
     out = {k: v for k, v in res.__dict__.items() if k != "extra"} | res.extra
     ok = res.records_lost == res.bad_signatures == res.unexplained_gaps == \
         res.duplicates_after_dedupe == res.store_corruptions == 0

@@ -143,6 +143,7 @@ class _KeyRecord:
     session: Signer | None
     mono_ns: int
     on_committed: OnCommitted | None
+    ledger: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +272,15 @@ class StoreWriter:
         self._inbox.put(_Health(extra))
 
     def key_record(self, kind: str, body: KeyBody, *, session: Signer | None, mono_ns: int,
-                   on_committed: OnCommitted | None = None) -> None:
+                   on_committed: OnCommitted | None = None,
+                   ledger: tuple[tuple[str, int], ...] = ()) -> None:
         """Seal a key record: ``key.session`` with *session* (which signs it and every
         later record) or ``key.rotate`` (*session* None). *body(seq, boot)* is called on
         the writer's thread when its seq is known (a certificate names it); if it fails,
         the key record is left out (logged, counted) and the current key goes on.
-        *on_committed* runs once it is durable."""
+        *on_committed* runs once it is durable; *ledger* entries commit with it."""
         self._add_backlog(1)
-        self._inbox.put(_KeyRecord(kind, body, session, mono_ns, on_committed))
+        self._inbox.put(_KeyRecord(kind, body, session, mono_ns, on_committed, ledger))
 
     def delete_range(self, prio: int, lo: int, hi: int, rows: int) -> None:
         """Delete the rows of class *prio* with seq in [lo, hi] (forwarded and PUBACKed)."""
@@ -510,8 +512,8 @@ class StoreWriter:
         if item.session is not None:
             draft.use_key(item.session)
         try:
-            group.add(Reading(item.kind, self._gateway_source, body, item.mono_ns), self._clock,
-                      item.on_committed)
+            group.add(Reading(item.kind, self._gateway_source, body, item.mono_ns,
+                              ledger=item.ledger), self._clock, item.on_committed)
         except Exception:
             if previous is not None:
                 draft.use_key(previous)

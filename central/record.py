@@ -59,7 +59,9 @@ class Registration:
     suite: str
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, JSON]) -> Registration:
+    def from_json(cls, obj: object) -> Registration:
+        if not isinstance(obj, Mapping):
+            raise ValueError("not a gateway registration (not a JSON object)")  # noqa: TRY004
         try:
             alg, key_class = str(obj["alg"]), str(obj["class"])
             raw = unb64u(str(obj["key"]))
@@ -93,7 +95,7 @@ def load_registrations(paths: list[Path]) -> dict[str, Registration]:
 
 def parse_record(data: bytes) -> dict[str, JSON]:
     """A record's fields, shape-checked (types, version, canonical-able); not yet verified.
-    A format-1 record (no ``alg``) gets ``alg`` = Ed25519 here, and ``v`` stays 1."""
+    A format-1 record has no ``alg`` (:func:`verify_parsed` takes it as Ed25519)."""
     try:
         rec = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

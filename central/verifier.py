@@ -3,8 +3,9 @@
 For each registered gateway: every record's signature by a session key its identity
 certified (:mod:`core.session`), exact de-duplication by (gateway id, seq), and the hash
 chain: record ``n``'s ``prev`` must equal the hash (of ``alg``) of record ``n-1``.
-Records arrive out of seq order (alarms first), so a link is checked whenever both ends have arrived, and seqs still missing are
-reported as gaps unless a signed ``gap`` record accounts for them.
+Records arrive out of seq order (alarms first), so a link is checked whenever both ends
+have arrived, and seqs still missing are reported as gaps unless a signed ``gap`` record
+accounts for them.
 
 It also counts, per gateway, the ``uplink.takeover`` alarms: a gateway saying
 that another MQTT client took its client id (docs/broker.md).

@@ -37,6 +37,7 @@ from core.topics import PLATFORM_CN
 from lab.mosquitto import client_config, make_pki, start_mosquitto
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import Platform, pair_tags
+from lab.swtpm import Swtpm
 from provisioning.identity import create_identity
 
 REPO = Path(__file__).resolve().parents[1]  # where gateway.py is
@@ -109,16 +110,25 @@ class _Loop:
     """The lab around the gateway process: PKI, mosquitto, identity, configuration,
     tag receiver, platform."""
 
-    def __init__(self, tmp: Path, stack: contextlib.ExitStack, *, verbose: bool) -> None:
+    def __init__(self, tmp: Path, stack: contextlib.ExitStack, *, verbose: bool,
+                 suite: str = "ed25519", tpm: bool = True) -> None:
         self.tmp, self.verbose = tmp, verbose
         pki = make_pki(tmp / "pki")
         broker = start_mosquitto(tmp / "mq", pki)
         stack.callback(broker.stop)
-        identity = create_identity(tmp / "identity", GATEWAY_ID)
+        tcti = None
+        if tpm:  # the TPM outlives every kill, as a TPM chip outlives the process
+            swtpm = Swtpm(tmp / "swtpm").start()
+            stack.callback(swtpm.stop)
+            tcti = swtpm.tcti
+        identity = create_identity(tmp / "identity", GATEWAY_ID, suite_name=suite, tpm=tcti)
+        self.key_class = identity.key_class
+        stack.callback(identity.close)
         self.platform = Platform(client_config(broker, pki, PLATFORM_CN), identity).start()
         stack.callback(self.platform.stop)
         tags = [SimTag(0x2000 + i, bytes([i + 7]) * 16) for i in range(3)]
         pair_tags(identity, tags)
+        identity.close()  # a swtpm serves one connection: the gateway's
         tty = tmp / "ttyTAGS"
         self.sim = TagReceiverSim("TR-CRASH-0001", tags=tags, link=tty).start()
         stack.callback(self.sim.stop)
@@ -144,13 +154,14 @@ class _Loop:
 
 def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
         max_up_s: float = 2.0, drain_timeout_s: float = 120.0, verbose: bool = False,
-        keep: bool = False) -> Result:
+        keep: bool = False, suite: str = "ed25519", tpm: bool = True) -> Result:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-crash-"))
     result = Result()
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
-        lab = _Loop(tmp, stack, verbose=verbose)
+        lab = _Loop(tmp, stack, verbose=verbose, suite=suite, tpm=tpm)
+        result.extra.update(suite=suite, key_class=lab.key_class)
         beacons = _Beacons(lab.sim, rate)
         stack.callback(beacons.stop)
         for i in range(kills):

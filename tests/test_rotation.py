@@ -123,7 +123,7 @@ def test_a_session_key_signs_only_for_its_gateway() -> None:
     v = Verifier({a.gateway_id: a.registration, b.gateway_id: b.registration})
     v.ingest(a.start_session(TS).data)
     # records claiming gateway B, signed with A's (certified) session key
-    b.sealer.seal  # B's chain, A's key
+    # B's chain, A's key
     draft = b.sealer.draft()
     assert a.session is not None
     draft.use_key(a.session)
