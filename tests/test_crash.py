@@ -12,9 +12,13 @@ from lab import crash_loop
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("seed", [3, 11])
-def test_sigkill_loses_nothing_acked_and_corrupts_nothing(seed: int) -> None:
-    res = crash_loop.run(kills=4, seed=seed, rate=60.0, min_up_s=0.4, max_up_s=1.5)
+@pytest.mark.parametrize(("seed", "suite"), [(3, "ed25519"), (11, "sm")])
+def test_sigkill_loses_nothing_acked_and_corrupts_nothing(seed: int, suite: str) -> None:
+    """On a swtpm-held identity (the TPM outlives every kill), in both suites."""
+    res = crash_loop.run(kills=4, seed=seed, rate=60.0, min_up_s=0.4, max_up_s=1.5,
+                         suite=suite)
+    assert res.extra["key_class"] == "tpm"
+    assert res.extra["suite"] == suite
     assert res.kills == 4
     assert res.records_acked_to_devices > 20
     assert res.records_lost == 0
