@@ -296,11 +296,12 @@ class Env:
 
 
 @contextlib.contextmanager
-def environment(workdir: Path, progress: Progress) -> Iterator[Env]:
+def environment(workdir: Path, progress: Progress, suite: str = "ed25519") -> Iterator[Env]:
     pki = make_pki(workdir / "pki")
     broker = start_mosquitto(workdir / "mosquitto", pki)
     try:
-        identity = create_identity(workdir / "identity", GATEWAY_ID)
+        # the identity only certifies session keys (once per start): a file is enough here
+        identity = create_identity(workdir / "identity", GATEWAY_ID, suite_name=suite)
         files = pki.client(GATEWAY_ID)  # the client cert's CN is the gateway id (ACL)
         config = BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
                               str(files.key))
@@ -891,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tinydb-records", type=int, help="TinyDB run size (2000)")
     parser.add_argument("--alarms", type=int, help="alarms injected during the drain (200)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519",
+                        help="the records' signature, hash and cipher (core/suites.py)")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     parser.add_argument("--profile", action="store_true",
                         help="only the sustained phase, under cProfile (all threads)")
@@ -911,12 +914,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     results: dict[str, Any] = {
-        "bench": "pipeline", "quick": args.quick,
+        "bench": "pipeline", "quick": args.quick, "suite": args.suite,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}",
     }
     try:
-        with environment(workdir, progress) as env:
+        with environment(workdir, progress, args.suite) as env:
             if args.profile:
                 run_profile(env, sizes["records"], results_dir)
                 return 0
@@ -953,7 +956,8 @@ def main(argv: list[str] | None = None) -> int:
     results["all_targets_met"] = all(v["met"] for v in results["targets"].values())
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    saved = results_dir / f"pipeline-{'quick-' if args.quick else ''}{stamp}.json"
+    saved = results_dir / (f"pipeline-{'quick-' if args.quick else ''}"
+                           f"{'' if args.suite == 'ed25519' else args.suite + '-'}{stamp}.json")
     saved.write_text(json.dumps(results, indent=2) + "\n")
     report = human_report(results) + f"\n  saved to {saved.relative_to(REPO)}\n"
     print(report, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -30,12 +30,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tinydb import TinyDB, where
 
 from buffer.store import NONCE_BYTES, Evicted, StoreState, _aad
 from core.kinds import Priority
 from core.record import GENESIS_PREV, SealedRecord
+from core.suites import storage_aead
 
 RECORDS = "records"
 META = "meta"
@@ -57,7 +57,7 @@ class TinyStore:
         self.path = path
         self.lock = threading.Lock()
         self.db = TinyDB(path)  # storage=JSONStorage
-        self._aead = AESGCM(storage_key)
+        self._aead = storage_aead(storage_key)
         with self.lock:
             data = self.db.storage.read() or {}
             meta = data.get(META, {})
@@ -138,7 +138,7 @@ class TinyReader:
 
     def __init__(self, store: TinyStore, storage_key: bytes) -> None:
         self._store = store
-        self._aead = AESGCM(storage_key)
+        self._aead = storage_aead(storage_key)
         # cache_size=0: the writer writes through the storage, not this table
         self._table = store.db.table(RECORDS, cache_size=0)
 
