@@ -65,11 +65,22 @@ def keys_report(cfg: Config) -> dict[str, Any]:
     except RegistryError as exc:
         problems.append(str(exc))
         tags = None
-    from core.record import key_id
+    from core.suites import key_id
 
+    warnings = []
+    if ident.key_class != "tpm":
+        warnings.append("the identity key is a file on this disk (no TPM): a copy of the "
+                        "disk can sign as this gateway; provision with a TPM outside the lab")
+    if ident.storage_class != "tpm":
+        warnings.append("the storage key is a file on this disk (no TPM): a copy of the "
+                        "disk decrypts the stored records")
+    ident.close()
     return out | {
         "ok": not problems, "gateway_id": ident.gateway_id, "kid": ident.kid,
-        "staged_kid": key_id(staged.public_key()) if staged else None,
+        "alg": ident.key.alg, "key_class": ident.key_class,
+        "storage_class": ident.storage_class, "suite": ident.suite.name,
+        "warnings": warnings,
+        "staged_kid": key_id(staged.alg, staged.public_raw) if staged else None,
         "paired_tags": tags, "problems": problems,
     }
 

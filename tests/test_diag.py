@@ -27,7 +27,7 @@ def setup(tmp_path: Path) -> Path:
     registry.close()
     (tmp_path / "data").mkdir()
     store = Store(store_path(tmp_path / "data"), ident.storage_key)
-    sealer = store.sealer(ident.gateway_id, ident.signing_key)
+    sealer = store.sealer(ident.gateway_id, ident.session_key())
     store.commit([sealer.seal(Reading("tag.presence", Source("tag_receiver", "TR-1"),
                                       {"tag": "T0000CAFE", "lat_e7": 468123456}, 1),
                               Clock().timestamp(time.monotonic_ns()))])
@@ -124,7 +124,7 @@ def test_the_bundle_holds_no_secret_and_no_personal_data_unless_asked(tmp_path: 
     assert all(s not in blob and s.hex().encode() not in blob for s in secrets)
     personal = tmp_path / "personal.tar.gz"
     assert diag("bundle", "--config", cfg, "--out", str(personal),
-                "--include-personal").returncode == 0
+                "--include-personal", "--operator", "Tom Technician").returncode == 0
     with tarfile.open(personal) as tar:
         names = tar.getnames()
         records = tar.extractfile("records.ndjson").read()  # type: ignore[union-attr]
