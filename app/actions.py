@@ -44,7 +44,7 @@ from provisioning.registry import REGISTRY_FILE
 
 log = logging.getLogger(__name__)
 
-#: Ledger keys (the store's ledger of committed values, ``StoreWriter.last_committed_event``).
+#: Ledger keys (the store's ledger of committed values, ``StoreWriter.ledger_value``).
 RECORDED_KEY = "actions:recorded"  # the last journal entry recorded
 JOURNAL_KEY = "actions:journal"  # the id of the journal it belongs to
 COUNT_KEY = "actions:count"  # local.action records so far (never goes back)
@@ -64,7 +64,7 @@ class Sink(Protocol):
 
     def submit_all(self, readings: list[Reading],
                    on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
-    def last_committed_event(self, serial: str) -> int | None: ...
+    def ledger_value(self, serial: str) -> int | None: ...
 
 
 def hash_value(hex_digest: str | None) -> int:
@@ -97,7 +97,7 @@ class LocalActions:
         self.files: dict[str, Path | None] = {CONFIG: config_file,
                                               TAGS: identity.directory / REGISTRY_FILE,
                                               KIOSKS: identity.directory / KIOSKS_FILE}
-        ledger = sink.last_committed_event
+        ledger = sink.ledger_value
         self._journal_id = ledger(JOURNAL_KEY) or 0
         self._upto = ledger(RECORDED_KEY) or 0  # the last entry submitted (this journal)
         self._count = ledger(COUNT_KEY) or 0
@@ -209,7 +209,7 @@ class LocalActions:
         """Drop from the journal what the store has committed."""
         if not self._journal_seen:
             return
-        ledger = self._sink.last_committed_event
+        ledger = self._sink.ledger_value
         recorded = ledger(RECORDED_KEY) or 0
         if (ledger(JOURNAL_KEY) or 0) != self._journal_id:
             recorded = 0  # nothing of this journal committed yet
@@ -229,7 +229,7 @@ class LocalActions:
 
     # -- the configuration ---------------------------------------------------------------
     def _record_config(self) -> None:
-        ledger = self._sink.last_committed_event
+        ledger = self._sink.ledger_value
         loaded_at = ledger(LOADED_AT_KEY) or 0
         files: dict[str, JSON] = {}
         changed: dict[str, JSON] = {}

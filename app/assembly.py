@@ -64,7 +64,7 @@ GNSS_PORT_NAME = "gnss"
 def restore_floor(clock: Clock, reader: StoreReader, writer: StoreWriter) -> None:
     """Give *clock* the last known good time from the store: the floor the GNSS driver
     keeps in the ledger, and the newest record still stored if its time was trusted."""
-    floor = writer.last_committed_event(FLOOR_LEDGER_KEY) or 0
+    floor = writer.ledger_value(FLOOR_LEDGER_KEY) or 0
     try:
         newest = reader.newest_record()
     except InvalidTag:
@@ -113,7 +113,7 @@ class Pipeline:
         self.writer.start()
         identity_key = self.identity.key
         next_key = self.identity.next_key
-        if next_key is not None and self.writer.last_committed_event(_rotated(next_key)):
+        if next_key is not None and self.writer.ledger_value(_rotated(next_key)):
             # its key.rotate was committed, and the power went before the promotion: the
             # platform follows the new identity from there, so it certifies from now on
             log.warning("completing the promotion of the identity key certified at the "
@@ -231,7 +231,7 @@ class Gateway:
         if gnss is not None:
             gproto = GnssProtocol(GNSS_PORT_NAME, self.writer, self.clock,
                                   fix_interval_s=gnss.fix_interval_s, installed=gnss.installed,
-                                  ledger=self.writer.last_committed_event)
+                                  ledger=self.writer.ledger_value)
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
         self._start_inputs()
         self._health.start()
@@ -268,14 +268,14 @@ class Gateway:
         kind = spec.kind
         if kind is DeviceClass.TAG_RECEIVER:
             tags = _paired(open_registry(self.identity))
-            return TagReceiverDriver(tags, self.writer.last_committed_event,
+            return TagReceiverDriver(tags, self.writer.ledger_value,
                                      started_ns=self.clock.now_ns())
         if kind is DeviceClass.KIOSK:
             kiosks = _paired(open_kiosks(self.identity))
             if not kiosks:
                 log.warning("%s: no kiosk is paired: its check-ins are recorded as kiosk.spoof "
                             "(provision pair-kiosk)", spec.name)
-            return KioskDriver(kiosks, self.writer.last_committed_event)
+            return KioskDriver(kiosks, self.writer.ledger_value)
         assert_never(kind)
 
     def _add_port(self, name: str, path: str, baud: int, proto: PortProtocol) -> None:

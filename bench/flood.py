@@ -76,7 +76,7 @@ def run(modes: list[str], seconds: float, workdir: Path) -> dict[str, object]:
     for mode in modes:
         device = start_device(mode, workdir / f"tty-{mode}", seconds)
         proto = FramedDeviceProtocol(mode, DeviceClass.TAG_RECEIVER,
-                                     TagReceiverDriver(tags, writer.last_committed_event),
+                                     TagReceiverDriver(tags, writer.ledger_value),
                                      writer)
         worker = PortWorker(mode, str(workdir / f"tty-{mode}"), 115200, proto)
         worker.start()

@@ -33,6 +33,7 @@ from buffer.seal import Draft, Sealer
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store, free_bytes, is_disk_full
 from core.clock import Clock
 from core.kinds import Priority
+from core.devices import device_ledger_key
 from core.record import JSON, Reading, SealedRecord, Source
 from core.suites import Signer
 
@@ -179,7 +180,7 @@ class _Group:
         self.records.append(rec)
         self.size += len(rec.data) + ROW_BYTES
         if reading.device_event is not None:
-            self.events[reading.device_event[0]] = reading.device_event[1]
+            self.events[device_ledger_key(reading.device_event[0])] = reading.device_event[1]
         self.events.update(reading.ledger)
         if on_committed is not None:
             self.callbacks.append((on_committed, len(self.records) - 1))
@@ -300,7 +301,16 @@ class StoreWriter:
     def last_committed_event(self, serial: str) -> int | None:
         """The last device event committed for *serial* (the links' duplicate filter)."""
         with self._ledger_lock:
-            return self._ledger.get(serial)
+            found = self._ledger.get(device_ledger_key(serial))
+            if found is None and ":" not in serial:  # a store from before the prefix
+                found = self._ledger.get(serial)
+            return found
+
+    def ledger_value(self, key: str) -> int | None:
+        """A value the gateway committed in the ledger with a reading (``Reading.ledger``:
+        a tag's counter, the clock's floor, ...); never a device's event."""
+        with self._ledger_lock:
+            return self._ledger.get(key)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

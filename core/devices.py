@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Device events in the store's ledger are kept under this prefix, apart from the
+#: gateway's own entries (tag counters, the clock's floor, ...): a device names itself,
+#: and must not be able to name one of those.
+DEVICE_LEDGER_PREFIX = "dev:"
+
+
+def device_ledger_key(serial: str) -> str:
+    """The ledger key of the last event committed for device *serial*."""
+    return DEVICE_LEDGER_PREFIX + serial
+
+
 #: A paired tag not heard for this long is reported absent, seconds.
 DEFAULT_ABSENT_AFTER_S = 120
 

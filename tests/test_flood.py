@@ -300,7 +300,7 @@ class FloodRig:
         self.writer = self.pipeline.writer
         tag = sim.tag
         driver = TagReceiverDriver({tag.tag: PairedTag(tag.tag, tag.key, 600, 0)},
-                                   self.writer.last_committed_event)
+                                   self.writer.ledger_value)
         self.proto = FramedDeviceProtocol("flood", DeviceClass.TAG_RECEIVER, driver,
                                           self.writer, **proto_kwargs)
         self.worker = PortWorker("flood", sim.path, 115200, self.proto, reopen_min_s=0.05)

@@ -39,7 +39,7 @@ class Rig:
         self.pipeline = pipeline(tmp_path, identity)
         self.writer = self.pipeline.writer
         tags = {tag_ref(0x1000): PairedTag(tag_ref(0x1000), self.tag.key, 600, 0)}
-        driver = TagReceiverDriver(tags, self.writer.last_committed_event)
+        driver = TagReceiverDriver(tags, self.writer.ledger_value)
         link = HostLink(self.writer.last_committed_event, heartbeat_s=1,
                         link_timeout_s=link_timeout_s)
         self.proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, driver, self.writer,
@@ -101,7 +101,7 @@ def test_a_missing_port_is_retried_and_counted(tmp_path: Path, identity: Identit
     pipe = pipeline(tmp_path, identity)
     writer = pipe.writer
     proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER,
-                                 TagReceiverDriver({}, writer.last_committed_event), writer)
+                                 TagReceiverDriver({}, writer.ledger_value), writer)
     worker = PortWorker("tags", str(tmp_path / "no-such-tty"), 115200, proto,
                         reopen_min_s=0.01, reopen_max_s=0.05)
     worker.start()

@@ -291,3 +291,26 @@ def test_a_reading_that_cannot_be_sealed_is_recorded_and_the_writer_goes_on(
     finally:
         writer.stop()
         store.close()
+
+
+@pytest.mark.parametrize("key", ["tag:T00001000", "kiosk.counter:KI-1", "clock:floor_ms",
+                                 "gnss:moved", "actions:recorded", "dev:TR-1"])
+def test_a_device_cannot_name_a_ledger_entry_of_the_gateway(tmp_path: Path, key: str) -> None:
+    """A device names itself (its HELLO serial, any printable ASCII): a fake device whose
+    serial is a tag's counter key must not lower that counter (a replay would pass)."""
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    writer.submit(Reading("tag.presence", SRC, {"n": 1}, 1, ledger=((key, 50),)))
+    writer.submit(Reading("tag.presence", Source("tag_receiver", key), {"n": 2}, 2, (key, 1)))
+    assert writer.flush()
+    assert writer.ledger_value(key) == 50
+    assert writer.last_committed_event(key) == 1
+    writer.stop()
+    store.close()
+    store, sealer = open_store(db)  # and after a restart
+    again = StoreWriter(store, sealer, Clock())
+    assert again.ledger_value(key) == 50
+    assert again.last_committed_event(key) == 1
+    store.close()

@@ -370,13 +370,13 @@ def test_moved_state_and_floor_survive_a_restart(tmp_path: Path, identity: Ident
                   mono_ns=lambda: mono[0])
     pipe = restart_rig(tmp_path, identity, first)
     proto = GnssProtocol("gnss", pipe.writer, first, installed=HOME,
-                         ledger=pipe.writer.last_committed_event)
+                         ledger=pipe.writer.ledger_value)
     for i in range(90):  # 90 s about 5.5 km north of home: moved
         mono[0] += S
         proto.data_received(fix_sentences(TRUTH + far + dt.timedelta(seconds=i), LAT + 0.05,
                                           LON), mono[0])
     assert pipe.writer.flush()
-    assert pipe.writer.last_committed_event(MOVED_LEDGER_KEY) == 1
+    assert pipe.writer.ledger_value(MOVED_LEDGER_KEY) == 1
     newest = pipe.reader.newest_record()
     assert newest is not None
     last_t = json.loads(newest)["t"]
@@ -389,7 +389,7 @@ def test_moved_state_and_floor_survive_a_restart(tmp_path: Path, identity: Ident
     try:
         assert second.floor_ms() >= last_t  # the newest record's time
         proto = GnssProtocol("gnss", pipe.writer, second, installed=HOME,
-                             ledger=pipe.writer.last_committed_event)
+                             ledger=pipe.writer.ledger_value)
         assert proto.monitor.moved
         kinds = []
         for i in range(90):  # back home
@@ -400,8 +400,8 @@ def test_moved_state_and_floor_survive_a_restart(tmp_path: Path, identity: Ident
         kinds = list(pipe.writer.stats.by_kind)
         assert "gateway.returned" in kinds
         assert "gateway.moved" not in kinds
-        assert pipe.writer.last_committed_event(MOVED_LEDGER_KEY) == 0
-        assert (pipe.writer.last_committed_event(FLOOR_LEDGER_KEY) or 0) >= last_t - 60_000
+        assert pipe.writer.ledger_value(MOVED_LEDGER_KEY) == 0
+        assert (pipe.writer.ledger_value(FLOOR_LEDGER_KEY) or 0) >= last_t - 60_000
     finally:
         pipe.stop(drain_s=0)
 
@@ -412,7 +412,7 @@ def test_floor_from_the_ledger_once_every_record_is_deleted(tmp_path: Path,
     clock = Clock(synced=lambda: True, wall_ns=lambda: ms(TRUTH) * MS + (mono[0] - START_MONO),
                   mono_ns=lambda: mono[0])
     pipe = restart_rig(tmp_path, identity, clock)
-    proto = GnssProtocol("gnss", pipe.writer, clock, ledger=pipe.writer.last_committed_event)
+    proto = GnssProtocol("gnss", pipe.writer, clock, ledger=pipe.writer.ledger_value)
     mono[0] += S
     proto.data_received(fix_sentences(TRUTH, LAT, LON), mono[0])
     assert pipe.writer.flush()
