@@ -32,8 +32,8 @@ from typing import Any
 from buffer.seal import Draft, Sealer
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store, free_bytes, is_disk_full
 from core.clock import Clock
-from core.kinds import Priority
 from core.devices import device_ledger_key
+from core.kinds import Priority
 from core.record import JSON, Reading, SealedRecord, Source
 from core.suites import Signer
 
