@@ -29,7 +29,8 @@ from typing import Any
 
 from app.config import Config
 from buffer.store import StoreReader, inspect_store, store_path
-from provisioning.identity import IdentityError, load_identity
+from core.errors import UserError
+from provisioning.identity import load_identity
 from provisioning.registry import REGISTRY_FILE, RegistryError, open_registry
 
 #: Configuration keys whose values are personal data, by section: never in a bundle.
@@ -50,7 +51,7 @@ def keys_report(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"identity_dir": str(cfg.identity_dir)}
     try:
         ident = load_identity(cfg.identity_path, repair=False)  # the daemon repairs
-    except IdentityError as exc:
+    except UserError as exc:  # IdentityError; TpmError: the TPM does not answer, or another
         return out | {"ok": False, "error": str(exc)}
     staged = ident.next_key
     problems = []
@@ -135,6 +136,7 @@ def redacted_config(source: Path) -> dict[str, Any]:
 
 def _queued_records(cfg: Config) -> bytes:
     identity = load_identity(cfg.identity_path, repair=False)
+    identity.close()  # the storage key is unsealed: the TPM is not needed any more
     reader = StoreReader(store_path(cfg.data_dir), identity.storage_key)
     try:
         return b"\n".join(reader.queued())
