@@ -588,6 +588,7 @@ class StoreWriter:
             "quota_bytes": self._store.quota_bytes,
             "evicted": dict(self.stats.evicted),
             "commit_failures": self.stats.commit_failures,
+            "key_failures": self.stats.key_failures,  # session keys the TPM did not certify
             "disk_full": self.stats.disk_full,
             "committed": self.stats.committed,
         }

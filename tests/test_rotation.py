@@ -166,3 +166,47 @@ def test_identity_rotation_by_record(suite: str) -> None:
     v.ingest(b"\n".join(r.data for r in reversed(records)))
     assert v.summary()["verified"] == 5
     assert v.summary()["chain_gaps"] == 0
+
+
+def test_a_renewal_the_tpm_cannot_certify_keeps_the_current_session(
+    tmp_path: Path, identity: Identity
+) -> None:
+    """The identity key stops answering (a TPM gone) at a daily renewal: counted, logged,
+    and records go on under the current session key; nothing is lost or unverifiable."""
+    import time as _time
+
+    from buffer.store import Store
+    from buffer.writer import StoreWriter
+    from core.clock import Clock
+    from core.record import Reading, Source
+    from core.session import SESSION_KIND, session_body
+
+    db = tmp_path / "r.db"
+    store = Store(db, identity.storage_key)
+    writer = StoreWriter(store, store.sealer(identity.gateway_id), Clock())
+    writer.start()
+    first = identity.session_key()
+
+    def certify(seq: int, boot: int) -> dict[str, object]:
+        return session_body(gateway_id=identity.gateway_id, session=first, boot=boot,
+                            from_seq=seq, until_mono=10**15, identity=identity.key,
+                            identity_class="file")
+
+    def broken(_seq: int, _boot: int) -> dict[str, object]:
+        raise OSError("the TPM does not answer")
+
+    src = Source("tag_receiver", "TR-0001")
+    writer.key_record(SESSION_KIND, certify, session=first, mono_ns=_time.monotonic_ns())
+    writer.submit(Reading("tag.presence", src, {"n": 1}, _time.monotonic_ns()))
+    writer.key_record(SESSION_KIND, broken, session=identity.session_key(),
+                      mono_ns=_time.monotonic_ns())
+    writer.submit(Reading("tag.presence", src, {"n": 2}, _time.monotonic_ns()))
+    assert writer.flush()
+    assert writer.stats.key_failures == 1
+    writer.stop()
+    records = drain(db, identity.storage_key)
+    assert len(records) == 3  # one key.session, two readings, no half-made key record
+    v = Verifier(registrations(identity))
+    v.ingest(b"\n".join(records))
+    assert v.summary()["verified"] == 3
+    assert {json.loads(r)["kid"] for r in records} == {first.kid}
