@@ -569,3 +569,9 @@ def test_a_format_2_record_without_alg_is_not_taken_for_format_1() -> None:
                             v=2))
     assert str(refused(canonical(rec), trusting(IDENTITY))) == \
         "malformed: field 'alg' missing or not <class 'str'>"
+
+
+@pytest.mark.parametrize("obj", [[], "gw-test-0001", 7, None])
+def test_a_registration_that_is_no_json_object_is_refused_by_name(obj: object) -> None:
+    with pytest.raises(ValueError, match=r"^not a gateway registration \(not a JSON object\)$"):
+        Registration.from_json(obj)
