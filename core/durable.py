@@ -42,15 +42,20 @@ def make_dirs(directory: Path, mode: int = 0o700) -> None:
         fsync_dir(path.parent)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of *data* to *fd* (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace *path* with *data*: a power cut leaves the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)  # O_CREAT's mode does not apply to a left-over file
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -270,9 +270,7 @@ def _append_line(path: Path, line: bytes) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line  # a torn last line stays a line of its own (reported bad)
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
+        durable.write_all(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)

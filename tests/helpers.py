@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 _tick = threading.Event()
 
@@ -16,3 +17,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str = "conditi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         _tick.wait(0.02)
+
+
+def stored_records(db: Path, storage_key: bytes) -> list[bytes]:
+    """Every record queued in the store *db*, decrypted, in delivery order."""
+    from buffer.store import StoreReader
+    from core.kinds import Priority
+
+    reader = StoreReader(db, storage_key)
+    out: list[bytes] = []
+    cursors: dict[Priority, int] = {}
+    try:
+        while (batch := reader.next_batch(cursors, 1000, 1 << 30)) is not None:
+            cursors[batch[0]] = batch[1][-1][0]
+            out.extend(data for _, data in batch[1])
+    finally:
+        reader.close()
+    return out

@@ -11,27 +11,19 @@ from pathlib import Path
 
 from app.assembly import Gateway
 from app.config import Config, InputsSection
-from buffer.store import StoreReader, store_path
+from buffer.store import store_path
 from central.verifier import Verifier
-from core.kinds import Priority
 from drivers.inputs import InputsSpec, LineSpec
 from lab.simulators.gpio import SimulatedLines
 from lab.site import NOWHERE, registrations
 from provisioning.identity import Identity
-from tests.helpers import wait_for
+from tests.helpers import stored_records, wait_for
 
 ENCLOSURE, MAINS = 17, 27
 
 
 def stored(data_dir: Path, identity: Identity) -> list[bytes]:
-    reader = StoreReader(store_path(data_dir), identity.storage_key)
-    out: list[bytes] = []
-    cursors: dict[Priority, int] = {}
-    while (batch := reader.next_batch(cursors, 1000, 1 << 30)) is not None:
-        cursors[batch[0]] = batch[1][-1][0]
-        out.extend(d for _, d in batch[1])
-    reader.close()
-    return out
+    return stored_records(store_path(data_dir), identity.storage_key)
 
 
 def gateway_with_lines(tmp_path: Path, identity: Identity, *, levels: dict[str, int],

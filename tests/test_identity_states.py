@@ -36,7 +36,7 @@ from provisioning.identity import (
     stage_next_key,
     staging_steps,
 )
-from tests.test_rotation import drain
+from tests.helpers import stored_records
 
 PROMOTION_STEPS = 6  # intent, adopt the key, signing.pub, drop next.pub, gateway.json, intent
 STAGING_STEPS = 2  # signing.next.pub, signing.next.key (the commit point)
@@ -86,7 +86,7 @@ def assert_consistent(directory: Path) -> Identity:
 
 
 def assert_every_record_verifies(data: Path, ident: Identity, told: Identity) -> None:
-    records = drain(store_path(data), ident.storage_key)
+    records = stored_records(store_path(data), ident.storage_key)
     verifier = Verifier(registrations(told))
     verifier.ingest(b"\n".join(records))
     summary = verifier.summary()

@@ -11,27 +11,16 @@ import pytest
 
 from app.assembly import Gateway
 from app.config import Config
-from buffer.store import StoreReader, store_path
+from buffer.store import store_path
 from central.verifier import Verifier
-from core.kinds import Priority
 from core.record import Timestamp
 from core.suites import SoftwareKey, key_id
 from lab.chains import Chain
 from lab.site import NOWHERE, registrations
 from provisioning.identity import Identity, load_identity, stage_next_key
+from tests.helpers import stored_records
 
 TS = Timestamp(1_760_000_000_000, "ntp", 1_000)
-
-
-def drain(db: Path, key: bytes) -> list[bytes]:
-    reader = StoreReader(db, key)
-    out: list[bytes] = []
-    cursors: dict[Priority, int] = {}
-    while (batch := reader.next_batch(cursors, 1000, 1 << 30)) is not None:
-        cursors[batch[0]] = batch[1][-1][0]
-        out.extend(data for _, data in batch[1])
-    reader.close()
-    return out
 
 
 def run_gateway(tmp_path: Path, identity: Identity) -> list[bytes]:
@@ -40,7 +29,7 @@ def run_gateway(tmp_path: Path, identity: Identity) -> list[bytes]:
     gateway.start()
     assert gateway.writer.flush()
     gateway.stop(drain_s=0.1)
-    return drain(store_path(tmp_path / "data"), identity.storage_key)
+    return stored_records(store_path(tmp_path / "data"), identity.storage_key)
 
 
 def test_every_start_certifies_a_new_session_key(tmp_path: Path, identity: Identity) -> None:
@@ -204,7 +193,7 @@ def test_a_renewal_the_tpm_cannot_certify_keeps_the_current_session(
     assert writer.flush()
     assert writer.stats.key_failures == 1
     writer.stop()
-    records = drain(db, identity.storage_key)
+    records = stored_records(db, identity.storage_key)
     assert len(records) == 3  # one key.session, two readings, no half-made key record
     v = Verifier(registrations(identity))
     v.ingest(b"\n".join(records))

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer.store import StoreReader, store_path
-from core.kinds import Priority
+from buffer.store import store_path
 from core.record import Timestamp
 from core.topics import PLATFORM_CN
 from lab.acked import AckedCounter
@@ -32,7 +31,7 @@ from provisioning.identity import (
     load_identity,
 )
 from provisioning.tpm import TpmError
-from tests.helpers import wait_for
+from tests.helpers import stored_records, wait_for
 
 
 def tpm_identity(tmp_path: Path, tpm: Swtpm, suite: str = "ed25519") -> Identity:
@@ -79,14 +78,7 @@ def test_records_certified_by_a_tpm_identity_verify_at_the_platform(
 
 
 def _stored(identity: Identity, data_dir: Path) -> list[bytes]:
-    reader = StoreReader(store_path(data_dir), identity.storage_key)
-    out: list[bytes] = []
-    cursors: dict[Priority, int] = {}
-    while (batch := reader.next_batch(cursors, 1000, 1 << 30)) is not None:
-        cursors[batch[0]] = batch[1][-1][0]
-        out.extend(d for _, d in batch[1])
-    reader.close()
-    return out
+    return stored_records(store_path(data_dir), identity.storage_key)
 
 
 def test_a_copied_card_on_another_tpm_neither_signs_nor_decrypts(
