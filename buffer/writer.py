@@ -33,6 +33,7 @@ from buffer.seal import Draft, Sealer
 from buffer.store import NONCE_BYTES, ROW_OVERHEAD, Evicted, Store, free_bytes, is_disk_full
 from core.clock import Clock
 from core.devices import device_ledger_key
+from core.head import make_head
 from core.kinds import Priority
 from core.record import JSON, Reading, SealedRecord, Source
 from core.suites import Signer
@@ -305,6 +306,18 @@ class StoreWriter:
             if found is None and ":" not in serial:  # a store from before the prefix
                 found = self._ledger.get(serial)
             return found
+
+    def head_line(self) -> bytes | None:
+        """The signed head statement of the chain as committed now (core/head.py): called
+        by the uplink for every message. None before the first key.session."""
+        sealer = self._sealer
+        key = sealer.signing_key
+        if key is None:
+            return None
+        # read without the writer's lock: a head may name the seq of a key.session whose
+        # key it is not signed with yet; it says only that so much is committed
+        return make_head(sealer.gateway_id, sealer.boot, sealer.last_seq,
+                         self._clock.now_ns() // 1_000_000, key)
 
     def ledger_value(self, key: str) -> int | None:
         """A value the gateway committed in the ledger with a reading (``Reading.ledger``:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -140,6 +141,7 @@ class SoftwareKey:
                 # (another curve), so key files carry the public key beside the scalar.
                 raise ValueError("an SM2 private key needs its public key beside it")
             gm = _sm2_module()
+            self._sm2_lock = threading.Lock()  # one GmSSL handle; the uplink signs heads too
             self._sm2 = gm.SM2(private_key=private.hex(), public_key=sm2_public_hex(public_raw))
             self.public_raw = public_raw
             try:  # GmSSL checks that the point is d*G when it parses the pair
@@ -178,7 +180,8 @@ class SoftwareKey:
         if self.alg == ECDSA_P256:
             r, s = decode_dss_signature(self._ec.sign(data, ec.ECDSA(hashes.SHA256())))
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return bytes(self._sm2.sign(data))
+        with self._sm2_lock:
+            return bytes(self._sm2.sign(data))
 
 
 class Verifier:

@@ -140,8 +140,11 @@ class Forwarder:
         on_acked: AckHook | None = None,
         source: Source | None = None,
         now_ns: Callable[[], int] = time.monotonic_ns,
+        heads: bool = False,
     ) -> None:
         self.gateway_id = gateway_id
+        #: End every message with the signed head statement (core/head.py).
+        self.heads = heads
         self.broker = broker
         self._reader = reader
         self._writer = writer
@@ -338,6 +341,9 @@ class Forwarder:
                 return
             prio, rows = batch
             payload = b"\n".join(data for _, data in rows)
+            head = self._writer.head_line() if self.heads else None
+            if head is not None:
+                payload += b"\n" + head
             info = self.client.publish(self._topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return  # not connected: the connection events will reset us

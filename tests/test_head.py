@@ -1,0 +1,57 @@
+"""The head statement that ends every records message (core/head.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.head import is_head, make_head, parse_head
+from core.record import Reading, Source, Timestamp
+from core.suites import ED25519, SM2, SoftwareKey, Verifier
+from lab.chains import Chain
+
+TS = Timestamp(1_760_000_000_000, "ntp", 1_000)
+
+
+@pytest.mark.parametrize("alg", [ED25519, SM2])
+def test_a_head_is_signed_by_the_session_key_and_parses_back(alg: str) -> None:
+    key = SoftwareKey.generate(alg)
+    line = make_head("gw-test-0001", 3, 1234, 5_000, key)
+    assert is_head(line)
+    head = parse_head(line)
+    assert (head.gateway_id, head.boot, head.committed_seq, head.mono) == \
+        ("gw-test-0001", 3, 1234, 5_000)
+    assert head.kid == key.kid
+    assert Verifier(alg, key.public_raw).verify(head.sig, head.signed)
+    assert not Verifier(alg, key.public_raw).verify(
+        head.sig, head.signed.replace(b"1234", b"1235"))
+
+
+def test_a_head_and_a_record_can_never_pass_for_each_other() -> None:
+    chain = Chain()
+    session = chain.start_session(TS)
+    record = chain.sealer.seal(Reading("tag.presence", Source("tag_receiver", "TR-1"),
+                                       {"type": "head"}, 1), TS)
+    assert not is_head(session.data)
+    assert not is_head(record.data)  # a body holding "type":"head" is still a record
+    with pytest.raises(ValueError, match="fields"):
+        parse_head(record.data)
+    assert chain.session is not None
+    line = make_head(chain.gateway_id, 1, 2, 3, chain.session)
+    from central.record import RecordError, parse_record
+    with pytest.raises(RecordError):
+        parse_record(line)
+
+
+@pytest.mark.parametrize("change", [
+    lambda h: h.replace(b'"type":"head"', b'"type":"tail"'),
+    lambda h: h.replace(b'{"alg"', b'{ "alg"'),
+    lambda h: json.dumps({**json.loads(h), "extra": 1}).encode(),
+    lambda h: h.replace(b'"boot":1', b'"boot":true'),
+    lambda h: b"not json",
+])
+def test_a_malformed_head_is_refused(change: object) -> None:
+    line = make_head("gw-test-0001", 1, 2, 3, SoftwareKey.generate(ED25519))
+    with pytest.raises(ValueError, match="head"):
+        parse_head(change(line))  # type: ignore[operator]
