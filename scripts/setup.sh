@@ -3,7 +3,8 @@
 # mosquitto, the TPM's libtss2-dev and swtpm) when missing, a virtual env in .venv, and
 # the project with its dependencies.
 #   scripts/setup.sh          runtime dependencies
-#   scripts/setup.sh --test   and the test tools (pytest, hypothesis, ruff, mypy)
+#   scripts/setup.sh --test   and the test tools (pytest, hypothesis, ruff, mypy), a
+#                             PostgreSQL server and mosquitto_sub for the tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,16 @@ python3 -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     >/dev/null 2>&1 || missing+=(python3-dev)
 command -v swtpm >/dev/null 2>&1 || missing+=(swtpm swtpm-tools)
+if [ -n "$extra" ]; then
+    # the tests' own PostgreSQL server (lab/postgres.py: initdb, pg_ctl; the demo needs
+    # none) and mosquitto_sub, which records the captures of tests/test_capture.py
+    pg_bindir="$(pg_config --bindir 2>/dev/null || true)"
+    if [ ! -x "${pg_bindir:-/nonexistent}/initdb" ] && \
+            ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+        missing+=(postgresql)
+    fi
+    command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         say "please install: ${missing[*]} (no apt-get on this machine)"; exit 1

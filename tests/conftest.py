@@ -58,3 +58,24 @@ def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[str], Swtpm]]:
 def swtpm(swtpm_factory: Callable[[str], Swtpm]) -> Swtpm:
     """A fresh software TPM 2.0 on loopback (state in tmp_path/swtpm)."""
     return swtpm_factory("swtpm")
+
+
+# A real PostgreSQL (lab/postgres.py): one server for the session, a database per test.
+from lab.postgres import Postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server on a free port of 127.0.0.1 for the whole run."""
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres: Postgres) -> Iterator[str]:
+    """The DSN of a fresh database on :func:`postgres`, dropped after the test."""
+    import secrets
+    name = f"test_{secrets.token_hex(6)}"
+    dsn = postgres.create_database(name)
+    yield dsn
+    postgres.drop_database(name)

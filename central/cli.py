@@ -1,0 +1,243 @@
+"""The platform's command line: ``python -m central …`` (or the ``ingest`` script).
+
+``enrol`` registers a gateway (its ``signing.pub``) or decommissions one; ``consume``
+runs one ingest consumer (run several: a shared subscription spreads the gateways'
+messages over them); ``alarms`` lists (or follows) the alarm-class records stored;
+``report`` says everything the platform knows of one gateway's stream; ``verify`` checks
+a capture offline (:mod:`central.capture`). Errors say what is wrong and how to fix it,
+and exit 2; ``--json`` gives one JSON object a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from central.db import Database, DatabaseError, StorageError, open_db
+from central.ingest import EnrolError, Ingest, alarms, report
+from central.record import load_registrations
+from core.errors import UserError
+from core.mqtt import BrokerConfig
+
+EXIT_ERROR = 2
+#: How often ``alarms --follow`` looks for new ones, seconds.
+FOLLOW_POLL_S = 0.5
+log = logging.getLogger("central")
+
+
+class CliError(UserError):
+    """A wrong argument or setup; the message says how to fix it."""
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", required=True, metavar="URL",
+                        help="the platform's database: sqlite:///PATH or "
+                             "postgresql://USER@HOST:PORT/DB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m central",
+                                     description="The SmartCorr platform's ingest.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    enrol = sub.add_parser("enrol", help="register a gateway's identity key, or "
+                                         "decommission a gateway")
+    _db_arg(enrol)
+    what = enrol.add_mutually_exclusive_group(required=True)
+    what.add_argument("--registration", type=Path, metavar="signing.pub",
+                      help="the gateway's registration (signing.pub of its identity)")
+    what.add_argument("--decommission", metavar="GW",
+                      help="refuse this gateway's records from now on")
+    enrol.add_argument("--tls-fingerprint", metavar="SHA256",
+                       help="the SHA-256 fingerprint of the gateway's TLS certificate")
+    enrol.add_argument("--json", action="store_true")
+
+    consume = sub.add_parser("consume", help="run one ingest consumer (MQTT to database)")
+    _db_arg(consume)
+    consume.add_argument("--broker", required=True, metavar="HOST:PORT")
+    consume.add_argument("--ca", metavar="FILE", help="the broker's CA certificate")
+    consume.add_argument("--cert", metavar="FILE", help="this consumer's client certificate")
+    consume.add_argument("--key", metavar="FILE", help="its private key")
+    consume.add_argument("--no-tls", action="store_true",
+                         help="plain MQTT (a broker on loopback only)")
+    consume.add_argument("--group", default="ingest",
+                         help="the shared subscription's group (default: ingest)")
+    consume.add_argument("--client-id", required=True,
+                         help="this consumer's MQTT client id: its own, kept across restarts "
+                              "(its session holds what it has not acknowledged)")
+    consume.add_argument("--json", action="store_true",
+                         help="print events (subscribed, alarm, stopped) as JSON lines")
+
+    alarm = sub.add_parser("alarms", help="the alarm-class records stored")
+    _db_arg(alarm)
+    alarm.add_argument("--since", type=int, default=0, metavar="ID",
+                       help="only after this alarm id (a cursor)")
+    alarm.add_argument("--follow", action="store_true", help="keep printing new ones")
+    alarm.add_argument("--json", action="store_true", help="one JSON object a line")
+
+    rep = sub.add_parser("report", help="what the platform holds of one gateway's stream")
+    _db_arg(rep)
+    rep.add_argument("--gw", required=True, metavar="ID")
+    rep.add_argument("--json", action="store_true")
+
+    verify = sub.add_parser("verify", help="verify a capture of MQTT messages offline")
+    from central import capture
+
+    capture.add_arguments(verify)
+    return parser
+
+
+def _open(url: str) -> Database:
+    try:
+        return open_db(url)
+    except DatabaseError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    with _open(args.db) as db:
+        ingest = Ingest(db)
+        if args.decommission:
+            if not ingest.decommission(args.decommission):
+                raise CliError(f"gateway {args.decommission!r} is not enrolled: see "
+                               "'report --gw' for the ids")
+            out = {"gw": args.decommission, "status": "decommissioned"}
+        else:
+            try:
+                (reg,) = load_registrations([args.registration]).values()
+            except ValueError as exc:
+                raise CliError(f"{exc}: give the signing.pub of the gateway's identity "
+                               "directory") from None
+            try:
+                new = ingest.enrol(reg, tls_fingerprint=args.tls_fingerprint)
+            except EnrolError as exc:
+                raise CliError(str(exc)) from None
+            out = {"gw": reg.gateway_id, "status": "active", "kid": reg.kid,
+                   "class": reg.key_class, "new": new}
+    print(json.dumps(out, sort_keys=True) if args.json else
+          " ".join(f"{k}={v}" for k, v in out.items()))
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> BrokerConfig:
+    host, sep, port = str(args.broker).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise CliError(f"--broker {args.broker!r}: expected HOST:PORT")
+    if not args.no_tls and not (args.ca and args.cert and args.key):
+        raise CliError("TLS needs --ca, --cert and --key (this consumer's own certificate; "
+                       "a broker binding client ids to certificates needs one per consumer), "
+                       "or --no-tls for a broker on loopback")
+    for name in ("ca", "cert", "key"):
+        value = getattr(args, name)
+        if value and not Path(value).is_file():
+            raise CliError(f"--{name} {value}: no such file")
+    return BrokerConfig(host, int(port), args.ca, args.cert, args.key, tls=not args.no_tls)
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from central.consumer import Consumer
+    from central.ingest import Alarm
+
+    broker = _broker(args)
+    stop = threading.Event()
+
+    def emit(event: dict[str, object]) -> None:
+        if args.json:
+            print(json.dumps(event, sort_keys=True), flush=True)
+        else:
+            log.info("%s", event)
+
+    def on_alarm(alarm: Alarm) -> None:
+        emit({"event": "alarm", **alarm.to_json()})
+
+    consumer = Consumer(args.db, broker, client_id=args.client_id, group=args.group,
+                        on_alarm=on_alarm,
+                        on_subscribed=lambda: emit({"event": "subscribed",
+                                                    "client_id": args.client_id,
+                                                    "topic": consumer.topic}))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        consumer.start()
+    except DatabaseError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        while not stop.wait(0.5):
+            if consumer.failed.is_set():
+                emit({"event": "failed", "error": str(consumer.error)})
+                return 1
+    finally:
+        consumer.stop()
+        totals = dict(consumer.ingest.totals) if consumer.ingest else {}
+        emit({"event": "stopped", "client_id": args.client_id, "totals": totals})
+    return 0
+
+
+def _alarms(args: argparse.Namespace) -> int:
+    with _open(args.db) as db:
+        cursor = args.since
+        while True:
+            for alarm in alarms(db, cursor):
+                cursor = alarm.id
+                if args.json:
+                    print(json.dumps(alarm.to_json(), sort_keys=True), flush=True)
+                else:
+                    print(f"#{alarm.id} {alarm.gateway_id} seq {alarm.seq} {alarm.kind} "
+                          f"t={alarm.t} latency {alarm.latency_ms} ms", flush=True)
+            if not args.follow:
+                return 0
+            threading.Event().wait(FOLLOW_POLL_S)
+
+
+def _report(args: argparse.Namespace) -> int:
+    with _open(args.db) as db:
+        try:
+            out = report(db, args.gw)
+        except KeyError:
+            raise CliError(f"gateway {args.gw!r} is not enrolled in {args.db}: enrol it "
+                           "first (enrol --registration signing.pub)") from None
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    for key, value in out.items():
+        print(f"{key}: {json.dumps(value, sort_keys=True)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from central import capture
+
+    return int(capture.run(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
+                "verify": _verify}
+    try:
+        return commands[args.command](args)
+    except UserError as exc:
+        print(f"python -m central {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except StorageError as exc:
+        print(f"python -m central {args.command}: {exc}: check that the database is "
+              "reachable and try again", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

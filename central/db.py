@@ -1,0 +1,391 @@
+"""The platform's storage: one small API over SQLite (embedded) and PostgreSQL (production).
+
+``open_db("sqlite:///path/to/ingest.db")`` or ``open_db("postgresql://user@host/db")``
+(psycopg 3) gives a :class:`Database`. Everything that belongs together is written in one
+transaction (:meth:`Database.transaction`), with the SQL written once: ``?`` placeholders,
+translated for psycopg. The schema is versioned (``schema_version``) and migrated by
+:meth:`Database.migrate`, safe when many consumers start at once: PostgreSQL serialises it
+with a transaction-scoped advisory lock, SQLite with ``BEGIN IMMEDIATE``.
+
+Concurrency between consumers: every message of one gateway is ingested in a transaction
+that first takes that gateway's lock (:meth:`Transaction.lock_gateway`: an advisory lock
+on PostgreSQL; SQLite's single writer already serialises), so the trust state, the
+chain links and the held records of a gateway change one message at a time whichever
+consumer holds it, and different gateways proceed in parallel on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.errors import UserError
+
+#: Advisory lock name spaces (PostgreSQL's two-int form: namespace, key).
+_LOCK_MIGRATE = 0x5C01
+_LOCK_GATEWAY = 0x5C02
+_LOCK_ALARMS = 0x5C03
+#: How long SQLite waits for another process's write transaction, ms.
+SQLITE_BUSY_MS = 30_000
+
+Param = int | str | bytes | None
+Row = tuple[Any, ...]
+
+
+class DatabaseError(UserError):
+    """The database URL is unusable or the database cannot be opened or migrated."""
+
+
+class StorageError(Exception):
+    """A read or a write failed in the database itself (connection lost, disk full,
+    locked for too long): nothing of the transaction was committed; try again."""
+
+
+# Migrations: each version a list of statements, per backend. Never edit a released
+# version: add the next one.
+_COMMON_V1 = [
+    """CREATE TABLE gateways (
+        gw TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('active', 'decommissioned')),
+        registration TEXT NOT NULL,
+        tls_fingerprint TEXT,
+        enrolled_at BIGINT NOT NULL,
+        decommissioned_at BIGINT
+    )""",
+    """CREATE TABLE identities (
+        gw TEXT NOT NULL REFERENCES gateways (gw),
+        from_seq BIGINT NOT NULL,
+        kid TEXT NOT NULL,
+        alg TEXT NOT NULL,
+        pubkey {blob} NOT NULL,
+        key_class TEXT NOT NULL,
+        PRIMARY KEY (gw, from_seq)
+    )""",
+    """CREATE TABLE sessions (
+        gw TEXT NOT NULL REFERENCES gateways (gw),
+        from_seq BIGINT NOT NULL,
+        kid TEXT NOT NULL,
+        alg TEXT NOT NULL,
+        pubkey {blob} NOT NULL,
+        boot BIGINT NOT NULL,
+        until_mono BIGINT NOT NULL,
+        identity_kid TEXT NOT NULL,
+        key_class TEXT NOT NULL,
+        PRIMARY KEY (gw, from_seq)
+    )""",
+    "CREATE INDEX sessions_kid ON sessions (gw, kid, from_seq)",
+    """CREATE TABLE records (
+        gw TEXT NOT NULL REFERENCES gateways (gw),
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        prio TEXT NOT NULL,
+        digest {blob} NOT NULL,
+        prev {blob} NOT NULL,
+        boot BIGINT NOT NULL,
+        t BIGINT NOT NULL,
+        kid TEXT NOT NULL,
+        key_class TEXT NOT NULL,
+        received_at BIGINT NOT NULL,
+        data {blob} NOT NULL,
+        PRIMARY KEY (gw, seq)
+    )""",
+    "CREATE INDEX records_class ON records (gw, prio, seq)",
+    """CREATE TABLE conflicts (
+        id {serial},
+        gw TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        stored_digest {blob} NOT NULL,
+        digest {blob} NOT NULL,
+        data {blob} NOT NULL,
+        received_at BIGINT NOT NULL,
+        UNIQUE (gw, seq, digest)
+    )""",
+    """CREATE TABLE quarantine (
+        id {serial},
+        gw TEXT,
+        topic TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        sha256 {blob} NOT NULL,
+        payload {blob} NOT NULL,
+        received_at BIGINT NOT NULL
+    )""",
+    "CREATE INDEX quarantine_gw ON quarantine (gw, reason)",
+    """CREATE TABLE held (
+        gw TEXT NOT NULL REFERENCES gateways (gw),
+        seq BIGINT NOT NULL,
+        sha256 {blob} NOT NULL,
+        data {blob} NOT NULL,
+        received_at BIGINT NOT NULL,
+        PRIMARY KEY (gw, seq, sha256)
+    )""",
+    """CREATE TABLE chain_breaks (
+        gw TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        found_at BIGINT NOT NULL,
+        PRIMARY KEY (gw, seq)
+    )""",
+    """CREATE TABLE reorders (
+        gw TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        prio TEXT NOT NULL,
+        after_seq BIGINT NOT NULL,
+        found_at BIGINT NOT NULL,
+        PRIMARY KEY (gw, seq)
+    )""",
+    """CREATE TABLE gaps_explained (
+        gw TEXT NOT NULL,
+        by_seq BIGINT NOT NULL,
+        first_seq BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        PRIMARY KEY (gw, by_seq, first_seq)
+    )""",
+    """CREATE TABLE alarms (
+        id {serial},
+        gw TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        t BIGINT NOT NULL,
+        stored_at BIGINT NOT NULL,
+        UNIQUE (gw, seq)
+    )""",
+]
+_TYPES = {
+    "sqlite": {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgresql": {"blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"},
+}
+MIGRATIONS: dict[str, list[list[str]]] = {
+    backend: [[sql.format(**types) for sql in _COMMON_V1]] for backend, types in _TYPES.items()
+}
+SCHEMA_VERSION = len(MIGRATIONS["sqlite"])
+
+
+def _key32(text: str) -> int:
+    """A signed 32-bit key for an advisory lock on *text*."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big", signed=True)
+
+
+class Transaction(Protocol):
+    backend: str
+
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        """Run *sql*; the number of rows it changed."""
+
+    def one(self, sql: str, params: Sequence[Param] = ()) -> Row | None: ...
+
+    def all(self, sql: str, params: Sequence[Param] = ()) -> list[Row]: ...
+
+    def lock_gateway(self, gw: str) -> None:
+        """Until the end of this transaction, no other transaction ingests *gw*."""
+
+    def lock_alarms(self) -> None:
+        """Until the end of this transaction, no other one numbers alarms (so alarm ids
+        become visible in their order: a follower's cursor never skips one)."""
+
+
+class _SqliteTx:
+    backend = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        return self._conn.execute(sql, tuple(params)).rowcount
+
+    def one(self, sql: str, params: Sequence[Param] = ()) -> Row | None:
+        row: Row | None = self._conn.execute(sql, tuple(params)).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+    def lock_gateway(self, gw: str) -> None:
+        del gw  # BEGIN IMMEDIATE: one writer at a time already
+
+    def lock_alarms(self) -> None:
+        pass
+
+
+class _PgTx:
+    backend = "postgresql"
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        cur = self._conn.execute(self._sql(sql), tuple(params))
+        return int(cur.rowcount)
+
+    def one(self, sql: str, params: Sequence[Param] = ()) -> Row | None:
+        row = self._conn.execute(self._sql(sql), tuple(params)).fetchone()
+        return None if row is None else tuple(row)
+
+    def all(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return [tuple(r) for r in self._conn.execute(self._sql(sql), tuple(params)).fetchall()]
+
+    def lock_gateway(self, gw: str) -> None:
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_GATEWAY, _key32(gw)))
+
+    def lock_alarms(self) -> None:
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_ALARMS,))
+
+
+class Database:
+    """One connection (use one :class:`Database` per thread or process)."""
+
+    def __init__(self, url: str, backend: str, conn: Any) -> None:
+        self.url = url
+        self.backend = backend
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+        """One transaction: committed when the block ends, rolled back if it raises.
+        Errors of the database itself come out as :class:`StorageError`. With *write*
+        false on SQLite, a reader's snapshot that does not wait for the writer."""
+        if self.backend == "sqlite":
+            with self._sqlite_errors():
+                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield _SqliteTx(self._conn)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise
+            with self._sqlite_errors():
+                self._conn.execute("COMMIT")
+            return
+        import psycopg
+
+        try:
+            tx_context = self._conn.transaction()
+            tx_context.__enter__()
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL: {exc}") from exc
+        try:
+            yield _PgTx(self._conn)
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                tx_context.__exit__(type(exc), exc, exc.__traceback__)
+            raise StorageError(f"PostgreSQL: {exc}") from exc
+        except BaseException as exc:
+            with contextlib.suppress(psycopg.Error):
+                tx_context.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        try:
+            tx_context.__exit__(None, None, None)
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite: {exc}") from exc
+
+    def version(self) -> int:
+        """The schema version the database has (0: none yet)."""
+        with self.transaction() as tx:
+            return _version(tx)
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION` (idempotent; concurrent callers
+        wait for each other); the version it has."""
+        with self.transaction() as tx:
+            if isinstance(tx, _PgTx):
+                tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_MIGRATE}, 0)")
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+                       " applied_at BIGINT NOT NULL)")
+            current = _version(tx)
+            if current > SCHEMA_VERSION:
+                raise DatabaseError(f"the database {self.url} has schema version {current}, "
+                                    f"newer than this software's {SCHEMA_VERSION}: upgrade "
+                                    "the platform software")
+            for version, statements in enumerate(MIGRATIONS[self.backend], start=1):
+                if version <= current:
+                    continue
+                for sql in statements:
+                    tx.execute(sql)
+                tx.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                           (version, int(time.time() * 1000)))
+            return SCHEMA_VERSION
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _version(tx: Transaction) -> int:
+    exists = tx.one("SELECT 1 FROM information_schema.tables WHERE table_name = "
+                    "'schema_version'") if tx.backend == "postgresql" else \
+        tx.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'")
+    if exists is None:
+        return 0
+    row = tx.one("SELECT MAX(version) FROM schema_version")
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+_SQLITE_URL = re.compile(r"^sqlite:///(?P<path>.+)$")
+
+
+def open_db(url: str, *, migrate: bool = True) -> Database:
+    """Open the database at *url* (``sqlite:///PATH``, ``postgresql://…``) and, unless
+    *migrate* is false, bring its schema up to date."""
+    if (m := _SQLITE_URL.match(url)) is not None:
+        path = Path(m["path"])
+        if not path.parent.is_dir():
+            raise DatabaseError(f"{url}: the directory {path.parent} does not exist: create "
+                                "it, or give another sqlite:///PATH")
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_MS / 1000,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"{url}: cannot open the SQLite database ({exc}): check the "
+                                "path and its permissions") from exc
+        db = Database(url, "sqlite", conn)
+    elif url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        try:
+            # no server-side prepared statements: psycopg prepares a query after its fifth
+            # run, and a plan made while the tables were empty scans them whole later
+            pg_conn = psycopg.connect(url, autocommit=True, prepare_threshold=None)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL ({exc}): check the URL "
+                                "(postgresql://USER@HOST:PORT/DB), that the server runs and "
+                                "lets this user in") from exc
+        db = Database(url, "postgresql", pg_conn)
+    else:
+        raise DatabaseError(f"database URL {url!r} not understood: give sqlite:///PATH or "
+                            "postgresql://USER@HOST:PORT/DB")
+    if migrate:
+        try:
+            db.migrate()
+        except StorageError as exc:
+            db.close()
+            raise DatabaseError(f"{url}: cannot migrate the schema ({exc})") from exc
+        except DatabaseError:
+            db.close()
+            raise
+    return db

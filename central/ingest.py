@@ -1,0 +1,620 @@
+"""The platform's ingest: what :mod:`central.verifier` checks, with its state in a database.
+
+:class:`Ingest` takes one MQTT message (topic, payload) at a time and stores each verified
+record once under (gateway, seq), in one transaction per message. The trust rules are
+exactly those of docs/records.md and :class:`central.verifier.Verifier` (the registered
+identity, identities certified by ``key.rotate``, session keys certified by
+``key.session`` for one gateway, boot, seqs and monotonic time, until the next
+``key.session``), but the state lives in the database (:mod:`central.db`), so any number
+of consumer processes share it: a record held by one consumer for want of its session
+certificate is released by whichever consumer stores that certificate.
+
+Nothing a gateway (or anyone) sends makes :meth:`Ingest.ingest_message` raise: every bad
+input is counted and kept in ``quarantine`` with its reason. Only the database failing
+raises (:class:`central.db.StorageError`): then nothing of the message was committed and
+the consumer does not acknowledge it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from central.db import Database, Transaction
+from central.record import (
+    RecordError,
+    Registration,
+    VerifiedRecord,
+    gateway_of_topic,
+    parse_record,
+    verify_parsed,
+)
+from core.record import JSON, b64u
+from core.session import (
+    ROTATE_KIND,
+    SESSION_KIND,
+    CertificateError,
+    parse_identity,
+    parse_session,
+)
+from core.suites import Verifier as PublicKey
+from core.topics import TOPIC_ROOT
+
+log = logging.getLogger(__name__)
+
+#: Bounds on what one message and one record may be; beyond, quarantined ``oversized``.
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_RECORD_BYTES = 64 << 10
+#: How much of a quarantined payload is kept (its size and SHA-256 always are).
+QUARANTINE_KEEP_BYTES = 64 << 10
+#: Records of one gateway waiting for their session certificate; beyond, ``unknown_key``.
+MAX_HELD_PER_GATEWAY = 10_000
+ALARM_CLASS = "alarm"
+TAKEOVER_KIND = "uplink.takeover"
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An alarm-class record as stored. ``latency_ms`` is the platform's store time minus
+    the record's ``t`` (the gateway's clock when it sealed the record): it includes the
+    gateway clock's error, and a gateway whose clock runs ahead shows less."""
+
+    id: int
+    gateway_id: str
+    seq: int
+    kind: str
+    t: int
+    stored_at: int
+
+    @property
+    def latency_ms(self) -> int:
+        return self.stored_at - self.t
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"id": self.id, "gw": self.gateway_id, "seq": self.seq, "kind": self.kind,
+                "t": self.t, "stored_at": self.stored_at, "latency_ms": self.latency_ms}
+
+
+@dataclass
+class IngestResult:
+    """What one message gave."""
+
+    records: int = 0  # lines in the message
+    stored: int = 0  # new records stored (released held ones included)
+    duplicates: int = 0  # the same bytes again: nothing written
+    conflicts: int = 0  # another verified record at a stored (gw, seq): kept aside
+    held: int = 0  # waiting for the certificate of their key
+    released: int = 0  # held records verified and stored thanks to this message
+    chain_breaks: int = 0
+    reorders: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)  # by reason
+    alarms: list[Alarm] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, JSON]:
+        out: dict[str, JSON] = {k: v for k, v in self.__dict__.items()
+                                if isinstance(v, int)}
+        out["quarantined"] = dict(self.quarantined)
+        out["alarms"] = [a.to_json() for a in self.alarms]
+        return out
+
+
+class _HoldError(Exception):
+    """The record's key may still be certified by a record on its way."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Msg:
+    """One message being ingested: its transaction, result, gateway, topic and time."""
+
+    tx: Transaction
+    result: IngestResult
+    gw: str | None
+    topic: str
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    from_seq: int
+    kid: str
+    key: PublicKey
+    key_class: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(alg: str, raw: bytes) -> PublicKey:
+    return PublicKey(alg, raw)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class EnrolError(ValueError):
+    """An enrolment the registry refuses (another key for an enrolled id, a
+    decommissioned id); the message says what to do."""
+
+
+class Ingest:
+    """Verifies and stores messages of registered gateways in *db*."""
+
+    def __init__(self, db: Database, *, now_ms: Callable[[], int] = _now_ms,
+                 on_alarm: Callable[[Alarm], None] | None = None) -> None:
+        self.db = db
+        self._now_ms = now_ms
+        self._on_alarm = on_alarm
+        #: this instance's totals since it started (duplicates are counted only here)
+        self.totals: Counter[str] = Counter()
+
+    # --- the registry -------------------------------------------------------------
+
+    def enrol(self, reg: Registration, *, tls_fingerprint: str | None = None) -> bool:
+        """Register *reg* (its identity key at from_seq 0); True if new. Enrolling the
+        same key again is a no-op; another key for an enrolled id is refused."""
+        registration = json.dumps({
+            "gateway_id": reg.gateway_id, "alg": reg.alg, "class": reg.key_class,
+            "kid": reg.kid, "suite": reg.suite, "format": 2,
+            "key": b64u(reg.public_raw)}, sort_keys=True)
+        with self.db.transaction() as tx:
+            tx.lock_gateway(reg.gateway_id)
+            row = tx.one("SELECT status, registration FROM gateways WHERE gw = ?",
+                         (reg.gateway_id,))
+            if row is not None:
+                if row[0] != "active":
+                    raise EnrolError(f"gateway {reg.gateway_id} was decommissioned: a "
+                                     "gateway put back in service needs a new gateway id")
+                if json.loads(row[1])["kid"] != reg.kid:
+                    raise EnrolError(f"gateway {reg.gateway_id} is enrolled with another "
+                                     "identity key: a new key comes by a signed key.rotate "
+                                     "record, or decommission the gateway first")
+                if tls_fingerprint:
+                    tx.execute("UPDATE gateways SET tls_fingerprint = ? WHERE gw = ?",
+                               (tls_fingerprint, reg.gateway_id))
+                return False
+            tx.execute("INSERT INTO gateways (gw, status, registration, tls_fingerprint, "
+                       "enrolled_at) VALUES (?, 'active', ?, ?, ?)",
+                       (reg.gateway_id, registration, tls_fingerprint, self._now_ms()))
+            tx.execute("INSERT INTO identities (gw, from_seq, kid, alg, pubkey, key_class) "
+                       "VALUES (?, 0, ?, ?, ?, ?)",
+                       (reg.gateway_id, reg.kid, reg.alg, reg.public_raw, reg.key_class))
+            return True
+
+    def decommission(self, gateway_id: str) -> bool:
+        """Refuse *gateway_id*'s records from now on; False if it is not enrolled."""
+        with self.db.transaction() as tx:
+            tx.lock_gateway(gateway_id)
+            tx.execute("UPDATE gateways SET status = 'decommissioned', decommissioned_at = ? "
+                       "WHERE gw = ? AND status = 'active'", (self._now_ms(), gateway_id))
+            return tx.one("SELECT 1 FROM gateways WHERE gw = ?", (gateway_id,)) is not None
+
+    # --- ingest -------------------------------------------------------------------
+
+    def ingest_message(self, topic: str, payload: bytes) -> IngestResult:
+        """One MQTT message: records separated by newlines, all committed together."""
+        result = IngestResult()
+        now = self._now_ms()
+        topic_gw = gateway_of_topic(topic)
+        with self.db.transaction() as tx:
+            if topic_gw is None:
+                self._quarantine(_Msg(tx, result, None, topic, now), "bad_topic",
+                                 f"not a records topic ({TOPIC_ROOT}/<gw>/records)", payload)
+            elif len(payload) > MAX_MESSAGE_BYTES:
+                self._quarantine(_Msg(tx, result, topic_gw, topic, now), "oversized",
+                                 f"message of {len(payload)} bytes (at most "
+                                 f"{MAX_MESSAGE_BYTES})", payload)
+            else:
+                msg = _Msg(tx, result, topic_gw, topic, now)
+                tx.lock_gateway(topic_gw)
+                for line in payload.split(b"\n"):
+                    if line:
+                        result.records += 1
+                        self._one(msg, topic_gw, line)
+            if result.alarms:
+                tx.lock_alarms()
+                numbered = []
+                for alarm in result.alarms:
+                    tx.execute("INSERT INTO alarms (gw, seq, kind, t, stored_at) "
+                               "VALUES (?, ?, ?, ?, ?)",
+                               (alarm.gateway_id, alarm.seq, alarm.kind, alarm.t, now))
+                    row = tx.one("SELECT id FROM alarms WHERE gw = ? AND seq = ?",
+                                 (alarm.gateway_id, alarm.seq))
+                    numbered.append(Alarm(int(row[0]) if row else 0, alarm.gateway_id,
+                                          alarm.seq, alarm.kind, alarm.t, now))
+                result.alarms = numbered
+        self._count(result)
+        if self._on_alarm is not None:
+            for alarm in result.alarms:
+                try:
+                    self._on_alarm(alarm)
+                except Exception:  # the callback's failure is not the record's
+                    log.exception("the alarm callback failed on %s seq %d",
+                                  alarm.gateway_id, alarm.seq)
+        return result
+
+    def _count(self, result: IngestResult) -> None:
+        self.totals["messages"] += 1
+        for name in ("records", "stored", "duplicates", "conflicts", "held", "released",
+                     "chain_breaks", "reorders"):
+            self.totals[name] += getattr(result, name)
+        self.totals["alarms"] += len(result.alarms)
+        for reason, n in result.quarantined.items():
+            self.totals[f"quarantined.{reason}"] += n
+
+    @staticmethod
+    def _quarantine(msg: _Msg, reason: str, detail: str, payload: bytes) -> None:
+        gw, topic, now = msg.gw, msg.topic, msg.now
+        log.warning("quarantined (%s) from %s: %s", reason, topic, detail)
+        msg.result.quarantined[reason] += 1
+        msg.tx.execute("INSERT INTO quarantine (gw, topic, reason, detail, size, sha256, payload, "
+                   "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (gw, topic[:1024], reason, detail[:2000], len(payload),
+                    hashlib.sha256(payload).digest(), payload[:QUARANTINE_KEEP_BYTES], now))
+
+    def _admit(self, msg: _Msg, gw: str, line: bytes) -> dict[str, JSON] | None:
+        """The record's fields if it is one of an active gateway *gw*, on its topic;
+        otherwise it is quarantined."""
+        if len(line) > MAX_RECORD_BYTES:
+            self._quarantine(msg, "oversized", f"record of {len(line)} "
+                             f"bytes (at most {MAX_RECORD_BYTES})", line)
+            return None
+        try:
+            rec = parse_record(line)
+        except RecordError as exc:
+            self._quarantine(msg, exc.reason, str(exc), line)
+            return None
+        if rec["gw"] != gw:
+            self._quarantine(msg, "wrong_topic", f"a record of gateway "
+                             f"{rec['gw']!r} on the topic of {gw!r}", line)
+            return None
+        status = msg.tx.one("SELECT status FROM gateways WHERE gw = ?", (gw,))
+        if status is None or status[0] != "active":
+            reason = "unknown_gateway" if status is None else "decommissioned"
+            self._quarantine(msg, reason, f"gateway {gw!r} is "
+                             f"{'not registered' if status is None else 'decommissioned'}",
+                             line)
+            return None
+        return rec
+
+    def _one(self, msg: _Msg, gw: str, line: bytes, *, released: bool = False) -> None:
+        """Verify and store one record of *gw* (whose lock the transaction holds)."""
+        tx, result = msg.tx, msg.result
+        rec = self._admit(msg, gw, line)
+        if rec is None:
+            return
+        seq = int(rec["seq"])
+        stored = tx.one("SELECT data, digest FROM records WHERE gw = ? AND seq = ?", (gw, seq))
+        if stored is not None and bytes(stored[0]) == line:
+            result.duplicates += 1
+            return
+        try:
+            verified = self._verify(tx, rec, line, gw, seq)
+        except _HoldError:
+            self._hold(msg, gw, seq, line)
+            return
+        except RecordError as exc:
+            self._quarantine(msg, exc.reason, str(exc), line)
+            return
+        if stored is not None:
+            result.conflicts += 1
+            log.error("conflict: %s seq %d stored with another verified record", gw, seq)
+            tx.execute("INSERT INTO conflicts (gw, seq, stored_digest, digest, data, "
+                       "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                       (gw, seq, bytes(stored[1]), verified.digest, line, msg.now))
+            return
+        trusts = self._store(msg, verified, line)
+        if released:
+            result.released += 1
+        elif trusts:  # a new key: what waited for it may verify now
+            self._release(msg, gw)
+
+    # --- trust (docs/records.md "What the platform checks") -----------------------
+
+    def _identities(self, tx: Transaction, gw: str) -> list[_Identity]:
+        return [_Identity(int(r[0]), str(r[1]), _public_key(str(r[2]), bytes(r[3])),
+                          str(r[4]))
+                for r in tx.all("SELECT from_seq, kid, alg, pubkey, key_class FROM identities "
+                                "WHERE gw = ? ORDER BY from_seq", (gw,))]
+
+    @staticmethod
+    def _identity_at(identities: list[_Identity], kid: str, seq: int) -> _Identity | None:
+        for i, ident in enumerate(identities):
+            until = identities[i + 1].from_seq if i + 1 < len(identities) else None
+            if ident.kid == kid and ident.from_seq <= seq and (until is None or seq < until):
+                return ident
+        return None
+
+    def _verify(self, tx: Transaction, rec: dict[str, JSON], data: bytes, gw: str,
+                seq: int) -> VerifiedRecord:
+        if "alg" not in rec:  # format 1: signed by the identity key itself
+            ident = self._identity_at(self._identities(tx, gw), str(rec["kid"]), seq)
+            return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None,
+                                 data)
+        if rec["kind"] == SESSION_KIND:
+            return self._verify_session(tx, rec, data, gw, seq)
+        row = tx.one("SELECT from_seq, alg, pubkey, boot, until_mono, key_class FROM sessions "
+                     "WHERE gw = ? AND kid = ? AND from_seq <= ? ORDER BY from_seq DESC "
+                     "LIMIT 1", (gw, str(rec["kid"]), seq))
+        if row is None:
+            later = tx.one("SELECT from_seq FROM sessions WHERE gw = ? AND kid = ? LIMIT 1",
+                           (gw, str(rec["kid"])))
+            if later is not None:
+                raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
+                                  f"certified from seq {later[0]} on")
+            raise _HoldError
+        from_seq, alg, raw, boot, until_mono, key_class = row
+        key = _public_key(str(alg), bytes(raw))
+        verified = verify_parsed(rec, lambda _r: (key, str(key_class)), data)
+        if rec["boot"] != boot or int(rec["mono"]) > int(until_mono):
+            raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
+                              f"certified for boot {boot}, seq >= {from_seq}, "
+                              f"mono <= {until_mono}")
+        nxt = tx.one("SELECT MIN(from_seq) FROM sessions WHERE gw = ? AND from_seq > ?",
+                     (gw, int(from_seq)))
+        if nxt is not None and nxt[0] is not None and int(nxt[0]) <= seq:
+            raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
+                              f"key superseded at seq {nxt[0]}")
+        return verified
+
+    def _verify_session(self, tx: Transaction, rec: dict[str, JSON], data: bytes, gw: str,
+                        seq: int) -> VerifiedRecord:
+        try:
+            cert, sig, signed = parse_session(rec["body"])
+        except CertificateError as exc:
+            raise RecordError("malformed", f"key.session: {exc}") from None
+        if (cert.gateway_id, cert.boot, cert.from_seq, cert.kid, cert.alg) != \
+                (rec["gw"], rec["boot"], seq, rec["kid"], rec["alg"]):
+            raise RecordError("forged_certificate", f"key.session at seq {seq} of {gw}: "
+                              "its certificate is for another gateway, boot, seq or key")
+        identities = self._identities(tx, gw)
+        ident = self._identity_at(identities, cert.identity.kid, seq)
+        if ident is None:
+            if any(i.kid == cert.identity.kid for i in identities):
+                raise RecordError("forged_certificate", f"key.session at seq {seq}: identity "
+                                  f"{cert.identity.kid} was not the gateway's at that seq")
+            raise _HoldError  # perhaps certified by a rotation still on its way
+        if not ident.key.verify(sig, signed):
+            raise RecordError("forged_certificate", f"key.session at seq {seq} of {gw} is "
+                              f"not signed by identity {ident.kid}")
+        key = _public_key(cert.alg, cert.public_raw)
+        verified = verify_parsed(rec, lambda _r: (key, ident.key_class), data)
+        tx.execute("INSERT INTO sessions (gw, from_seq, kid, alg, pubkey, boot, until_mono, "
+                   "identity_kid, key_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT DO NOTHING",
+                   (gw, seq, cert.kid, cert.alg, cert.public_raw, cert.boot, cert.until_mono,
+                    ident.kid, ident.key_class))
+        return verified
+
+    def _trust_rotation(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
+        gw, tx = rec.gateway_id, msg.tx
+        try:
+            cert, sig, signed = parse_identity(rec.record["body"])
+        except CertificateError as exc:
+            self._quarantine(msg, "malformed", f"key.rotate at seq "
+                             f"{rec.seq}: {exc} (the record is stored; its key is not "
+                             "trusted)", data)
+            return False
+        current = self._identity_at(self._identities(tx, gw), cert.by.kid, rec.seq)
+        if cert.gateway_id != gw or cert.from_seq != rec.seq or current is None \
+                or not current.key.verify(sig, signed):
+            self._quarantine(msg, "forged_certificate", f"key.rotate at "
+                             f"seq {rec.seq} is not certified by the gateway's identity (the "
+                             "record is stored; its key is not trusted)", data)
+            return False
+        tx.execute("INSERT INTO identities (gw, from_seq, kid, alg, pubkey, key_class) "
+                   "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                   (gw, cert.from_seq, cert.kid, cert.alg, cert.public_raw, cert.key_class))
+        return True
+
+    # --- storing --------------------------------------------------------------------
+
+    def _store(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
+        tx, result, now = msg.tx, msg.result, msg.now
+        gw, seq, body = rec.gateway_id, rec.seq, rec.record
+        prio = str(body["prio"])
+        higher = tx.one("SELECT MAX(seq) FROM records WHERE gw = ? AND prio = ?", (gw, prio))
+        tx.execute("INSERT INTO records (gw, seq, kind, prio, digest, prev, boot, t, kid, "
+                   "key_class, received_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (gw, seq, rec.kind, prio, rec.digest, rec.prev, int(body["boot"]),
+                    int(body["t"]), str(body["kid"]), rec.key_class, now, data))
+        result.stored += 1
+        if higher is not None and higher[0] is not None and int(higher[0]) > seq:
+            result.reorders += 1
+            tx.execute("INSERT INTO reorders (gw, seq, prio, after_seq, found_at) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                       (gw, seq, prio, int(higher[0]), now))
+        before = tx.one("SELECT digest FROM records WHERE gw = ? AND seq = ?", (gw, seq - 1))
+        if before is not None and bytes(before[0]) != rec.prev:
+            self._break(msg, gw, seq)
+        after = tx.one("SELECT prev FROM records WHERE gw = ? AND seq = ?", (gw, seq + 1))
+        if after is not None and bytes(after[0]) != rec.digest:
+            self._break(msg, gw, seq + 1)
+        if rec.kind == "gap":
+            for lo, hi in _ranges(body.get("body")):
+                tx.execute("INSERT INTO gaps_explained (gw, by_seq, first_seq, last_seq) "
+                           "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (gw, seq, lo, hi))
+        if prio == ALARM_CLASS:
+            result.alarms.append(Alarm(0, gw, seq, rec.kind, int(body["t"]), now))
+        return rec.kind == SESSION_KIND or (
+            rec.kind == ROTATE_KIND and self._trust_rotation(msg, rec, data))
+
+    @staticmethod
+    def _break(msg: _Msg, gw: str, seq: int) -> None:
+        log.error("chain break: %s seq %d does not follow seq %d", gw, seq, seq - 1)
+        msg.result.chain_breaks += 1
+        now = msg.now
+        msg.tx.execute("INSERT INTO chain_breaks (gw, seq, found_at) VALUES (?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", (gw, seq, now))
+
+    def _hold(self, msg: _Msg, gw: str, seq: int, line: bytes) -> None:
+        tx, result, now = msg.tx, msg.result, msg.now
+        sha = hashlib.sha256(line).digest()
+        if tx.one("SELECT 1 FROM held WHERE gw = ? AND seq = ? AND sha256 = ?",
+                  (gw, seq, sha)) is not None:
+            result.duplicates += 1
+            return
+        count = tx.one("SELECT COUNT(*) FROM held WHERE gw = ?", (gw,))
+        if count is not None and int(count[0]) >= MAX_HELD_PER_GATEWAY:
+            self._quarantine(msg, "unknown_key", f"seq {seq}: no certificate "
+                             f"for its key, and {MAX_HELD_PER_GATEWAY} records of {gw} already "
+                             "wait for theirs", line)
+            return
+        tx.execute("INSERT INTO held (gw, seq, sha256, data, received_at) VALUES (?, ?, ?, ?, ?)",
+                   (gw, seq, sha, line, now))
+        result.held += 1
+
+    def _release(self, msg: _Msg, gw: str) -> None:
+        """Retry the held records of *gw* until none more verifies."""
+        tx, result = msg.tx, msg.result
+        progress = True
+        while progress:
+            progress = False
+            for seq, sha, data in tx.all("SELECT seq, sha256, data FROM held WHERE gw = ? "
+                                         "ORDER BY seq", (gw,)):
+                tx.execute("DELETE FROM held WHERE gw = ? AND seq = ? AND sha256 = ?",
+                           (gw, seq, bytes(sha)))
+                before = result.held
+                self._one(msg, gw, bytes(data), released=True)
+                if result.held > before:  # still waiting: not new, not counted again
+                    result.held -= 1
+                else:
+                    progress = True
+
+def _ranges(body: JSON) -> Iterable[tuple[int, int]]:
+    if not isinstance(body, dict):
+        return []
+    out: list[tuple[int, int]] = []
+    for item in body.get("evicted", []):
+        if isinstance(item, list) and len(item) == 2 and \
+                all(isinstance(x, int) and not isinstance(x, bool) for x in item) and \
+                0 < item[0] <= item[1]:
+            out.append((item[0], item[1]))
+    return out
+
+
+# --- queries -------------------------------------------------------------------------
+
+
+def _islands(seqs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge sorted (first, last) ranges that touch or overlap."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(seqs):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _minus(ranges: list[tuple[int, int]], cut: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        pieces = [(lo, hi)]
+        for c_lo, c_hi in cut:
+            nxt: list[tuple[int, int]] = []
+            for p_lo, p_hi in pieces:
+                if c_hi < p_lo or c_lo > p_hi:
+                    nxt.append((p_lo, p_hi))
+                    continue
+                if p_lo < c_lo:
+                    nxt.append((p_lo, c_lo - 1))
+                if c_hi < p_hi:
+                    nxt.append((c_hi + 1, p_hi))
+            pieces = nxt
+        out.extend(pieces)
+    return out
+
+
+def stored_ranges(db: Database, gw: str) -> list[tuple[int, int]]:
+    """The seq ranges of *gw* the platform holds."""
+    with db.transaction(write=False) as tx:
+        rows = tx.all("SELECT seq, LAG(seq, 1, -1) OVER (ORDER BY seq), "
+                      "LEAD(seq, 1, -1) OVER (ORDER BY seq) FROM records WHERE gw = ? "
+                      "ORDER BY seq", (gw,))
+    starts = [int(r[0]) for r in rows if int(r[1]) != int(r[0]) - 1]
+    ends = [int(r[0]) for r in rows if int(r[2]) != int(r[0]) + 1]
+    return list(zip(starts, ends, strict=True))
+
+
+def gaps(db: Database, gw: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(explained, unexplained): the seqs of *gw* missing from 1 to the highest stored,
+    those a signed ``gap`` record names, and the others (on their way, or evidence)."""
+    held = stored_ranges(db, gw)
+    missing: list[tuple[int, int]] = []
+    nxt = 1
+    for lo, hi in held:
+        if lo > nxt:
+            missing.append((nxt, lo - 1))
+        nxt = hi + 1
+    with db.transaction(write=False) as tx:
+        named = _islands([(int(r[0]), int(r[1])) for r in tx.all(
+            "SELECT first_seq, last_seq FROM gaps_explained WHERE gw = ?", (gw,))])
+    unexplained = _minus(missing, named)
+    explained = _minus(missing, unexplained)
+    return explained, unexplained
+
+
+def alarms(db: Database, since: int = 0, limit: int = 1000) -> list[Alarm]:
+    """Alarm-class records stored after the cursor *since* (an :attr:`Alarm.id`), oldest
+    first."""
+    with db.transaction(write=False) as tx:
+        rows = tx.all("SELECT id, gw, seq, kind, t, stored_at FROM alarms WHERE id > ? "
+                      "ORDER BY id LIMIT ?", (since, limit))
+    return [Alarm(int(r[0]), str(r[1]), int(r[2]), str(r[3]), int(r[4]), int(r[5]))
+            for r in rows]
+
+
+def report(db: Database, gw: str) -> dict[str, JSON]:
+    """Everything the platform knows of *gw*'s stream (``python -m central report``)."""
+    explained, unexplained = gaps(db, gw)
+    with db.transaction(write=False) as tx:
+        row = tx.one("SELECT status, tls_fingerprint, enrolled_at, decommissioned_at, "
+                     "registration FROM gateways WHERE gw = ?", (gw,))
+        if row is None:
+            raise KeyError(gw)
+        identities = [{"from_seq": int(r[0]), "kid": r[1], "alg": r[2], "class": r[3]}
+                      for r in tx.all("SELECT from_seq, kid, alg, key_class FROM identities "
+                                      "WHERE gw = ? ORDER BY from_seq", (gw,))]
+        sessions = [{"from_seq": int(r[0]), "kid": r[1], "alg": r[2], "boot": int(r[3]),
+                     "until_mono": int(r[4]), "identity": r[5], "class": r[6]}
+                    for r in tx.all("SELECT from_seq, kid, alg, boot, until_mono, "
+                                    "identity_kid, key_class FROM sessions WHERE gw = ? "
+                                    "ORDER BY from_seq", (gw,))]
+        conflicts = [{"seq": int(r[0]), "stored_digest": b64u(bytes(r[1])),
+                      "digest": b64u(bytes(r[2])), "received_at": int(r[3])}
+                     for r in tx.all("SELECT seq, stored_digest, digest, received_at FROM "
+                                     "conflicts WHERE gw = ? ORDER BY seq, id", (gw,))]
+        quarantined = {str(r[0]): int(r[1]) for r in tx.all(
+            "SELECT reason, COUNT(*) FROM quarantine WHERE gw = ? GROUP BY reason "
+            "ORDER BY reason", (gw,))}
+        reorders = [{"seq": int(r[0]), "prio": r[1], "after_seq": int(r[2])}
+                    for r in tx.all("SELECT seq, prio, after_seq FROM reorders WHERE gw = ? "
+                                    "ORDER BY seq", (gw,))]
+        breaks = [int(r[0]) for r in tx.all("SELECT seq FROM chain_breaks WHERE gw = ? "
+                                            "ORDER BY seq", (gw,))]
+        counts = tx.one("SELECT COUNT(*), MAX(seq) FROM records WHERE gw = ?", (gw,))
+        kinds = {str(r[0]): int(r[1]) for r in tx.all(
+            "SELECT kind, COUNT(*) FROM records WHERE gw = ? GROUP BY kind ORDER BY kind",
+            (gw,))}
+        classes = {str(r[0]): int(r[1]) for r in tx.all(
+            "SELECT key_class, COUNT(*) FROM records WHERE gw = ? GROUP BY key_class "
+            "ORDER BY key_class", (gw,))}
+        held = tx.one("SELECT COUNT(*) FROM held WHERE gw = ?", (gw,))
+    return {
+        "gw": gw, "status": row[0], "tls_fingerprint": row[1], "enrolled_at": int(row[2]),
+        "decommissioned_at": None if row[3] is None else int(row[3]),
+        "records": int(counts[0]) if counts else 0,
+        "highest_seq": int(counts[1]) if counts and counts[1] is not None else None,
+        "stored_ranges": [list(r) for r in stored_ranges(db, gw)],
+        "gaps_explained": [list(r) for r in explained],
+        "gaps_unexplained": [list(r) for r in unexplained],
+        "held_for_key": int(held[0]) if held else 0,
+        "identities": identities, "sessions": sessions, "conflicts": conflicts,
+        "quarantined": quarantined, "reorders": reorders, "chain_breaks": breaks,
+        "kinds": kinds, "key_classes": classes, "takeovers": kinds.get(TAKEOVER_KIND, 0),
+    }
