@@ -15,7 +15,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from app.assembly import HEALTH_INTERVAL_S, Gateway
 from app.config import Config, DeviceSection, GnssSection
@@ -194,3 +194,59 @@ class Platform:
 
     def stop(self) -> None:
         self.client.stop()
+
+
+class IngestPlatform:
+    """The platform as a province runs it: the ingest (``central/ingest.py``) on a database
+    (SQLite by default: ``sqlite:///PATH``) fed by one consumer on the shared
+    subscription, with the gateway enrolled from its registration. ``summary()`` has the
+    counts of :class:`Platform`'s."""
+
+    def __init__(self, broker: BrokerConfig, identity: Identity, db_url: str, *,
+                 client_id: str = "platform-verifier") -> None:
+        from central.consumer import Consumer
+        from central.db import open_db
+        from central.ingest import Ingest
+
+        self.db_url = db_url
+        self.gateway_id = identity.gateway_id
+        with open_db(db_url) as db:
+            Ingest(db).enrol(Registration.from_json(identity.registration()))
+        self.consumer = Consumer(db_url, broker, client_id=client_id)
+
+    def start(self) -> Self:
+        self.consumer.start()
+        if not self.consumer.subscribed.wait(SUBSCRIBE_TIMEOUT_S):
+            self.consumer.stop()
+            raise PlatformError("the platform's ingest could not subscribe to the broker "
+                                f"{self.consumer.broker.host}:{self.consumer.broker.port} "
+                                f"within {SUBSCRIBE_TIMEOUT_S:.0f} s: is it running, and does "
+                                "its ACL let the platform read?")
+        return self
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+    def report(self) -> dict[str, object]:
+        """``python -m central report --gw`` of the gateway."""
+        from central.db import open_db
+        from central.ingest import report
+
+        with open_db(self.db_url, migrate=False) as db:
+            return dict(report(db, self.gateway_id))
+
+    def summary(self) -> dict[str, int]:
+        rep: dict[str, Any] = self.report()
+        quarantined: dict[str, int] = rep["quarantined"]
+        ingest = getattr(self.consumer, "ingest", None)
+        totals = ingest.totals if ingest is not None else {}
+        return {
+            "received": int(rep["records"]), "verified": int(rep["records"]),
+            "bad_signature": int(quarantined.get("bad_signature", 0)),
+            "forged_certificate": int(quarantined.get("forged_certificate", 0)),
+            "quarantined": sum(int(v) for v in quarantined.values()),
+            "chain_gaps": len(rep["gaps_unexplained"]) + len(rep["chain_breaks"]),
+            "duplicates": int(totals.get("duplicates", 0)),
+            "conflicts": len(rep["conflicts"]),
+            "held": int(rep["held_for_key"]),
+        }
