@@ -91,4 +91,6 @@ class VerifierClient:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         del client, userdata
         with self.lock:
-            self.verifier.ingest(bytes(message.payload))
+            # the topic names the gateway (the broker's ACL lets only that one write
+            # there): a record of another gateway on it is refused (wrong_gateway)
+            self.verifier.ingest(bytes(message.payload), message.topic)

@@ -4,11 +4,16 @@ Depends only on the shared record format (:mod:`core.record`, :mod:`core.suites`
 :mod:`core.session`; docs/records.md). Which key may sign which record is the
 verifier's business (:mod:`central.verifier`): here a record is checked against the one
 key it is given.
+
+The received bytes are never re-encoded: a record is accepted only if they are exactly
+the canonical encoding of what they parse to (``non_canonical`` otherwise), so the bytes
+signed, hashed into the chain and stored are the bytes received.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,8 @@ from core.record import (
     FORMAT_VERSION,
     JSON,
     LEGACY_FORMAT_VERSION,
+    MAX_INT,
+    MIN_INT,
     REQUIRED_FIELDS,
     canonical,
     check_no_float,
@@ -24,6 +31,11 @@ from core.record import (
 )
 from core.session import KEY_CLASSES
 from core.suites import ED25519, SIGNATURE_ALGS, Verifier, digest, key_id
+from core.topics import TOPIC_ROOT
+
+#: The record fields that hold binary values (base64url in its one form).
+BINARY_FIELDS = ("prev", "sig")
+_RECORDS_TOPIC = re.compile(rf"{re.escape(TOPIC_ROOT)}/([a-z0-9][a-z0-9-]{{2,62}})/records")
 
 
 class RecordError(Exception):
@@ -93,12 +105,65 @@ def load_registrations(paths: list[Path]) -> dict[str, Registration]:
     return out
 
 
+def gateway_of_topic(topic: str) -> str | None:
+    """The gateway whose records topic *topic* is (``smartcorr/v1/gw/<gw>/records``,
+    :func:`core.topics.records_topic`), or None for any other topic."""
+    match = _RECORDS_TOPIC.fullmatch(topic)
+    return match.group(1) if match else None
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+
+
+def _object(pairs: list[tuple[str, JSON]]) -> dict[str, JSON]:
+    """json's object hook: an object with two members of one name is no record (which
+    one counts differs between JSON readers)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+def _constant(name: str) -> JSON:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _check_ints(value: JSON, path: str) -> None:
+    """Raise :class:`ValueError` naming an integer outside the signed 64-bit range."""
+    stack: list[tuple[JSON, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+        elif isinstance(item, int) and not isinstance(item, bool) and \
+                not MIN_INT <= item <= MAX_INT:
+            raise ValueError(f"integer at {where} outside the signed 64-bit range")
+
+
 def parse_record(data: bytes) -> dict[str, JSON]:
-    """A record's fields, shape-checked (types, version, canonical-able); not yet verified.
-    A format-1 record has no ``alg`` (:func:`verify_parsed` takes it as Ed25519)."""
+    """A record's fields, shape-checked (types, version, canonical bytes); not yet verified.
+    A format-1 record has no ``alg`` (:func:`verify_parsed` takes it as Ed25519).
+
+    The checks run in the order of docs/records.md ("What the platform checks"), the
+    first that fails giving the reason: ``malformed`` (no UTF-8 JSON object, a field
+    missing or of another type, a float, an integer beyond 64 bits, a string with no
+    UTF-8, a binary field not in its one base64url form), ``non_canonical`` (a duplicate
+    key, or bytes that are not exactly :func:`core.record.canonical` of what they parse
+    to), ``version``."""
     try:
-        rec = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        rec = json.loads(data.decode("utf-8"), object_pairs_hook=_object,
+                         parse_constant=_constant)
+    except _DuplicateKeyError as exc:
+        raise RecordError("non_canonical", str(exc)) from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise RecordError("malformed", f"not JSON: {exc}") from None
     if not isinstance(rec, dict):
         raise RecordError("malformed", "not a JSON object")
@@ -112,11 +177,23 @@ def parse_record(data: bytes) -> dict[str, JSON]:
         raise RecordError("version", f"format version {rec['v']} not supported")
     if not legacy and rec["alg"] not in SIGNATURE_ALGS:
         raise RecordError("malformed", f"unknown algorithm {rec['alg']!r}")
+    if not legacy and rec["v"] != FORMAT_VERSION:
+        raise RecordError("malformed", f"a record of format {rec['v']} has no 'alg' "
+                          f"(format {FORMAT_VERSION} has)")
     try:
         check_no_float(rec, "record")
-        canonical(rec)
+        _check_ints(rec, "record")
+        encoded = canonical(rec)
     except (TypeError, ValueError) as exc:
         raise RecordError("malformed", str(exc)) from None
+    if encoded != data:
+        raise RecordError("non_canonical", "the bytes are not the canonical encoding of the "
+                          "record (docs/records.md, Canonical bytes)")
+    for name in BINARY_FIELDS:
+        try:
+            unb64u(str(rec[name]))
+        except ValueError as exc:
+            raise RecordError("malformed", f"field {name!r}: {exc}") from None
     return rec
 
 
@@ -124,13 +201,16 @@ KeyLookup = Callable[[dict[str, JSON]], tuple[Verifier, str] | None]
 
 
 def verify_record(data: bytes, key_for: KeyLookup) -> VerifiedRecord:
-    """Check one record on its own: shape, canonical form, signature by the key
+    """Check one record on its own: shape, canonical bytes, signature by the key
     *key_for(record)* gives (with its class), or ``unknown_key`` when it gives none."""
     rec = parse_record(data)
-    return verify_parsed(rec, key_for)
+    return verify_parsed(rec, key_for, data)
 
 
-def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup) -> VerifiedRecord:
+def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup,
+                  data: bytes | None = None) -> VerifiedRecord:
+    """Verify a record :func:`parse_record` gave from *data*, the bytes received (its
+    chain digest is over them; without them, over the canonical bytes, which are equal)."""
     found = key_for(rec)
     if found is None:
         raise RecordError("unknown_key", f"key id {rec['kid']!r} is not trusted for "
@@ -141,7 +221,7 @@ def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup) -> VerifiedRecord:
     if key.alg != alg:
         raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}: alg {alg!r} "
                           f"but key {rec['kid']!r} is {key.alg}")
-    complete = canonical(rec)
+    complete = canonical(rec) if data is None else data
     sig_text = rec.pop("sig")
     try:
         good = key.verify(unb64u(str(sig_text)), canonical(rec))

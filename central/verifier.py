@@ -7,6 +7,12 @@ Records arrive out of seq order (alarms first), so a link is checked whenever bo
 have arrived, and seqs still missing are reported as gaps unless a signed ``gap`` record
 accounts for them.
 
+A record is bound to its gateway three ways: its ``gw``, the gateway of the MQTT topic it
+came on (when :meth:`Verifier.ingest` is given the topic: ``wrong_gateway`` otherwise), and
+the gateway its session key was certified for. Records of one delivery class leave a
+gateway in seq order; one arriving after a higher seq of its class is counted
+``reordered`` (and kept: evidence, not an error).
+
 It also counts, per gateway, the ``uplink.takeover`` alarms: a gateway saying
 that another MQTT client took its client id (docs/broker.md).
 """
@@ -23,6 +29,7 @@ from central.record import (
     RecordError,
     Registration,
     VerifiedRecord,
+    gateway_of_topic,
     parse_record,
     verify_parsed,
 )
@@ -51,13 +58,16 @@ class VerifierStats:
     verified: int = 0
     bad_signature: int = 0
     malformed: int = 0
+    non_canonical: int = 0  # bytes that are not the canonical encoding of the record
     unknown_key: int = 0
     unknown_gateway: int = 0  # records of a gateway the platform never registered
+    wrong_gateway: int = 0  # a record whose gw is not the gateway of its MQTT topic
     forged_certificate: int = 0  # key.session / key.rotate not signed by the identity
     out_of_validity: int = 0  # signed by a session key outside its boot, seqs or time
     duplicates: int = 0
     chain_breaks: int = 0  # prev does not match the record before it
     held: int = 0  # waiting for the certificate of their key
+    reordered: int = 0  # arrived after a higher seq of its class (verified all the same)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -79,6 +89,40 @@ class _Session:
 
 
 @dataclass
+class _ClassOrder:
+    """The accepted records of one delivery class of one gateway, by arrival."""
+
+    arrivals: list[tuple[int, int]] = field(default_factory=list)  # (arrival, seq), sorted
+    max_seq: int = 0
+    reordered: set[int] = field(default_factory=set)
+
+    def accept(self, arrival: int, seq: int) -> int:
+        """Record (arrival, seq); how many records this shows to have arrived after a
+        higher seq of the class (this one, or held ones accepted late that arrived
+        after it)."""
+        if not self.arrivals or arrival > self.arrivals[-1][0]:  # the usual case
+            self.arrivals.append((arrival, seq))
+            late = seq < self.max_seq
+            self.max_seq = max(self.max_seq, seq)
+            if late:
+                self.reordered.add(seq)
+            return int(late)
+        # a held record accepted after records that arrived later than it
+        index = bisect.bisect_left(self.arrivals, (arrival, seq))
+        found = 0
+        if any(s > seq for _a, s in self.arrivals[:index]):
+            self.reordered.add(seq)
+            found += 1
+        for _a, s in self.arrivals[index:]:
+            if s < seq and s not in self.reordered:
+                self.reordered.add(s)
+                found += 1
+        self.arrivals.insert(index, (arrival, seq))
+        self.max_seq = max(self.max_seq, seq)
+        return found
+
+
+@dataclass
 class _GatewayChain:
     identities: list[_Identity]
     sessions: dict[str, _Session] = field(default_factory=dict)
@@ -88,6 +132,7 @@ class _GatewayChain:
     explained: set[int] = field(default_factory=set)  # seqs a signed gap record accounts for
     by_kind: Counter[str] = field(default_factory=Counter)
     key_classes: Counter[str] = field(default_factory=Counter)
+    order: dict[str, _ClassOrder] = field(default_factory=dict)  # by delivery class
 
     def identity(self, kid: str, seq: int) -> _Identity | None:
         """The identity *kid* if it was this gateway's identity at *seq*."""
@@ -96,6 +141,13 @@ class _GatewayChain:
             if ident.kid == kid and ident.from_seq <= seq and (until is None or seq < until):
                 return ident
         return None
+
+
+#: The gateway a record must be of when it came on a topic that names no gateway: none is.
+_NO_GATEWAY = ""
+#: Refusal reasons that have a counter of their own; any other counts as ``malformed``.
+_COUNTED = frozenset({"bad_signature", "unknown_key", "unknown_gateway", "wrong_gateway",
+                      "forged_certificate", "out_of_validity", "non_canonical"})
 
 
 class _HoldError(Exception):
@@ -118,10 +170,17 @@ class Verifier:
         self.stats = VerifierStats()
         self._chains: dict[str, _GatewayChain] = {}
         self._on_record = on_record
-        self._held: list[bytes] = []
+        self._held: list[tuple[bytes, int]] = []  # (record, arrival)
+        self._arrivals = 0
 
     def register(self, reg: Registration) -> None:
-        """Enrol one more gateway (its identity key)."""
+        """Enrol one more gateway (its identity key). A gateway id whose records have
+        been seen is never registered again with another identity (:class:`ValueError`):
+        a re-provisioned gateway is a new gateway id (docs/records.md, Keys)."""
+        known = self.registrations.get(reg.gateway_id)
+        if known is not None and known != reg and reg.gateway_id in self._chains:
+            raise ValueError(f"gateway {reg.gateway_id!r} has records under identity "
+                             f"{known.kid}: a new identity needs a new gateway id")
         self.registrations[reg.gateway_id] = reg
 
     def _chain(self, gw: str) -> _GatewayChain | None:
@@ -134,53 +193,61 @@ class Verifier:
             self._chains[gw] = chain
         return chain
 
-    def ingest(self, payload: bytes) -> list[VerifiedRecord]:
-        """One MQTT message: records separated by newlines."""
+    def ingest(self, payload: bytes, topic: str | None = None) -> list[VerifiedRecord]:
+        """One MQTT message: records separated by newlines. With the *topic* it came on,
+        every record must be of the gateway the topic names (``wrong_gateway``)."""
         self.stats.messages += 1
+        bound = None if topic is None else (gateway_of_topic(topic) or _NO_GATEWAY)
         out: list[VerifiedRecord] = []
         for line in payload.split(b"\n"):
             if line:
-                rec = self.ingest_record(line)
+                rec = self.ingest_record(line, gateway=bound)
                 if rec is not None:
                     out.append(rec)
         return out
 
-    def ingest_record(self, data: bytes) -> VerifiedRecord | None:
+    def ingest_record(self, data: bytes, *, gateway: str | None = None) -> VerifiedRecord | None:
+        """One record; with *gateway* (the gateway of its topic), it must be of that one."""
+        self._arrivals += 1
+        return self._ingest(data, gateway, self._arrivals)
+
+    def _ingest(self, data: bytes, gateway: str | None, arrival: int) -> VerifiedRecord | None:
         try:
-            rec = self._verify(data)
+            rec = self._verify(data, gateway)
         except _HoldError:
             if len(self._held) < MAX_HELD:
-                self._held.append(data)
+                self._held.append((data, arrival))
                 self.stats.held += 1
             else:
                 self.stats.unknown_key += 1
             return None
         except RecordError as exc:
-            counter = {"bad_signature": "bad_signature", "unknown_key": "unknown_key",
-                       "unknown_gateway": "unknown_gateway",
-                       "forged_certificate": "forged_certificate",
-                       "out_of_validity": "out_of_validity"}.get(exc.reason, "malformed")
+            counter = exc.reason if exc.reason in _COUNTED else "malformed"
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             log.warning("record rejected: %s", exc)
             return None
-        return self._accept(rec)
+        return self._accept(rec, arrival)
 
-    def _verify(self, data: bytes) -> VerifiedRecord:
+    def _verify(self, data: bytes, gateway: str | None = None) -> VerifiedRecord:
         rec = parse_record(data)
         gw = str(rec["gw"])
+        if gateway is not None and gw != gateway:
+            raise RecordError("wrong_gateway", f"a record of gateway {gw!r} on the records "
+                              f"topic of {gateway or 'no gateway'!r}")
         chain = self._chain(gw)
         if chain is None:
             raise RecordError("unknown_gateway", f"gateway {gw!r} is not registered")
         seq = int(rec["seq"])
         if "alg" not in rec:  # format 1: signed by the identity key itself
             ident = chain.identity(str(rec["kid"]), seq)
-            return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None)
+            return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None,
+                                 data)
         if rec["kind"] == SESSION_KIND:
-            return self._verify_session(rec, chain, seq)
+            return self._verify_session(rec, chain, seq, data)
         session = chain.sessions.get(str(rec["kid"]))
         if session is None:
             raise _HoldError
-        verified = verify_parsed(rec, lambda _r: (session.key, session.key_class))
+        verified = verify_parsed(rec, lambda _r: (session.key, session.key_class), data)
         cert = session.cert
         if rec["boot"] != cert.boot or seq < cert.from_seq or \
                 int(rec["mono"]) > cert.until_mono:
@@ -194,7 +261,7 @@ class Verifier:
         return verified
 
     def _verify_session(self, rec: dict[str, JSON], chain: _GatewayChain,
-                        seq: int) -> VerifiedRecord:
+                        seq: int, data: bytes) -> VerifiedRecord:
         try:
             cert, sig, signed = parse_session(rec["body"])
         except CertificateError as exc:
@@ -213,7 +280,7 @@ class Verifier:
             raise RecordError("forged_certificate", f"key.session at seq {seq} of "
                               f"{rec['gw']} is not signed by identity {ident.kid}")
         key = PublicKey(cert.alg, cert.public_raw)
-        verified = verify_parsed(rec, lambda _r: (key, ident.key_class))
+        verified = verify_parsed(rec, lambda _r: (key, ident.key_class), data)
         chain.sessions[cert.kid] = _Session(cert, key, ident.key_class)
         bisect.insort(chain.session_starts, cert.from_seq)
         return verified
@@ -237,13 +304,15 @@ class Verifier:
         chain.identities.sort(key=lambda i: i.from_seq)
         return True
 
-    def _accept(self, rec: VerifiedRecord) -> VerifiedRecord | None:
+    def _accept(self, rec: VerifiedRecord, arrival: int) -> VerifiedRecord | None:
         chain = self._chains[rec.gateway_id]
         if rec.seq in chain.digests:
             self.stats.duplicates += 1
             return None
         self.stats.received += 1
         self.stats.verified += 1
+        order = chain.order.setdefault(str(rec.record["prio"]), _ClassOrder())
+        self.stats.reordered += order.accept(arrival, rec.seq)
         chain.digests[rec.seq] = rec.digest
         chain.prevs[rec.seq] = rec.prev
         chain.by_kind[rec.kind] += 1
@@ -264,8 +333,8 @@ class Verifier:
         if trusted and self._held:
             held, self._held = self._held, []
             self.stats.held -= len(held)
-            for data in held:
-                self.ingest_record(data)
+            for data, arrived in held:
+                self._ingest(data, None, arrived)
         return rec
 
     def key_classes(self, gateway_id: str) -> dict[str, int]:

@@ -5,10 +5,12 @@ Value types of the pipeline (:class:`Source`, :class:`Reading`,
 base64url, key ids, the record's fields. Sealing lives in :mod:`buffer.seal`,
 verification in :mod:`central.record`.
 
-Canonical bytes: JSON with keys sorted, no insignificant whitespace, UTF-8 (not
-``\\u`` escapes), and no floating-point numbers anywhere (integers and strings
-only: a float has no single textual form across languages). Binary values are
-unpadded base64url (RFC 4648 section 5).
+Canonical bytes (docs/records.md, "Canonical bytes", defines them byte by byte): JSON
+with object keys sorted by code point, no insignificant whitespace, UTF-8 (only ``"``,
+``\\``, and U+0000..U+001F escaped), integers in the signed 64-bit range and no
+floating-point numbers anywhere (a float has no single textual form across languages).
+Binary values are unpadded base64url (RFC 4648 section 5) in their one form: :func:`unb64u`
+refuses any other text.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +33,9 @@ from core.kinds import Priority, priority_of
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
 GENESIS_PREV = b"\x00" * 32
+#: The integers a record may hold: the signed 64-bit range, which every JSON reader of
+#: the platform's languages takes exactly (docs/records.md, "Canonical bytes").
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 JSON = Any  # JSON value without floats
 
 #: Every field of a record and its JSON type (``bool`` is never an ``int`` here).
@@ -43,8 +49,21 @@ def b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64U_TEXT = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """The bytes whose :func:`b64u` is exactly *text*; :class:`ValueError` for anything
+    else: padding, a character outside the URL-safe alphabet (``+``, ``/``, whitespace),
+    a length of 4n+1, or unused low bits of the last character that are not zero. Each
+    byte string has one text, so a record cannot be altered without changing its bytes."""
+    if not _B64U_TEXT.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("Invalid base64url: padding, a character outside the URL-safe "
+                         "alphabet or a length of 4n+1 (RFC 4648 section 5, unpadded)")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64u(data) != text:
+        raise ValueError("Invalid base64url: non-zero unused bits (not its one form)")
+    return data
 
 
 def check_no_float(value: JSON, path: str) -> None:

@@ -126,8 +126,12 @@ def _public(claims: Mapping[str, JSON]) -> tuple[str, bytes, str]:
     alg = str(_field(claims, "alg", str))
     if alg not in SIGNATURE_ALGS:
         raise CertificateError("malformed", f"certified algorithm {alg!r} unknown")
+    key_text = str(_field(claims, "key", str))
     try:
-        raw = unb64u(str(_field(claims, "key", str)))
+        raw = unb64u(key_text)
+    except ValueError as exc:
+        raise CertificateError("malformed", f"certificate field 'key': {exc}") from None
+    try:
         Verifier(alg, raw)
     except ValueError:
         raise CertificateError("malformed", f"the certified key is no {alg} key") from None
@@ -145,10 +149,11 @@ def read_certificate(body: JSON, expected_type: str) -> tuple[dict[str, JSON], b
     if claims.get("type") != expected_type:
         raise CertificateError("malformed", f"certificate type {claims.get('type')!r}, "
                                f"expected {expected_type!r}")
+    sig_text = str(_field(body, "cert_sig", str))
     try:
-        sig = unb64u(str(_field(body, "cert_sig", str)))
-    except ValueError:
-        raise CertificateError("malformed", "certificate signature is not base64url") from None
+        sig = unb64u(sig_text)
+    except ValueError as exc:
+        raise CertificateError("malformed", f"certificate signature: {exc}") from None
     return claims, sig
 
 

@@ -28,12 +28,15 @@ from lab.acked import AckedCounter
 from lab.mosquitto import BrokerError, client_config, make_pki, start_mosquitto
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
-from lab.site import Platform, PlatformError, Site
+from lab.site import IngestPlatform, PlatformError, Site
 from lab.swtpm import Swtpm, SwtpmError
 from provisioning.identity import create_identity
 
 log = logging.getLogger(__name__)
-DEMO_GATEWAY_ID = "demo-gw-0001"
+#: Every demo run is a new gateway: this prefix and 8 random hex digits
+#: (:func:`demo_gateway_id`), so the records of two runs never collide at a platform
+#: (a gateway id is never reused with a new identity: docs/records.md, Keys).
+DEMO_GATEWAY_PREFIX = "demo-gw-"
 #: The demo shows health records often; a real gateway sends one every 5 minutes.
 DEMO_HEALTH_INTERVAL_S = 5.0
 DEMO_FIX_INTERVAL_S = 5.0
@@ -63,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tpm", action="store_true",
                         help="keys in files instead of a software TPM (swtpm)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+
+def demo_gateway_id() -> str:
+    """A fresh gateway id for one demo run."""
+    return DEMO_GATEWAY_PREFIX + secrets.token_hex(4)
 
 
 def _parse_hostport(text: str) -> tuple[str, int] | None:
@@ -95,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _brokers(broker: tuple[str, int] | None, tmp: Path,
-             stack: contextlib.ExitStack) -> tuple[BrokerConfig, BrokerConfig]:
+def _brokers(broker: tuple[str, int] | None, tmp: Path, stack: contextlib.ExitStack,
+             gateway_id: str) -> tuple[BrokerConfig, BrokerConfig]:
     """(the gateway's, the platform's) connection: to *broker* in plain MQTT, or to a
     private mosquitto with mTLS and the production ACL."""
     if broker is not None:
@@ -106,7 +114,7 @@ def _brokers(broker: tuple[str, int] | None, tmp: Path,
     mosq = start_mosquitto(tmp / "mosquitto", pki)
     stack.callback(mosq.stop)
     print(f"demo: mosquitto with mTLS on {mosq.host}:{mosq.port}", file=sys.stderr)
-    return client_config(mosq, pki, DEMO_GATEWAY_ID), client_config(mosq, pki, PLATFORM_CN)
+    return client_config(mosq, pki, gateway_id), client_config(mosq, pki, PLATFORM_CN)
 
 
 def _swtpm(tmp: Path, stack: contextlib.ExitStack) -> str | None:
@@ -125,13 +133,15 @@ def _swtpm(tmp: Path, stack: contextlib.ExitStack) -> str | None:
 
 def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
          stack: contextlib.ExitStack) -> int:
-    identity = create_identity(tmp / "identity", DEMO_GATEWAY_ID, suite_name=args.suite,
+    gateway_id = demo_gateway_id()
+    identity = create_identity(tmp / "identity", gateway_id, suite_name=args.suite,
                                tpm=None if args.no_tpm else _swtpm(tmp, stack))
     stack.callback(identity.close)
     print(f"demo: identity key {identity.kid} ({identity.key.alg}, class "
           f"{identity.key_class}), suite {identity.suite.name}", file=sys.stderr)
-    gw_broker, plat_broker = _brokers(broker, tmp, stack)
-    platform = Platform(plat_broker, identity).start()
+    gw_broker, plat_broker = _brokers(broker, tmp, stack, gateway_id)
+    platform = IngestPlatform(plat_broker, identity,
+                              f"sqlite:///{tmp / 'platform.db'}").start()
     stack.callback(platform.stop)
     acked = AckedCounter()
     site = Site(tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S,
@@ -143,7 +153,7 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     gnss = "no GNSS" if args.no_gnss else \
         f"GNSS on {site.gnss(fix_interval_s=DEMO_FIX_INTERVAL_S).path}"
     site.start()
-    print(f"demo: tags on {tag_sim.path}, {gnss}; gateway {DEMO_GATEWAY_ID}", file=sys.stderr)
+    print(f"demo: tags on {tag_sim.path}, {gnss}; gateway {gateway_id}", file=sys.stderr)
     drive = _Drive(site, platform, tag_sim, kiosk, args.rate)
     elapsed = drive.run(args.duration)
     drained = _drain(site, platform, drive, acked)
@@ -151,7 +161,8 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
                    drained=drained)
     ok = (out["published"] == out["received"] == out["verified"] > 0
           and out["bad_signature"] == 0 and out["chain_gaps"] == 0
-          and out["forged_certificate"] == 0
+          and out["forged_certificate"] == 0 and out["quarantined"] == 0
+          and out["conflicts"] == 0
           and out["beacons_acked"] == drive.beacons
           and out["kinds"].get("checkin", 0) == drive.checkins)
     print(
@@ -171,7 +182,7 @@ class _Drive:
     """The people and things of the demo: tags beacon at *rate*, a person checks in every
     few seconds, someone opens the kiosk's case; live counts every second."""
 
-    def __init__(self, site: Site, platform: Platform, tag_sim: TagReceiverSim,
+    def __init__(self, site: Site, platform: IngestPlatform, tag_sim: TagReceiverSim,
                  kiosk: KioskSim, rate: float) -> None:
         self.site, self.platform = site, platform
         self.tag_sim, self.kiosk, self.rate = tag_sim, kiosk, rate
@@ -220,7 +231,7 @@ class _Drive:
         )
 
 
-def _drain(site: Site, platform: Platform, drive: _Drive, acked: AckedCounter) -> bool:
+def _drain(site: Site, platform: IngestPlatform, drive: _Drive, acked: AckedCounter) -> bool:
     """Every beacon acked by the gateway, then everything forwarded and received."""
     deadline = time.monotonic() + DRAIN_S
     sim, kiosk = drive.tag_sim, drive.kiosk
@@ -234,9 +245,10 @@ def _drain(site: Site, platform: Platform, drive: _Drive, acked: AckedCounter) -
     return drained
 
 
-def _summary(site: Site, platform: Platform, drive: _Drive, *, published: int,
+def _summary(site: Site, platform: IngestPlatform, drive: _Drive, *, published: int,
              elapsed: float, drained: bool) -> dict[str, Any]:
     summary = platform.summary()
+    report = platform.report()
     stats = site.gateway.writer.stats
     return {
         "published": published,
@@ -253,8 +265,12 @@ def _summary(site: Site, platform: Platform, drive: _Drive, *, published: int,
         "duration_s": round(elapsed, 2),
         "records_per_s": round(summary["verified"] / elapsed, 1) if elapsed else 0,
         "drained": drained,
-        "kinds": platform.client.verifier.kinds(DEMO_GATEWAY_ID),
-        "key_classes": platform.client.verifier.key_classes(DEMO_GATEWAY_ID),
+        "gateway": site.identity.gateway_id,
+        "kinds": report["kinds"],
+        "key_classes": report["key_classes"],
+        "quarantined": summary["quarantined"],
+        "conflicts": summary["conflicts"],
+        "platform_db": platform.db_url,
         "forged_certificate": summary["forged_certificate"],
         "suite": site.identity.suite.name,
     }

@@ -85,7 +85,8 @@ def shaped(**changes: object) -> bytes:
         "prio": "position", "body": {}, "kid": KEY.kid, "sig": "AAAA",
     }
     rec.update(changes)
-    return json.dumps(rec).encode()
+    # canonical but for what canonical() cannot encode (a lone surrogate, as \\ud800)
+    return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
 
 
 def legacy(key: Ed25519PrivateKey, **changes: object) -> bytes:
@@ -504,7 +505,7 @@ def test_a_signed_record_with_an_undecodable_prev_is_refused() -> None:
     del rec["sig"]
     rec["sig"] = b64u(KEY.sign(canonical(rec)))
     err = refused(canonical(rec))
-    assert str(err) == f"bad_signature: seq 1 of {GW}"
+    assert str(err).startswith("malformed: field 'prev': Invalid base64url")
 
 
 def test_a_record_whose_alg_is_not_its_keys_is_refused() -> None:
@@ -532,8 +533,9 @@ def test_a_record_whose_alg_is_not_its_keys_is_refused() -> None:
         (shaped(body={"p": [1, 2.5]}), r"malformed: float at record.body.p[1]: "),
         (shaped(kid="nobody"), f"unknown_key: key id 'nobody' is not trusted for gateway '{GW}'"),
         (shaped(), f"bad_signature: seq 1 of {GW}"),
-        (shaped(v=1), f"bad_signature: seq 1 of {GW}"),  # version 1 is still supported
-        # a version-1 record that has an alg is no format-1 record: its alg is checked
+        # a version-1 record that has an alg is no format-1 record: its alg is checked,
+        # and then it is refused (format 1 has no alg)
+        (shaped(v=1), "malformed: a record of format 1 has no 'alg' (format 2 has)"),
         (shaped(v=1, alg=1), "malformed: field 'alg' missing or not <class 'str'>"),
         (shaped(v=1, alg="rsa-sha1"), "malformed: unknown algorithm 'rsa-sha1'"),
         # JSON, but no canonical bytes: a lone surrogate has no UTF-8

@@ -144,7 +144,7 @@ def test_the_health_record_says_plaintext(tmp_path: Path) -> None:
     from app.config import Config
     from buffer.store import store_path
     from lab.site import NOWHERE
-    from tests.test_rotation import drain
+    from tests.helpers import stored_records
 
     ident = create_identity(tmp_path / "identity", "gw-privacy-0003")
     gw = Gateway(Config(tmp_path / "data", NOWHERE), ident, health_interval_s=0.05)
@@ -155,7 +155,8 @@ def test_the_health_record_says_plaintext(tmp_path: Path) -> None:
         assert gw.writer.flush()
     finally:
         gw.stop(drain_s=0.1)
-    records = [json.loads(r) for r in drain(store_path(tmp_path / "data"), ident.storage_key)]
+    records = [json.loads(r)
+               for r in stored_records(store_path(tmp_path / "data"), ident.storage_key)]
     health = [r for r in records if r["kind"] == "gateway.health"]
     assert health
     assert health[0]["body"]["uplink"]["tls"] is False
