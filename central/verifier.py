@@ -64,7 +64,8 @@ class VerifierStats:
     wrong_gateway: int = 0  # a record whose gw is not the gateway of its MQTT topic
     forged_certificate: int = 0  # key.session / key.rotate not signed by the identity
     out_of_validity: int = 0  # signed by a session key outside its boot, seqs or time
-    duplicates: int = 0
+    duplicates: int = 0  # the same record again (at-least-once delivery)
+    conflicts: int = 0  # another verified record at a (gw, seq) already taken: evidence
     chain_breaks: int = 0  # prev does not match the record before it
     held: int = 0  # waiting for the certificate of their key
     reordered: int = 0  # arrived after a higher seq of its class (verified all the same)
@@ -306,8 +307,15 @@ class Verifier:
 
     def _accept(self, rec: VerifiedRecord, arrival: int) -> VerifiedRecord | None:
         chain = self._chains[rec.gateway_id]
-        if rec.seq in chain.digests:
-            self.stats.duplicates += 1
+        taken = chain.digests.get(rec.seq)
+        if taken is not None:
+            # the gateway's key signed two histories, or a session key leaked: keep count
+            if taken == rec.digest:
+                self.stats.duplicates += 1
+            else:
+                self.stats.conflicts += 1
+                log.warning("conflict: a second record for seq %d of %s", rec.seq,
+                            rec.gateway_id)
             return None
         self.stats.received += 1
         self.stats.verified += 1

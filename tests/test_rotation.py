@@ -13,7 +13,7 @@ from app.assembly import Gateway
 from app.config import Config
 from buffer.store import store_path
 from central.verifier import Verifier
-from core.record import Timestamp
+from core.record import Reading, Timestamp
 from core.suites import SoftwareKey, key_id
 from lab.chains import Chain
 from lab.site import NOWHERE, registrations
@@ -199,3 +199,16 @@ def test_a_renewal_the_tpm_cannot_certify_keeps_the_current_session(
     v.ingest(b"\n".join(records))
     assert v.summary()["verified"] == 3
     assert {json.loads(r)["kid"] for r in records} == {first.kid}
+
+
+def test_a_second_history_for_a_seq_is_a_conflict_not_a_duplicate() -> None:
+    gw = Chain()
+    v = Verifier({gw.gateway_id: gw.registration})
+    session = gw.start_session(TS)
+    draft = gw.sealer.draft()
+    first = draft.seal(Reading("tag.presence", gw.source, {"n": 1}, 1), TS)
+    fork = gw.sealer.draft().seal(Reading("tag.presence", gw.source, {"n": 2}, 1), TS)
+    assert first.seq == fork.seq
+    v.ingest(b"\n".join([session.data, first.data, first.data, fork.data]))
+    summary = v.summary()
+    assert (summary["verified"], summary["duplicates"], summary["conflicts"]) == (2, 1, 1)
