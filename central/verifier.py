@@ -33,6 +33,7 @@ from central.record import (
     parse_record,
     verify_parsed,
 )
+from core.head import is_head, parse_head
 from core.record import JSON
 from core.session import (
     ROTATE_KIND,
@@ -69,6 +70,7 @@ class VerifierStats:
     chain_breaks: int = 0  # prev does not match the record before it
     held: int = 0  # waiting for the certificate of their key
     reordered: int = 0  # arrived after a higher seq of its class (verified all the same)
+    heads: int = 0  # verified head statements (core/head.py)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -134,6 +136,8 @@ class _GatewayChain:
     by_kind: Counter[str] = field(default_factory=Counter)
     key_classes: Counter[str] = field(default_factory=Counter)
     order: dict[str, _ClassOrder] = field(default_factory=dict)  # by delivery class
+    claimed: int = 0  # the highest committed seq a verified head statement announced
+    pending_heads: dict[str, bytes] = field(default_factory=dict)  # by session kid
 
     def identity(self, kid: str, seq: int) -> _Identity | None:
         """The identity *kid* if it was this gateway's identity at *seq*."""
@@ -201,11 +205,42 @@ class Verifier:
         bound = None if topic is None else (gateway_of_topic(topic) or _NO_GATEWAY)
         out: list[VerifiedRecord] = []
         for line in payload.split(b"\n"):
-            if line:
+            if is_head(line):
+                self.ingest_head(line, gateway=bound)
+            elif line:
                 rec = self.ingest_record(line, gateway=bound)
                 if rec is not None:
                     out.append(rec)
         return out
+
+    def ingest_head(self, line: bytes, *, gateway: str | None = None) -> bool:
+        """A message's head statement (core/head.py): once verified with a session key
+        certified for its gateway and boot, every seq up to its ``committed_seq`` is
+        expected, so a tail that never arrives is a gap. True when it was verified."""
+        try:
+            head = parse_head(line)
+        except ValueError as exc:
+            self.stats.malformed += 1
+            log.warning("head rejected: %s", exc)
+            return False
+        chain = self._chain(head.gateway_id)
+        if chain is None or (gateway is not None and gateway != head.gateway_id):
+            self.stats.wrong_gateway += chain is not None
+            self.stats.unknown_gateway += chain is None
+            return False
+        session = chain.sessions.get(head.kid)
+        if session is None:  # its key.session is still on its way: keep the latest
+            chain.pending_heads[head.kid] = line
+            return False
+        if session.cert.boot != head.boot or session.key.alg != head.alg or \
+                not session.key.verify(head.sig, head.signed):
+            self.stats.bad_signature += 1
+            log.warning("head of %s not signed by its session key %s", head.gateway_id,
+                        head.kid)
+            return False
+        self.stats.heads += 1
+        chain.claimed = max(chain.claimed, head.committed_seq)
+        return True
 
     def ingest_record(self, data: bytes, *, gateway: str | None = None) -> VerifiedRecord | None:
         """One record; with *gateway* (the gateway of its topic), it must be of that one."""
@@ -343,6 +378,10 @@ class Verifier:
             self.stats.held -= len(held)
             for data, arrived in held:
                 self._ingest(data, None, arrived)
+        if rec.kind == SESSION_KIND:
+            waiting = chain.pending_heads.pop(str(rec.record["kid"]), None)
+            if waiting is not None:
+                self.ingest_head(waiting)
         return rec
 
     def key_classes(self, gateway_id: str) -> dict[str, int]:
@@ -351,19 +390,23 @@ class Verifier:
             else {}
 
     def gaps(self, gateway_id: str, first_seq: int = 1) -> list[tuple[int, int]]:
-        """Missing seq ranges from *first_seq* to the highest seen, not covered by gap records."""
+        """Missing seq ranges from *first_seq* to the highest seen or announced by a verified
+        head statement (a dropped tail), not covered by gap records."""
         chain = self._chains.get(gateway_id)
-        if chain is None or not chain.digests:
+        if chain is None or not (chain.digests or chain.claimed):
             return []
         missing: list[tuple[int, int]] = []
         start: int | None = None
-        for seq in range(first_seq, max(chain.digests) + 1):
+        upper = max(max(chain.digests, default=0), chain.claimed)
+        for seq in range(first_seq, upper + 1):
             absent = seq not in chain.digests and seq not in chain.explained
             if absent and start is None:
                 start = seq
             elif not absent and start is not None:
                 missing.append((start, seq - 1))
                 start = None
+        if start is not None:  # the tail a head statement announced
+            missing.append((start, upper))
         return missing
 
     def kinds(self, gateway_id: str) -> dict[str, int]:

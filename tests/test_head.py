@@ -9,6 +9,7 @@ import pytest
 from core.head import is_head, make_head, parse_head
 from core.record import Reading, Source, Timestamp
 from core.suites import ED25519, SM2, SoftwareKey, Verifier
+from core.topics import records_topic
 from lab.chains import Chain
 
 TS = Timestamp(1_760_000_000_000, "ntp", 1_000)
@@ -55,3 +56,47 @@ def test_a_malformed_head_is_refused(change: object) -> None:
     line = make_head("gw-test-0001", 1, 2, 3, SoftwareKey.generate(ED25519))
     with pytest.raises(ValueError, match="head"):
         parse_head(change(line))  # type: ignore[operator]
+
+
+def _chain_with(n: int) -> tuple[Chain, list[bytes]]:
+    chain = Chain()
+    records = [chain.start_session(TS).data]
+    records += [chain.seal("tag.presence", {"n": i}, TS).data for i in range(n)]
+    return chain, records
+
+
+def test_a_dropped_tail_is_a_gap_once_a_head_announced_it() -> None:
+    from central.verifier import Verifier
+
+    chain, records = _chain_with(5)  # seqs 1..6
+    assert chain.session is not None
+    head = make_head(chain.gateway_id, 1, 6, TS.mono_ms, chain.session)
+    quiet = Verifier({chain.gateway_id: chain.registration})
+    quiet.ingest(b"\n".join(records[:4]))  # the last two never come: nothing says so
+    assert quiet.gaps(chain.gateway_id) == []
+    told = Verifier({chain.gateway_id: chain.registration})
+    told.ingest(b"\n".join([*records[:4], head]), topic=records_topic(chain.gateway_id))
+    assert told.summary()["heads"] == 1
+    assert told.gaps(chain.gateway_id) == [(5, 6)]
+    assert told.summary()["malformed"] == 0
+
+
+def test_a_head_before_its_session_waits_and_a_forged_one_is_refused() -> None:
+    from central.verifier import Verifier
+
+    chain, records = _chain_with(2)
+    assert chain.session is not None
+    head = make_head(chain.gateway_id, 1, 9, TS.mono_ms, chain.session)
+    v = Verifier({chain.gateway_id: chain.registration})
+    v.ingest(head)  # its key.session has not arrived
+    assert v.summary()["heads"] == 0
+    v.ingest(b"\n".join(records))
+    assert v.summary()["heads"] == 1
+    assert v.gaps(chain.gateway_id) == [(4, 9)]
+    forged = make_head(chain.gateway_id, 1, 99, TS.mono_ms, SoftwareKey.generate(ED25519))
+    v.ingest(forged)  # a kid no session has: kept aside, never trusted
+    assert v.gaps(chain.gateway_id) == [(4, 9)]
+    other_boot = make_head(chain.gateway_id, 2, 50, TS.mono_ms, chain.session)
+    v.ingest(other_boot)
+    assert v.summary()["bad_signature"] == 1
+    assert v.gaps(chain.gateway_id) == [(4, 9)]
