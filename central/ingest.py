@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from central.db import Database, Transaction
+from central.db import Database, Param, Row, Transaction
 from central.record import (
     RecordError,
     Registration,
@@ -108,16 +108,6 @@ class _HoldError(Exception):
     """The record's key may still be certified by a record on its way."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Msg:
-    """One message being ingested: its transaction, result, gateway, topic and time."""
-
-    tx: Transaction
-    result: IngestResult
-    gw: str | None
-    topic: str
-    now: int
-
 
 @dataclass(frozen=True, slots=True)
 class _Identity:
@@ -125,6 +115,47 @@ class _Identity:
     kid: str
     key: PublicKey
     key_class: str
+
+
+#: Records a multi-row INSERT carries at most (12 parameters each: within SQLite's 999).
+_INSERT_ROWS = 80
+_RECORD_COLUMNS = ("gw, seq, kind, prio, digest, prev, boot, t, kid, key_class, received_at, "
+                   "data")
+_Stored = tuple[bytes, bytes, bytes]  # a stored record's data, digest, prev
+
+
+@dataclass(frozen=True, slots=True)
+class _Msg:
+    """One message being ingested: its transaction, result, gateway, topic and time, and
+    what the message learnt of the gateway's state. The transaction holds the gateway's
+    lock, so that state changes only by this message: the caches below are exact."""
+
+    tx: Transaction
+    result: IngestResult
+    gw: str | None
+    topic: str
+    now: int
+    #: the gateway's status, once read
+    status: dict[str, str | None] = field(default_factory=dict)
+    #: per class, the highest seq stored (None: none), once read, then kept up to date
+    top: dict[str, int | None] = field(default_factory=dict)
+    #: records stored by this message, written in multi-row INSERTs by :meth:`flush`
+    pending: dict[int, tuple[_Stored, tuple[Param, ...]]] = field(default_factory=dict)
+    #: per session kid, the certificate row last found (with the next certificate's seq)
+    sessions: dict[str, Row] = field(default_factory=dict)
+    #: the gateway's identities, once read (dropped when one is added)
+    identities: list[list[_Identity]] = field(default_factory=list)
+
+    def flush(self) -> None:
+        """Write the pending records."""
+        rows = [params for _, params in self.pending.values()]
+        self.pending.clear()
+        for i in range(0, len(rows), _INSERT_ROWS):
+            chunk = rows[i:i + _INSERT_ROWS]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            self.tx.execute(f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES {values}",  # noqa: S608 (placeholders only)
+                            [p for row in chunk for p in row])
+
 
 
 @functools.lru_cache(maxsize=4096)
@@ -215,6 +246,7 @@ class Ingest:
                     if line:
                         result.records += 1
                         self._one(msg, topic_gw, line)
+                msg.flush()
             if result.alarms:
                 tx.lock_alarms()
                 numbered = []
@@ -272,8 +304,11 @@ class Ingest:
             self._quarantine(msg, "wrong_topic", f"a record of gateway "
                              f"{rec['gw']!r} on the topic of {gw!r}", line)
             return None
-        status = msg.tx.one("SELECT status FROM gateways WHERE gw = ?", (gw,))
-        if status is None or status[0] != "active":
+        if gw not in msg.status:
+            row = msg.tx.one("SELECT status FROM gateways WHERE gw = ?", (gw,))
+            msg.status[gw] = None if row is None else str(row[0])
+        status = msg.status[gw]
+        if status is None or status != "active":
             reason = "unknown_gateway" if status is None else "decommissioned"
             self._quarantine(msg, reason, f"gateway {gw!r} is "
                              f"{'not registered' if status is None else 'decommissioned'}",
@@ -288,12 +323,13 @@ class Ingest:
         if rec is None:
             return
         seq = int(rec["seq"])
-        stored = tx.one("SELECT data, digest FROM records WHERE gw = ? AND seq = ?", (gw, seq))
-        if stored is not None and bytes(stored[0]) == line:
+        near = self._near(msg, gw, seq)
+        stored = near.get(seq)
+        if stored is not None and stored[0] == line:
             result.duplicates += 1
             return
         try:
-            verified = self._verify(tx, rec, line, gw, seq)
+            verified = self._verify(msg, rec, line, gw, seq)
         except _HoldError:
             self._hold(msg, gw, seq, line)
             return
@@ -305,9 +341,9 @@ class Ingest:
             log.error("conflict: %s seq %d stored with another verified record", gw, seq)
             tx.execute("INSERT INTO conflicts (gw, seq, stored_digest, digest, data, "
                        "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                       (gw, seq, bytes(stored[1]), verified.digest, line, msg.now))
+                       (gw, seq, stored[1], verified.digest, line, msg.now))
             return
-        trusts = self._store(msg, verified, line)
+        trusts = self._store(msg, verified, line, near)
         if released:
             result.released += 1
         elif trusts:  # a new key: what waited for it may verify now
@@ -315,11 +351,25 @@ class Ingest:
 
     # --- trust (docs/records.md "What the platform checks") -----------------------
 
-    def _identities(self, tx: Transaction, gw: str) -> list[_Identity]:
-        return [_Identity(int(r[0]), str(r[1]), _public_key(str(r[2]), bytes(r[3])),
-                          str(r[4]))
-                for r in tx.all("SELECT from_seq, kid, alg, pubkey, key_class FROM identities "
-                                "WHERE gw = ? ORDER BY from_seq", (gw,))]
+    @staticmethod
+    def _near(msg: _Msg, gw: str, seq: int) -> dict[int, _Stored]:
+        """The records stored at seq - 1, seq and seq + 1: one query."""
+        near = {int(r[0]): (bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in msg.tx.all(
+            "SELECT seq, data, digest, prev FROM records WHERE gw = ? AND seq >= ? "
+            "AND seq <= ?", (gw, seq - 1, seq + 1))}
+        for s in (seq - 1, seq, seq + 1):
+            if s in msg.pending:
+                near[s] = msg.pending[s][0]
+        return near
+
+    @staticmethod
+    def _identities(msg: _Msg, gw: str) -> list[_Identity]:
+        if not msg.identities:
+            msg.identities.append([
+                _Identity(int(r[0]), str(r[1]), _public_key(str(r[2]), bytes(r[3])), str(r[4]))
+                for r in msg.tx.all("SELECT from_seq, kid, alg, pubkey, key_class FROM "
+                                    "identities WHERE gw = ? ORDER BY from_seq", (gw,))])
+        return msg.identities[0]
 
     @staticmethod
     def _identity_at(identities: list[_Identity], kid: str, seq: int) -> _Identity | None:
@@ -329,17 +379,26 @@ class Ingest:
                 return ident
         return None
 
-    def _verify(self, tx: Transaction, rec: dict[str, JSON], data: bytes, gw: str,
+    def _verify(self, msg: _Msg, rec: dict[str, JSON], data: bytes, gw: str,
                 seq: int) -> VerifiedRecord:
+        tx = msg.tx
         if "alg" not in rec:  # format 1: signed by the identity key itself
-            ident = self._identity_at(self._identities(tx, gw), str(rec["kid"]), seq)
+            ident = self._identity_at(self._identities(msg, gw), str(rec["kid"]), seq)
             return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None,
                                  data)
         if rec["kind"] == SESSION_KIND:
-            return self._verify_session(tx, rec, data, gw, seq)
-        row = tx.one("SELECT from_seq, alg, pubkey, boot, until_mono, key_class FROM sessions "
-                     "WHERE gw = ? AND kid = ? AND from_seq <= ? ORDER BY from_seq DESC "
-                     "LIMIT 1", (gw, str(rec["kid"]), seq))
+            return self._verify_session(msg, rec, data, gw, seq)
+        kid = str(rec["kid"])
+        row = msg.sessions.get(kid)
+        # the row found for an earlier seq holds for every seq up to the next certificate
+        if row is None or not (int(row[0]) <= seq and (row[6] is None or seq < int(row[6]))):
+            row = tx.one("SELECT s.from_seq, s.alg, s.pubkey, s.boot, s.until_mono, "
+                         "s.key_class, (SELECT n.from_seq FROM sessions n WHERE n.gw = s.gw "
+                         "AND n.from_seq > s.from_seq ORDER BY n.from_seq LIMIT 1) "
+                         "FROM sessions s WHERE s.gw = ? AND s.kid = ? AND s.from_seq <= ? "
+                         "ORDER BY s.from_seq DESC LIMIT 1", (gw, kid, seq))
+            if row is not None:
+                msg.sessions[kid] = row
         if row is None:
             later = tx.one("SELECT from_seq FROM sessions WHERE gw = ? AND kid = ? LIMIT 1",
                            (gw, str(rec["kid"])))
@@ -347,22 +406,21 @@ class Ingest:
                 raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
                                   f"certified from seq {later[0]} on")
             raise _HoldError
-        from_seq, alg, raw, boot, until_mono, key_class = row
+        from_seq, alg, raw, boot, until_mono, key_class, nxt = row
         key = _public_key(str(alg), bytes(raw))
         verified = verify_parsed(rec, lambda _r: (key, str(key_class)), data)
         if rec["boot"] != boot or int(rec["mono"]) > int(until_mono):
             raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
                               f"certified for boot {boot}, seq >= {from_seq}, "
                               f"mono <= {until_mono}")
-        nxt = tx.one("SELECT MIN(from_seq) FROM sessions WHERE gw = ? AND from_seq > ?",
-                     (gw, int(from_seq)))
-        if nxt is not None and nxt[0] is not None and int(nxt[0]) <= seq:
+        if nxt is not None and int(nxt) <= seq:
             raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
-                              f"key superseded at seq {nxt[0]}")
+                              f"key superseded at seq {nxt}")
         return verified
 
-    def _verify_session(self, tx: Transaction, rec: dict[str, JSON], data: bytes, gw: str,
+    def _verify_session(self, msg: _Msg, rec: dict[str, JSON], data: bytes, gw: str,
                         seq: int) -> VerifiedRecord:
+        tx = msg.tx
         try:
             cert, sig, signed = parse_session(rec["body"])
         except CertificateError as exc:
@@ -371,7 +429,7 @@ class Ingest:
                 (rec["gw"], rec["boot"], seq, rec["kid"], rec["alg"]):
             raise RecordError("forged_certificate", f"key.session at seq {seq} of {gw}: "
                               "its certificate is for another gateway, boot, seq or key")
-        identities = self._identities(tx, gw)
+        identities = self._identities(msg, gw)
         ident = self._identity_at(identities, cert.identity.kid, seq)
         if ident is None:
             if any(i.kid == cert.identity.kid for i in identities):
@@ -383,11 +441,12 @@ class Ingest:
                               f"not signed by identity {ident.kid}")
         key = _public_key(cert.alg, cert.public_raw)
         verified = verify_parsed(rec, lambda _r: (key, ident.key_class), data)
-        tx.execute("INSERT INTO sessions (gw, from_seq, kid, alg, pubkey, boot, until_mono, "
-                   "identity_kid, key_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                   "ON CONFLICT DO NOTHING",
-                   (gw, seq, cert.kid, cert.alg, cert.public_raw, cert.boot, cert.until_mono,
-                    ident.kid, ident.key_class))
+        if tx.execute("INSERT INTO sessions (gw, from_seq, kid, alg, pubkey, boot, until_mono, "
+                      "identity_kid, key_class) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                      "ON CONFLICT DO NOTHING",
+                      (gw, seq, cert.kid, cert.alg, cert.public_raw, cert.boot,
+                       cert.until_mono, ident.kid, ident.key_class)):
+            msg.sessions.clear()  # a new certificate: the rows found may end sooner now
         return verified
 
     def _trust_rotation(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
@@ -399,7 +458,7 @@ class Ingest:
                              f"{rec.seq}: {exc} (the record is stored; its key is not "
                              "trusted)", data)
             return False
-        current = self._identity_at(self._identities(tx, gw), cert.by.kid, rec.seq)
+        current = self._identity_at(self._identities(msg, gw), cert.by.kid, rec.seq)
         if cert.gateway_id != gw or cert.from_seq != rec.seq or current is None \
                 or not current.key.verify(sig, signed):
             self._quarantine(msg, "forged_certificate", f"key.rotate at "
@@ -409,30 +468,37 @@ class Ingest:
         tx.execute("INSERT INTO identities (gw, from_seq, kid, alg, pubkey, key_class) "
                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                    (gw, cert.from_seq, cert.kid, cert.alg, cert.public_raw, cert.key_class))
+        msg.identities.clear()
         return True
 
     # --- storing --------------------------------------------------------------------
 
-    def _store(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
+    def _store(self, msg: _Msg, rec: VerifiedRecord, data: bytes,
+               near: dict[int, _Stored]) -> bool:
+        """Store *rec* (its neighbours *near*: :meth:`_near` of its seq)."""
         tx, result, now = msg.tx, msg.result, msg.now
         gw, seq, body = rec.gateway_id, rec.seq, rec.record
         prio = str(body["prio"])
-        higher = tx.one("SELECT MAX(seq) FROM records WHERE gw = ? AND prio = ?", (gw, prio))
-        tx.execute("INSERT INTO records (gw, seq, kind, prio, digest, prev, boot, t, kid, "
-                   "key_class, received_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (gw, seq, rec.kind, prio, rec.digest, rec.prev, int(body["boot"]),
-                    int(body["t"]), str(body["kid"]), rec.key_class, now, data))
+        if prio not in msg.top:  # the highest seq of the class: one index probe
+            row = tx.one("SELECT seq FROM records WHERE gw = ? AND prio = ? "
+                         "ORDER BY seq DESC LIMIT 1", (gw, prio))
+            msg.top[prio] = None if row is None else int(row[0])
+        higher = msg.top[prio]
+        msg.pending[seq] = ((data, rec.digest, rec.prev), (
+            gw, seq, rec.kind, prio, rec.digest, rec.prev, int(body["boot"]),
+            int(body["t"]), str(body["kid"]), rec.key_class, now, data))
+        msg.top[prio] = seq if higher is None else max(higher, seq)
         result.stored += 1
-        if higher is not None and higher[0] is not None and int(higher[0]) > seq:
+        if higher is not None and higher > seq:
             result.reorders += 1
             tx.execute("INSERT INTO reorders (gw, seq, prio, after_seq, found_at) "
                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                       (gw, seq, prio, int(higher[0]), now))
-        before = tx.one("SELECT digest FROM records WHERE gw = ? AND seq = ?", (gw, seq - 1))
-        if before is not None and bytes(before[0]) != rec.prev:
+                       (gw, seq, prio, higher, now))
+        before = near.get(seq - 1)
+        if before is not None and before[1] != rec.prev:
             self._break(msg, gw, seq)
-        after = tx.one("SELECT prev FROM records WHERE gw = ? AND seq = ?", (gw, seq + 1))
-        if after is not None and bytes(after[0]) != rec.digest:
+        after = near.get(seq + 1)
+        if after is not None and after[2] != rec.digest:
             self._break(msg, gw, seq + 1)
         if rec.kind == "gap":
             for lo, hi in _ranges(body.get("body")):
