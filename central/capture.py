@@ -29,6 +29,7 @@ from central.record import (
     load_registrations,
 )
 from central.verifier import Verifier
+from core.head import is_head
 from core.topics import TOPIC_ROOT
 
 EXIT_OK, EXIT_PROBLEM, EXIT_BAD_INPUT = 0, 1, 2
@@ -37,7 +38,7 @@ COUNTS = ("records", "verified", "bad_signature", "chain_breaks", "unexplained_g
           "duplicates", "conflicts", "reordered", "non_canonical", "wrong_gateway",
           "wrong_key", "unknown_gateway", "malformed")
 #: Counts that say how much was read, not what is wrong.
-INFORMATIVE = ("records", "verified", "messages", "other_topics")
+INFORMATIVE = ("records", "verified", "messages", "other_topics", "heads")
 _RECORDS_SUFFIX = "/records"
 
 
@@ -95,13 +96,15 @@ def verify_messages(messages: Iterable[Message],
                     registrations: Mapping[str, Registration]) -> dict[str, int]:
     """The report's counts for *messages* (see :data:`COUNTS`)."""
     verifier = Verifier(registrations)
-    messages_seen = records = other = 0
+    messages_seen = records = other = heads = 0
     for msg in messages:
         messages_seen += 1
         if not is_records_topic(msg.topic):
             other += 1
             continue
-        records += sum(1 for line in msg.payload.split(b"\n") if line)
+        lines = [line for line in msg.payload.split(b"\n") if line]
+        heads += sum(1 for line in lines if is_head(line))
+        records += sum(1 for line in lines if not is_head(line))
         verifier.ingest(msg.payload, topic=msg.topic)
     stats = verifier.summary()
     gaps = sum(len(verifier.gaps(gw)) for gw in verifier.registrations)
@@ -124,6 +127,8 @@ def verify_messages(messages: Iterable[Message],
         "malformed": stats["malformed"],
         "messages": messages_seen,
         "other_topics": other,
+        # head statements (the last line of each message) the verifier could check
+        "heads": stats["heads"],
     }
 
 

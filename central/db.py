@@ -161,8 +161,20 @@ _TYPES = {
     "sqlite": {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
     "postgresql": {"blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"},
 }
+#: Version 2: the highest committed seq each gateway's verified head statements
+#: announced (core/head.py), so a tail that never arrives is a gap.
+_COMMON_V2 = [
+    """CREATE TABLE heads (
+        gw TEXT PRIMARY KEY REFERENCES gateways (gw),
+        committed_seq BIGINT NOT NULL,
+        boot BIGINT NOT NULL,
+        kid TEXT NOT NULL,
+        received_at BIGINT NOT NULL
+    )""",
+]
 MIGRATIONS: dict[str, list[list[str]]] = {
-    backend: [[sql.format(**types) for sql in _COMMON_V1]] for backend, types in _TYPES.items()
+    backend: [[sql.format(**types) for sql in version] for version in (_COMMON_V1, _COMMON_V2)]
+    for backend, types in _TYPES.items()
 }
 SCHEMA_VERSION = len(MIGRATIONS["sqlite"])
 
@@ -345,6 +357,21 @@ def _version(tx: Transaction) -> int:
 _SQLITE_URL = re.compile(r"^sqlite:///(?P<path>.+)$")
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. Consumers opening a new file at once race for the switch, and SQLite
+    answers 'locked' at once there (no busy handler): try again until the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
 def open_db(url: str, *, migrate: bool = True) -> Database:
     """Open the database at *url* (``sqlite:///PATH``, ``postgresql://…``) and, unless
     *migrate* is false, bring its schema up to date."""
@@ -356,7 +383,7 @@ def open_db(url: str, *, migrate: bool = True) -> Database:
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_MS / 1000,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
             conn.execute("PRAGMA foreign_keys=ON")

@@ -35,6 +35,7 @@ from central.record import (
     parse_record,
     verify_parsed,
 )
+from core.head import is_head, parse_head
 from core.record import JSON, b64u
 from core.session import (
     ROTATE_KIND,
@@ -93,6 +94,7 @@ class IngestResult:
     released: int = 0  # held records verified and stored thanks to this message
     chain_breaks: int = 0
     reorders: int = 0
+    heads: int = 0  # verified head statements
     quarantined: Counter[str] = field(default_factory=Counter)  # by reason
     alarms: list[Alarm] = field(default_factory=list)
 
@@ -243,7 +245,9 @@ class Ingest:
                 msg = _Msg(tx, result, topic_gw, topic, now)
                 tx.lock_gateway(topic_gw)
                 for line in payload.split(b"\n"):
-                    if line:
+                    if is_head(line):
+                        self._head(msg, topic_gw, line)
+                    elif line:
                         result.records += 1
                         self._one(msg, topic_gw, line)
                 msg.flush()
@@ -272,7 +276,7 @@ class Ingest:
     def _count(self, result: IngestResult) -> None:
         self.totals["messages"] += 1
         for name in ("records", "stored", "duplicates", "conflicts", "held", "released",
-                     "chain_breaks", "reorders"):
+                     "chain_breaks", "reorders", "heads"):
             self.totals[name] += getattr(result, name)
         self.totals["alarms"] += len(result.alarms)
         for reason, n in result.quarantined.items():
@@ -315,6 +319,40 @@ class Ingest:
                              line)
             return None
         return rec
+
+    def _head(self, msg: _Msg, gw: str, line: bytes) -> None:
+        """A message's head statement (core/head.py): verified with a session key certified
+        for *gw* and its boot, it raises the gateway's announced committed seq. One whose
+        session is not stored yet is left: every message carries a newer one."""
+        try:
+            head = parse_head(line)
+        except ValueError as exc:
+            self._quarantine(msg, "malformed", str(exc), line)
+            return
+        if head.gateway_id != gw:
+            self._quarantine(msg, "wrong_gateway", f"head of {head.gateway_id!r} on the "
+                             f"topic of {gw!r}", line)
+            return
+        row = msg.tx.one("SELECT alg, pubkey, boot FROM sessions WHERE gw = ? AND kid = ? "
+                         "LIMIT 1", (gw, head.kid))
+        if row is None:
+            return
+        try:
+            good = PublicKey(str(row[0]), bytes(row[1])).verify(head.sig, head.signed)
+        except ValueError:
+            good = False
+        if not good or int(row[2]) != head.boot or str(row[0]) != head.alg:
+            self._quarantine(msg, "bad_signature", f"head of {gw} not signed by its session "
+                             f"key {head.kid} of boot {head.boot}", line)
+            return
+        msg.result.heads += 1
+        msg.tx.execute(
+            "INSERT INTO heads (gw, committed_seq, boot, kid, received_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET "
+            "committed_seq = excluded.committed_seq, boot = excluded.boot, "
+            "kid = excluded.kid, received_at = excluded.received_at "
+            "WHERE excluded.committed_seq > heads.committed_seq",
+            (gw, head.committed_seq, head.boot, head.kid, msg.now))
 
     def _one(self, msg: _Msg, gw: str, line: bytes, *, released: bool = False) -> None:
         """Verify and store one record of *gw* (whose lock the transaction holds)."""
@@ -608,8 +646,9 @@ def stored_ranges(db: Database, gw: str) -> list[tuple[int, int]]:
 
 
 def gaps(db: Database, gw: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(explained, unexplained): the seqs of *gw* missing from 1 to the highest stored,
-    those a signed ``gap`` record names, and the others (on their way, or evidence)."""
+    """(explained, unexplained): the seqs of *gw* missing from 1 to the highest stored or
+    announced by a verified head statement (a tail that never came), those a signed
+    ``gap`` record names, and the others (on their way, or evidence)."""
     held = stored_ranges(db, gw)
     missing: list[tuple[int, int]] = []
     nxt = 1
@@ -618,6 +657,9 @@ def gaps(db: Database, gw: str) -> tuple[list[tuple[int, int]], list[tuple[int, 
             missing.append((nxt, lo - 1))
         nxt = hi + 1
     with db.transaction(write=False) as tx:
+        head = tx.one("SELECT committed_seq FROM heads WHERE gw = ?", (gw,))
+        if head is not None and int(head[0]) >= nxt:
+            missing.append((nxt, int(head[0])))
         named = _islands([(int(r[0]), int(r[1])) for r in tx.all(
             "SELECT first_seq, last_seq FROM gaps_explained WHERE gw = ?", (gw,))])
     unexplained = _minus(missing, named)
@@ -671,7 +713,10 @@ def report(db: Database, gw: str) -> dict[str, JSON]:
             "SELECT key_class, COUNT(*) FROM records WHERE gw = ? GROUP BY key_class "
             "ORDER BY key_class", (gw,))}
         held = tx.one("SELECT COUNT(*) FROM held WHERE gw = ?", (gw,))
+        head = tx.one("SELECT committed_seq, boot, received_at FROM heads WHERE gw = ?", (gw,))
     return {
+        "head": None if head is None else {"committed_seq": int(head[0]),
+                                           "boot": int(head[1]), "received_at": int(head[2])},
         "gw": gw, "status": row[0], "tls_fingerprint": row[1], "enrolled_at": int(row[2]),
         "decommissioned_at": None if row[3] is None else int(row[3]),
         "records": int(counts[0]) if counts else 0,

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from central.capture import COUNTS, add_arguments, run
+from core.head import is_head
 from core.record import b64u, canonical
 from core.suites import SoftwareKey, key_id
 from core.topics import PLATFORM_CN, TOPIC_ROOT, records_topic
@@ -49,7 +50,11 @@ class Captured:
     sessions: dict[str, list[SoftwareKey]] = field(default_factory=dict)
 
     def lines(self) -> list[tuple[str, list[bytes]]]:
-        """(topic, records) of each message."""
+        """(topic, records) of each message; its head statement left out."""
+        return [(topic, [r for r in recs if not is_head(r)]) for topic, recs in self.raw()]
+
+    def raw(self) -> list[tuple[str, list[bytes]]]:
+        """(topic, lines) of each message, its head statement last."""
         out = []
         for raw in self.path.read_bytes().splitlines():
             topic, _, hexed = raw.decode().rpartition("\t")

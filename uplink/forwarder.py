@@ -140,10 +140,11 @@ class Forwarder:
         on_acked: AckHook | None = None,
         source: Source | None = None,
         now_ns: Callable[[], int] = time.monotonic_ns,
-        heads: bool = False,
+        heads: bool = True,
     ) -> None:
         self.gateway_id = gateway_id
-        #: End every message with the signed head statement (core/head.py).
+        #: End every message with the signed head statement (core/head.py): how far the
+        #: chain is committed, so the platform can tell a dropped tail from a quiet gateway.
         self.heads = heads
         self.broker = broker
         self._reader = reader
