@@ -35,14 +35,19 @@ from central.record import (
     parse_record,
     verify_parsed,
 )
+from central.rules import (
+    HoldError,
+    TrustedIdentity,
+    check_validity,
+    identity_at,
+    rotation_certificate,
+    session_certificate,
+)
 from core.head import is_head, parse_head
 from core.record import JSON, b64u
 from core.session import (
     ROTATE_KIND,
     SESSION_KIND,
-    CertificateError,
-    parse_identity,
-    parse_session,
 )
 from core.suites import Verifier as PublicKey
 from core.topics import TOPIC_ROOT
@@ -106,19 +111,6 @@ class IngestResult:
         return out
 
 
-class _HoldError(Exception):
-    """The record's key may still be certified by a record on its way."""
-
-
-
-@dataclass(frozen=True, slots=True)
-class _Identity:
-    from_seq: int
-    kid: str
-    key: PublicKey
-    key_class: str
-
-
 #: Records a multi-row INSERT carries at most (12 parameters each: within SQLite's 999).
 _INSERT_ROWS = 80
 _RECORD_COLUMNS = ("gw, seq, kind, prio, digest, prev, boot, t, kid, key_class, received_at, "
@@ -146,7 +138,7 @@ class _Msg:
     #: per session kid, the certificate row last found (with the next certificate's seq)
     sessions: dict[str, Row] = field(default_factory=dict)
     #: the gateway's identities, once read (dropped when one is added)
-    identities: list[list[_Identity]] = field(default_factory=list)
+    identities: list[list[TrustedIdentity]] = field(default_factory=list)
 
     def flush(self) -> None:
         """Write the pending records."""
@@ -368,7 +360,7 @@ class Ingest:
             return
         try:
             verified = self._verify(msg, rec, line, gw, seq)
-        except _HoldError:
+        except HoldError:
             self._hold(msg, gw, seq, line)
             return
         except RecordError as exc:
@@ -401,27 +393,20 @@ class Ingest:
         return near
 
     @staticmethod
-    def _identities(msg: _Msg, gw: str) -> list[_Identity]:
+    def _identities(msg: _Msg, gw: str) -> list[TrustedIdentity]:
         if not msg.identities:
             msg.identities.append([
-                _Identity(int(r[0]), str(r[1]), _public_key(str(r[2]), bytes(r[3])), str(r[4]))
+                TrustedIdentity(int(r[0]), str(r[1]), _public_key(str(r[2]), bytes(r[3])),
+                                str(r[4]))
                 for r in msg.tx.all("SELECT from_seq, kid, alg, pubkey, key_class FROM "
                                     "identities WHERE gw = ? ORDER BY from_seq", (gw,))])
         return msg.identities[0]
-
-    @staticmethod
-    def _identity_at(identities: list[_Identity], kid: str, seq: int) -> _Identity | None:
-        for i, ident in enumerate(identities):
-            until = identities[i + 1].from_seq if i + 1 < len(identities) else None
-            if ident.kid == kid and ident.from_seq <= seq and (until is None or seq < until):
-                return ident
-        return None
 
     def _verify(self, msg: _Msg, rec: dict[str, JSON], data: bytes, gw: str,
                 seq: int) -> VerifiedRecord:
         tx = msg.tx
         if "alg" not in rec:  # format 1: signed by the identity key itself
-            ident = self._identity_at(self._identities(msg, gw), str(rec["kid"]), seq)
+            ident = identity_at(self._identities(msg, gw), str(rec["kid"]), seq)
             return verify_parsed(rec, lambda _r: (ident.key, ident.key_class) if ident else None,
                                  data)
         if rec["kind"] == SESSION_KIND:
@@ -443,40 +428,19 @@ class Ingest:
             if later is not None:
                 raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
                                   f"certified from seq {later[0]} on")
-            raise _HoldError
+            raise HoldError
         from_seq, alg, raw, boot, until_mono, key_class, nxt = row
         key = _public_key(str(alg), bytes(raw))
         verified = verify_parsed(rec, lambda _r: (key, str(key_class)), data)
-        if rec["boot"] != boot or int(rec["mono"]) > int(until_mono):
-            raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
-                              f"certified for boot {boot}, seq >= {from_seq}, "
-                              f"mono <= {until_mono}")
-        if nxt is not None and int(nxt) <= seq:
-            raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
-                              f"key superseded at seq {nxt}")
+        check_validity(rec, seq, boot=int(boot), from_seq=int(from_seq),
+                       until_mono=int(until_mono),
+                       superseded_at=None if nxt is None else int(nxt))
         return verified
 
     def _verify_session(self, msg: _Msg, rec: dict[str, JSON], data: bytes, gw: str,
                         seq: int) -> VerifiedRecord:
         tx = msg.tx
-        try:
-            cert, sig, signed = parse_session(rec["body"])
-        except CertificateError as exc:
-            raise RecordError("malformed", f"key.session: {exc}") from None
-        if (cert.gateway_id, cert.boot, cert.from_seq, cert.kid, cert.alg) != \
-                (rec["gw"], rec["boot"], seq, rec["kid"], rec["alg"]):
-            raise RecordError("forged_certificate", f"key.session at seq {seq} of {gw}: "
-                              "its certificate is for another gateway, boot, seq or key")
-        identities = self._identities(msg, gw)
-        ident = self._identity_at(identities, cert.identity.kid, seq)
-        if ident is None:
-            if any(i.kid == cert.identity.kid for i in identities):
-                raise RecordError("forged_certificate", f"key.session at seq {seq}: identity "
-                                  f"{cert.identity.kid} was not the gateway's at that seq")
-            raise _HoldError  # perhaps certified by a rotation still on its way
-        if not ident.key.verify(sig, signed):
-            raise RecordError("forged_certificate", f"key.session at seq {seq} of {gw} is "
-                              f"not signed by identity {ident.kid}")
+        cert, ident = session_certificate(rec, seq, self._identities(msg, gw))
         key = _public_key(cert.alg, cert.public_raw)
         verified = verify_parsed(rec, lambda _r: (key, ident.key_class), data)
         if tx.execute("INSERT INTO sessions (gw, from_seq, kid, alg, pubkey, boot, until_mono, "
@@ -490,18 +454,10 @@ class Ingest:
     def _trust_rotation(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
         gw, tx = rec.gateway_id, msg.tx
         try:
-            cert, sig, signed = parse_identity(rec.record["body"])
-        except CertificateError as exc:
-            self._quarantine(msg, "malformed", f"key.rotate at seq "
-                             f"{rec.seq}: {exc} (the record is stored; its key is not "
+            cert = rotation_certificate(rec, self._identities(msg, gw))
+        except RecordError as exc:
+            self._quarantine(msg, exc.reason, f"{exc} (the record is stored; its key is not "
                              "trusted)", data)
-            return False
-        current = self._identity_at(self._identities(msg, gw), cert.by.kid, rec.seq)
-        if cert.gateway_id != gw or cert.from_seq != rec.seq or current is None \
-                or not current.key.verify(sig, signed):
-            self._quarantine(msg, "forged_certificate", f"key.rotate at "
-                             f"seq {rec.seq} is not certified by the gateway's identity (the "
-                             "record is stored; its key is not trusted)", data)
             return False
         tx.execute("INSERT INTO identities (gw, from_seq, kid, alg, pubkey, key_class) "
                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

@@ -33,15 +33,20 @@ from central.record import (
     parse_record,
     verify_parsed,
 )
+from central.rules import (
+    HoldError,
+    TrustedIdentity,
+    check_validity,
+    identity_at,
+    rotation_certificate,
+    session_certificate,
+)
 from core.head import is_head, parse_head
 from core.record import JSON
 from core.session import (
     ROTATE_KIND,
     SESSION_KIND,
-    CertificateError,
     SessionCert,
-    parse_identity,
-    parse_session,
 )
 from core.suites import Verifier as PublicKey
 
@@ -74,14 +79,6 @@ class VerifierStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
-
-
-@dataclass
-class _Identity:
-    from_seq: int  # the identity signs certificates of records from this seq on
-    kid: str
-    key: PublicKey
-    key_class: str
 
 
 @dataclass
@@ -127,7 +124,7 @@ class _ClassOrder:
 
 @dataclass
 class _GatewayChain:
-    identities: list[_Identity]
+    identities: list[TrustedIdentity]
     sessions: dict[str, _Session] = field(default_factory=dict)
     session_starts: list[int] = field(default_factory=list)  # from_seq of each, sorted
     digests: dict[int, bytes] = field(default_factory=dict)
@@ -139,13 +136,9 @@ class _GatewayChain:
     claimed: int = 0  # the highest committed seq a verified head statement announced
     pending_heads: dict[str, bytes] = field(default_factory=dict)  # by session kid
 
-    def identity(self, kid: str, seq: int) -> _Identity | None:
+    def identity(self, kid: str, seq: int) -> TrustedIdentity | None:
         """The identity *kid* if it was this gateway's identity at *seq*."""
-        for i, ident in enumerate(self.identities):
-            until = self.identities[i + 1].from_seq if i + 1 < len(self.identities) else None
-            if ident.kid == kid and ident.from_seq <= seq and (until is None or seq < until):
-                return ident
-        return None
+        return identity_at(self.identities, kid, seq)
 
 
 #: The gateway a record must be of when it came on a topic that names no gateway: none is.
@@ -153,10 +146,6 @@ _NO_GATEWAY = ""
 #: Refusal reasons that have a counter of their own; any other counts as ``malformed``.
 _COUNTED = frozenset({"bad_signature", "unknown_key", "unknown_gateway", "wrong_gateway",
                       "forged_certificate", "out_of_validity", "non_canonical"})
-
-
-class _HoldError(Exception):
-    """The record's key may still be certified by a record on its way."""
 
 
 class Verifier:
@@ -194,7 +183,7 @@ class Verifier:
             reg = self.registrations.get(gw)
             if reg is None:
                 return None
-            chain = _GatewayChain([_Identity(0, reg.kid, reg.verifier(), reg.key_class)])
+            chain = _GatewayChain([TrustedIdentity(0, reg.kid, reg.verifier(), reg.key_class)])
             self._chains[gw] = chain
         return chain
 
@@ -250,7 +239,7 @@ class Verifier:
     def _ingest(self, data: bytes, gateway: str | None, arrival: int) -> VerifiedRecord | None:
         try:
             rec = self._verify(data, gateway)
-        except _HoldError:
+        except HoldError:
             if len(self._held) < MAX_HELD:
                 self._held.append((data, arrival))
                 self.stats.held += 1
@@ -282,39 +271,19 @@ class Verifier:
             return self._verify_session(rec, chain, seq, data)
         session = chain.sessions.get(str(rec["kid"]))
         if session is None:
-            raise _HoldError
+            raise HoldError
         verified = verify_parsed(rec, lambda _r: (session.key, session.key_class), data)
         cert = session.cert
-        if rec["boot"] != cert.boot or seq < cert.from_seq or \
-                int(rec["mono"]) > cert.until_mono:
-            raise RecordError("out_of_validity", f"seq {seq} of {gw}: its session key is "
-                              f"certified for boot {cert.boot}, seq >= {cert.from_seq}, "
-                              f"mono <= {cert.until_mono}")
         later = bisect.bisect_right(chain.session_starts, cert.from_seq)
-        if later < len(chain.session_starts) and chain.session_starts[later] <= seq:
-            raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
-                              f"key superseded at seq {chain.session_starts[later]}")
+        check_validity(rec, seq, boot=cert.boot, from_seq=cert.from_seq,
+                       until_mono=cert.until_mono,
+                       superseded_at=chain.session_starts[later]
+                       if later < len(chain.session_starts) else None)
         return verified
 
     def _verify_session(self, rec: dict[str, JSON], chain: _GatewayChain,
                         seq: int, data: bytes) -> VerifiedRecord:
-        try:
-            cert, sig, signed = parse_session(rec["body"])
-        except CertificateError as exc:
-            raise RecordError("malformed", f"key.session: {exc}") from None
-        if (cert.gateway_id, cert.boot, cert.from_seq, cert.kid, cert.alg) != \
-                (rec["gw"], rec["boot"], seq, rec["kid"], rec["alg"]):
-            raise RecordError("forged_certificate", f"key.session at seq {seq} of {rec['gw']}: "
-                              "its certificate is for another gateway, boot, seq or key")
-        ident = chain.identity(cert.identity.kid, seq)
-        if ident is None:
-            if any(i.kid == cert.identity.kid for i in chain.identities):
-                raise RecordError("forged_certificate", f"key.session at seq {seq}: identity "
-                                  f"{cert.identity.kid} was not the gateway's at that seq")
-            raise _HoldError  # perhaps certified by a rotation still on its way
-        if not ident.key.verify(sig, signed):
-            raise RecordError("forged_certificate", f"key.session at seq {seq} of "
-                              f"{rec['gw']} is not signed by identity {ident.kid}")
+        cert, ident = session_certificate(rec, seq, chain.identities)
         key = PublicKey(cert.alg, cert.public_raw)
         verified = verify_parsed(rec, lambda _r: (key, ident.key_class), data)
         chain.sessions[cert.kid] = _Session(cert, key, ident.key_class)
@@ -323,20 +292,17 @@ class Verifier:
 
     def _trust_rotation(self, rec: VerifiedRecord, chain: _GatewayChain) -> bool:
         try:
-            cert, sig, signed = parse_identity(rec.record["body"])
-        except CertificateError as exc:
-            log.warning("key.rotate at seq %d of %s: %s", rec.seq, rec.gateway_id, exc)
-            self.stats.malformed += 1
+            cert = rotation_certificate(rec, chain.identities)
+        except RecordError as exc:
+            log.warning("%s (the record stands; its key is not trusted)", exc)
+            if exc.reason == "malformed":
+                self.stats.malformed += 1
+            else:
+                self.stats.forged_certificate += 1
             return False
-        current = chain.identity(cert.by.kid, rec.seq)
-        if cert.gateway_id != rec.gateway_id or cert.from_seq != rec.seq or current is None \
-                or not current.key.verify(sig, signed):
-            log.warning("key.rotate at seq %d of %s is not certified by the gateway's "
-                        "identity", rec.seq, rec.gateway_id)
-            self.stats.forged_certificate += 1
-            return False
-        chain.identities.append(_Identity(cert.from_seq, cert.kid,
-                                          PublicKey(cert.alg, cert.public_raw), cert.key_class))
+        chain.identities.append(TrustedIdentity(cert.from_seq, cert.kid,
+                                                PublicKey(cert.alg, cert.public_raw),
+                                                cert.key_class))
         chain.identities.sort(key=lambda i: i.from_seq)
         return True
 
