@@ -3,11 +3,14 @@
 ``enrol`` registers a gateway (its ``signing.pub``) or decommissions one; ``consume``
 runs one ingest consumer (run several: a shared subscription spreads the gateways'
 messages over them); ``alarms`` lists (or follows) the alarm-class records stored;
-``report`` says everything the platform knows of one gateway's stream; ``verify`` checks
+``report`` says everything the platform knows of one gateway's stream; ``gateways`` lists
+the enrolled gateways; ``verify`` checks
 a capture offline (:mod:`central.capture`); ``export`` writes a court-ready zip of one
 gateway's records over a period and ``verify-export`` checks one (:mod:`central.export`).
 Errors say what is wrong and how to fix it,
-and exit 2; ``--json`` gives one JSON object a line.
+and exit 2 (``ingest <command>: …``); ``--json`` gives one JSON object a line. Only
+``enrol`` and ``consume`` create or migrate a database; the commands that read one refuse
+a URL where there is none (and create nothing).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from central.db import Database, DatabaseError, StorageError, open_db
-from central.ingest import EnrolError, Ingest, alarms, report
+from central.ingest import Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
 from core.errors import UserError
 from core.mqtt import BrokerConfig
@@ -44,8 +48,20 @@ def _db_arg(parser: argparse.ArgumentParser) -> None:
                              "postgresql://USER@HOST:PORT/DB")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m central",
+def program_name(argv0: str | None = None) -> str:
+    """How this command line was called: ``ingest`` (the console script), or ``python -m
+    central``."""
+    raw = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
+    path = Path(raw)
+    if path.name == "__main__.py" and path.parent.name == "central":
+        return "python -m central"
+    # the console script (or a copy, ingest-2); called from elsewhere (a test runner,
+    # python -c): the script's name
+    return path.name if path.name.startswith("ingest") else "ingest"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or program_name(),
                                      description="The SmartCorr platform's ingest.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--gw", required=True, metavar="ID")
     rep.add_argument("--json", action="store_true")
 
+    gws = sub.add_parser("gateways", help="the enrolled gateways: id, status, enrolment, "
+                                          "records stored, highest seq")
+    _db_arg(gws)
+    gws.add_argument("--json", action="store_true", help="one JSON object a line")
+
     exp = sub.add_parser("export", help="a court-ready zip of one gateway's records over a "
                                         "period (central/export.py)")
     _db_arg(exp)
@@ -114,20 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(url: str) -> Database:
+def _open(url: str, *, create: bool = False) -> Database:
+    """The database at *url*; created and migrated only with *create* (``enrol``):
+    otherwise one must be there (:class:`~central.db.NoDatabaseError`)."""
     try:
-        return open_db(url)
+        return open_db(url, migrate=create)
     except DatabaseError as exc:
         raise CliError(str(exc)) from None
 
 
 def _enrol(args: argparse.Namespace) -> int:
-    with _open(args.db) as db:
+    with _open(args.db, create=True) as db:
         ingest = Ingest(db)
         if args.decommission:
             if not ingest.decommission(args.decommission):
-                raise CliError(f"gateway {args.decommission!r} is not enrolled: see "
-                               "'report --gw' for the ids")
+                raise CliError(f"gateway {args.decommission!r} is not enrolled: "
+                               "'ingest gateways --db URL' lists the ids")
             out = {"gw": args.decommission, "status": "decommissioned"}
         else:
             try:
@@ -163,25 +186,27 @@ def _broker(args: argparse.Namespace) -> BrokerConfig:
 
 def _consume(args: argparse.Namespace) -> int:
     from central.consumer import Consumer
-    from central.ingest import Alarm
 
     broker = _broker(args)
     stop = threading.Event()
 
-    def emit(event: dict[str, object]) -> None:
+    def emit(event: dict[str, object], text: str) -> None:
         if args.json:
             print(json.dumps(event, sort_keys=True), flush=True)
         else:
-            log.info("%s", event)
+            log.info("%s", text)
 
     def on_alarm(alarm: Alarm) -> None:
-        emit({"event": "alarm", **alarm.to_json()})
+        emit({"event": "alarm", **alarm.to_json()},
+             f"alarm #{alarm.id}: {alarm.gateway_id} seq {alarm.seq} {alarm.kind} "
+             f"(latency {alarm.latency_ms} ms)")
 
     consumer = Consumer(args.db, broker, client_id=args.client_id, group=args.group,
                         on_alarm=on_alarm,
-                        on_subscribed=lambda: emit({"event": "subscribed",
-                                                    "client_id": args.client_id,
-                                                    "topic": consumer.topic}))
+                        on_subscribed=lambda: emit(
+                            {"event": "subscribed", "client_id": args.client_id,
+                             "topic": consumer.topic},
+                            f"consumer {args.client_id} subscribed to {consumer.topic}"))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del signum, frame
@@ -196,13 +221,24 @@ def _consume(args: argparse.Namespace) -> int:
     try:
         while not stop.wait(0.5):
             if consumer.failed.is_set():
-                emit({"event": "failed", "error": str(consumer.error)})
+                emit({"event": "failed", "error": str(consumer.error)},
+                     f"consumer {args.client_id} failed: {consumer.error}")
                 return 1
     finally:
         consumer.stop()
         totals = dict(consumer.ingest.totals) if consumer.ingest else {}
-        emit({"event": "stopped", "client_id": args.client_id, "totals": totals})
+        emit({"event": "stopped", "client_id": args.client_id, "totals": totals},
+             stopped_line(args.client_id, totals))
     return 0
+
+
+def stopped_line(client_id: str, totals: dict[str, int]) -> str:
+    """``consumer c2 stopped: 12 messages, 36 records stored`` (and what else is not 0)."""
+    messages, stored = totals.get("messages", 0), totals.get("stored", 0)
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(totals.items())
+                     if v and k not in ("messages", "stored", "records"))
+    return (f"consumer {client_id} stopped: {messages} messages, {stored} records stored"
+            + (f" ({rest})" if rest else ""))
 
 
 def _alarms(args: argparse.Namespace) -> int:
@@ -214,11 +250,72 @@ def _alarms(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(alarm.to_json(), sort_keys=True), flush=True)
                 else:
-                    print(f"#{alarm.id} {alarm.gateway_id} seq {alarm.seq} {alarm.kind} "
-                          f"t={alarm.t} latency {alarm.latency_ms} ms", flush=True)
+                    print(alarm_line(alarm, _record_body(db, alarm)), flush=True)
             if not args.follow:
                 return 0
             threading.Event().wait(FOLLOW_POLL_S)
+
+
+def _record_body(db: Database, alarm: Alarm) -> object:
+    """The body of the alarm's record, from its stored bytes (None if unreadable)."""
+    with db.transaction(write=False) as tx:
+        row = tx.one("SELECT data FROM records WHERE gw = ? AND seq = ?",
+                     (alarm.gateway_id, alarm.seq))
+    if row is None:
+        return None
+    try:
+        record = json.loads(bytes(row[0]))
+    except ValueError:
+        return None
+    return record.get("body") if isinstance(record, dict) else None
+
+
+def describe(kind: str, body: object) -> str:
+    """What an alarm-class record says, in a few words, from its body."""
+    if not isinstance(body, dict):
+        return kind
+    if kind == "local.action":
+        operator = body.get("operator")
+        who = "an unknown operator"
+        if isinstance(operator, dict):
+            name = operator.get("name") or operator.get("os_user") or "an unnamed operator"
+            role = operator.get("role")
+            who = f"{name} ({role})" if role else str(name)
+        return f"local action {body.get('action')} by {who}"
+    if kind == "gap":
+        evicted = body.get("evicted")
+        return f"gap: seqs {evicted} evicted" if evicted else "gap"
+    scalars = [f"{k}={v}" for k, v in sorted(body.items())
+               if isinstance(v, (str, int, float, bool)) and not isinstance(v, dict)]
+    return f"{kind} ({', '.join(scalars[:5])})" if scalars else kind
+
+
+def alarm_line(alarm: Alarm, body: object) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(alarm.t / 1000))
+    return (f"#{alarm.id} {when} {alarm.gateway_id} seq {alarm.seq}: "
+            f"{describe(alarm.kind, body)} (latency {alarm.latency_ms} ms)")
+
+
+def _gateways(args: argparse.Namespace) -> int:
+    with _open(args.db) as db, db.transaction(write=False) as tx:
+        rows = tx.all("SELECT g.gw, g.status, g.enrolled_at, g.decommissioned_at, "
+                      "COUNT(r.seq), MAX(r.seq) FROM gateways g LEFT JOIN records r "
+                      "ON r.gw = g.gw GROUP BY g.gw, g.status, g.enrolled_at, "
+                      "g.decommissioned_at ORDER BY g.gw")
+    if not rows and not args.json:
+        print(f"no gateway enrolled in {args.db} (ingest enrol --registration signing.pub)")
+    for gw, status, enrolled_at, decommissioned_at, records, top in rows:
+        out = {"gw": gw, "status": status, "enrolled_at": int(enrolled_at),
+               "decommissioned_at": None if decommissioned_at is None
+               else int(decommissioned_at),
+               "records": int(records), "highest_seq": None if top is None else int(top)}
+        if args.json:
+            print(json.dumps(out, sort_keys=True))
+        else:
+            enrolled = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(enrolled_at) / 1000))
+            print(f"{gw}  {status}  enrolled {enrolled}  {out['records']} records  "
+                  f"highest seq {'-' if top is None else int(top)}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -271,19 +368,22 @@ def _verify_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    prog = program_name()
+    args = build_parser(prog).parse_args(argv)
+    args.prog = prog
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
-                "verify": _verify, "export": _export, "verify-export": _verify_export}
+                "gateways": _gateways, "verify": _verify, "export": _export,
+                "verify-export": _verify_export}
     try:
         return commands[args.command](args)
     except UserError as exc:
-        print(f"python -m central {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except StorageError as exc:
-        print(f"python -m central {args.command}: {exc}: check that the database is "
+        print(f"{prog} {args.command}: {exc}: check that the database is "
               "reachable and try again", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -13,13 +13,24 @@ connection, ingests in arrival order and acknowledges. The broker sends at most
 :data:`RECEIVE_MAXIMUM` messages unacknowledged, which bounds the queue. If the database
 fails, the message stays unacknowledged and is tried again after a pause; the network
 thread keeps the connection alive meanwhile.
+
+A broker that cannot be reached is logged at once (what failed, where, what to check) and
+then at most once a :data:`UNREACHABLE_LOG_EVERY_S` while paho retries. A client id that
+keeps reconnecting (:data:`FLAPPING_CONNECTS` connects within :data:`FLAPPING_WINDOW_S`) is
+another client taking the same id, typically consumers sharing one certificate under a
+broker that binds the client id to it (docs/broker.md): a WARNING says so.
+
+A consumer with ``session_expiry_s=0`` (the demo's, a test's) starts clean and leaves no
+session behind: nothing is queued for it, and no share of a group is kept, after it stops.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +54,18 @@ RECEIVE_MAXIMUM = 32
 #: After a database failure, how long before trying the same message again, seconds.
 RETRY_S = 1.0
 RETRY_MAX_S = 30.0
+#: While the broker cannot be reached, how often that is logged again, seconds.
+UNREACHABLE_LOG_EVERY_S = 60.0
+#: More connects than this within the window: another client takes this client id.
+FLAPPING_CONNECTS = 5
+FLAPPING_WINDOW_S = 60.0
+#: MQTT v5 DISCONNECT reason "Session taken over".
+_SESSION_TAKEN_OVER = 142
 
 
-def shared_topic(group: str) -> str:
-    return f"$share/{group}/{TOPIC_ROOT}/+/records"
+def shared_topic(group: str, gateway: str = "+") -> str:
+    """The shared subscription of *group* to the records of every gateway (or of one)."""
+    return f"$share/{group}/{TOPIC_ROOT}/{gateway}/records"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +81,18 @@ class Consumer:
 
     def __init__(self, db_url: str, broker: BrokerConfig, *, client_id: str,
                  group: str = "ingest", session_expiry_s: int = SESSION_EXPIRY_S,
+                 gateway: str = "+",
                  on_alarm: Callable[[Alarm], None] | None = None,
                  on_subscribed: Callable[[], None] | None = None) -> None:
         self.db_url = db_url
         self.broker = broker
         self.client_id = client_id
-        self.topic = shared_topic(group)
+        self.topic = shared_topic(group, gateway)
         self.session_expiry_s = session_expiry_s
+        self._connect_failures = 0
+        self._unreachable_logged_at: float | None = None
+        self._connects: collections.deque[float] = collections.deque()
+        self._flapping_logged_at: float | None = None
         self._on_alarm = on_alarm
         self._on_subscribed = on_subscribed
         self.subscribed = threading.Event()
@@ -81,6 +105,8 @@ class Consumer:
         self.client = make_client(client_id, broker)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self._worker = threading.Thread(target=self._work, name=f"ingest-{client_id}",
@@ -94,10 +120,10 @@ class Consumer:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s
         props.ReceiveMaximum = RECEIVE_MAXIMUM
-        # never a clean start: a restarted consumer resumes its session, and with it the
-        # messages it had not acknowledged
+        # no clean start with a lasting session: a restarted consumer resumes it, and with
+        # it the messages it had not acknowledged; without one (expiry 0), start clean
         self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                  clean_start=False, properties=props)
+                                  clean_start=self.session_expiry_s == 0, properties=props)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -119,9 +145,71 @@ class Consumer:
             log.error("consumer %s: the broker refused the connection: %s", self.client_id,
                       reason)
             return
+        if self._connect_failures:
+            log.info("consumer %s reached the broker %s after %d failed attempt(s)",
+                     self.client_id, self._where(), self._connect_failures)
+        self._connect_failures = 0
+        self._unreachable_logged_at = None
         log.info("consumer %s connected (session present: %s)", self.client_id,
                  flags.session_present)
+        self._count_connect(time.monotonic())
         client.subscribe(self.topic, qos=1)
+
+    def _where(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        del client, userdata
+        self._connect_failures += 1
+        now = time.monotonic()
+        if self._unreachable_logged_at is not None and \
+                now - self._unreachable_logged_at < UNREACHABLE_LOG_EVERY_S:
+            return
+        self._unreachable_logged_at = now
+        tls = ("that --ca, --cert and --key are the ones the broker's CA expects (TLS)"
+               if self.broker.tls else "that the broker takes plain MQTT on that port "
+               "(--no-tls: no TLS)")
+        if self._connect_failures == 1:
+            log.error("consumer %s cannot connect to the broker %s (refused, unreachable or "
+                      "the TLS handshake failed): check that the broker runs there, the host "
+                      "and port, and %s; retrying", self.client_id, self._where(), tls)
+        else:
+            log.error("consumer %s still cannot connect to the broker %s (%d attempts so "
+                      "far): check that it runs, the host and port, and %s; retrying",
+                      self.client_id, self._where(), self._connect_failures, tls)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        del client, userdata, flags, properties
+        if self._stopping.is_set():
+            return
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            log.warning("consumer %s: another client connected with this client id and took "
+                        "the session; each consumer needs its own client id (and, on a broker "
+                        "binding client ids to certificates, its own certificate: "
+                        "docs/broker.md)", self.client_id)
+        else:
+            log.warning("consumer %s disconnected from %s (%s); reconnecting",
+                        self.client_id, self._where(), reason)
+
+    def _count_connect(self, now: float) -> None:
+        """Warn when this client id connects more than :data:`FLAPPING_CONNECTS` times in
+        :data:`FLAPPING_WINDOW_S` (at most once a window)."""
+        self._connects.append(now)
+        while self._connects and now - self._connects[0] > FLAPPING_WINDOW_S:
+            self._connects.popleft()
+        if len(self._connects) <= FLAPPING_CONNECTS:
+            return
+        if self._flapping_logged_at is not None and \
+                now - self._flapping_logged_at < FLAPPING_WINDOW_S:
+            return
+        self._flapping_logged_at = now
+        log.warning("consumer %s connected %d times in %.0f s: another client is using the "
+                    "same client id and each knocks the other off. Each consumer needs its "
+                    "own client id; where the broker binds the client id to the certificate "
+                    "(use_username_as_clientid), each consumer needs its own certificate "
+                    "(docs/broker.md)", self.client_id, len(self._connects),
+                    FLAPPING_WINDOW_S)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:

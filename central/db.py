@@ -42,6 +42,16 @@ class DatabaseError(UserError):
     """The database URL is unusable or the database cannot be opened or migrated."""
 
 
+class NoDatabaseError(DatabaseError):
+    """Opened without *migrate* (to read), and there is no ingest database at the URL:
+    no file, or no schema in it. Nothing was created."""
+
+
+def no_database_message(url: str) -> str:
+    return (f"no ingest database at {url}: check the path, or enrol a gateway first "
+            "(ingest enrol --db URL --registration signing.pub)")
+
+
 class StorageError(Exception):
     """A read or a write failed in the database itself (connection lost, disk full,
     locked for too long): nothing of the transaction was committed; try again."""
@@ -307,9 +317,9 @@ class Database:
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite: {exc}") from exc
 
-    def version(self) -> int:
+    def version(self, *, write: bool = True) -> int:
         """The schema version the database has (0: none yet)."""
-        with self.transaction() as tx:
+        with self.transaction(write=write) as tx:
             return _version(tx)
 
     def migrate(self) -> int:
@@ -374,16 +384,21 @@ def _wal(conn: sqlite3.Connection) -> None:
 
 def open_db(url: str, *, migrate: bool = True) -> Database:
     """Open the database at *url* (``sqlite:///PATH``, ``postgresql://…``) and, unless
-    *migrate* is false, bring its schema up to date."""
+    *migrate* is false, bring its schema up to date. With *migrate* false (a reader, or a
+    consumer reconnecting) the database must exist with a schema: nothing is created, and
+    :class:`NoDatabaseError` says so otherwise."""
     if (m := _SQLITE_URL.match(url)) is not None:
         path = Path(m["path"])
+        if not migrate and not path.is_file():
+            raise NoDatabaseError(no_database_message(url))
         if not path.parent.is_dir():
             raise DatabaseError(f"{url}: the directory {path.parent} does not exist: create "
                                 "it, or give another sqlite:///PATH")
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_MS / 1000,
                                    check_same_thread=False)
-            _wal(conn)
+            if migrate:  # WAL is kept in the file: a reader need not (and must not) write
+                _wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -406,6 +421,16 @@ def open_db(url: str, *, migrate: bool = True) -> Database:
     else:
         raise DatabaseError(f"database URL {url!r} not understood: give sqlite:///PATH or "
                             "postgresql://USER@HOST:PORT/DB")
+    if not migrate:
+        try:
+            version = db.version(write=False)
+        except StorageError as exc:
+            db.close()
+            raise DatabaseError(f"{url}: cannot read the schema version ({exc})") from exc
+        if version == 0:
+            db.close()
+            raise NoDatabaseError(no_database_message(url))
+        return db
     if migrate:
         try:
             db.migrate()

@@ -4,7 +4,12 @@ A private mosquitto on loopback with mTLS and the production ACL (unless
 ``--broker`` names one), simulated devices on pseudo-terminals, the gateway
 with a throwaway identity in a temporary directory, and the platform-side
 verifier. Live counts go to stderr; the summary to stdout (with ``--json`` its
-last line is one JSON object).
+last line is one JSON object); a PROBLEM says why on the lines after it.
+
+On someone's broker (``--broker``) the demo is a guest: its platform subscribes with a
+group and client id of its own (:func:`demo_platform`), to its own gateway only, and with
+no lasting session, so it never takes a share of a real ingest's records, during the run
+or after.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import IngestPlatform, PlatformError, Site
 from lab.swtpm import Swtpm, SwtpmError
-from provisioning.identity import create_identity
+from provisioning.identity import Identity, create_identity
 
 log = logging.getLogger(__name__)
 #: Every demo run is a new gateway: this prefix and 8 random hex digits
@@ -71,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_gateway_id() -> str:
     """A fresh gateway id for one demo run."""
     return DEMO_GATEWAY_PREFIX + secrets.token_hex(4)
+
+
+def demo_platform(broker: BrokerConfig, identity: Identity, db_url: str, *,
+                  private: bool) -> IngestPlatform:
+    """The demo's ingest: group ``demo-<gateway id>``, no lasting session; the client id
+    ``demo-<gateway id>``, or on the demo's *private* broker (which binds the client id to
+    the certificate) the platform certificate's CN."""
+    gw = identity.gateway_id
+    return IngestPlatform(broker, identity, db_url,
+                          client_id=PLATFORM_CN if private else f"demo-{gw}",
+                          group=f"demo-{gw}")
 
 
 def _parse_hostport(text: str) -> tuple[str, int] | None:
@@ -140,8 +156,8 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     print(f"demo: identity key {identity.kid} ({identity.key.alg}, class "
           f"{identity.key_class}), suite {identity.suite.name}", file=sys.stderr)
     gw_broker, plat_broker = _brokers(broker, tmp, stack, gateway_id)
-    platform = IngestPlatform(plat_broker, identity,
-                              f"sqlite:///{tmp / 'platform.db'}").start()
+    platform = demo_platform(plat_broker, identity, f"sqlite:///{tmp / 'platform.db'}",
+                             private=broker is None).start()
     stack.callback(platform.stop)
     acked = AckedCounter()
     site = Site(tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S,
@@ -173,9 +189,49 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
         f"{out['duplicates']} duplicates; {out['records_per_s']} records/s "
         f"-> {'OK' if ok else 'PROBLEM'}",
     )
+    if not ok:
+        for reason in why_problem(out, drive.beacons, drive.checkins, platform):
+            print(f"  {reason}")
     if args.json:
         print(json.dumps(out, sort_keys=True))
     return 0 if ok else EXIT_PROBLEM
+
+
+def why_problem(out: dict[str, Any], beacons: int, checkins: int,
+                platform: IngestPlatform) -> list[str]:
+    """Why the summary is a PROBLEM: one line per thing that is not as it should be."""
+    reasons = []
+    published, received = out["published"], out["received"]
+    if received != published or not published:
+        report: dict[str, Any] = platform.report()
+        quarantined = report.get("quarantined") or {}
+        held = int(report.get("held_for_key") or 0)
+        what = [f"held for a key: {held}"] if held else []
+        if quarantined:
+            what.append("quarantined: " + ", ".join(f"{k} {v}" for k, v in
+                                                   sorted(quarantined.items())))
+        if not what:
+            what.append(f"the ingest held and quarantined nothing: did its subscription "
+                        f"({platform.consumer.topic}) get the records (the broker's ACL, "
+                        "another broker)?")
+        reasons.append(f"{received} of {published} published records reached the demo's "
+                       f"ingest: {'; '.join(what)}")
+    if not out["drained"]:
+        reasons.append("the gateway did not forward everything before it stopped")
+    if out["verified"] != received:
+        reasons.append(f"{out['verified']} of {received} received records verified")
+    for key, text in (("bad_signature", "records with a bad signature"),
+                      ("chain_gaps", "chain gaps"),
+                      ("forged_certificate", "forged key certificates"),
+                      ("quarantined", "records quarantined"),
+                      ("conflicts", "conflicting records for a seq")):
+        if out[key]:
+            reasons.append(f"{out[key]} {text}")
+    if out["beacons_acked"] != beacons:
+        reasons.append(f"{out['beacons_acked']} of {beacons} beacons acked by the gateway")
+    if out["kinds"].get("checkin", 0) != checkins:
+        reasons.append(f"{out['kinds'].get('checkin', 0)} of {checkins} check-ins stored")
+    return reasons
 
 
 class _Drive:

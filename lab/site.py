@@ -198,12 +198,19 @@ class Platform:
 
 class IngestPlatform:
     """The platform as a province runs it: the ingest (``central/ingest.py``) on a database
-    (SQLite by default: ``sqlite:///PATH``) fed by one consumer on the shared
-    subscription, with the gateway enrolled from its registration. ``summary()`` has the
-    counts of :class:`Platform`'s."""
+    (SQLite by default: ``sqlite:///PATH``) fed by one consumer on a shared subscription,
+    with the gateway enrolled from its registration. ``summary()`` has the counts of
+    :class:`Platform`'s.
+
+    It is a guest on the broker: its group (default ``<gateway id>``, never a real
+    ingest's ``ingest``) is its own, so it never takes a share of a real ingest's records;
+    it subscribes to its own gateway's records only; and its session does not outlast it
+    (expiry 0, clean start), so nothing is left queued for its client id once it stops.
+    *client_id* defaults to ``<gateway id>-platform``; on a broker that binds client ids to
+    certificates, give the certificate's CN."""
 
     def __init__(self, broker: BrokerConfig, identity: Identity, db_url: str, *,
-                 client_id: str = "platform-verifier") -> None:
+                 client_id: str | None = None, group: str | None = None) -> None:
         from central.consumer import Consumer
         from central.db import open_db
         from central.ingest import Ingest
@@ -212,7 +219,10 @@ class IngestPlatform:
         self.gateway_id = identity.gateway_id
         with open_db(db_url) as db:
             Ingest(db).enrol(Registration.from_json(identity.registration()))
-        self.consumer = Consumer(db_url, broker, client_id=client_id)
+        self.consumer = Consumer(db_url, broker,
+                                 client_id=client_id or f"{self.gateway_id}-platform",
+                                 group=group or self.gateway_id, session_expiry_s=0,
+                                 gateway=self.gateway_id)
 
     def start(self) -> Self:
         self.consumer.start()

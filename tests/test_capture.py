@@ -238,17 +238,60 @@ def test_the_untampered_capture_passes(captured: Captured) -> None:
     assert kinds.count("key.rotate") == 1
 
 
-def test_bad_input_is_refused_with_its_line(captured: Captured, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_line_is_counted_with_its_number_and_the_rest_verified(
+        captured: Captured, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.capture"
     lines = captured.path.read_bytes().splitlines()
     bad.write_bytes(b"\n".join([lines[0], b"smartcorr/v1/gw/x/records 7b7d", *lines[1:]]))
-    code, _ = verify(captured, bad)
-    assert code == 2
+    code, report = verify(captured, bad)
+    assert code == 1
     assert f"{bad}:2:" in capsys.readouterr().err
-    bad.write_bytes(lines[0] + b"\n" + lines[1][:-1] + b"\n")  # odd number of hex digits
-    assert verify(captured, bad)[0] == 2
+    expect(report, bad_lines=1)
+    assert report["records"] == report["verified"] > BEACONS  # the rest, all verified
+    # an odd number of hex digits, and a line of garbage: each counted, the first named
+    bad.write_bytes(lines[0] + b"\n" + lines[1][:-1] + b"\n\x00garbage\n" + lines[2] + b"\n")
+    code, report = verify(captured, bad)
+    assert code == 1
+    assert report["bad_lines"] == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2:" in err
+    assert f"{bad}:3:" not in err
     assert verify(captured, tmp_path / "absent.capture")[0] == 2
+
+
+def test_a_capture_without_records_is_not_a_pass(captured: Captured, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty capture, or one of another topic only (a wrong mosquitto_sub -t): exit 1."""
+    empty = tmp_path / "empty.capture"
+    empty.write_bytes(b"")
+    code, report = verify(captured, empty)
+    assert code == 1
+    assert report["records"] == 0
+    assert "no records in the capture" in empty.with_suffix(".report").read_text()
+    status = tmp_path / "status.capture"
+    status.write_text(f"{TOPIC_ROOT}/{GW_A}/status\t{b'{}'.hex()}\n")
+    code, report = verify(captured, status)
+    assert code == 1
+    assert report["other_topics"] == 1
+    assert "no records in the capture" in status.with_suffix(".report").read_text()
+    capsys.readouterr()
+
+
+def test_records_of_a_gateway_without_a_key_counted_once_each_quietly(
+        captured: Captured, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Only A's key: each record of B is one unknown_gateway (its messages' head statements
+    are not more), the verifier's log stays quiet and one line names B."""
+    only_a = Captured(captured.path, {GW_A: captured.keys[GW_A]})
+    b_records = sum(1 for _, recs in captured.lines() for r in recs if parsed(r)["gw"] == GW_B)
+    assert any(is_head(line) for t, lines in captured.raw() if GW_B in t for line in lines)
+    with caplog.at_level("INFO"):
+        code, report = verify(only_a)
+    assert code == 1
+    expect(report, unknown_gateway=b_records)
+    assert not [r for r in caplog.records if r.name == "central.verifier"]
+    out = captured.path.with_suffix(".report").read_text()
+    assert f"unknown_gateway {b_records}:" in out
+    assert f"{GW_B} ({b_records})" in out
 
 
 # -- each tampering, caught ------------------------------------------------------------
@@ -317,9 +360,12 @@ def test_two_records_swapped_within_a_class(captured: Captured, tmp_path: Path) 
 def test_a_replaced_signature(captured: Captured, tmp_path: Path) -> None:
     messages = captured.lines()
     m, i = mid_chain(GW_A, messages)
-    (mo, io) = find(messages, GW_A, lambda r: r["kind"] == "tag.presence")
-    donor = parsed(messages[mo][1][io if (mo, io) != (m, i) else 0])["sig"]
-    messages[m][1][i] = canonical({**parsed(messages[m][1][i]), "sig": donor})  # type: ignore[dict-item]
+    original = messages[m][1][i]
+    # a donor signature from another record of A's: never the tampered record's own
+    donor = next(parsed(r)["sig"] for _, recs in messages for r in recs
+                 if parsed(r)["gw"] == GW_A and parsed(r)["sig"] != parsed(original)["sig"])
+    messages[m][1][i] = canonical({**parsed(original), "sig": donor})  # type: ignore[dict-item]
+    assert messages[m][1][i] != original
     code, report = verify(captured, write_capture(tmp_path / "t.capture", messages))
     assert code == 1
     expect(report, bad_signature=1, unexplained_gaps=1)

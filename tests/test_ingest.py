@@ -507,3 +507,87 @@ def test_a_dropped_tail_is_a_gap_once_a_head_announced_it(db: Database) -> None:
     forged = make_head(gw.gateway_id, 2, 99, TS.mono_ms, gw.session)  # not its boot
     assert send(ingest, gw, [forged])["quarantined"] == {"bad_signature": 1}
     assert report(db, gw.gateway_id)["gaps_unexplained"] == [[7, 10]]
+
+
+def test_commands_that_read_a_database_never_create_one(
+        db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """alarms, report, gateways, export and verify --db open without migrating: no file or
+    no schema is exit 2 with what to do, and nothing is created; enrol creates one."""
+    from central.cli import main
+    from central.db import NoDatabaseError
+
+    absent = tmp_path / "nothere.db"
+    url = f"sqlite:///{absent}"
+    capture = tmp_path / "c.capture"
+    capture.write_text("")
+    for argv in (["alarms", "--db", url], ["report", "--db", url, "--gw", "gw-x"],
+                 ["gateways", "--db", url], ["verify", str(capture), "--db", url],
+                 ["export", "--db", url, "--gw", "gw-x", "--from", "0", "--to", "1",
+                  "--out", str(tmp_path / "x.zip")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"no ingest database at {url}" in err, (argv, err)
+        assert "enrol" in err
+        assert not absent.exists(), argv
+    absent.touch()  # a file, but no schema: refused likewise, left as it was
+    assert main(["alarms", "--db", url]) == 2
+    assert "no ingest database" in capsys.readouterr().err
+    assert absent.stat().st_size == 0
+    with pytest.raises(NoDatabaseError):
+        open_db(url, migrate=False)
+    # a PostgreSQL database without the schema is no ingest database either
+    if db_url.startswith("postgresql"):
+        with pytest.raises(NoDatabaseError):
+            open_db(db_url, migrate=False)
+        assert main(["gateways", "--db", db_url]) == 2
+        assert "no ingest database" in capsys.readouterr().err
+
+
+def test_gateways_alarms_and_the_program_s_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from central.cli import build_parser, describe, main, program_name
+
+    assert program_name("/work/main/.venv/bin/ingest") == "ingest"
+    assert program_name("/x/central/__main__.py") == "python -m central"
+    assert program_name("/usr/bin/pytest") == "ingest"
+    assert build_parser("ingest").format_usage().startswith("usage: ingest ")
+    monkeypatch.setattr("sys.argv", ["/somewhere/bin/ingest"])
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    gw, idle = Chain(), Chain("gw-idle-0001")
+    with open_db(url) as database:
+        ingest = enrolled(database, gw, idle)
+        send(ingest, gw, session(gw, 2, kinds=("tag.tamper",)))
+    capsys.readouterr()
+    assert main(["gateways", "--db", url, "--json"]) == 0
+    rows = {r["gw"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows[gw.gateway_id]["records"] == 3
+    assert rows[gw.gateway_id]["highest_seq"] == 3
+    assert rows[gw.gateway_id]["status"] == "active"
+    assert rows[gw.gateway_id]["enrolled_at"] > 0
+    assert rows[idle.gateway_id]["records"] == 0
+    assert rows[idle.gateway_id]["highest_seq"] is None
+    assert main(["gateways", "--db", url]) == 0
+    assert f"{gw.gateway_id}  active" in capsys.readouterr().out
+    # the error names the command as it was called, and where the ids are listed
+    assert main(["enrol", "--db", url, "--decommission", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ingest enrol: ")
+    assert "ingest gateways" in err
+    # the human alarms say what the alarm is, from the record's body
+    assert main(["alarms", "--db", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3
+    assert "tag.tamper (n=0)" in out[1]
+    body = {"action": "pairing.add", "operator": {"name": "Ana Li", "role": "installer",
+                                                  "os_user": "smartcorr"}}
+    assert describe("local.action", body) == "local action pairing.add by Ana Li (installer)"
+    assert describe("tag.tamper", None) == "tag.tamper"
+
+
+def test_the_consumer_s_stop_line_is_readable() -> None:
+    from central.cli import stopped_line
+
+    assert stopped_line("c2", {"messages": 4, "stored": 12, "records": 12}) == \
+        "consumer c2 stopped: 4 messages, 12 records stored"
+    assert stopped_line("c2", {}) == "consumer c2 stopped: 0 messages, 0 records stored"
