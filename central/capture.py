@@ -14,7 +14,7 @@ is 0 when every count but ``records`` and ``verified`` (and the informative
 (a capture with no records is a wrong ``mosquitto_sub -t``, not a pass; a line that is not
 TOPIC<TAB>HEX is counted in ``bad_lines``, its number on stderr, and the rest is still
 verified), 2 when the capture or a key cannot be read at all. Each count is of records
-(a head statement of an unknown gateway is not one more ``unknown_gateway``). The
+(the verifier counts records, not head statements, of an unknown gateway). The
 verifier's own log (one line per refused record) is quiet unless ``-v``: a line per reason
 says what was found instead.
 """
@@ -139,7 +139,6 @@ class Unknown:
     """What the capture holds of gateways that have no key here."""
 
     records: Counter[str] = field(default_factory=Counter)  # gateway id -> records
-    heads: int = 0  # their head statements (the verifier counts them too)
 
 
 def _unknown(lines: list[bytes], registrations: Mapping[str, Registration],
@@ -149,11 +148,8 @@ def _unknown(lines: list[bytes], registrations: Mapping[str, Registration],
             gw = parse_head(line).gateway_id if is_head(line) else json.loads(line).get("gw")
         except (ValueError, AttributeError):
             continue  # malformed: the verifier counts it
-        if isinstance(gw, str) and gw not in registrations:
-            if is_head(line):
-                unknown.heads += 1
-            else:
-                unknown.records[gw] += 1
+        if isinstance(gw, str) and gw not in registrations and not is_head(line):
+            unknown.records[gw] += 1
 
 
 def verify_messages(messages: Iterable[Message],
@@ -191,8 +187,7 @@ def verify_messages(messages: Iterable[Message],
         # counts the records still waiting for a certificate in unknown_key
         "wrong_key": stats["out_of_validity"] + stats["forged_certificate"]
                      + stats["unknown_key"],
-        # the verifier counts a head statement of an unknown gateway too: records only
-        "unknown_gateway": max(0, stats["unknown_gateway"] - unknown.heads),
+        "unknown_gateway": stats["unknown_gateway"],
         "malformed": stats["malformed"],
         "messages": messages_seen,
         "other_topics": other,

@@ -213,9 +213,10 @@ class Verifier:
             log.warning("head rejected: %s", exc)
             return False
         chain = self._chain(head.gateway_id)
-        if chain is None or (gateway is not None and gateway != head.gateway_id):
-            self.stats.wrong_gateway += chain is not None
-            self.stats.unknown_gateway += chain is None
+        if chain is None:  # the message's records count as unknown_gateway; not the head
+            return False
+        if gateway is not None and gateway != head.gateway_id:
+            self.stats.wrong_gateway += 1
             return False
         session = chain.sessions.get(head.kid)
         if session is None:  # its key.session is still on its way: keep the latest
