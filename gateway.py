@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,16 @@ from core.errors import EXIT_USER_ERROR, UserError
 SERIAL_TRACE_LOGGER = "smartcorr.trace.serial"
 #: Every trace logger is off unless its own option turns it on.
 TRACE_LOGGERS = "smartcorr.trace"
+#: tpm2-tss's log levels (e.g. all+none); provisioning.tpm silences it unless set.
+TSS2_LOG_ENV = "TSS2_LOG"
 #: Largest key file read (a tag key is 32 hex digits).
 MAX_KEY_FILE_BYTES = 4096
 
 
 def _logging(verbose: int, trace_serial: bool = False) -> None:
     level = logging.WARNING - 10 * verbose
+    if verbose >= 2:  # -vv: tpm2-tss's own warnings too (provisioning.tpm silences them)
+        os.environ.setdefault(TSS2_LOG_ENV, "all+warning")
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger().setLevel(max(level, logging.DEBUG))  # also when handlers existed
@@ -55,13 +60,13 @@ def cmd_provision_init(args: argparse.Namespace) -> int:
     from provisioning.identity import create_identity, find_tpm
 
     tcti = None if args.no_tpm else find_tpm(args.tpm)
-    if tcti is None:
+    ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force,
+                            suite_name=args.suite, tpm=tcti)
+    if tcti is None:  # once the identity is made: a refusal wrote nothing to warn about
         print("WARNING: no TPM: the identity key and the storage key are FILES on this "
               "disk; whoever copies it can sign as this gateway and read its records. "
               "Every session certificate says class 'file' and 'provision check' warns. "
               "Use a TPM (--tpm device:/dev/tpmrm0) outside the lab.", file=sys.stderr)
-    ident = create_identity(Path(args.identity_dir), args.gateway_id, force=args.force,
-                            suite_name=args.suite, tpm=tcti)
     out = {"gateway_id": ident.gateway_id, "kid": ident.kid, "alg": ident.key.alg,
            "key_class": ident.key_class, "suite": ident.suite.name, "tpm": tcti,
            "public_key": str(ident.directory / "signing.pub")}
@@ -256,6 +261,8 @@ def cmd_diag(args: argparse.Namespace) -> int:
     from provisioning.actions import file_sha256
 
     cfg = load_config(Path(args.config))
+    if args.action == "bundle":
+        diag.check_out(Path(args.out))  # before anything is written down
     if args.action == "bundle" and args.include_personal:
         from provisioning.identity import load_identity
 
@@ -274,6 +281,12 @@ def cmd_diag(args: argparse.Namespace) -> int:
         report = {"buffer": diag.buffer_report, "keys": diag.keys_report,
                   "ports": diag.ports_report}[args.action](cfg)
     print(json.dumps(report, sort_keys=True) if args.json else diag.render(report))
+    if args.action == "keys" and not report.get("ok"):
+        return 1  # as 'provision check': a problem with the keys
+    if args.action == "ports" and diag.missing_ports(report):
+        print(f"diag: configured port(s) not present: {', '.join(diag.missing_ports(report))}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -315,7 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     _provision_parsers(sub.add_parser("provision", help="installers: identity and enrolment"))
     _diag_parsers(sub.add_parser("diag", help="technicians: diagnostics"))
+    _global_options_everywhere(parser)
     return parser
+
+
+#: Where the global options given after a subcommand land (one attribute per depth, so
+#: "-v run -v" counts 2 and a deeper parser's value never hides a shallower one's).
+SUB_VERBOSE, SUB_TRACE = "sub_verbose_", "sub_trace_serial_"
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser, depth: int = 0) -> None:
+    """-v/-vv and --trace-serial are accepted after every subcommand too, not only before."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):  # aliases: each parser once
+            sub.add_argument("-v", "--verbose", action="count", default=0,
+                             dest=f"{SUB_VERBOSE}{depth}", help=argparse.SUPPRESS)
+            sub.add_argument("--trace-serial", action="store_true",
+                             dest=f"{SUB_TRACE}{depth}", help=argparse.SUPPRESS)
+            _global_options_everywhere(sub, depth + 1)
+
+
+def _global_options(args: argparse.Namespace) -> tuple[int, bool]:
+    """-v count and --trace-serial, wherever on the command line they were given."""
+    extra = vars(args)
+    verbose = args.verbose + sum(v for k, v in extra.items() if k.startswith(SUB_VERBOSE))
+    trace = args.trace_serial or any(v for k, v in extra.items() if k.startswith(SUB_TRACE))
+    return verbose, trace
 
 
 def _provision_parsers(prov: argparse.ArgumentParser) -> None:
@@ -404,8 +444,10 @@ def _kiosk_parsers(psub: Any) -> None:
 def _diag_parsers(diag: argparse.ArgumentParser) -> None:
     dsub = diag.add_subparsers(dest="action", required=True)
     for name, text in (("buffer", "queued records per class, oldest age, store integrity"),
-                       ("keys", "identity, key ids, staged key, permissions (never a key)"),
-                       ("ports", "configured serial ports: present, device, access")):
+                       ("keys", "identity, key ids, staged key, permissions (never a key; "
+                                "exit 1 on a problem)"),
+                       ("ports", "configured serial ports: present, device, access (exit 1 "
+                                 "when one is missing)")):
         cmd = dsub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True)
         cmd.add_argument("--json", action="store_true")
@@ -427,6 +469,7 @@ def _diag_parsers(diag: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose, args.trace_serial = _global_options(args)
     _logging(args.verbose, args.trace_serial)
     try:
         result: int = args.func(args)

@@ -168,15 +168,27 @@ class _Section:
         return baud
 
     def path(self, key: str, *, required: bool = False, must_exist: bool = False) -> Path | None:
+        """A file or directory path: never empty (Path("") is the current directory)."""
         text = self.get(key, str, required=required)
         if text is None:
             return None
-        if not text.strip():
-            raise self.error(key, "is empty: give a path")
-        path = Path(text)
+        path = Path(self.checked_path(key, text))
         if must_exist and not path.exists():
             raise self.error(key, f"file {path} does not exist")
         return path
+
+    def device(self, key: str = "path", example: str = "/dev/serial/by-id/...") -> str:
+        """A required device path (a serial port, a GPIO chip): never empty."""
+        return self.checked_path(key, self.get(key, str, required=True), example)
+
+    def checked_path(self, key: str, text: str, example: str = "") -> str:
+        """*text* when it can name a file: not empty nor blank, no NUL byte."""
+        hint = f", e.g. {example}" if example else ""
+        if not text.strip():
+            raise self.error(key, f"is empty: give a path{hint}")
+        if "\0" in text:
+            raise self.error(key, f"holds a NUL character: give a path{hint}")
+        return text
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.used)
@@ -261,14 +273,14 @@ def _devices(path: Path, tables: Any) -> list[DeviceSection]:
             raise sec.error("kind", f"must be one of {', '.join(DEVICE_KINDS)}, got {kind!r}")
         if any(d.name == name for d in devices):
             raise sec.error("name", f"{name!r} is used by another device")
-        devices.append(DeviceSection(name, DEVICE_KINDS[kind], sec.get("path", str, required=True),
+        devices.append(DeviceSection(name, DEVICE_KINDS[kind], sec.device(),
                                      sec.baudrate(DEFAULT_DEVICE_BAUD)))
         sec.done()
     return devices
 
 
 def _gnss(sec: _Section) -> GnssSection:
-    path = sec.get("path", str, required=True)
+    path = sec.device("path", "/dev/ttyACM0")
     baudrate = sec.baudrate(DEFAULT_GNSS_BAUD)
     fix_interval_s = sec.get("fix_interval_s", float, DEFAULT_FIX_INTERVAL_S)
     if fix_interval_s <= 0:
@@ -297,9 +309,7 @@ def _gnss(sec: _Section) -> GnssSection:
 
 
 def _inputs(sec: _Section) -> InputsSection:
-    chip = sec.get("chip", str, DEFAULT_GPIO_CHIP)
-    if not chip.strip():
-        raise sec.error("chip", f"is empty: give the GPIO chip's device, e.g. {DEFAULT_GPIO_CHIP}")
+    chip = sec.checked_path("chip", sec.get("chip", str, DEFAULT_GPIO_CHIP), DEFAULT_GPIO_CHIP)
     defaults = {"enclosure": DEFAULT_ENCLOSURE_DEBOUNCE_MS, "mains": DEFAULT_MAINS_DEBOUNCE_MS,
                 "ups_low": DEFAULT_UPS_LOW_DEBOUNCE_MS}
     lines: dict[str, LineSpec | None] = {}

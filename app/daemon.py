@@ -11,10 +11,18 @@ refused, as ssh refuses such a key), the data directory (created durably when
 missing), the identity (an interrupted key rotation is completed or rolled back), and
 the broker's host name (resolved once, a warning when it does not resolve; the uplink
 keeps retrying). Plaintext MQTT (``insecure_plaintext = true``) is warned about loudly.
+
+One daemon per configuration: before the identity or the store is touched it holds an
+exclusive lock on ``data_dir/gateway.lock`` (``flock``, for its whole life; the file holds
+its pid). A second daemon on the same data directory exits at once: two daemons would
+seal two histories for the same seqs on one chain, which the platform counts as forgery.
+The kernel drops the lock with the process (a crash, SIGKILL), so it is never stale.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -44,6 +52,11 @@ UMASK = 0o077
 NOT_PRIVATE = stat.S_IRWXG | stat.S_IRWXO
 #: Files of the identity directory holding secrets or personal data.
 PRIVATE_IDENTITY_FILES = (KEY, STORAGE, NEXT_KEY, REGISTRY_FILE)
+#: The daemon's lock in data_dir: held (flock) for the daemon's life, holding its pid.
+LOCK_FILE = "gateway.lock"
+LOCK_MODE = 0o600
+#: The lock's file descriptor, kept open (never closed) while this process runs.
+_held_lock: list[int] = []
 
 
 class KeyFileError(UserError):
@@ -76,6 +89,41 @@ def prepare_data_dir(cfg: Config) -> None:
                           "gateway's user or give another directory") from None
 
 
+class DataDirInUseError(UserError):
+    """Another gateway daemon holds this data directory."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the daemon's exclusive lock on *data_dir* (non-blocking) and write our pid in
+    it; DataDirInUseError when another process holds it. The file descriptor is returned
+    open: the lock lasts while it (or the process) lives."""
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_MODE)
+    except OSError as exc:
+        raise ConfigError(f"data_dir {data_dir}: cannot open the lock file {path} "
+                          f"({exc.strerror or exc}): give the gateway's user a data directory "
+                          "it owns") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise DataDirInUseError(
+                f"data_dir {data_dir} is in use by the gateway {who} (a second daemon would "
+                "fork the record chain): stop it first") from None
+        os.fchmod(fd, LOCK_MODE)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def warn_plaintext(cfg: Config) -> None:
     if not cfg.broker.tls:
         log.warning("PLAINTEXT MQTT: records cross the network unencrypted and the broker "
@@ -100,6 +148,9 @@ def prepare(config_path: Path) -> Gateway:
     """Everything the daemon checks and sets up before the pipeline starts."""
     os.umask(UMASK)
     cfg = load_config(config_path)
+    prepare_data_dir(cfg)
+    if not _held_lock:  # one daemon per data_dir, before the identity or the store
+        _held_lock.append(lock_data_dir(cfg.data_dir))
     for change in recover_identity(cfg.identity_path):
         log.warning("identity %s: %s", cfg.identity_path, change)
     identity = load_identity(cfg.identity_path)
@@ -109,7 +160,6 @@ def prepare(config_path: Path) -> Gateway:
         registry.snapshot()
     finally:
         registry.close()
-    prepare_data_dir(cfg)
     warn_plaintext(cfg)
     threading.Thread(target=check_broker_host, args=(cfg,), name="resolve-broker",
                      daemon=True).start()

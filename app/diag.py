@@ -105,14 +105,39 @@ def ports_report(cfg: Config) -> dict[str, Any]:
     return out
 
 
+class DiagError(UserError):
+    """A diagnostic cannot be made as asked (e.g. where the bundle goes); the message says why."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse a bundle path that cannot be a new file, before anything is done or recorded."""
+    if out.is_dir():
+        raise DiagError(f"--out {out} is a directory: give a file path, e.g. "
+                        f"{out / 'smartcorr-bundle.tar.gz'}")
+    parent = out.parent
+    if not parent.is_dir():
+        raise DiagError(f"--out {out}: the directory {parent} does not exist: create it or "
+                        "give a file path in an existing directory")
+
+
+def missing_ports(report: dict[str, Any]) -> list[str]:
+    """The configured ports of a :func:`ports_report` that are not present."""
+    return [name for name, entry in report.items() if not entry.get("exists")]
+
+
 def bundle(cfg: Config, out: Path, *, include_personal: bool = False) -> dict[str, Any]:
     """A support bundle (tar.gz): reports, configuration, no secrets, no personal data
     unless *include_personal* (then the queued records too, decrypted)."""
+    check_out(out)
     reports = {
         "created": int(time.time()), "buffer": buffer_report(cfg), "keys": keys_report(cfg),
         "ports": ports_report(cfg), "personal_data": include_personal,
     }
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise DiagError(f"--out {out}: cannot write it ({exc.strerror or exc}): give a file "
+                        "path in a directory you may write") from None
     os.fchmod(fd, 0o600)  # never readable by others, not even while it is written
     with os.fdopen(fd, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
         _add(tar, "reports.json", json.dumps(reports, indent=2).encode())
@@ -153,11 +178,29 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def render(report: dict[str, Any], indent: str = "") -> str:
+    """A report for people: one ``key: value`` a line, nested tables indented, lists as
+    ``- item`` lines, None as ``none``, booleans as yes/no (no Python reprs)."""
     lines = []
     for key, value in report.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             lines.append(f"{indent}{key}:")
             lines.append(render(value, indent + "  "))
+        elif isinstance(value, list | tuple) and value:
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                if isinstance(item, dict):
+                    lines.append(f"{indent}  -")
+                    lines.append(render(item, indent + "    "))
+                else:
+                    lines.append(f"{indent}  - {_text(item)}")
         else:
-            lines.append(f"{indent}{key}: {value}")
+            lines.append(f"{indent}{key}: {_text(value)}")
     return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, dict | list | tuple) and not value):
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)

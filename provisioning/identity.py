@@ -79,8 +79,8 @@ from core.suites import (
 )
 
 __all__ = ["GATEWAY_ID_RE", "TPM_ENV", "Identity", "IdentityError", "IdentityKey",
-           "atomic_write", "create_identity", "find_tpm", "load_identity", "promotion_steps",
-           "recover_identity", "registration", "stage_next_key", "staging_steps"]
+           "atomic_write", "check_tcti", "create_identity", "find_tpm", "load_identity",
+           "promotion_steps", "recover_identity", "registration", "stage_next_key", "staging_steps"]
 
 GATEWAY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 META = "gateway.json"
@@ -95,6 +95,11 @@ IDENTITY_FILES = (META, KEY, PUB, STORAGE, NEXT_KEY, NEXT_PUB, INTENT)
 PUBLIC_MODE = 0o644
 #: Overrides the TCTI that gateway.json names (the TPM moved to another bus; a lab TPM).
 TPM_ENV = "SMARTCORR_TPM"
+#: The TCTIs of tpm2-tss an installer names (``name:config``), then tpm2-tss's others.
+COMMON_TCTIS = ("device", "swtpm", "mssim", "tabrmd")
+OTHER_TCTIS = ("libtpms", "cmd", "spi-helper", "i2c-helper", "spidev", "spi-ltt2go",
+               "spi-ftdi", "i2c-ftdi", "pcap")
+TCTI_EXAMPLES = "device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321"
 #: The kernel's TPM resource manager (tpm_tis_spi on a Raspberry Pi TPM module).
 DEVICE_TPM = "/dev/tpmrm0"
 META_FORMAT = 2
@@ -120,13 +125,28 @@ class IdentityKey(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
+def check_tcti(tcti: str, where: str = "--tpm", fix: str = "or --no-tpm") -> str:
+    """*tcti* when it is a TCTI tpm2-tss knows (``name`` or ``name:config``); else an
+    IdentityError naming *where* it came from (an empty or malformed one, an unknown name)."""
+    name = tcti.partition(":")[0]
+    if not name or any(c.isspace() or not c.isprintable() for c in tcti):
+        raise IdentityError(f"{where}: give a TCTI such as {TCTI_EXAMPLES}, {fix}")
+    if name not in COMMON_TCTIS + OTHER_TCTIS:
+        raise IdentityError(f"{where}: unknown TCTI {name!r} (known: {', '.join(COMMON_TCTIS)}; "
+                            f"also {', '.join(OTHER_TCTIS)}): give a TCTI such as "
+                            f"{TCTI_EXAMPLES}, {fix}")
+    return tcti
+
+
 def find_tpm(choice: str = "auto") -> str | None:
     """The TCTI to use: *choice* itself, or for ``auto`` :data:`TPM_ENV`, else the kernel's
-    resource manager ``/dev/tpmrm0`` when present, else None (no TPM)."""
+    resource manager ``/dev/tpmrm0`` when present, else None (no TPM). IdentityError for a
+    TCTI that is empty, malformed or of an unknown name."""
     if choice != "auto":
-        return choice
+        return check_tcti(choice)
     if os.environ.get(TPM_ENV):
-        return os.environ[TPM_ENV]
+        return check_tcti(os.environ[TPM_ENV], f"${TPM_ENV}={os.environ[TPM_ENV]}",
+                          f"or unset {TPM_ENV}")
     return f"device:{DEVICE_TPM}" if Path(DEVICE_TPM).exists() else None
 
 
@@ -157,8 +177,10 @@ def _file_key_bytes(key: SoftwareKey) -> bytes:
 class _Keys:
     """Loads and makes keys for one identity directory; opens its TPM at most once."""
 
-    def __init__(self, tcti: str | None) -> None:
+    def __init__(self, tcti: str | None, source: str = "the identity (gateway.json)") -> None:
         self.tcti = os.environ.get(TPM_ENV) or tcti
+        #: Where the TCTI comes from, for error messages.
+        self.source = f"${TPM_ENV}" if os.environ.get(TPM_ENV) else source
         self._tpm: Any = None
         self._lock = threading.Lock()
 
@@ -168,9 +190,24 @@ class _Keys:
                 if not self.tcti:
                     raise IdentityError("this identity's keys are in a TPM, but no TPM is "
                                         f"named: set {TPM_ENV}=TCTI (e.g. device:/dev/tpmrm0)")
-                from provisioning.tpm import open_tpm
+                from provisioning.tpm import TpmError, open_tpm
 
-                self._tpm = open_tpm(self.tcti)
+                if self.source == "--tpm":
+                    check_tcti(self.tcti)
+                else:
+                    check_tcti(self.tcti, f"the TPM {self.tcti!r} named by {self.source}",
+                               f"or unset {TPM_ENV}" if self.source.startswith("$")
+                               else f"or set {TPM_ENV}=TCTI to override it")
+                try:
+                    self._tpm = open_tpm(self.tcti)
+                except TpmError as exc:
+                    if self.source == "--tpm":
+                        raise
+                    raise TpmError(
+                        f"{exc}. This identity's TPM is {self.tcti} (named by {self.source}); "
+                        f"if the TPM moved or a lab TPM restarted elsewhere, {TPM_ENV}=TCTI "
+                        f"overrides it (e.g. {TPM_ENV}=swtpm:host=127.0.0.1,port=2321)"
+                    ) from None
             return self._tpm
 
     def close(self) -> None:
@@ -306,6 +343,8 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
         raise IdentityError(
             f"gateway id {gateway_id!r} is not valid: use 3-63 lower-case letters, digits, '-'"
         )
+    if tpm is not None:
+        check_tcti(tpm)  # an empty one is an error, not "no TPM"
     try:
         the_suite = suite(suite_name)
     except UnknownAlgorithmError as exc:
@@ -319,7 +358,7 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
     except OSError as exc:
         raise IdentityError(f"{directory}: cannot create the identity directory ({exc})") \
             from None
-    keys = _Keys(tpm)
+    keys = _Keys(tpm, "--tpm")
     key_class = "tpm" if tpm else "file"
     alg = the_suite.identity_algs[0]
     if key_class == "tpm":

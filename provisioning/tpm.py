@@ -37,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -45,6 +46,11 @@ from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, Final, TypeVar
+
+# tpm2-tss logs every failed connection attempt to stderr (WARNING:tcti:..., ERROR:tcti:...)
+# before our own message says the same clearly: silent unless the user set TSS2_LOG
+# (gateway.py -vv sets it to tpm2-tss's warnings). Set before tpm2-tss reads it.
+os.environ.setdefault("TSS2_LOG", "all+none")
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes

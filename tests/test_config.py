@@ -250,3 +250,29 @@ def test_absent_after_is_bounded(tmp_path: Path) -> None:
                      "--absent-after", str(10**30))
     assert result.returncode == 2
     assert "--absent-after must be 10-86400 seconds" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('path = "/dev/serial/by-id/usb-SmartCorr_TagRx_0001-if00"', 'path = ""'),
+         r"\[devices.0\] path: is empty"),
+        (('path = "/dev/serial/by-id/usb-SmartCorr_TagRx_0001-if00"', 'path = "  "'),
+         r"\[devices.0\] path: is empty"),
+        (('path = "/dev/ttyACM0"', 'path = ""'), r"\[gnss\] path: is empty"),
+        (('path = "/dev/ttyACM0"', 'path = "/dev/tty\\u0000"'), r"\[gnss\] path: holds a NUL"),
+        (('data_dir = "{data}"', 'data_dir = " "'), r"\[gateway\] data_dir: is empty"),
+        (("tls = false\ninsecure_plaintext = true",
+          'tls = true\nca_file = ""\ncert_file = "/x"\nkey_file = "/y"'),
+         r"\[broker\] ca_file: is empty"),
+        (("fix_interval_s = 30", 'fix_interval_s = 30\n[inputs]\nchip = ""\nmains_line = 1'),
+         r"\[inputs\] chip: is empty"),
+    ],
+)
+def test_every_path_must_be_non_empty(tmp_path: Path, change: tuple[str, str],
+                                      message: str) -> None:
+    """An empty path is the current directory to the OS: refused, naming file and key."""
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
