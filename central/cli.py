@@ -6,7 +6,9 @@ messages over them); ``alarms`` lists (or follows) the alarm-class records store
 ``report`` says everything the platform knows of one gateway's stream; ``gateways`` lists
 the enrolled gateways; ``verify`` checks
 a capture offline (:mod:`central.capture`); ``export`` writes a court-ready zip of one
-gateway's records over a period and ``verify-export`` checks one (:mod:`central.export`).
+gateway's records over a period and ``verify-export`` checks one (:mod:`central.export`);
+``office``, ``offices``, ``assign``, ``deliver``, ``deliveries`` and ``alarms --office``
+route alarms to the justice offices (:mod:`central.routing`, docs/alarms.md).
 Errors say what is wrong and how to fix it,
 and exit 2 (``ingest <command>: …``); ``--json`` gives one JSON object a line. Only
 ``enrol`` and ``consume`` create or migrate a database; the commands that read one refuse
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from central import routing
 from central.db import Database, DatabaseError, StorageError, open_db
 from central.ingest import Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
@@ -100,6 +103,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help="only after this alarm id (a cursor)")
     alarm.add_argument("--follow", action="store_true", help="keep printing new ones")
     alarm.add_argument("--json", action="store_true", help="one JSON object a line")
+    alarm.add_argument("--office", metavar="OFFICE",
+                       help="the pull API: the alarms routed to this justice office, "
+                            "--since its cursor (docs/alarms.md)")
 
     rep = sub.add_parser("report", help="what the platform holds of one gateway's stream")
     _db_arg(rep)
@@ -127,6 +133,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                 "problems, 2 unreadable")
     vexp.add_argument("zip", type=Path, metavar="F.zip")
     vexp.add_argument("--json", action="store_true")
+
+    routing.add_commands(sub, _db_arg)  # assign, office, offices, deliver, deliveries
 
     verify = sub.add_parser("verify", help="verify a capture of MQTT messages offline")
     from central import capture
@@ -242,6 +250,8 @@ def stopped_line(client_id: str, totals: dict[str, int]) -> str:
 
 
 def _alarms(args: argparse.Namespace) -> int:
+    if args.office:
+        return routing.pull_command(args)
     with _open(args.db) as db:
         cursor = args.since
         while True:
@@ -376,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
                 "gateways": _gateways, "verify": _verify, "export": _export,
-                "verify-export": _verify_export}
+                "verify-export": _verify_export, **routing.COMMANDS}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -182,8 +182,58 @@ _COMMON_V2 = [
         received_at BIGINT NOT NULL
     )""",
 ]
+#: Version 3: alarms to the justice offices (central/routing.py, docs/alarms.md): the
+#: offices (webhook and its secret), each gateway's case and office, and per (alarm,
+#: office) a delivery row: the ``alarms`` table is the outbox, ``routing`` its cursor.
+_COMMON_V3 = [
+    """CREATE TABLE offices (
+        office TEXT PRIMARY KEY,
+        webhook TEXT,
+        secret {blob} NOT NULL,
+        added_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    )""",
+    """CREATE TABLE assignments (
+        gw TEXT PRIMARY KEY REFERENCES gateways (gw),
+        case_ref TEXT NOT NULL,
+        office TEXT NOT NULL REFERENCES offices (office),
+        assigned_at BIGINT NOT NULL
+    )""",
+    """CREATE TABLE routing (
+        name TEXT PRIMARY KEY,
+        last_alarm BIGINT NOT NULL
+    )""",
+    "INSERT INTO routing (name, last_alarm) VALUES ('alarms', 0)",
+    """CREATE TABLE deliveries (
+        id {serial},
+        alarm_id BIGINT NOT NULL REFERENCES alarms (id),
+        office TEXT NOT NULL REFERENCES offices (office),
+        case_ref TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed', 'pull')),
+        routed_at BIGINT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at BIGINT NOT NULL,
+        claimed_by TEXT,
+        claim_until BIGINT,
+        last_attempt_at BIGINT,
+        last_status INTEGER,
+        last_error TEXT,
+        delivered_at BIGINT,
+        UNIQUE (alarm_id, office)
+    )""",
+    "CREATE INDEX deliveries_due ON deliveries (state, next_at)",
+    "CREATE INDEX deliveries_office ON deliveries (office, id)",
+    """CREATE TABLE unrouted (
+        alarm_id BIGINT PRIMARY KEY REFERENCES alarms (id),
+        gw TEXT NOT NULL,
+        found_at BIGINT NOT NULL
+    )""",
+]
+#: The schema version that has the tables of central/routing.py.
+ROUTING_SCHEMA_VERSION = 3
 MIGRATIONS: dict[str, list[list[str]]] = {
-    backend: [[sql.format(**types) for sql in version] for version in (_COMMON_V1, _COMMON_V2)]
+    backend: [[sql.format(**types) for sql in version]
+              for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3)]
     for backend, types in _TYPES.items()
 }
 SCHEMA_VERSION = len(MIGRATIONS["sqlite"])
