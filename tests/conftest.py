@@ -61,6 +61,7 @@ def swtpm(swtpm_factory: Callable[[str], Swtpm]) -> Swtpm:
 
 
 # A real PostgreSQL (lab/postgres.py): one server for the session, a database per test.
+from central.db import Database, open_db  # noqa: E402
 from lab.postgres import Postgres  # noqa: E402
 
 
@@ -79,3 +80,19 @@ def postgres_dsn(postgres: Postgres) -> Iterator[str]:
     dsn = postgres.create_database(name)
     yield dsn
     postgres.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The platform's database, once on SQLite (a file in tmp_path) and once on the real
+    PostgreSQL (a fresh database, :func:`postgres_dsn`)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ingest.db'}"
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """:func:`db_url` opened (and migrated)."""
+    with open_db(db_url) as database:
+        yield database

@@ -30,13 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 TS = Timestamp(1_760_000_000_000, "ntp", 1_000)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ingest.db'}"
-    return str(request.getfixturevalue("postgres_dsn"))
-
-
 @pytest.fixture
 def broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
     # consumers share the platform's certificate, so client ids must stay theirs: the

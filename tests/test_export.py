@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cryptography
@@ -35,14 +35,6 @@ GW = "gw-export-0001"
 def ts(seq: int) -> Timestamp:
     """Record *seq* is sealed at BASE_MS + seq minutes."""
     return Timestamp(BASE_MS + seq * MINUTE, "ntp", 1_000 + seq)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'ingest.db'}" if request.param == "sqlite" else \
-        str(request.getfixturevalue("postgres_dsn"))
-    with open_db(url) as database:
-        yield database
 
 
 def stream(*, lost: tuple[int, ...] = (), suite: str = "ed25519"

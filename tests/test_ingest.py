@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,19 +27,6 @@ from core.topics import records_topic
 from lab.chains import Chain
 
 TS = Timestamp(1_760_000_000_000, "ntp", 1_000)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ingest.db'}"
-    return str(request.getfixturevalue("postgres_dsn"))  # a fresh database (conftest.py)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    with open_db(db_url) as database:
-        yield database
 
 
 # --- helpers --------------------------------------------------------------------------

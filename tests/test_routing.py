@@ -48,19 +48,6 @@ FAST = DeliveryConfig(give_up_s=30, backoff_s=0.02, backoff_max_s=0.1, timeout_s
                       lease_s=3, poll_s=0.02)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ingest.db'}"
-    return str(request.getfixturevalue("postgres_dsn"))  # a fresh database (conftest.py)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    with open_db(db_url) as database:
-        yield database
-
-
 # --- an office's receiver: a real HTTP server ------------------------------------------
 
 
