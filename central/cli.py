@@ -8,7 +8,9 @@ the enrolled gateways; ``verify`` checks
 a capture offline (:mod:`central.capture`); ``export`` writes a court-ready zip of one
 gateway's records over a period and ``verify-export`` checks one (:mod:`central.export`);
 ``office``, ``offices``, ``assign``, ``deliver``, ``deliveries`` and ``alarms --office``
-route alarms to the justice offices (:mod:`central.routing`, docs/alarms.md).
+route alarms to the justice offices (:mod:`central.routing`, docs/alarms.md);
+``close-case``, ``purge``, ``actions`` and ``action-key`` keep a closed case's data for
+its retention period, then purge it as a signed platform action (:mod:`central.retention`).
 Errors say what is wrong and how to fix it,
 and exit 2 (``ingest <command>: …``); ``--json`` gives one JSON object a line. Only
 ``enrol`` and ``consume`` create or migrate a database; the commands that read one refuse
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from central import routing
+from central import retention, routing
 from central.db import Database, DatabaseError, StorageError, open_db
 from central.ingest import Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
@@ -135,6 +137,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     vexp.add_argument("--json", action="store_true")
 
     routing.add_commands(sub, _db_arg)  # assign, office, offices, deliver, deliveries
+    retention.add_commands(sub, _db_arg)  # close-case, purge, actions, action-key
 
     verify = sub.add_parser("verify", help="verify a capture of MQTT messages offline")
     from central import capture
@@ -386,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
                 "gateways": _gateways, "verify": _verify, "export": _export,
-                "verify-export": _verify_export, **routing.COMMANDS}
+                "verify-export": _verify_export, **routing.COMMANDS, **retention.COMMANDS}
     try:
         return commands[args.command](args)
     except UserError as exc:

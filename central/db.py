@@ -231,9 +231,39 @@ _COMMON_V3 = [
 ]
 #: The schema version that has the tables of central/routing.py.
 ROUTING_SCHEMA_VERSION = 3
+#: Version 4: retention (central/retention.py): when each gateway's case ended, until
+#: when its records are kept, what was purged; and the hash-chained, signed log of the
+#: platform's own actions (a purge is one).
+_COMMON_V4 = [
+    """CREATE TABLE retention (
+        gw TEXT PRIMARY KEY REFERENCES gateways (gw),
+        case_ref TEXT,
+        reason TEXT NOT NULL CHECK (reason IN ('supervision_ended', 'authorisation_lapsed')),
+        ended_at BIGINT NOT NULL,
+        keep_days INTEGER NOT NULL,
+        purge_after BIGINT NOT NULL,
+        closed_at BIGINT NOT NULL,
+        closed_by TEXT NOT NULL,
+        purged_at BIGINT,
+        purged_records BIGINT NOT NULL DEFAULT 0,
+        last_action BIGINT
+    )""",
+    "CREATE INDEX retention_due ON retention (purge_after)",
+    """CREATE TABLE platform_actions (
+        n BIGINT PRIMARY KEY,
+        action TEXT NOT NULL,
+        gw TEXT,
+        at BIGINT NOT NULL,
+        kid TEXT NOT NULL,
+        entry {blob} NOT NULL,
+        sig {blob} NOT NULL
+    )""",
+]
+#: The schema version that has the tables of central/retention.py.
+RETENTION_SCHEMA_VERSION = 4
 MIGRATIONS: dict[str, list[list[str]]] = {
     backend: [[sql.format(**types) for sql in version]
-              for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3)]
+              for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3, _COMMON_V4)]
     for backend, types in _TYPES.items()
 }
 SCHEMA_VERSION = len(MIGRATIONS["sqlite"])
