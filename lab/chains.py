@@ -76,6 +76,14 @@ class Chain:
     def source(self) -> Source:
         return Source("gateway", self.gateway_id, "0.1.0")
 
+    def forge(self, key: Signer, kind: str, body: dict[str, JSON],
+              ts: Timestamp) -> SealedRecord:
+        """A record at this chain's next seq signed by *key* instead of its session key
+        (another gateway's, a superseded one); the chain does not move."""
+        draft = self.sealer.draft()
+        draft.use_key(key)
+        return draft.seal(Reading(kind, self.source, body, ts.mono_ms * 1_000_000), ts)
+
     def seal(self, kind: str, body: dict[str, JSON], ts: Timestamp,
              source: Source | None = None) -> SealedRecord:
         return self.sealer.seal(Reading(kind, source or self.source, body,

@@ -176,10 +176,8 @@ def test_records_of_another_gateway_or_signed_with_its_key_are_refused(db: Datab
     result = send(ingest, a, b_records, topic=records_topic(a.gateway_id))  # B's on A's topic
     assert result["quarantined"] == {"wrong_topic": 3}
     # B's chain, signed with A's certified session key: no certificate of B names that key
-    draft = b.sealer.draft()
     assert a.session is not None
-    draft.use_key(a.session)
-    forged = draft.seal(Reading("tag.presence", b.source, {"n": 1}, 1), TS)
+    forged = b.forge(a.session, "tag.presence", {"n": 1}, TS)
     result = send(ingest, b, [forged])
     assert result["stored"] == 0
     assert result["held"] == 1  # waits for a certificate that never comes
@@ -233,10 +231,8 @@ def test_the_old_session_key_is_refused_after_a_new_key_session(db: Database) ->
     late = gw.seal("tag.presence", {"n": 1}, Timestamp(TS.utc_ms + 20_000, "ntp",
                                                        TS.mono_ms + 20_000))
     second = gw.start_session(TS)
-    draft = gw.sealer.draft()
     assert old_key is not None
-    draft.use_key(old_key)
-    stale = draft.seal(Reading("tag.presence", gw.source, {"n": 2}, 1), TS)
+    stale = gw.forge(old_key, "tag.presence", {"n": 2}, TS)
     result = send(ingest, gw, [first, late, second, stale])
     assert result["quarantined"] == {"out_of_validity": 2}  # past its time; superseded
     assert result["stored"] == 2

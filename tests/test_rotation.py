@@ -111,14 +111,9 @@ def test_a_session_key_signs_only_for_its_gateway() -> None:
     a, b = Chain("gw-aaaa-0001"), Chain("gw-bbbb-0001")
     v = Verifier({a.gateway_id: a.registration, b.gateway_id: b.registration})
     v.ingest(a.start_session(TS).data)
-    # records claiming gateway B, signed with A's (certified) session key
-    # B's chain, A's key
-    draft = b.sealer.draft()
+    # a record of B's chain, signed with A's (certified) session key
     assert a.session is not None
-    draft.use_key(a.session)
-    from core.record import Reading
-    rec = draft.seal(Reading("tag.presence", b.source, {"n": 1}, 1), TS)
-    v.ingest(rec.data)
+    v.ingest(b.forge(a.session, "tag.presence", {"n": 1}, TS).data)
     assert v.summary()["verified"] == 1  # A's key.session only
     assert v.kinds(b.gateway_id) == {}
 
@@ -132,11 +127,8 @@ def test_a_superseded_or_expired_session_key_is_refused() -> None:
                                                        TS.mono_ms + 20_000))
     second = gw.start_session(TS)
     # the old key signs a record after the new session began
-    draft = gw.sealer.draft()
     assert old_key is not None
-    draft.use_key(old_key)
-    from core.record import Reading
-    stale = draft.seal(Reading("tag.presence", gw.source, {"n": 2}, 1), TS)
+    stale = gw.forge(old_key, "tag.presence", {"n": 2}, TS)
     v.ingest(b"\n".join([first.data, late.data, second.data, stale.data]))
     summary = v.summary()
     assert summary["out_of_validity"] == 2  # past its time; past the next key.session
