@@ -38,6 +38,7 @@ from central.record import (
 from central.rules import (
     HoldError,
     TrustedIdentity,
+    check_head,
     check_validity,
     identity_at,
     rotation_certificate,
@@ -330,12 +331,9 @@ class Ingest:
         if row is None:
             return
         try:
-            good = PublicKey(str(row[0]), bytes(row[1])).verify(head.sig, head.signed)
-        except ValueError:
-            good = False
-        if not good or int(row[2]) != head.boot or str(row[0]) != head.alg:
-            self._quarantine(msg, "bad_signature", f"head of {gw} not signed by its session "
-                             f"key {head.kid} of boot {head.boot}", line)
+            check_head(head, _public_key(str(row[0]), bytes(row[1])), int(row[2]))
+        except (RecordError, ValueError) as exc:
+            self._quarantine(msg, "bad_signature", str(exc), line)
             return
         msg.result.heads += 1
         msg.tx.execute(

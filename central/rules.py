@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from central.record import RecordError, VerifiedRecord
+from core.head import Head
 from core.record import JSON
 from core.session import (
     CertificateError,
@@ -91,6 +92,14 @@ def check_validity(rec: dict[str, JSON], seq: int, *, boot: int, from_seq: int,
     if superseded_at is not None and superseded_at <= seq:
         raise RecordError("out_of_validity", f"seq {seq} of {gw}: signed by a session "
                           f"key superseded at seq {superseded_at}")
+
+
+def check_head(head: Head, key: PublicKey, boot: int) -> None:
+    """A head statement is signed by the session key it names (*key*, certified for its
+    gateway and for *boot*); ``bad_signature`` otherwise."""
+    if boot != head.boot or key.alg != head.alg or not key.verify(head.sig, head.signed):
+        raise RecordError("bad_signature", f"head of {head.gateway_id} not signed by its "
+                          f"session key {head.kid} of boot {head.boot}")
 
 
 def rotation_certificate(rec: VerifiedRecord,

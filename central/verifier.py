@@ -36,6 +36,7 @@ from central.record import (
 from central.rules import (
     HoldError,
     TrustedIdentity,
+    check_head,
     check_validity,
     identity_at,
     rotation_certificate,
@@ -222,11 +223,11 @@ class Verifier:
         if session is None:  # its key.session is still on its way: keep the latest
             chain.pending_heads[head.kid] = line
             return False
-        if session.cert.boot != head.boot or session.key.alg != head.alg or \
-                not session.key.verify(head.sig, head.signed):
+        try:
+            check_head(head, session.key, session.cert.boot)
+        except RecordError as exc:
             self.stats.bad_signature += 1
-            log.warning("head of %s not signed by its session key %s", head.gateway_id,
-                        head.kid)
+            log.warning("head rejected: %s", exc)
             return False
         self.stats.heads += 1
         chain.claimed = max(chain.claimed, head.committed_seq)
