@@ -34,3 +34,21 @@ def stored_records(db: Path, storage_key: bytes) -> list[bytes]:
     finally:
         reader.close()
     return out
+
+
+def plaintext_config(directory: Path, identity_dir: Path, *, host: str = "127.0.0.1",
+                     port: int | None = None, extra: str = "") -> Path:
+    """``directory/gateway.toml``: a gateway with *identity_dir*, ``directory/data`` and a
+    plain-MQTT broker (a test bench: no broker need answer), then *extra* TOML."""
+    cfg = directory / "gateway.toml"
+    port_line = "" if port is None else f"port = {port}\n"
+    cfg.write_text(f"""
+[gateway]
+identity_dir = "{identity_dir}"
+data_dir = "{directory / 'data'}"
+[broker]
+host = "{host}"
+{port_line}tls = false
+insecure_plaintext = true
+{extra}""")
+    return cfg

@@ -16,6 +16,7 @@ import pytest
 from app.diag import render
 from lab.swtpm import Swtpm
 from provisioning.identity import TPM_ENV, create_identity
+from tests.helpers import plaintext_config
 
 REPO = Path(__file__).resolve().parents[1]
 TCTI_HELP = ("--tpm: give a TCTI such as device:/dev/tpmrm0 or "
@@ -37,17 +38,7 @@ def free_port() -> int:
 
 
 def config(tmp_path: Path, identity: Path, extra: str = "") -> Path:
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-identity_dir = "{identity}"
-data_dir = "{tmp_path / 'data'}"
-[broker]
-host = "127.0.0.1"
-tls = false
-insecure_plaintext = true
-{extra}""")
-    return cfg
+    return plaintext_config(tmp_path, identity, extra=extra)
 
 
 def assert_clean(result: subprocess.CompletedProcess[str]) -> None:

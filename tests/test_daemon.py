@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from provisioning.identity import create_identity
+from tests.helpers import plaintext_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -19,17 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_notify_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     create_identity(tmp_path / "identity", "gw-daemon-0001")
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-identity_dir = "{tmp_path / 'identity'}"
-data_dir = "{tmp_path / 'data'}"
-[broker]
-host = "127.0.0.1"
-port = 9
-tls = false
-insecure_plaintext = true
-""")
+    cfg = plaintext_config(tmp_path, tmp_path / "identity", port=9)
     sock_path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(sock_path))

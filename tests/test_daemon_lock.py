@@ -17,24 +17,14 @@ import pytest
 from app.daemon import LOCK_FILE, DataDirInUseError, lock_data_dir
 from core.errors import EXIT_USER_ERROR
 from provisioning.identity import create_identity
+from tests.helpers import plaintext_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path) -> Path:
     create_identity(tmp_path / "identity", "gw-lock-0001")
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-identity_dir = "{tmp_path / 'identity'}"
-data_dir = "{tmp_path / 'data'}"
-[broker]
-host = "127.0.0.1"
-port = 9
-tls = false
-insecure_plaintext = true
-""")
-    return cfg
+    return plaintext_config(tmp_path, tmp_path / "identity", port=9)
 
 
 def _start(cfg: Path, sock_path: Path | None) -> subprocess.Popen[str]:

@@ -20,7 +20,7 @@ import pytest
 import gateway
 from drivers.tag_receiver import Beacon
 from provisioning.identity import create_identity
-from tests.helpers import wait_for
+from tests.helpers import plaintext_config, wait_for
 from tests.test_tag_driver import Feed, driver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,16 +97,7 @@ def test_the_daemon_keeps_its_files_private_and_says_what_it_checked(tmp_path: P
     """Started under umask 022 (as from a shell): the store and its -wal/-shm are 0600;
     plaintext MQTT is warned about; a broker host that does not resolve is named."""
     create_identity(tmp_path / "identity", "gw-privacy-0002")
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-identity_dir = "{tmp_path / 'identity'}"
-data_dir = "{tmp_path / 'data'}"
-[broker]
-host = "broker.smartcorr.invalid"
-tls = false
-insecure_plaintext = true
-""")
+    cfg = plaintext_config(tmp_path, tmp_path / "identity", host="broker.smartcorr.invalid")
     command = shlex.join([sys.executable, str(REPO / "gateway.py"), "run", "--config", str(cfg)])
     # In a network namespace of its own (loopback only): the lookup fails on this machine
     # and no query leaves it.

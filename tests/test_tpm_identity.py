@@ -31,7 +31,7 @@ from provisioning.identity import (
     load_identity,
 )
 from provisioning.tpm import TpmError
-from tests.helpers import stored_records, wait_for
+from tests.helpers import plaintext_config, stored_records, wait_for
 
 
 def tpm_identity(tmp_path: Path, tpm: Swtpm, suite: str = "ed25519") -> Identity:
@@ -175,17 +175,7 @@ def test_without_a_tpm_the_key_class_is_file_and_check_warns(tmp_path: Path) -> 
 
 
 def _config(tmp_path: Path, identity: Identity) -> Path:
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(f"""
-[gateway]
-identity_dir = "{identity.directory}"
-data_dir = "{tmp_path / 'data'}"
-[broker]
-host = "127.0.0.1"
-tls = false
-insecure_plaintext = true
-""")
-    return cfg
+    return plaintext_config(tmp_path, identity.directory)
 
 
 def _check(cfg: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
