@@ -54,6 +54,8 @@ from core.suites import Verifier as PublicKey
 log = logging.getLogger(__name__)
 #: Records waiting for the certificate of their key (a key.session still on its way).
 MAX_HELD = 100_000
+#: Head statements kept per gateway while their key.session is on its way (one per kid).
+MAX_PENDING_HEADS = 16
 #: The kind of a gateway's report that another client took its MQTT client id.
 TAKEOVER_KIND = "uplink.takeover"
 
@@ -221,6 +223,10 @@ class Verifier:
             return False
         session = chain.sessions.get(head.kid)
         if session is None:  # its key.session is still on its way: keep the latest
+            if head.kid not in chain.pending_heads and \
+                    len(chain.pending_heads) >= MAX_PENDING_HEADS:
+                # unverified, and anyone can send one naming any kid: drop the oldest
+                chain.pending_heads.pop(next(iter(chain.pending_heads)))
             chain.pending_heads[head.kid] = line
             return False
         try:

@@ -100,3 +100,22 @@ def test_a_head_before_its_session_waits_and_a_forged_one_is_refused() -> None:
     v.ingest(other_boot)
     assert v.summary()["bad_signature"] == 1
     assert v.gaps(chain.gateway_id) == [(4, 9)]
+
+
+def test_heads_waiting_for_a_session_are_bounded() -> None:
+    """Heads naming kids no key.session certified (anyone can send them) never grow the
+    verifier without bound; the newest waiting ones are kept."""
+    from central.verifier import MAX_PENDING_HEADS, Verifier
+
+    chain, records = _chain_with(1)
+    assert chain.session is not None
+    v = Verifier({chain.gateway_id: chain.registration})
+    for i in range(MAX_PENDING_HEADS * 3):
+        v.ingest(make_head(chain.gateway_id, 1, 100 + i, TS.mono_ms,
+                           SoftwareKey.generate(ED25519)))
+    real = make_head(chain.gateway_id, 1, 5, TS.mono_ms, chain.session)
+    v.ingest(real)  # waits too, and is not pushed out by the ones after it
+    assert len(v._chains[chain.gateway_id].pending_heads) == MAX_PENDING_HEADS
+    v.ingest(b"\n".join(records))
+    assert v.summary()["heads"] == 1
+    assert v.gaps(chain.gateway_id) == [(3, 5)]
