@@ -191,9 +191,9 @@ class Publisher:
                 gw.queue, gw.next = [], 0
                 for msg in _messages(recs, alarms_first=alarms_first):
                     committed = recs[-1][0] if alarms_first else msg[-1][0]
-                    head = make_head(gw.chain.gateway_id, gw.chain.boot, committed, gw.mono,
-                                     key)
-                    payload = b"\n".join([*(r[2] for r in msg), head])
+                    before = b"\n".join(r[2] for r in msg) + b"\n"
+                    payload = before + make_head(gw.chain.gateway_id, gw.chain.boot,
+                                                 committed, gw.mono, key, before=before)
                     gw.queue.append(_Msg(out.tell(), len(payload), len(msg),
                                          [r[0] for r in msg if r[1] == "alarm"]))
                     out.write(payload)

@@ -62,7 +62,7 @@ def seal_messages(records: int, batch: int) -> tuple[Chain, list[bytes]]:
     carry them: the session alone (class alarm), then batches of tag.presence."""
     chain = Chain(GATEWAY_ID)
     session = chain.start_session(Timestamp(T0_MS, "ntp", 1_000))
-    messages = [session.data]
+    messages = [chain.message([session.data], mono_ms=T0_MS)]
     current: list[bytes] = []
     for n in range(1, records):
         ts = Timestamp(T0_MS + 20 * n, "ntp", 1_000 + 20 * n)
@@ -71,10 +71,10 @@ def seal_messages(records: int, batch: int) -> tuple[Chain, list[bytes]]:
                                 "body_contact": True, "rssi_dbm": -60, "dev_event": n}
         current.append(chain.seal("tag.presence", body, ts, TAG_SOURCE).data)
         if len(current) == batch:
-            messages.append(b"\n".join(current))
+            messages.append(chain.message(current, mono_ms=T0_MS + 20 * n))
             current = []
     if current:
-        messages.append(b"\n".join(current))
+        messages.append(chain.message(current, mono_ms=T0_MS + 20 * records))
     return chain, messages
 
 

@@ -307,9 +307,10 @@ class StoreWriter:
                 found = self._ledger.get(serial)
             return found
 
-    def head_line(self) -> bytes | None:
+    def head_line(self, before: bytes | None = None) -> bytes | None:
         """The signed head statement of the chain as committed now (core/head.py): called
-        by the uplink for every message. None before the first key.session."""
+        by the uplink for every message, with *before* the message's bytes that precede
+        it, which it covers. None before the first key.session."""
         sealer = self._sealer
         key = sealer.signing_key
         if key is None:
@@ -317,7 +318,7 @@ class StoreWriter:
         # read without the writer's lock: a head may name the seq of a key.session whose
         # key it is not signed with yet; it says only that so much is committed
         return make_head(sealer.gateway_id, sealer.boot, sealer.last_seq,
-                         self._clock.now_ns() // 1_000_000, key)
+                         self._clock.now_ns() // 1_000_000, key, before=before)
 
     def ledger_value(self, key: str) -> int | None:
         """A value the gateway committed in the ledger with a reading (``Reading.ledger``:

@@ -32,7 +32,7 @@ from types import FrameType
 
 from central import retention, routing
 from central.db import Database, DatabaseError, StorageError, open_db
-from central.ingest import Alarm, EnrolError, Ingest, alarms, report
+from central.ingest import SIG_AUDIT, Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
 from core.errors import UserError
 from core.mqtt import BrokerConfig
@@ -45,6 +45,17 @@ log = logging.getLogger("central")
 
 class CliError(UserError):
     """A wrong argument or setup; the message says how to fix it."""
+
+
+def _share(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 to 1")
+    return value
 
 
 def _db_arg(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +109,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                               "(its session holds what it has not acknowledged)")
     consume.add_argument("--json", action="store_true",
                          help="print events (subscribed, alarm, stopped) as JSON lines")
+    consume.add_argument("--sig-audit", type=_share, default=SIG_AUDIT, metavar="SHARE",
+                         help="the share (0 to 1) of the records a verified head covers "
+                              "whose own signature is checked too (docs/records.md, "
+                              f"Transport; default {SIG_AUDIT:g}; 1 checks every one)")
 
     alarm = sub.add_parser("alarms", help="the alarm-class records stored")
     _db_arg(alarm)
@@ -213,7 +228,7 @@ def _consume(args: argparse.Namespace) -> int:
              f"(latency {alarm.latency_ms} ms)")
 
     consumer = Consumer(args.db, broker, client_id=args.client_id, group=args.group,
-                        on_alarm=on_alarm,
+                        on_alarm=on_alarm, sig_audit=args.sig_audit,
                         on_subscribed=lambda: emit(
                             {"event": "subscribed", "client_id": args.client_id,
                              "topic": consumer.topic},

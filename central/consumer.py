@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from central.db import Database, StorageError, open_db
-from central.ingest import Alarm, Ingest
+from central.ingest import SIG_AUDIT, Alarm, Ingest
 from core.mqtt import BrokerConfig, make_client
 from core.topics import TOPIC_ROOT
 
@@ -83,8 +83,10 @@ class Consumer:
                  group: str = "ingest", session_expiry_s: int = SESSION_EXPIRY_S,
                  gateway: str = "+",
                  on_alarm: Callable[[Alarm], None] | None = None,
-                 on_subscribed: Callable[[], None] | None = None) -> None:
+                 on_subscribed: Callable[[], None] | None = None,
+                 sig_audit: float = SIG_AUDIT) -> None:
         self.db_url = db_url
+        self.sig_audit = sig_audit
         self.broker = broker
         self.client_id = client_id
         self.topic = shared_topic(group, gateway)
@@ -115,7 +117,7 @@ class Consumer:
     def start(self) -> None:
         """Open the database (DatabaseError if it cannot be), then connect."""
         self._db = open_db(self.db_url)
-        self.ingest = Ingest(self._db, on_alarm=self._on_alarm)
+        self.ingest = Ingest(self._db, on_alarm=self._on_alarm, sig_audit=self.sig_audit)
         self._worker.start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s
@@ -274,5 +276,5 @@ class Consumer:
             except Exception:  # a broken connection may fail to close
                 log.debug("closing the failed connection", exc_info=True)
         self._db = db
-        self.ingest = Ingest(db, on_alarm=self._on_alarm)
+        self.ingest = Ingest(db, on_alarm=self._on_alarm, sig_audit=self.sig_audit)
         return self.ingest

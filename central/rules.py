@@ -24,6 +24,7 @@ from core.session import (
     parse_session,
 )
 from core.suites import Verifier as PublicKey
+from core.suites import digest
 
 
 class HoldError(Exception):
@@ -94,12 +95,22 @@ def check_validity(rec: dict[str, JSON], seq: int, *, boot: int, from_seq: int,
                           f"key superseded at seq {superseded_at}")
 
 
-def check_head(head: Head, key: PublicKey, boot: int) -> None:
+def check_head(head: Head, key: PublicKey, boot: int, before: bytes | None = None) -> bool:
     """A head statement is signed by the session key it names (*key*, certified for its
-    gateway and for *boot*); ``bad_signature`` otherwise."""
+    gateway and for *boot*); ``bad_signature`` otherwise. With *before* (the bytes of its
+    message before it), True if the head covers them (``covers``: then its signature
+    signs every line of them), False if it has no ``covers``; ``bad_signature`` if it
+    covers other bytes (a line of the message changed, removed, added or moved)."""
     if boot != head.boot or key.alg != head.alg or not key.verify(head.sig, head.signed):
         raise RecordError("bad_signature", f"head of {head.gateway_id} not signed by its "
                           f"session key {head.kid} of boot {head.boot}")
+    if before is None or head.covers is None:
+        return False
+    if digest(head.alg, before) != head.covers:
+        raise RecordError("bad_signature", f"head of {head.gateway_id} covers other bytes "
+                          "than those of its message: a line was changed, removed, added "
+                          "or moved")
+    return True
 
 
 def rotation_certificate(rec: VerifiedRecord,

@@ -5,12 +5,20 @@ cannot tell a quiet gateway from a tail that was dropped (or a box destroyed bef
 sent its last records). Each message therefore ends with a line the gateway signs with
 its current session key at publish time, saying how far its chain is committed:
 
-``{"alg":…,"boot":…,"committed_seq":N,"gw":…,"kid":…,"mono":…,"type":"head","sig":…}``
+``{"alg":…,"boot":…,"committed_seq":N,"covers":…,"gw":…,"kid":…,"mono":…,"type":"head","sig":…}``
 
 canonical bytes as records (``sig`` over the canonical bytes without ``sig``). It has
 no ``seq`` and no ``kind``: it can never pass for a record, nor a record for it. A
 platform that verified it knows that every seq up to ``committed_seq`` exists; one that
 has not arrived within the platform's bound is a gap, however the tail was lost.
+
+``covers`` (base64url) is the hash of the session key's algorithm (SHA-256, or SM3 for
+``sm2-sm3``) over every byte of the message before the head line, its newline
+included. The one signature on the head therefore signs every record line of the
+message: a platform that verified the head has verified each record line signed by the
+same session key without checking that record's own signature (docs/records.md,
+"Transport"); the records still carry their own signatures, which stand on their own
+in an export. A head of a gateway from before ``covers`` has none and covers nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from core.record import JSON, b64u, canonical, unb64u
-from core.suites import Signer, key_id
+from core.suites import Signer, digest, key_id
 
 HEAD_TYPE = "head"
 _FIELDS: dict[str, type] = {"alg": str, "boot": int, "committed_seq": int, "gw": str,
                             "kid": str, "mono": int, "type": str, "sig": str}
+#: The optional field: the hash of the message's bytes before the head line.
+COVERS = "covers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +47,19 @@ class Head:
     kid: str
     sig: bytes
     signed: bytes  # the canonical bytes without sig
+    #: the hash the head signs of the message's bytes before it (None: a head without)
+    covers: bytes | None = None
 
 
 def make_head(gateway_id: str, boot: int, committed_seq: int, mono_ms: int,
-              key: Signer) -> bytes:
-    """The signed head line (canonical bytes)."""
+              key: Signer, *, before: bytes | None = None) -> bytes:
+    """The signed head line (canonical bytes); with *before*, the bytes of the message
+    that precede it (its newline included), a head that ``covers`` them."""
     body: dict[str, JSON] = {"alg": key.alg, "boot": boot, "committed_seq": committed_seq,
                              "gw": gateway_id, "kid": key_id(key.alg, key.public_raw),
                              "mono": mono_ms, "type": HEAD_TYPE}
+    if before is not None:
+        body[COVERS] = b64u(digest(key.alg, before))
     signed = canonical(body)
     body["sig"] = b64u(key.sign(signed))
     return canonical(body)
@@ -63,8 +78,13 @@ def parse_head(line: bytes) -> Head:
         obj = json.loads(line)
     except ValueError as exc:
         raise ValueError(f"head: not JSON ({exc})") from None
-    if not isinstance(obj, Mapping) or set(obj) != set(_FIELDS):
+    if not isinstance(obj, Mapping) or set(obj) - {COVERS} != set(_FIELDS):
         raise ValueError("head: not a head statement (fields)")
+    covers: bytes | None = None
+    if COVERS in obj:
+        if not isinstance(obj[COVERS], str):
+            raise ValueError("head: covers is not str")
+        covers = unb64u(obj[COVERS])
     for name, kind in _FIELDS.items():
         if not isinstance(obj[name], kind) or isinstance(obj[name], bool):
             raise ValueError(f"head: {name} is not {kind.__name__}")  # noqa: TRY004
@@ -74,4 +94,12 @@ def parse_head(line: bytes) -> Head:
     if canonical(obj) != line:
         raise ValueError("head: not canonical bytes")
     return Head(obj["gw"], obj["boot"], obj["committed_seq"], obj["mono"], obj["alg"],
-                obj["kid"], unb64u(obj["sig"]), canonical(unsigned))
+                obj["kid"], unb64u(obj["sig"]), canonical(unsigned), covers)
+
+
+def covered_prefix(payload: bytes, head_line: bytes) -> bytes | None:
+    """The bytes of *payload* a head line ending it covers (all before it, its newline
+    included); None if *head_line* is not the payload's last line."""
+    if not payload.endswith(b"\n" + head_line):
+        return None
+    return payload[:len(payload) - len(head_line)]

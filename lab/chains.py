@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from buffer.seal import Sealer
 from central.record import Registration
+from core.head import make_head
 from core.record import GENESIS_PREV, JSON, Reading, SealedRecord, Source, Timestamp, b64u
 from core.session import SESSION_KIND, SESSION_LIFETIME_MS, rotation_body, session_body
 from core.suites import SUITES, Signer, SoftwareKey, key_id
@@ -88,6 +89,19 @@ class Chain:
              source: Source | None = None) -> SealedRecord:
         return self.sealer.seal(Reading(kind, source or self.source, body,
                                         ts.mono_ms * 1_000_000), ts)
+
+
+    def message(self, lines: list[bytes], *, mono_ms: int = 0,
+                committed_seq: int | None = None) -> bytes:
+        """A records message as the gateway's uplink sends it: *lines*, then the head
+        statement (core/head.py) signed by the session key, covering them, announcing
+        *committed_seq* (default: the chain's last seq)."""
+        if self.session is None:
+            raise RuntimeError("Chain.message: start_session first")
+        before = b"\n".join(lines) + b"\n"
+        seq = self.sealer.last_seq if committed_seq is None else committed_seq
+        return before + make_head(self.gateway_id, self.sealer.boot, seq, mono_ms,
+                                  self.session, before=before)
 
 
 def raw_public(key: Signer) -> str:

@@ -342,9 +342,10 @@ class Forwarder:
                 return
             prio, rows = batch
             payload = b"\n".join(data for _, data in rows)
-            head = self._writer.head_line() if self.heads else None
-            if head is not None:
-                payload += b"\n" + head
+            if self.heads:
+                payload += b"\n"
+                head = self._writer.head_line(before=payload)
+                payload = payload + head if head is not None else payload[:-1]
             info = self.client.publish(self._topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return  # not connected: the connection events will reset us
