@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 7 * 24 * 3600
 #: Messages the broker may send before this consumer acknowledges them.
 RECEIVE_MAXIMUM = 32
+#: Messages one transaction ingests at most (those that have arrived: a consumer with a
+#: backlog commits, and flushes the disk, once for many), and their bytes at most.
+MAX_BATCH_MESSAGES = RECEIVE_MAXIMUM
+MAX_BATCH_BYTES = 4 << 20
 #: After a database failure, how long before trying the same message again, seconds.
 RETRY_S = 1.0
 RETRY_MAX_S = 30.0
@@ -231,35 +235,53 @@ class Consumer:
         self._inbox.put(_Arrival(message.mid, message.qos, message.topic,
                                  bytes(message.payload)))
 
+    def _batch(self, first: _Arrival) -> tuple[list[_Arrival], bool]:
+        """*first* and what else has arrived, up to :data:`MAX_BATCH_MESSAGES` messages
+        and :data:`MAX_BATCH_BYTES`; and whether the stop sentinel came."""
+        batch, size = [first], len(first.payload)
+        while len(batch) < MAX_BATCH_MESSAGES and size < MAX_BATCH_BYTES:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+            size += len(item.payload)
+        return batch, False
+
     def _work(self) -> None:
         ingest = self.ingest
         assert ingest is not None  # noqa: S101 (set by start before the thread runs)
-        while (item := self._inbox.get()) is not None:
+        stop = False
+        while not stop and (first := self._inbox.get()) is not None:
             if self._stopping.is_set():
                 return
+            batch, stop = self._batch(first)
             delay = RETRY_S
             while True:
                 try:
-                    ingest.ingest_message(item.topic, item.payload)
+                    ingest.ingest_messages([(item.topic, item.payload) for item in batch])
                     break
                 except StorageError as exc:
-                    log.error("consumer %s: the database failed (%s); message %d stays "  # noqa: TRY400
+                    log.error("consumer %s: the database failed (%s); %d message(s) stay "  # noqa: TRY400
                               "unacknowledged, trying again in %.0f s", self.client_id, exc,
-                              item.mid, delay)
+                              len(batch), delay)
                     ingest = self._reconnect(ingest)
                 except Exception as exc:
-                    # a bug, not bad input (that is quarantined): leave the message with
+                    # a bug, not bad input (that is quarantined): leave the messages with
                     # the broker and stop, so that a supervisor restarts us
-                    log.exception("consumer %s: ingest failed on message %d", self.client_id,
-                                  item.mid)
+                    log.exception("consumer %s: ingest failed on message(s) %s", self.client_id,
+                                  [item.mid for item in batch])
                     self.error = exc
                     self.failed.set()
                     return
                 if self._stopping.wait(delay):
                     return
                 delay = min(delay * 2, RETRY_MAX_S)
-            if item.qos > 0:
-                self.client.ack(item.mid, item.qos)
+            for item in batch:  # acknowledged only once committed, in their order
+                if item.qos > 0:
+                    self.client.ack(item.mid, item.qos)
 
     def _reconnect(self, ingest: Ingest) -> Ingest:
         """A new connection after a failure (a lost PostgreSQL connection does not come

@@ -21,7 +21,7 @@ import hashlib
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -287,6 +287,20 @@ class Transaction(Protocol):
     def lock_gateway(self, gw: str) -> None:
         """Until the end of this transaction, no other transaction ingests *gw*."""
 
+    def lock_gateways(self, gateways: Iterable[str]) -> None:
+        """:meth:`lock_gateway` of each, in the one order every transaction follows (so
+        two transactions never wait on each other in a cycle)."""
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Param]]) -> None:
+        """Insert *rows* (values of *columns*) into *table*, all new (no conflict
+        clause): SQLite's executemany, PostgreSQL's COPY (one statement however many)."""
+
+    def in_list(self, column: str, values: Sequence[Param]) -> tuple[str, list[Param]]:
+        """A condition "*column* is one of *values*" and its parameters: ``IN (?, …)``
+        on SQLite (at most 900 values), ``= ANY(?)`` with one array on PostgreSQL (one
+        statement text whatever the number, so the driver parses it once)."""
+
     def lock_alarms(self) -> None:
         """Until the end of this transaction, no other one numbers alarms (so alarm ids
         become visible in their order: a follower's cursor never skips one)."""
@@ -310,6 +324,20 @@ class _SqliteTx:
 
     def lock_gateway(self, gw: str) -> None:
         del gw  # BEGIN IMMEDIATE: one writer at a time already
+
+    def lock_gateways(self, gateways: Iterable[str]) -> None:
+        del gateways
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Param]]) -> None:
+        marks = ", ".join("?" * len(columns))
+        self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 (names from the code)
+                               f"VALUES ({marks})", rows)
+
+    def in_list(self, column: str, values: Sequence[Param]) -> tuple[str, list[Param]]:
+        if len(values) > _SQLITE_IN_MAX:
+            raise ValueError(f"in_list: {len(values)} values (at most {_SQLITE_IN_MAX})")
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
     def lock_alarms(self) -> None:
         pass
@@ -338,6 +366,22 @@ class _PgTx:
 
     def lock_gateway(self, gw: str) -> None:
         self._conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_GATEWAY, _key32(gw)))
+
+    def lock_gateways(self, gateways: Iterable[str]) -> None:
+        keys = sorted({_key32(gw) for gw in gateways})
+        if keys:  # one round trip: a volatile function runs after ORDER BY (PostgreSQL 9.6+)
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int[]) "
+                               "AS k ORDER BY k", (_LOCK_GATEWAY, keys)).fetchall()
+
+    def insert_rows(self, table: str, columns: Sequence[str],
+                    rows: Sequence[Sequence[Param]]) -> None:
+        with self._conn.cursor() as cur, cur.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:  # names from the code
+            for row in rows:
+                copy.write_row(row)
+
+    def in_list(self, column: str, values: Sequence[Param]) -> tuple[str, list[Param]]:
+        return f"{column} = ANY(?)", [list(values)]  # type: ignore[list-item]
 
     def lock_alarms(self) -> None:
         self._conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_ALARMS,))

@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from central.db import Database, Param, Row, Transaction
@@ -121,10 +121,8 @@ class IngestResult:
 
 #: Seqs one read-ahead query names at most (within SQLite's 999 parameters).
 _READ_AHEAD = 900
-#: Records a multi-row INSERT carries at most (12 parameters each: within SQLite's 999).
-_INSERT_ROWS = 80
-_RECORD_COLUMNS = ("gw, seq, kind, prio, digest, prev, boot, t, kid, key_class, received_at, "
-                   "data")
+_RECORD_COLUMNS = ("gw", "seq", "kind", "prio", "digest", "prev", "boot", "t", "kid",
+                   "key_class", "received_at", "data")
 _Stored = tuple[bytes, bytes, bytes]  # a stored record's data, digest, prev
 
 
@@ -158,13 +156,10 @@ class _Msg:
 
     def flush(self) -> None:
         """Write the pending records."""
-        rows = [params for _, params in self.pending.values()]
-        self.pending.clear()
-        for i in range(0, len(rows), _INSERT_ROWS):
-            chunk = rows[i:i + _INSERT_ROWS]
-            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            self.tx.execute(f"INSERT INTO records ({_RECORD_COLUMNS}) VALUES {values}",  # noqa: S608 (placeholders only)
-                            [p for row in chunk for p in row])
+        if self.pending:
+            self.tx.insert_rows("records", _RECORD_COLUMNS,
+                                [params for _, params in self.pending.values()])
+            self.pending.clear()
 
 
 
@@ -209,8 +204,8 @@ class Ingest:
             row = tx.one("SELECT status, registration FROM gateways WHERE gw = ?",
                          (reg.gateway_id,))
             if row is not None:
-                if row[0] != "active":
-                    raise EnrolError(f"gateway {reg.gateway_id} was decommissioned: a "
+                if row[0] != "active":  # decommissioned, or revoked (central/ca.py)
+                    raise EnrolError(f"gateway {reg.gateway_id} was {row[0]}: a "
                                      "gateway put back in service needs a new gateway id")
                 if json.loads(row[1])["kid"] != reg.kid:
                     raise EnrolError(f"gateway {reg.gateway_id} is enrolled with another "
@@ -240,43 +235,56 @@ class Ingest:
 
     def ingest_message(self, topic: str, payload: bytes) -> IngestResult:
         """One MQTT message: records separated by newlines, all committed together."""
-        result = IngestResult()
+        return self.ingest_messages([(topic, payload)])[0]
+
+    def ingest_messages(self, messages: Sequence[tuple[str, bytes]]) -> list[IngestResult]:
+        """Several MQTT messages (topic, payload) in one transaction, in their order: the
+        same outcome as one :meth:`ingest_message` each, one commit (and one disk flush)
+        for all. A consumer with a backlog takes what has arrived
+        (:data:`central.consumer.MAX_BATCH_MESSAGES`). The gateways' locks are all taken
+        first, in one order every consumer follows, so two batches never wait on each
+        other in a cycle."""
         now = self._now_ms()
-        topic_gw = gateway_of_topic(topic)
+        results = [IngestResult() for _ in messages]
+        gateways = [gateway_of_topic(topic) for topic, _ in messages]
         with self.db.transaction() as tx:
-            if topic_gw is None:
-                self._quarantine(_Msg(tx, result, None, topic, now), "bad_topic",
-                                 f"not a records topic ({TOPIC_ROOT}/<gw>/records)", payload)
-            elif len(payload) > MAX_MESSAGE_BYTES:
-                self._quarantine(_Msg(tx, result, topic_gw, topic, now), "oversized",
-                                 f"message of {len(payload)} bytes (at most "
-                                 f"{MAX_MESSAGE_BYTES})", payload)
-            else:
-                msg = _Msg(tx, result, topic_gw, topic, now)
-                tx.lock_gateway(topic_gw)
-                self._records(msg, topic_gw, payload)
-                msg.flush()
-            if result.alarms:
+            tx.lock_gateways({gw for gw in gateways if gw is not None})
+            for (topic, payload), gw, result in zip(messages, gateways, results, strict=True):
+                if gw is None:
+                    self._quarantine(_Msg(tx, result, None, topic, now), "bad_topic",
+                                     f"not a records topic ({TOPIC_ROOT}/<gw>/records)",
+                                     payload)
+                elif len(payload) > MAX_MESSAGE_BYTES:
+                    self._quarantine(_Msg(tx, result, gw, topic, now), "oversized",
+                                     f"message of {len(payload)} bytes (at most "
+                                     f"{MAX_MESSAGE_BYTES})", payload)
+                else:
+                    msg = _Msg(tx, result, gw, topic, now)
+                    self._records(msg, gw, payload)
+                    msg.flush()
+            if any(result.alarms for result in results):
                 tx.lock_alarms()
-                numbered = []
-                for alarm in result.alarms:
-                    tx.execute("INSERT INTO alarms (gw, seq, kind, t, stored_at) "
-                               "VALUES (?, ?, ?, ?, ?)",
-                               (alarm.gateway_id, alarm.seq, alarm.kind, alarm.t, now))
-                    row = tx.one("SELECT id FROM alarms WHERE gw = ? AND seq = ?",
-                                 (alarm.gateway_id, alarm.seq))
-                    numbered.append(Alarm(int(row[0]) if row else 0, alarm.gateway_id,
-                                          alarm.seq, alarm.kind, alarm.t, now))
-                result.alarms = numbered
-        self._count(result)
-        if self._on_alarm is not None:
-            for alarm in result.alarms:
+                for result in results:
+                    result.alarms = [self._number(tx, alarm, now) for alarm in result.alarms]
+        for result in results:
+            self._count(result)
+            for alarm in result.alarms if self._on_alarm is not None else []:
                 try:
-                    self._on_alarm(alarm)
+                    self._on_alarm(alarm)  # type: ignore[misc]
                 except Exception:  # the callback's failure is not the record's
                     log.exception("the alarm callback failed on %s seq %d",
                                   alarm.gateway_id, alarm.seq)
-        return result
+        return results
+
+    @staticmethod
+    def _number(tx: Transaction, alarm: Alarm, now: int) -> Alarm:
+        """Store *alarm* in the alarms table: the same alarm with its id (a cursor)."""
+        tx.execute("INSERT INTO alarms (gw, seq, kind, t, stored_at) VALUES (?, ?, ?, ?, ?)",
+                   (alarm.gateway_id, alarm.seq, alarm.kind, alarm.t, now))
+        row = tx.one("SELECT id FROM alarms WHERE gw = ? AND seq = ?",
+                     (alarm.gateway_id, alarm.seq))
+        return Alarm(int(row[0]) if row else 0, alarm.gateway_id, alarm.seq, alarm.kind,
+                     alarm.t, now)
 
     def _count(self, result: IngestResult) -> None:
         self.totals["messages"] += 1
@@ -318,10 +326,10 @@ class Ingest:
             msg.status[gw] = None if row is None else str(row[0])
         status = msg.status[gw]
         if status is None or status != "active":
-            reason = "unknown_gateway" if status is None else "decommissioned"
+            # decommissioned, or revoked (its certificate too: central/ca.py)
+            reason = "unknown_gateway" if status is None else status
             self._quarantine(msg, reason, f"gateway {gw!r} is "
-                             f"{'not registered' if status is None else 'decommissioned'}",
-                             line)
+                             f"{'not registered' if status is None else status}", line)
             return None
         return rec
 
@@ -354,9 +362,9 @@ class Ingest:
         want = sorted({s + d for s in seqs for d in (-1, 0, 1)} - msg.known)
         for i in range(0, len(want), _READ_AHEAD):
             chunk = want[i:i + _READ_AHEAD]
-            marks = ", ".join("?" * len(chunk))
+            among, params = msg.tx.in_list("seq", chunk)
             for r in msg.tx.all(f"SELECT seq, data, digest, prev FROM records WHERE gw = ? "  # noqa: S608 (placeholders only)
-                                f"AND seq IN ({marks})", [gw, *chunk]):
+                                f"AND {among}", [gw, *params]):
                 msg.stored[int(r[0])] = (bytes(r[1]), bytes(r[2]), bytes(r[3]))
             msg.known.update(chunk)
 
