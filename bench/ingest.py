@@ -5,9 +5,11 @@
 The records are sealed beforehand (``lab.chains.Chain``: one gateway, a ``key.session``
 and then ``tag.presence`` records signed by its session key, Ed25519) and cut into
 messages as the gateway's uplink does (at most ``BATCH_RECORDS`` records of one class a
-message). Each backend gets the same messages, in order, through
-``Ingest.ingest_message(topic, payload)``: one transaction per message, every record
-verified, chained and stored once.
+message, each ending with its head statement). Each backend gets the same messages, in
+order, through ``Ingest.ingest_messages``, ``--group`` messages a transaction as a
+consumer with a backlog does (``--group 1``: one transaction a message): every record
+verified (by the head covering its message, its own signature on a 1-in-32 sample:
+docs/records.md, Transport), chained and stored once.
 
 - PostgreSQL: a private server of this machine's binaries (``lab/postgres.py``, a fresh
   cluster on a loopback port, fsync on), over TCP on 127.0.0.1;
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from central.consumer import MAX_BATCH_MESSAGES  # noqa: E402
 from central.db import open_db  # noqa: E402
 from central.ingest import Ingest  # noqa: E402
 from core.record import Source, Timestamp  # noqa: E402
@@ -113,8 +116,20 @@ def _progress(label: str, messages: list[bytes]) -> Iterator[bytes]:
                   f"{now - start:.0f} s", file=sys.stderr)
 
 
+def _groups(messages: Iterator[bytes], group: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for msg in messages:
+        batch.append(msg)
+        if len(batch) == group:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run_backend(label: str, url: str, chain: Chain, messages: list[bytes],
-                records: int, *, pg: Postgres | None = None) -> dict[str, Any]:
+                records: int, *, group: int = 1,
+                pg: Postgres | None = None) -> dict[str, Any]:
     print(f"ingest bench: {label}: {records} records in {len(messages)} messages",
           file=sys.stderr)
     topic = records_topic(GATEWAY_ID)
@@ -124,8 +139,8 @@ def run_backend(label: str, url: str, chain: Chain, messages: list[bytes],
         stored = 0
         server0 = _server_cpu_s(pg) if pg is not None else 0.0
         cpu0, wall0 = _cpu_s(), time.perf_counter()
-        for msg in _progress(label, messages):
-            stored += ingest.ingest_message(topic, msg).stored
+        for batch in _groups(_progress(label, messages), group):
+            stored += sum(r.stored for r in ingest.ingest_messages([(topic, m) for m in batch]))
         wall, cpu = time.perf_counter() - wall0, _cpu_s() - cpu0
         server = _server_cpu_s(pg) - server0 if pg is not None else 0.0
         with db.transaction() as tx:
@@ -153,27 +168,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="records per backend, the key.session included (20,000)")
     parser.add_argument("--batch", type=int, default=BATCH_RECORDS,
                         help=f"records a message, at most (the gateway's: {BATCH_RECORDS})")
+    parser.add_argument("--group", type=int, default=MAX_BATCH_MESSAGES,
+                        help="messages a transaction at most (the consumer's: "
+                             f"{MAX_BATCH_MESSAGES}; 1: one transaction a message)")
     parser.add_argument("--backend", choices=("postgresql", "sqlite"), action="append",
                         help="only this backend (repeat for both; default both)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as one JSON object on the last line")
     args = parser.parse_args(argv)
-    if args.records < 2 or args.batch < 1:
-        parser.error("--records must be at least 2 and --batch at least 1")
+    if args.records < 2 or args.batch < 1 or args.group < 1:
+        parser.error("--records must be at least 2, --batch and --group at least 1")
     backends = args.backend or ["postgresql", "sqlite"]
     print(f"ingest bench: sealing {args.records} records", file=sys.stderr)
     chain, messages = seal_messages(args.records, args.batch)
     results: dict[str, Any] = {"records": args.records, "batch": args.batch,
+                               "group": args.group,
                                "messages": len(messages), "machine": platform.machine(),
                                "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="smartcorr-ingest-bench-") as tmp:
         if "postgresql" in backends:
             with Postgres() as pg:
                 results["postgresql"] = run_backend("postgresql", pg.dsn, chain, messages,
-                                                    args.records, pg=pg)
+                                                    args.records, group=args.group, pg=pg)
         if "sqlite" in backends:
             results["sqlite"] = run_backend("sqlite", f"sqlite:///{tmp}/ingest.db", chain,
-                                            messages, args.records)
+                                            messages, args.records, group=args.group)
     if args.json:
         print(json.dumps(results, sort_keys=True))
     else:

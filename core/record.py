@@ -16,9 +16,9 @@ refuses any other text.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +49,7 @@ def b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-_B64U_TEXT = re.compile(r"[A-Za-z0-9_-]*")
+_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 def unb64u(text: str) -> bytes:
@@ -57,11 +57,17 @@ def unb64u(text: str) -> bytes:
     else: padding, a character outside the URL-safe alphabet (``+``, ``/``, whitespace),
     a length of 4n+1, or unused low bits of the last character that are not zero. Each
     byte string has one text, so a record cannot be altered without changing its bytes."""
-    if not _B64U_TEXT.fullmatch(text) or len(text) % 4 == 1:
+    if len(text) % 4 == 1 or "+" in text or "/" in text or "=" in text:
         raise ValueError("Invalid base64url: padding, a character outside the URL-safe "
                          "alphabet or a length of 4n+1 (RFC 4648 section 5, unpadded)")
-    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if b64u(data) != text:
+    standard = text.translate(_TO_STANDARD) + "=" * (-len(text) % 4)
+    try:  # strict: any character outside the alphabet (whitespace, non-ASCII) is an error
+        data = binascii.a2b_base64(standard, strict_mode=True)
+    except ValueError:  # binascii.Error, or a non-ASCII str
+        raise ValueError("Invalid base64url: padding, a character outside the URL-safe "
+                         "alphabet or a length of 4n+1 (RFC 4648 section 5, unpadded)"
+                         ) from None
+    if binascii.b2a_base64(data, newline=False) != standard.encode("ascii"):
         raise ValueError("Invalid base64url: non-zero unused bits (not its one form)")
     return data
 
