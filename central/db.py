@@ -301,6 +301,19 @@ class Transaction(Protocol):
         on SQLite (at most 900 values), ``= ANY(?)`` with one array on PostgreSQL (one
         statement text whatever the number, so the driver parses it once)."""
 
+    #: rows :meth:`values` takes at most
+    values_max: int
+
+    def values(self, name: str, columns: Sequence[str], types: Sequence[str],
+               rows: Sequence[Sequence[Param]]) -> tuple[str, list[Param]]:
+        """A common table expression ``name(columns) AS (…)`` holding *rows* (PostgreSQL
+        *types* name the columns' types), for ``WITH``, and its parameters: a VALUES list
+        on SQLite, ``unnest`` of one array a column on PostgreSQL (one statement text
+        whatever the number of rows)."""
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Param]]) -> None:
+        """Run *sql* once for each of *rows* (PostgreSQL: in one pipeline)."""
+
     def lock_alarms(self) -> None:
         """Until the end of this transaction, no other one numbers alarms (so alarm ids
         become visible in their order: a follower's cursor never skips one)."""
@@ -338,6 +351,20 @@ class _SqliteTx:
         if len(values) > _SQLITE_IN_MAX:
             raise ValueError(f"in_list: {len(values)} values (at most {_SQLITE_IN_MAX})")
         return f"{column} IN ({', '.join('?' * len(values))})", list(values)
+
+    values_max = 150  # up to 6 columns: within SQLite's 999 parameters
+
+    def values(self, name: str, columns: Sequence[str], types: Sequence[str],
+               rows: Sequence[Sequence[Param]]) -> tuple[str, list[Param]]:
+        del types
+        if not 0 < len(rows) <= self.values_max or len(columns) > 6:
+            raise ValueError(f"values: {len(rows)} rows of {len(columns)} columns")
+        row = f"({', '.join('?' * len(columns))})"
+        return (f"{name}({', '.join(columns)}) AS (VALUES {', '.join([row] * len(rows))})",
+                [p for r in rows for p in r])
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Param]]) -> None:
+        self._conn.executemany(sql, rows)
 
     def lock_alarms(self) -> None:
         pass
@@ -382,6 +409,18 @@ class _PgTx:
 
     def in_list(self, column: str, values: Sequence[Param]) -> tuple[str, list[Param]]:
         return f"{column} = ANY(?)", [list(values)]  # type: ignore[list-item]
+
+    values_max = 100_000
+
+    def values(self, name: str, columns: Sequence[str], types: Sequence[str],
+               rows: Sequence[Sequence[Param]]) -> tuple[str, list[Param]]:
+        arrays = ", ".join(f"?::{kind}[]" for kind in types)
+        return (f"{name}({', '.join(columns)}) AS (SELECT * FROM unnest({arrays}))",  # noqa: S608 (names from the code)
+                [list(column) for column in zip(*rows, strict=True)])  # type: ignore[misc]
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Param]]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(self._sql(sql), [tuple(r) for r in rows])
 
     def lock_alarms(self) -> None:
         self._conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_LOCK_ALARMS,))

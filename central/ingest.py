@@ -17,6 +17,7 @@ the consumer does not acknowledge it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -24,8 +25,9 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from central.db import Database, Param, Row, Transaction
 from central.record import (
@@ -56,6 +58,7 @@ from core.suites import Verifier as PublicKey
 from core.topics import TOPIC_ROOT
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Bounds on what one message and one record may be; beyond, quarantined ``oversized``.
 MAX_MESSAGE_BYTES = 1 << 20
@@ -126,41 +129,124 @@ _RECORD_COLUMNS = ("gw", "seq", "kind", "prio", "digest", "prev", "boot", "t", "
 _Stored = tuple[bytes, bytes, bytes]  # a stored record's data, digest, prev
 
 
-@dataclass(frozen=True, slots=True)
-class _Msg:
-    """One message being ingested: its transaction, result, gateway, topic and time, and
-    what the message learnt of the gateway's state. The transaction holds the gateway's
-    lock, so that state changes only by this message: the caches below are exact."""
+@dataclass
+class _GwState:
+    """What one transaction learnt of one gateway's state. The transaction holds the
+    gateway's lock, so that state changes only by this transaction: the caches are exact."""
 
-    tx: Transaction
-    result: IngestResult
-    gw: str | None
-    topic: str
-    now: int
-    #: the gateway's status, once read
-    status: dict[str, str | None] = field(default_factory=dict)
     #: per class, the highest seq stored (None: none), once read, then kept up to date
     top: dict[str, int | None] = field(default_factory=dict)
-    #: records stored by this message, written in multi-row INSERTs by :meth:`flush`
+    #: records stored by this transaction, written together by :meth:`_Batch.flush`
     pending: dict[int, tuple[_Stored, tuple[Param, ...]]] = field(default_factory=dict)
     #: per session kid, the certificate row last found (with the next certificate's seq)
     sessions: dict[str, Row] = field(default_factory=dict)
+    #: per session kid, (alg, pubkey, boot) for heads; None: no such session stored
+    head_keys: dict[str, Row | None] = field(default_factory=dict)
     #: the gateway's identities, once read (dropped when one is added)
     identities: list[list[TrustedIdentity]] = field(default_factory=list)
-    #: stored records read ahead for the message's seqs (see :meth:`Ingest._read_ahead`)
+    #: stored records read ahead (see :meth:`Ingest._read_ahead`)
     stored: dict[int, _Stored] = field(default_factory=dict)
     #: the seqs whose stored record (or its absence) ``stored`` knows
     known: set[int] = field(default_factory=set)
-    #: the session kid whose records the message's verified head covers (a list: set once)
-    covered: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """One transaction's messages: their shared reads and their writes, made together."""
+
+    tx: Transaction
+    now: int
+    #: each gateway's status (None: not registered), read for all at once
+    status: dict[str, str | None] = field(default_factory=dict)
+    gateways: dict[str, _GwState] = field(default_factory=dict)
+    #: per gateway, the highest verified head: (committed_seq, boot, kid)
+    heads: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    #: rows of the reorders table
+    reorders: list[tuple[Param, ...]] = field(default_factory=list)
+
+    def state(self, gw: str) -> _GwState:
+        if gw not in self.gateways:
+            self.gateways[gw] = _GwState()
+        return self.gateways[gw]
 
     def flush(self) -> None:
-        """Write the pending records."""
-        if self.pending:
-            self.tx.insert_rows("records", _RECORD_COLUMNS,
-                                [params for _, params in self.pending.values()])
-            self.pending.clear()
+        """Write what the messages found: records, heads, reorders."""
+        rows = [params for st in self.gateways.values() for _, params in st.pending.values()]
+        if rows:
+            self.tx.insert_rows("records", _RECORD_COLUMNS, rows)
+        for st in self.gateways.values():
+            st.pending.clear()
+        if self.reorders:
+            self.tx.execute_many("INSERT INTO reorders (gw, seq, prio, after_seq, found_at) "
+                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", self.reorders)
+            self.reorders.clear()
+        if self.heads:
+            self.tx.execute_many(
+                "INSERT INTO heads (gw, committed_seq, boot, kid, received_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET "
+                "committed_seq = excluded.committed_seq, boot = excluded.boot, "
+                "kid = excluded.kid, received_at = excluded.received_at "
+                "WHERE excluded.committed_seq > heads.committed_seq",
+                [(gw, seq, boot, kid, self.now) for gw, (seq, boot, kid) in self.heads.items()])
+            self.heads.clear()
 
+
+@dataclass
+class _Msg:
+    """One message being ingested: its batch, result, gateway and topic; the gateway's
+    state (shared by the batch's messages of that gateway)."""
+
+    batch: _Batch
+    result: IngestResult
+    gw: str | None
+    topic: str
+    #: the session kid whose records the message's verified head covers (set once)
+    covered: list[str] = field(default_factory=list)
+    #: the message's lines and the records parsed of them (by :meth:`Ingest._prepare`)
+    lines: list[bytes] = field(default_factory=list)
+    parsed: list[tuple[bytes, dict[str, JSON] | None]] = field(default_factory=list)
+    #: the index of the last line not yet looked at as a head
+    last: int = -1
+
+    @property
+    def tx(self) -> Transaction:
+        return self.batch.tx
+
+    @property
+    def now(self) -> int:
+        return self.batch.now
+
+    @property
+    def status(self) -> dict[str, str | None]:
+        return self.batch.status
+
+    @property
+    def st(self) -> _GwState:
+        return self.batch.state(self.gw or "")
+
+    @property
+    def top(self) -> dict[str, int | None]:
+        return self.st.top
+
+    @property
+    def pending(self) -> dict[int, tuple[_Stored, tuple[Param, ...]]]:
+        return self.st.pending
+
+    @property
+    def sessions(self) -> dict[str, Row]:
+        return self.st.sessions
+
+    @property
+    def identities(self) -> list[list[TrustedIdentity]]:
+        return self.st.identities
+
+    @property
+    def stored(self) -> dict[int, _Stored]:
+        return self.st.stored
+
+    @property
+    def known(self) -> set[int]:
+        return self.st.known
 
 
 @functools.lru_cache(maxsize=4096)
@@ -248,24 +334,35 @@ class Ingest:
         results = [IngestResult() for _ in messages]
         gateways = [gateway_of_topic(topic) for topic, _ in messages]
         with self.db.transaction() as tx:
+            batch = _Batch(tx, now)
             tx.lock_gateways({gw for gw in gateways if gw is not None})
+            self._read_status(batch, {gw for gw in gateways if gw is not None})
+            msgs: list[_Msg] = []
             for (topic, payload), gw, result in zip(messages, gateways, results, strict=True):
+                msg = _Msg(batch, result, gw, topic)
                 if gw is None:
-                    self._quarantine(_Msg(tx, result, None, topic, now), "bad_topic",
+                    self._quarantine(msg, "bad_topic",
                                      f"not a records topic ({TOPIC_ROOT}/<gw>/records)",
                                      payload)
                 elif len(payload) > MAX_MESSAGE_BYTES:
-                    self._quarantine(_Msg(tx, result, gw, topic, now), "oversized",
-                                     f"message of {len(payload)} bytes (at most "
-                                     f"{MAX_MESSAGE_BYTES})", payload)
+                    self._quarantine(msg, "oversized", f"message of {len(payload)} bytes "
+                                     f"(at most {MAX_MESSAGE_BYTES})", payload)
                 else:
-                    msg = _Msg(tx, result, gw, topic, now)
-                    self._records(msg, gw, payload)
-                    msg.flush()
-            if any(result.alarms for result in results):
+                    self._prepare(msg, gw, payload)
+                    msgs.append(msg)
+            self._read_sessions(batch, msgs)
+            self._read_ahead_all(batch, msgs)
+            self._read_tops(batch, msgs)
+            for msg in msgs:
+                self._finish(msg)
+            batch.flush()
+            alarms = [alarm for result in results for alarm in result.alarms]
+            if alarms:
                 tx.lock_alarms()
+                ids = self._number(tx, alarms, now)
                 for result in results:
-                    result.alarms = [self._number(tx, alarm, now) for alarm in result.alarms]
+                    result.alarms = [Alarm(ids.get((a.gateway_id, a.seq), 0), a.gateway_id,
+                                           a.seq, a.kind, a.t, now) for a in result.alarms]
         for result in results:
             self._count(result)
             for alarm in result.alarms if self._on_alarm is not None else []:
@@ -277,14 +374,20 @@ class Ingest:
         return results
 
     @staticmethod
-    def _number(tx: Transaction, alarm: Alarm, now: int) -> Alarm:
-        """Store *alarm* in the alarms table: the same alarm with its id (a cursor)."""
-        tx.execute("INSERT INTO alarms (gw, seq, kind, t, stored_at) VALUES (?, ?, ?, ?, ?)",
-                   (alarm.gateway_id, alarm.seq, alarm.kind, alarm.t, now))
-        row = tx.one("SELECT id FROM alarms WHERE gw = ? AND seq = ?",
-                     (alarm.gateway_id, alarm.seq))
-        return Alarm(int(row[0]) if row else 0, alarm.gateway_id, alarm.seq, alarm.kind,
-                     alarm.t, now)
+    def _number(tx: Transaction, alarms: list[Alarm], now: int) -> dict[tuple[str, int], int]:
+        """Store *alarms* in the alarms table, in their order: their ids (cursors)."""
+        ids: dict[tuple[str, int], int] = {}
+        for chunk in _chunks([(a.gateway_id, a.seq, a.kind, a.t) for a in alarms],
+                             tx.values_max):
+            cte, params = tx.values("a", ("gw", "seq", "kind", "t", "n"),
+                                    ("text", "bigint", "text", "bigint", "bigint"),
+                                    [(*row, n) for n, row in enumerate(chunk)])
+            for gw, seq, alarm_id in tx.all(
+                    f"WITH {cte} INSERT INTO alarms (gw, seq, kind, t, stored_at) "  # noqa: S608 (placeholders only)
+                    "SELECT gw, seq, kind, t, ? FROM a ORDER BY n RETURNING gw, seq, id",
+                    [*params, now]):
+                ids[(str(gw), int(seq))] = int(alarm_id)
+        return ids
 
     def _count(self, result: IngestResult) -> None:
         self.totals["messages"] += 1
@@ -333,40 +436,120 @@ class Ingest:
             return None
         return rec
 
-    def _records(self, msg: _Msg, gw: str, payload: bytes) -> None:
-        """The lines of one message of *gw*, in three steps: the head statement ending it
-        first when its session key is stored already (then, if it ``covers`` the message,
-        its one signature signs every record of that key in it); the records, parsed, their
-        stored neighbours read in one query, verified and stored in order; the head last
-        when its key came with the message (a ``key.session`` in it), and any other."""
-        lines = payload.split(b"\n")
-        last = len(lines) - 1
-        if is_head(lines[last]) and self._head(msg, gw, lines[last], payload, early=True):
-            last -= 1  # done
-        parsed: list[tuple[bytes, dict[str, JSON] | None]] = []
-        for line in lines:
+    @staticmethod
+    def _read_status(batch: _Batch, gateways: set[str]) -> None:
+        """Every gateway's status at once."""
+        batch.status.update(dict.fromkeys(gateways))
+        names = sorted(gateways)
+        for chunk in _chunks(names, batch.tx.values_max):
+            among, params = batch.tx.in_list("gw", chunk)
+            for gw, status in batch.tx.all(f"SELECT gw, status FROM gateways WHERE {among}",  # noqa: S608 (placeholders only)
+                                           params):
+                batch.status[str(gw)] = str(status)
+
+    def _prepare(self, msg: _Msg, gw: str, payload: bytes) -> None:
+        """Split one message of *gw* and parse its records (nothing verified yet)."""
+        msg.lines = payload.split(b"\n")
+        msg.last = len(msg.lines) - 1
+        for line in msg.lines:
             if is_head(line) or not line:
                 continue
             msg.result.records += 1
-            parsed.append((line, self._admit(msg, gw, line)))
-        self._read_ahead(msg, gw, [int(r["seq"]) for _, r in parsed if r is not None])
-        for line, rec in parsed:
-            if rec is not None:
-                self._one(msg, gw, line, rec=rec, in_message=True)
-        for i, line in enumerate(lines):
-            if i <= last and is_head(line):
-                self._head(msg, gw, line, payload)
+            msg.parsed.append((line, self._admit(msg, gw, line)))
 
-    def _read_ahead(self, msg: _Msg, gw: str, seqs: list[int]) -> None:
-        """Read the stored records at, before and after each of *seqs* in few queries."""
+    @staticmethod
+    def _read_sessions(batch: _Batch, msgs: list[_Msg]) -> None:
+        """The session certificates every record and final head of the batch names, at
+        once: for each (gateway, kid), the latest row and the key heads are checked with."""
+        pairs: set[tuple[str, str]] = set()
+        for msg in msgs:
+            gw = msg.gw or ""
+            pairs.update((gw, str(rec["kid"])) for _, rec in msg.parsed
+                         if rec is not None and "alg" in rec)
+            if msg.lines and is_head(msg.lines[-1]):
+                with contextlib.suppress(ValueError):
+                    pairs.add((gw, parse_head(msg.lines[-1]).kid))
+        for chunk in _chunks(sorted(pairs), batch.tx.values_max):
+            cte, params = batch.tx.values("w", ("gw", "kid"), ("text", "text"), chunk)
+            rows = batch.tx.all(
+                f"WITH {cte} SELECT s.gw, s.kid, s.from_seq, s.alg, s.pubkey, s.boot, "  # noqa: S608 (placeholders only)
+                "s.until_mono, s.key_class, (SELECT n.from_seq FROM sessions n WHERE "
+                "n.gw = s.gw AND n.from_seq > s.from_seq ORDER BY n.from_seq LIMIT 1) "
+                "FROM sessions s JOIN w ON s.gw = w.gw AND s.kid = w.kid ORDER BY s.from_seq",
+                params)
+            for gw, kid in chunk:
+                batch.state(gw).head_keys[kid] = None
+            for row in rows:  # by from_seq: the latest of each kid is kept
+                st = batch.state(str(row[0]))
+                st.sessions[str(row[1])] = tuple(row[2:])
+                st.head_keys[str(row[1])] = (row[3], row[4], row[5])
+
+    def _early_head(self, msg: _Msg) -> None:
+        """The head statement ending the message, verified before its records when its
+        session key is stored already: if it ``covers`` the message, its one signature
+        signs every record of that key in it."""
+        last = msg.lines[msg.last] if msg.lines else b""
+        if is_head(last) and self._head(msg, msg.gw or "", last, b"\n".join(msg.lines),
+                                        early=True):
+            msg.last -= 1  # done
+
+    @staticmethod
+    def _read_ahead_all(batch: _Batch, msgs: list[_Msg]) -> None:
+        """The stored records at, before and after every seq of the batch, at once."""
+        want: set[tuple[str, int]] = set()
+        for msg in msgs:
+            st, gw = msg.st, msg.gw or ""
+            want.update((gw, int(rec["seq"]) + d) for _, rec in msg.parsed
+                        if rec is not None for d in (-1, 0, 1)
+                        if int(rec["seq"]) + d not in st.known)
+        for chunk in _chunks(sorted(want), batch.tx.values_max):
+            cte, params = batch.tx.values("w", ("gw", "seq"), ("text", "bigint"), chunk)
+            for r in batch.tx.all(f"WITH {cte} SELECT r.gw, r.seq, r.data, r.digest, r.prev "  # noqa: S608 (placeholders only)
+                                  "FROM records r JOIN w ON r.gw = w.gw AND r.seq = w.seq",
+                                  params):
+                batch.state(str(r[0])).stored[int(r[1])] = (bytes(r[2]), bytes(r[3]),
+                                                             bytes(r[4]))
+            for gw, seq in chunk:
+                batch.state(gw).known.add(seq)
+
+    @staticmethod
+    def _read_tops(batch: _Batch, msgs: list[_Msg]) -> None:
+        """The highest stored seq of each class every message's records are of, at once."""
+        want = sorted({(msg.gw or "", str(rec["prio"])) for msg in msgs
+                       for _, rec in msg.parsed if rec is not None} -
+                      {(gw, prio) for gw, st in batch.gateways.items() for prio in st.top})
+        for chunk in _chunks(want, batch.tx.values_max):
+            cte, params = batch.tx.values("w", ("gw", "prio"), ("text", "text"), chunk)
+            for gw, prio, seq in batch.tx.all(
+                    f"WITH {cte} SELECT w.gw, w.prio, (SELECT r.seq FROM records r "  # noqa: S608 (placeholders only)
+                    "WHERE r.gw = w.gw AND r.prio = w.prio ORDER BY r.seq DESC LIMIT 1) FROM w",
+                    params):
+                batch.state(str(gw)).top[str(prio)] = None if seq is None else int(seq)
+
+    @staticmethod
+    def _read_ahead(msg: _Msg, gw: str, seqs: list[int]) -> None:
+        """Read the stored records at, before and after each of *seqs* of *gw*."""
         want = sorted({s + d for s in seqs for d in (-1, 0, 1)} - msg.known)
-        for i in range(0, len(want), _READ_AHEAD):
-            chunk = want[i:i + _READ_AHEAD]
+        for chunk in _chunks(want, _READ_AHEAD):
             among, params = msg.tx.in_list("seq", chunk)
             for r in msg.tx.all(f"SELECT seq, data, digest, prev FROM records WHERE gw = ? "  # noqa: S608 (placeholders only)
                                 f"AND {among}", [gw, *params]):
                 msg.stored[int(r[0])] = (bytes(r[1]), bytes(r[2]), bytes(r[3]))
             msg.known.update(chunk)
+
+    def _finish(self, msg: _Msg) -> None:
+        """The head ending the message first (:meth:`_early_head`), then its records
+        verified and stored in order, then its heads not looked at yet (the final one
+        when its key came with the message: a ``key.session`` in it)."""
+        gw = msg.gw or ""
+        self._early_head(msg)  # after the batch's earlier messages: their key.session too
+        for line, rec in msg.parsed:
+            if rec is not None:
+                self._one(msg, gw, line, rec=rec, in_message=True)
+        payload = b"\n".join(msg.lines)
+        for i, line in enumerate(msg.lines):
+            if i <= msg.last and is_head(line):
+                self._head(msg, gw, line, payload)
 
     def _head(self, msg: _Msg, gw: str, line: bytes, payload: bytes, *,
               early: bool = False) -> bool:
@@ -384,8 +567,11 @@ class Ingest:
             self._quarantine(msg, "wrong_gateway", f"head of {head.gateway_id!r} on the "
                              f"topic of {gw!r}", line)
             return True
-        row = msg.tx.one("SELECT alg, pubkey, boot FROM sessions WHERE gw = ? AND kid = ? "
-                         "LIMIT 1", (gw, head.kid))
+        if head.kid in msg.st.head_keys:
+            row = msg.st.head_keys[head.kid]
+        else:
+            row = msg.tx.one("SELECT alg, pubkey, boot FROM sessions WHERE gw = ? AND kid = ? "
+                             "LIMIT 1", (gw, head.kid))
         if row is None:
             return False
         try:
@@ -397,13 +583,9 @@ class Ingest:
         if covers and early:
             msg.covered.append(head.kid)
         msg.result.heads += 1
-        msg.tx.execute(
-            "INSERT INTO heads (gw, committed_seq, boot, kid, received_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET "
-            "committed_seq = excluded.committed_seq, boot = excluded.boot, "
-            "kid = excluded.kid, received_at = excluded.received_at "
-            "WHERE excluded.committed_seq > heads.committed_seq",
-            (gw, head.committed_seq, head.boot, head.kid, msg.now))
+        known = msg.batch.heads.get(gw)
+        if known is None or head.committed_seq > known[0]:
+            msg.batch.heads[gw] = (head.committed_seq, head.boot, head.kid)
         return True
 
     def _one(self, msg: _Msg, gw: str, line: bytes, *, released: bool = False,
@@ -516,6 +698,7 @@ class Ingest:
                       (gw, seq, cert.kid, cert.alg, cert.public_raw, cert.boot,
                        cert.until_mono, ident.kid, ident.key_class)):
             msg.sessions.clear()  # a new certificate: the rows found may end sooner now
+            msg.st.head_keys.pop(cert.kid, None)
         return verified
 
     def _trust_rotation(self, msg: _Msg, rec: VerifiedRecord, data: bytes) -> bool:
@@ -552,9 +735,7 @@ class Ingest:
         result.stored += 1
         if higher is not None and higher > seq:
             result.reorders += 1
-            tx.execute("INSERT INTO reorders (gw, seq, prio, after_seq, found_at) "
-                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                       (gw, seq, prio, higher, now))
+            msg.batch.reorders.append((gw, seq, prio, higher, now))
         before = near.get(seq - 1)
         if before is not None and before[1] != rec.prev:
             self._break(msg, gw, seq)
@@ -611,6 +792,11 @@ class Ingest:
                     result.held -= 1
                 else:
                     progress = True
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
 
 def _ranges(body: JSON) -> Iterable[tuple[int, int]]:
     if not isinstance(body, dict):

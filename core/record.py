@@ -49,9 +49,6 @@ def b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-_TO_STANDARD = str.maketrans("-_", "+/")
-
-
 def unb64u(text: str) -> bytes:
     """The bytes whose :func:`b64u` is exactly *text*; :class:`ValueError` for anything
     else: padding, a character outside the URL-safe alphabet (``+``, ``/``, whitespace),
@@ -60,7 +57,7 @@ def unb64u(text: str) -> bytes:
     if len(text) % 4 == 1 or "+" in text or "/" in text or "=" in text:
         raise ValueError("Invalid base64url: padding, a character outside the URL-safe "
                          "alphabet or a length of 4n+1 (RFC 4648 section 5, unpadded)")
-    standard = text.translate(_TO_STANDARD) + "=" * (-len(text) % 4)
+    standard = text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4)
     try:  # strict: any character outside the alphabet (whitespace, non-ASCII) is an error
         data = binascii.a2b_base64(standard, strict_mode=True)
     except ValueError:  # binascii.Error, or a non-ASCII str

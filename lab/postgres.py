@@ -33,6 +33,8 @@ from lab.mosquitto import free_port
 
 #: How long the server may take to accept connections after ``pg_ctl start``, seconds.
 STARTUP_TIMEOUT_S = 30.0
+#: Ports tried when the one picked is taken before the server binds it.
+PORT_ATTEMPTS = 3
 #: Between two ``pg_isready`` probes while it starts, seconds.
 PROBE_INTERVAL_S = 0.05
 #: How long ``pg_ctl stop -m fast`` may take, seconds.
@@ -173,14 +175,27 @@ class Postgres:
                           f"--pwfile={pwfile}")
             finally:
                 pwfile.unlink(missing_ok=True)
-        self.port = free_port(self.host)
-        with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write(f"\n# lab/postgres.py\nlisten_addresses = '{self.host}'\n"
-                       f"port = {self.port}\nunix_socket_directories = '{self.data}'\n")
-        self._run("pg_ctl", "start", "-W", "-D", str(self.data), "-l", str(self.logfile))
-        self._running = True
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # free_port's port may be taken before the server binds it (another process
+            # picking ports at the same time): then another port
+            self.port = free_port(self.host)
+            with (self.data / "postgresql.conf").open("a") as conf:  # the last one counts
+                conf.write(f"\n# lab/postgres.py\nlisten_addresses = '{self.host}'\n"
+                           f"port = {self.port}\nunix_socket_directories = '{self.data}'\n")
+            if self.logfile.exists():
+                self.logfile.write_text("")  # this attempt's FATAL lines only
+            self._run("pg_ctl", "start", "-W", "-D", str(self.data), "-l", str(self.logfile))
+            self._running = True
+            try:
+                self._wait_ready()
+                break
+            except PostgresError as exc:
+                taken = "could not bind" in str(exc) or "already in use" in str(exc)
+                if attempt == PORT_ATTEMPTS or not taken:
+                    self.stop()
+                    raise
+                self._running = False  # it exited: try another port
         try:
-            self._wait_ready()
             self._create_role()
             self.create_database(self.database)
         except BaseException:
