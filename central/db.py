@@ -261,12 +261,89 @@ _COMMON_V4 = [
 ]
 #: The schema version that has the tables of central/retention.py.
 RETENTION_SCHEMA_VERSION = 4
+#: Version 5: enrolment and revocation (central/ca.py, docs/enrolment.md): a gateway's
+#: status may be ``revoked`` (when, why); every certificate the platform's CA issued (the
+#: CRL is made from it); the one-time claim tokens, stored hashed. SQLite cannot change a
+#: CHECK: the gateways table is rebuilt, its rows copied, with foreign keys checked at
+#: the commit (``defer_foreign_keys``: dropped and re-inserted parents leave none orphan).
+_GATEWAYS_V5_STATUS = {
+    "sqlite": [
+        "PRAGMA defer_foreign_keys = ON",
+        "CREATE TABLE gateways_v4 AS SELECT gw, status, registration, tls_fingerprint, "
+        "enrolled_at, decommissioned_at FROM gateways",
+        "DROP TABLE gateways",
+        """CREATE TABLE gateways (
+        gw TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('active', 'decommissioned', 'revoked')),
+        registration TEXT NOT NULL,
+        tls_fingerprint TEXT,
+        enrolled_at BIGINT NOT NULL,
+        decommissioned_at BIGINT,
+        revoked_at BIGINT,
+        revoke_reason TEXT
+    )""",
+        "INSERT INTO gateways (gw, status, registration, tls_fingerprint, enrolled_at, "
+        "decommissioned_at) SELECT gw, status, registration, tls_fingerprint, enrolled_at, "
+        "decommissioned_at FROM gateways_v4",
+        "DROP TABLE gateways_v4",
+    ],
+    "postgresql": [
+        "ALTER TABLE gateways DROP CONSTRAINT gateways_status_check",
+        "ALTER TABLE gateways ADD CONSTRAINT gateways_status_check "
+        "CHECK (status IN ('active', 'decommissioned', 'revoked'))",
+        "ALTER TABLE gateways ADD COLUMN revoked_at BIGINT",
+        "ALTER TABLE gateways ADD COLUMN revoke_reason TEXT",
+    ],
+}
+_COMMON_V5 = [
+    """CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        gw TEXT REFERENCES gateways (gw),
+        cn TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        kid TEXT,
+        request_sha256 TEXT,
+        not_before BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        pem TEXT NOT NULL,
+        revoked_at BIGINT,
+        revoke_reason TEXT
+    )""",
+    "CREATE INDEX certificates_gw ON certificates (gw)",
+    "CREATE INDEX certificates_request ON certificates (request_sha256)",
+    """CREATE TABLE claims (
+        hash {blob} PRIMARY KEY,
+        claim_id TEXT NOT NULL,
+        gw TEXT,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        used_at BIGINT,
+        used_by TEXT,
+        request_sha256 TEXT
+    )""",
+    "CREATE INDEX claims_open ON claims (used_at, expires_at)",
+]
+#: The schema version that has the tables of central/ca.py.
+CA_SCHEMA_VERSION = 5
+#: Version 6: the seq of a gateway's verified ``gateway.decommissioned`` record, its
+#: chain's last (``provision decommission``): records after it are refused.
+_COMMON_V6 = [
+    "ALTER TABLE gateways ADD COLUMN final_seq BIGINT",
+]
 MIGRATIONS: dict[str, list[list[str]]] = {
     backend: [[sql.format(**types) for sql in version]
-              for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3, _COMMON_V4)]
+              for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3, _COMMON_V4,
+                              _GATEWAYS_V5_STATUS[backend] + _COMMON_V5, _COMMON_V6)]
     for backend, types in _TYPES.items()
 }
 SCHEMA_VERSION = len(MIGRATIONS["sqlite"])
+
+
+#: The values of one SQLite ``IN`` list at most (its limit on parameters is 999 in
+#: builds before 3.32).
+_SQLITE_IN_MAX = 900
 
 
 def _key32(text: str) -> int:

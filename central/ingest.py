@@ -74,6 +74,8 @@ ALARM_CLASS = "alarm"
 #: gateway that does (quarantined ``bad_signature``), and an export checks every one.
 SIG_AUDIT = 1 / 32
 TAKEOVER_KIND = "uplink.takeover"
+#: The chain's last record (``provision decommission``: docs/records.md).
+FINAL_KIND = "gateway.decommissioned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,8 @@ class _Batch:
     now: int
     #: each gateway's status (None: not registered), read for all at once
     status: dict[str, str | None] = field(default_factory=dict)
+    #: each gateway's final seq (its verified ``gateway.decommissioned``), if any
+    final: dict[str, int] = field(default_factory=dict)
     gateways: dict[str, _GwState] = field(default_factory=dict)
     #: per gateway, the highest verified head: (committed_seq, boot, kid)
     heads: dict[str, tuple[int, int, str]] = field(default_factory=dict)
@@ -443,9 +447,12 @@ class Ingest:
         names = sorted(gateways)
         for chunk in _chunks(names, batch.tx.values_max):
             among, params = batch.tx.in_list("gw", chunk)
-            for gw, status in batch.tx.all(f"SELECT gw, status FROM gateways WHERE {among}",  # noqa: S608 (placeholders only)
-                                           params):
+            for gw, status, final in batch.tx.all(
+                    f"SELECT gw, status, final_seq FROM gateways WHERE {among}",  # noqa: S608 (placeholders only)
+                    params):
                 batch.status[str(gw)] = str(status)
+                if final is not None:
+                    batch.final[str(gw)] = int(final)
 
     def _prepare(self, msg: _Msg, gw: str, payload: bytes) -> None:
         """Split one message of *gw* and parse its records (nothing verified yet)."""
@@ -599,6 +606,11 @@ class Ingest:
             if rec is None:
                 return
         seq = int(rec["seq"])
+        final = msg.batch.final.get(gw)
+        if final is not None and seq > final:
+            self._quarantine(msg, "after_final", f"seq {seq} of {gw} is after its chain's "
+                             f"last record (gateway.decommissioned at seq {final})", line)
+            return
         near = self._near(msg, gw, seq)
         stored = near.get(seq)
         if stored is not None and stored[0] == line:
@@ -748,6 +760,12 @@ class Ingest:
                            "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (gw, seq, lo, hi))
         if prio == ALARM_CLASS:
             result.alarms.append(Alarm(0, gw, seq, rec.kind, int(body["t"]), now))
+        if rec.kind == FINAL_KIND:  # the records before it may still come, none after
+            log.warning("gateway %s decommissioned itself at seq %d: records after it are "
+                        "refused", gw, seq)
+            msg.batch.final[gw] = seq
+            tx.execute("UPDATE gateways SET final_seq = ? WHERE gw = ? AND (final_seq IS NULL "
+                       "OR final_seq > ?)", (seq, gw, seq))
         return rec.kind == SESSION_KIND or (
             rec.kind == ROTATE_KIND and self._trust_rotation(msg, rec, data))
 
@@ -891,7 +909,7 @@ def report(db: Database, gw: str) -> dict[str, JSON]:
     explained, unexplained = gaps(db, gw)
     with db.transaction(write=False) as tx:
         row = tx.one("SELECT status, tls_fingerprint, enrolled_at, decommissioned_at, "
-                     "registration FROM gateways WHERE gw = ?", (gw,))
+                     "registration, final_seq FROM gateways WHERE gw = ?", (gw,))
         if row is None:
             raise KeyError(gw)
         identities = [{"from_seq": int(r[0]), "kid": r[1], "alg": r[2], "class": r[3]}
@@ -928,6 +946,7 @@ def report(db: Database, gw: str) -> dict[str, JSON]:
                                            "boot": int(head[1]), "received_at": int(head[2])},
         "gw": gw, "status": row[0], "tls_fingerprint": row[1], "enrolled_at": int(row[2]),
         "decommissioned_at": None if row[3] is None else int(row[3]),
+        "final_seq": None if row[5] is None else int(row[5]),
         "records": int(counts[0]) if counts else 0,
         "highest_seq": int(counts[1]) if counts and counts[1] is not None else None,
         "stored_ranges": [list(r) for r in stored_ranges(db, gw)],

@@ -573,3 +573,23 @@ def test_the_consumer_s_stop_line_is_readable() -> None:
     assert stopped_line("c2", {"messages": 4, "stored": 12, "records": 12}) == \
         "consumer c2 stopped: 4 messages, 12 records stored"
     assert stopped_line("c2", {}) == "consumer c2 stopped: 0 messages, 0 records stored"
+
+
+def test_records_after_a_gateway_s_last_record_are_refused(db: Database) -> None:
+    """A verified ``gateway.decommissioned`` ends the chain: the records before it that
+    arrive after it (lower classes behind the alarm) are stored, any after it (a copy of
+    the card that still signs) is refused ``after_final``."""
+    gw = Chain()
+    ingest = enrolled(db, gw)
+    records = session(gw, 4)  # seqs 1..5
+    final = gw.seal("gateway.decommissioned", {"action": "decommission"}, TS)  # seq 6
+    later = gw.seal("tag.presence", {"n": 99}, TS)  # seq 7: signed, but after the end
+    assert send(ingest, gw, [records[0], final])["stored"] == 2
+    assert send(ingest, gw, records[1:])["stored"] == 4
+    refused = send(ingest, gw, [later])
+    assert refused["stored"] == 0
+    assert refused["quarantined"] == {"after_final": 1}
+    r = report(db, gw.gateway_id)
+    assert r["final_seq"] == 6
+    assert r["stored_ranges"] == [[1, 6]]
+    assert r["gaps_unexplained"] == []
