@@ -92,8 +92,10 @@ class TinyStore:
         device_events: Mapping[str, int] | None = None,
         delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
+        forget: Iterable[str] = (),
     ) -> None:
-        """One whole-file rewrite (and fsync) per group: inserts, deletes, chain state."""
+        """One whole-file rewrite (and fsync) per group: inserts, deletes, chain state,
+        ledger entries *forget* names removed."""
         sealed = list(records)
         now = int(time.time())
         new_docs = {
@@ -116,6 +118,8 @@ class TinyStore:
                 devices = data.setdefault(DEVICES, {})
                 for serial, event in device_events.items():
                     devices[serial] = {"serial": serial, "last_event": event}
+            for key in forget:
+                data.get(DEVICES, {}).pop(key, None)
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
                 data[META]["1"].update(last_seq=last.seq,

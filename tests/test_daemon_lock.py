@@ -40,7 +40,10 @@ def _start(cfg: Path, sock_path: Path | None) -> subprocess.Popen[str]:
 
 
 def _ready(server: socket.socket) -> None:
-    assert server.recv(4096).decode().startswith("READY=1")
+    message = server.recv(4096).decode()
+    while message.startswith("STATUS="):  # the uplink's state, at each change
+        message = server.recv(4096).decode()
+    assert message.startswith("READY=1")
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
