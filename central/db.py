@@ -368,6 +368,10 @@ class Transaction(Protocol):
         """:meth:`lock_gateway` of each, in the one order every transaction follows (so
         two transactions never wait on each other in a cycle)."""
 
+    def try_lock_gateways(self, gateways: Iterable[str]) -> set[str]:
+        """Lock those of *gateways* no other transaction holds, without waiting; the
+        others (busy)."""
+
     def insert_rows(self, table: str, columns: Sequence[str],
                     rows: Sequence[Sequence[Param]]) -> None:
         """Insert *rows* (values of *columns*) into *table*, all new (no conflict
@@ -417,6 +421,10 @@ class _SqliteTx:
 
     def lock_gateways(self, gateways: Iterable[str]) -> None:
         del gateways
+
+    def try_lock_gateways(self, gateways: Iterable[str]) -> set[str]:
+        del gateways  # BEGIN IMMEDIATE: every gateway is this transaction's
+        return set()
 
     def insert_rows(self, table: str, columns: Sequence[str],
                     rows: Sequence[Sequence[Param]]) -> None:
@@ -476,6 +484,16 @@ class _PgTx:
         if keys:  # one round trip: a volatile function runs after ORDER BY (PostgreSQL 9.6+)
             self._conn.execute("SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int[]) "
                                "AS k ORDER BY k", (_LOCK_GATEWAY, keys)).fetchall()
+
+    def try_lock_gateways(self, gateways: Iterable[str]) -> set[str]:
+        by_key: dict[int, list[str]] = {}
+        for gw in gateways:
+            by_key.setdefault(_key32(gw), []).append(gw)
+        if not by_key:
+            return set()
+        rows = self._conn.execute("SELECT k, pg_try_advisory_xact_lock(%s, k) FROM "
+                                  "unnest(%s::int[]) AS k", (_LOCK_GATEWAY, list(by_key)))
+        return {gw for k, got in rows.fetchall() if not got for gw in by_key[int(k)]}
 
     def insert_rows(self, table: str, columns: Sequence[str],
                     rows: Sequence[Sequence[Param]]) -> None:

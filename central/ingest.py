@@ -328,45 +328,35 @@ class Ingest:
         return self.ingest_messages([(topic, payload)])[0]
 
     def ingest_messages(self, messages: Sequence[tuple[str, bytes]]) -> list[IngestResult]:
-        """Several MQTT messages (topic, payload) in one transaction, in their order: the
+        """Several MQTT messages (topic, payload), committed together, in their order: the
         same outcome as one :meth:`ingest_message` each, one commit (and one disk flush)
         for all. A consumer with a backlog takes what has arrived
-        (:data:`central.consumer.MAX_BATCH_MESSAGES`). The gateways' locks are all taken
-        first, in one order every consumer follows, so two batches never wait on each
-        other in a cycle."""
+        (:data:`central.consumer.MAX_BATCH_MESSAGES`).
+
+        A gateway's messages are ingested under its lock. The locks that are free are
+        taken at once and their messages committed; the messages of gateways another
+        consumer is ingesting (its batch holds their locks) follow in a second
+        transaction that waits for those locks, taken in one order every consumer
+        follows, so two batches never wait on each other in a cycle — and a consumer
+        never waits for another's batch while it has work it can do."""
         now = self._now_ms()
         results = [IngestResult() for _ in messages]
         gateways = [gateway_of_topic(topic) for topic, _ in messages]
-        with self.db.transaction() as tx:
-            batch = _Batch(tx, now)
-            tx.lock_gateways({gw for gw in gateways if gw is not None})
-            self._read_status(batch, {gw for gw in gateways if gw is not None})
-            msgs: list[_Msg] = []
-            for (topic, payload), gw, result in zip(messages, gateways, results, strict=True):
-                msg = _Msg(batch, result, gw, topic)
-                if gw is None:
-                    self._quarantine(msg, "bad_topic",
-                                     f"not a records topic ({TOPIC_ROOT}/<gw>/records)",
-                                     payload)
-                elif len(payload) > MAX_MESSAGE_BYTES:
-                    self._quarantine(msg, "oversized", f"message of {len(payload)} bytes "
-                                     f"(at most {MAX_MESSAGE_BYTES})", payload)
+        todo = list(range(len(messages)))
+        wait = False
+        while todo:
+            with self.db.transaction() as tx:
+                wanted = {gw for i in todo if (gw := gateways[i]) is not None}
+                if wait:
+                    tx.lock_gateways(wanted)
+                    busy: set[str] = set()
                 else:
-                    self._prepare(msg, gw, payload)
-                    msgs.append(msg)
-            self._read_sessions(batch, msgs)
-            self._read_ahead_all(batch, msgs)
-            self._read_tops(batch, msgs)
-            for msg in msgs:
-                self._finish(msg)
-            batch.flush()
-            alarms = [alarm for result in results for alarm in result.alarms]
-            if alarms:
-                tx.lock_alarms()
-                ids = self._number(tx, alarms, now)
-                for result in results:
-                    result.alarms = [Alarm(ids.get((a.gateway_id, a.seq), 0), a.gateway_id,
-                                           a.seq, a.kind, a.t, now) for a in result.alarms]
+                    busy = tx.try_lock_gateways(wanted)
+                now_ = [i for i in todo if gateways[i] not in busy]
+                self._ingest_in(tx, now, [(messages[i], gateways[i], results[i])
+                                          for i in now_])
+            todo = [i for i in todo if gateways[i] in busy]
+            wait = True
         for result in results:
             self._count(result)
             for alarm in result.alarms if self._on_alarm is not None else []:
@@ -376,6 +366,38 @@ class Ingest:
                     log.exception("the alarm callback failed on %s seq %d",
                                   alarm.gateway_id, alarm.seq)
         return results
+
+    def _ingest_in(self, tx: Transaction, now: int,
+                   items: list[tuple[tuple[str, bytes], str | None, IngestResult]]) -> None:
+        """Ingest *items* (message, its gateway, its result) in *tx*, which holds the
+        locks of their gateways."""
+        batch = _Batch(tx, now)
+        self._read_status(batch, {gw for _, gw, _ in items if gw is not None})
+        msgs: list[_Msg] = []
+        for (topic, payload), gw, result in items:
+            msg = _Msg(batch, result, gw, topic)
+            if gw is None:
+                self._quarantine(msg, "bad_topic",
+                                 f"not a records topic ({TOPIC_ROOT}/<gw>/records)", payload)
+            elif len(payload) > MAX_MESSAGE_BYTES:
+                self._quarantine(msg, "oversized", f"message of {len(payload)} bytes "
+                                 f"(at most {MAX_MESSAGE_BYTES})", payload)
+            else:
+                self._prepare(msg, gw, payload)
+                msgs.append(msg)
+        self._read_sessions(batch, msgs)
+        self._read_ahead_all(batch, msgs)
+        self._read_tops(batch, msgs)
+        for msg in msgs:
+            self._finish(msg)
+        batch.flush()
+        alarms = [alarm for _, _, result in items for alarm in result.alarms]
+        if alarms:
+            tx.lock_alarms()
+            ids = self._number(tx, alarms, now)
+            for _, _, result in items:
+                result.alarms = [Alarm(ids.get((a.gateway_id, a.seq), 0), a.gateway_id,
+                                       a.seq, a.kind, a.t, now) for a in result.alarms]
 
     @staticmethod
     def _number(tx: Transaction, alarms: list[Alarm], now: int) -> dict[tuple[str, int], int]:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from central.db import Database, open_db
 from central.ingest import Ingest, report
 from core.topics import records_topic
 from lab.chains import Chain
+from tests.helpers import wait_for
 from tests.test_ingest import TS, count
 
 
@@ -85,3 +88,49 @@ def test_batches_in_opposite_orders_never_deadlock(db_url: str) -> None:
     with open_db(db_url) as db:
         for chain in gws:
             assert count(db, "records", chain.gateway_id) == 1 + rounds * 5
+
+
+def test_a_busy_gateway_waits_the_others_go_on(db_url: str) -> None:
+    """A batch with a gateway whose lock another transaction holds commits the other
+    gateways' messages at once, and that gateway's once the lock is free (PostgreSQL's
+    advisory locks; SQLite has one writer at a time and nothing to wait for)."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite: one writer at a time, no gateway is ever busy")
+    busy, free = chains(2)
+    with open_db(db_url) as db:
+        setup = Ingest(db)
+        for chain in (busy, free):
+            setup.enrol(chain.registration)
+    batch = [messages(busy, 1, 5)[0], messages(free, 1, 5)[0]]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with open_db(db_url) as db, db.transaction() as tx:
+            tx.lock_gateway(busy.gateway_id)
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    done: list[object] = []
+
+    def ingest() -> None:
+        with open_db(db_url) as db:
+            done.append(Ingest(db, sig_audit=0.0).ingest_messages(batch))
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    try:
+        with open_db(db_url) as db:
+            wait_for(lambda: count(db, "records", free.gateway_id) == 6, timeout=30,
+                     what="the free gateway's records, while the other is busy")
+            assert count(db, "records", busy.gateway_id) == 0
+            assert worker.is_alive()  # waiting for the busy gateway's lock
+    finally:
+        release.set()
+        holder.join(30)
+        worker.join(30)
+    assert done
+    with open_db(db_url) as db:
+        assert count(db, "records", busy.gateway_id) == 6
