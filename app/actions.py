@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from app.removals import mark_of
 from core.record import JSON, Reading, SealedRecord, Source
 from provisioning.actions import (
+    OWN_KINDS,
     BadLine,
     Entry,
     Journal,
     compact,
     journal_aead,
+    journal_path,
     line_digest,
     locked,
     read,
@@ -53,8 +56,12 @@ HASH_KEY = "config:sha256:"  # + file role: first 8 bytes of its SHA-256 (0: abs
 LOADED_AT_KEY = "config:actions_at_load"  # COUNT_KEY at the last config.loaded
 #: The files whose changes are recorded, by role, and the actions that change each.
 TAGS, KIOSKS, CONFIG = "tags", "kiosks", "config"
-TOUCHES: Mapping[str, str] = {"tag.paired": TAGS, "tag.unpaired": TAGS,
-                              "kiosk.paired": KIOSKS, "kiosk.unpaired": KIOSKS}
+TOUCHES: Mapping[str, str] = {"tag.paired": TAGS, "tag.unpaired": TAGS, "tag.replaced": TAGS,
+                              "kiosk.paired": KIOSKS, "kiosk.unpaired": KIOSKS,
+                              "kiosk.replaced": KIOSKS}
+#: The action that ends the chain: sealed as :data:`FINAL_KIND`, the last record
+#: (``StoreWriter.submit_final``); the entries after it are not recorded.
+DECOMMISSION, FINAL_KIND = "decommission", "gateway.decommissioned"
 #: Readings handed to the writer per call (each carries its own ledger values).
 SUBMIT_CHUNK = 256
 
@@ -64,6 +71,8 @@ class Sink(Protocol):
 
     def submit_all(self, readings: list[Reading],
                    on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
+    def submit_final(self, reading: Reading,
+                     on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
     def ledger_value(self, serial: str) -> int | None: ...
 
 
@@ -88,8 +97,12 @@ class LocalActions:
     writer runs, then :meth:`poll` from the health loop; neither raises."""
 
     def __init__(self, sink: Sink, identity: Identity, config_file: Path | None,
-                 source: Source, now_ns: Callable[[], int]) -> None:
+                 source: Source, now_ns: Callable[[], int], *,
+                 on_final: Callable[[], None] | None = None) -> None:
         self._sink = sink
+        #: Called once the final record (a decommission) is submitted.
+        self._on_final = on_final
+        self.final = False
         self._dir = identity.directory
         self._aead = journal_aead(identity)
         self._source = source
@@ -106,12 +119,16 @@ class LocalActions:
         self._reported: set[bytes] = set()  # bad lines submitted (their digests)
         self._reported_committed: set[bytes] = set()  # ... and committed: may be compacted
         self._journal_seen = False
+        self._journal_stat: tuple[int, int, int] | None = None  # what journal_changed saw
+        self._marked: set[str] = set()  # device marks set in this batch (not committed yet)
         self.stats = ActionStats()
 
     # -- the two doors -------------------------------------------------------------------
     def start(self) -> None:
         """Record what the journal holds, then ``config.loaded`` (and ``config.changed``)."""
         self.poll()
+        if self.final:
+            return
         try:
             self._record_config()
         except Exception:
@@ -122,11 +139,23 @@ class LocalActions:
         """Record new journal entries and compact what is committed (health thread)."""
         try:
             self._compact()
-            self._consume()
+            if not self.final:  # nothing is sealed after the final record
+                self._consume()
         except Exception:
             # one failing helper must not end the health thread: counted and logged
             self.stats.errors += 1
             log.exception("local actions: the action journal could not be read")
+
+    def journal_changed(self) -> bool:
+        """Whether the journal file changed since the last call (a stat: cheap enough for
+        the health loop to ask twice a second)."""
+        try:
+            st = journal_path(self._dir).stat()
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            seen = None
+        changed, self._journal_stat = seen != self._journal_stat, seen
+        return changed
 
     # -- the journal ---------------------------------------------------------------------
     def _consume(self) -> None:
@@ -146,11 +175,16 @@ class LocalActions:
             self._journal_id, self._upto = journal.journal_id, 0
         readings: list[Reading] = []
         digests: list[bytes] = []
+        self._marked.clear()
         items: list[Entry | BadLine] = [*journal.entries, *journal.bad]
+        final: Reading | None = None
         for item in sorted(items, key=_order):
             if isinstance(item, Entry):
                 if item.number <= self._upto:
                     continue  # recorded already (committed before a kill, not compacted)
+                if item.action == DECOMMISSION:
+                    final = self._entry_reading(item, journal)
+                    break  # the chain ends with it
                 readings.append(self._entry_reading(item, journal))
             else:
                 digest = line_digest(item.raw)
@@ -164,6 +198,13 @@ class LocalActions:
             chunk = readings[start:start + SUBMIT_CHUNK]
             done = digests if start + SUBMIT_CHUNK >= len(readings) else []
             self._sink.submit_all(chunk, self._on_committed(done))
+        if final is not None:
+            self.final = True
+            log.warning("decommission: the final record is submitted; nothing is recorded "
+                        "after it")
+            self._sink.submit_final(final)
+            if self._on_final is not None:
+                self._on_final()
 
     def _on_committed(self, digests: list[bytes]) -> Callable[[SealedRecord], None]:
         def committed(_record: SealedRecord) -> None:  # the writer's thread
@@ -181,12 +222,19 @@ class LocalActions:
         if role is not None:
             self._touched[role] = self._count
             ledger.append((TOUCHED_KEY + role, self._count))
+        mark = mark_of(entry.action, entry.details)  # an unpaired device's data: app/removals
+        if mark is not None and (mark[1] or mark[0] in self._marked
+                                 or self._sink.ledger_value(mark[0]) is not None):
+            ledger.append(mark)  # 0 (paired again) only over a removal still to come
+            self._marked.add(mark[0])
         body: dict[str, JSON] = {"action": entry.action, "details": dict(entry.details),
                                  "operator": dict(entry.operator), "entry": entry.number,
                                  "journal": journal.journal_id, "at_ms": entry.at_ms}
         log.warning("local action %s by %s (%s) recorded (journal entry %d)", entry.action,
                     entry.operator.get("role"), entry.operator.get("os_user"), entry.number)
-        return Reading("local.action", self._source, body, self._now_ns(), ledger=tuple(ledger))
+        kind = entry.action if entry.action in OWN_KINDS else "local.action"
+        kind = FINAL_KIND if entry.action == DECOMMISSION else kind
+        return Reading(kind, self._source, body, self._now_ns(), ledger=tuple(ledger))
 
     def _bad_reading(self, bad: BadLine, journal: Journal) -> Reading:
         self.stats.unreadable += 1

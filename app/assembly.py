@@ -11,23 +11,40 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, assert_never
 
 from cryptography.exceptions import InvalidTag
 
+from app import systemd
 from app.actions import LocalActions
 from app.config import Config, DeviceSection
 from app.inputs import InputsWorker, OpenedLines, PowerOff, open_gpio
+from app.removals import KIOSK, TAG, Removals
+from app.renewal import RenewalTask
+from app.snapshot import (
+    Heard,
+    clock_entry,
+    device_entries,
+    disk_entry,
+    gnss_entry,
+    queued_by_class,
+    tag_entries,
+    uplink_entry,
+)
+from app.state import AlarmLog, StatePublisher, UplinkTracker, uplink_words, wall_ms
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
 from core import durable
 from core.clock import FLOOR_LEDGER_KEY, TRUSTED_QUALITIES, Clock
+from core.errors import UserError
 from core.mqtt import BrokerConfig
-from core.record import JSON, Reading, Source
+from core.record import JSON, Reading, SealedRecord, Source
 from core.session import (
     ROTATE_KIND,
     SESSION_KIND,
@@ -46,7 +63,7 @@ from firmware_bridge.port import PortProtocol, PortWorker
 from provisioning.identity import Identity, IdentityKey
 from provisioning.kiosks import open_kiosks
 from provisioning.registry import open_registry
-from uplink.forwarder import AckHook, Forwarder
+from uplink.forwarder import AckHook, Forwarder, StateHook
 
 log = logging.getLogger(__name__)
 T_co = TypeVar("T_co", covariant=True)
@@ -56,6 +73,9 @@ SESSION_RENEW_S = 24 * 3600
 HEALTH_INTERVAL_S = 300.0
 #: How often the clock is compared with itself (a step is a ``time.step`` record).
 CLOCK_WATCH_S = 5.0
+#: How often the action journal is looked at (a stat): a command's action (a pairing, a
+#: decommission) is recorded within this while the daemon runs.
+JOURNAL_WATCH_S = 0.5
 #: How long ``stop`` waits for each thread.
 JOIN_TIMEOUT_S = 10.0
 GNSS_PORT_NAME = "gnss"
@@ -90,7 +110,8 @@ class Pipeline:
 
     def __init__(self, data_dir: Path, identity: Identity, broker: BrokerConfig, *,
                  clock: Clock, source: Source, quota_bytes: int | None = None,
-                 on_acked: AckHook | None = None) -> None:
+                 on_acked: AckHook | None = None,
+                 on_uplink_state: StateHook | None = None) -> None:
         self.identity = identity
         self.clock = clock
         self.source = source
@@ -103,7 +124,10 @@ class Pipeline:
         restore_floor(clock, self.reader, self.writer)
         self.forwarder = Forwarder(identity.gateway_id, broker, self.reader, self.writer,
                                    on_acked=on_acked,  # e.g. the lab counting what arrived
-                                   source=source, now_ns=clock.now_ns)
+                                   source=source, now_ns=clock.now_ns,
+                                   # the certificate check: is the time now trusted?
+                                   utc_now=clock.utc_now, on_state=on_uplink_state,
+                                   backlog=lambda: sum(self.reader.depth().values()))
         self.writer.on_commit = lambda _records: self.forwarder.notify()
 
     def start(self, *, uplink: bool = True) -> None:
@@ -151,6 +175,12 @@ class Pipeline:
         if uplink:
             self.forwarder.start()
 
+    def start_forwarding(self) -> None:
+        """Start the writer and the uplink only, sealing nothing: a store whose final
+        record is committed (decommissioned) forwards what it still holds."""
+        self.writer.start()
+        self.forwarder.start()
+
     identity_key: IdentityKey | None = None
     session_started_ns = 0
 
@@ -193,14 +223,30 @@ class Gateway:
 
     def __init__(self, config: Config, identity: Identity, *, clock: Clock | None = None,
                  health_interval_s: float = HEALTH_INTERVAL_S,
-                 quota_bytes: int | None = None, on_acked: AckHook | None = None) -> None:
+                 quota_bytes: int | None = None, on_acked: AckHook | None = None,
+                 on_decommissioned: Callable[[], None] | None = None) -> None:
         self.config = config
         self.on_acked = on_acked
+        #: Set (and *on_decommissioned* called) once the final record of a decommission
+        #: and everything before it are delivered: the daemon then exits.
+        self.decommissioned = threading.Event()
+        self._on_decommissioned = on_decommissioned
+        self._decommissioning = False
         self.identity = identity
         self.clock = clock or Clock()
         self.health_interval_s = health_interval_s
         self.quota_bytes = quota_bytes
         self.source = Source("gateway", identity.gateway_id, VERSION)
+        #: What systemd shows (STATUS=): the uplink's state, at each change.
+        self.service = systemd.ServiceStatus(identity.gateway_id)
+        #: The uplink's state with since when, and the last alarms: for STATUS=, the health
+        #: record and the state file (app/state.py).
+        self.uplink = UplinkTracker()
+        self.alarms = AlarmLog()
+        #: Writes the state file every second (config.runtime_dir; None: none written).
+        self.publisher: StatePublisher | None = None
+        self.started_at_ms = wall_ms()
+        self._heard = Heard()
         self.ports: list[PortWorker] = []
         self.protocols: dict[str, PortProtocol] = {}
         self._stopping = threading.Event()
@@ -217,13 +263,43 @@ class Gateway:
         log.info("record store quota: %d bytes", quota)
         self.pipeline = Pipeline(self.data_dir, self.identity, self.config.broker,
                                  clock=self.clock, source=self.source,
-                                 quota_bytes=quota, on_acked=self.on_acked)
+                                 quota_bytes=quota, on_acked=self.on_acked,
+                                 on_uplink_state=self._uplink_state)
+        forward = self.writer.on_commit
+
+        def committed(records: list[SealedRecord]) -> None:
+            self.alarms.committed(records)  # the last alarms, for the state file
+            if forward is not None:
+                forward(records)
+
+        self.writer.on_commit = committed
+        self._queue = StoreReader(store_path(self.data_dir), self.identity.storage_key)
+        if self.writer.final_seq is not None:
+            # decommissioned (provision decommission): forward what is left, seal nothing
+            log.warning("this gateway's final record (seq %d) is committed: it only forwards "
+                        "what is queued, then stops", self.writer.final_seq)
+            self._decommissioning = True
+            self.pipeline.start_forwarding()
+            self._health.start()
+            self._start_publisher()
+            return
         self.clock.observe()  # the baseline: later changes are time.step records
         self.pipeline.start()
         # local actions (the journal), then the files' hashes, before the pairings are read
         self.actions = LocalActions(self.writer, self.identity, self.config.source,
-                                    self.source, self.clock.now_ns)
+                                    self.source, self.clock.now_ns, on_final=self._final)
         self.actions.start()
+        # the pairings of this start (None: unreadable; an error only where a device needs it)
+        self._tags = _readable(lambda: _paired(open_registry(self.identity)))
+        self._kiosks = _readable(lambda: _paired(open_kiosks(self.identity)))
+        self.removals = Removals(self.writer, self._queue, {
+            TAG: None if self._tags is None else frozenset(self._tags),
+            KIOSK: None if self._kiosks is None else frozenset(self._kiosks),
+        }, self.source, self.clock.now_ns)
+        if self._decommissioning:  # a decommission waited in the journal: no device
+            self._health.start()
+            self._start_publisher()
+            return
         for spec in self.config.devices:
             proto = FramedDeviceProtocol(spec.name, spec.kind, self._driver(spec), self.writer)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
@@ -234,10 +310,23 @@ class Gateway:
                                   ledger=self.writer.ledger_value)
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
         self._start_inputs()
+        self._start_renewal()
         self._health.start()
+        self._start_publisher()
 
     #: The enclosure switch and mains power (config [inputs]; drivers/inputs.py).
     inputs: InputsWorker | None = None
+    #: The certificate renewing itself (app/renewal.py): with a TLS uplink only.
+    renewal: RenewalTask | None = None
+
+    def _start_renewal(self) -> None:
+        if not self.config.broker.tls:
+            return
+        self.renewal = RenewalTask(self.identity, self.config.broker, self.config.renewal,
+                                   writer=self.writer, channel=self.forwarder,
+                                   clock=self.clock, source=self.source,
+                                   data_dir=self.data_dir)
+        self.renewal.start()
     #: Opens the input lines: the GPIO chip of the configuration, or the lab's stand-in.
     open_lines: Callable[[], OpenedLines] | None = None
 
@@ -267,11 +356,13 @@ class Gateway:
         """The driver of a framed device, by its class (mypy checks every class is here)."""
         kind = spec.kind
         if kind is DeviceClass.TAG_RECEIVER:
-            tags = _paired(open_registry(self.identity))
+            tags = self._tags if self._tags is not None else \
+                _paired(open_registry(self.identity))  # the registry's error, for the user
             return TagReceiverDriver(tags, self.writer.ledger_value,
                                      started_ns=self.clock.now_ns())
         if kind is DeviceClass.KIOSK:
-            kiosks = _paired(open_kiosks(self.identity))
+            kiosks = self._kiosks if self._kiosks is not None else \
+                _paired(open_kiosks(self.identity))
             if not kiosks:
                 log.warning("%s: no kiosk is paired: its check-ins are recorded as kiosk.spoof "
                             "(provision pair-kiosk)", spec.name)
@@ -287,8 +378,21 @@ class Gateway:
     def _health_loop(self) -> None:
         interval_ns = int(self.health_interval_s * 1e9)
         next_health = self.clock.now_ns() + interval_ns
-        while not self._stopping.wait(min(CLOCK_WATCH_S, self.health_interval_s)):
-            self.actions.poll()  # a pairing made while running: recorded within seconds
+        tick = min(CLOCK_WATCH_S, self.health_interval_s)
+        next_tick = self.clock.now_ns() + int(tick * 1e9)
+        while not self._stopping.wait(min(JOURNAL_WATCH_S, tick)):
+            if self._decommissioning:
+                self._watch_final()  # until the final record is delivered
+                continue
+            if self.actions.journal_changed():
+                self.actions.poll()  # a command's action while running: recorded at once
+            if self.clock.now_ns() < next_tick:
+                continue
+            next_tick = self.clock.now_ns() + int(tick * 1e9)
+            self.actions.poll()  # the compaction of what is committed
+            if self._decommissioning:
+                continue
+            self.removals.poll()  # unpaired devices' data, once delivered
             steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
             if steps:
                 self.writer.submit_all(steps)
@@ -297,6 +401,36 @@ class Gateway:
                 self.writer.submit_health(self._health_extra)
             if self.pipeline.session_due():
                 self.pipeline.renew_session()
+
+    def _final(self) -> None:
+        """The final record is submitted (a decommission): stop reading devices; the
+        uplink goes on until it is delivered (:meth:`_watch_final`)."""
+        self._decommissioning = True
+        inputs, self.inputs = self.inputs, None
+        if inputs is not None:
+            inputs.stop()
+        ports, self.ports = self.ports, []
+        for worker in ports:
+            worker.stop()
+
+    def _watch_final(self) -> None:
+        """Once the final record and everything before it left the store (the broker
+        acknowledged them): :attr:`decommissioned`."""
+        final = self.writer.final_seq
+        if final is None or self.decommissioned.is_set():
+            return
+        try:
+            lowest = self._queue.lowest_seq()
+        except Exception:
+            log.exception("decommission: the store could not be read")
+            return
+        if lowest is not None and lowest <= final:
+            return
+        log.warning("decommissioned: the final record (seq %d) and everything before it are "
+                    "delivered; stopping", final)
+        self.decommissioned.set()
+        if self._on_decommissioned is not None:
+            self._on_decommissioned()
 
     def _health_extra(self) -> dict[str, JSON]:
         """Counters of the other threads (plain integers, read as they stand)."""
@@ -319,6 +453,10 @@ class Gateway:
             ports[worker.name] = entry
         return {
             "uplink": {"tls": self.config.broker.tls,  # false: plaintext, opted in
+                       "state": up.state, "failed_attempts": up.failed_attempts,
+                       # in words, since when (wall ms), and the backlog
+                       "reason": self.uplink.now.reason, "since_ms": self.uplink.now.since_ms,
+                       "queued": self.queued(),
                        "connected": up.connected, "connects": up.connects,
                        "disconnects": up.disconnects, "acked": up.records_acked,
                        "refused": up.refused, "taken_over": up.taken_over,
@@ -343,9 +481,63 @@ class Gateway:
             self.inputs.stop()
         if self._health.is_alive():
             self._health.join(JOIN_TIMEOUT_S)
+        if self.renewal is not None:
+            self.renewal.stop()
         for worker in self.ports:
             worker.stop()
-        return self.pipeline.stop(drain_s)
+        drained = self.pipeline.stop(drain_s)
+        self._queue.close()
+        if self.publisher is not None:
+            self.publisher.stop()  # a clean stop: no state left behind
+        return drained
+
+    # -- the state file (app/state.py, docs/status.md) ------------------------------------
+    def _start_publisher(self) -> None:
+        runtime = self.config.runtime_dir
+        if runtime is None or self.publisher is not None:
+            return
+        self.publisher = StatePublisher(runtime, self.state, after=self._refresh_status)
+        self.publisher.start()
+
+    def queued(self) -> int:
+        """Records queued in the store (the writer's counts, no query)."""
+        return sum(queued_by_class(self.pipeline.store).values())
+
+    def _uplink_state(self, text: str) -> None:
+        """The forwarder's new state (its thread): STATUS= says it in words."""
+        self.service.uplink(uplink_words(self.uplink.update(text), self.queued()))
+
+    def _refresh_status(self) -> None:
+        """After each state write: STATUS= with the queue as it stands (sent if changed)."""
+        self.service.uplink(uplink_words(self.uplink.now, self.queued()))
+
+    def state(self) -> dict[str, Any]:
+        """What the state file holds (app/state.py; every key present, null when unknown),
+        read from the other threads' plain values as they stand."""
+        now_mono, now_ms = time.monotonic_ns(), wall_ms()
+        store = self.pipeline.store
+        roles = {spec.name: spec.kind.label for spec in self.config.devices}
+        roles[GNSS_PORT_NAME] = "gnss"
+        protocols = dict(self.protocols)
+        tags, tags_total = tag_entries(protocols.values(), getattr(self, "_tags", None) or (),
+                                       now_mono, now_ms)
+        return {
+            "version": VERSION, "pid": os.getpid(), "gateway_id": self.identity.gateway_id,
+            "started_at_ms": self.started_at_ms, "written_at_ms": now_ms,
+            "phase": ("stopping" if self._stopping.is_set() else
+                      "decommissioning" if self._decommissioning else "running"),
+            "config": None if self.config.source is None else str(self.config.source),
+            "data_dir": str(self.data_dir),
+            "records": {"sealed": self.writer.stats.committed,
+                        "forwarded": self.forwarder.stats.records_acked},
+            "uplink": uplink_entry(self.uplink, self.forwarder, store, self._heard, now_ms),
+            "clock": clock_entry(self.clock, now_ms),
+            "devices": device_entries(list(self.ports), protocols, roles, self._heard, now_ms),
+            "tags": tags, "tags_total": tags_total,
+            "gnss": gnss_entry(protocols.get(GNSS_PORT_NAME), now_mono, now_ms),
+            "disk": disk_entry(store),
+            "last_alarms": self.alarms.entries(),
+        }
 
     def alive(self) -> bool:
         """Every thread of the pipeline is running (the watchdog's question)."""
@@ -360,6 +552,7 @@ class Gateway:
             "published": self.forwarder.stats.records_published,
             "acked": self.forwarder.stats.records_acked,
             "uplink_connected": self.forwarder.stats.connected,
+            "uplink": self.forwarder.stats.state,  # connected, refused: why, retrying: why
             "ports": {w.name: {"connected": w.stats.connected, "opens": w.stats.opens,
                                "bytes_in": w.stats.bytes_in} for w in self.ports},
         }
@@ -368,6 +561,16 @@ class Gateway:
 class _Registry(Protocol[T_co]):
     def snapshot(self) -> Mapping[str, T_co]: ...
     def close(self) -> None: ...
+
+
+def _readable(read: Callable[[], Mapping[str, T_co]]) -> Mapping[str, T_co] | None:
+    """What *read* returns, or None when the registry cannot be read (logged)."""
+    try:
+        return read()
+    except UserError as exc:
+        log.warning("a device registry cannot be read (%s): no unpaired device's data is "
+                    "removed until it can", exc)
+        return None
 
 
 def _paired(registry: _Registry[T_co]) -> Mapping[str, T_co]:

@@ -29,6 +29,14 @@ Example (docs/configuration.md has the full reference)::
     mains_line = 27
     mains_active = "high"       # the level that means "mains present"
     ups_runtime_s = 900         # power off cleanly before the UPS runs out
+
+    [enrolment]                 # optional: the certificate renews itself (docs/enrolment.md)
+    renew = true
+    renew_before_days = 30      # renew from 30 days before expiry ...
+    renew_life_share = 0.33     # ... or over the last third of a short certificate's life
+
+    [paths]                     # optional
+    runtime_dir = "/run/smartcorr"  # the daemon's state.json for 'gateway.py status' (tmpfs)
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from app.state import DEFAULT_RUNTIME_DIR
 from buffer.store import MIN_QUOTA_BYTES
 from core.errors import UserError
 from core.mqtt import BrokerConfig
@@ -53,9 +62,10 @@ from drivers.inputs import (
     LineSpec,
 )
 from firmware_bridge.messages import DeviceClass
+from provisioning.renewal import DEFAULT_LIFE_SHARE, DEFAULT_RENEW_BEFORE_DAYS, RenewalPolicy
 
 T = TypeVar("T")
-SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs")
+SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs", "enrolment", "paths")
 #: Device kinds a ``[[devices]]`` table may name: the framed device classes.
 DEVICE_KINDS = {c.label: c for c in DeviceClass}
 DEFAULT_DEVICE_BAUD = 115200
@@ -122,6 +132,12 @@ class Config:
     quota_bytes: int | None = None
     #: ``[inputs]``: enclosure switch, mains, UPS; None: no such inputs.
     inputs: InputsSection | None = None
+    #: ``[enrolment]``: when the certificate renews itself (provisioning/renewal.py).
+    renewal: RenewalPolicy = field(default_factory=RenewalPolicy)
+    #: ``[paths] runtime_dir``: where the running gateway writes its state.json every second
+    #: (app/state.py; tmpfs, never the SD card). From a file it defaults to
+    #: :data:`app.state.DEFAULT_RUNTIME_DIR`; None (built in code): no state file.
+    runtime_dir: Path | None = None
 
     @property
     def identity_path(self) -> Path:
@@ -232,7 +248,28 @@ def load_config(path: Path) -> Config:
         source=path,
         quota_bytes=quota_bytes,
         inputs=_inputs(_Section(path, "inputs", raw["inputs"])) if "inputs" in raw else None,
+        renewal=_renewal(_Section(path, "enrolment", raw.get("enrolment", {}))),
+        runtime_dir=_runtime_dir(_Section(path, "paths", raw.get("paths", {})), data_dir),
     )
+
+
+def _runtime_dir(sec: _Section, data_dir: Path) -> Path:
+    """``[paths] runtime_dir``: an absolute directory on tmpfs, outside data_dir."""
+    runtime = sec.path("runtime_dir") or DEFAULT_RUNTIME_DIR
+    sec.done()
+    if not runtime.is_absolute():
+        raise sec.error("runtime_dir", f"{runtime} is relative: give an absolute directory on "
+                                       f"tmpfs, e.g. {DEFAULT_RUNTIME_DIR} (systemd "
+                                       "RuntimeDirectory=smartcorr)")
+    if runtime.exists() and not runtime.is_dir():
+        raise sec.error("runtime_dir", f"{runtime} is not a directory: give a directory (the "
+                                       "gateway creates it when missing)")
+    inside = runtime.absolute()
+    if inside == data_dir.absolute() or data_dir.absolute() in inside.parents:
+        raise sec.error("runtime_dir", f"{runtime} is inside data_dir {data_dir}: the state "
+                                       "is rewritten every second, so give a directory on "
+                                       f"tmpfs, e.g. {DEFAULT_RUNTIME_DIR}, never the SD card")
+    return runtime
 
 
 def _broker(sec: _Section) -> BrokerConfig:
@@ -255,6 +292,29 @@ def _broker(sec: _Section) -> BrokerConfig:
         raise sec.error("port", f"must be 1-{MAX_PORT}, got {broker.port}")
     sec.done()
     return broker
+
+
+#: The bounds of ``[enrolment]``'s keys.
+RENEW_BEFORE_DAYS_RANGE = (1.0, 365.0)
+LIFE_SHARE_RANGE = (0.05, 1.0)
+
+
+def _renewal(sec: _Section) -> RenewalPolicy:
+    enabled = sec.get("renew", bool, True)
+    before = sec.get("renew_before_days", float, DEFAULT_RENEW_BEFORE_DAYS)
+    share = sec.get("renew_life_share", float, DEFAULT_LIFE_SHARE)
+    low, high = RENEW_BEFORE_DAYS_RANGE
+    if not low <= before <= high:
+        raise sec.error("renew_before_days", f"must be {low:g}-{high:g} days (how long before "
+                                             f"its expiry the certificate is renewed; default "
+                                             f"{DEFAULT_RENEW_BEFORE_DAYS:g}), got {before:g}")
+    low, high = LIFE_SHARE_RANGE
+    if not low <= share <= high:
+        raise sec.error("renew_life_share", f"must be {low:g}-{high:g} (the last share of a "
+                                            "short certificate's life over which it is "
+                                            f"renewed; default 0.33), got {share:g}")
+    sec.done()
+    return RenewalPolicy(enabled, before, share)
 
 
 def _text(path: Path | None) -> str | None:

@@ -31,17 +31,24 @@ import socket
 import stat
 import threading
 import time
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from app import systemd
-from app.assembly import Gateway
+from app.assembly import VERSION, Gateway
 from app.config import Config, ConfigError, load_config
+from app.state import size_text
 from core import durable
 from core.errors import UserError
+from provisioning.decommission import EXIT_DECOMMISSIONED, check_not_decommissioned
 from provisioning.identity import KEY, NEXT_KEY, STORAGE, load_identity, recover_identity
 from provisioning.registry import REGISTRY_FILE, open_registry
+from uplink.failures import duration
 
 log = logging.getLogger("gateway")
+#: The start and stop lines: INFO, and shown at the default verbosity too (see :func:`run`).
+lifecycle = logging.getLogger("gateway.lifecycle")
 #: How often the daemon logs its status line, seconds.
 STATUS_INTERVAL_S = 60.0
 #: How long a stopping daemon keeps forwarding what is queued, seconds.
@@ -144,10 +151,16 @@ def check_broker_host(cfg: Config) -> None:
     log.info("broker %s resolves to %s", host, sorted({a[4][0] for a in addresses}))
 
 
-def prepare(config_path: Path) -> Gateway:
-    """Everything the daemon checks and sets up before the pipeline starts."""
+def prepare(config_path: Path, on_decommissioned: Callable[[], None] | None = None) -> Gateway:
+    """Everything the daemon checks and sets up before the pipeline starts.
+    *on_decommissioned* is called once a decommission's final record is delivered."""
     os.umask(UMASK)
-    cfg = load_config(config_path)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError:
+        _check_tombstone(config_path)  # a decommission destroyed the TLS key it names
+        raise
+    check_not_decommissioned(cfg.identity_path)  # its keys are gone: status 3, no restart
     prepare_data_dir(cfg)
     if not _held_lock:  # one daemon per data_dir, before the identity or the store
         _held_lock.append(lock_data_dir(cfg.data_dir))
@@ -163,18 +176,58 @@ def prepare(config_path: Path) -> Gateway:
     warn_plaintext(cfg)
     threading.Thread(target=check_broker_host, args=(cfg,), name="resolve-broker",
                      daemon=True).start()
-    return Gateway(cfg, identity)
+    return Gateway(cfg, identity, on_decommissioned=on_decommissioned)
+
+
+def _check_tombstone(config_path: Path) -> None:
+    """DecommissionedError when the configuration's identity directory holds a tombstone
+    (read from the TOML alone: the files a decommission destroyed fail the full check)."""
+    try:
+        with config_path.open("rb") as file:
+            identity_dir = tomllib.load(file)["gateway"]["identity_dir"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return
+    if isinstance(identity_dir, str) and identity_dir:
+        check_not_decommissioned(Path(identity_dir))
+
+
+def start_line(gateway: Gateway) -> str:
+    """One line on start: the gateway, its ports, the uplink's target, the store."""
+    cfg = gateway.config
+    ports = ", ".join(f"{w.name}={w.path}" for w in gateway.ports) or "no device"
+    broker = cfg.broker
+    store = gateway.pipeline.store
+    quota = f" of {size_text(store.quota_bytes)} quota" if store.quota_bytes else ""
+    state = f"; state in {cfg.runtime_dir}" if cfg.runtime_dir is not None else ""
+    return (f"gateway {gateway.identity.gateway_id} running (version {VERSION}): ports "
+            f"{ports}; uplink {broker.host}:{broker.port} "
+            f"({'TLS' if broker.tls else 'PLAINTEXT'}); store {gateway.queued():,} records "
+            f"queued, {size_text(store.used_bytes)}{quota}{state}")
+
+
+def stop_line(gateway: Gateway, uptime_s: float, drained: bool) -> str:
+    """One line on stop: what this run sealed and forwarded, what stays queued, how long."""
+    queued = gateway.queued()
+    left = "" if drained or not queued else " (not all forwarded: they go out at the next start)"
+    return (f"gateway {gateway.identity.gateway_id} stopped after "
+            f"{duration(int(uptime_s * 1e9))}: {gateway.writer.stats.committed:,} records "
+            f"sealed, {gateway.forwarder.stats.records_acked:,} forwarded, {queued:,} queued"
+            f"{left}")
 
 
 def run(config_path: Path) -> int:
-    gateway = prepare(config_path)
-    identity = gateway.identity
+    started = time.monotonic()
+    if lifecycle.getEffectiveLevel() > logging.INFO:  # journalctl shows starts and stops
+        lifecycle.setLevel(logging.INFO)
     stop = threading.Event()
+    gateway = prepare(config_path, on_decommissioned=stop.set)
+    identity = gateway.identity
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    gateway.service.defer_until_ready()  # READY=1 first, then the uplink's changes
     gateway.start()
-    log.warning("gateway %s running", identity.gateway_id)
-    systemd.notify(f"READY=1\nSTATUS=gateway {identity.gateway_id} running")
+    lifecycle.info("%s", start_line(gateway))
+    gateway.service.ready()  # READY=1; STATUS= says the uplink's state, at each change
     ping = systemd.watchdog_interval_s()
     next_status = 0.0
     while not stop.wait(min(ping or STATUS_INTERVAL_S, STATUS_INTERVAL_S)):
@@ -184,5 +237,10 @@ def run(config_path: Path) -> int:
             next_status = time.monotonic() + STATUS_INTERVAL_S
             log.info("status %s", json.dumps(gateway.status()))
     systemd.notify("STOPPING=1\nSTATUS=draining")
-    gateway.stop(drain_s=STOP_DRAIN_S)
+    drained = gateway.stop(drain_s=STOP_DRAIN_S)
+    lifecycle.info("%s", stop_line(gateway, time.monotonic() - started, drained))
+    if gateway.decommissioned.is_set():
+        log.warning("gateway %s decommissioned: everything is delivered; 'provision "
+                    "decommission' destroys its keys", identity.gateway_id)
+        return EXIT_DECOMMISSIONED  # the unit's RestartPreventExitStatus: not restarted
     return 0

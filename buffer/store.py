@@ -397,8 +397,10 @@ class Store:
         device_events: Mapping[str, int] | None = None,
         delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
+        forget: Iterable[str] = (),
     ) -> None:
-        """Insert, delete, evict and advance the chain state in one fsynced transaction."""
+        """Insert, delete, evict and advance the chain state in one fsynced transaction;
+        *forget* names ledger entries removed in it (an unpaired device's)."""
         sealed = list(records)
         now = int(time.time())
         rows = [
@@ -426,6 +428,8 @@ class Store:
                     "INSERT OR REPLACE INTO device_events VALUES (?, ?)",
                     list(device_events.items()),
                 )
+            self._db.executemany("DELETE FROM device_events WHERE serial=?",
+                                 [(key,) for key in forget])
         self.state = new_state
         self.usage = self._read_usage()
         self.bound_wal()
@@ -513,6 +517,12 @@ class StoreReader:
     def open_row(self, prio: int, seq: int, blob: bytes) -> bytes:
         return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(prio, seq))
 
+    def lowest_seq(self) -> int | None:
+        """The lowest seq still queued in any class (None: nothing queued): every record
+        below it has left the store (delivered, or evicted with a ``gap`` record). One
+        lookup per class on the primary key."""
+        return _lowest_seq(self._db)
+
     def depth(self) -> dict[str, int]:
         rows = self._db.execute("SELECT prio, COUNT(*) FROM records GROUP BY prio").fetchall()
         return {Priority(p).label: n for p, n in rows}
@@ -533,6 +543,63 @@ class StoreReader:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _lowest_seq(db: sqlite3.Connection) -> int | None:
+    lowest: int | None = None
+    for prio in Priority:
+        row = db.execute("SELECT seq FROM records WHERE prio=? ORDER BY seq LIMIT 1",
+                         (int(prio),)).fetchone()
+        if row is not None and (lowest is None or row[0] < lowest):
+            lowest = int(row[0])
+    return lowest
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """What a store holds that the broker has not acknowledged, as another process sees
+    it: records with seq up to a bound, per class, and a ledger entry asked for."""
+
+    by_class: dict[str, int]
+    lowest_seq: int | None
+    last_seq: int
+    ledger: int | None
+    #: Whether the record whose seq the ledger entry holds is still queued.
+    ledger_queued: bool | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_class.values())
+
+
+def undelivered(path: Path, through: int | None = None, ledger_key: str | None = None
+                ) -> Undelivered:
+    """Read-only (the daemon may be running), without the store's key: the records still
+    queued with seq up to *through* (all when None), per class, and the ledger entry
+    *ledger_key* (e.g. the seq of the final record). A record leaves the store only once
+    the broker acknowledged it (or when evicted, which a ``gap`` record names)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        last = conn.execute("SELECT v FROM meta WHERE k='last_seq'").fetchone()
+        if through is None or through >= int(last[0] if last else 0):
+            # everything queued: the usage table's counts (kept by triggers), no scan
+            rows = conn.execute("SELECT prio, count FROM usage").fetchall()
+        else:
+            rows = [(int(p), conn.execute("SELECT COUNT(*) FROM records WHERE prio=? AND "
+                                          "seq<=?", (int(p), through)).fetchone()[0])
+                    for p in Priority]
+        entry, queued = None, None
+        if ledger_key is not None:
+            found = conn.execute("SELECT last_event FROM device_events WHERE serial=?",
+                                 (ledger_key,)).fetchone()
+            entry = None if found is None else int(found[0])
+        if entry is not None:
+            queued = any(conn.execute("SELECT 1 FROM records WHERE prio=? AND seq=?",
+                                      (int(p), entry)).fetchone() for p in Priority)
+        return Undelivered({Priority(p).label: n for p, n in rows if n}, _lowest_seq(conn),
+                           int(last[0]) if last else 0, entry, queued)
+    finally:
+        conn.close()
 
 
 def inspect_store(path: Path) -> dict[str, Any]:

@@ -52,6 +52,10 @@ UNSEALABLE_DETAIL_CHARS = 200
 #: While commits keep failing, the failure is logged again this often (seconds).
 FAILURE_LOG_S = 60.0
 
+#: The store's ledger entry holding the seq of the final record (``submit_final``): once
+#: it is committed the writer seals nothing more, across restarts too.
+FINAL_LEDGER_KEY = "chain:final_seq"
+
 OnCommitted = Callable[[SealedRecord], None]
 #: What a sealed record costs in the store beyond its bytes (nonce, GCM tag, row).
 ROW_BYTES = NONCE_BYTES + 16 + ROW_OVERHEAD
@@ -106,6 +110,8 @@ class _Submit:
 
     readings: tuple[Reading, ...]
     on_committed: OnCommitted | None  # called with the last record
+    forget: tuple[str, ...] = ()  # ledger entries removed in the same transaction
+    final: bool = False  # the last reading is the chain's last record
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,8 @@ class _Group:
     events: dict[str, int] = field(default_factory=dict)  # device ledger entries
     size: int = 0  # bytes in the store
     taken: int = 0  # items of the pending list
+    forget: set[str] = field(default_factory=set)  # ledger entries removed
+    final: bool = False  # holds the final record: nothing is sealed after it
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
         ts = clock.timestamp(reading.mono_ns)
@@ -183,6 +191,7 @@ class _Group:
         if reading.device_event is not None:
             self.events[device_ledger_key(reading.device_event[0])] = reading.device_event[1]
         self.events.update(reading.ledger)
+        self.forget.difference_update(reading.ledger)  # set again after it was forgotten
         if on_committed is not None:
             self.callbacks.append((on_committed, len(self.records) - 1))
 
@@ -208,6 +217,7 @@ class WriterStats:
     disk_full: int = 0  # times the disk filled up (storage.full)
     callback_errors: int = 0
     key_failures: int = 0  # key records that could not be certified (logged)
+    after_final: int = 0  # readings refused once the final record was committed (logged)
     evicted: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
 
@@ -236,6 +246,8 @@ class StoreWriter:
         self._deletes_committed = 0
         self._waiting_barriers: list[_Barrier] = []
         self._trouble: _Trouble | None = None
+        #: The seq of the final record once committed (then nothing more is sealed).
+        self._final_seq = self._ledger.get(FINAL_LEDGER_KEY)
         self._backlog_lock = threading.Lock()
         self._backlog = 0  # readings submitted and not yet committed
         self.stats = WriterStats()
@@ -255,6 +267,40 @@ class StoreWriter:
         if readings:
             self._add_backlog(len(readings))
             self._inbox.put(_Submit(tuple(readings), on_committed))
+
+    def submit_final(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
+        """Seal *reading* as the chain's last record (``gateway.decommissioned``): once it
+        is committed (its seq in the ledger, :data:`FINAL_LEDGER_KEY`) every later
+        reading, health or key record is refused (counted, logged once: a device keeps
+        what is not acknowledged), at this start and every later one. Deletions go on."""
+        self._add_backlog(1)
+        self._inbox.put(_Submit((reading,), on_committed, final=True))
+
+    def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
+               on_committed: OnCommitted | None = None) -> None:
+        """Remove the ledger entries *keys* (an unpaired device's) in one transaction with
+        *reading* (the record saying so), or alone."""
+        readings = () if reading is None else (reading,)
+        self._add_backlog(len(readings))
+        self._inbox.put(_Submit(readings, on_committed, forget=keys))
+
+    @property
+    def final_seq(self) -> int | None:
+        """The seq of the final record, once committed (any thread)."""
+        return self._final_seq
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last committed record (any thread: a plain integer)."""
+        return self._sealer.last_seq
+
+    def ledger_items(self, prefix: str, limit: int, after: str = "") -> list[tuple[str, int]]:
+        """At most *limit* ledger entries whose key starts with *prefix* and sorts after
+        *after*, by key (a caller walks them *limit* at a time)."""
+        with self._ledger_lock:
+            found = sorted(item for item in self._ledger.items()
+                           if item[0].startswith(prefix) and item[0] > after)
+        return found[:limit]
 
     @property
     def backlog(self) -> int:
@@ -365,6 +411,8 @@ class StoreWriter:
                         self._deletes_received += item.rows
                     elif isinstance(item, _Barrier):
                         pending.append(_Barrier(item.done, self._deletes_received))
+                    elif self._final_seq is not None:
+                        self._refuse(item)  # after the final record: nothing is sealed
                     else:
                         pending.append(item)
                     item = self._inbox.get_nowait()
@@ -379,6 +427,10 @@ class StoreWriter:
             consumed = self._commit(pending)
             if consumed >= 0:
                 del pending[:consumed]
+                if self._final_seq is not None:  # the final record went in with it
+                    for item in [i for i in pending if not isinstance(i, _Barrier)]:
+                        pending.remove(item)
+                        self._refuse(item)
             elif stopping:
                 log.error("store writer stopping with %d items not committed", len(pending))
                 return
@@ -398,13 +450,15 @@ class StoreWriter:
                 return -1  # no room yet
         group = self._seal_group(pending)
         deletes = self._take_deletes()
-        evict = self._store.plan_eviction(group.size)
+        # nothing after the final record, not even a gap record
+        evict = [] if self._final_seq is not None else self._store.plan_eviction(group.size)
         if evict:
             gap = gap_reading(evict, self._gateway_source, self._clock.now_ns())
             group.records.append(group.draft.seal(gap, self._clock.timestamp(gap.mono_ns)))
         try:
             self._store.commit(group.records, device_events=group.events,
-                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict)
+                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict,
+                               forget=group.forget)
         except sqlite3.Error as exc:
             self._failed(exc, len(group.records))
             return -1
@@ -471,6 +525,8 @@ class StoreWriter:
     def _record_storage(self, kind: str, trouble: _Trouble) -> bool:
         """Commit a ``storage.full`` or ``storage.recovered`` record in a transaction of
         its own; False if that failed too."""
+        if self._final_seq is not None:
+            return True  # nothing after the final record
         group = _Group(self._sealer.draft())
         group.add(self._storage_reading(kind, trouble), self._clock)
         try:
@@ -520,8 +576,15 @@ class StoreWriter:
             elif isinstance(item, _Submit):
                 for reading in item.readings:
                     group.add(reading, self._clock)
-                if item.on_committed is not None:
+                if item.on_committed is not None and item.readings:
                     group.callbacks.append((item.on_committed, len(group.records) - 1))
+                for key in item.forget:
+                    group.events.pop(key, None)
+                    group.forget.add(key)
+                if item.final and item.readings:
+                    group.events[FINAL_LEDGER_KEY] = group.records[-1].seq
+                    group.final = True
+                    break  # the chain ends here
         return group
 
     def _add_key_record(self, group: _Group, item: _KeyRecord) -> None:
@@ -561,6 +624,12 @@ class StoreWriter:
         self._deletes_committed += rows
         with self._ledger_lock:
             self._ledger.update(group.events)
+            for key in group.forget:
+                self._ledger.pop(key, None)
+        if group.final:
+            self._final_seq = group.events[FINAL_LEDGER_KEY]
+            log.warning("the final record (seq %d) is committed: nothing more is sealed",
+                        self._final_seq)
         self.stats.transactions += 1
         self.stats.committed += len(group.records)
         # every record of the group was submitted (one per health or rotation request)
@@ -577,6 +646,16 @@ class StoreWriter:
         if (group.records or deletes) and self.on_commit is not None:
             # also after deletions alone: a forwarder held back by backpressure resumes
             self._call(self.on_commit, group.records)
+
+    def _refuse(self, item: _Item) -> None:
+        """A reading (or health, key record) that came after the final record: not sealed,
+        counted, logged once (a device keeps what is not acknowledged)."""
+        count = len(item.readings) if isinstance(item, _Submit) else 1
+        self._add_backlog(-count)
+        if not self.stats.after_final:
+            log.warning("readings after the final record (seq %s) are not sealed: the "
+                        "gateway is decommissioned", self._final_seq)
+        self.stats.after_final += count
 
     def _deletes_due_in(self) -> float:
         """Seconds before queued deletions deserve a transaction of their own (0: now)."""

@@ -10,7 +10,12 @@ gateway's records over a period and ``verify-export`` checks one (:mod:`central.
 ``office``, ``offices``, ``assign``, ``deliver``, ``deliveries`` and ``alarms --office``
 route alarms to the justice offices (:mod:`central.routing`, docs/alarms.md);
 ``close-case``, ``purge``, ``actions`` and ``action-key`` keep a closed case's data for
-its retention period, then purge it as a signed platform action (:mod:`central.retention`).
+its retention period, then purge it as a signed platform action (:mod:`central.retention`);
+``command-root`` and ``command-key`` run the offline root that certifies the platform's
+command keys, and export what gateways install (:mod:`central.command_keys`);
+``ca`` is the gateways' certificate authority (enrolment answers, claim tokens,
+revocation, the CRL: :mod:`central.ca`) and ``enrol-service`` answers enrolment requests
+over MQTT (:mod:`central.enrolment`; docs/enrolment.md).
 Errors say what is wrong and how to fix it,
 and exit 2 (``ingest <command>: …``); ``--json`` gives one JSON object a line. Only
 ``enrol`` and ``consume`` create or migrate a database; the commands that read one refuse
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from central import retention, routing
+from central import ca, command_keys, enrolment, retention, routing
 from central.db import Database, DatabaseError, StorageError, open_db
 from central.ingest import SIG_AUDIT, Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
@@ -153,6 +158,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     routing.add_commands(sub, _db_arg)  # assign, office, offices, deliver, deliveries
     retention.add_commands(sub, _db_arg)  # close-case, purge, actions, action-key
+    command_keys.add_commands(sub)  # command-root init; command-key issue|revoke|list|export
+    ca.add_commands(sub, _db_arg)  # ca init|sign|claim|revoke|crl|list|issue
+    enrolment.add_commands(sub, _db_arg)  # enrol-service
 
     verify = sub.add_parser("verify", help="verify a capture of MQTT messages offline")
     from central import capture
@@ -404,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
                 "gateways": _gateways, "verify": _verify, "export": _export,
-                "verify-export": _verify_export, **routing.COMMANDS, **retention.COMMANDS}
+                "verify-export": _verify_export, **routing.COMMANDS, **retention.COMMANDS,
+                **command_keys.COMMANDS, **ca.COMMANDS, **enrolment.COMMANDS}
     try:
         return commands[args.command](args)
     except UserError as exc:

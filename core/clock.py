@@ -270,6 +270,17 @@ class Clock:
         return synced
 
     # -- timestamps --------------------------------------------------------------------
+    def utc_now(self) -> tuple[int, bool]:
+        """UTC now (ms) from the best source, and whether that source is trusted (NTP, or a
+        GNSS time in use). Nothing is stamped or recorded (the uplink's certificate check)."""
+        quality, utc_ms = self._best(self._mono_ns())
+        return utc_ms, quality in TRUSTED_QUALITIES
+
+    def source_now(self) -> tuple[str, int]:
+        """The best source now (``ntp``, ``gnss``, ``unsynced``) and its UTC, ms; nothing is
+        stamped or recorded (``gateway.py status``)."""
+        return self._best(self._mono_ns())
+
     def _best(self, mono_ns: int) -> tuple[str, int]:
         """(quality, utc_ms) of an instant on the monotonic clock, from the best source."""
         now_mono = self._mono_ns()

@@ -34,6 +34,9 @@ KIND_PRIORITY: dict[str, Priority] = {
     "gateway.moved": Priority.ALARM,
     # another client connected with this gateway's MQTT client id (uplink/takeover.py)
     "uplink.takeover": Priority.ALARM,
+    # the uplink refuses to connect: its TLS files are unusable (uplink/certs.py), one record
+    # per distinct problem of a refusal; recording goes on, everything waits in the store
+    "uplink.refused": Priority.STATUS,
     "gateway.returned": Priority.STATUS,
     "checkin": Priority.CHECKIN,
     "tag.tamper_restored": Priority.STATUS,
@@ -75,8 +78,33 @@ KIND_PRIORITY: dict[str, Priority] = {
     # every local human action, naming who (app/actions.py, issue 9 item 6); the files the
     # gateway runs with, hashed at each start, and an alarm when they changed since
     "local.action": Priority.ALARM,
+    # enrolment (provisioning/enrol.py, docs/enrolment.md): local actions with kinds of their
+    # own, alarm class as every local action: a certificate, a CA and command keys installed
+    # change whom the gateway trusts
+    "enrol.requested": Priority.ALARM,
+    "enrol.completed": Priority.ALARM,
+    "enrol.failed": Priority.ALARM,
+    # the certificate renewing itself (provisioning/renewal.py, app/renewal.py): each attempt
+    # and its outcome; warnings at 30 days left (status) and at 7 (alarm: a gateway whose
+    # certificate expires delivers nothing, alarms included) when renewal has not succeeded
+    "cert.renewal_requested": Priority.STATUS,
+    "cert.renewed": Priority.STATUS,
+    "cert.renewal_failed": Priority.STATUS,
+    "cert.expiring": Priority.STATUS,
+    "cert.expiring_soon": Priority.ALARM,
     "config.loaded": Priority.STATUS,
     "config.changed": Priority.ALARM,
+    # the last record a gateway seals (provision decommission): alarm class, so it goes out
+    # first; nothing is sealed after it (buffer/writer.py)
+    "gateway.decommissioned": Priority.ALARM,
+    # what the gateway kept of an unpaired tag or kiosk removed, once every record sealed
+    # while it was paired was delivered (app/removals.py)
+    "tag.data_removed": Priority.STATUS,
+    "kiosk.data_removed": Priority.STATUS,
+    # an installer's walk with a tag (provision range-test, app/range_test.py): a local
+    # action with a kind of its own, status class: a measurement changes nothing the
+    # gateway trusts, so it need not overtake the backlog
+    "tag.range_test": Priority.STATUS,
 }
 
 

@@ -117,6 +117,22 @@ class _TagState:
     present_streak: int = 0
     tamper: bool | None = None
     battery_low: bool | None = None
+    # what ``gateway.py status`` shows (the last accepted beacon)
+    beacon_ns: int | None = None
+    rssi_dbm: int | None = None
+    beacons: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TagView:
+    """A paired tag as the driver knows it now (``gateway.py status``)."""
+
+    tag: str
+    present: bool | None  # None: no beacon since start, not reported absent either
+    beacon_ns: int | None  # monotonic time of the last accepted beacon
+    rssi_dbm: int | None
+    beacons: int  # accepted since start
+    counter: int | None
 
 
 @dataclass
@@ -184,7 +200,9 @@ class TagReceiverDriver:
             return [Reading("tag.spoof", self._source, body, mono_ns, event)]
         self.stats.accepted += 1
         state.last_counter = beacon.counter
-        state.last_heard_ns = mono_ns
+        state.last_heard_ns = state.beacon_ns = mono_ns
+        state.rssi_dbm = beacon.rssi_dbm
+        state.beacons += 1
         out = self._transitions(state, beacon, mono_ns)
         presence: dict[str, JSON] = {
             "tag": beacon.tag, "counter": beacon.counter, "battery_pct": beacon.battery_pct,
@@ -209,6 +227,16 @@ class TagReceiverDriver:
                     "tag": state.paired.tag, "silent_s": int(silent_s),
                     "last_counter": state.last_counter,
                 }, mono_ns))
+        return out
+
+    def view(self) -> list[TagView]:
+        """The paired tags now (read from another thread: each value as it stands)."""
+        out = []
+        for state in list(self._tags.values()):
+            heard = state.beacon_ns
+            present = False if state.absent else (None if heard is None else True)
+            out.append(TagView(state.paired.tag, present, heard, state.rssi_dbm,
+                               state.beacons, state.last_counter))
         return out
 
     # -- internals ---------------------------------------------------------------

@@ -174,6 +174,10 @@ class FramedDeviceProtocol:
         self._paused = False
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
+        #: The last device that completed a handshake here (``gateway.py status``).
+        self.last_hello: Hello | None = None
+        #: Why the last device to say HELLO here was refused (None since one was taken).
+        self.refused: str | None = None
 
     # -- PortProtocol ------------------------------------------------------------
     def connection_made(self, transport: Transport, now_ns: int) -> None:
@@ -226,6 +230,7 @@ class FramedDeviceProtocol:
 
     def _on_device_up(self, hello: Hello, now_ns: int) -> None:
         self._source = Source(self.device_class.label, hello.serial, hello.firmware_text)
+        self.last_hello, self.refused = hello, None
         self._flapping_summary(self._flap.due(now_ns), now_ns)
         was_flapping = self._flap.flapping
         if self._flap.allow(now_ns):
@@ -278,6 +283,7 @@ class FramedDeviceProtocol:
         """A device the port does not serve said HELLO: it gets no ACK for its data, and a
         ``device.refused`` record says so (rate-limited: a HELLO loop cannot flood the store)."""
         hello = event.hello
+        self.refused = event.result.name.lower()
         count = self._refusals.refused(now_ns)
         if count is None:
             log.debug("%s: device %s refused again (%s)", self.port_name, hello.serial,

@@ -3,8 +3,10 @@
 A private mosquitto on loopback with mTLS and the production ACL (unless
 ``--broker`` names one), simulated devices on pseudo-terminals, the gateway
 with a throwaway identity in a temporary directory, and the platform-side
-verifier. Live counts go to stderr; the summary to stdout (with ``--json`` its
-last line is one JSON object); a PROBLEM says why on the lines after it.
+verifier. Live counts go to stderr; the summary to stdout, and a PROBLEM says why on
+the lines after it; with ``--json`` stdout holds one JSON object and nothing else (the
+summary line goes to stderr). While it runs, ``gateway.py status --runtime-dir DIR``
+shows the gateway as a technician would see it (the demo prints DIR).
 
 On someone's broker (``--broker``) the demo is a guest: its platform subscribes with a
 group and client id of its own (:func:`demo_platform`), to its own gateway only, and with
@@ -59,11 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: run until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=50.0,
                         help="beacons per second from the simulated tags (default 50)")
-    parser.add_argument("--tags", type=int, default=3, help="number of simulated tags")
+    parser.add_argument("--tags", type=int, default=3,
+                        help="number of simulated tags (default 3)")
     parser.add_argument("--broker", metavar="HOST:PORT", default=None,
                         help="use this broker (plain MQTT) instead of a private mosquitto")
     parser.add_argument("--json", action="store_true",
-                        help="print the summary as one JSON object on the last line")
+                        help="print the summary as one JSON object on stdout, and nothing "
+                             "else (everything for people goes to stderr)")
     parser.add_argument("--no-gnss", action="store_true", help="run without the GNSS simulator")
     parser.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519",
                         help="signatures, hash and cipher: Ed25519/SHA-256/AES-256-GCM "
@@ -161,7 +165,7 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     stack.callback(platform.stop)
     acked = AckedCounter()
     site = Site(tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S,
-                on_acked=acked)
+                on_acked=acked, runtime_dir=tmp / "run")
     stack.callback(site.close, 2.0)
     tags = [SimTag(0x1000 + i, secrets.token_bytes(16)) for i in range(args.tags)]
     tag_sim = site.tag_receiver(tags, "TR-DEMO-0001")
@@ -170,6 +174,8 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
         f"GNSS on {site.gnss(fix_interval_s=DEMO_FIX_INTERVAL_S).path}"
     site.start()
     print(f"demo: tags on {tag_sim.path}, {gnss}; gateway {gateway_id}", file=sys.stderr)
+    print(f"demo: its state: python gateway.py status --watch --runtime-dir {tmp / 'run'}",
+          file=sys.stderr)
     drive = _Drive(site, platform, tag_sim, kiosk, args.rate)
     elapsed = drive.run(args.duration)
     drained = _drain(site, platform, drive, acked)
@@ -181,17 +187,18 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
           and out["conflicts"] == 0
           and out["beacons_acked"] == drive.beacons
           and out["kinds"].get("checkin", 0) == drive.checkins)
+    human = sys.stderr if args.json else sys.stdout  # --json: one JSON object on stdout
     print(
         f"demo summary: {drive.beacons} beacons sent, {out['beacons_acked']} acked by the "
         f"gateway; {out['committed']} records committed in {out['transactions']} transactions; "
         f"{out['published']} published; {out['received']} received, {out['verified']} verified, "
         f"{out['bad_signature']} bad signatures, {out['chain_gaps']} chain gaps, "
         f"{out['duplicates']} duplicates; {out['records_per_s']} records/s "
-        f"-> {'OK' if ok else 'PROBLEM'}",
+        f"-> {'OK' if ok else 'PROBLEM'}", file=human,
     )
     if not ok:
         for reason in why_problem(out, drive.beacons, drive.checkins, platform):
-            print(f"  {reason}")
+            print(f"  {reason}", file=human)
     if args.json:
         print(json.dumps(out, sort_keys=True))
     return 0 if ok else EXIT_PROBLEM

@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +89,12 @@ def mosquitto_binary() -> str:
 
 def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
                     host: str = "127.0.0.1", persistence: bool = False,
-                    bind_client_id: bool = True) -> Mosquitto:
+                    bind_client_id: bool = True, extra_conf: Sequence[str] = ()) -> Mosquitto:
     """Start mosquitto; with *persistence*, sessions and queued messages survive a restart
     on the same *workdir* (as on a production broker). *bind_client_id* false leaves the
-    client id as the client sent it (stock mosquitto: any client can take any id)."""
+    client id as the client sent it (stock mosquitto: any client can take any id).
+    *extra_conf*: lines appended to the configuration (first the mTLS listener's own, e.g.
+    ``crlfile``; then, after a ``listener`` line, another listener's)."""
     binary = mosquitto_binary()
     port = port or free_port(host)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,7 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
     ]
     if os.geteuid() == 0:
         lines.append("user root")  # keys are 0600 root: do not drop to 'mosquitto'
+    lines.extend(extra_conf)
     conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen(
         [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

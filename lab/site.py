@@ -68,8 +68,9 @@ class Site:
 
     def __init__(self, workdir: Path, identity: Identity, broker: BrokerConfig, *,
                  health_interval_s: float = HEALTH_INTERVAL_S,
-                 on_acked: AckHook | None = None) -> None:
+                 on_acked: AckHook | None = None, runtime_dir: Path | None = None) -> None:
         self.workdir = workdir
+        self.runtime_dir = runtime_dir  # the state file for 'gateway.py status' (None: none)
         self.identity = identity
         self.broker = broker
         self.health_interval_s = health_interval_s
@@ -119,7 +120,8 @@ class Site:
     def config(self) -> Config:
         """The configuration an installer would write for these devices."""
         return Config(self.workdir / "data", self.broker, devices=list(self.devices),
-                      gnss=self.gnss_section, identity_dir=self.identity.directory)
+                      gnss=self.gnss_section, identity_dir=self.identity.directory,
+                      runtime_dir=self.runtime_dir)
 
     def start(self) -> Gateway:
         self._gateway = Gateway(self.config, self.identity,

@@ -22,6 +22,7 @@ Every file is JSON (ASCII, non-ASCII characters as ``\\u`` escapes of the file i
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -428,10 +429,15 @@ def write(directory: Path) -> dict[str, str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m lab.vectors DIRECTORY", file=sys.stderr)
-        return 2
-    fresh = write(Path(argv[0]))
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.vectors",
+        description="Write the test vectors of docs/records.md (canonical.json, ed25519.json, "
+                    "sm2.json) into DIRECTORY; exit 1 when the SM2 signatures had to be made "
+                    "anew (paste the printed ones into lab/vectors.py).")
+    parser.add_argument("directory", metavar="DIRECTORY",
+                        help="where to write them, e.g. docs/test-vectors")
+    args = parser.parse_args(argv)  # --help: exit 0; no or bad arguments: usage, exit 2
+    fresh = write(Path(args.directory))
     if fresh:
         print("the SM2 vectors were signed anew (the format changed?): make them the "
               "recorded ones in lab/vectors.py:\nSM2_SIGNATURES: dict[str, str] = {\n"

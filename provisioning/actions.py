@@ -57,7 +57,14 @@ MAX_LINE_BYTES = 64 * 1024
 NONCE_BYTES = 12
 #: The actions a journal entry may name.
 ACTIONS = frozenset({"tag.paired", "tag.unpaired", "kiosk.paired", "kiosk.unpaired",
-                     "bundle.personal", "key.staged", "decommission"})
+                     "tag.replaced", "kiosk.replaced",
+                     "bundle.personal", "key.staged", "decommission",
+                     "enrol.requested", "enrol.completed", "enrol.failed",
+                     "tag.range_test"})
+#: Actions sealed under a record kind of their own (the action's name, core/kinds.py)
+#: instead of ``local.action``; same body.
+OWN_KINDS = frozenset({"enrol.requested", "enrol.completed", "enrol.failed",
+                       "tag.range_test"})
 _AAD_PREFIX = b"smartcorr.action\x00"
 
 

@@ -21,7 +21,15 @@ An identity directory holds (mode 0700, files 0600):
 * ``storage.key`` - the store's key (32 bytes for AES-256-GCM, 16 for SM4-GCM), raw
   (class ``file``) or sealed by the TPM (a sealed-object blob);
 * while a rotation is staged: ``signing.next.key`` and ``signing.next.pub``;
-* while a staged key is being promoted: ``rotation.json``, the intent.
+* while a staged key is being promoted: ``rotation.json``, the intent;
+* ``tls.key`` - the TLS client key (ECDSA P-256, PKCS#8 PEM, mode 0600: a file even with a
+  TPM, which Python's TLS cannot use) and ``tls.csr``, its certificate signing request
+  (CN = the gateway id, the identity key id in an extension, :data:`core.enrolment.KID_OID`),
+  both made by ``provision init``;
+* after enrolment (``provision enrol``, docs/enrolment.md): ``tls.crt`` (the gateway's
+  certificate), ``ca.crt`` (the platform's CA) and the platform's command material
+  (``command-*.pub``, ``command-*.json``), installed together by :func:`install_files`
+  (its intent: ``install.json``).
 
 Every write is atomic and durable (:mod:`core.durable`: temporary file, fsync, rename,
 fsync of the directory); the directory's creation fsyncs its parent.
@@ -79,8 +87,9 @@ from core.suites import (
 )
 
 __all__ = ["GATEWAY_ID_RE", "TPM_ENV", "Identity", "IdentityError", "IdentityKey",
-           "atomic_write", "check_tcti", "create_identity", "find_tpm", "load_identity",
-           "promotion_steps", "recover_identity", "registration", "stage_next_key", "staging_steps"]
+           "atomic_write", "check_tcti", "create_identity", "find_tpm", "install_files",
+           "load_identity", "promotion_steps", "recover_identity", "registration",
+           "stage_next_key", "staging_steps", "tls_request"]
 
 GATEWAY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 META = "gateway.json"
@@ -91,7 +100,18 @@ NEXT_KEY = "signing.next.key"
 NEXT_PUB = "signing.next.pub"
 #: The intent of a promotion: written once its key.rotate record is committed.
 INTENT = "rotation.json"
-IDENTITY_FILES = (META, KEY, PUB, STORAGE, NEXT_KEY, NEXT_PUB, INTENT)
+TLS_KEY = "tls.key"
+TLS_CSR = "tls.csr"
+TLS_CERT = "tls.crt"
+CA_CERT = "ca.crt"
+#: The intent of an installation of several files (:func:`install_files`).
+INSTALL_INTENT = "install.json"
+IDENTITY_FILES = (META, KEY, PUB, STORAGE, NEXT_KEY, NEXT_PUB, INTENT, TLS_KEY, TLS_CSR,
+                  TLS_CERT, CA_CERT, INSTALL_INTENT)
+#: Files :func:`install_files` may install (the others are the identity's own); ``tls.key``
+#: with its certificate at a renewal (provisioning/renewal.py), mode 0600.
+INSTALLABLE = re.compile(
+    r"^(?:tls\.key|tls\.crt|ca\.crt|command-[a-z0-9][a-z0-9._-]{0,54}\.(?:pub|json))$")
 PUBLIC_MODE = 0o644
 #: Overrides the TCTI that gateway.json names (the TPM moved to another bus; a lab TPM).
 TPM_ENV = "SMARTCORR_TPM"
@@ -370,14 +390,98 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
     storage = the_suite.new_storage_key()
     sealed = keys.seal_storage(storage, key_class)
     # gateway.json goes first and comes back last: until then this is no identity
-    for name in (META, INTENT, NEXT_KEY, NEXT_PUB):
-        durable.remove(directory / name)
+    for name in (META, INTENT, NEXT_KEY, NEXT_PUB, TLS_CERT, CA_CERT, INSTALL_INTENT):
+        durable.remove(directory / name)  # a certificate of a former identity's TLS key too
     atomic_write(directory / KEY, key_bytes)
     atomic_write(directory / PUB, _public_bytes(gateway_id, key, the_suite.name), PUBLIC_MODE)
     atomic_write(directory / STORAGE, sealed)
+    tls_request(directory, gateway_id, kid_of(key), new_key=True)
     atomic_write(directory / META, _meta(gateway_id, key, the_suite.name, tpm, key_class),
                  PUBLIC_MODE)
     return Identity(gateway_id, the_suite, key, storage, directory, key_class, keys)
+
+
+def tls_request(directory: Path, gateway_id: str, kid: str, *, new_key: bool = False) -> bytes:
+    """The CSR (PEM) of the TLS key in *directory* (made when missing or *new_key*): CN
+    *gateway_id*, the identity key id *kid* in the extension :data:`core.enrolment.KID_OID`;
+    written to ``tls.csr`` too."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from core.enrolment import kid_extension
+
+    path = directory / TLS_KEY
+    if new_key or not path.exists():
+        tls_key = ec.generate_private_key(ec.SECP256R1())
+        atomic_write(path, tls_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                 NoEncryption()))
+    else:
+        loaded = load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise IdentityError(f"{path} is not an EC private key: move it away and run "
+                                "'provision enrol' again (it makes a new one)")
+        tls_key = loaded
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, gateway_id)]))
+           .add_extension(kid_extension(kid), critical=False)
+           .sign(tls_key, hashes.SHA256()))
+    pem = csr.public_bytes(Encoding.PEM)
+    atomic_write(directory / TLS_CSR, pem, PUBLIC_MODE)
+    return pem
+
+
+def install_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Install *files* (names :data:`INSTALLABLE`, mode 0644, ``tls.key`` 0600) in
+    *directory* together: each is staged as ``.NAME.new``, then the intent ``install.json``
+    names them (the commit point), then each is renamed over its name, then the intent
+    goes. A power cut
+    before the intent leaves the old files (the staged ones are removed at the next
+    :func:`recover_identity`); after it, the next one completes the installation."""
+    for name in files:
+        if not INSTALLABLE.fullmatch(name):
+            raise IdentityError(f"{name!r} is not a file enrolment installs")
+    for name, data in files.items():
+        atomic_write(directory / f".{name}.new", data, 0o600 if name == TLS_KEY else PUBLIC_MODE)
+    atomic_write(directory / INSTALL_INTENT, json.dumps(sorted(files)).encode())
+    _complete_install(directory)
+
+
+def _complete_install(directory: Path) -> list[str]:
+    """Rename the staged files the intent names, then remove the intent; what was done."""
+    names = _read_json_list(directory / INSTALL_INTENT)
+    done = []
+    for name in names:
+        staged = directory / f".{name}.new"
+        if staged.exists():
+            durable.replace(staged, directory / name)
+            done.append(name)
+    durable.remove(directory / INSTALL_INTENT)
+    return done
+
+
+def _recover_install(directory: Path) -> list[str]:
+    if (directory / INSTALL_INTENT).exists():
+        names = _complete_install(directory)
+        return [f"completed an interrupted installation ({', '.join(names) or 'nothing left'})"]
+    staged = [p for p in directory.glob(".*.new*")
+              if INSTALLABLE.fullmatch(p.name.lstrip(".").split(".new")[0])]
+    for path in staged:
+        durable.remove(path)
+    return [f"removed an unfinished installation ({len(staged)} staged files)"] if staged else []
+
+
+def _read_json_list(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise IdentityError(f"{path} is corrupt ({exc}): remove it and enrol again") from None
+    if not isinstance(data, list) or not all(isinstance(n, str) and INSTALLABLE.fullmatch(n)
+                                             for n in data):
+        raise IdentityError(f"{path} is corrupt (not a list of installable files): remove it "
+                            "and enrol again")
+    return data
 
 
 def staging_steps(directory: Path, keys: _Keys | None = None) -> list[Step]:
@@ -443,6 +547,7 @@ def recover_identity(directory: Path, keys: _Keys | None = None) -> list[str]:
         if tmp.exists():
             durable.remove(tmp)
             done.append(f"removed the unfinished write {tmp.name}")
+    done += _recover_install(directory)
     if not (directory / META).exists():
         return done  # not (or not yet) an identity: load_identity says so
     meta = _read_meta(directory)

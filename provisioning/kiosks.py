@@ -23,7 +23,13 @@ from tinydb import Query, TinyDB
 from core.devices import PairedKiosk
 from core.suites import storage_aead
 from provisioning.identity import Identity
-from provisioning.registry import AtomicJSONStorage, RegistryError
+from provisioning.registry import (
+    AlreadyPairedError,
+    AtomicJSONStorage,
+    RegistryError,
+    device_key_id,
+    when,
+)
 
 KIOSKS_FILE = "kiosks.json"
 KIOSK_KEY_BYTES = 16
@@ -54,6 +60,15 @@ def parse_key(text: str) -> bytes:
     return key
 
 
+def already_paired(old: PairedKiosk) -> AlreadyPairedError:
+    """The refusal to pair a kiosk again without --replace: what is paired now, and how."""
+    return AlreadyPairedError(
+        f"kiosk {old.serial} is already paired (since {when(old.paired_at)}, key "
+        f"{device_key_id(old.key)}): pairing it again would give it a key the kiosk does not "
+        "hold, and its check-ins would be refused as spoofs. To replace its key, load the "
+        "new key into the kiosk and give --replace")
+
+
 def open_kiosks(identity: Identity) -> KioskRegistry:
     """The kiosk registry kept beside the gateway's identity."""
     return KioskRegistry(identity.directory / KIOSKS_FILE, identity.storage_key)
@@ -73,19 +88,32 @@ class KioskRegistry:
     def close(self) -> None:
         self._db.close()
 
-    def pair(self, serial: str, key: bytes | None = None) -> PairedKiosk:
-        """Pair (or pair again, with a new key) the kiosk *serial*; a key is generated
-        when none is given."""
+    def get(self, serial: str) -> PairedKiosk | None:
+        """The pairing of kiosk *serial*, if it is paired."""
+        docs = self._kiosks.search(Query().serial == parse_serial(serial))
+        return self._decode(docs[0]) if docs else None
+
+    def pair(self, serial: str, key: bytes | None = None, *,
+             replace: bool = False) -> PairedKiosk:
+        """Pair the kiosk *serial* (a key is generated when none is given). A kiosk paired
+        already is refused (:class:`AlreadyPairedError`) unless *replace*: then its key is
+        replaced, ``paired_at`` kept and ``replaced_at`` added."""
         serial = parse_serial(serial)
         key = key if key is not None else secrets.token_bytes(KIOSK_KEY_BYTES)
         if len(key) != KIOSK_KEY_BYTES:
             raise RegistryError(f"kiosk {serial}: the key must be {KIOSK_KEY_BYTES} bytes")
+        old = self.get(serial)
+        if old is not None and not replace:
+            raise already_paired(old)
         nonce = os.urandom(_NONCE_BYTES)
-        doc = {
+        now = int(time.time())
+        doc: dict[str, Any] = {
             "serial": serial,
             "key_enc": (nonce + self._aead.encrypt(nonce, key, _aad(serial))).hex(),
-            "paired_at": int(time.time()),
+            "paired_at": now if old is None else old.paired_at,
         }
+        if old is not None:
+            doc["replaced_at"] = now
         self._kiosks.upsert(doc, Query().serial == serial)
         return self._decode(doc)
 

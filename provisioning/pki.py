@@ -42,7 +42,7 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_authority(cn: str = "SmartCorr test CA", days: int = 30) -> Authority:
+def make_authority(cn: str = "SmartCorr test CA", days: int = 3650) -> Authority:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -68,7 +68,7 @@ def make_authority(cn: str = "SmartCorr test CA", days: int = 30) -> Authority:
 
 
 def issue(
-    ca: Authority, cn: str, *, server: bool = False, days: int = 30
+    ca: Authority, cn: str, *, server: bool = False, days: int = 397
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -115,3 +115,59 @@ def write_ca(directory: Path, ca: Authority, name: str = "ca") -> Path:
 def issue_to(directory: Path, ca: Authority, cn: str, *, server: bool = False) -> CertFiles:
     key, cert = issue(ca, cn, server=server)
     return write_pem(directory, cn, key, cert)
+
+
+# -- certificates that are wrong on purpose (the uplink's certificate check, its tests) -----
+def issue_custom(
+    ca: Authority, cn: str | None, *, not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None, key: ec.EllipticCurvePrivateKey | None = None,
+    names: tuple[str, ...] = (),
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A client certificate as :func:`issue` makes one, but with the validity, the CN (None:
+    no CN at all) and the key given; with *names*, a server certificate for those DNS names
+    and addresses only (e.g. a broker certificate that is not for the host dialled)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if names else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]) if cn is None else _name(cn))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=397))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_general_name(n)
+                                                                     for n in names]),
+                                        critical=False)
+    return key, builder.sign(ca.key, hashes.SHA256())
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def make_not_a_ca(cn: str = "SmartCorr not a CA") -> Authority:
+    """A self-signed certificate without CA:TRUE: a "CA file" that cannot authenticate
+    anyone (someone installed an end-entity certificate as ca_file)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return Authority(key, cert)

@@ -9,6 +9,7 @@ key: the file read raw shows no key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -38,6 +39,32 @@ MAX_ABSENT_AFTER_S = 86_400
 
 class RegistryError(UserError):
     """The registry cannot do what was asked; the message says why and what to do."""
+
+
+class AlreadyPairedError(RegistryError):
+    """The device is paired already: pairing it again replaces its key only when asked."""
+
+
+#: Prefix of the hash that names a device key in records (never the key itself).
+_KID_DOMAIN = b"smartcorr.device-key\x00"
+
+
+def device_key_id(key: bytes) -> str:
+    """A tag's or kiosk's pairing key named without revealing it: the first 8 bytes of
+    SHA-256 over a domain prefix and the key, in hex. Records name keys by it (a
+    replacement names the old and the new one); a 128-bit random key cannot be found
+    from it."""
+    return hashlib.sha256(_KID_DOMAIN + key).digest()[:8].hex()
+
+
+def new_device_key() -> bytes:
+    """A fresh AES-128 pairing key (the installer loads it into the tag or kiosk)."""
+    return secrets.token_bytes(TAG_KEY_BYTES)
+
+
+def when(seconds: int) -> str:
+    """A registry time for people: UTC, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 class AtomicJSONStorage(Storage):
@@ -112,23 +139,41 @@ class TagRegistry:
     def close(self) -> None:
         self._db.close()
 
-    def pair(self, tag: str, key: bytes | None = None, *,
-             absent_after_s: int = DEFAULT_ABSENT_AFTER_S) -> PairedTag:
+    def get(self, tag: str) -> PairedTag | None:
+        """The pairing of *tag*, if it is paired."""
         tag = parse_tag(tag)
-        key = key if key is not None else secrets.token_bytes(TAG_KEY_BYTES)
+        docs = self._tags.search(Query().tag == tag)
+        return self._decode(docs[0]) if docs else None
+
+    def pair(self, tag: str, key: bytes | None = None, *,
+             absent_after_s: int | None = None, replace: bool = False) -> PairedTag:
+        """Pair *tag* with *key* (generated when None). A tag paired already is refused
+        (:class:`AlreadyPairedError`: the tag still holds its key, so a new one would make
+        its beacons spoofs) unless *replace*: then its key is replaced and its settings
+        kept (``absent_after_s`` unless given; ``paired_at``), ``replaced_at`` added."""
+        tag = parse_tag(tag)
+        key = key if key is not None else new_device_key()
         if len(key) != TAG_KEY_BYTES:
             raise RegistryError(f"tag {tag}: the key must be {TAG_KEY_BYTES} bytes "
                                 f"({2 * TAG_KEY_BYTES} hex digits)")
+        old = self.get(tag)
+        if old is not None and not replace:
+            raise already_paired(old)
+        if absent_after_s is None:
+            absent_after_s = DEFAULT_ABSENT_AFTER_S if old is None else old.absent_after_s
         if not MIN_ABSENT_AFTER_S <= absent_after_s <= MAX_ABSENT_AFTER_S:
             raise RegistryError(f"tag {tag}: --absent-after must be {MIN_ABSENT_AFTER_S}-"
                                 f"{MAX_ABSENT_AFTER_S} seconds, got {absent_after_s}")
         nonce = os.urandom(NONCE_BYTES)
-        doc = {
+        now = int(time.time())
+        doc: dict[str, Any] = {
             "tag": tag,
             "key_enc": (nonce + self._aead.encrypt(nonce, key, tag.encode())).hex(),
             "absent_after_s": absent_after_s,
-            "paired_at": int(time.time()),
+            "paired_at": now if old is None else old.paired_at,
         }
+        if old is not None:
+            doc["replaced_at"] = now
         self._tags.upsert(doc, Query().tag == tag)
         return self._decode(doc)
 
@@ -169,6 +214,16 @@ class TagRegistry:
             raise RegistryError(f"{where}: the key is {len(key)} bytes, not {TAG_KEY_BYTES}; "
                                 f"{fix}")
         return PairedTag(tag, key, absent, paired)
+
+
+def already_paired(old: PairedTag) -> AlreadyPairedError:
+    """The refusal to pair a tag again without --replace: what is paired now, and how."""
+    return AlreadyPairedError(
+        f"tag {old.tag} is already paired (since {when(old.paired_at)}, absent after "
+        f"{old.absent_after_s} s, key {device_key_id(old.key)}): pairing it again would give "
+        "it a key the tag does not hold, and its beacons would be refused as spoofs. To "
+        "replace its key, load the new key into the tag and give --replace (its settings "
+        "are kept unless you give them); to pair another tag, check the number")
 
 
 def _whole(value: object) -> TypeGuard[int]:

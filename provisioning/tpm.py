@@ -434,6 +434,25 @@ class Tpm:
                 self._call("flush the sealed object", lambda: self._esys.flush_context(item))
         return bytes(data)
 
+    def clear(self) -> None:
+        """TPM2_Clear with the lockout authorisation (empty, as the gateway leaves it):
+        the owner hierarchy gets a new seed, so every key blob wrapped by this TPM's storage
+        root key (a copy of the card, a backup, a block the flash kept) never loads again,
+        and every object of the owner hierarchy is flushed. Endorsement keys survive.
+        TpmError when the TPM refuses (lockout authorisation set, clear disabled)."""
+        with self._lock:
+            self._check_open()
+            self._evict(0)
+            try:
+                self._esys.clear(ESYS_TR.LOCKOUT)
+            except TSS2_Exception as exc:
+                if _is_tcti(exc):
+                    raise self._lost(exc) from None
+                raise TpmError(f"the TPM at {self.tcti} refused to clear its owner hierarchy "
+                               f"({exc}): its lockout authorisation is set or clearing is "
+                               "disabled; clear it from the firmware setup (or tpm2_clear "
+                               "with the lockout password)") from None
+
     # internals (all called with the lock held)
 
     def _sign(self, signer: TpmSigner, digest: bytes, scheme: TPMT_SIG_SCHEME) -> bytes:

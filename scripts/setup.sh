@@ -5,11 +5,15 @@
 #   scripts/setup.sh          runtime dependencies
 #   scripts/setup.sh --test   and the test tools (pytest, hypothesis, ruff, mypy), a
 #                             PostgreSQL server and mosquitto_sub for the tests
+#   scripts/setup.sh --service what the installed service needs, no more: no broker and
+#                             no software TPM (packaging/install.sh, docs/hardening.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
+service=0
 [ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--service" ] && service=1
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -20,7 +24,8 @@ fi
 
 missing=()
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+if [ "$service" -eq 0 ] && ! command -v mosquitto >/dev/null 2>&1 && \
+        [ ! -x /usr/sbin/mosquitto ]; then
     missing+=(mosquitto)
 fi
 # the TPM 2.0 (provisioning/tpm.py): tpm2-pytss has no wheels and builds against the
@@ -34,7 +39,7 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 python3 -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     >/dev/null 2>&1 || missing+=(python3-dev)
-command -v swtpm >/dev/null 2>&1 || missing+=(swtpm swtpm-tools)
+[ "$service" -eq 1 ] || command -v swtpm >/dev/null 2>&1 || missing+=(swtpm swtpm-tools)
 if [ -n "$extra" ]; then
     # the tests' own PostgreSQL server (lab/postgres.py: initdb, pg_ctl; the demo needs
     # none) and mosquitto_sub, which records the captures of tests/test_capture.py
@@ -44,6 +49,10 @@ if [ -n "$extra" ]; then
         missing+=(postgresql)
     fi
     command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    # tests/test_packaging.py: systemd-analyze verify/security, systemd-sysusers and
+    # systemd-tmpfiles on the unit and the install tree; udevadm parses the udev rule
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    command -v udevadm >/dev/null 2>&1 || missing+=(udev)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then

@@ -38,14 +38,17 @@ def stored_records(db: Path, storage_key: bytes) -> list[bytes]:
 
 def plaintext_config(directory: Path, identity_dir: Path, *, host: str = "127.0.0.1",
                      port: int | None = None, extra: str = "") -> Path:
-    """``directory/gateway.toml``: a gateway with *identity_dir*, ``directory/data`` and a
-    plain-MQTT broker (a test bench: no broker need answer), then *extra* TOML."""
+    """``directory/gateway.toml``: a gateway with *identity_dir*, ``directory/data``, its
+    state in ``directory/run`` (never the machine's /run/smartcorr) and a plain-MQTT broker
+    (a test bench: no broker need answer), then *extra* TOML."""
     cfg = directory / "gateway.toml"
     port_line = "" if port is None else f"port = {port}\n"
     cfg.write_text(f"""
 [gateway]
 identity_dir = "{identity_dir}"
 data_dir = "{directory / 'data'}"
+[paths]
+runtime_dir = "{directory / 'run'}"
 [broker]
 host = "{host}"
 {port_line}tls = false

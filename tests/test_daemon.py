@@ -34,7 +34,9 @@ def test_notify_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         messages = [server.recv(4096).decode()]
         assert messages[0].startswith("READY=1")
         messages.append(server.recv(4096).decode())
-        assert messages[1] == "WATCHDOG=1"
+        while messages[-1].startswith("STATUS="):  # the uplink's state, at each change
+            messages.append(server.recv(4096).decode())
+        assert messages[-1] == "WATCHDOG=1"
         proc.send_signal(signal.SIGTERM)
         while "STOPPING=1" not in messages[-1]:
             messages.append(server.recv(4096).decode())

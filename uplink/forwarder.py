@@ -13,6 +13,19 @@ is the watch for another client taking our client id
 (:class:`uplink.takeover.TakeoverWatch`): the uplink resumes its MQTT session on
 every reconnect, and a takeover it sees becomes an ``uplink.takeover`` alarm
 record, submitted to the store writer from this thread.
+
+Before it connects, and every :data:`CERT_CHECK_S` after, the forwarder thread checks
+the TLS files (uplink/certs.py): with an error it does not connect (or disconnects) and
+says why (uplink/failures.py: an ERROR line at once, then at most once a minute, and an
+``uplink.refused`` record per distinct problem); recording goes on, the records wait in
+the store. Files that changed are judged once they stayed still for :data:`CERT_SETTLE_S`
+(a certificate and its key are placed one after the other); if they check clean (a
+renewed certificate) they are taken at once: a new paho client is made with them and
+connects, resuming the MQTT session. Connection
+failures (DNS, TCP, TLS, CONNACK) are classified and said the same way, and the
+connection coming back is one line. :attr:`UplinkStats.state` says where the uplink
+stands (``connected``, ``refused: <reasons>``, ``retrying: <reason>``); *on_state* hears
+each change (systemd's STATUS=).
 """
 
 from __future__ import annotations
@@ -21,20 +34,32 @@ import json
 import logging
 import queue
 import random
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from buffer.store import StoreReader
 from buffer.writer import StoreWriter
+from core.clock import NS_PER_MS, kernel_clock_synced
 from core.kinds import Priority
-from core.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, BrokerConfig, connect, make_client
+from core.mqtt import (
+    RECONNECT_MAX_S,
+    RECONNECT_MIN_S,
+    BrokerConfig,
+    MqttSetupError,
+    connect,
+    make_client,
+)
 from core.record import JSON, Reading, Source
 from core.topics import records_topic, status_topic
+from uplink.certs import check_certificates, read_tls_files, unusable
 from uplink.delivery import (
     MAX_DELETIONS_WAITING,
     WINDOW,
@@ -43,6 +68,17 @@ from uplink.delivery import (
     Ignored,
     ReadFrom,
     Refused,
+)
+from uplink.failures import (
+    REFUSED_KIND,
+    Action,
+    Failure,
+    Record,
+    Say,
+    UplinkWatch,
+    connack_failure,
+    connect_failure,
+    socket_failure,
 )
 from uplink.takeover import Takeover, TakeoverWatch
 
@@ -67,8 +103,29 @@ SESSION_EXPIRY_S = 3600
 #: The record kind of a detected takeover of our client id (an alarm).
 TAKEOVER_KIND = "uplink.takeover"
 
+#: How often the TLS files are checked again (refused: whether they were fixed; running:
+#: whether they expire, changed, or trusted time now says they are not yet valid), seconds.
+CERT_CHECK_S = 15.0
+#: Files that changed since the last check are looked at again this much later before they
+#: are judged: a certificate and its key are replaced one after the other, seconds.
+CERT_SETTLE_S = 2.0
+#: paho's error lines that say why a connection closed (the broker's TLS alert is there).
+_SOCKET_ERRORS = ("failed to receive on socket", "failed to send on socket",
+                  "timeout on socket")
+
 #: Called on the forwarder's thread with each PUBACKed batch (class, seqs increasing).
 AckHook = Callable[[Priority, list[int]], None]
+#: UTC now in milliseconds, and whether that time is trusted (NTP or GNSS).
+UtcNow = Callable[[], tuple[int, bool]]
+#: Called on the forwarder's thread with the uplink's new state (UplinkStats.state).
+StateHook = Callable[[str], None]
+#: The number of records queued in the store (called on the forwarder's thread).
+Backlog = Callable[[], int]
+
+
+def system_time() -> tuple[int, bool]:
+    """The system clock, trusted when the kernel says NTP synchronised it."""
+    return time.time_ns() // NS_PER_MS, kernel_clock_synced()
 
 
 # -- facts from paho's thread ---------------------------------------------------------
@@ -82,11 +139,22 @@ class Connected:
 @dataclass(frozen=True, slots=True)
 class ConnectRefused:
     reason: str
+    code: int = 0  # the CONNACK's reason code
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectFailed:
-    pass
+    """A connect attempt raised (DNS, TCP, TLS handshake); *failure* says which, when the
+    exception was known."""
+
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketError:
+    """paho's error line about the socket (e.g. the broker's TLS alert)."""
+
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +173,8 @@ class Published:
     reason: str
 
 
-UplinkEvent = Connected | ConnectRefused | ConnectFailed | Disconnected | Published
+UplinkEvent = (Connected | ConnectRefused | ConnectFailed | SocketError | Disconnected
+               | Published)
 
 
 @dataclass
@@ -123,8 +192,13 @@ class UplinkStats:
     taken_over: int = 0  # the broker said "session taken over" (0x8E)
     sessions_lost: int = 0  # reconnected in time, and the broker had no session for us
     takeover_records: int = 0  # uplink.takeover records submitted
+    failed_attempts: int = 0  # connects that failed: raised, closed, or refused by CONNACK
+    cert_checks: int = 0
+    refused_records: int = 0  # uplink.refused records submitted
     connected: bool = False
     last_error: str | None = None
+    #: ``connected``, ``refused: <reasons>``, ``retrying: <reason>``, ``connecting``...
+    state: str = "starting"
 
 
 class Forwarder:
@@ -141,6 +215,9 @@ class Forwarder:
         source: Source | None = None,
         now_ns: Callable[[], int] = time.monotonic_ns,
         heads: bool = True,
+        utc_now: UtcNow = system_time,
+        on_state: StateHook | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         #: End every message with the signed head statement (core/head.py): how far the
@@ -160,26 +237,55 @@ class Forwarder:
         self._takeover = TakeoverWatch()
         self._source = source or Source("gateway", gateway_id)
         self._now_ns = now_ns
+        self._utc_now = utc_now
+        self._on_state = on_state
+        self._backlog = backlog
         self.stats = UplinkStats()
         self.idle = threading.Event()
         self._commits = 0  # notify() calls (the writer's thread alone adds to it)
         self.client_id = f"gw-{gateway_id}"
-        self.client = make_client(self.client_id, broker)
-        self.client.will_set(self._status, self._status_payload(online=False), qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
-        self.client.on_connect_fail = self._on_connect_fail
-        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._where = f"{broker.host}:{broker.port}"
+        self._watch = UplinkWatch(self._where)
+        self._check_ns = int(CERT_CHECK_S * 1e9)  # read here: tests scale it down
+        self._settle_ns = int(CERT_SETTLE_S * 1e9)
+        self._seen_files: str | None = None  # the digest of the files at the last check
+        self._next_check_ns: int | None = None
+        # the paho client is made once the TLS files check clean (never before: loading an
+        # encrypted key would ask for a passphrase on the terminal), again when they change
+        self._client: mqtt.Client | None = None
+        self._client_files: str | None = None  # the digest of the files it was made with
         self._loop_started = False
+        self._ever_connected = False  # later clients resume the session
+        self._connack_refused = False  # the attempt under way was refused by its CONNACK
+        self._socket_error: str | None = None  # paho's last socket error line
+        self._unloadable: tuple[str, str] | None = None  # (digest, why) OpenSSL refused them
+        if not broker.tls:
+            self._client = self._new_client()
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+
+    @property
+    def client(self) -> mqtt.Client:
+        """The paho client in use (none before the TLS files checked clean)."""
+        if self._client is None:
+            raise RuntimeError(f"the uplink has no MQTT client yet ({self.stats.state})")
+        return self._client
+
+    def _new_client(self) -> mqtt.Client:
+        client = make_client(self.client_id, self.broker)
+        client.will_set(self._status, self._status_payload(online=False), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_connect_fail = self._on_connect_fail
+        client.on_log = self._on_log
+        return client
 
     def _status_payload(self, *, online: bool) -> bytes:
         return json.dumps({"gw": self.gateway_id, "online": online}).encode()
 
     # -- API -------------------------------------------------------------------
     def start(self) -> None:
-        connect(self.client, self.broker, session_expiry_s=SESSION_EXPIRY_S)
-        self._loop_started = True
+        """Start the forwarder thread: it checks the TLS files, then connects."""
         self._thread.start()
 
     def is_alive(self) -> bool:
@@ -199,21 +305,50 @@ class Forwarder:
             self._thread.join(STOP_JOIN_S)
             if self._thread.is_alive():
                 log.error("the uplink thread did not stop within %.0f s", STOP_JOIN_S)
+        self._close_client()
+
+    def _close_client(self) -> None:
+        """Say offline (if connected), disconnect and join paho's loop; what the old client
+        reported meanwhile is applied without being said (we closed it)."""
+        client = self._client
+        if client is None:
+            return
         if self.stats.connected:
-            self.client.publish(self._status, self._status_payload(online=False), 1, retain=True)
-        self.client.disconnect()
+            client.publish(self._status, self._status_payload(online=False), 1, retain=True)
+        client.disconnect()
         if self._loop_started:
-            self.client.loop_stop()  # joins paho's network thread
+            client.loop_stop()  # joins paho's network thread
             self._loop_started = False
+        self._drain_events(quiet=True)
+        self._delivery.connection_lost()
+        self.stats.connected = False
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until everything committed so far is acknowledged by the broker."""
+        """Wait until everything committed so far is acknowledged by the broker (False at
+        once while the uplink refuses to connect)."""
+        if self._watch.refused:
+            return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._wake.set()
             if self.idle.wait(IDLE_CHECK_S):
                 return True
         return False
+
+    def side_exchange(self, answer_topic: str, request_topic: str, payload: bytes,
+                      on_answer: Callable[[bytes], None]) -> bool:
+        """Subscribe to *answer_topic* (its messages go to *on_answer*, on paho's thread),
+        then publish *payload* on *request_topic*, both at QoS 1 over this uplink's own
+        connection: certificate renewal (app/renewal.py). The broker binds the client id to
+        the certificate, so a second connection would take this one's session. The request's
+        PUBACK is not the delivery's (counted in ``ignored_acks``). False when not connected."""
+        client = self._client
+        if client is None or not self.stats.connected:
+            return False
+        client.message_callback_add(answer_topic,
+                                    lambda _c, _u, message: on_answer(bytes(message.payload)))
+        client.subscribe(answer_topic, qos=1)  # before the request, on the same connection
+        return client.publish(request_topic, payload, qos=1).rc == mqtt.MQTT_ERR_SUCCESS
 
     # -- paho callbacks (paho's thread): only queue facts ---------------------------
     def _post(self, event: UplinkEvent) -> None:
@@ -224,7 +359,7 @@ class Forwarder:
                     properties: Any) -> None:
         del userdata
         if reason.is_failure:
-            self._post(ConnectRefused(str(reason)))
+            self._post(ConnectRefused(str(reason), int(reason.value)))
             return
         client.publish(self._status, self._status_payload(online=True), qos=1, retain=True)
         expiry = getattr(properties, "SessionExpiryInterval", SESSION_EXPIRY_S)
@@ -232,7 +367,16 @@ class Forwarder:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         del client, userdata
-        self._post(ConnectFailed())
+        # paho calls this inside its `except OSError:` around the connect: the exception
+        # is the one being handled; classified here (a pure function), kept as text only
+        exc = sys.exception()
+        self._post(ConnectFailed(None if exc is None else connect_failure(
+            exc, self._where, ca_file=self.broker.ca_file, tls=self.broker.tls)))
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        del client, userdata
+        if level == mqtt.MQTT_LOG_ERR and text.startswith(_SOCKET_ERRORS):
+            self._post(SocketError(text))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
@@ -253,22 +397,112 @@ class Forwarder:
     # -- the forwarder thread ---------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(POLL_S)
+            now = self._now_ns()
+            if self._next_check_ns is None or now >= self._next_check_ns:
+                self._next_check_ns = now + self._check_ns
+                self._check(now)
+                self._publish_state()
+            wait_s = min(POLL_S, max(0.0, (self._next_check_ns - self._now_ns()) / 1e9))
+            self._wake.wait(wait_s)
             self._wake.clear()
             self._drain_events()
             self._report_takeover()
             self._fill_window()
+            self._publish_state()
 
-    def _drain_events(self) -> None:
+    # -- the TLS files and the paho client (the forwarder thread) -----------------------
+    def _check(self, now_ns: int) -> None:
+        """Check the TLS files; connect when they are clean and no client runs, reconnect
+        with them when they changed, disconnect when they are not usable any more."""
+        broker = self.broker
+        if not broker.tls:
+            if not self._loop_started:
+                self._watch.connecting()
+                self._open(None)
+            return
+        files = read_tls_files(broker.ca_file, broker.cert_file, broker.key_file)
+        if self._seen_files is not None and files.digest != self._seen_files:
+            # changed since the last check: perhaps half-way through an install (the
+            # certificate placed, not yet its key): judged once they stay still
+            self._seen_files = files.digest
+            self._next_check_ns = now_ns + min(self._settle_ns, self._check_ns)
+            return
+        self._seen_files = files.digest
+        utc_ms, trusted = self._utc_now()
+        report = check_certificates(files, self.gateway_id, now_ms=utc_ms, trusted=trusted)
+        self.stats.cert_checks += 1
+        if not report.refuse and self._unloadable is not None \
+                and self._unloadable[0] == files.digest:
+            report = unusable(self._unloadable[1])  # the same files OpenSSL would not load
+        if not report.refuse and self._loop_started and files.digest != self._client_files:
+            log.warning("uplink: the TLS files changed and check clean; reconnecting to %s "
+                        "with them", self._where)
+            self._close_client()
+        if report.refuse and self._loop_started:
+            self._close_client()  # e.g. trusted time shows it is not yet valid
+        self._tell(self._watch.certificates(report, now_ns))
+        if report.refuse or self._loop_started:
+            return
+        self._watch.connecting()
+        problem = self._open(files.digest)
+        if problem is not None:
+            self._unloadable = (files.digest, problem)
+            self._tell(self._watch.certificates(unusable(problem), now_ns))
+
+    def _open(self, digest: str | None) -> str | None:
+        """Make a paho client (with the TLS files as they are now) and start connecting;
+        what OpenSSL said if it would not load the files."""
+        if self._client is None or self._client_files != digest or self._ever_connected:
+            try:
+                self._client = self._new_client()
+            except MqttSetupError as exc:
+                return str(exc.__cause__ or exc)
+            self._client_files = digest
+        client = self._client
+        self._connack_refused, self._socket_error = False, None
+        if self._ever_connected:  # resume the session (a clean one looks like a takeover)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s,
+                                 clean_start=False, properties=props)
+            client.loop_start()
+        else:
+            connect(client, self.broker, session_expiry_s=SESSION_EXPIRY_S)
+        self._loop_started = True
+        return None
+
+    def _tell(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            match action:
+                case Say(level, text):
+                    log.log(level, "%s", text)
+                case Record(body):
+                    self._writer.submit(Reading(REFUSED_KIND, self._source, body,
+                                                self._now_ns()))
+                    self.stats.refused_records += 1
+
+    def _publish_state(self) -> None:
+        state = self._watch.state
+        if state != self.stats.state:
+            self.stats.state = state
+            if self._on_state is not None:
+                self._on_state(state)
+
+    def _drain_events(self, *, quiet: bool = False) -> None:
         while True:
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            self._apply(event)
+            self._apply(event, quiet=quiet)
 
-    def _apply(self, event: UplinkEvent) -> None:
+    def _apply(self, event: UplinkEvent, *, quiet: bool = False) -> None:
+        """Apply one fact from paho; *quiet*: from a client we closed (the watch is not
+        told: nothing is said, the state is the check's)."""
         stats = self.stats
+        now_ns = self._now_ns()
+        watch = _Silent() if quiet else self._watch
+        said: list[Action] = []
         match event:
             case Published(mid, refused, reason):
                 self._acked(self._delivery.puback(mid, refused=refused, reason=reason))
@@ -276,7 +510,8 @@ class Forwarder:
                 self._delivery.connection_made()
                 stats.connects += 1
                 stats.connected = True
-                log.info("uplink connected to %s:%d", self.broker.host, self.broker.port)
+                self._ever_connected = True
+                said = watch.connected(now_ns, self._queued())
                 if self._takeover.connected(session_present=session_present,
                                             session_expiry_s=expiry_s, now_ns=self._now_ns()):
                     stats.sessions_lost += 1
@@ -284,20 +519,39 @@ class Forwarder:
                                 "connected with our client id", self.client_id)
             case Disconnected(reason, code):
                 stats.last_error = f"disconnected: {reason}"
-                if self._takeover.disconnected(code, self._now_ns()):
+                if self._takeover.disconnected(code, now_ns):
                     stats.taken_over += 1
                     log.error("another client connected with our client id %s: the broker "
                               "dropped us (session taken over)", self.client_id)
                 if self._delivery.connection_lost():
                     stats.disconnects += 1
-                    log.warning("uplink lost: %s", stats.last_error)
+                    said = watch.lost(reason, now_ns)
+                elif not (quiet or self._connack_refused):  # closed before a CONNACK
+                    stats.failed_attempts += 1
+                    said = watch.failed(socket_failure(
+                        self._socket_error, self._where, tls=self.broker.tls), now_ns)
+                self._connack_refused, self._socket_error = False, None
                 stats.connected = False
-            case ConnectRefused(reason):
+            case ConnectRefused(reason, code):
                 stats.last_error = f"connect refused: {reason}"
-                log.error("broker refused the connection: %s", reason)
-            case ConnectFailed():
+                stats.failed_attempts += 1
+                self._connack_refused = True
+                said = watch.failed(
+                    connack_failure(code, reason, self._where, self.client_id), now_ns)
+            case ConnectFailed(failure):
                 stats.connect_failures += 1
-                stats.last_error = "cannot connect (network, TLS or broker down); retrying"
+                stats.failed_attempts += 1
+                found = failure or connect_failure(None, self._where,
+                                                   ca_file=self.broker.ca_file,
+                                                   tls=self.broker.tls)
+                stats.last_error = f"cannot connect: {found.what}"
+                said = watch.failed(found, now_ns)
+            case SocketError(text):
+                self._socket_error = text
+        self._tell(said)
+
+    def _queued(self) -> int | None:
+        return None if self._backlog is None else self._backlog()
 
     def _report_takeover(self) -> None:
         """Write down a takeover seen (at most one record a minute: uplink/takeover.py)."""
@@ -322,8 +576,8 @@ class Forwarder:
             case Refused(rows=rows, reason=reason):
                 self.stats.refused += rows
                 self.stats.last_error = f"broker refused records: {reason}"
-                log.error("broker refused %d records (%s): check the ACL for %s; they stay "
-                          "queued", rows, reason, self._topic)
+                self._tell(self._watch.publish_refused(rows, reason, self._topic,
+                                                       self._now_ns()))
             case Ignored():
                 self.stats.ignored_acks += 1
 
@@ -346,7 +600,7 @@ class Forwarder:
                 payload += b"\n"
                 head = self._writer.head_line(before=payload)
                 payload = payload + head if head is not None else payload[:-1]
-            info = self.client.publish(self._topic, payload, qos=1)
+            info = self.client.publish(self._topic, payload, qos=1)  # connected: it exists
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return  # not connected: the connection events will reset us
             self.idle.clear()
@@ -354,3 +608,16 @@ class Forwarder:
             self._delivery.published(info.mid, prio, seqs)
             self.stats.messages_published += 1
             self.stats.records_published += len(seqs)
+
+
+class _Silent:
+    """Stands in for the watch while a client we closed reports its last facts."""
+
+    def connected(self, _now_ns: int, _backlog: int | None) -> list[Action]:
+        return []
+
+    def lost(self, _reason: str, _now_ns: int) -> list[Action]:
+        return []
+
+    def failed(self, _failure: Failure, _now_ns: int) -> list[Action]:
+        return []

@@ -20,11 +20,14 @@ from pathlib import Path
 
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
-from lab.simulators.pty import Pty, PtySim
+from lab.simulators.pty import Pty, PtySim, SerialEnd
 from lab.wire import Damage
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
+#: Events kept in :attr:`FramedDeviceSim.sent` (the newest): a simulator left running for
+#: days on a bench must not grow without bound.
+SENT_KEPT = 100_000
 
 
 class FramedDeviceSim(PtySim):
@@ -40,6 +43,7 @@ class FramedDeviceSim(PtySim):
         to_host: Damage | None = None,
         from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
+        end: SerialEnd | None = None,
     ) -> None:
         hello = Hello(protocol_version, device_class, firmware, 1, serial, features)
         self.device = DeviceLink(hello)
@@ -47,11 +51,12 @@ class FramedDeviceSim(PtySim):
         self.from_host = from_host or Damage()
         self.byte_delay_s = byte_delay_s
         self._link = link
-        super().__init__(serial, link)
+        super().__init__(serial, link, end=end)
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._plugged = True
         self._frozen = False
-        self.sent: dict[int, bytes] = {}  # event id -> body, every event ever generated
+        #: event id -> body of the events generated (the newest SENT_KEPT)
+        self.sent: dict[int, bytes] = {}
         self._lock = threading.Lock()
 
     def enqueue(self, msg_type: int, body: bytes) -> None:
@@ -59,6 +64,8 @@ class FramedDeviceSim(PtySim):
             event_id = self.device.enqueue(msg_type, body)
             with self._lock:
                 self.sent[event_id] = body
+                if len(self.sent) > SENT_KEPT:
+                    del self.sent[next(iter(self.sent))]
         self._calls.put(do)
 
     def unplug(self) -> None:
@@ -88,6 +95,14 @@ class FramedDeviceSim(PtySim):
     def acked(self) -> list[int]:
         with self._lock:
             return list(self.device.acked_ids)
+
+    def forget_acked(self) -> None:
+        """Drop the ids of acknowledged events kept so far (their count stays in
+        ``device.stats.acked``): a simulator that runs for days keeps no growing list."""
+        def do() -> None:
+            with self._lock:
+                self.device.acked_ids.clear()
+        self._calls.put(do)
 
     def queued(self) -> int:
         return len(self.device.queue)

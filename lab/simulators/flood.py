@@ -151,12 +151,21 @@ class FloodingDeviceSim(PtySim):
 
 def main(argv: list[str] | None = None) -> int:
     """One flooding device in this process until *--seconds* pass; its counts as JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--link", type=Path, required=True, help="the stable path to create")
-    ap.add_argument("--mode", choices=MODES, default="data")
-    ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--tag-id", type=lambda v: int(v, 0), default=0x00F1_00D0)
-    ap.add_argument("--key", type=bytes.fromhex, default=bytes(16), help="hex, 16 bytes")
+    ap = argparse.ArgumentParser(prog="python -m lab.simulators.flood",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--link", type=Path, required=True,
+                    help="the stable path to create: a symbolic link to the pty served")
+    ap.add_argument("--mode", choices=MODES, default="data",
+                    help="data: beacons of one paired tag without waiting for ACKs; unknown: "
+                         "beacons of random unpaired tags; hello: HELLO again and again "
+                         "(default data)")
+    ap.add_argument("--seconds", type=float, default=30.0,
+                    help="how long to flood, then print the counts as JSON (default 30)")
+    ap.add_argument("--tag-id", type=lambda v: int(v, 0), default=0x00F1_00D0,
+                    help="the paired tag's id, e.g. 0xF100D0 (default)")
+    ap.add_argument("--key", type=bytes.fromhex, default=bytes(16),
+                    help="the paired tag's lab key, 32 hex digits (default 16 zero bytes; a "
+                         "bench key, never a real tag's)")
     args = ap.parse_args(argv)
     sim = FloodingDeviceSim(mode=args.mode, tag=SimTag(args.tag_id, args.key), link=args.link)
     sim.start()

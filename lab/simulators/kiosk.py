@@ -36,6 +36,7 @@ from drivers.kiosk import (
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
+from lab.simulators.pty import SerialEnd
 from lab.wire import Damage
 
 _FLAG_OF_NAME = {name: flag for flag, name in FLAG_NAMES.items()}
@@ -58,9 +59,12 @@ class KioskSim(FramedDeviceSim):
         to_host: Damage | None = None,
         from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
+        firmware: tuple[int, int, int] = (1, 0, 0),
+        end: SerialEnd | None = None,
     ) -> None:
-        super().__init__(DeviceClass.KIOSK, serial, link=link, to_host=to_host,
-                         from_host=from_host, byte_delay_s=byte_delay_s)
+        super().__init__(DeviceClass.KIOSK, serial, link=link, firmware=firmware,
+                         to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s,
+                         end=end)
         self.tz_offset_min = tz_offset_min
         self.status = KioskStatus(0, battery_pct)
         self._wall_clock = wall_clock
@@ -150,3 +154,11 @@ class KioskSim(FramedDeviceSim):
         own state is left as it is)."""
         self.enqueue(MSG_UNSIGNED_STATUS, status.to_bytes())
         return status
+
+
+if __name__ == "__main__":  # the same as: python -m lab.simulators kiosk
+    import sys
+
+    from lab.simulators.cli import main
+
+    sys.exit(main(["kiosk", *sys.argv[1:]]))

@@ -4,6 +4,9 @@ A simulator holds the master side of a pty; the gateway opens the slave's path
 with pyserial exactly as it would open ``/dev/ttyUSB0``. A stable symlink (like
 ``/dev/serial/by-id/...``) points at the current slave, so an unplug/replug
 (a new pty) keeps the path the gateway was configured with.
+
+On a bench, :class:`SerialEnd` takes the pty's place: the simulator then speaks through a
+real serial port (a USB-serial adapter wired to the gateway's), as a device would.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import threading
 import tty
 from pathlib import Path
 from typing import Self
+
+import serial
 
 STOP_TIMEOUT_S = 5.0
 
@@ -49,11 +54,33 @@ class Pty:
                 os.close(fd)
 
 
-class PtySim:
-    """A simulated device: a pty and the thread that serves it (subclasses write ``_run``)."""
+class SerialEnd:
+    """A real serial port in place of a pty's master side (``--port /dev/ttyUSB1``: a
+    USB-serial adapter cross-wired to the one the gateway opens). Opened exclusively, raw,
+    non-blocking, at *baudrate*; ``master`` is its file descriptor."""
 
-    def __init__(self, name: str, link: Path | None) -> None:
-        self.pty = Pty(link)
+    link: Path | None = None
+
+    def __init__(self, device: str, baudrate: int) -> None:
+        self._port = serial.Serial(device, baudrate, timeout=0, exclusive=True)
+        self.master = self._port.fileno()
+        self.slave_path = device
+
+    @property
+    def path(self) -> str:
+        return self.slave_path
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, serial.SerialException):
+            self._port.close()
+
+
+class PtySim:
+    """A simulated device: a pty (or, given *end*, a real serial port) and the thread that
+    serves it (subclasses write ``_run``)."""
+
+    def __init__(self, name: str, link: Path | None, *, end: SerialEnd | None = None) -> None:
+        self.pty: Pty | SerialEnd = end if end is not None else Pty(link)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sim-{name}", daemon=True)
 

@@ -6,6 +6,7 @@ tag (right id, wrong key) and a replaying tag (an old beacon sent again).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,11 @@ from drivers.tag_receiver import (
 )
 from firmware_bridge.messages import DeviceClass
 from lab.simulators.device import FramedDeviceSim
+from lab.simulators.pty import SerialEnd
 from lab.wire import Damage
+
+#: Beacons a simulated tag remembers for replays (the newest).
+HISTORY_KEPT = 1000
 
 
 @dataclass
@@ -30,7 +35,8 @@ class SimTag:
     battery_pct: int = 90
     strap_closed: bool = True
     body_contact: bool = True
-    history: list[Beacon] = field(default_factory=list, repr=False)
+    history: deque[Beacon] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT),
+                                   repr=False)
 
     @property
     def tag(self) -> str:
@@ -38,6 +44,7 @@ class SimTag:
         return tag_ref(self.tag_id)
 
     def beacon(self, rssi: int = -60) -> Beacon:
+        """The next beacon, signed under the tag's key (kept in :attr:`history`)."""
         self.counter += 1
         flags = (FLAG_STRAP_CLOSED if self.strap_closed else 0) | (
             FLAG_BODY_CONTACT if self.body_contact else 0)
@@ -59,14 +66,17 @@ class SimTag:
 class TagReceiverSim(FramedDeviceSim):
     def __init__(self, serial: str = "TR-0001", *, tags: list[SimTag] | None = None,
                  link: Path | None = None, to_host: Damage | None = None,
-                 from_host: Damage | None = None, byte_delay_s: float = 0.0) -> None:
-        super().__init__(DeviceClass.TAG_RECEIVER, serial, link=link, to_host=to_host,
-                         from_host=from_host, byte_delay_s=byte_delay_s)
+                 from_host: Damage | None = None, byte_delay_s: float = 0.0,
+                 firmware: tuple[int, int, int] = (1, 0, 0),
+                 end: SerialEnd | None = None) -> None:
+        super().__init__(DeviceClass.TAG_RECEIVER, serial, link=link, firmware=firmware,
+                         to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s,
+                         end=end)
         self.tags = tags or [SimTag(0x1001, bytes(16))]
 
-    def send_beacon(self, tag: SimTag | None = None) -> None:
+    def send_beacon(self, tag: SimTag | None = None, rssi: int = -60) -> None:
         tag = tag or self.tags[0]
-        self.enqueue(MSG_BEACON, tag.beacon().to_bytes())
+        self.enqueue(MSG_BEACON, tag.beacon(rssi).to_bytes())
 
     def send_forged(self, tag: SimTag | None = None) -> None:
         self.enqueue(MSG_BEACON, (tag or self.tags[0]).forged().to_bytes())
@@ -74,3 +84,11 @@ class TagReceiverSim(FramedDeviceSim):
     def send_replay(self, tag: SimTag | None = None, index: int = 0) -> None:
         """Send again a beacon the tag sent before (a recorded-and-replayed radio frame)."""
         self.enqueue(MSG_BEACON, (tag or self.tags[0]).history[index].to_bytes())
+
+
+if __name__ == "__main__":  # the same as: python -m lab.simulators tag
+    import sys
+
+    from lab.simulators.cli import main
+
+    sys.exit(main(["tag", *sys.argv[1:]]))
