@@ -4,7 +4,7 @@
 # the project with its dependencies.
 #   scripts/setup.sh          runtime dependencies
 #   scripts/setup.sh --test   and the test tools (pytest, hypothesis, ruff, mypy), a
-#                             PostgreSQL server and mosquitto_sub for the tests
+#                             PostgreSQL server, mosquitto_sub and tmux for the tests
 #   scripts/setup.sh --service what the installed service needs, no more: no broker and
 #                             no software TPM (packaging/install.sh, docs/hardening.md)
 set -euo pipefail
@@ -49,6 +49,8 @@ if [ -n "$extra" ]; then
         missing+=(postgresql)
     fi
     command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    # a real terminal for 'gateway.py status --watch' (tests/test_status.py)
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     # tests/test_packaging.py: systemd-analyze verify/security, systemd-sysusers and
     # systemd-tmpfiles on the unit and the install tree; udevadm parses the udev rule
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
