@@ -17,7 +17,9 @@ Every file is JSON (ASCII, non-ASCII characters as ``\\u`` escapes of the file i
   with its canonical bytes, the bytes its ``sig`` signs and its chain digest; and invalid
   records, each with the exact reason it is refused and the valid records (``context``)
   a verifier has taken before it;
-* ``sm2.json``: the same for the ``sm`` suite, verify only.
+* ``sm2.json``: the same for the ``sm`` suite, verify only;
+* ``commands.json``: the platform's commands (docs/commands.md), made by
+  :mod:`lab.command_vectors`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from core.suites import ED25519, SM2, Signer, SoftwareKey, key_id
 from core.suites import Verifier as PublicKey
 from core.topics import records_topic
 from lab.chains import Chain
+from lab.command_vectors import command_vectors
 
 GATEWAY = "gw-vector-0001"
 OTHER_GATEWAY = "gw-vector-0002"
@@ -421,7 +424,8 @@ def write(directory: Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     sm2, fresh = sm2_vectors()
     files: dict[str, JSON] = {"canonical.json": canonical_vectors(),
-                              "ed25519.json": ed25519_vectors(), "sm2.json": sm2}
+                              "ed25519.json": ed25519_vectors(), "sm2.json": sm2,
+                              "commands.json": command_vectors()}  # docs/commands.md
     for name, content in files.items():
         text = json.dumps(content, indent=1, ensure_ascii=True) + "\n"
         (directory / name).write_text(text, encoding="ascii")
