@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+# Daemons started by tests write their state.json (app/state.py) into a directory of
+# this session, never the machine's /run/smartcorr (CI runs as root): set before any
+# test imports app.state, and inherited by every daemon process the tests start.
+if "SMARTCORR_RUNTIME_DIR" not in os.environ:
+    _RUNTIME = tempfile.mkdtemp(prefix="smartcorr-test-run-")
+    os.environ["SMARTCORR_RUNTIME_DIR"] = _RUNTIME
+    atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 
 from core.topics import PLATFORM_CN
 from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto
