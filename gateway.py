@@ -512,21 +512,21 @@ def cmd_diag(args: argparse.Namespace) -> int:
 def cmd_provision_config(args: argparse.Namespace) -> int:
     """A commented configuration with the ports of /dev/serial/by-id (app/config_template.py)."""
     from app import config_template as template
-    from app.ports import list_by_id
 
     by_id_dir = Path(args.by_id)
     answers = template.answers_from(args.identity_dir, args.data_dir, args.broker,
-                                    list_by_id(by_id_dir), by_id_dir)
+                                    template.find_ports(Path(args.names), by_id_dir), by_id_dir)
     text = template.render(answers)
     if args.out == "-":
-        sys.stdout.write(text)
+        sys.stdout.write(json.dumps({"out": "-", "template": text, **template.summary(answers)})
+                         + "\n" if args.json else text)
         return 0
     template.write(text, Path(args.out), force=args.force)
-    roles = [f"{p.name} ({p.role or 'role unknown: commented'})" for p in answers.ports]
+    roles = [f"{p.path.name} ({p.role or 'role unknown: commented'})" for p in answers.ports]
     print(json.dumps({"out": args.out, **template.summary(answers)}) if args.json else
           f"wrote {args.out} (mode 600) with "
-          + (f"the ports of {by_id_dir}: {', '.join(roles)}" if roles else
-             f"no port found in {by_id_dir} (commented examples)")
+          + (f"the ports found: {', '.join(roles)}" if roles else
+             f"no port found in {args.names} or {by_id_dir} (commented examples)")
           + f"; fill it in, then 'provision check --config {args.out}'")
     return 0
 
@@ -626,11 +626,38 @@ def _runtime_dir(args: argparse.Namespace) -> Path:
     if args.runtime_dir is not None:
         return Path(args.runtime_dir)
     if args.config is not None:
-        from app.config import load_config
+        from app.config import ConfigError, load_config
 
-        runtime = load_config(Path(args.config)).runtime_dir
+        try:
+            runtime = load_config(Path(args.config)).runtime_dir
+        except ConfigError as exc:
+            # status needs [paths] runtime_dir only: a configuration wrong elsewhere (its TLS
+            # files gone after a decommission, a mistake the daemon refused to start on) must
+            # not hide whether a daemon runs; the problem is said as a note
+            runtime = _configured_runtime_dir(Path(args.config))
+            if runtime is None:
+                raise
+            print(f"status: note: {exc}", file=sys.stderr)
         return runtime if runtime is not None else DEFAULT_RUNTIME_DIR
     return DEFAULT_RUNTIME_DIR
+
+
+def _configured_runtime_dir(path: Path) -> Path | None:
+    """``[paths] runtime_dir`` as the file *path* gives it (the default when it gives none),
+    the rest of the configuration unread; None when the file gives no usable one."""
+    import tomllib
+
+    from app.state import DEFAULT_RUNTIME_DIR
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    paths = raw.get("paths", {})
+    value = paths.get("runtime_dir") if isinstance(paths, dict) else None
+    if value is None:
+        return DEFAULT_RUNTIME_DIR
+    return Path(value) if isinstance(value, str) and Path(value).is_absolute() else None
 
 
 def _status_parser(sub: Any) -> None:
@@ -735,6 +762,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                        "gw-qc-0042",
                        "provision init --identity-dir ./identity --gateway-id gw-lab-0001 "
                        "--no-tpm"),
+    "provision config": ("provision config --out /etc/smartcorr/gateway.toml --broker "
+                         "mqtt.platform.example:8883",
+                         "provision config --out -   # print it"),
     "provision check": ("provision check --config /etc/smartcorr/gateway.toml",
                         "provision check --config /etc/smartcorr/gateway.toml --json"),
     "provision enrol": ("provision enrol --identity-dir /etc/smartcorr/identity --request-out "
@@ -948,11 +978,12 @@ def _range_test_parser(psub: Any) -> None:
 
 
 def _config_parser(psub: Any) -> None:
-    from app.config_template import DEFAULT_DATA_DIR, DEFAULT_IDENTITY_DIR
+    from app.config_template import DEFAULT_DATA_DIR, DEFAULT_IDENTITY_DIR, NAMES_DIR
     from app.state import BY_ID_DIR
 
     cfg = psub.add_parser("config", help="write a commented configuration template with the "
-                                         "serial ports found in /dev/serial/by-id")
+                                         "serial ports found (/dev/smartcorr, "
+                                         "/dev/serial/by-id)")
     cfg.add_argument("--out", required=True, metavar="FILE",
                      help="where to write it (mode 600), e.g. /etc/smartcorr/gateway.toml; "
                           "'-' prints it")
@@ -964,8 +995,11 @@ def _config_parser(psub: Any) -> None:
                      help=f"the record store's directory (default {DEFAULT_DATA_DIR})")
     cfg.add_argument("--broker", metavar="HOST[:PORT]",
                      help="the platform's broker (default: a placeholder to change)")
+    cfg.add_argument("--names", default=str(NAMES_DIR), metavar="DIR",
+                     help=f"the stable names devices.conf gave (default {NAMES_DIR}; "
+                          "docs/installing.md): looked at first")
     cfg.add_argument("--by-id", default=str(BY_ID_DIR), metavar="DIR",
-                     help=f"where to look for the serial ports (default {BY_ID_DIR})")
+                     help=f"then the serial ports udev lists (default {BY_ID_DIR})")
     cfg.add_argument("--json", action="store_true",
                      help="print what was written as one JSON object")
     cfg.set_defaults(func=cmd_provision_config)
@@ -1105,7 +1139,8 @@ def _diag_parsers(diag: argparse.ArgumentParser) -> None:
     bun.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     bun.set_defaults(func=cmd_diag)
     nmea = dsub.add_parser("nmea-replay", help="replay an NMEA capture through the GNSS driver")
-    nmea.add_argument("file")
+    nmea.add_argument("file", help="the capture: a raw dump of the GNSS port, or a gpsd "
+                                   ".log")
     nmea.add_argument("--json", action="store_true")
     nmea.set_defaults(func=cmd_diag_nmea)
 

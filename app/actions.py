@@ -54,6 +54,12 @@ COUNT_KEY = "actions:count"  # local.action records so far (never goes back)
 TOUCHED_KEY = "actions:touched:"  # + file role: COUNT_KEY at the last action on that file
 HASH_KEY = "config:sha256:"  # + file role: first 8 bytes of its SHA-256 (0: absent)
 LOADED_AT_KEY = "config:actions_at_load"  # COUNT_KEY at the last config.loaded
+#: The platform's commands (app/commands.py): the last cseq answered, per file role the
+#: cseq of the last command that changed the file, and the first at the last config.loaded:
+#: a change made by a recorded command is explained too.
+COMMAND_LAST_KEY = "cmd:last"
+COMMAND_TOUCHED_KEY = "cmd:touched:"
+COMMANDS_AT_LOAD_KEY = "config:cmd_at_load"
 #: The files whose changes are recorded, by role, and the actions that change each.
 TAGS, KIOSKS, CONFIG = "tags", "kiosks", "config"
 TOUCHES: Mapping[str, str] = {"tag.paired": TAGS, "tag.unpaired": TAGS, "tag.replaced": TAGS,
@@ -279,6 +285,7 @@ class LocalActions:
     def _record_config(self) -> None:
         ledger = self._sink.ledger_value
         loaded_at = ledger(LOADED_AT_KEY) or 0
+        commands_at = ledger(COMMANDS_AT_LOAD_KEY) or 0
         files: dict[str, JSON] = {}
         changed: dict[str, JSON] = {}
         values: list[tuple[str, int]] = []
@@ -291,7 +298,8 @@ class LocalActions:
             if before is not None and before != value:
                 changed[role] = {"path": None if path is None else str(path),
                                  "sha256": digest, "before_prefix": _prefix(before),
-                                 "explained": self._touched[role] > loaded_at}
+                                 "explained": self._touched[role] > loaded_at
+                                 or (ledger(COMMAND_TOUCHED_KEY + role) or 0) > commands_at}
         readings: list[Reading] = []
         if changed:
             explained = all(isinstance(c, dict) and c["explained"] for c in changed.values())
@@ -303,7 +311,9 @@ class LocalActions:
             }, self._now_ns()))
         readings.append(Reading("config.loaded", self._source, {"files": files},
                                 self._now_ns(),
-                                ledger=(*values, (LOADED_AT_KEY, self._count))))
+                                ledger=(*values, (LOADED_AT_KEY, self._count),
+                                        (COMMANDS_AT_LOAD_KEY,
+                                         ledger(COMMAND_LAST_KEY) or 0))))
         self._sink.submit_all(readings)
 
 

@@ -1,9 +1,12 @@
 """The one place that builds the running gateway from its typed configuration.
 
 ports -> drivers -> store writer -> uplink. Threads: one per serial port, the
-store writer, the uplink forwarder with paho's network loop, and the health
-thread. They talk only through queues (and the clock and the writer's device
-ledger, both behind their own locks). docs/architecture.md draws it.
+store writer, the uplink forwarder with paho's network loop, the health thread,
+the platform's commands (app/commands.py), and the state thread (app/state.py:
+``state.json`` for ``gateway.py status``, when the configuration names a runtime
+directory). They talk only through queues (and
+the clock and the writer's device ledger, both behind their own locks).
+docs/architecture.md draws it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from cryptography.exceptions import InvalidTag
 
 from app import systemd
 from app.actions import LocalActions
+from app.commands import CommandService, load_settings
 from app.config import Config, DeviceSection
 from app.inputs import InputsWorker, OpenedLines, PowerOff, open_gpio
 from app.removals import KIOSK, TAG, Removals
@@ -42,6 +46,7 @@ from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
 from core import durable
 from core.clock import FLOOR_LEDGER_KEY, TRUSTED_QUALITIES, Clock
+from core.devices import PairedKiosk, PairedTag
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 from core.record import JSON, Reading, SealedRecord, Source
@@ -248,6 +253,10 @@ class Gateway:
         self.started_at_ms = wall_ms()
         self._heard = Heard()
         self.ports: list[PortWorker] = []
+        self._tag_drivers: list[TagReceiverDriver] = []
+        self._kiosk_drivers: list[KioskDriver] = []
+        self._tags: Mapping[str, PairedTag] | None = None
+        self._kiosks: Mapping[str, PairedKiosk] | None = None
         self.protocols: dict[str, PortProtocol] = {}
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
@@ -284,7 +293,17 @@ class Gateway:
             self._start_publisher()
             return
         self.clock.observe()  # the baseline: later changes are time.step records
+        # the platform's commands: subscribed with the uplink's first connect; answered
+        # once an interrupted one is completed (before the pairings are read)
+        self.commands = CommandService(self.identity, self.data_dir, self.writer, self.clock,
+                                       source=self.source, devices=self,
+                                       region=self.config.region)
+        self.commands.listen(self.forwarder)
+        self.health_interval_s = load_settings(self.data_dir).get(
+            "health_interval_s", self.health_interval_s)
         self.pipeline.start()
+        self.commands.recover()
+        self.commands.announce()
         # local actions (the journal), then the files' hashes, before the pairings are read
         self.actions = LocalActions(self.writer, self.identity, self.config.source,
                                     self.source, self.clock.now_ns, on_final=self._final)
@@ -311,11 +330,40 @@ class Gateway:
             self._add_port(GNSS_PORT_NAME, gnss.path, gnss.baudrate, gproto)
         self._start_inputs()
         self._start_renewal()
+        self.commands.start()
         self._health.start()
         self._start_publisher()
 
     #: The enclosure switch and mains power (config [inputs]; drivers/inputs.py).
     inputs: InputsWorker | None = None
+    #: The platform's signed commands (app/commands.py); None while decommissioning.
+    commands: CommandService | None = None
+
+    # -- the live side of the platform's commands (app/commands.py Devices) -------------
+    def tag_paired(self, tag: str, paired: PairedTag | None) -> None:
+        """A command paired, re-keyed or unpaired *tag*: every tag receiver takes it."""
+        for driver in self._tag_drivers:
+            driver.set_pairing(tag, paired)
+        tags = dict(self._tags or {})
+        if paired is None:
+            tags.pop(tag, None)
+        else:
+            tags[tag] = paired
+        self._tags = tags
+
+    def kiosk_paired(self, serial: str, paired: PairedKiosk | None) -> None:
+        for driver in self._kiosk_drivers:
+            driver.set_pairing(serial, paired)
+        kiosks = dict(self._kiosks or {})
+        if paired is None:
+            kiosks.pop(serial, None)
+        else:
+            kiosks[serial] = paired
+        self._kiosks = kiosks
+
+    def setting_changed(self, key: str, value: int) -> None:
+        if key == "health_interval_s":  # from the next health record on
+            self.health_interval_s = float(value)
     #: The certificate renewing itself (app/renewal.py): with a TLS uplink only.
     renewal: RenewalTask | None = None
 
@@ -358,15 +406,19 @@ class Gateway:
         if kind is DeviceClass.TAG_RECEIVER:
             tags = self._tags if self._tags is not None else \
                 _paired(open_registry(self.identity))  # the registry's error, for the user
-            return TagReceiverDriver(tags, self.writer.ledger_value,
-                                     started_ns=self.clock.now_ns())
+            driver = TagReceiverDriver(tags, self.writer.ledger_value,
+                                       started_ns=self.clock.now_ns())
+            self._tag_drivers.append(driver)
+            return driver
         if kind is DeviceClass.KIOSK:
             kiosks = self._kiosks if self._kiosks is not None else \
                 _paired(open_kiosks(self.identity))
             if not kiosks:
                 log.warning("%s: no kiosk is paired: its check-ins are recorded as kiosk.spoof "
                             "(provision pair-kiosk)", spec.name)
-            return KioskDriver(kiosks, self.writer.ledger_value)
+            kiosk_driver = KioskDriver(kiosks, self.writer.ledger_value)
+            self._kiosk_drivers.append(kiosk_driver)
+            return kiosk_driver
         assert_never(kind)
 
     def _add_port(self, name: str, path: str, baud: int, proto: PortProtocol) -> None:
@@ -376,8 +428,7 @@ class Gateway:
         worker.start()
 
     def _health_loop(self) -> None:
-        interval_ns = int(self.health_interval_s * 1e9)
-        next_health = self.clock.now_ns() + interval_ns
+        next_health = self.clock.now_ns() + int(self.health_interval_s * 1e9)
         tick = min(CLOCK_WATCH_S, self.health_interval_s)
         next_tick = self.clock.now_ns() + int(tick * 1e9)
         while not self._stopping.wait(min(JOURNAL_WATCH_S, tick)):
@@ -396,8 +447,8 @@ class Gateway:
             steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
             if steps:
                 self.writer.submit_all(steps)
-            if self.clock.now_ns() >= next_health:
-                next_health += interval_ns
+            if self.clock.now_ns() >= next_health:  # the platform may change the interval
+                next_health = self.clock.now_ns() + int(self.health_interval_s * 1e9)
                 self.writer.submit_health(self._health_extra)
             if self.pipeline.session_due():
                 self.pipeline.renew_session()
@@ -463,7 +514,8 @@ class Gateway:
                        "sessions_lost": up.sessions_lost},
             "ports": ports,
             "clock": dict(self.clock.stats.as_dict()),
-        } | ({"inputs": self.inputs.health()} if self.inputs is not None else {})
+        } | ({"inputs": self.inputs.health()} if self.inputs is not None else {}) \
+          | ({"commands": self.commands.status()} if self.commands is not None else {})
 
     def stop(self, drain_s: float = 5.0) -> bool:
         """Stop reading devices, forward what is queued (up to *drain_s*), then stop every
@@ -485,6 +537,8 @@ class Gateway:
             self.renewal.stop()
         for worker in self.ports:
             worker.stop()
+        if self.commands is not None:
+            self.commands.stop()
         drained = self.pipeline.stop(drain_s)
         self._queue.close()
         if self.publisher is not None:

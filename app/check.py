@@ -66,6 +66,7 @@ from provisioning.kiosks import KIOSKS_FILE, open_kiosks
 from provisioning.registry import RegistryError, open_registry
 from uplink.certs import Severity
 from uplink.failures import Failure, connack_failure, connect_failure, socket_failure
+from uplink.forwarder import SESSION_EXPIRY_S
 
 log = logging.getLogger(__name__)
 
@@ -603,12 +604,16 @@ class _Probe:
         client.on_disconnect = lambda _c, _u, _f, reason, _p: self._post("closed", reason)
         client.on_publish = lambda _c, _u, mid, reason, _p: self._post("puback", mid, reason)
         client.on_log = self._on_log
+        # the gateway's own session, resumed and kept as the daemon keeps it: a clean start
+        # would wipe the commands queued in it while the daemon is stopped; what the broker
+        # delivers now is never acknowledged here, so it comes again to the daemon
+        client.manual_ack_set(True)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
         client.connect_timeout = self.timeout
         try:
             client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                           clean_start=True, properties=props)
+                           clean_start=False, properties=props)
         except (OSError, ssl.SSLError, ValueError) as exc:
             failure = _failure(exc, self.where, self.broker)
             return _fail("broker MQTT", failure.what, failure.todo)

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 from app.state import DEFAULT_RUNTIME_DIR
 from buffer.store import MIN_QUOTA_BYTES
+from core.command_keys import CommandKeyError, check_region
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 from drivers.gnss import Installed
@@ -134,6 +135,9 @@ class Config:
     inputs: InputsSection | None = None
     #: ``[enrolment]``: when the certificate renews itself (provisioning/renewal.py).
     renewal: RenewalPolicy = field(default_factory=RenewalPolicy)
+    #: ``[gateway] region``: the region whose command keys this gateway accepts besides the
+    #: province-wide ones (docs/command-keys.md); None: only those.
+    region: str | None = None
     #: ``[paths] runtime_dir``: where the running gateway writes its state.json every second
     #: (app/state.py; tmpfs, never the SD card). From a file it defaults to
     #: :data:`app.state.DEFAULT_RUNTIME_DIR`; None (built in code): no state file.
@@ -228,6 +232,14 @@ def load_config(path: Path) -> Config:
     identity_dir = gw.path("identity_dir", required=True)
     data_dir = gw.path("data_dir", required=True)
     quota_bytes = gw.get("quota_bytes", int, None)
+    region = gw.get("region", str, None)
+    if region is not None:
+        try:
+            check_region(region, allow_any=False)
+        except CommandKeyError:
+            raise gw.error("region", f"{region!r} is not a region name: 1-63 lower-case "
+                                     "letters, digits and '-', as the platform's command keys "
+                                     "name it (leave it out: province-wide keys only)") from None
     if quota_bytes is not None and quota_bytes < MIN_QUOTA_BYTES:
         raise gw.error("quota_bytes", f"must be at least {MIN_QUOTA_BYTES} (256 KiB), got "
                                       f"{quota_bytes}; leave it out to derive it from the disk")
@@ -247,6 +259,7 @@ def load_config(path: Path) -> Config:
         identity_dir=identity_dir,
         source=path,
         quota_bytes=quota_bytes,
+        region=region,
         inputs=_inputs(_Section(path, "inputs", raw["inputs"])) if "inputs" in raw else None,
         renewal=_renewal(_Section(path, "enrolment", raw.get("enrolment", {}))),
         runtime_dir=_runtime_dir(_Section(path, "paths", raw.get("paths", {})), data_dir),

@@ -188,12 +188,6 @@ def check_out(out: Path) -> None:
                         "give a file path in an existing directory")
 
 
-def missing_ports(report: dict[str, Any]) -> list[str]:
-    """The configured ports of a :func:`ports_report` that are not present."""
-    return [name for name, entry in report.items()
-            if name not in REPORT_KEYS and isinstance(entry, dict) and not entry.get("exists")]
-
-
 # -- the daemon's state -------------------------------------------------------------------------
 def runtime_dir(cfg: Config) -> Path | None:
     """Where the daemon writes its state (``[paths] runtime_dir``; None: a configuration
@@ -423,6 +417,11 @@ _POSITION_KEYED = re.compile(
 _POSITION_PAIR = re.compile(r"-?\d{1,3}[.,]\d{3,}\s*[,;/ ]\s*-?\d{1,3}[.,]\d{3,}")
 _NMEA = re.compile(r"\$[A-Z]{2}[A-Z]{3},\S*")
 _HEX_RUN = re.compile(r"(?:\b[0-9a-fA-F]{2}\b[ :]){15,}\b[0-9a-fA-F]{2}\b")
+#: The same detectors by what they find, for checks of other texts (lab/technician_guide.py).
+PERSONAL_PATTERNS: dict[str, re.Pattern[str]] = {
+    "raw serial trace": _TRACE_LINE, "NMEA sentence": _NMEA, "hex dump": _HEX_RUN,
+    "tag id": _TAG_REF, "person reference": _PERSON, "position": _POSITION_KEYED,
+    "coordinate pair": _POSITION_PAIR}
 
 
 @dataclass(frozen=True)
@@ -475,13 +474,14 @@ def redact_log_line(line: str, personal: Personal) -> str:
         return line.split(" smartcorr.trace", 1)[0] + " <raw serial trace withheld: personal data>"
     out = _NMEA.sub("<NMEA sentence withheld>", line)
     out = _HEX_RUN.sub("<hex withheld>", out)
+    out = _TAG_REF.sub("<tag>", out)
     out = _PERSON.sub(r"\1<person>", out)
     out = _POSITION_KEYED.sub(r"\1<position>", out)
     out = _POSITION_PAIR.sub("<position>", out)
     for text in personal.texts:
-        if text in out or text.upper() in out.upper():
+        if text.upper() in out.upper():
             out = re.sub(re.escape(text), "<redacted>", out, flags=re.IGNORECASE)
-    return _TAG_REF.sub("<tag>", out)
+    return out
 
 
 # -- the bundle -----------------------------------------------------------------------------------

@@ -83,6 +83,8 @@ class Channel(Protocol):
     def side_exchange(self, answer_topic: str, request_topic: str, payload: bytes,
                       on_answer: Callable[[bytes], None]) -> bool: ...
 
+    def check_files_now(self) -> None: ...
+
 
 @dataclass
 class RenewalStats:
@@ -270,6 +272,7 @@ class RenewalTask:
         except OSError as exc:
             raise EnrolFailed("install_failed", f"{self.identity.directory}: the "
                               f"renewal could not be installed ({exc})") from None
+        self.channel.check_files_now()  # the uplink reconnects with them within seconds
         return said
 
     def _request(self, cert: CertInfo) -> Pending:

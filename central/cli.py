@@ -15,7 +15,8 @@ its retention period, then purge it as a signed platform action (:mod:`central.r
 command keys, and export what gateways install (:mod:`central.command_keys`);
 ``ca`` is the gateways' certificate authority (enrolment answers, claim tokens,
 revocation, the CRL: :mod:`central.ca`) and ``enrol-service`` answers enrolment requests
-over MQTT (:mod:`central.enrolment`; docs/enrolment.md).
+over MQTT (:mod:`central.enrolment`; docs/enrolment.md); ``command`` signs and sends a
+command to a gateway and waits for its answer (:mod:`central.commands`, docs/commands.md).
 Errors say what is wrong and how to fix it,
 and exit 2 (``ingest <command>: …``); ``--json`` gives one JSON object a line. Only
 ``enrol`` and ``consume`` create or migrate a database; the commands that read one refuse
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 from central import ca, command_keys, enrolment, retention, routing
+from central import commands as command_tool
 from central.db import Database, DatabaseError, StorageError, open_db
 from central.ingest import SIG_AUDIT, Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
@@ -161,6 +163,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     command_keys.add_commands(sub)  # command-root init; command-key issue|revoke|list|export
     ca.add_commands(sub, _db_arg)  # ca init|sign|claim|revoke|crl|list|issue
     enrolment.add_commands(sub, _db_arg)  # enrol-service
+    command_tool.add_commands(sub, _db_arg)  # command --gw GW KIND: signed commands
 
     verify = sub.add_parser("verify", help="verify a capture of MQTT messages offline")
     from central import capture
@@ -185,7 +188,10 @@ def _enrol(args: argparse.Namespace) -> int:
             if not ingest.decommission(args.decommission):
                 raise CliError(f"gateway {args.decommission!r} is not enrolled: "
                                "'ingest gateways --db URL' lists the ids")
-            out = {"gw": args.decommission, "status": "decommissioned"}
+            with db.transaction(write=False) as tx:  # a revoked gateway stays revoked
+                row = tx.one("SELECT status FROM gateways WHERE gw = ?", (args.decommission,))
+            out = {"gw": args.decommission, "status": "decommissioned" if row is None
+                   else str(row[0])}
         else:
             try:
                 (reg,) = load_registrations([args.registration]).values()
@@ -413,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
                 "gateways": _gateways, "verify": _verify, "export": _export,
                 "verify-export": _verify_export, **routing.COMMANDS, **retention.COMMANDS,
-                **command_keys.COMMANDS, **ca.COMMANDS, **enrolment.COMMANDS}
+                **command_keys.COMMANDS, **ca.COMMANDS, **enrolment.COMMANDS,
+                **command_tool.COMMANDS}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -332,10 +332,35 @@ CA_SCHEMA_VERSION = 5
 _COMMON_V6 = [
     "ALTER TABLE gateways ADD COLUMN final_seq BIGINT",
 ]
+#: Version 7: the platform's signed commands (central/commands.py, docs/commands.md): each
+#: command sent to a gateway, its per-gateway sequence number, its bytes (a device key in
+#: it is encrypted to the gateway) and the gateway's answer once its record arrived. A
+#: cseq may hold several rows: a command signed anew after its bytes expired unanswered.
+_COMMON_V7 = [
+    """CREATE TABLE commands (
+        id {serial},
+        gw TEXT NOT NULL REFERENCES gateways (gw),
+        cseq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE,
+        data {blob} NOT NULL,
+        kid TEXT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        outcome TEXT,
+        outcome_seq BIGINT,
+        outcome_at BIGINT
+    )""",
+    "CREATE INDEX commands_gw ON commands (gw, cseq)",
+    "CREATE INDEX commands_waiting ON commands (gw, outcome, not_after)",
+]
 MIGRATIONS: dict[str, list[list[str]]] = {
     backend: [[sql.format(**types) for sql in version]
               for version in (_COMMON_V1, _COMMON_V2, _COMMON_V3, _COMMON_V4,
-                              _GATEWAYS_V5_STATUS[backend] + _COMMON_V5, _COMMON_V6)]
+                              _GATEWAYS_V5_STATUS[backend] + _COMMON_V5, _COMMON_V6,
+                              _COMMON_V7)]
     for backend, types in _TYPES.items()
 }
 SCHEMA_VERSION = len(MIGRATIONS["sqlite"])

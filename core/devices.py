@@ -7,6 +7,7 @@ drivers receive these values and never open the registry.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 #: Device events in the store's ledger are kept under this prefix, apart from the
@@ -22,6 +23,13 @@ def device_ledger_key(serial: str) -> str:
 
 #: A paired tag not heard for this long is reported absent, seconds.
 DEFAULT_ABSENT_AFTER_S = 120
+#: The absence times a pairing may set (``provision pair-tag --absent-after``, the
+#: platform's ``pair-tag`` and ``set-config`` commands), seconds: longer than a day would
+#: disable the alarm.
+MIN_ABSENT_AFTER_S = 10
+MAX_ABSENT_AFTER_S = 86_400
+#: The longest kiosk serial a HELLO can carry (docs/serial-protocol.md, section 5).
+KIOSK_SERIAL_MAX = 230
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,10 @@ class PairedTag:
     @property
     def tag_id(self) -> int:
         return int(self.tag[1:], 16)
+
+
+#: A tag's reference in records and registries: ``T`` and its 32-bit id in 8 hex digits.
+TAG_REF_RE = re.compile(r"^T[0-9A-F]{8}$")
 
 
 def tag_ref(tag_id: int) -> str:

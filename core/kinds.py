@@ -105,6 +105,35 @@ KIND_PRIORITY: dict[str, Priority] = {
     # action with a kind of its own, status class: a measurement changes nothing the
     # gateway trusts, so it need not overtake the backlog
     "tag.range_test": Priority.STATUS,
+    # the platform's signed commands (app/commands.py, docs/commands.md): each answered by
+    # one record. Applied: status (the platform ordered it; its tool waits for this, which
+    # overtakes the positions and heartbeats of a backlog). Refused: alarm (a forged,
+    # replayed or stale command is an attack sign, or the platform's own fault)
+    "command.applied": Priority.STATUS,
+    "command.rejected": Priority.ALARM,
+    # the gateway's encryption public key, signed by its identity key: the platform encrypts
+    # device keys to it (pair-tag, pair-kiosk); once per key. Status: it gates no record's
+    # verification (key.rotate does), and is no alarm for a justice office
+    "key.encryption": Priority.STATUS,
+    # supervision (core/supervision.py, docs/supervision.md): the legal authorisation's
+    # period (Community Corrections Law Art. 29), status class: they change what is
+    # recorded, not what an officer must do now
+    "authorisation.started": Priority.STATUS,
+    "authorisation.expiring": Priority.STATUS,
+    "authorisation.expired": Priority.STATUS,
+    "authorisation.renewed": Priority.STATUS,
+    "authorisation.ended": Priority.STATUS,
+    # presence rules and leave: a person not home in a must-be-home window, or not back from
+    # leave, is an alarm (ahead of any backlog); the return and the leave's bounds are status
+    "presence.violation": Priority.ALARM,
+    "presence.failed_to_return": Priority.ALARM,
+    "presence.returned": Priority.STATUS,
+    "leave.started": Priority.STATUS,
+    "leave.ended": Priority.STATUS,
+    "leave.late_return": Priority.ALARM,
+    # the answer to a night spot check (request-presence): alarm class, so it overtakes a
+    # backlog and reaches the officer waiting for it within seconds
+    "presence.now": Priority.ALARM,
 }
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 TOPIC_ROOT = "smartcorr/v1/gw"
 #: The MQTT user name (certificate common name) of the platform's consumers.
 PLATFORM_CN = "platform-verifier"
+#: The certificate CN of the platform's command publisher (``ingest command``): the only
+#: client that may write a gateway's command topic.
+COMMAND_CN = "platform-commands"
 #: Enrolment (docs/enrolment.md): a client writes its request and reads its answer under
 #: ``ENROL_ROOT/<its MQTT client id>/``: a request id on the bootstrap listener, the
 #: gateway id (= its certificate's CN) on the gateways' listener (renewal).
@@ -36,8 +39,9 @@ def check_topic(gateway_id: str) -> str:
 
 
 def commands_topic(gateway_id: str) -> str:
-    """The platform's commands to one gateway (a wildcard filter below it)."""
-    return f"{TOPIC_ROOT}/{gateway_id}/cmd/#"
+    """The platform's signed commands to one gateway (docs/commands.md): QoS 1, read by
+    that gateway alone, written by the platform's command publisher alone."""
+    return f"{TOPIC_ROOT}/{gateway_id}/cmd"
 
 
 def enrol_request_topic(client_id: str) -> str:
@@ -51,7 +55,7 @@ def enrol_answer_topic(client_id: str) -> str:
 
 
 def broker_acl(platform_user: str = PLATFORM_CN, *, enrol_user: str = ENROL_CN,
-               bootstrap_user: str = BOOTSTRAP_USER) -> str:
+               bootstrap_user: str = BOOTSTRAP_USER, command_user: str = COMMAND_CN) -> str:
     """The mosquitto ACL a province deploys: a gateway (user = the CN of its certificate,
     ``%u``) writes only under its own prefix; the platform reads every gateway. Every
     client may use the enrolment topics of its own client id (``%c``); the bootstrap user
@@ -69,6 +73,10 @@ def broker_acl(platform_user: str = PLATFORM_CN, *, enrol_user: str = ENROL_CN,
         f"user {platform_user}",
         f"topic read {records_topic('+')}",
         f"topic read {status_topic('+')}",
+        "",
+        "# commands (docs/commands.md): the command publisher alone writes them; a gateway",
+        "# reads its own (above) and writes none",
+        f"user {command_user}",
         f"topic write {commands_topic('+')}",
         "",
         f"user {enrol_user}",

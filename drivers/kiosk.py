@@ -71,6 +71,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
+import queue
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -435,7 +436,26 @@ class KioskDriver:
         self._counters: dict[str, int | None] = {}
         self._states: dict[str, _KioskState] = {}
         self._source = Source("kiosk", "unknown")
+        #: Pairings changed while running (the platform's commands), taken on the port's
+        #: thread before the next message: (serial, pairing or None to unpair).
+        self._changes: queue.SimpleQueue[tuple[str, PairedKiosk | None]] = queue.SimpleQueue()
         self.stats = KioskStats()
+
+    def set_pairing(self, serial: str, paired: PairedKiosk | None) -> None:
+        """Pair kiosk *serial* (or give it a new key, or with None unpair it) from the next
+        message on. Any thread (app/commands.py); the port's thread applies it."""
+        self._changes.put((serial, paired))
+
+    def _take_changes(self) -> None:
+        while True:
+            try:
+                serial, paired = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            if paired is None:
+                self._kiosks.pop(serial, None)
+            else:  # its counter goes on
+                self._kiosks[serial] = paired
 
     def reset(self, serial: str | None = None) -> None:
         """A handshake happened: the next STATUS of *serial* (of every kiosk if None)
@@ -454,6 +474,7 @@ class KioskDriver:
         return []
 
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:
+        self._take_changes()
         self._source = Source("kiosk", hello.serial, hello.firmware_text)
         event = (msg.serial, msg.event_id)
         if msg.msg_type == MSG_CHECKIN:

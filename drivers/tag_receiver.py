@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
+import queue
 import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -163,13 +164,37 @@ class TagReceiverDriver:
         self._unknown_logged: set[str] = set()  # at most MAX_UNKNOWN_LOGGED per window
         self._unknown_since_ns: int | None = None
         self._unknown_capped = False  # the window's cap was reached (and said so)
+        #: Pairings changed while running (the platform's commands), taken on the port's
+        #: thread before the next message or tick: (tag, pairing or None to unpair).
+        self._changes: queue.SimpleQueue[tuple[str, PairedTag | None]] = queue.SimpleQueue()
         self.stats = TagStats()
+
+    def set_pairing(self, tag: str, paired: PairedTag | None) -> None:
+        """Pair *tag* (or give it a new key or absence time, or with None unpair it) from
+        the next message on. Any thread (app/commands.py); the port's thread applies it."""
+        self._changes.put((tag, paired))
+
+    def _take_changes(self, mono_ns: int) -> None:
+        while True:
+            try:
+                tag, paired = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            if paired is None:
+                self._tags.pop(tag, None)
+                continue
+            state = self._tags.get(tag)
+            if state is None:  # absent after its absence time unless heard, as at a start
+                self._tags[tag] = _TagState(paired, last_heard_ns=mono_ns)
+            else:  # its counter and states go on
+                state.paired = paired
 
     def on_device_up(self, hello: Hello) -> list[Reading]:
         self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
         return []
 
     def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:
+        self._take_changes(mono_ns)
         self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
         event = (msg.serial, msg.event_id)
         if msg.msg_type != MSG_BEACON:
@@ -214,6 +239,7 @@ class TagReceiverDriver:
         return out
 
     def tick(self, mono_ns: int) -> list[Reading]:
+        self._take_changes(mono_ns)
         out: list[Reading] = []
         for state in self._tags.values():
             heard = state.last_heard_ns

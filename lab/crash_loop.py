@@ -48,6 +48,9 @@ CONFIG = """
 identity_dir = "{identity}"
 data_dir = "{data}"
 
+[paths]
+runtime_dir = "{run}"
+
 [broker]
 host = "{host}"
 port = {port}
@@ -135,7 +138,8 @@ class _Loop:
         gw_files = pki.client(GATEWAY_ID)
         self.config = tmp / "gateway.toml"
         self.config.write_text(CONFIG.format(
-            identity=tmp / "identity", data=tmp / "data", host=broker.host, port=broker.port,
+            identity=tmp / "identity", data=tmp / "data", run=tmp / "run",
+            host=broker.host, port=broker.port,
             ca=pki.ca_file, cert=gw_files.cert, key=gw_files.key, tty=tty))
         self.db = store_path(tmp / "data")
         self.starts = 0

@@ -26,6 +26,8 @@ An identity directory holds (mode 0700, files 0600):
   TPM, which Python's TLS cannot use) and ``tls.csr``, its certificate signing request
   (CN = the gateway id, the identity key id in an extension, :data:`core.enrolment.KID_OID`),
   both made by ``provision init``;
+* ``enc.key`` and ``enc.pub`` - the encryption key the platform's pairing commands are
+  encrypted to (:mod:`provisioning.box`, docs/commands.md), made last by ``provision init``;
 * after enrolment (``provision enrol``, docs/enrolment.md): ``tls.crt`` (the gateway's
   certificate), ``ca.crt`` (the platform's CA) and the platform's command material
   (``command-*.pub``, ``command-*.json``), installed together by :func:`install_files`
@@ -390,15 +392,20 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
     storage = the_suite.new_storage_key()
     sealed = keys.seal_storage(storage, key_class)
     # gateway.json goes first and comes back last: until then this is no identity
-    for name in (META, INTENT, NEXT_KEY, NEXT_PUB, TLS_CERT, CA_CERT, INSTALL_INTENT):
-        durable.remove(directory / name)  # a certificate of a former identity's TLS key too
+    for name in (META, INTENT, NEXT_KEY, NEXT_PUB, TLS_CERT, CA_CERT, INSTALL_INTENT,
+                 "enc.key", "enc.pub"):  # a former identity's certificate, encryption key
+        durable.remove(directory / name)
     atomic_write(directory / KEY, key_bytes)
     atomic_write(directory / PUB, _public_bytes(gateway_id, key, the_suite.name), PUBLIC_MODE)
     atomic_write(directory / STORAGE, sealed)
     tls_request(directory, gateway_id, kid_of(key), new_key=True)
     atomic_write(directory / META, _meta(gateway_id, key, the_suite.name, tpm, key_class),
                  PUBLIC_MODE)
-    return Identity(gateway_id, the_suite, key, storage, directory, key_class, keys)
+    identity = Identity(gateway_id, the_suite, key, storage, directory, key_class, keys)
+    from provisioning.box import ensure_box_key  # what the platform encrypts device keys to
+
+    ensure_box_key(identity)
+    return identity
 
 
 def tls_request(directory: Path, gateway_id: str, kid: str, *, new_key: bool = False) -> bytes:

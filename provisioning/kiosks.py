@@ -20,7 +20,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from tinydb import Query, TinyDB
 
-from core.devices import PairedKiosk
+from core.devices import KIOSK_SERIAL_MAX, PairedKiosk
 from core.suites import storage_aead
 from provisioning.identity import Identity
 from provisioning.registry import (
@@ -35,7 +35,7 @@ KIOSKS_FILE = "kiosks.json"
 KIOSK_KEY_BYTES = 16
 _NONCE_BYTES = 12
 #: The longest serial a HELLO can carry (docs/serial-protocol.md, section 5).
-SERIAL_MAX = 230
+SERIAL_MAX = KIOSK_SERIAL_MAX
 _FIX = "unpair and pair the kiosk again, or restore the file from backup"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping
@@ -23,18 +22,19 @@ from cryptography.exceptions import InvalidTag
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
 
+from core import devices
 from core.devices import DEFAULT_ABSENT_AFTER_S, PairedTag, tag_ref
 from core.errors import UserError
 from core.suites import storage_aead
 from provisioning.identity import Identity, atomic_write
 
 REGISTRY_FILE = "tags.json"
-TAG_RE = re.compile(r"^T[0-9A-F]{8}$")
+TAG_RE = devices.TAG_REF_RE
 TAG_KEY_BYTES = 16
 NONCE_BYTES = 12
-MIN_ABSENT_AFTER_S = 10
-#: A tag unheard for longer than a day is absent: a larger value would disable the alarm.
-MAX_ABSENT_AFTER_S = 86_400
+#: The absence times a pairing may set, shared with the platform's commands.
+MIN_ABSENT_AFTER_S = devices.MIN_ABSENT_AFTER_S
+MAX_ABSENT_AFTER_S = devices.MAX_ABSENT_AFTER_S
 
 
 class RegistryError(UserError):

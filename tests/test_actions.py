@@ -241,6 +241,7 @@ def test_an_entry_is_recorded_exactly_once_across_kills(
     data = tmp_path / "data"
     cfg = tmp_path / "gateway.toml"
     cfg.write_text(f'[gateway]\nidentity_dir = "{identity.directory}"\ndata_dir = "{data}"\n'
+                   f'[paths]\nruntime_dir = "{tmp_path / "run"}"\n'
                    '[broker]\nhost = "127.0.0.1"\nport = 9\ntls = false\n'
                    "insecure_plaintext = true\n")
     ident = str(identity.directory)

@@ -221,7 +221,9 @@ def test_runtime_dir_is_checked(tmp_path: Path) -> None:
     base = plaintext_config(tmp_path, tmp_path / "identity").read_text()
     plain = tmp_path / "plain.toml"
     plain.write_text(re.sub(r"\[paths\]\nruntime_dir = .*\n", "", base))
-    assert load_config(plain).runtime_dir == Path("/run/smartcorr")  # the default
+    # the default: /run/smartcorr, moved by SMARTCORR_RUNTIME_DIR (this session's own)
+    assert load_config(plain).runtime_dir == st.DEFAULT_RUNTIME_DIR
+    assert Path(os.environ.get(st.RUNTIME_DIR_ENV) or "/run/smartcorr") == st.DEFAULT_RUNTIME_DIR
     assert Config(tmp_path, BrokerConfig("h", 1, tls=False)).runtime_dir is None  # in code
     (tmp_path / "a-file").write_text("")
     for value, error in (("run", "is relative: give an absolute directory on tmpfs"),

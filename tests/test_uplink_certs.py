@@ -421,13 +421,14 @@ def test_provision_check_fails_with_one_line_per_certificate_problem(
     _, cert = issue(lab.ca, "gw-other-0002")
     written = write_pem(tmp_path, "gw", ec.generate_private_key(ec.SECP256R1()), cert)
     cfg = _config(tmp_path, lab.ca_file, written.cert, written.key)
-    assert gateway.main(["provision", "check", "--config", str(cfg)]) == 1
-    out = capsys.readouterr().out
-    problems = out.split("\nproblems:\n", 1)[1].splitlines()
-    assert len(problems) == 2
-    assert any("is for 'gw-other-0002'" in p for p in problems)
-    assert any("does not belong to the certificate" in p for p in problems)
     assert gateway.main(["provision", "check", "--config", str(cfg), "--json"]) == 1
+    certificate = next(i for i in json.loads(capsys.readouterr().out)["items"]
+                       if i["name"] == "certificate")  # one line for the certificate
+    assert certificate["ok"] == "fail"
+    assert "is for 'gw-other-0002'" in certificate["detail"]
+    assert "does not belong to the certificate" in certificate["detail"]
+    # the keys report it is made from (diag keys): one problem per finding
+    assert gateway.main(["diag", "keys", "--config", str(cfg), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False
     assert {f["code"] for f in report["certificates"]["findings"]} == {"cn_mismatch",
@@ -440,7 +441,11 @@ def test_provision_check_passes_with_a_clean_certificate(
 ) -> None:
     written = write_pem(tmp_path, "gw", *issue(lab.ca, GW))
     cfg = _config(tmp_path, lab.ca_file, written.cert, written.key)
-    assert gateway.main(["provision", "check", "--config", str(cfg), "--json"]) == 0
+    gateway.main(["provision", "check", "--config", str(cfg), "--json", "--skip-broker"])
+    certificate = next(i for i in json.loads(capsys.readouterr().out)["items"]
+                       if i["name"] == "certificate")
+    assert certificate["ok"] == "pass", certificate
+    assert gateway.main(["diag", "keys", "--config", str(cfg), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True
     assert report["certificates"]["findings"] == []

@@ -54,7 +54,6 @@ from core.mqtt import (
     RECONNECT_MIN_S,
     BrokerConfig,
     MqttSetupError,
-    connect,
     make_client,
 )
 from core.record import JSON, Reading, Source
@@ -98,8 +97,14 @@ STOP_JOIN_S = 10.0
 #: The next reconnect waits RECONNECT_MIN_S times a factor drawn in this range.
 RECONNECT_JITTER = (0.5, 2.0)
 #: How long the broker keeps our session after we drop, seconds: a reconnect within it
-#: resumes the session, and finding none is a sign of a takeover (uplink/takeover.py).
-SESSION_EXPIRY_S = 3600
+#: resumes the session, and finding none is a sign of a takeover (uplink/takeover.py). The
+#: session holds our command subscription and the commands queued for us (docs/commands.md:
+#: a gateway offline for weeks gets them when back); every connect resumes it, the first
+#: of a process too. 30 days (a broker may cap it: docs/broker.md).
+SESSION_EXPIRY_S = 30 * 86_400
+#: The messages the broker may send us unacknowledged (MQTT v5 Receive Maximum): bounds
+#: the commands waiting in memory (app/commands.py acknowledges each once answered).
+RECEIVE_MAXIMUM = 16
 #: The record kind of a detected takeover of our client id (an alarm).
 TAKEOVER_KIND = "uplink.takeover"
 
@@ -119,6 +124,11 @@ AckHook = Callable[[Priority, list[int]], None]
 UtcNow = Callable[[], tuple[int, bool]]
 #: Called on the forwarder's thread with the uplink's new state (UplinkStats.state).
 StateHook = Callable[[str], None]
+#: Called on paho's thread with a message of a topic :meth:`Forwarder.listen` named and the
+#: function that acknowledges it (PUBACK): call it once the message is answered, from any
+#: thread; it does nothing if the connection it came on is gone (the broker sends the
+#: message again on the next one). The handler must not block.
+MessageHandler = Callable[[bytes, Callable[[], None]], None]
 #: The number of records queued in the store (called on the forwarder's thread).
 Backlog = Callable[[], int]
 
@@ -232,6 +242,7 @@ class Forwarder:
         self._status = status_topic(gateway_id)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._recheck = threading.Event()  # check_files_now(): look at the files at once
         self._events: queue.SimpleQueue[UplinkEvent] = queue.SimpleQueue()
         self._delivery = Delivery(window=window)
         self._takeover = TakeoverWatch()
@@ -259,6 +270,9 @@ class Forwarder:
         self._connack_refused = False  # the attempt under way was refused by its CONNACK
         self._socket_error: str | None = None  # paho's last socket error line
         self._unloadable: tuple[str, str] | None = None  # (digest, why) OpenSSL refused them
+        #: Topics subscribed at each connect (QoS 1), with their handlers (:meth:`listen`).
+        self._listening: dict[str, MessageHandler] = {}
+        self._connection = 0  # counts CONNACKs (paho's thread): acks of older ones are moot
         if not broker.tls:
             self._client = self._new_client()
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
@@ -278,7 +292,40 @@ class Forwarder:
         client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
         client.on_log = self._on_log
+        # incoming QoS 1 messages are acknowledged by whoever handles them, once answered
+        # (a command: once its outcome is committed); anything else at once
+        client.manual_ack_set(True)
+        client.on_message = self._on_unexpected
+        for topic, handler in self._listening.items():
+            client.message_callback_add(topic, self._handler(client, handler))
         return client
+
+    def _acker(self, client: mqtt.Client, mid: int, qos: int) -> Callable[[], None]:
+        connection = self._connection
+
+        def ack() -> None:
+            if qos > 0 and self._client is client and self._connection == connection:
+                client.ack(mid, qos)
+        return ack
+
+    def _handler(self, client: mqtt.Client,
+                 handler: MessageHandler) -> Callable[[mqtt.Client, Any, Any], None]:
+        def on_message(_c: mqtt.Client, _u: Any, message: Any) -> None:
+            handler(bytes(message.payload), self._acker(client, message.mid, message.qos))
+        return on_message
+
+    def _on_unexpected(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        del userdata
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
+
+    def listen(self, topic: str, handler: MessageHandler) -> None:
+        """Subscribe to *topic* at QoS 1 at every connect (on the persistent session, so
+        what arrives while we are away waits for us), its messages to *handler* with
+        manual acknowledgement. Call before :meth:`start`."""
+        self._listening[topic] = handler
+        if self._client is not None:
+            self._client.message_callback_add(topic, self._handler(self._client, handler))
 
     def _status_payload(self, *, online: bool) -> bytes:
         return json.dumps({"gw": self.gateway_id, "online": online}).encode()
@@ -295,6 +342,13 @@ class Forwarder:
         """New records were committed."""
         self._commits += 1
         self.idle.clear()
+        self._wake.set()
+
+    def check_files_now(self) -> None:
+        """The TLS files were just replaced (a renewal installed them): check them now, not
+        at the next periodic check up to :data:`CERT_CHECK_S` later (a change is judged
+        once the files stayed still for :data:`CERT_SETTLE_S`)."""
+        self._recheck.set()
         self._wake.set()
 
     def stop(self) -> None:
@@ -345,8 +399,13 @@ class Forwarder:
         client = self._client
         if client is None or not self.stats.connected:
             return False
-        client.message_callback_add(answer_topic,
-                                    lambda _c, _u, message: on_answer(bytes(message.payload)))
+        def answered(_c: mqtt.Client, _u: Any, message: Any) -> None:
+            try:
+                on_answer(bytes(message.payload))
+            finally:
+                self._acker(client, message.mid, message.qos)()
+
+        client.message_callback_add(answer_topic, answered)
         client.subscribe(answer_topic, qos=1)  # before the request, on the same connection
         return client.publish(request_topic, payload, qos=1).rc == mqtt.MQTT_ERR_SUCCESS
 
@@ -361,7 +420,10 @@ class Forwarder:
         if reason.is_failure:
             self._post(ConnectRefused(str(reason), int(reason.value)))
             return
+        self._connection += 1
         client.publish(self._status, self._status_payload(online=True), qos=1, retain=True)
+        for topic in self._listening:  # kept by a resumed session; made by a new one
+            client.subscribe(topic, qos=1)
         expiry = getattr(properties, "SessionExpiryInterval", SESSION_EXPIRY_S)
         self._post(Connected(bool(flags.session_present), int(expiry)))
 
@@ -387,7 +449,10 @@ class Forwarder:
             int(RECONNECT_MAX_S),
         )
         code = int(reason.value) if flags.is_disconnect_packet_from_server else None
-        self._post(Disconnected(str(reason), code))
+        said = str(reason)
+        if code is None and said == "Unspecified error":  # paho's words for a socket closed
+            said = "connection closed: the broker stopped or the network failed"
+        self._post(Disconnected(said, code))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -398,7 +463,9 @@ class Forwarder:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = self._now_ns()
-            if self._next_check_ns is None or now >= self._next_check_ns:
+            if self._next_check_ns is None or now >= self._next_check_ns \
+                    or self._recheck.is_set():
+                self._recheck.clear()
                 self._next_check_ns = now + self._check_ns
                 self._check(now)
                 self._publish_state()
@@ -460,14 +527,15 @@ class Forwarder:
             self._client_files = digest
         client = self._client
         self._connack_refused, self._socket_error = False, None
-        if self._ever_connected:  # resume the session (a clean one looks like a takeover)
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                 clean_start=False, properties=props)
-            client.loop_start()
-        else:
-            connect(client, self.broker, session_expiry_s=SESSION_EXPIRY_S)
+        # resume the session, at a process's first connect too: it holds our command
+        # subscription and what was queued for us meanwhile (a clean one looks like a
+        # takeover); a broker that has none starts one
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s,
+                             clean_start=False, properties=props)
+        client.loop_start()
         self._loop_started = True
         return None
 
@@ -515,8 +583,9 @@ class Forwarder:
                 if self._takeover.connected(session_present=session_present,
                                             session_expiry_s=expiry_s, now_ns=self._now_ns()):
                     stats.sessions_lost += 1
-                    log.warning("the broker had no session for %s: another client may have "
-                                "connected with our client id", self.client_id)
+                    log.warning("the broker had no session for client id %s: it restarted "
+                                "without keeping sessions, or another client connected with "
+                                "this client id", self.client_id)
             case Disconnected(reason, code):
                 stats.last_error = f"disconnected: {reason}"
                 if self._takeover.disconnected(code, now_ns):

@@ -11,9 +11,9 @@ Two signs, both fed in by the forwarder's thread with the time:
 - the broker's DISCONNECT says *session taken over* (MQTT v5 reason 0x8E): a
   takeover, for certain (EMQX sends it; mosquitto 2.0.11 over TLS closes the
   socket without it);
-- repeated **session loss**: the uplink resumes its session on every reconnect
-  (``clean_start`` only on the first connect of the process, a session expiry
-  interval); when the broker, reached again before that interval ran out, says
+- repeated **session loss**: the uplink resumes its session on every connect
+  (never ``clean_start``, a session expiry interval: the session holds the commands
+  queued for the gateway); when the broker, reached again before that interval ran out, says
   it has no session for us, someone else started a clean one under our id. A
   broker restart without persistence or a cluster node lost without session
   replication does that once, too: :data:`SESSION_LOSSES_FOR_ALARM` losses within
@@ -84,7 +84,7 @@ class TakeoverWatch:
         first = not self._connected_before
         self._connected_before = True
         if first or session_present or self._lost_at is None:
-            return False  # the first connect starts clean: nothing to expect
+            return False  # the first connect of the process: nothing to compare with
         if now_ns - self._lost_at >= session_expiry_s * _NS_PER_S:
             return False  # away longer than the session lives: expired, as agreed
         self.losses_seen += 1
