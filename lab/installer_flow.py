@@ -36,7 +36,6 @@ does not do what it should (:class:`FlowError`, with the transcript so far).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
@@ -52,12 +51,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cryptography import x509
 
 from core.errors import UserError
 from core.topics import BOOTSTRAP_USER, COMMAND_CN, ENROL_CN, PLATFORM_CN, broker_acl
+from lab import background
 from lab.mosquitto import free_port, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,79 +142,21 @@ class Transcript:
         return render(self)
 
 
-class Background:
-    """A process that runs while the flow goes on (a daemon, the broker, a simulator):
-    its output lines kept as they come, awaited by pattern."""
+class Background(background.Background):
+    """A process that runs while the flow goes on (a daemon, the broker, a simulator),
+    whose output goes into its step when it ends."""
 
     def __init__(self, step: Step, argv: Sequence[str], env: dict[str, str],
                  cwd: Path, stdin: int | None = subprocess.DEVNULL) -> None:
         self.step = step
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(list(argv), stdin=stdin, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                                     start_new_session=True)
-        self.lines: list[tuple[float, str, str]] = []  # (monotonic, stream, line)
-        self._changed = threading.Condition()
-        self._pumps = [threading.Thread(target=self._pump, args=(stream, name), daemon=True)
-                       for stream, name in ((self.proc.stdout, "stdout"),
-                                            (self.proc.stderr, "stderr"))]
-        for pump in self._pumps:
-            pump.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _pump(self, stream: TextIO | None, name: str) -> None:
-        for line in stream or ():
-            with self._changed:
-                self.lines.append((time.monotonic(), name, line.rstrip("\n")))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def text(self, stream: str | None = None, since: int = 0) -> list[str]:
-        with self._changed:
-            return [line for _, s, line in self.lines[since:] if stream in (None, s)]
-
-    def wait_line(self, pattern: str, timeout: float = WAIT_S, *, since: int = 0
-                  ) -> tuple[float, str] | None:
-        """The first line from *since* matching *pattern* (a regex) and when it came, or
-        None once *timeout* passed or the process ended without it."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for t, _, line in self.lines[since:]:
-                    if rx.search(line):
-                        return t, line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None
-                                 and not any(p.is_alive() for p in self._pumps)):
-                    return None
-                self._changed.wait(min(left, 0.5))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = WAIT_S) -> int:
-        """Signal it, wait for its end, and put its output in its step."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        return self.finish(code)
+        super().__init__(argv, env, cwd, stdin)
 
     def finish(self, code: int | None = None) -> int:
         """The process ended (by itself, or :meth:`stop`): record its output."""
-        if code is None:
-            code = self.proc.wait(WAIT_S)
-        for pump in self._pumps:
-            pump.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        return self.ended(code)
+
+    def ended(self, code: int | None = None) -> int:
+        code = super().ended(code)
         self.step.returncode = code
         self.step.elapsed_s = time.monotonic() - self.started
         self.step.stdout = "\n".join(self.text("stdout"))
@@ -222,15 +164,7 @@ class Background:
         return code
 
 
-def _env() -> dict[str, str]:
-    """The environment of every command: this one's, without what would reach outside the
-    flow (a TPM, the machine's operator file, systemd's notify socket)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SMARTCORR_TPM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    env["SMARTCORR_OPERATOR_FILE"] = "/nonexistent/smartcorr-operator.json"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONPATH", None)
-    return env
+_env = background.isolated_env
 
 
 def _ingest_argv() -> tuple[list[str], str]:

@@ -42,7 +42,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -52,7 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -67,6 +66,7 @@ from app.nmea_replay import capture_chunks
 from core.clock import kernel_clock_synced
 from core.errors import UserError
 from drivers.nmea import Fix, NmeaReader
+from lab import background
 from lab.mosquitto import Mosquitto, Pki, make_pki, mosquitto_binary, start_mosquitto
 from provisioning.identity import atomic_write
 from provisioning.pki import issue_custom
@@ -178,79 +178,14 @@ class Guide:
         return render(self)
 
 
-class Background:
-    """A process that keeps running (a simulator, the daemon): its lines kept as they come
-    and awaited by pattern."""
+class Background(background.Background):
+    """A process that keeps running (a simulator, the daemon), in the repository."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, cwd=REPO, start_new_session=True)
-        self.lines: list[tuple[str, str]] = []  # (stream, line)
-        self._changed = threading.Condition()
-        self._pumps = [threading.Thread(target=self._pump, args=(s, n), daemon=True)
-                       for s, n in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr"))]
-        for pump in self._pumps:
-            pump.start()
-
-    def _pump(self, stream: TextIO | None, name: str) -> None:
-        for line in stream or ():
-            with self._changed:
-                self.lines.append((name, line.rstrip("\n")))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def mark(self) -> int:
-        with self._changed:
-            return len(self.lines)
-
-    def text(self, stream: str | None = None, since: int = 0) -> list[str]:
-        with self._changed:
-            return [line for s, line in self.lines[since:] if stream in (None, s)]
-
-    def wait_line(self, pattern: str, timeout: float = WAIT_S, *, since: int = 0) -> str | None:
-        """The first line from *since* matching *pattern*, or None after *timeout* or once
-        the process ended without it."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for _, line in self.lines[since:]:
-                    if rx.search(line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None
-                                 and not any(p.is_alive() for p in self._pumps)):
-                    return None
-                self._changed.wait(min(left, 0.5))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = WAIT_S) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        for pump in self._pumps:
-            pump.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return code
+        super().__init__(argv, env, REPO)
 
 
-def _env() -> dict[str, str]:
-    """Every command's environment: this one's, without what reaches outside the run (a
-    TPM, the machine's operator file, systemd's notify socket)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SMARTCORR_TPM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                        "PYTHONPATH", "TMUX")}
-    env["SMARTCORR_OPERATOR_FILE"] = "/nonexistent/smartcorr-operator.json"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+_env = background.isolated_env
 
 
 def _private(path: Path, text: str) -> None:
@@ -547,7 +482,7 @@ class Run:
             ready=r"running \(version", note=note)
         self.daemons.append(self.daemon)
         self.g.steps[-1].output = "\n".join(
-            [*before, self.daemon.wait_line(r"running \(version") or ""])
+            [*before, self.daemon.wait_text(r"running \(version") or ""])
         pid = self.daemon.proc.pid
         self.wait("the devices' handshakes, the uplink, the tag and a GNSS fix", lambda: (
             self.state().get("pid") == pid
@@ -689,7 +624,7 @@ class Run:
         since = self.daemon.mark()
         port = self.broker.port
         self.broker.stop()  # the platform's broker goes away (or the network)
-        line = self.daemon.wait_line(r"uplink cannot connect", WAIT_S, since=since)
+        line = self.daemon.wait_text(r"uplink cannot connect", WAIT_S, since=since)
         if line is None:
             raise self.fail("the broker stopped, and the uplink did not say it cannot connect "
                             f"within {WAIT_S:g} s:\n"
@@ -730,7 +665,7 @@ class Run:
                      "(docs/uplink-troubleshooting.md).")
         since = self.daemon.mark()
         self.broker = start_mosquitto(self.root / "broker", self.pki, port=port)
-        back = self.daemon.wait_line(r"uplink connected again", 30, since=since)
+        back = self.daemon.wait_text(r"uplink connected again", 30, since=since)
         if back is None:
             raise self.fail("the broker is back, and the uplink did not say so within 30 s:"
                             "\n" + "\n".join(self.daemon.text(since=since)))
