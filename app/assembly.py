@@ -41,6 +41,7 @@ from app.snapshot import (
     uplink_entry,
 )
 from app.state import AlarmLog, StatePublisher, UplinkTracker, uplink_words, wall_ms
+from app.supervision import SupervisionService
 from buffer.seal import Sealer
 from buffer.store import Store, StoreReader, default_quota, store_path
 from buffer.writer import StoreWriter
@@ -295,13 +296,18 @@ class Gateway:
         self.clock.observe()  # the baseline: later changes are time.step records
         # the platform's commands: subscribed with the uplink's first connect; answered
         # once an interrupted one is completed (before the pairings are read)
+        # the supervision rules (app/supervision.py): their state read before the commands
+        self.supervision = SupervisionService(self.data_dir, self.writer, self.clock,
+                                              source=self.source)
         self.commands = CommandService(self.identity, self.data_dir, self.writer, self.clock,
                                        source=self.source, devices=self,
-                                       region=self.config.region)
+                                       region=self.config.region,
+                                       supervision=self.supervision)
         self.commands.listen(self.forwarder)
         self.health_interval_s = load_settings(self.data_dir).get(
             "health_interval_s", self.health_interval_s)
         self.pipeline.start()
+        self.supervision.resume()  # before an interrupted command is completed
         self.commands.recover()
         self.commands.announce()
         # local actions (the journal), then the files' hashes, before the pairings are read
@@ -331,6 +337,7 @@ class Gateway:
         self._start_inputs()
         self._start_renewal()
         self.commands.start()
+        self.supervision.start()
         self._health.start()
         self._start_publisher()
 
@@ -338,6 +345,8 @@ class Gateway:
     inputs: InputsWorker | None = None
     #: The platform's signed commands (app/commands.py); None while decommissioning.
     commands: CommandService | None = None
+    #: The supervision rules' thread (app/supervision.py); None while decommissioning.
+    supervision: SupervisionService | None = None
 
     # -- the live side of the platform's commands (app/commands.py Devices) -------------
     def tag_paired(self, tag: str, paired: PairedTag | None) -> None:
@@ -347,6 +356,8 @@ class Gateway:
         tags = dict(self._tags or {})
         if paired is None:
             tags.pop(tag, None)
+            if self.supervision is not None:
+                self.supervision.forget(tag)  # its rules go with it
         else:
             tags[tag] = paired
         self._tags = tags
@@ -407,7 +418,9 @@ class Gateway:
             tags = self._tags if self._tags is not None else \
                 _paired(open_registry(self.identity))  # the registry's error, for the user
             driver = TagReceiverDriver(tags, self.writer.ledger_value,
-                                       started_ns=self.clock.now_ns())
+                                       started_ns=self.clock.now_ns(),
+                                       presence=None if self.supervision is None
+                                       else self.supervision.presence)
             self._tag_drivers.append(driver)
             return driver
         if kind is DeviceClass.KIOSK:
@@ -447,6 +460,8 @@ class Gateway:
             steps = time_steps(self.clock, self.source)  # e.g. NTP has synchronised
             if steps:
                 self.writer.submit_all(steps)
+                if self.supervision is not None:
+                    self.supervision.clock_stepped(steps)  # handled, never a silent jump
             if self.clock.now_ns() >= next_health:  # the platform may change the interval
                 next_health = self.clock.now_ns() + int(self.health_interval_s * 1e9)
                 self.writer.submit_health(self._health_extra)
@@ -515,7 +530,9 @@ class Gateway:
             "ports": ports,
             "clock": dict(self.clock.stats.as_dict()),
         } | ({"inputs": self.inputs.health()} if self.inputs is not None else {}) \
-          | ({"commands": self.commands.status()} if self.commands is not None else {})
+          | ({"commands": self.commands.status()} if self.commands is not None else {}) \
+          | ({"supervision": self.supervision.status()} if self.supervision is not None
+             else {})
 
     def stop(self, drain_s: float = 5.0) -> bool:
         """Stop reading devices, forward what is queued (up to *drain_s*), then stop every
@@ -539,6 +556,8 @@ class Gateway:
             worker.stop()
         if self.commands is not None:
             self.commands.stop()
+        if self.supervision is not None:
+            self.supervision.stop()
         drained = self.pipeline.stop(drain_s)
         self._queue.close()
         if self.publisher is not None:

@@ -46,6 +46,8 @@ from typing import Any, Protocol
 
 from app.actions import COMMAND_LAST_KEY, COMMAND_TOUCHED_KEY, KIOSKS, TAGS
 from app.removals import KIOSK, TAG, pending_key
+from app.supervision import ROLE as SUPERVISION_ROLE
+from app.supervision import SupervisionService
 from core.command_keys import CommandKeyring
 from core.commands import (
     BoxKey,
@@ -66,6 +68,7 @@ from core.devices import DEFAULT_ABSENT_AFTER_S, PairedKiosk, PairedTag
 from core.durable import atomic_write, remove
 from core.errors import UserError
 from core.record import JSON, Reading, SealedRecord, Source
+from core.supervision import Refusal as SupervisionRefusal
 from core.topics import commands_topic
 from provisioning.actions import file_sha256, locked
 from provisioning.box import ensure_box_key
@@ -112,7 +115,8 @@ class Writer(Protocol):
     def submit(self, reading: Reading,
                on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
-               on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
+               on_committed: Callable[[SealedRecord], None] | None = None, *,
+               more: tuple[Reading, ...] = ()) -> None: ...
     def ledger_value(self, key: str) -> int | None: ...
     @property
     def final_seq(self) -> int | None: ...
@@ -143,6 +147,8 @@ class Context:
     identity: Identity
     data_dir: Path
     ledger: Callable[[str], int | None]
+    #: the supervision rules' thread (app/supervision.py); None: those kinds are refused
+    supervision: SupervisionService | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,10 @@ class Applied:
     changed: bool
     ledger: list[tuple[str, int]] = field(default_factory=list)
     live: Callable[[Devices], None] | None = None
+    #: more records committed in the answer's transaction (the supervision's events)
+    readings: list[Reading] = field(default_factory=list)
+    #: called once the answer is committed, or when it is not (stopping): a lock released
+    after: Callable[[], None] | None = None
 
 
 PlanFn = Callable[[Context, Command], Plan]
@@ -343,6 +353,30 @@ def _set_config(ctx: Context, cmd: Command, _facts: Mapping[str, JSON]) -> Appli
                    lambda devices: devices.setting_changed(key, value))
 
 
+def _supervision_plan(ctx: Context, cmd: Command) -> Plan:
+    """A supervision command against the evaluator's state, tried on a copy: its refusal
+    (``document_reused``, ``gap_after_current``…) is a ``conflict``."""
+    if ctx.supervision is None:
+        return Plan("the supervision rules do not run on this gateway now (decommissioning)")
+    tried = ctx.supervision.command_effect(cmd, dry_run=True)
+    if isinstance(tried, SupervisionRefusal):
+        return Plan(f"{tried.reason}: {tried.detail}"
+                    + (f" (field {tried.field})" if tried.field else ""))
+    return Plan()
+
+
+def _supervision_apply(ctx: Context, cmd: Command, _facts: Mapping[str, JSON]) -> Applied:
+    """The evaluator takes the command; its events and the state file's generation commit
+    with the answer (app/supervision.py: exactly once across a crash)."""
+    if ctx.supervision is None:
+        raise UserError("the supervision rules do not run on this gateway now")
+    done = ctx.supervision.command_effect(cmd)
+    if isinstance(done, SupervisionRefusal):  # only a dry run returns one
+        raise UserError(done.reason)
+    return Applied(SUPERVISION_ROLE, done.sha256, done.details, done.changed, done.ledger,
+                   readings=done.readings, after=done.done)
+
+
 #: Each kind's effect: adding a kind is an entry here, its body validator in
 #: core/commands.py (``KINDS``) and its effect functions.
 EFFECTS: dict[str, Effect] = {
@@ -351,6 +385,9 @@ EFFECTS: dict[str, Effect] = {
     "pair-kiosk": Effect(_kiosk_plan, _pair_kiosk),
     "unpair-kiosk": Effect(_kiosk_plan, _unpair_kiosk),
     "set-config": Effect(_config_plan, _set_config),
+    **{kind: Effect(_supervision_plan, _supervision_apply) for kind in (
+        "set-authorisation", "end-authorisation", "set-presence-rules", "approve-leave",
+        "revoke-leave", "request-presence")},
 }
 
 
@@ -409,7 +446,8 @@ class CommandService:
     :meth:`listen` on the uplink before it starts, then :meth:`start`; :meth:`stop`."""
 
     def __init__(self, identity: Identity, data_dir: Path, writer: Writer, clock: Clock, *,
-                 source: Source, devices: Devices, region: str | None = None) -> None:
+                 source: Source, devices: Devices, region: str | None = None,
+                 supervision: SupervisionService | None = None) -> None:
         self.identity = identity
         self.gateway_id = identity.gateway_id
         self.data_dir = data_dir
@@ -418,7 +456,7 @@ class CommandService:
         self._source = source
         self._devices = devices
         self.region = region
-        self._ctx = Context(identity, data_dir, writer.ledger_value)
+        self._ctx = Context(identity, data_dir, writer.ledger_value, supervision)
         self._inbox: queue.Queue[_Arrival] = queue.Queue(maxsize=MAX_WAITING)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
@@ -602,7 +640,12 @@ class CommandService:
                   (COMMAND_TOUCHED_KEY + done.role, cmd.cseq), *done.ledger]
         reading = Reading(APPLIED_KIND, self._source, body, self._clock.now_ns(),
                           ledger=tuple(ledger))
-        if not self._commit(reading, cmd.cseq, timeout_s):
+        try:
+            committed = self._commit(reading, cmd.cseq, timeout_s, done.readings)
+        finally:
+            if done.after is not None:
+                done.after()  # e.g. the supervision state promoted, its lock released
+        if not committed:
             return False  # stopping: the pending file completes it at the next start
         self.stats.applied += 1
         log.info("command %d (%s) applied%s", cmd.cseq, cmd.kind,
@@ -657,13 +700,14 @@ class CommandService:
         self._noise.append(now)
         return True
 
-    def _commit(self, reading: Reading, cseq: int | None, timeout_s: float | None) -> bool:
-        """Submit *reading* (with the old digest of the history forgotten in the same
-        transaction) and wait until it is committed; False when stopping first."""
+    def _commit(self, reading: Reading, cseq: int | None, timeout_s: float | None,
+                more: list[Reading] | None = None) -> bool:
+        """Submit *reading* and *more* (with the old digest of the history forgotten in the
+        same transaction) and wait until it is committed; False when stopping first."""
         done = threading.Event()
         forget = (f"{SHA_KEY}{cseq - HISTORY}",) if cseq is not None and cseq > HISTORY \
             else ()
-        self._writer.forget(forget, reading, lambda _rec: done.set())
+        self._writer.forget(forget, reading, lambda _rec: done.set(), more=tuple(more or ()))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not done.wait(COMMIT_POLL_S):
             if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):

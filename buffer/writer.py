@@ -277,10 +277,11 @@ class StoreWriter:
         self._inbox.put(_Submit((reading,), on_committed, final=True))
 
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
-               on_committed: OnCommitted | None = None) -> None:
+               on_committed: OnCommitted | None = None, *,
+               more: tuple[Reading, ...] = ()) -> None:
         """Remove the ledger entries *keys* (an unpaired device's) in one transaction with
-        *reading* (the record saying so), or alone."""
-        readings = () if reading is None else (reading,)
+        *reading* (the record saying so) and *more* after it, or alone."""
+        readings = (() if reading is None else (reading,)) + more
         self._add_backlog(len(readings))
         self._inbox.put(_Submit(readings, on_committed, forget=keys))
 

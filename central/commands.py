@@ -22,6 +22,7 @@ answer; a new one is refused until they are answered or expire.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import sys
@@ -54,6 +55,7 @@ from core.errors import UserError
 from core.mqtt import BrokerConfig, make_client
 from core.record import JSON
 from core.suites import SoftwareKey, Verifier
+from core.supervision import EndReason, LegalBasis
 from core.topics import COMMAND_CN, commands_topic
 
 #: The schema version that has the ``commands`` table (central/db.py).
@@ -386,10 +388,118 @@ def body_of(args: argparse.Namespace, db: Database) -> dict[str, JSON]:
         return body
     if kind == "unpair-kiosk":
         return {"serial": _serial(args.serial)}
+    if kind in SUPERVISION_KINDS:
+        return supervision_body(args)
     body = {"key": args.setting, "value": args.value}
     if args.tag is not None:
         body["tag"] = _tag(args.tag)
     return body
+
+
+# --- the supervision kinds (docs/supervision.md) ---------------------------------------------
+
+SUPERVISION_KINDS = ("set-authorisation", "end-authorisation", "set-presence-rules",
+                     "approve-leave", "revoke-leave", "request-presence")
+#: The record answering a spot check (request-presence), beside its command.applied.
+PRESENCE_NOW = "presence.now"
+
+
+def _window(text: str, option: str) -> dict[str, JSON]:
+    """``mon,tue=22:00-06:00`` (``--window``) or ``2027-05-03=20:00-23:00`` (``--extra``)."""
+    what, sep, span = text.partition("=")
+    start, dash, end = span.partition("-")
+    if not sep or not dash or not what:
+        example = "mon,tue=22:00-06:00" if option == "--window" else "2027-05-03=20:00-23:00"
+        raise CommandError(f"{option} {text!r}: expected like {example}")
+    if option == "--window":
+        return {"days": [d.strip().lower() for d in what.split(",")], "start": start,
+                "end": end}
+    return {"date": what, "start": start, "end": end}
+
+
+def _instant(text: str, option: str) -> int:
+    """Milliseconds since 1970, or an ISO 8601 time with its offset (``2027-05-01T08:00+08:00``)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        at = dt.datetime.fromisoformat(text)
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise CommandError(f"{option} {text!r}: give milliseconds since 1970 or an ISO 8601 "
+                           "time with its offset (2027-05-01T08:00+08:00)")
+    return int(at.timestamp() * 1000)
+
+
+def supervision_body(args: argparse.Namespace) -> dict[str, JSON]:
+    """The body of a supervision kind from its options (checked by the gateway's own
+    parser before it is signed)."""
+    kind, tag = args.kind, _tag(args.tag)
+    if kind == "set-authorisation":
+        return {"tag": tag, "basis": args.basis, "document": args.document,
+                "approver": args.approver, "start": args.start, "end": args.end,
+                "zone": args.zone}
+    if kind == "end-authorisation":
+        return {"tag": tag, "document": args.document, "approver": args.approver,
+                "reason": args.reason}
+    if kind == "set-presence-rules":
+        exceptions: list[JSON] = [{"date": d, "skip": True} for d in args.skip or ()]
+        exceptions += [_window(e, "--extra") for e in args.extra or ()]
+        body: dict[str, JSON] = {"tag": tag, "zone": args.zone, "grace_min": args.grace_min,
+                                 "windows": [_window(w, "--window") for w in args.window or ()]}
+        if exceptions:
+            body["exceptions"] = exceptions
+        return body
+    if kind == "approve-leave":
+        return {"tag": tag, "leave_id": args.leave_id, "document": args.document,
+                "approver": args.approver, "start_ms": _instant(args.start, "--start"),
+                "end_ms": _instant(args.end, "--end"), "grace_min": args.grace_min}
+    if kind == "revoke-leave":
+        return {"tag": tag, "leave_id": args.leave_id}
+    return {"tag": tag}
+
+
+def presence_answer(db: Database, issued: Issued, after_seq: int = 0) -> dict[str, Any] | None:
+    """The ``presence.now`` record answering the spot check *issued*, if it arrived."""
+    with db.transaction(write=False) as tx:
+        rows = tx.all("SELECT seq, data FROM records WHERE gw = ? AND kind = ? AND seq > ? "
+                      "ORDER BY seq", (issued.gw, PRESENCE_NOW, after_seq))
+    for seq, data in rows:
+        try:
+            body = json.loads(bytes(data))["body"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(body, dict) and body.get("command_sha256") == issued.sha256:
+            return {"seq": int(seq), **body}
+    return None
+
+
+def wait_presence(db: Database, issued: Issued, timeout_s: float,
+                  after_seq: int = 0) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = presence_answer(db, issued, after_seq)
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        time.sleep(POLL_S)
+
+
+def presence_words(answer: Mapping[str, Any]) -> str:
+    """A spot check's answer for an officer: present or not, last heard, the rule and leave."""
+    if not answer.get("authorised"):
+        return f"{answer.get('tag')}: not under an authorised period (nothing is recorded)"
+    present = {True: "PRESENT", False: "ABSENT", None: "not known yet"}[answer.get("present")]
+    heard = answer.get("last_heard_ms")
+    ago = "never heard" if heard is None else \
+        f"last heard {max(0, int(answer['now_ms']) - int(heard)) // 1000} s ago"
+    rssi = "" if answer.get("rssi_dbm") is None else f", {answer['rssi_dbm']} dBm"
+    window = answer.get("window")
+    rule = "no window in force" if not window else \
+        f"must be home ({window.get('start')}-{window.get('end')})" \
+        if answer.get("must_be_home") else "window suspended"
+    leave = answer.get("leave")
+    on_leave = "" if not leave else f", on leave {leave.get('leave_id')}"
+    return f"{answer.get('tag')}: {present} ({ago}{rssi}); {rule}{on_leave}"
 
 
 def _check_body(args: argparse.Namespace, body: Mapping[str, JSON]) -> None:
@@ -435,6 +545,10 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         found = wait_answer(db, issued, args.timeout, after)
         rtt_ms = round((time.monotonic() - started) * 1000)
+        spot = None
+        if found is not None and found.outcome == "applied" and issued.kind == "request-presence":
+            spot = wait_presence(db, issued, max(1.0, args.timeout - rtt_ms / 1000), after)
+            spot_ms = round((time.monotonic() - started) * 1000)
     finally:
         db.close()
     if found is None:
@@ -446,6 +560,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     out.update(outcome=found.outcome, reason=found.reason, record_seq=found.seq,
                rtt_ms=rtt_ms, answer=found.body)
+    if issued.kind == "request-presence" and found.outcome == "applied":
+        if spot is None:
+            out.update(presence=None)
+            _print(args, out, f"spot check {issued.cseq} applied by {issued.gw}, but its "
+                              "presence.now record has not reached this database yet")
+            return EXIT_PROBLEM
+        out.update(presence=spot, presence_rtt_ms=spot_ms)
+        _print(args, out, f"{presence_words(spot)} [{issued.gw}, answered in {spot_ms} ms]")
+        return EXIT_OK
     if found.outcome == "applied":
         text = (f"command {issued.cseq} ({issued.kind}) applied by {issued.gw} in {rtt_ms} ms "
                 f"(record {found.seq}{'' if found.body.get('changed') else ', nothing changed'}"
@@ -519,9 +642,64 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     sc.add_argument("--setting", required=True, choices=sorted(SETTINGS), help="which")
     sc.add_argument("--value", required=True, type=int, help="its new value")
     sc.add_argument("--tag", help="the tag, for a tag's setting")
+    _supervision_parsers(kinds)
     rs = kinds.add_parser("resend", help="publish an unanswered command again (signed anew "
                                          "at the same cseq if it expired)")
     rs.add_argument("--cseq", required=True, type=int, help="which")
+
+
+def _supervision_parsers(kinds: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The supervision kinds' options (docs/supervision.md defines each field)."""
+    tag_help = "the tag, T and 8 hex digits"
+    sa = kinds.add_parser("set-authorisation", help="authorise the monitoring of a tag for a "
+                          "period of at most three calendar months (Art. 29), or renew it")
+    sa.add_argument("--tag", required=True, help=tag_help)
+    sa.add_argument("--basis", required=True, choices=[b.value for b in LegalBasis],
+                    help="the case of Art. 29 para. 1")
+    sa.add_argument("--document", required=True, help="the approval decision's number")
+    sa.add_argument("--approver", required=True, help="who approved it")
+    sa.add_argument("--start", required=True, metavar="YYYY-MM-DD", help="the first day")
+    sa.add_argument("--end", required=True, metavar="YYYY-MM-DD",
+                    help="the last day (at most three calendar months after --start)")
+    sa.add_argument("--zone", required=True, metavar="AREA/CITY",
+                    help="the person's IANA time zone (Asia/Shanghai)")
+    ea = kinds.add_parser("end-authorisation", help="end a tag's monitoring now")
+    ea.add_argument("--tag", required=True, help=tag_help)
+    ea.add_argument("--document", required=True, help="the decision ending it")
+    ea.add_argument("--approver", required=True, help="who decided")
+    ea.add_argument("--reason", required=True, choices=[r.value for r in EndReason],
+                    help="why it ends")
+    pr = kinds.add_parser("set-presence-rules", help="the weekly windows in which the "
+                          "person must be home (replacing the tag's rules)")
+    pr.add_argument("--tag", required=True, help=tag_help)
+    pr.add_argument("--zone", required=True, metavar="AREA/CITY",
+                    help="the person's IANA time zone")
+    pr.add_argument("--grace-min", required=True, type=int, metavar="MIN",
+                    help="minutes away (or late) before a breach, 0-240")
+    pr.add_argument("--window", action="append", metavar="DAYS=HH:MM-HH:MM",
+                    help="a weekly window, e.g. mon,tue,wed,thu,fri=22:00-06:00 (repeat it; "
+                         "none: the rules are cleared)")
+    pr.add_argument("--skip", action="append", metavar="YYYY-MM-DD",
+                    help="a date on which no weekly window opens (repeat it)")
+    pr.add_argument("--extra", action="append", metavar="YYYY-MM-DD=HH:MM-HH:MM",
+                    help="a one-off window opening on that date (repeat it)")
+    al = kinds.add_parser("approve-leave", help="an approved leave, which suspends the rules")
+    al.add_argument("--tag", required=True, help=tag_help)
+    al.add_argument("--leave-id", required=True, help="the platform's id of the leave")
+    al.add_argument("--document", required=True, help="the approval's number")
+    al.add_argument("--approver", required=True, help="who approved it")
+    al.add_argument("--start", required=True, metavar="TIME",
+                    help="when it starts: ISO 8601 with offset, or ms since 1970")
+    al.add_argument("--end", required=True, metavar="TIME",
+                    help="when the person must be back (at most 30 days later)")
+    al.add_argument("--grace-min", required=True, type=int, metavar="MIN",
+                    help="how late the person may be back, 0-240 minutes")
+    rl = kinds.add_parser("revoke-leave", help="withdraw a leave, or end it now")
+    rl.add_argument("--tag", required=True, help=tag_help)
+    rl.add_argument("--leave-id", required=True, help="which leave")
+    rp = kinds.add_parser("request-presence", help="a night spot check: the gateway answers "
+                          "with a signed presence.now record; prints it and the round trip")
+    rp.add_argument("--tag", required=True, help=tag_help)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -62,6 +62,8 @@ from core.devices import (
 )
 from core.record import JSON, MAX_INT, b64u, canonical, has_float, unb64u
 from core.suites import SIGNATURE_ALGS, Signer, Verifier, key_id
+from core.supervision import BODY_PARSERS as SUPERVISION_PARSERS
+from core.supervision import Refusal as SupervisionRefusal
 
 __all__ = ["BOX_ALGS", "BOX_FORMAT", "BOX_SM2", "BOX_X25519", "CONSUMING", "FIELDS",
            "FORMAT_VERSION", "KINDS", "MAX_COMMAND_BYTES", "MAX_LIFETIME_MS", "MAX_SKEW_MS",
@@ -445,15 +447,31 @@ def _set_config(body: Mapping[str, Any], _ctx: BodyContext) -> SetConfig:
     return SetConfig(key, value, tag)
 
 
-#: The kinds this gateway knows, by name (docs/commands.md, "The kinds"). The supervision
-#: kinds (authorisation, presence rules, leave, spot checks) are added with
-#: :func:`register_kind` by their module; ``request-diag`` is not served yet.
+def _supervision(kind: str) -> Validator:
+    """The validator of a supervision kind: its body parsed by core/supervision.py
+    (docs/supervision.md), a refusal there a :class:`BodyError` naming the field and, first
+    in its text, the supervision reason (``end: period_too_long: …``)."""
+    parse = SUPERVISION_PARSERS[kind]
+
+    def validate(body: Mapping[str, Any], _ctx: BodyContext) -> Any:
+        got = parse(body)
+        if isinstance(got, SupervisionRefusal):
+            raise BodyError(got.field or kind, f"{got.reason}: {got.detail}")
+        return got
+
+    return validate
+
+
+#: The kinds this gateway knows, by name (docs/commands.md, "The kinds"); the supervision
+#: kinds' bodies are core/supervision.py's (docs/supervision.md). ``request-diag`` is not
+#: served yet.
 KINDS: dict[str, KindSpec] = {
     "pair-tag": KindSpec("pair-tag", _pair_tag, secret=True),
     "unpair-tag": KindSpec("unpair-tag", _unpair_tag),
     "pair-kiosk": KindSpec("pair-kiosk", _pair_kiosk, secret=True),
     "unpair-kiosk": KindSpec("unpair-kiosk", _unpair_kiosk),
     "set-config": KindSpec("set-config", _set_config),
+    **{kind: KindSpec(kind, _supervision(kind)) for kind in SUPERVISION_PARSERS},
 }
 
 

@@ -45,6 +45,8 @@ FLAG_BODY_CONTACT = 0x02
 BATTERY_LOW_PCT = 20
 BATTERY_OK_PCT = 30
 PRESENT_AFTER_BEACONS = 3
+#: The records that say where a tag is (not written outside its authorised period).
+PRESENCE_KINDS = frozenset({"tag.presence", "tag.present", "tag.absent"})
 #: Unpaired tags logged (once each) per window, at most; beyond, they are only counted,
 #: so beacons of random ids cost neither memory nor log lines.
 MAX_UNKNOWN_LOGGED = 64
@@ -147,6 +149,13 @@ class TagStats:
         self.rejected[why.value] += 1
 
 
+#: Told each presence decision: (tag, ``seen`` | ``present`` | ``absent`` | ``beacon`` (heard,
+#: still held absent), monotonic ns,
+#: RSSI or None); returns whether the tag's presence records may be written (the
+#: supervision rules: not outside its authorised period). Never blocks (a port thread).
+PresenceHook = Callable[[str, str, int, "int | None"], bool]
+
+
 class TagReceiverDriver:
     """Turns the receiver's messages into readings; the last reading of a message carries
     the device event, committed together with the others."""
@@ -157,8 +166,10 @@ class TagReceiverDriver:
         last_counter: Callable[[str], int | None],
         *,
         started_ns: int = 0,
+        presence: PresenceHook | None = None,
     ) -> None:
         self._last_counter_of = last_counter
+        self._presence = presence
         self._tags = {t.tag: _TagState(t, last_heard_ns=started_ns) for t in tags.values()}
         self._source = Source("tag_receiver", "unknown")
         self._unknown_logged: set[str] = set()  # at most MAX_UNKNOWN_LOGGED per window
@@ -236,6 +247,18 @@ class TagReceiverDriver:
         }
         out.append(Reading("tag.presence", self._source, presence, mono_ns, event,
                            ledger=((counter_key(beacon.tag), beacon.counter),)))
+        if self._presence is not None:
+            came = any(r.kind == "tag.present" for r in out)
+            # a beacon while the receiver still holds the tag absent is not "seen" yet
+            seen = "present" if came else "beacon" if state.absent else "seen"
+            if not self._presence(beacon.tag, seen, mono_ns, beacon.rssi_dbm):
+                # outside the tag's authorised period: nothing of its presence is written
+                # (the counter and the device's event ride on what is left, if anything)
+                out = [r for r in out if r.kind not in PRESENCE_KINDS]
+                if out:
+                    last = out[-1]
+                    out[-1] = Reading(last.kind, last.source, last.body, last.mono_ns, event,
+                                      ((counter_key(beacon.tag), beacon.counter),))
         return out
 
     def tick(self, mono_ns: int) -> list[Reading]:
@@ -249,6 +272,9 @@ class TagReceiverDriver:
             if silent_s >= state.paired.absent_after_s:
                 state.absent = True
                 state.present_streak = 0
+                if self._presence is not None and not self._presence(
+                        state.paired.tag, "absent", mono_ns, None):
+                    continue  # outside its authorised period: not written
                 out.append(Reading("tag.absent", self._source, {
                     "tag": state.paired.tag, "silent_s": int(silent_s),
                     "last_counter": state.last_counter,

@@ -115,6 +115,25 @@ def command_vectors() -> dict[str, JSON]:
         ("set_config", "set-config", {"key": "health_interval_s", "value": 600}, None),
         ("set_config_tag", "set-config", {"key": "absent_after_s", "tag": TAG, "value": 900},
          None),
+        # the supervision kinds (docs/supervision.md)
+        ("set_authorisation", "set-authorisation", {
+            "approver": "bureau head", "basis": "left_area_without_approval",
+            "document": "DOC-2025-1", "end": "2026-01-08", "start": "2025-10-09",
+            "tag": TAG, "zone": "Asia/Shanghai"}, None),
+        ("end_authorisation", "end-authorisation", {
+            "approver": "bureau head", "document": "DOC-2025-2",
+            "reason": "no_longer_needed", "tag": TAG}, None),
+        ("set_presence_rules", "set-presence-rules", {
+            "exceptions": [{"date": "2025-10-11", "skip": True},
+                           {"date": "2025-10-12", "end": "23:00", "start": "20:00"}],
+            "grace_min": 15, "tag": TAG,
+            "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"], "end": "06:00",
+                         "start": "22:00"}], "zone": "Asia/Shanghai"}, None),
+        ("approve_leave", "approve-leave", {
+            "approver": "officer", "document": "LV-2025-1", "end_ms": NOW + 2 * DAY,
+            "grace_min": 30, "leave_id": "L-1", "start_ms": NOW + DAY, "tag": TAG}, None),
+        ("revoke_leave", "revoke-leave", {"leave_id": "L-1", "tag": TAG}, None),
+        ("request_presence", "request-presence", {"tag": TAG}, None),
     ]
     state: dict[str, JSON] = {"gateway": GATEWAY, "region": REGION, "trusted_now_ms": NOW,
                               "floor_ms": None, "last_cseq": 7, "answered": {}}
