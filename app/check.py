@@ -331,7 +331,10 @@ def _command_keys(commands: Mapping[str, Any]) -> Item:
                      "docs/command-keys.md)")
     if not commands.get("installed"):
         return _warn("command keys", str(commands.get("note")),
-                     "enrol the gateway (provision enrol): the answer brings them")
+                     "enrolment brings them when the platform's operator signs with "
+                     "--command-keys DIR ('ingest ca sign' or 'ingest enrol-service'): ask "
+                     "for an answer with them, then 'provision enrol --answer DIR' "
+                     "(docs/command-keys.md)")
     certs = commands.get("certificates") or []
     detail = (f"root {commands.get('root_kid')}, {len(certs)} certificate(s), revocation "
               f"list {commands.get('revocation_list')}")

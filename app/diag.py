@@ -363,7 +363,10 @@ def recent_logs(log_file: Path | None, count: int = DEFAULT_LOG_LINES) -> Logs:
         why = done.stderr.decode(errors="replace").strip().splitlines()
         return Logs("journald", [], f"no entries for the unit {JOURNAL_UNIT}"
                     + (f" ({why[0][:200]})" if why else "")
-                    + ": run as root or a member of group systemd-journal, or give --log-file")
+                    + (": the daemon does not run as that systemd unit here: give its log "
+                       "with --log-file FILE" if os.geteuid() == 0 else
+                       ": run as root or a member of group systemd-journal, or give "
+                       "--log-file FILE"))
     return Logs("journald", lines)
 
 

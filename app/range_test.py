@@ -318,8 +318,10 @@ def render_result(result: Result, action: int | None) -> str:
                      "again: a higher threshold only hides the gaps")
     rec, now = result.recommended_absent_after_s, result.absent_after_s
     lines.append(f"recommended absence threshold: {rec} s (now {now} s)"
-                 + ("" if rec == now else f": give --absent-after {rec} when pairing the "
-                                          "tag (provision pair-tag)"))
+                 + ("" if rec == now else f": apply it with 'provision pair-tag --tag "
+                                          f"{result.tag} --replace --key-file FILE "
+                                          f"--absent-after {rec}' (the key the tag holds now: "
+                                          "it keeps working), then restart the gateway"))
     if action is not None:
         lines.append(f"written down as action {action} (tag.range_test): the gateway records "
                      "it")

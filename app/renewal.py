@@ -353,6 +353,8 @@ class RenewalTask:
         return done.wait(COMMIT_TIMEOUT_S)
 
     def _wait(self, why: str, until: int | None, cert: CertInfo) -> None:
+        if why == "untrusted_time" and not self.policy.enabled:
+            why = "off"  # nothing waits for the time: renewal is off (the reason says why)
         if why == "untrusted_time":
             self._set_state("waiting", None, "the clock is not synchronised (no NTP or GNSS "
                             "time yet): renewal waits for trusted time")

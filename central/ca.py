@@ -951,7 +951,12 @@ def _sign(args: argparse.Namespace) -> int:
                       f"{'enrolled' if issued.enrolled else 'already enrolled'}; certificate "
                       f"{issued.serial} until {_iso(issued.not_after_ms)}"
                       f"{'' if issued.new else ' (issued before for this request)'}; "
-                      f"{len(issued.files)} command files; answer written to {target}")
+                      + (f"{len(issued.files)} command files"
+                         if issued.files or args.command_keys is not None else
+                         "NO command keys (--command-keys DIR not given): the gateway will "
+                         "accept no platform command; sign again with --command-keys "
+                         "(docs/command-keys.md)")
+                      + f"; answer written to {target}")
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -103,7 +104,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     consume = sub.add_parser("consume", help="run one ingest consumer (MQTT to database)")
     _db_arg(consume)
-    consume.add_argument("--broker", required=True, metavar="HOST:PORT")
+    consume.add_argument("--broker", required=True, metavar="HOST:PORT",
+                         help="the broker the gateways publish to (start the consumers "
+                              "before the first gateway: docs/enrolment.md)")
     consume.add_argument("--ca", metavar="FILE", help="the broker's CA certificate")
     consume.add_argument("--cert", metavar="FILE", help="this consumer's client certificate")
     consume.add_argument("--key", metavar="FILE", help="its private key")
@@ -133,8 +136,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="what the platform holds of one gateway's stream")
     _db_arg(rep)
-    rep.add_argument("--gw", required=True, metavar="ID")
-    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
 
     gws = sub.add_parser("gateways", help="the enrolled gateways: id, status, enrolment, "
                                           "records stored, highest seq")
@@ -432,3 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # '... | head' read enough: no traceback, as a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE

@@ -465,7 +465,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     rev = ksub.add_parser("revoke", help="sign the next revocation list, adding a key")
     _root_arg(rev)
-    rev.add_argument("--kid", required=True, metavar="K", help="the command key's id")
+    rev.add_argument("--kid", required=True, metavar="K",
+                     help="the command key's id (write --kid=K: a key id may begin with '-')")
     rev.add_argument("--reason", required=True, choices=REASONS,
                      help="compromised (its private key may be known), superseded (a "
                           "successor replaced it), retired")

@@ -326,8 +326,8 @@ def test_cli_init_issue_export_then_the_gateway_installs_it(
     # revoke (the key leaked), export again: the gateway takes the newer list
     old_export = tmp_path / "old-export"
     shutil.copytree(export_dir, old_export)
-    code, out, _ = run(capsys, "command-key", "revoke", "--root", str(root_dir), "--kid",
-                       issued["kid"], "--reason", "compromised")
+    code, out, _ = run(capsys, "command-key", "revoke", "--root", str(root_dir),
+                       f"--kid={issued['kid']}", "--reason", "compromised")
     assert code == 0
     assert run(capsys, "command-key", "export", "--root", str(root_dir), "--out",
                str(export_dir))[0] == 0
@@ -349,8 +349,8 @@ def test_cli_init_issue_export_then_the_gateway_installs_it(
                        "*", "--days", "30", "--out", str(key_dir), "--json")
     successor = json.loads(out)
     assert successor["serial"] == 2
-    assert run(capsys, "command-key", "revoke", "--root", str(root_dir), "--kid",
-               successor["kid"], "--reason", "retired")[0] == 0
+    assert run(capsys, "command-key", "revoke", "--root", str(root_dir),
+               f"--kid={successor['kid']}", "--reason", "retired")[0] == 0
     assert run(capsys, "command-key", "export", "--root", str(root_dir), "--out",
                str(export_dir))[0] == 0
     assert gateway_side.install(identity, export_dir, now) == ["revocation list 2"]

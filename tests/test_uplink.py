@@ -23,6 +23,7 @@ from lab.mosquitto import Mosquitto, Pki, client_config, make_pki, start_mosquit
 from lab.site import Platform
 from provisioning.identity import Identity
 from tests.helpers import wait_for
+from uplink import forwarder as forwarder_module
 from uplink.forwarder import Forwarder
 
 pytestmark = pytest.mark.slow
@@ -177,3 +178,39 @@ def test_the_broker_certificate_is_verified(mosquitto: Mosquitto, pki: Pki,
         client.connect(mosquitto.host, mosquitto.port)
     del client
     gc.collect()
+
+
+def test_records_nobody_subscribes_to_are_kept_and_sent_again(
+    tmp_path: Path, pki: Pki, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker with no subscriber for the records (a platform whose consumers never
+    subscribed yet) answers PUBACK 0x10 'No matching subscribers' and keeps nothing: a
+    success to MQTT, not a delivery. The records stay queued and go out again until a
+    subscriber is there; none is lost (before: all of them were deleted)."""
+    broker = start_mosquitto(tmp_path / "mq", pki)
+    acked = AckedCounter()
+    gateway = Gateway(Config(tmp_path / "data", client_config(broker, pki, identity.gateway_id)),
+                      identity, on_acked=acked)
+    monkeypatch.setattr(forwarder_module, "NO_SUBSCRIBERS_RETRY_S", 0.5)  # scaled down
+    gateway.start()
+    verifier = None
+    try:
+        for i in range(50):
+            gateway.writer.submit(Reading("tag.presence", SRC, {"counter": i}, time.monotonic_ns()))
+        assert gateway.writer.flush()
+        wait_for(lambda: gateway.forwarder.stats.no_subscribers >= 50, 15,
+                 "PUBACKs saying nobody subscribes")
+        assert acked.count == 0  # nothing counted as delivered, nothing deleted
+        verifier = Platform(client_config(broker, pki, PLATFORM_CN), identity).start()
+        committed = gateway.writer.stats.committed
+        wait_for(lambda: verifier.summary()["received"] >= committed, 20,
+                 "every record, once a subscriber is there")
+    finally:
+        gateway.stop(drain_s=5)
+        if verifier is not None:
+            verifier.stop()
+        broker.stop()
+    summary = verifier.summary()
+    assert summary["chain_gaps"] == 0
+    assert summary["bad_signature"] == 0
+    assert acked.count >= committed

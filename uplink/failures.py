@@ -77,6 +77,7 @@ class Problem(enum.StrEnum):
     CONNACK = "connack"  # CONNACK: another refusal
     LOST = "lost"  # the connection went down
     PUBLISH_REFUSED = "publish_refused"  # a PUBACK refused records (the ACL)
+    NO_SUBSCRIBERS = "no_subscribers"  # a PUBACK said nobody subscribes: kept, sent again
     RECONNECTED = "reconnected"  # not a problem: the line saying it is over (gated too)
 
 
@@ -91,6 +92,7 @@ LABELS: dict[str, str] = {
     Problem.NOT_AUTHORIZED: "authentication refused", Problem.BROKER_BUSY: "broker busy",
     Problem.CONNACK: "refused by the broker", Problem.LOST: "connection lost",
     Problem.PUBLISH_REFUSED: "ACL refusal",
+    Problem.NO_SUBSCRIBERS: "no subscriber at the platform",
     # the gateway refusing its own TLS files (uplink/certs.py)
     CertProblem.CN_MISMATCH: "certificate: for another gateway",
     CertProblem.KEY_MISMATCH: "certificate: key mismatch",
@@ -409,6 +411,19 @@ class UplinkWatch:
                           "the gateway id); they stay queued",
                           again="uplink: the broker still refuses records",
                           line=f"{reason}; check the ACL for {topic}")
+
+    def no_subscribers(self, rows: int, topic: str, retry_s: float,
+                       now_ns: int) -> list[Action]:
+        """A PUBACK said no client subscribes to *topic* (MQTT 5 reason 0x10): the broker
+        kept nothing, so the *rows* records stay queued and go out again."""
+        return self._tell(Problem.NO_SUBSCRIBERS, now_ns, logging.WARNING,
+                          f"uplink: the broker has no subscriber for {topic} (PUBACK 'No "
+                          f"matching subscribers'): the platform's consumers have never "
+                          f"subscribed (start 'ingest consume' before the gateways); {rows} "
+                          f"records stay queued and go out again every {retry_s:.0f} s",
+                          again="uplink: still no subscriber at the platform; records stay "
+                                "queued",
+                          line=f"no subscriber for {topic}")
 
     # -- telling ---------------------------------------------------------------------------
     def _begin_outage(self, now_ns: int) -> _Outage:

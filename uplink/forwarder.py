@@ -111,6 +111,11 @@ TAKEOVER_KIND = "uplink.takeover"
 #: How often the TLS files are checked again (refused: whether they were fixed; running:
 #: whether they expire, changed, or trusted time now says they are not yet valid), seconds.
 CERT_CHECK_S = 15.0
+#: MQTT 5 PUBACK reason 0x10: no client subscribes to the topic, so the broker kept
+#: nothing — a success to MQTT, not a delivery to us: the records stay queued.
+NO_MATCHING_SUBSCRIBERS = 0x10
+#: After such a PUBACK, the queue is sent again from its oldest record this much later.
+NO_SUBSCRIBERS_RETRY_S = 30.0
 #: Files that changed since the last check are looked at again this much later before they
 #: are judged: a certificate and its key are replaced one after the other, seconds.
 CERT_SETTLE_S = 2.0
@@ -197,6 +202,7 @@ class UplinkStats:
     records_published: int = 0
     records_acked: int = 0
     refused: int = 0
+    no_subscribers: int = 0  # records a PUBACK said nobody subscribes to (kept, sent again)
     ignored_acks: int = 0
     connect_failures: int = 0
     taken_over: int = 0  # the broker said "session taken over" (0x8E)
@@ -258,6 +264,8 @@ class Forwarder:
         self._where = f"{broker.host}:{broker.port}"
         self._watch = UplinkWatch(self._where)
         self._check_ns = int(CERT_CHECK_S * 1e9)  # read here: tests scale it down
+        self._no_subscribers_retry_s = NO_SUBSCRIBERS_RETRY_S  # read here: tests scale it
+        self._resend_at_ns: int | None = None
         self._settle_ns = int(CERT_SETTLE_S * 1e9)
         self._seen_files: str | None = None  # the digest of the files at the last check
         self._next_check_ns: int | None = None
@@ -457,7 +465,8 @@ class Forwarder:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
         del client, userdata, properties
-        self._post(Published(mid, bool(reason.is_failure), str(reason)))
+        kept = bool(reason.is_failure) or getattr(reason, "value", 0) == NO_MATCHING_SUBSCRIBERS
+        self._post(Published(mid, kept, str(reason)))
 
     # -- the forwarder thread ---------------------------------------------------------
     def _run(self) -> None:
@@ -474,6 +483,7 @@ class Forwarder:
             self._wake.clear()
             self._drain_events()
             self._report_takeover()
+            self._resend_kept()
             self._fill_window()
             self._publish_state()
 
@@ -642,6 +652,14 @@ class Forwarder:
                 self.stats.records_acked += rows
                 if self.on_acked is not None:
                     self.on_acked(prio, list(seqs))
+            case Refused(rows=rows, reason=reason) if reason == "No matching subscribers":
+                self.stats.no_subscribers += rows
+                self.stats.last_error = "no subscriber at the platform: records kept"
+                now = self._now_ns()
+                if self._resend_at_ns is None:
+                    self._resend_at_ns = now + int(self._no_subscribers_retry_s * 1e9)
+                self._tell(self._watch.no_subscribers(rows, self._topic,
+                                                      self._no_subscribers_retry_s, now))
             case Refused(rows=rows, reason=reason):
                 self.stats.refused += rows
                 self.stats.last_error = f"broker refused records: {reason}"
@@ -649,6 +667,17 @@ class Forwarder:
                                                        self._now_ns()))
             case Ignored():
                 self.stats.ignored_acks += 1
+
+    def _resend_kept(self) -> None:
+        """Records a PUBACK said nobody subscribes to go out again from the oldest, once
+        the retry time came (as after a reconnect: in-flight forgotten, cursors rewound;
+        the platform de-duplicates by gateway and seq)."""
+        if self._resend_at_ns is None or self._now_ns() < self._resend_at_ns:
+            return
+        self._resend_at_ns = None
+        if self._delivery.connected:
+            self._delivery.connection_made()
+            self.idle.clear()
 
     def _fill_window(self) -> None:
         commits = self._commits
