@@ -1160,6 +1160,10 @@ def _diag_ports_arguments(cmd: argparse.ArgumentParser) -> None:
                      help=f"where udev's by-id links are (default {BY_ID_DIR})")
 
 
+#: The status of a command whose reader went away (128 + SIGPIPE, as a shell tool's).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.verbose, args.trace_serial = _global_options(args)
@@ -1170,6 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.command}: {exc}", file=sys.stderr)
         code: int = getattr(exc, "exit_code", EXIT_USER_ERROR)  # e.g. 3: decommissioned
         return code
+    except BrokenPipeError:  # '... | head' read enough: no traceback, as a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return result
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.mqtt import BrokerConfig
-from core.topics import PLATFORM_CN
+from core.topics import COMMAND_CN, PLATFORM_CN
 from lab.acked import AckedCounter
 from lab.mosquitto import BrokerError, client_config, make_pki, start_mosquitto
 from lab.simulators.kiosk import KioskSim
@@ -38,6 +38,7 @@ from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import IngestPlatform, PlatformError, Site
 from lab.swtpm import Swtpm, SwtpmError
 from provisioning.identity import Identity, create_identity
+from provisioning.renewal import RenewalPolicy
 
 log = logging.getLogger(__name__)
 #: Every demo run is a new gateway: this prefix and 8 random hex digits
@@ -75,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tpm", action="store_true",
                         help="keys in files instead of a software TPM (swtpm)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--scenario", choices=("basic", "supervision"), default="basic",
+                        help="basic: devices and records only (default); supervision: also "
+                             "the platform's signed commands: authorisations (one lapsing "
+                             "through a lab-only clock step), presence rules broken and "
+                             "kept, a late return from leave, a night spot check, a forged "
+                             "and a replayed command (lab/scenario_supervision.py)")
 
 
 def demo_gateway_id() -> str:
@@ -124,17 +131,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _brokers(broker: tuple[str, int] | None, tmp: Path, stack: contextlib.ExitStack,
-             gateway_id: str) -> tuple[BrokerConfig, BrokerConfig]:
-    """(the gateway's, the platform's) connection: to *broker* in plain MQTT, or to a
-    private mosquitto with mTLS and the production ACL."""
+             gateway_id: str) -> tuple[BrokerConfig, BrokerConfig, BrokerConfig]:
+    """(the gateway's, the platform's, the command publisher's) connection: to *broker* in
+    plain MQTT, or to a private mosquitto with mTLS and the production ACL."""
     if broker is not None:
         plain = BrokerConfig(*broker, tls=False)
-        return plain, plain
+        return plain, plain, plain
     pki = make_pki(tmp / "pki")
     mosq = start_mosquitto(tmp / "mosquitto", pki)
     stack.callback(mosq.stop)
     print(f"demo: mosquitto with mTLS on {mosq.host}:{mosq.port}", file=sys.stderr)
-    return client_config(mosq, pki, gateway_id), client_config(mosq, pki, PLATFORM_CN)
+    return (client_config(mosq, pki, gateway_id), client_config(mosq, pki, PLATFORM_CN),
+            client_config(mosq, pki, COMMAND_CN))
 
 
 def _swtpm(tmp: Path, stack: contextlib.ExitStack) -> str | None:
@@ -159,15 +167,22 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     stack.callback(identity.close)
     print(f"demo: identity key {identity.kid} ({identity.key.alg}, class "
           f"{identity.key_class}), suite {identity.suite.name}", file=sys.stderr)
-    gw_broker, plat_broker = _brokers(broker, tmp, stack, gateway_id)
+    gw_broker, plat_broker, cmd_broker = _brokers(broker, tmp, stack, gateway_id)
     platform = demo_platform(plat_broker, identity, f"sqlite:///{tmp / 'platform.db'}",
                              private=broker is None).start()
     stack.callback(platform.stop)
     acked = AckedCounter()
-    site = Site(tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S,
-                on_acked=acked, runtime_dir=tmp / "run")
+    scenario = None
+    if args.scenario == "supervision":
+        from lab.scenario_supervision import Supervised
+        scenario = Supervised(tmp, identity, platform.db_url, cmd_broker)
+    site = (scenario.make_site if scenario else Site)(
+        tmp, identity, gw_broker, health_interval_s=DEMO_HEALTH_INTERVAL_S, on_acked=acked,
+        runtime_dir=tmp / "run",
+        renewal=RenewalPolicy(enabled=False))  # no enrolment service to renew with
     stack.callback(site.close, 2.0)
     tags = [SimTag(0x1000 + i, secrets.token_bytes(16)) for i in range(args.tags)]
+    tags += scenario.tags if scenario else []
     tag_sim = site.tag_receiver(tags, "TR-DEMO-0001")
     kiosk = site.kiosk("KI-DEMO-0001")
     gnss = "no GNSS" if args.no_gnss else \
@@ -177,7 +192,12 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     print(f"demo: its state: python gateway.py status --watch --runtime-dir {tmp / 'run'}",
           file=sys.stderr)
     drive = _Drive(site, platform, tag_sim, kiosk, args.rate)
+    if scenario:
+        drive.silent = scenario.silent
+        scenario.start(site)
     elapsed = drive.run(args.duration)
+    if scenario:
+        scenario.finish()
     drained = _drain(site, platform, drive, acked)
     out = _summary(site, platform, drive, published=acked.count, elapsed=elapsed,
                    drained=drained)
@@ -187,6 +207,9 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
           and out["conflicts"] == 0
           and out["beacons_acked"] == drive.beacons
           and out["kinds"].get("checkin", 0) == drive.checkins)
+    if scenario:
+        out.update(scenario.counts(out["kinds"]))
+        ok = ok and not scenario.problems(out)
     human = sys.stderr if args.json else sys.stdout  # --json: one JSON object on stdout
     print(
         f"demo summary: {drive.beacons} beacons sent, {out['beacons_acked']} acked by the "
@@ -197,7 +220,8 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
         f"-> {'OK' if ok else 'PROBLEM'}", file=human,
     )
     if not ok:
-        for reason in why_problem(out, drive.beacons, drive.checkins, platform):
+        for reason in why_problem(out, drive.beacons, drive.checkins, platform) + (
+                scenario.problems(out) if scenario else []):
             print(f"  {reason}", file=human)
     if args.json:
         print(json.dumps(out, sort_keys=True))
@@ -252,6 +276,7 @@ class _Drive:
         self.beacons = 0
         self.checkins = 0
         self.pause = threading.Event()
+        self.silent: set[int] = set()  # tag ids not beaconing for now (a scenario's)
 
     def run(self, duration: float | None) -> float:
         """Until *duration* seconds have passed (or Ctrl-C); the time it ran."""
@@ -261,7 +286,9 @@ class _Drive:
             while duration is None or time.monotonic() - start < duration:
                 target = int((time.monotonic() - start) * self.rate)
                 while self.beacons < target:
-                    tags = self.tag_sim.tags
+                    tags = [t for t in self.tag_sim.tags if t.tag_id not in self.silent]
+                    if not tags:
+                        break
                     self.tag_sim.send_beacon(tags[self.beacons % len(tags)])
                     self.beacons += 1
                 if time.monotonic() - start >= next_second:

@@ -31,6 +31,7 @@ from lab.wire import Damage
 from provisioning.identity import Identity
 from provisioning.kiosks import KIOSK_KEY_BYTES, open_kiosks
 from provisioning.registry import open_registry
+from provisioning.renewal import RenewalPolicy
 from uplink.forwarder import AckHook
 
 #: A broker no gateway reaches: records stay in the store (the discard port on loopback).
@@ -68,8 +69,10 @@ class Site:
 
     def __init__(self, workdir: Path, identity: Identity, broker: BrokerConfig, *,
                  health_interval_s: float = HEALTH_INTERVAL_S,
-                 on_acked: AckHook | None = None, runtime_dir: Path | None = None) -> None:
+                 on_acked: AckHook | None = None, runtime_dir: Path | None = None,
+                 renewal: RenewalPolicy | None = None) -> None:
         self.workdir = workdir
+        self.renewal = renewal  # [enrolment] (None: the default)
         self.runtime_dir = runtime_dir  # the state file for 'gateway.py status' (None: none)
         self.identity = identity
         self.broker = broker
@@ -121,7 +124,8 @@ class Site:
         """The configuration an installer would write for these devices."""
         return Config(self.workdir / "data", self.broker, devices=list(self.devices),
                       gnss=self.gnss_section, identity_dir=self.identity.directory,
-                      runtime_dir=self.runtime_dir)
+                      runtime_dir=self.runtime_dir,
+                      renewal=self.renewal if self.renewal is not None else RenewalPolicy())
 
     def start(self) -> Gateway:
         self._gateway = Gateway(self.config, self.identity,
