@@ -73,7 +73,13 @@ from core.record import (  # noqa: E402
     Source,
 )
 from core.suites import SoftwareKey  # noqa: E402
-from lab.mosquitto import Mosquitto, Pki, make_pki, start_mosquitto  # noqa: E402
+from lab.mosquitto import (  # noqa: E402
+    Mosquitto,
+    Pki,
+    make_pki,
+    records_sink,
+    start_mosquitto,
+)
 from provisioning.identity import Identity, create_identity  # noqa: E402
 from uplink.forwarder import BATCH_BYTES, BATCH_RECORDS, Forwarder  # noqa: E402
 
@@ -305,7 +311,8 @@ def environment(workdir: Path, progress: Progress, suite: str = "ed25519") -> It
         files = pki.client(GATEWAY_ID)  # the client cert's CN is the gateway id (ACL)
         config = BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
                               str(files.key))
-        yield Env(workdir, pki, broker, identity, config, progress, identity.session_key())
+        with records_sink(broker, pki):  # the platform's side, subscribed: PUBACKs mean kept
+            yield Env(workdir, pki, broker, identity, config, progress, identity.session_key())
     finally:
         broker.stop()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.mqtt import BrokerConfig
-from core.topics import PLATFORM_CN, broker_acl
+from core.topics import PLATFORM_CN, TOPIC_ROOT, broker_acl
 from provisioning.pki import Authority, CertFiles, issue_to, make_authority, write_ca
 
 STARTUP_TIMEOUT_S = 15.0
@@ -154,6 +154,36 @@ def client_config(broker: Mosquitto, pki: Pki, cn: str) -> BrokerConfig:
     files = pki.client(cn)
     return BrokerConfig(broker.host, broker.port, str(pki.ca_file), str(files.cert),
                         str(files.key))
+
+
+@contextlib.contextmanager
+def records_sink(broker: Mosquitto, pki: Pki, timeout_s: float = 15.0) -> Iterator[list[int]]:
+    """A platform client subscribed (QoS 1) to every gateway's records, taking what comes
+    and verifying nothing: for benches and tests of the gateway side. Without a
+    subscriber the broker keeps nothing and answers PUBACK 0x10, which the gateway's
+    uplink does not count as a delivery (docs/uplink-troubleshooting.md). Yields a
+    one-element list: the messages taken so far."""
+    from core.mqtt import make_client
+
+    taken = [0]
+    subscribed = threading.Event()
+    client = make_client(PLATFORM_CN, client_config(broker, pki, PLATFORM_CN))
+
+    def on_message(*_args: object) -> None:
+        taken[0] += 1
+
+    client.on_connect = lambda c, *_a: c.subscribe(f"{TOPIC_ROOT}/+/records", qos=1)
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        if not subscribed.wait(timeout_s):
+            raise RuntimeError(f"records_sink: not subscribed within {timeout_s:.0f} s")
+        yield taken
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,16 @@ from buffer.store import store_path
 from core import mqtt as mqtt_settings
 from core.mqtt import BrokerConfig
 from core.record import Reading, Source
-from lab.mosquitto import Mosquitto, Pki, free_port, make_pki, start_mosquitto
+from core.topics import PLATFORM_CN
+from lab.mosquitto import (
+    Mosquitto,
+    Pki,
+    client_config,
+    free_port,
+    make_pki,
+    start_mosquitto,
+)
+from lab.site import Platform
 from provisioning.identity import Identity
 from provisioning.pki import (
     CertFiles,
@@ -141,9 +150,12 @@ def test_a_bad_certificate_is_refused_once_and_recording_goes_on(
 def test_a_renewed_certificate_is_taken_without_a_restart(
     tmp_path: Path, pki: Pki, *, mosquitto: Mosquitto, identity: Identity,
     run_gateway: Callable[[BrokerConfig], Gateway], caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.INFO)
+    # a platform subscribed: a record nobody subscribes to is not acknowledged as delivered
+    platform = Platform(client_config(mosquitto, pki, PLATFORM_CN), identity).start()
+    request.addfinalizer(platform.stop)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(str(tmp_path / "notify"))
         systemd.settimeout(15)
@@ -229,9 +241,11 @@ def test_a_dead_broker_is_said_at_once_and_the_reconnection_too(
 ) -> None:
     caplog.set_level(logging.INFO)
     port = free_port()
+    t0 = time.time()
     gateway = run_gateway(_config(port, pki, pki.client(identity.gateway_id)))
     wait_for(lambda: gateway.forwarder.stats.failed_attempts >= 2, 15, "two failed attempts")
     lines = _lines(caplog, "uplink cannot connect")
+    assert _first_at(caplog, "uplink cannot connect") - t0 <= SAID_WITHIN_S  # the issue's
     assert lines == [f"uplink cannot connect: nothing accepts connections at 127.0.0.1:{port} "
                      "(connection refused): check that the broker runs and [broker] host and "
                      "port (its TLS port, usually 8883); retrying (records are kept in the "
@@ -254,10 +268,12 @@ def test_a_wrong_ca_file_is_said_at_once(
 ) -> None:
     caplog.set_level(logging.INFO)
     rogue = make_pki(tmp_path / "rogue")
+    t0 = time.time()
     gateway = run_gateway(_config(mosquitto, pki, pki.client(identity.gateway_id),
                                   ca_file=rogue.ca_file))
     wait_for(lambda: gateway.forwarder.stats.failed_attempts >= 2, 15, "two failed attempts")
     lines = _lines(caplog, "uplink cannot connect")
+    assert _first_at(caplog, "uplink cannot connect") - t0 <= SAID_WITHIN_S  # the issue's
     assert len(lines) == 1
     assert f"the broker at 127.0.0.1:{mosquitto.port} is not trusted" in lines[0]
     assert f"ca_file {rogue.ca_file}" in lines[0]
@@ -273,9 +289,11 @@ def test_a_client_certificate_the_broker_refuses_is_said(
 ) -> None:
     caplog.set_level(logging.INFO)
     rogue = make_pki(tmp_path / "rogue")
+    t0 = time.time()
     gateway = run_gateway(_config(mosquitto, pki, rogue.client(identity.gateway_id)))
     wait_for(lambda: gateway.forwarder.stats.failed_attempts >= 2, 15, "two failed attempts")
     lines = _lines(caplog, "uplink cannot connect")
+    assert _first_at(caplog, "uplink cannot connect") - t0 <= SAID_WITHIN_S  # the issue's
     assert len(lines) == 1
     assert "refused this gateway's certificate (" in lines[0]
     assert gateway.status()["uplink"] == "retrying: cert_refused"
@@ -290,9 +308,11 @@ def test_a_broker_certificate_for_another_name_is_said(
         pki.ca, "broker", names=("broker.invalid",)))
     elsewhere = Pki(tmp_path / "srv", pki.ca, pki.ca_file, server)
     with _broker(tmp_path / "mq", elsewhere) as broker:
+        t0 = time.time()
         gateway = run_gateway(_config(broker, pki, pki.client(identity.gateway_id)))
         wait_for(lambda: gateway.forwarder.stats.failed_attempts >= 1, 15, "a failed attempt")
     lines = _lines(caplog, "uplink cannot connect")
+    assert _first_at(caplog, "uplink cannot connect") - t0 <= SAID_WITHIN_S  # the issue's
     assert len(lines) == 1
     assert "the broker's certificate is not for the host dialled" in lines[0]
     assert gateway.status()["uplink"] == "retrying: broker_name"
@@ -305,15 +325,27 @@ def test_a_connack_refusal_is_said_once(
     caplog.set_level(logging.INFO)
     # a broker that refuses every client id not starting with "platform-" (CONNACK 0x87)
     with _broker(tmp_path / "mq", pki, extra_conf=["clientid_prefixes platform-"]) as broker:
+        t0 = time.time()
         gateway = run_gateway(_config(broker, pki, pki.client(identity.gateway_id)))
         wait_for(lambda: gateway.forwarder.stats.failed_attempts >= 2, 15,
                  "two refused attempts")
     lines = _lines(caplog, "uplink cannot connect")
+    assert _first_at(caplog, "uplink cannot connect") - t0 <= SAID_WITHIN_S  # the issue's
     assert lines == [f"uplink cannot connect: the broker at 127.0.0.1:{broker.port} refused the "
                      "connection: Not authorized (CONNACK 0x87): the platform must allow this "
                      f"gateway (gw-{identity.gateway_id}, its certificate's CN) on the broker: "
                      "user, ACL, ban list; retrying (records are kept in the store meanwhile)"]
     assert gateway.status()["uplink"] == "retrying: not_authorized"
+
+
+#: Issue 13: each uplink failure cause is logged within this many seconds (production
+#: timing: the first attempt is made at start and its failure said at once).
+SAID_WITHIN_S = 5.0
+
+
+def _first_at(caplog: pytest.LogCaptureFixture, text: str) -> float:
+    """When the first log line holding *text* was made (time.time())."""
+    return min(r.created for r in caplog.records if text in r.getMessage())
 
 
 class _broker:  # noqa: N801 (a context manager read as a function)
