@@ -304,6 +304,10 @@ class Gateway:
                                        region=self.config.region,
                                        supervision=self.supervision)
         self.commands.listen(self.forwarder)
+        from app import diag_command  # request-diag (imports app.diag, which imports this)
+
+        diag_command.serve(self.identity.gateway_id, self.config, lambda topic, data: (
+            self.forwarder.client.publish(topic, data, qos=1).rc == 0))
         self.health_interval_s = load_settings(self.data_dir).get(
             "health_interval_s", self.health_interval_s)
         self.pipeline.start()

@@ -363,7 +363,7 @@ def _broker(args: argparse.Namespace) -> BrokerConfig:
     return BrokerConfig(host, int(port), str(args.ca), str(args.tls_cert), str(args.tls_key))
 
 
-def body_of(args: argparse.Namespace, db: Database) -> dict[str, JSON]:
+def body_of(args: argparse.Namespace, db: Database) -> dict[str, JSON]:  # noqa: PLR0911
     """The body of the kind the arguments name (device keys sealed to the gateway)."""
     kind, gw = args.kind, args.gw
     if kind == "pair-tag":
@@ -390,6 +390,10 @@ def body_of(args: argparse.Namespace, db: Database) -> dict[str, JSON]:
         return {"serial": _serial(args.serial)}
     if kind in SUPERVISION_KINDS:
         return supervision_body(args)
+    if kind == "request-diag":
+        from central import diag_command
+
+        return diag_command.body_of(args)
     body = {"key": args.setting, "value": args.value}
     if args.tag is not None:
         body["tag"] = _tag(args.tag)
@@ -534,6 +538,10 @@ def run(args: argparse.Namespace) -> int:
             _check_body(args, body)
             issued = issue(db, signer, cert, args.gw, kind=args.kind, body=body,
                            valid_ms=args.valid_for * 1000, created_by=args.by)
+            if issued.kind == "request-diag" and not args.no_wait:
+                from central import diag_command
+
+                return diag_command.run_request(args, broker, db, issued)
         after = last_answer_seq(db, issued.gw)
         started = time.monotonic()
         publish(broker, issued)
@@ -643,6 +651,9 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     sc.add_argument("--value", required=True, type=int, help="its new value")
     sc.add_argument("--tag", help="the tag, for a tag's setting")
     _supervision_parsers(kinds)
+    from central import diag_command
+
+    diag_command.add_parser(kinds)
     rs = kinds.add_parser("resend", help="publish an unanswered command again (signed anew "
                                          "at the same cseq if it expired)")
     rs.add_argument("--cseq", required=True, type=int, help="which")

@@ -60,6 +60,7 @@ from core.devices import (
     MIN_ABSENT_AFTER_S,
     TAG_REF_RE,
 )
+from core.diag_transfer import DiagBodyError, RequestDiag, validate_request_diag
 from core.record import JSON, MAX_INT, b64u, canonical, has_float, unb64u
 from core.suites import SIGNATURE_ALGS, Signer, Verifier, key_id
 from core.supervision import BODY_PARSERS as SUPERVISION_PARSERS
@@ -462,9 +463,17 @@ def _supervision(kind: str) -> Validator:
     return validate
 
 
+def _request_diag(body: Mapping[str, Any], _ctx: BodyContext) -> RequestDiag:
+    """core/diag_transfer.py's validator (``include_personal`` is always refused)."""
+    try:
+        return validate_request_diag(body)
+    except DiagBodyError as exc:
+        raise BodyError(exc.field, exc.why) from None
+
+
 #: The kinds this gateway knows, by name (docs/commands.md, "The kinds"); the supervision
-#: kinds' bodies are core/supervision.py's (docs/supervision.md). ``request-diag`` is not
-#: served yet.
+#: kinds' bodies are core/supervision.py's (docs/supervision.md); ``request-diag``'s
+#: core/diag_transfer.py's.
 KINDS: dict[str, KindSpec] = {
     "pair-tag": KindSpec("pair-tag", _pair_tag, secret=True),
     "unpair-tag": KindSpec("unpair-tag", _unpair_tag),
@@ -472,6 +481,7 @@ KINDS: dict[str, KindSpec] = {
     "unpair-kiosk": KindSpec("unpair-kiosk", _unpair_kiosk),
     "set-config": KindSpec("set-config", _set_config),
     **{kind: KindSpec(kind, _supervision(kind)) for kind in SUPERVISION_PARSERS},
+    "request-diag": KindSpec("request-diag", _request_diag),
 }
 
 

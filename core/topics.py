@@ -44,6 +44,13 @@ def commands_topic(gateway_id: str) -> str:
     return f"{TOPIC_ROOT}/{gateway_id}/cmd"
 
 
+def diag_topic(gateway_id: str, request: str) -> str:
+    """Where a gateway sends the chunks of the diagnostic bundle the platform asked for
+    (``request-diag``, docs/commands.md): written by that gateway alone, read by the
+    platform's command publisher (which asked)."""
+    return f"{TOPIC_ROOT}/{gateway_id}/diag/{request}"
+
+
 def enrol_request_topic(client_id: str) -> str:
     """Where the client *client_id* publishes its enrolment request."""
     return f"{ENROL_ROOT}/{client_id}/request"
@@ -66,6 +73,7 @@ def broker_acl(platform_user: str = PLATFORM_CN, *, enrol_user: str = ENROL_CN,
         f"pattern write {status_topic('%u')}",
         f"pattern write {check_topic('%u')}",
         f"pattern read {commands_topic('%u')}",
+        f"pattern write {diag_topic('%u', '+')}",
         "# enrolment (and renewal): under the client's own id",
         f"pattern write {enrol_request_topic('%c')}",
         f"pattern read {enrol_answer_topic('%c')}",
@@ -78,6 +86,7 @@ def broker_acl(platform_user: str = PLATFORM_CN, *, enrol_user: str = ENROL_CN,
         "# reads its own (above) and writes none",
         f"user {command_user}",
         f"topic write {commands_topic('+')}",
+        f"topic read {diag_topic('+', '+')}",
         "",
         f"user {enrol_user}",
         f"topic read {enrol_request_topic('+')}",

@@ -198,7 +198,7 @@ def command_vectors() -> dict[str, JSON]:
          None),
         ("taken_without_trusted_time", command("unpair-tag", {"tag": TAG}), "apply",
          {"trusted_now_ms": None, "floor_ms": NOW - DAY}, None),
-        ("unknown_kind", command("request-diag", {}), "unknown_kind", {}, None),
+        ("unknown_kind", command("reboot-now", {}), "unknown_kind", {}, None),
         ("key_in_clear", command("pair-tag", {"key": TAG_KEY.hex(), "tag": TAG}), "bad_body",
          {}, "key"),
         ("key_for_another_tag", command("pair-tag", {"key": wrong_tag, "tag": TAG}),

@@ -318,7 +318,7 @@ def test_a_device_key_decrypts_only_for_its_gateway_and_device(keys: Keys) -> No
 
 
 def test_unknown_kinds_and_every_reason_listed(keys: Keys) -> None:
-    got = check(keys, make(keys, kind="request-diag", body={}))
+    got = check(keys, make(keys, kind="reboot-now", body={}))
     assert reason(got) == "unknown_kind"
     assert isinstance(got, Refusal)
     assert got.consumes
@@ -555,7 +555,7 @@ def test_each_bad_command_is_refused_with_its_reason_record(lab: Lab, tmp_path: 
             (signed(cseq=1, body={"tag": "T00000001"}), "replayed", False),
             (signed(cseq=9), "out_of_order", False),
             (signed(issued_at_ms=now - 2 * DAY, not_after_ms=now - DAY), "expired", True),
-            (signed(cseq=3, kind="request-diag", body={}), "unknown_kind", True),
+            (signed(cseq=3, kind="reboot-now", body={}), "unknown_kind", True),
             (signed(cseq=4, kind="set-config", body={"key": "health_interval_s",
                                                      "value": 1}), "bad_body", True),
             (signed(cseq=5, kind="pair-tag", body={"tag": TAG, "key": box.seal(
@@ -846,7 +846,7 @@ def test_noise_refusals_are_recorded_at_a_bounded_rate(offline: Offline) -> None
     assert commands is not None
     assert commands.stats.suppressed == 5
     # the next record says how many were left out; a consuming refusal is always recorded
-    late = offline.answered(offline.command("request-diag", {}))
+    late = offline.answered(offline.command("reboot-now", {}))
     assert late["body"]["reason"] == "unknown_kind"
     assert late["body"]["suppressed"] == 5
 
