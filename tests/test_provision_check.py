@@ -26,7 +26,7 @@ from app import check
 from app.state import STATE_FILE, daemon_alive, read_state, write_state
 from core.clock import BUILD_FLOOR_MS
 from core.topics import PLATFORM_CN, broker_acl
-from lab.mosquitto import Mosquitto, Pki
+from lab.mosquitto import Mosquitto, Pki, records_sink
 from lab.simulators.gnss import fix_sentences
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.pty import PtySim
@@ -178,9 +178,17 @@ def fails(items: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 # -- a good installation, then a tag that is not heard ------------------------------------------
+@pytest.fixture
+def subscribed(mosquitto: Mosquitto, pki: Pki) -> Iterator[None]:
+    """The platform's side subscribed to the records (else the broker keeps nothing and
+    the gateway delivers nothing: PUBACK 0x10)."""
+    with records_sink(mosquitto, pki):
+        yield
+
+
 def test_a_good_installation_passes_and_a_silent_tag_fails_with_its_line(
     tmp_path: Path, pki: Pki, mosquitto: Mosquitto, *, daemons: list[Daemon],
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, subscribed: None,
 ) -> None:
     inst = install(tmp_path / "site", pki, "gw-check-good", mosquitto.port, capsys)
     tags = [SimTag(0x2001, bytes([1]) * 16), SimTag(0x2002, bytes([2]) * 16)]
