@@ -45,7 +45,7 @@ def swtpm_binary() -> str:
     return found
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port P with P and P + 1 both free on loopback now (swtpm may still lose the race:
     :meth:`Swtpm.start` retries)."""
     for _ in range(50):
@@ -86,7 +86,7 @@ class Swtpm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         why = ""
         for _ in range(PORT_ATTEMPTS if self._fixed_port is None else 1):
-            port = self._fixed_port or _free_port_pair()
+            port = self._fixed_port or free_port_pair()
             why = self._try_start(binary, port)
             if not why:
                 return self

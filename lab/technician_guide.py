@@ -67,7 +67,14 @@ from core.clock import kernel_clock_synced
 from core.errors import UserError
 from drivers.nmea import Fix, NmeaReader
 from lab import background
-from lab.mosquitto import Mosquitto, Pki, make_pki, mosquitto_binary, start_mosquitto
+from lab.mosquitto import (
+    Mosquitto,
+    Pki,
+    make_pki,
+    mosquitto_binary,
+    records_sink,
+    start_mosquitto,
+)
 from provisioning.identity import atomic_write
 from provisioning.pki import issue_custom
 
@@ -269,6 +276,7 @@ class Run:
         self.section = "site"
         self.background: list[Background] = []
         self.broker: Mosquitto | None = None
+        self.sink: contextlib.AbstractContextManager[list[int]] | None = None
         self.pki: Pki | None = None
         self.sims: dict[str, Background] = {}
         self.daemon: Background | None = None
@@ -360,6 +368,8 @@ class Run:
     def stop_all(self) -> None:
         for proc in reversed(self.background):
             proc.stop()
+        if self.sink is not None:
+            self.sink.__exit__(None, None, None)
         if self.broker is not None:
             self.broker.stop()
 
@@ -408,6 +418,9 @@ class Run:
         shutil.copy(self.pki.ca_file, identity / "ca.crt")
         self.broker = start_mosquitto(root / "broker", self.pki)
         self.g.facts["broker_port"] = self.broker.port
+        # the platform's side, subscribed (it reconnects when the broker comes back)
+        self.sink = records_sink(self.broker, self.pki)
+        self.sink.__enter__()
 
         # the keys the tag and the kiosk came with
         _private(root / "tag.key", secrets.token_bytes(16).hex() + "\n")
@@ -743,7 +756,7 @@ class Run:
                      "the receiver nearer the middle of the home (or add one) and walk "
                      "again: a higher threshold only hides the gaps. The result is a record "
                      "the platform receives.")
-        found = re.search(r"give --absent-after (\d+)", walk.output)
+        found = re.search(r"--absent-after (\d+)", walk.output)
         if found is None:
             raise self.fail(f"range-test recommended no threshold:\n{walk.output}")
         self.gw("apply the recommended threshold", "provision", "pair-tag", "--identity-dir",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.diag import render
-from lab.swtpm import Swtpm
+from lab.swtpm import Swtpm, free_port_pair
 from provisioning.identity import TPM_ENV, create_identity
 from tests.helpers import plaintext_config
 
@@ -111,7 +111,7 @@ def test_a_moved_tpm_is_named_and_smartcorr_tpm_overrides_it(
     create_identity(ident, "gw-cli-0002", tpm=tpm.tcti).close()
     old = tpm.tcti
     tpm.stop()
-    moved = Swtpm(tmp_path / "tpm", port=free_port()).start()  # same TPM, another port
+    moved = Swtpm(tmp_path / "tpm", port=free_port_pair()).start()  # same TPM, another port
     try:
         assert moved.tcti != old
         for args in (("provision", "list-tags", "--identity-dir", str(ident)),
@@ -135,7 +135,7 @@ def test_a_moved_tpm_is_named_and_smartcorr_tpm_overrides_it(
 
 
 def test_a_lab_tpm_keeps_its_port(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_port_pair()  # swtpm's control channel is the port + 1
     with Swtpm(tmp_path / "tpm", port=port) as tpm:
         assert tpm.tcti == f"swtpm:host=127.0.0.1,port={port}"
     with Swtpm(tmp_path / "tpm", port=port) as tpm:  # restarted: the same address

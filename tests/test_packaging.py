@@ -676,7 +676,7 @@ def test_daemon_runs_under_the_units_syscall_filter(
     import signal
     import socket
 
-    from lab.mosquitto import Mosquitto, Pki
+    from lab.mosquitto import Mosquitto, Pki, records_sink
     from provisioning.identity import create_identity
     from tests.helpers import wait_for
 
@@ -690,6 +690,10 @@ def test_daemon_runs_under_the_units_syscall_filter(
     families = re.search(r"^RestrictAddressFamilies=(.*)$", unit_text, re.MULTILINE)
     assert families is not None
     tcti = request.getfixturevalue("swtpm").tcti if keys == "tpm" else None
+    # the platform's side subscribed: a record nobody subscribes to is not delivered
+    sink = records_sink(mosquitto, pki)
+    sink.__enter__()
+    request.addfinalizer(lambda: sink.__exit__(None, None, None))
     identity = create_identity(tmp_path / "identity", "gw-seccomp-0001", tpm=tcti)
     assert identity.key_class == keys
     files = pki.client(identity.gateway_id)

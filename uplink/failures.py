@@ -420,7 +420,7 @@ class UplinkWatch:
                           f"uplink: the broker has no subscriber for {topic} (PUBACK 'No "
                           f"matching subscribers'): the platform's consumers have never "
                           f"subscribed (start 'ingest consume' before the gateways); {rows} "
-                          f"records stay queued and go out again every {retry_s:.0f} s",
+                          f"records stay queued and go out again (every {retry_s:.0f} s at most)",
                           again="uplink: still no subscriber at the platform; records stay "
                                 "queued",
                           line=f"no subscriber for {topic}")

@@ -114,7 +114,10 @@ CERT_CHECK_S = 15.0
 #: MQTT 5 PUBACK reason 0x10: no client subscribes to the topic, so the broker kept
 #: nothing — a success to MQTT, not a delivery to us: the records stay queued.
 NO_MATCHING_SUBSCRIBERS = 0x10
-#: After such a PUBACK, the queue is sent again from its oldest record this much later.
+#: After such a PUBACK, the queue is sent again from its oldest record: first this much
+#: later, then twice as long each time up to :data:`NO_SUBSCRIBERS_RETRY_S` (a platform
+#: whose consumers reconnect after a broker restart is caught up within seconds).
+NO_SUBSCRIBERS_FIRST_RETRY_S = 2.0
 NO_SUBSCRIBERS_RETRY_S = 30.0
 #: Files that changed since the last check are looked at again this much later before they
 #: are judged: a certificate and its key are replaced one after the other, seconds.
@@ -265,6 +268,8 @@ class Forwarder:
         self._watch = UplinkWatch(self._where)
         self._check_ns = int(CERT_CHECK_S * 1e9)  # read here: tests scale it down
         self._no_subscribers_retry_s = NO_SUBSCRIBERS_RETRY_S  # read here: tests scale it
+        self._no_subscribers_delay_s = min(NO_SUBSCRIBERS_FIRST_RETRY_S,
+                                           self._no_subscribers_retry_s)
         self._resend_at_ns: int | None = None
         self._settle_ns = int(CERT_SETTLE_S * 1e9)
         self._seen_files: str | None = None  # the digest of the files at the last check
@@ -650,6 +655,8 @@ class Forwarder:
             case Delete(prio=prio, lo=lo, hi=hi, rows=rows, seqs=seqs):
                 self._writer.delete_range(int(prio), lo, hi, rows)
                 self.stats.records_acked += rows
+                self._no_subscribers_delay_s = min(NO_SUBSCRIBERS_FIRST_RETRY_S,
+                                                   self._no_subscribers_retry_s)
                 if self.on_acked is not None:
                     self.on_acked(prio, list(seqs))
             case Refused(rows=rows, reason=reason) if reason == "No matching subscribers":
@@ -657,7 +664,9 @@ class Forwarder:
                 self.stats.last_error = "no subscriber at the platform: records kept"
                 now = self._now_ns()
                 if self._resend_at_ns is None:
-                    self._resend_at_ns = now + int(self._no_subscribers_retry_s * 1e9)
+                    self._resend_at_ns = now + int(self._no_subscribers_delay_s * 1e9)
+                    self._no_subscribers_delay_s = min(self._no_subscribers_delay_s * 2,
+                                                       self._no_subscribers_retry_s)
                 self._tell(self._watch.no_subscribers(rows, self._topic,
                                                       self._no_subscribers_retry_s, now))
             case Refused(rows=rows, reason=reason):
