@@ -58,6 +58,7 @@ from cryptography import x509
 from core.errors import UserError
 from core.topics import BOOTSTRAP_USER, COMMAND_CN, ENROL_CN, PLATFORM_CN, broker_acl
 from lab import background
+from lab.markdown import Cut, fence, keep_dir_problem, write_private
 from lab.mosquitto import free_port, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +71,9 @@ BEACON_INTERVAL_S = 0.25
 #: Bounds on what is awaited (events are awaited, never slept on), seconds.
 STEP_TIMEOUT_S = 60.0
 WAIT_S = 20.0
-#: Output longer than this many lines is shown as its head and tail.
-MAX_LINES = 24
-KEEP_HEAD, KEEP_TAIL = 10, 8
-#: Lines longer than this are cut in the transcript (a JSON report, a PEM).
-MAX_LINE_CHARS = 600
+#: Output longer than 24 lines is shown as its head and tail; lines longer than 600
+#: characters (a JSON report, a PEM) are cut.
+CUT = Cut(lines=24, chars=600, head=10, tail=8)
 #: What ``$FLOW`` stands for in the transcript.
 FLOW_VAR = "$FLOW"
 
@@ -407,7 +406,7 @@ class Flow:
         kit = self.root / "kit"  # the installer's kit
         kit.mkdir()
         (kit / "broker-ca.crt").write_bytes((ca_dir / "ca.crt").read_bytes())
-        _private(kit / "bootstrap.pass", self.bootstrap_password + "\n")
+        write_private(kit / "bootstrap.pass", self.bootstrap_password + "\n")
         self.token_file = p / "claim-1.token"
         self.ingest("a one-time claim token for the installer", "ca", "claim", "--db",
                     self.db_url, "--ttl", "15m", "--out", str(self.token_file))
@@ -424,7 +423,7 @@ class Flow:
         acl = directory / "smartcorr.acl"
         acl.write_text(broker_acl(PLATFORM_CN))
         passwd = directory / "bootstrap.passwd"
-        _private(passwd, f"{BOOTSTRAP_USER}:{self.bootstrap_password}\n")
+        write_private(passwd, f"{BOOTSTRAP_USER}:{self.bootstrap_password}\n")
         tool = mosquitto_binary().replace("/sbin/mosquitto", "/bin/mosquitto_passwd")
         subprocess.run([tool if Path(tool).exists() else "mosquitto_passwd", "-U",
                         str(passwd)], check=True, capture_output=True)
@@ -489,7 +488,7 @@ class Flow:
         """The tag receiver (the simulator on a pty, under a by-id name) and its tag's key."""
         d = self.gw_dir(gw)
         key = d / f"tag-{tag}.key"  # delivered with the tag
-        _private(key, secrets.token_bytes(16).hex() + "\n")
+        write_private(key, secrets.token_bytes(16).hex() + "\n")
         link = d / "by-id" / "usb-SmartCorr_TagRx_0001-if00"
         link.parent.mkdir(parents=True, exist_ok=True)
         args = ["tag", "--pty", "--link", str(link), "--key-file", str(key), "--tag", tag,
@@ -868,12 +867,6 @@ class Flow:
         self._signal_step("stop the broker", self.broker, signal.SIGTERM, wait=True)
 
 
-def _private(path: Path, text: str) -> None:
-    """A new file of mode 0600 holding *text*."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
 
 
 def _text(data: str | bytes | None) -> str:
@@ -884,21 +877,8 @@ def _text(data: str | bytes | None) -> str:
 
 # -- the transcript ------------------------------------------------------------------------
 
-def _abbreviated(text: str, *, whole: bool = False) -> str:
-    lines = [line if len(line) <= MAX_LINE_CHARS else
-             line[:MAX_LINE_CHARS] + f" […{len(line) - MAX_LINE_CHARS} more characters]"
-             for line in text.rstrip("\n").splitlines()]
-    if len(lines) > MAX_LINES and not whole:
-        lines = [*lines[:KEEP_HEAD], f"[… {len(lines) - KEEP_HEAD - KEEP_TAIL} lines …]",
-                 *lines[-KEEP_TAIL:]]
-    return "\n".join(lines)
 
 
-def _fence(text: str, lang: str = "") -> str:
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}{lang}\n{text}\n{ticks}"
 
 
 def render(t: Transcript) -> str:
@@ -946,14 +926,14 @@ def render(t: Transcript) -> str:
         shown = f"$ {step.command}"
         if step.stdin:
             shown += f"\n[stdin: {step.stdin}]"
-        out += [" · ".join(meta), "", _fence(shown, "console"), ""]
+        out += [" · ".join(meta), "", fence(shown, "console"), ""]
         for name, text in (("output", step.stdout), ("standard error", step.stderr)):
             if text.strip():
                 out += [f"{name}:" if step.stdout.strip() and step.stderr.strip() else "",
-                        _fence(_abbreviated(text.replace(str(t.root), FLOW_VAR),
+                        fence(CUT.apply(text.replace(str(t.root), FLOW_VAR),
                                             whole=step.full)), ""]
         for path, content in step.files:
-            out += [f"`{path}`:", "", _fence(content.replace(str(t.root), FLOW_VAR).rstrip()),
+            out += [f"`{path}`:", "", fence(content.replace(str(t.root), FLOW_VAR).rstrip()),
                     ""]
         for check in step.checks:
             mark = "✔" if check.ok else "✘"
@@ -990,9 +970,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "instead of the transcript (with --out, the transcript still goes "
                          "to FILE)")
     args = ap.parse_args(argv)
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        print(f"{ap.prog}: --keep {args.keep}: not empty: give a new or empty directory",
-              file=sys.stderr)
+    problem = keep_dir_problem(args.keep)
+    if problem is not None:
+        print(f"{ap.prog}: {problem}", file=sys.stderr)
         return 2
     try:
         transcript = run_flow(args.keep)

@@ -67,6 +67,7 @@ from core.clock import kernel_clock_synced
 from core.errors import UserError
 from drivers.nmea import Fix, NmeaReader
 from lab import background
+from lab.markdown import Cut, fence, keep_dir_problem, write_private
 from lab.mosquitto import (
     Mosquitto,
     Pki,
@@ -99,10 +100,9 @@ RANGE_TEST_S = 6
 #: Bounds on what is awaited (events are awaited, never slept on), seconds.
 STEP_TIMEOUT_S = 60.0
 WAIT_S = 20.0
-#: Output longer than this many lines is shown as its head and tail, with a visible "…".
-MAX_LINES = 30
-KEEP_HEAD, KEEP_TAIL = 18, 8
-MAX_LINE_CHARS = 320
+#: Output longer than 30 lines is shown as its head and tail, with a visible "…"; lines
+#: longer than 320 characters are cut.
+CUT = Cut(lines=30, chars=320, head=18, tail=8)
 #: What ``$SITE`` stands for in the guide: the run's temporary directory.
 SITE_VAR = "$SITE"
 
@@ -195,12 +195,6 @@ class Background(background.Background):
 _env = background.isolated_env
 
 
-def _private(path: Path, text: str) -> None:
-    """A new file of mode 0600 holding *text*."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
 
 
 def first_fix(capture: Path) -> Fix:
@@ -423,8 +417,8 @@ class Run:
         self.sink.__enter__()
 
         # the keys the tag and the kiosk came with
-        _private(root / "tag.key", secrets.token_bytes(16).hex() + "\n")
-        _private(root / "kiosk.key", secrets.token_bytes(16).hex() + "\n")
+        write_private(root / "tag.key", secrets.token_bytes(16).hex() + "\n")
+        write_private(root / "kiosk.key", secrets.token_bytes(16).hex() + "\n")
         by_id = root / "by-id"
         by_id.mkdir()
         self.sims["tags"] = self.simulator(
@@ -853,21 +847,8 @@ def _queued(status: str) -> int:
 
 # -- the guide -------------------------------------------------------------------------
 
-def _abbreviated(text: str, *, whole: bool = False) -> str:
-    lines = [line if len(line) <= MAX_LINE_CHARS else
-             f"{line[:MAX_LINE_CHARS]} …[{len(line) - MAX_LINE_CHARS} more characters]"
-             for line in text.rstrip("\n").splitlines()]
-    if len(lines) > MAX_LINES and not whole:
-        lines = [*lines[:KEEP_HEAD], f"… ({len(lines) - KEEP_HEAD - KEEP_TAIL} lines "
-                 "left out)", *lines[-KEEP_TAIL:]]
-    return "\n".join(lines)
 
 
-def _fence(text: str, lang: str = "") -> str:
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}{lang}\n{text}\n{ticks}"
 
 
 HARDWARE = (
@@ -958,14 +939,14 @@ def _step(g: Guide, step: Step) -> list[str]:
     if step.hardware:
         out += [f"**Needs hardware**: {step.hardware}.", ""]
     if step.kind == "log":
-        out += ["The daemon's log:", "", _fence(_abbreviated(step.output)), ""]
+        out += ["The daemon's log:", "", fence(CUT.apply(step.output)), ""]
     else:
-        out += [_fence(f"$ {step.command}", "console"), ""]
-        text = _abbreviated(step.output, whole=step.whole).replace(str(g.root), SITE_VAR)
+        out += [fence(f"$ {step.command}", "console"), ""]
+        text = CUT.apply(step.output, whole=step.whole).replace(str(g.root), SITE_VAR)
         if step.kind == "screen":
-            out += ["The terminal:", "", _fence(text), ""]
+            out += ["The terminal:", "", fence(text), ""]
         elif text:
-            out += [_fence(text), ""]
+            out += [fence(text), ""]
         if step.kind == "background":
             out += ["It keeps running (here until the end of the run).", ""]
         elif step.returncode is not None:
@@ -1025,9 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="print one JSON object (ok, error, elapsed_s, steps: each section, "
                          "title, command, exit and expected exit) on standard output")
     args = ap.parse_args(argv)
-    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
-        print(f"{ap.prog}: --keep {args.keep}: not empty: give a new or empty directory",
-              file=sys.stderr)
+    problem = keep_dir_problem(args.keep)
+    if problem is not None:
+        print(f"{ap.prog}: {problem}", file=sys.stderr)
         return 2
     text: str | None = None
     try:

@@ -21,6 +21,9 @@ from tests.conftest import REPO
 from tests.helpers import plaintext_config
 
 COMMITTED = REPO / "docs" / "technician-guide.md"
+#: The generator's run (45 s on a quiet machine of 2 cores, 91 s under a load of 7) sits in
+#: the first test's setup: that test gets longer than the suite's per-test bound.
+pytestmark = pytest.mark.timeout(420)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     out, site = tmp / "guide.md", tmp / "site"
     done = subprocess.run([sys.executable, "-m", "lab.technician_guide", "--out", str(out),
                            "--keep", str(site), "--json"], capture_output=True, text=True,
-                          cwd=REPO, timeout=180, check=False)
+                          cwd=REPO, timeout=360, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     print(f"technician guide generated in {summary['elapsed_s']} s")
