@@ -14,8 +14,11 @@ import pytest
 # Daemons started by tests write their state.json (app/state.py) into a directory of
 # this session, never the machine's /run/smartcorr (CI runs as root): set before any
 # test imports app.state, and inherited by every daemon process the tests start.
-if "SMARTCORR_RUNTIME_DIR" not in os.environ:
-    _RUNTIME = tempfile.mkdtemp(prefix="smartcorr-test-run-")
+# Under pytest-xdist each worker has its own (the controller's would be inherited by
+# every worker: two tests' daemons would share one state.json).
+if "SMARTCORR_RUNTIME_DIR" not in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
+    _RUNTIME = tempfile.mkdtemp(
+        prefix=f"smartcorr-test-run-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
     os.environ["SMARTCORR_RUNTIME_DIR"] = _RUNTIME
     atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 

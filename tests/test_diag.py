@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,25 @@ LOG_LINES = (
 )
 
 
+def publish_state(run_dir: Path, state: dict[str, object], for_s: float = 120.0) -> None:
+    """Stand in for a running daemon: *state* written now, then again twice a second (with
+    a fresh ``written_at_ms``, as the daemon does) for *for_s* seconds or until the
+    directory is gone; a state written once would go stale (5 s) on a loaded machine
+    before the command under test reads it."""
+    write_state(run_dir, state)
+    end = time.monotonic() + for_s
+
+    def again() -> None:
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            try:
+                write_state(run_dir, {**state, "written_at_ms": time.time_ns() // 1_000_000})
+            except OSError:
+                return
+
+    threading.Thread(target=again, name="state-publisher", daemon=True).start()
+
+
 def setup_full(tmp_path: Path) -> Path:
     """setup() with a TLS broker (CA, certificate, key), a queued check-in naming a person,
     a log file, and the state of a running gateway whose uplink retries, with a position
@@ -179,7 +199,7 @@ def setup_full(tmp_path: Path) -> Path:
     cfg.write_text(text)
     (tmp_path / "run").mkdir()
     now_ms = time.time_ns() // 1_000_000
-    write_state(tmp_path / "run", {
+    publish_state(tmp_path / "run", {
         "version": "0.1.0", "pid": os.getpid(), "gateway_id": "gw-diag-0001",
         "started_at_ms": now_ms - 3_600_000, "written_at_ms": now_ms,
         "uplink": {"state": "retrying", "reason": "TLS: unknown CA",

@@ -218,7 +218,7 @@ def test_a_good_installation_passes_and_a_silent_tag_fails_with_its_line(
                     and heard.get(tags[0].tag) is not None
                     and all(d["handshake"] == "ok" for d in state.get("devices", [])
                             if d["role"] != "gnss"))
-        wait_for(ready, 30, "the daemon to hear its devices, take GNSS time and deliver")
+        wait_for(ready, 90, "the daemon to hear its devices, take GNSS time and deliver")
 
         # a paired tag whose tag sends nothing: its own line fails, and only it
         monkeypatch.setattr(check, "TAG_HEARD_WITHIN_S", 1)
