@@ -40,6 +40,7 @@ from types import FrameType
 from central import ca, command_keys, enrolment, retention, routing
 from central import commands as command_tool
 from central.db import Database, DatabaseError, StorageError, open_db
+from central.examples import add_examples
 from central.ingest import SIG_AUDIT, Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
 from core.errors import UserError
@@ -100,7 +101,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="refuse this gateway's records from now on")
     enrol.add_argument("--tls-fingerprint", metavar="SHA256",
                        help="the SHA-256 fingerprint of the gateway's TLS certificate")
-    enrol.add_argument("--json", action="store_true")
+    enrol.add_argument("--json", action="store_true", help="print one JSON object")
 
     consume = sub.add_parser("consume", help="run one ingest consumer (MQTT to database)")
     _db_arg(consume)
@@ -147,7 +148,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="a court-ready zip of one gateway's records over a "
                                         "period (central/export.py)")
     _db_arg(exp)
-    exp.add_argument("--gw", required=True, metavar="ID")
+    exp.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
     exp.add_argument("--from", dest="from_", required=True, metavar="T",
                      help="the period's start: ISO 8601 UTC (2025-10-09T08:00:00Z) or ms "
                           "since 1970, over the records' t (included)")
@@ -155,11 +156,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, type=Path, metavar="F.zip",
                      help="the zip to write (never replaced if it exists)")
     exp.add_argument("--by", metavar="NAME", help="who makes the export (default: the OS user)")
-    exp.add_argument("--json", action="store_true")
+    exp.add_argument("--json", action="store_true", help="print one JSON object")
     vexp = sub.add_parser("verify-export", help="check an export zip: exit 0 valid, 1 "
                                                 "problems, 2 unreadable")
-    vexp.add_argument("zip", type=Path, metavar="F.zip")
-    vexp.add_argument("--json", action="store_true")
+    vexp.add_argument("zip", type=Path, metavar="F.zip", help="the export to check")
+    vexp.add_argument("--json", action="store_true", help="print one JSON object")
 
     routing.add_commands(sub, _db_arg)  # assign, office, offices, deliver, deliveries
     retention.add_commands(sub, _db_arg)  # close-case, purge, actions, action-key
@@ -172,6 +173,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from central import capture
 
     capture.add_arguments(verify)
+    add_examples(parser)
     return parser
 
 

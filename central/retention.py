@@ -427,15 +427,16 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                                               "(supervision ended, authorisation lapsed) "
                                               "and when its data is purged")
     db_arg(close)
-    close.add_argument("--gw", required=True, metavar="ID")
+    close.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
     close.add_argument("--ended", required=True, metavar="T",
                        help="when it ended: ISO 8601 UTC or ms since 1970")
-    close.add_argument("--reason", choices=REASONS, default="supervision_ended")
+    close.add_argument("--reason", choices=REASONS, default="supervision_ended",
+                       help="why the case ended (default supervision_ended)")
     close.add_argument("--keep-days", type=int, default=DEFAULT_KEEP_DAYS, metavar="N",
                        help=f"keep the data this long after --ended (default "
                             f"{DEFAULT_KEEP_DAYS}: a placeholder for the legal period)")
     close.add_argument("--by", metavar="NAME", help="who closes it (default: the OS user)")
-    close.add_argument("--json", action="store_true")
+    close.add_argument("--json", action="store_true", help="print one JSON object")
 
     prg = sub.add_parser("purge", help="purge the personal data of the gateways past their "
                                        "retention deadline; each purge a signed action")
@@ -448,20 +449,23 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     prg.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
                      help=f"gateways purged at most this run (default {DEFAULT_LIMIT})")
     prg.add_argument("--by", metavar="NAME", help="who purges (default: the OS user)")
-    prg.add_argument("--json", action="store_true")
+    prg.add_argument("--json", action="store_true", help="print one JSON object")
 
     act = sub.add_parser("actions", help="the platform's signed action log (purges); "
                                          "--verify checks it: exit 0 valid, 1 problems")
     db_arg(act)
-    act.add_argument("--verify", action="store_true")
+    act.add_argument("--verify", action="store_true",
+                     help="check every action's signature and the chain between them")
     act.add_argument("--key-pub", type=Path, metavar="FILE",
                      help="the action key's public key (PEM, raw 32 bytes or base64url)")
-    act.add_argument("--json", action="store_true")
+    act.add_argument("--json", action="store_true", help="print one JSON object")
 
     key = sub.add_parser("action-key", help="make the platform's action key (FILE, mode "
                                             "0600) and its public key (FILE.pub)")
-    key.add_argument("--out", required=True, type=Path, metavar="FILE")
-    key.add_argument("--json", action="store_true")
+    key.add_argument("--out", required=True, type=Path, metavar="FILE",
+                     help="where the private key goes (never replaced; the public key "
+                          "goes to FILE.pub)")
+    key.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _open(url: str, *, write: bool) -> Database:

@@ -634,11 +634,12 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     """``assign``, ``office``, ``offices``, ``deliver``, ``deliveries``."""
     asg = sub.add_parser("assign", help="map a gateway to its case and justice office")
     db_arg(asg)
-    asg.add_argument("--gw", required=True, metavar="ID")
+    asg.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
     asg.add_argument("--case", required=True, metavar="REF",
                      help="the case's opaque reference (never a name)")
-    asg.add_argument("--office", required=True, metavar="OFFICE")
-    asg.add_argument("--json", action="store_true")
+    asg.add_argument("--office", required=True, metavar="OFFICE",
+                     help="the justice office its alarms go to (added by 'office --add')")
+    asg.add_argument("--json", action="store_true", help="print one JSON object")
 
     off = sub.add_parser("office", help="add a justice office (or change its webhook and "
                                         "secret)")
@@ -650,7 +651,7 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     off.add_argument("--secret-file", required=True, type=Path, metavar="F",
                      help="a file holding the secret that signs its requests (never on "
                           "the command line)")
-    off.add_argument("--json", action="store_true")
+    off.add_argument("--json", action="store_true", help="print one JSON object")
 
     offs = sub.add_parser("offices", help="the justice offices (never their secrets)")
     db_arg(offs)
@@ -666,11 +667,13 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
                           f"{GIVE_UP_S:.0f})")
     dlv.add_argument("--backoff-s", type=float, default=BACKOFF_S,
                      help=f"the first retry's delay, doubled each time (default {BACKOFF_S})")
-    dlv.add_argument("--backoff-max-s", type=float, default=BACKOFF_MAX_S)
+    dlv.add_argument("--backoff-max-s", type=float, default=BACKOFF_MAX_S,
+                     help=f"the longest delay between retries (default {BACKOFF_MAX_S:g})")
     dlv.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help="one POST's timeout")
     dlv.add_argument("--lease-s", type=float, default=LEASE_S,
                      help="how long a claim holds (longer than --timeout-s)")
-    dlv.add_argument("--poll-s", type=float, default=POLL_S)
+    dlv.add_argument("--poll-s", type=float, default=POLL_S,
+                     help=f"how often to look for alarms due when idle (default {POLL_S:g})")
     dlv.add_argument("--once", action="store_true",
                      help="deliver what is due, then exit (retries still pending are left)")
     dlv.add_argument("--json", action="store_true",
@@ -679,8 +682,8 @@ def add_commands(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     rep = sub.add_parser("deliveries", help="alarms delivered, retrying, failed and "
                                             "unrouted, per office, with latencies")
     db_arg(rep)
-    rep.add_argument("--office", metavar="OFFICE")
-    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--office", metavar="OFFICE", help="only this office's deliveries")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _open(url: str, *, create: bool = False) -> Database:
