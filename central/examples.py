@@ -79,12 +79,12 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "command set-authorisation": (
         f"{_CMD} set-authorisation --tag T0000C001 --basis prohibition_order "
         "--document 'QC-2026-0042' --approver 'Head, county justice bureau' "
-        "--start 2026-12-01 --end 2027-02-28 --zone America/Toronto",),
+        "--start 2026-12-01 --end 2027-02-28 --zone Asia/Shanghai",),
     "command end-authorisation": (
         f"{_CMD} end-authorisation --tag T0000C001 --document 'QC-2026-0099' "
         "--approver 'Head, county justice bureau' --reason no_longer_needed",),
     "command set-presence-rules": (
-        f"{_CMD} set-presence-rules --tag T0000C001 --zone America/Toronto --grace-min 15 "
+        f"{_CMD} set-presence-rules --tag T0000C001 --zone Asia/Shanghai --grace-min 15 "
         "--window mon-fri=22:00-06:00 --skip 2026-12-25",),
     "command approve-leave": (
         f"{_CMD} approve-leave --tag T0000C001 --leave-id L-17 --document 'QC-L-17' "
