@@ -77,8 +77,9 @@ def tags_of(site: Lab, kind: str) -> list[str]:
 @pytest.mark.slow
 def test_authorisation_gates_what_is_recorded(lab: Lab) -> None:  # noqa: F811
     inside, outside = SimTag(0xA001, bytes([1]) * 16), SimTag(0xA002, bytes([2]) * 16)
-    pair(lab, inside, outside)
-    sim = TagReceiverSim("TR-SUP-0001", tags=[inside, outside],
+    never = SimTag(0xA003, bytes([3]) * 16)  # paired, never given an authorisation
+    pair(lab, inside, outside, never)
+    sim = TagReceiverSim("TR-SUP-0001", tags=[inside, outside, never],
                          link=lab.tmp / "tty-tags").start()
     gateway = running(lab, [DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)])
     try:
@@ -106,16 +107,21 @@ def test_authorisation_gates_what_is_recorded(lab: Lab) -> None:  # noqa: F811
         for _ in range(3):
             sim.send_beacon(inside)
             sim.send_beacon(outside)
-        wait_for(lambda: driver.stats.accepted >= before + 6, 10, "the beacons accepted")
+            sim.send_beacon(never)
+        wait_for(lambda: driver.stats.accepted >= before + 9, 10, "the beacons accepted")
         wait_for(lambda: inside.tag in tags_of(lab, "tag.presence"), 20,
                  "the authorised tag's presence at the platform")
         assert gateway.writer.flush()
-        assert gateway.supervision.stats.ignored["tag.presence"] == 3
-        # nothing of the other tag was sealed, let alone sent
+        # [supervision] require_authorisation (the default): a tag never authorised is
+        # ignored as one outside its period
+        assert gateway.supervision.require_authorisation is True
+        assert gateway.supervision.stats.ignored["tag.presence"] == 6
+        # nothing of the other tags was sealed, let alone sent
         assert outside.tag not in tags_of(lab, "tag.presence")
+        assert never.tag not in tags_of(lab, "tag.presence")
         assert gateway.writer.stats.by_kind["tag.presence"] == 3
         health = gateway._health_extra()["supervision"]
-        assert health["ignored"] == {"tag.presence": 3}  # type: ignore[comparison-overlap]
+        assert health["ignored"] == {"tag.presence": 6}  # type: ignore[comparison-overlap]
     finally:
         gateway.stop(2)
         sim.stop()
