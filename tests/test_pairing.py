@@ -383,7 +383,8 @@ def test_the_journal_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(
     ident = identity.directory
     other: list[bool] = []
     with journal.locked(ident) as held, journal.locked(ident) as again:
-        assert held and again  # the holder takes it again (a journal entry while pairing)
+        assert held
+        assert again  # the holder takes it again (a journal entry while pairing)
         thread = threading.Thread(target=lambda: other.append(
             journal.locked(ident, wait=False).__enter__()))
         thread.start()

@@ -271,6 +271,11 @@ def command_rows(db: Database, gw: str) -> list[tuple[int, str, str, bytes, str 
             "ORDER BY cseq, id", (gw,))]
 
 
+def document(gw: str) -> str:
+    """A decision's number, as a county bureau writes it (one per gateway here)."""
+    return f"沪司矫电〔2027〕{gw[-2:]}号"  # noqa: RUF001 - the brackets of the real numbers
+
+
 def send_commands(db: Database, gw: str, tag: str, first: int = 1) -> list[bytes]:
     """Commands the platform signed for *gw* (as central/commands.py stores them): an
     authorisation naming *tag* and its decision (answered), a spot check (unanswered)."""
@@ -281,7 +286,7 @@ def send_commands(db: Database, gw: str, tag: str, first: int = 1) -> list[bytes
     sent = [sign_command(key, gw=gw, cseq=first, issued_at_ms=BASE_MS,
                          not_after_ms=BASE_MS + DAY_MS, kind="set-authorisation", body={
                              "tag": tag, "basis": "prohibition_order",
-                             "document": f"沪司矫电〔2027〕{gw[-2:]}号", "approver": "head",
+                             "document": document(gw), "approver": "head",
                              "start": "2025-10-09", "end": "2026-01-08", "zone": "UTC"}),
             sign_command(key, gw=gw, cseq=first + 1, issued_at_ms=BASE_MS,
                          not_after_ms=BASE_MS + DAY_MS, kind="request-presence",
@@ -320,7 +325,7 @@ def test_a_closed_cases_commands_are_purged_with_it(db: Database, key_file: Path
         command_digest(d).encode() for d in sent))
     # nothing of what was commanded is left: the tag, the decision's number
     assert found(db, tag.encode()) == []
-    assert found(db, f"沪司矫电〔2027〕{GW[-2:]}号".encode()) == []
+    assert found(db, document(GW).encode()) == []
     # what was commanded when, and its answer, stay (cseq, kind, digest, outcome)
     rows = command_rows(db, GW)
     assert [(c, k, d, data, o) for c, k, d, data, o in rows] == [
