@@ -197,6 +197,9 @@ def cmd_provision_rotate(args: argparse.Namespace) -> int:
 
 def cmd_provision_tags(args: argparse.Namespace) -> int:
     """pair-tag, unpair-tag, list-tags: the tag registry beside the identity."""
+    from contextlib import nullcontext
+
+    from provisioning.actions import locked
     from provisioning.identity import load_identity
     from provisioning.registry import (
         MAX_ABSENT_AFTER_S,
@@ -213,55 +216,58 @@ def cmd_provision_tags(args: argparse.Namespace) -> int:
     key = _tag_key(args) if args.action == "pair-tag" else None
     generated = key is None
     identity = load_identity(Path(args.identity_dir))
-    registry = open_registry(identity)
-    old = None
-    if operator is not None:  # written down before anything changes (a refusal is not)
-        ref = parse_tag(args.tag)
-        old = registry.get(ref)
-        if args.action == "pair-tag" and old is not None and not args.replace:
-            raise already_paired(old)
-        if args.action == "pair-tag" and args.absent_after is not None and not \
-                MIN_ABSENT_AFTER_S <= args.absent_after <= MAX_ABSENT_AFTER_S:
-            raise RegistryError(f"tag {ref}: --absent-after must be {MIN_ABSENT_AFTER_S}-"
-                                f"{MAX_ABSENT_AFTER_S} seconds, got {args.absent_after}")
-        if args.action == "unpair-tag" and old is None:
-            raise RegistryError(f"tag {ref} is not paired")
-        details: dict[str, Any] = {"tag": ref, **_file_details(registry.path)}
-        action = "tag.unpaired"
-        if args.action == "pair-tag":  # the key is made before it is written down: its id
-            key = key if key is not None else new_device_key()
-            action = "tag.replaced" if old is not None else "tag.paired"
-            absent = args.absent_after if args.absent_after is not None else \
-                old.absent_after_s if old is not None else DEFAULT_ABSENT_AFTER_S
-            details.update(kid=device_key_id(key), absent_after_s=absent)
-            if old is not None:  # key ids, never the keys
-                details["old_kid"] = device_key_id(old.key)
-        _write_down(identity, action, details, operator)
-    if args.action == "pair-tag":
-        tag = registry.pair(args.tag, key, absent_after_s=args.absent_after,
-                            replace=args.replace)
-        out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s,
-                       "kid": device_key_id(tag.key), "replaced": old is not None}
-        if old is not None:
-            out = {**out, "old_kid": device_key_id(old.key)}  # type: ignore[dict-item]
-        if generated:  # generated here: the installer programs it into the tag
-            out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
-        text = (f"tag {tag.tag} {'key replaced' if old else 'paired'} (key "
-                f"{device_key_id(tag.key)}, absent after {tag.absent_after_s} s)"
-                + (f"; key {tag.key.hex()} (shown once: load it into the tag now)"
-                   if generated else ""))
-    elif args.action == "unpair-tag":
-        if not registry.unpair(args.tag):
-            raise RegistryError(f"tag {parse_tag(args.tag)} is not paired")
-        out = {"unpaired": args.tag}
-        text = (f"tag {args.tag} unpaired; what the gateway keeps of it is removed once every "
-                "record about it is delivered")
-    else:
-        tags = [{"tag": t.tag, "absent_after_s": t.absent_after_s, "paired_at": t.paired_at}
-                for t in registry]
-        out = {"tags": tags}
-        text = "\n".join(f"{t['tag']}  absent after {t['absent_after_s']} s" for t in tags) \
-            or "no tag paired"
+    # the journal's lock from the registry's check to its change: a platform's command
+    # (app/commands.py) changes the registry under it too, so the two never interleave
+    with locked(identity.directory) if args.action != "list-tags" else nullcontext():
+        registry = open_registry(identity)
+        old = None
+        if operator is not None:  # written down before anything changes (a refusal is not)
+            ref = parse_tag(args.tag)
+            old = registry.get(ref)
+            if args.action == "pair-tag" and old is not None and not args.replace:
+                raise already_paired(old)
+            if args.action == "pair-tag" and args.absent_after is not None and not \
+                    MIN_ABSENT_AFTER_S <= args.absent_after <= MAX_ABSENT_AFTER_S:
+                raise RegistryError(f"tag {ref}: --absent-after must be {MIN_ABSENT_AFTER_S}-"
+                                    f"{MAX_ABSENT_AFTER_S} seconds, got {args.absent_after}")
+            if args.action == "unpair-tag" and old is None:
+                raise RegistryError(f"tag {ref} is not paired")
+            details: dict[str, Any] = {"tag": ref, **_file_details(registry.path)}
+            action = "tag.unpaired"
+            if args.action == "pair-tag":  # the key is made before it is written down: its id
+                key = key if key is not None else new_device_key()
+                action = "tag.replaced" if old is not None else "tag.paired"
+                absent = args.absent_after if args.absent_after is not None else \
+                    old.absent_after_s if old is not None else DEFAULT_ABSENT_AFTER_S
+                details.update(kid=device_key_id(key), absent_after_s=absent)
+                if old is not None:  # key ids, never the keys
+                    details["old_kid"] = device_key_id(old.key)
+            _write_down(identity, action, details, operator)
+        if args.action == "pair-tag":
+            tag = registry.pair(args.tag, key, absent_after_s=args.absent_after,
+                                replace=args.replace)
+            out: object = {"tag": tag.tag, "absent_after_s": tag.absent_after_s,
+                           "kid": device_key_id(tag.key), "replaced": old is not None}
+            if old is not None:
+                out = {**out, "old_kid": device_key_id(old.key)}  # type: ignore[dict-item]
+            if generated:  # generated here: the installer programs it into the tag
+                out = {**out, "key": tag.key.hex()}  # type: ignore[dict-item]
+            text = (f"tag {tag.tag} {'key replaced' if old else 'paired'} (key "
+                    f"{device_key_id(tag.key)}, absent after {tag.absent_after_s} s)"
+                    + (f"; key {tag.key.hex()} (shown once: load it into the tag now)"
+                       if generated else ""))
+        elif args.action == "unpair-tag":
+            if not registry.unpair(args.tag):
+                raise RegistryError(f"tag {parse_tag(args.tag)} is not paired")
+            out = {"unpaired": args.tag}
+            text = (f"tag {args.tag} unpaired; what the gateway keeps of it is removed once every "
+                    "record about it is delivered")
+        else:
+            tags = [{"tag": t.tag, "absent_after_s": t.absent_after_s, "paired_at": t.paired_at}
+                    for t in registry]
+            out = {"tags": tags}
+            text = "\n".join(f"{t['tag']}  absent after {t['absent_after_s']} s" for t in tags) \
+                or "no tag paired"
     print(json.dumps(out) if args.json else text)
     if args.action != "list-tags":
         print("provision: restart the gateway to apply the change", file=sys.stderr)
@@ -288,6 +294,9 @@ def _tag_key(args: argparse.Namespace) -> bytes | None:
 
 def cmd_provision_kiosks(args: argparse.Namespace) -> int:
     """pair-kiosk, unpair-kiosk, list-kiosks: the kiosks whose check-ins this gateway takes."""
+    from contextlib import nullcontext
+
+    from provisioning.actions import locked
     from provisioning.identity import load_identity
     from provisioning.kiosks import already_paired, open_kiosks, parse_key, parse_serial
     from provisioning.registry import RegistryError, device_key_id, new_device_key
@@ -298,51 +307,53 @@ def cmd_provision_kiosks(args: argparse.Namespace) -> int:
         key = parse_key(_read_key_file(args.key_file))
     generated = key is None
     identity = load_identity(Path(args.identity_dir))
-    registry = open_kiosks(identity)
-    old = None
-    try:
-        if operator is not None:  # written down before anything changes (a refusal is not)
-            serial = parse_serial(args.serial)
-            old = registry.get(serial)
-            if args.action == "pair-kiosk" and old is not None and not args.replace:
-                raise already_paired(old)
-            if args.action == "unpair-kiosk" and old is None:
-                raise RegistryError(f"kiosk {serial} is not paired")
-            details: dict[str, Any] = {"serial": serial, **_file_details(registry.path)}
-            action = "kiosk.unpaired"
-            if args.action == "pair-kiosk":  # made before it is written down: its id
-                key = key if key is not None else new_device_key()
-                action = "kiosk.replaced" if old is not None else "kiosk.paired"
-                details["kid"] = device_key_id(key)
-                if old is not None:  # key ids, never the keys
-                    details["old_kid"] = device_key_id(old.key)
-            _write_down(identity, action, details, operator)
-        if args.action == "pair-kiosk":
-            kiosk = registry.pair(args.serial, key, replace=args.replace)
-            out: dict[str, object] = {"serial": kiosk.serial, "paired_at": kiosk.paired_at,
-                                      "kid": device_key_id(kiosk.key),
-                                      "replaced": old is not None}
-            if old is not None:
-                out["old_kid"] = device_key_id(old.key)
-            text = (f"kiosk {kiosk.serial} {'key replaced' if old else 'paired'} (key "
-                    f"{device_key_id(kiosk.key)})")
-            if generated:  # generated here, shown this once: the installer loads it
-                out["key"] = kiosk.key.hex()
-                text += f"; key {kiosk.key.hex()} (shown once: load it into the kiosk now)"
-        elif args.action == "unpair-kiosk":
-            serial = parse_serial(args.serial)
-            if not registry.unpair(serial):
-                raise RegistryError(f"kiosk {serial} is not paired")
-            out = {"unpaired": serial}
-            text = (f"kiosk {serial} unpaired; what the gateway keeps of it is removed once "
-                    "every record about it is delivered")
-        else:
-            kiosks = [{"serial": k.serial, "paired_at": k.paired_at} for k in registry]
-            out = {"kiosks": kiosks}
-            text = "\n".join(f"{k['serial']}  paired at {k['paired_at']}" for k in kiosks) \
-                or "no kiosk paired"
-    finally:
-        registry.close()
+    # the journal's lock, as for the tags (cmd_provision_tags)
+    with locked(identity.directory) if args.action != "list-kiosks" else nullcontext():
+        registry = open_kiosks(identity)
+        old = None
+        try:
+            if operator is not None:  # written down before anything changes (a refusal is not)
+                serial = parse_serial(args.serial)
+                old = registry.get(serial)
+                if args.action == "pair-kiosk" and old is not None and not args.replace:
+                    raise already_paired(old)
+                if args.action == "unpair-kiosk" and old is None:
+                    raise RegistryError(f"kiosk {serial} is not paired")
+                details: dict[str, Any] = {"serial": serial, **_file_details(registry.path)}
+                action = "kiosk.unpaired"
+                if args.action == "pair-kiosk":  # made before it is written down: its id
+                    key = key if key is not None else new_device_key()
+                    action = "kiosk.replaced" if old is not None else "kiosk.paired"
+                    details["kid"] = device_key_id(key)
+                    if old is not None:  # key ids, never the keys
+                        details["old_kid"] = device_key_id(old.key)
+                _write_down(identity, action, details, operator)
+            if args.action == "pair-kiosk":
+                kiosk = registry.pair(args.serial, key, replace=args.replace)
+                out: dict[str, object] = {"serial": kiosk.serial, "paired_at": kiosk.paired_at,
+                                          "kid": device_key_id(kiosk.key),
+                                          "replaced": old is not None}
+                if old is not None:
+                    out["old_kid"] = device_key_id(old.key)
+                text = (f"kiosk {kiosk.serial} {'key replaced' if old else 'paired'} (key "
+                        f"{device_key_id(kiosk.key)})")
+                if generated:  # generated here, shown this once: the installer loads it
+                    out["key"] = kiosk.key.hex()
+                    text += f"; key {kiosk.key.hex()} (shown once: load it into the kiosk now)"
+            elif args.action == "unpair-kiosk":
+                serial = parse_serial(args.serial)
+                if not registry.unpair(serial):
+                    raise RegistryError(f"kiosk {serial} is not paired")
+                out = {"unpaired": serial}
+                text = (f"kiosk {serial} unpaired; what the gateway keeps of it is removed once "
+                        "every record about it is delivered")
+            else:
+                kiosks = [{"serial": k.serial, "paired_at": k.paired_at} for k in registry]
+                out = {"kiosks": kiosks}
+                text = "\n".join(f"{k['serial']}  paired at {k['paired_at']}" for k in kiosks) \
+                    or "no kiosk paired"
+        finally:
+            registry.close()
     print(json.dumps(out) if args.json else text)
     if args.action != "list-kiosks":
         print("provision: restart the gateway to apply the change", file=sys.stderr)

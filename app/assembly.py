@@ -297,8 +297,9 @@ class Gateway:
         # the platform's commands: subscribed with the uplink's first connect; answered
         # once an interrupted one is completed (before the pairings are read)
         # the supervision rules (app/supervision.py): their state read before the commands
-        self.supervision = SupervisionService(self.data_dir, self.writer, self.clock,
-                                              source=self.source)
+        self.supervision = SupervisionService(
+            self.data_dir, self.writer, self.clock, source=self.source,
+            require_authorisation=self.config.require_authorisation)
         self.commands = CommandService(self.identity, self.data_dir, self.writer, self.clock,
                                        source=self.source, devices=self,
                                        region=self.config.region,
@@ -321,10 +322,8 @@ class Gateway:
         # the pairings of this start (None: unreadable; an error only where a device needs it)
         self._tags = _readable(lambda: _paired(open_registry(self.identity)))
         self._kiosks = _readable(lambda: _paired(open_kiosks(self.identity)))
-        self.removals = Removals(self.writer, self._queue, {
-            TAG: None if self._tags is None else frozenset(self._tags),
-            KIOSK: None if self._kiosks is None else frozenset(self._kiosks),
-        }, self.source, self.clock.now_ns)
+        self.removals = Removals(self.writer, self._queue, self._device_in_use, self.source,
+                                 self.clock.now_ns)
         if self._decommissioning:  # a decommission waited in the journal: no device
             self._health.start()
             self._start_publisher()
@@ -365,6 +364,20 @@ class Gateway:
         else:
             tags[tag] = paired
         self._tags = tags
+
+    def _device_in_use(self, device: str, ident: str) -> bool | None:
+        """Whether this start still takes *ident*'s readings (app/removals.py): paired when
+        it began and not unpaired by a command since, or (a tag) still held by a receiver's
+        driver, which drops a command's unpairing before its next message or tick; None:
+        its registry was unreadable at the start."""
+        if device == TAG:
+            if self._tags is None:
+                return None
+            return ident in self._tags or any(
+                view.tag == ident for driver in self._tag_drivers for view in driver.view())
+        if device == KIOSK:  # the kiosk driver drops it before its next message
+            return None if self._kiosks is None else ident in self._kiosks
+        return None
 
     def kiosk_paired(self, serial: str, paired: PairedKiosk | None) -> None:
         for driver in self._kiosk_drivers:

@@ -54,6 +54,7 @@ from app.daemon import LOCK_FILE, PRIVATE_IDENTITY_FILES
 from app.diag import keys_report
 from app.hardening import hardening_findings
 from app.state import DEFAULT_RUNTIME_DIR, StateError, daemon_alive, read_state, state_age_ms
+from app.supervision import authorised_tags
 from buffer.store import default_quota, store_files_bytes, store_path
 from core.clock import kernel_clock_synced
 from core.errors import UserError
@@ -850,8 +851,17 @@ def _tags(ctx: _Context, paired: list[tuple[str, int]]) -> None:
     daemon = ctx.daemon
     rows = {r.get("tag"): r for r in daemon.rows("tags")}
     uptime = daemon.uptime_s()
+    authorised = authorised_tags(ctx.cfg.data_dir, time.time_ns() // 1_000_000) \
+        if ctx.cfg.require_authorisation else None
     for tag, absent_after in paired:
         ctx.items.append(_tag(tag, absent_after, rows.get(tag), daemon, uptime))
+        if ctx.cfg.require_authorisation and tag not in (authorised or ()):
+            ctx.items.append(_warn(
+                f"tag {tag} authorisation", "no authorisation in force: nothing of its "
+                "presence is recorded (Art. 29; [supervision] require_authorisation)",
+                "the platform authorises the monitoring: ingest command --gw GW "
+                f"set-authorisation --tag {tag} ... (docs/supervision.md); its beacons are "
+                "counted and dropped until then"))
 
 
 def _tag(tag: str, absent_after: int, row: Mapping[str, Any] | None, daemon: Daemon,

@@ -37,6 +37,9 @@ Example (docs/configuration.md has the full reference)::
 
     [paths]                     # optional
     runtime_dir = "/run/smartcorr"  # the daemon's state.json for 'gateway.py status' (tmpfs)
+
+    [supervision]               # optional (docs/supervision.md)
+    require_authorisation = true  # a tag's presence is recorded only in an authorised period
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ from firmware_bridge.messages import DeviceClass
 from provisioning.renewal import DEFAULT_LIFE_SHARE, DEFAULT_RENEW_BEFORE_DAYS, RenewalPolicy
 
 T = TypeVar("T")
-SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs", "enrolment", "paths")
+SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs", "enrolment", "paths",
+            "supervision")
+#: ``[supervision] require_authorisation``'s default: a tag never given an authorisation
+#: has nothing of its presence recorded (Art. 29; docs/supervision.md says why).
+DEFAULT_REQUIRE_AUTHORISATION = True
 #: Device kinds a ``[[devices]]`` table may name: the framed device classes.
 DEVICE_KINDS = {c.label: c for c in DeviceClass}
 DEFAULT_DEVICE_BAUD = 115200
@@ -142,6 +149,11 @@ class Config:
     #: (app/state.py; tmpfs, never the SD card). From a file it defaults to
     #: :data:`app.state.DEFAULT_RUNTIME_DIR`; None (built in code): no state file.
     runtime_dir: Path | None = None
+    #: ``[supervision] require_authorisation``: a paired tag's presence is recorded only
+    #: inside a period the platform authorised (``set-authorisation``), never on a pairing
+    #: alone; false only on a bench or in a lab (docs/supervision.md). The same default
+    #: from a file and in code: a forgotten setting fails closed.
+    require_authorisation: bool = DEFAULT_REQUIRE_AUTHORISATION
 
     @property
     def identity_path(self) -> Path:
@@ -263,7 +275,16 @@ def load_config(path: Path) -> Config:
         inputs=_inputs(_Section(path, "inputs", raw["inputs"])) if "inputs" in raw else None,
         renewal=_renewal(_Section(path, "enrolment", raw.get("enrolment", {}))),
         runtime_dir=_runtime_dir(_Section(path, "paths", raw.get("paths", {})), data_dir),
+        require_authorisation=_supervision(_Section(path, "supervision",
+                                                    raw.get("supervision", {}))),
     )
+
+
+def _supervision(sec: _Section) -> bool:
+    """``[supervision] require_authorisation`` (a boolean)."""
+    required = sec.get("require_authorisation", bool, DEFAULT_REQUIRE_AUTHORISATION)
+    sec.done()
+    return required
 
 
 def _runtime_dir(sec: _Section, data_dir: Path) -> Path:

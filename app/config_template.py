@@ -29,6 +29,7 @@ from app.config import (
     DEFAULT_MOVE_AFTER_S,
     DEFAULT_MOVE_RADIUS_M,
     DEFAULT_MQTTS_PORT,
+    DEFAULT_REQUIRE_AUTHORISATION,
     DEFAULT_SHUTDOWN_COMMAND,
     MIN_MOVE_RADIUS_M,
 )
@@ -279,6 +280,13 @@ def _optional_sections() -> list[str]:
         "#[paths]",
         _key("runtime_dir", str(DEFAULT_RUNTIME_DIR), "Where the running gateway writes its "
              "state for 'gateway.py status' (tmpfs, never the SD card)", commented=True),
+        "",
+        "# The supervision rules the platform sets (docs/supervision.md).",
+        "#[supervision]",
+        _key("require_authorisation", DEFAULT_REQUIRE_AUTHORISATION,
+             "A tag's presence is recorded only in a period the platform authorised "
+             "(Art. 29); false: also a tag never authorised (a test bench only)",
+             commented=True),
     ]
 
 

@@ -9,10 +9,14 @@ the device has left the store, so nothing undelivered is lost:
 
 1. the unpairing's ``local.action`` record puts a mark in the ledger, in its own
    transaction (``unpaired:tag:<ref>`` = 1; pairing the device again sets it to 0);
-2. at a start whose registries no longer hold the device (the daemon reads the pairings
-   at start: until it restarts it still takes the tag's beacons), the first poll that
-   sees the mark takes the last committed seq as the mark's bound: every record about
-   the device has a seq at or below it (the mark's own record included);
+2. once the running gateway no longer takes the device's readings, the first poll that
+   sees the mark waits until every reading submitted so far is committed (the writer's
+   barrier) and takes the last committed seq as the mark's bound: every record about
+   the device has a seq at or below it (the mark's own record included). The gateway
+   stops taking them at once when the platform's ``unpair-tag`` (``unpair-kiosk``)
+   command unpaired it (app/commands.py: its drivers drop the pairing, and the poll
+   waits until each has); after ``provision unpair-tag``, at the next start (the daemon
+   reads the registries at start: until it restarts it still takes the tag's beacons);
 3. once the store holds no record at or below the bound (the broker acknowledged them,
    or a ``gap`` record names those evicted), the ``tag.data_removed`` (or
    ``kiosk.data_removed``) record is sealed and the device's ledger entries and the mark
@@ -73,6 +77,14 @@ def device_entries(device: str, ident: str) -> dict[str, str]:
             "flags": kiosk_driver.flags_key(ident)}
 
 
+#: How long a poll waits for the writer's barrier before a bound is taken, s (else the
+#: next poll tries again).
+FLUSH_S = 5.0
+#: Whether the running gateway still takes a device's readings (*device*, *ident*):
+#: None when it cannot tell (its registry was unreadable at the start: nothing removed).
+InUse = Callable[[str, str], "bool | None"]
+
+
 class Writer(Protocol):
     """What this needs of the store writer."""
 
@@ -83,6 +95,7 @@ class Writer(Protocol):
     def last_seq(self) -> int: ...
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
                on_committed: Callable[[SealedRecord], None] | None = None) -> None: ...
+    def flush(self, timeout: float = 10.0) -> bool: ...
 
 
 class Queue(Protocol):
@@ -93,16 +106,17 @@ class Queue(Protocol):
 
 class Removals:
     """Removes what the gateway keeps of unpaired devices once delivered. :meth:`poll`
-    from the health loop; it never raises. *paired* holds, per device class (``tag``,
+    from the health loop; it never raises. *paired* says whether the running gateway
+    still takes a device's readings (:data:`InUse`), or holds, per device class (``tag``,
     ``kiosk``), the devices the registries held at this start (None: the registry could
     not be read, so none of that class is removed)."""
 
     def __init__(self, writer: Writer, queue: Queue,
-                 paired: Mapping[str, frozenset[str] | None],
+                 paired: Mapping[str, frozenset[str] | None] | InUse,
                  source: Source, now_ns: Callable[[], int]) -> None:
         self._writer = writer
         self._queue = queue
-        self._paired = paired
+        self._in_use: InUse = paired if callable(paired) else _at_start(paired)
         self._source = source
         self._now_ns = now_ns
         #: mark -> the last seq that may mention its device; at most one per mark in the
@@ -138,10 +152,14 @@ class Removals:
                 self._submitted.add(key)
                 self._writer.forget((key,))
                 continue
-            in_use = self._paired.get(device)
-            if in_use is None or ident in in_use:
-                continue  # unpaired while this start runs with it: the next start
-            bound = self._bounds.setdefault(key, self._writer.last_seq)
+            in_use = self._in_use(device, ident)
+            if in_use is None or in_use:
+                continue  # its readings are still taken (or the registry is unreadable)
+            if key not in self._bounds:
+                if not self._writer.flush(FLUSH_S):
+                    continue  # a reading about it may still wait for its seq: next poll
+                self._bounds[key] = self._writer.last_seq
+            bound = self._bounds[key]
             if not looked:
                 lowest, looked = self._queue.lowest_seq(), True
             if lowest is not None and lowest <= bound:
@@ -160,3 +178,11 @@ class Removals:
         self.removed += 1
         log.info("an unpaired %s's data is removed: every record up to seq %d was "
                  "delivered", device, bound)
+
+
+def _at_start(paired: Mapping[str, frozenset[str] | None]) -> InUse:
+    """:data:`InUse` from the registries as the start read them."""
+    def in_use(device: str, ident: str) -> bool | None:
+        held = paired.get(device)
+        return None if held is None else ident in held
+    return in_use

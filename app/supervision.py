@@ -7,8 +7,10 @@ One thread owns :class:`core.supervision.Supervision` (the sans-IO evaluator). I
   a tag the platform gave an authorisation (in force or not) has its ``tag.presence``,
   ``tag.present`` and ``tag.absent`` recorded only inside its authorised period (Art. 29
   para. 3); outside it they are counted (``gateway.health`` ``supervision.ignored``) and
-  dropped. A tag never given an authorisation is recorded as before (an installer's
-  pairing, a test);
+  dropped. A tag never given an authorisation is treated the same way when the
+  configuration requires one (``[supervision] require_authorisation``, the default: a
+  pairing alone authorises nothing); with ``require_authorisation = false`` (a lab, a
+  bench) it is recorded as before;
 * by the clock: :meth:`tick` once a second, and each ``time.step`` record
   (:meth:`clock_stepped`, from the health loop);
 * by the platform's commands (``app/commands.py``): :meth:`command_effect`.
@@ -121,8 +123,10 @@ class SupervisionService:
     before the commands are recovered, then :meth:`start`; :meth:`stop`."""
 
     def __init__(self, data_dir: Path, writer: Writer, clock: Clock, *,
-                 source: Source) -> None:
+                 source: Source, require_authorisation: bool = True) -> None:
         self.data_dir = data_dir
+        #: a tag never given an authorisation is not recorded either (module docstring)
+        self.require_authorisation = require_authorisation
         self._writer = writer
         self._clock = clock
         self._source = source
@@ -229,7 +233,8 @@ class SupervisionService:
         """The tag receiver's decision on *tag* (:data:`SEEN` a beacon while present,
         :data:`PRESENT`, :data:`ABSENT`, :data:`BEACON` a beacon while still held absent);
         whether its record may be written. Never blocks."""
-        if tag in self._gated and tag not in self._authorised:
+        if (self.require_authorisation or tag in self._gated) \
+                and tag not in self._authorised:
             self.stats.ignored[{PRESENT: "tag.present", ABSENT: "tag.absent"}.get(
                 event, "tag.presence")] += 1
             return False
@@ -356,8 +361,21 @@ class SupervisionService:
     def status(self) -> dict[str, JSON]:
         s = self.stats
         return {"tags": len(self.sup.tags()), "authorised": len(self._authorised),
+                "require_authorisation": self.require_authorisation,
                 "gen": self.gen, "ignored": dict(s.ignored), "events": dict(s.events),
                 "dropped": s.dropped, "state_errors": s.state_errors}
+
+
+def authorised_tags(data_dir: Path, now_ms: int) -> frozenset[str] | None:
+    """The tags whose monitoring is authorised at *now_ms* by the saved state (the state
+    file the daemon keeps, read without it: ``provision check``); None when there is no
+    readable state (nothing was ever authorised, or the file is damaged)."""
+    try:
+        doc = json.loads((data_dir / STATE_FILE).read_bytes())
+        sup = Supervision.from_json(doc["state"])
+    except (OSError, ValueError, KeyError, TypeError, SupervisionStateError):
+        return None
+    return frozenset(t for t in sup.tags() if sup.authorised(t, now_ms))
 
 
 Body = Authorisation | EndAuthorisation | PresenceRules | Leave | RevokeLeave | RequestPresence

@@ -209,6 +209,9 @@ def stored(db: Database, gw: str, cseq: int) -> Issued:
                      "cseq = ? ORDER BY id DESC LIMIT 1", (gw, cseq))
     if row is None:
         raise CommandError(f"no command {cseq} of {gw} in this database")
+    if not bytes(row[2]):
+        raise CommandError(f"command {cseq} of {gw} was purged with its case (ingest purge: "
+                           "its bytes are gone, its digest and outcome kept)")
     return Issued(gw, cseq, str(row[0]), str(row[1]), bytes(row[2]), int(row[3]))
 
 

@@ -9,17 +9,23 @@ authorisation_lapsed] [--keep-days N]`` records when the person's supervision en
 ``ingest purge --db URL --key FILE [--now T] [--limit N]`` purges, for each gateway past
 its deadline (at most *limit* a run), in one transaction per gateway, every row that holds
 the person's data: its records, held records, quarantined payloads, the bytes of its
-conflicting records, its alarms, their deliveries and unrouted rows. It keeps the
-registration, the key history (identities, sessions), the seq bookkeeping (chain breaks,
-reorders, gaps, heads), the conflicts' digests and the counts; the gateway is
-decommissioned (a device handed out again needs a new gateway id). It appends one entry
-to ``platform_actions``::
+conflicting records, its alarms, their deliveries and unrouted rows, and the bytes of
+every command the platform sent it (``commands.data``: the tags, authorisation decisions,
+presence rules, leaves and sealed device keys of the case, docs/commands.md). It keeps
+the registration, the key history (identities, sessions), the seq bookkeeping (chain
+breaks, reorders, gaps, heads), the conflicts' digests, each command's bookkeeping (cseq,
+kind, digest, key, dates, outcome: what was commanded when, and how it was answered,
+without what it said) and the counts; the gateway is decommissioned (a device handed out
+again needs a new gateway id; a decommissioned gateway takes no command, so its command
+numbering never restarts). It appends one entry to ``platform_actions``::
 
     {"format": "smartcorr-platform-action/1", "n": 7, "action": "purge", "gw": …,
      "case": …, "reason": …, "ended_at": …, "keep_days": …, "purge_after": …,
      "at": …, "by": …, "records": 1234, "first_seq": 1, "last_seq": 1240,
      "seq_ranges": [[1, 9], [12, 1240]], "records_sha256": b64u(SHA-256 of the records'
-     digests concatenated in seq order), "removed": {…counts…},
+     digests concatenated in seq order), "removed": {…counts…, "commands": 12},
+     "commands_sha256": b64u(SHA-256 of the purged commands' digests (hex, as
+     ``commands.sha256`` keeps them) concatenated in (cseq, id) order),
      "prev": b64u(SHA-256 of entry n-1's canonical bytes; 32 zero bytes for n = 1),
      "alg": "ed25519-sha256", "kid": …}
 
@@ -269,7 +275,8 @@ _DUE = ("SELECT r.gw FROM retention r WHERE r.purge_after <= ? AND (r.purged_at 
         "OR EXISTS (SELECT 1 FROM records x WHERE x.gw = r.gw) "
         "OR EXISTS (SELECT 1 FROM held x WHERE x.gw = r.gw) "
         "OR EXISTS (SELECT 1 FROM quarantine x WHERE x.gw = r.gw) "
-        "OR EXISTS (SELECT 1 FROM alarms x WHERE x.gw = r.gw)) "
+        "OR EXISTS (SELECT 1 FROM alarms x WHERE x.gw = r.gw) "
+        "OR EXISTS (SELECT 1 FROM commands x WHERE x.gw = r.gw AND length(x.data) > 0)) "
         "ORDER BY r.purge_after, r.gw LIMIT ?")
 
 
@@ -310,6 +317,9 @@ def purge_gateway(db: Database, key: SoftwareKey, gw: str, *, now_ms: int,
             return None
         case_ref, reason, ended_at, keep_days, purge_after, purged_at = row
         recs = tx.all("SELECT seq, digest FROM records WHERE gw = ? ORDER BY seq", (gw,))
+        sent = [str(r[0]) for r in tx.all(
+            "SELECT sha256 FROM commands WHERE gw = ? AND length(data) > 0 ORDER BY cseq, id",
+            (gw,))]
         alarm_of_gw = "SELECT id FROM alarms WHERE gw = ?"
         removed: dict[str, JSON] = {
             "held": tx.execute("DELETE FROM held WHERE gw = ?", (gw,)),
@@ -321,6 +331,9 @@ def purge_gateway(db: Database, key: SoftwareKey, gw: str, *, now_ms: int,
             "unrouted": tx.execute(f"DELETE FROM unrouted WHERE gw = ? OR alarm_id IN "  # noqa: S608
                                    f"({alarm_of_gw})", (gw, gw)),
             "alarms": tx.execute("DELETE FROM alarms WHERE gw = ?", (gw,)),
+            # what the platform commanded: the bytes go, the bookkeeping stays
+            "commands": tx.execute("UPDATE commands SET data = ? WHERE gw = ? AND "
+                                   "length(data) > 0", (b"", gw)),
         }
         tx.execute("DELETE FROM records WHERE gw = ?", (gw,))
         tx.execute("UPDATE gateways SET status = 'decommissioned', decommissioned_at = ? "
@@ -337,7 +350,8 @@ def purge_gateway(db: Database, key: SoftwareKey, gw: str, *, now_ms: int,
             "records": len(recs), "first_seq": seqs[0] if seqs else None,
             "last_seq": seqs[-1] if seqs else None, "seq_ranges": list(_ranges(seqs)),
             "records_sha256": b64u(records_sha256(bytes(r[1]) for r in recs)),
-            "removed": removed})
+            "removed": removed,
+            "commands_sha256": b64u(records_sha256(d.encode() for d in sent))})
         tx.execute("UPDATE retention SET purged_at = ?, purged_records = purged_records + ?, "
                    "last_action = ? WHERE gw = ?", (now_ms, len(recs), entry["n"], gw))
     return entry

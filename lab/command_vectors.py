@@ -134,6 +134,10 @@ def command_vectors() -> dict[str, JSON]:
             "grace_min": 30, "leave_id": "L-1", "start_ms": NOW + DAY, "tag": TAG}, None),
         ("revoke_leave", "revoke-leave", {"leave_id": "L-1", "tag": TAG}, None),
         ("request_presence", "request-presence", {"tag": TAG}, None),
+        # the redacted diagnostic bundle (docs/commands.md, request-diag)
+        ("request_diag", "request-diag", {"request": "diag-20251009-1",
+                                          "sections": ["reports", "logs"]}, None),
+        ("request_diag_all_sections", "request-diag", {"request": "diag-20251009-2"}, None),
     ]
     state: dict[str, JSON] = {"gateway": GATEWAY, "region": REGION, "trusted_now_ms": NOW,
                               "floor_ms": None, "last_cseq": 7, "answered": {}}
@@ -208,6 +212,12 @@ def command_vectors() -> dict[str, JSON]:
          "value"),
         ("unknown_setting", command("set-config", {"key": "quota_bytes", "value": 1}),
          "bad_body", {}, "key"),
+        ("diag_asks_for_personal_data", command("request-diag", {
+            "include_personal": False, "request": "diag-20251009-3"}), "bad_body", {},
+         "include_personal"),
+        ("diag_unknown_section", command("request-diag", {
+            "request": "diag-20251009-4", "sections": ["records"]}), "bad_body", {},
+         "sections"),
     ]
     cases = []
     for name, data, reason, overrides, field in invalid:

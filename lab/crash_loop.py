@@ -62,6 +62,9 @@ key_file = "{key}"
 name = "tags"
 kind = "tag_receiver"
 path = "{tty}"
+
+[supervision]
+require_authorisation = false  # simulated tags, no platform authorising them
 """
 
 

@@ -531,6 +531,24 @@ class Flow:
                    (self.gw_dir(gw) / f"tag-{tag}.key").read_text().strip()
                    not in self.t.steps[-1].stdout + self.t.steps[-1].stderr)
 
+    def authorise(self, gw: str, tag: str, document: str) -> None:
+        """The platform authorises the tag's monitoring (Art. 29): until then the gateway
+        records nothing of its presence ([supervision] require_authorisation, the
+        default; docs/supervision.md)."""
+        today = dt.datetime.now(dt.UTC).date()
+        step = self.command(
+            f"{gw}: the platform authorises the tag's monitoring",
+            self.root / "platform" / "command-key", "set-authorisation", "--tag", tag,
+            "--basis", "left_area_without_approval", "--document", document, "--approver",
+            "county justice bureau head", "--start", today.isoformat(), "--end",
+            (today + dt.timedelta(days=30)).isoformat(), "--zone", "Asia/Shanghai", gw=gw,
+            note="At the platform, once the county bureau approved the monitoring: a signed "
+                 "set-authorisation (at most three months). Until it is applied the gateway "
+                 "hears the tag but records nothing of its presence (the check above warned "
+                 "so).")
+        self.check("applied", f"applied by {gw}" in step.stdout,
+                   step.stdout.strip().splitlines()[0] if step.stdout.strip() else "")
+
     def provision_check(self, gw: str) -> None:
         step = self.gateway(f"{gw}: check the installation", "provision", "check", "--config",
                             str(self.config(gw)), "--before-start", "--skip-hardening",
@@ -581,6 +599,7 @@ class Flow:
         self.pair(gw, TAG_A)
         self.provision_check(gw)
         self.daemon_a = self.run_daemon(gw)
+        self.authorise(gw, TAG_A, "SJ-QC-0101")
         self.wait(f"{gw}'s tag readings at the platform",
                   lambda: self.report(gw)["kinds"].get("tag.presence", 0) >= 5)
         rep = parse_report(self.ingest(f"{gw}: what the platform holds", "report", "--db",
@@ -627,6 +646,7 @@ class Flow:
         self.pair(gw, TAG_B)
         self.provision_check(gw)
         self.daemon_b = self.run_daemon(gw)
+        self.authorise(gw, TAG_B, "SJ-QC-0102")
         self.wait(f"{gw}'s tag readings at the platform",
                   lambda: self.report(gw)["kinds"].get("tag.presence", 0) >= 5)
         rep = parse_report(self.ingest(f"{gw}: what the platform holds", "report", "--db",
@@ -728,9 +748,9 @@ class Flow:
                    f"sealed {first['sealed']} -> {second['sealed']}, forwarded "
                    f"{second['forwarded']}")
 
-    def command(self, title: str, key: Path, *args: str, **kw: Any) -> Step:
+    def command(self, title: str, key: Path, *args: str, gw: str = GW_A, **kw: Any) -> Step:
         p = self.root / "platform"
-        return self.ingest(title, "command", "--db", self.db_url, "--gw", GW_A, "--key",
+        return self.ingest(title, "command", "--db", self.db_url, "--gw", gw, "--key",
                            str(key), "--broker", f"127.0.0.1:{self.broker_port}", "--ca",
                            str(p / "ca" / "ca.crt"), "--tls-cert",
                            str(p / "commands" / f"{COMMAND_CN}.crt"), "--tls-key",

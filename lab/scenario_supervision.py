@@ -134,9 +134,12 @@ def p99(values: list[float]) -> float | None:
 class SupervisionSite(Site):
     """The demo's site, its gateway on a :class:`LabWall` taken as synchronised (NTP, as a
     connected gateway's: commands are judged by trusted time), and its tags paired with
-    :data:`ABSENT_AFTER_S`."""
+    :data:`ABSENT_AFTER_S`. It runs as in production, ``[supervision]
+    require_authorisation = true``: a tag's presence is recorded only once the platform
+    authorised it (the demo's other tags, never authorised, are counted and dropped)."""
 
     def __init__(self, *args: Any, wall: LabWall, **kwargs: Any) -> None:
+        kwargs.setdefault("require_authorisation", True)
         super().__init__(*args, **kwargs)
         self.wall = wall
 

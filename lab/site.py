@@ -70,8 +70,12 @@ class Site:
     def __init__(self, workdir: Path, identity: Identity, broker: BrokerConfig, *,
                  health_interval_s: float = HEALTH_INTERVAL_S,
                  on_acked: AckHook | None = None, runtime_dir: Path | None = None,
-                 renewal: RenewalPolicy | None = None) -> None:
+                 renewal: RenewalPolicy | None = None,
+                 require_authorisation: bool = False) -> None:
         self.workdir = workdir
+        #: [supervision] require_authorisation: off in the lab (simulated tags, no
+        #: authorisation sent) unless a scenario authorises its tags
+        self.require_authorisation = require_authorisation
         self.renewal = renewal  # [enrolment] (None: the default)
         self.runtime_dir = runtime_dir  # the state file for 'gateway.py status' (None: none)
         self.identity = identity
@@ -125,7 +129,8 @@ class Site:
         return Config(self.workdir / "data", self.broker, devices=list(self.devices),
                       gnss=self.gnss_section, identity_dir=self.identity.directory,
                       runtime_dir=self.runtime_dir,
-                      renewal=self.renewal if self.renewal is not None else RenewalPolicy())
+                      renewal=self.renewal if self.renewal is not None else RenewalPolicy(),
+                      require_authorisation=self.require_authorisation)
 
     def start(self) -> Gateway:
         self._gateway = Gateway(self.config, self.identity,

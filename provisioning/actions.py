@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,10 +136,29 @@ class Journal:
         return max([self.last, *numbers])
 
 
+#: The journal locks this thread holds, by directory, and how deeply: a holder may take
+#: it again (the command line holds it across a pairing, whose journal entry takes it).
+_HELD = threading.local()
+
+
 @contextlib.contextmanager
 def locked(directory: Path, *, wait: bool = True) -> Iterator[bool]:
     """Hold the journal's lock; yields False (not held) when *wait* is false and another
-    process holds it."""
+    holds it. Re-entrant within a thread (another thread of this process, as another
+    process, waits: each holder has its own open file, and flock locks an open file).
+
+    Whoever changes the registries holds it: ``provision pair-tag`` and its kin from
+    their check of the registry to the change (app/commands.py applies a platform's
+    pairing under it too), so a command and a command line never interleave."""
+    held: dict[str, int] = _HELD.__dict__.setdefault("depth", {})
+    key = os.path.realpath(directory)
+    if held.get(key):
+        held[key] += 1
+        try:
+            yield True
+        finally:
+            held[key] -= 1
+        return
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -146,7 +166,11 @@ def locked(directory: Path, *, wait: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True
+        held[key] = 1
+        try:
+            yield True
+        finally:
+            held.pop(key, None)
     finally:
         os.close(fd)  # releases the lock
 

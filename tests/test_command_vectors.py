@@ -111,6 +111,25 @@ def test_the_vectors_cover_every_check_of_the_spec() -> None:
         "tag", "serial", "sealedKey"}
 
 
+def test_every_kind_the_gateway_takes_has_its_schema_and_a_valid_vector() -> None:
+    """Each kind of core/commands.py KINDS (request-diag among them) has its body in the
+    schema, selected by its kind, and a valid vector; a body the gateway refuses for a
+    field the schema can express fails the schema too."""
+    from core.commands import KINDS
+
+    selected = {rule["if"]["properties"]["kind"]["const"]: rule["then"]["properties"]["body"]
+                for rule in SCHEMA["allOf"]}
+    assert set(selected) == set(KINDS)
+    assert all(ref == {"$ref": f"#/$defs/{kind}"} for kind, ref in selected.items())
+    assert {c["kind"] for c in VECTORS["valid"]} == set(KINDS)
+    for case in VECTORS["invalid"]:
+        if case["name"] in ("diag_asks_for_personal_data", "diag_unknown_section",
+                            "setting_out_of_range", "unknown_setting", "key_in_clear"):
+            obj = json.loads(bytes.fromhex(case["canonical_hex"]))
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(obj, SCHEMA)
+
+
 def test_the_box_document_verifies_with_the_identity() -> None:
     from core.commands import parse_box_document
     from core.suites import Verifier
@@ -129,6 +148,10 @@ def test_asyncapi_names_the_command_channel() -> None:
     api = yaml.safe_load((DIRECTORY / "asyncapi.yaml").read_text())
     channels = {c["address"]: name for name, c in api["channels"].items()}
     assert commands_topic("{gatewayId}") in channels
+    from core.commands import KINDS
+
+    kinds = api["components"]["messages"]["command"]["payload"]["properties"]["kind"]
+    assert set(kinds["enum"]) == set(KINDS)  # request-diag among them
     receive = api["operations"]["receiveCommand"]
     assert receive["action"] == "receive"
     assert receive["bindings"]["mqtt"]["qos"] == 1

@@ -444,10 +444,12 @@ class Lab:
         return {"tag": tag.tag, "key": tool.sealed_key_body(self.wait_box(), gw, "tag",
                                                             tag.tag, tag.key), **more}
 
-    def gateway_config(self, devices: list[DeviceSection] | None = None) -> Config:
+    def gateway_config(self, devices: list[DeviceSection] | None = None, *,
+                       require_authorisation: bool = True) -> Config:
         return Config(self.tmp / "data",
                       client_config(self.broker, self.pki, self.identity.gateway_id),
-                      devices=devices or [], identity_dir=self.identity.directory)
+                      devices=devices or [], identity_dir=self.identity.directory,
+                      require_authorisation=require_authorisation)
 
 
 @pytest.fixture
@@ -467,10 +469,13 @@ def lab(tmp_path: Path, mosquitto: Mosquitto, pki: Pki) -> Iterator[Lab]:
         ingest.stop()
 
 
-def running(lab: Lab, devices: list[DeviceSection] | None = None) -> Gateway:
+def running(lab: Lab, devices: list[DeviceSection] | None = None, *,
+            require_authorisation: bool = True) -> Gateway:
     """The gateway, its clock synchronised (NTP, as a connected gateway's): commands are
-    judged by trusted time (the untrusted case is the sans-IO tests')."""
-    gateway = Gateway(lab.gateway_config(devices), lab.identity,
+    judged by trusted time (the untrusted case is the sans-IO tests'). It requires an
+    authorisation before it records a tag's presence, as in production, unless told."""
+    gateway = Gateway(lab.gateway_config(devices, require_authorisation=require_authorisation),
+                      lab.identity,
                       clock=Clock(synced=lambda: True))
     gateway.start()
     wait_for(lambda: gateway.forwarder.stats.connected, 15, "the gateway's uplink")
@@ -481,7 +486,9 @@ def running(lab: Lab, devices: list[DeviceSection] | None = None) -> Gateway:
 def test_pair_tag_over_mqtt_then_its_beacons_are_accepted(lab: Lab) -> None:
     tag = SimTag(0xBEEF, bytes(range(16)))
     sim = TagReceiverSim("TR-CMD-0001", tags=[tag], link=lab.tmp / "tty-tags").start()
-    gateway = running(lab, [DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)])
+    # pairing alone, no authorisation: a bench's setting ([supervision])
+    gateway = running(lab, [DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)],
+                      require_authorisation=False)
     try:
         driver = gateway._tag_drivers[0]
         sim.send_beacon(tag)
@@ -604,6 +611,54 @@ def test_commands_queued_while_offline_arrive_and_apply_in_order(lab: Lab) -> No
         assert again.writer.ledger_value(f"unpaired:tag:{tags[0].tag}") == 1
     finally:
         again.stop(2)
+
+
+@pytest.mark.slow
+def test_a_tag_unpaired_by_command_has_its_data_removed_without_a_restart(lab: Lab) -> None:
+    """The platform's unpair-tag goes through the same removal as ``provision unpair-tag``
+    (app/removals.py): once every record about the tag is delivered, ``tag.data_removed``
+    and its ledger entries gone, while the daemon runs (the receiver's driver dropped the
+    pairing at once; a command line's unpairing waits for a restart)."""
+    from app.removals import pending_key
+    from drivers.tag_receiver import counter_key
+
+    tag = SimTag(0xD001, bytes([9]) * 16)
+    reg = open_registry(lab.identity)
+    try:
+        reg.pair(tag.tag, tag.key, absent_after_s=600)
+    finally:
+        reg.close()
+    sim = TagReceiverSim("TR-CMD-0002", tags=[tag], link=lab.tmp / "tty-tags").start()
+    gateway = running(lab, [DeviceSection("tags", DeviceClass.TAG_RECEIVER, sim.path)],
+                      require_authorisation=False)
+    try:
+        for _ in range(3):
+            sim.send_beacon(tag)
+        wait_for(lambda: any(r["body"]["tag"] == tag.tag for r in lab.records("tag.presence")),
+                 20, "the tag's beacon at the platform")
+        assert gateway.writer.ledger_value(counter_key(tag.tag)) is not None
+        outcome = lab.answer(lab.send("unpair-tag", {"tag": tag.tag}))
+        assert outcome.outcome == "applied", outcome.body
+        assert outcome.body["details"]["was_paired"] is True
+        wait_for(lambda: [r["body"] for r in lab.records("tag.data_removed")] != [], 30,
+                 "tag.data_removed at the platform, the daemon still running")
+        [removed] = [r["body"] for r in lab.records("tag.data_removed")]
+        assert removed["tag"] == tag.tag
+        assert removed["ledger"] == ["counter"]
+        # every record about the tag was delivered before: at or below the bound
+        applied = lab.records("command.applied")[-1]
+        assert removed["delivered_through"] >= applied["seq"]
+        assert all(r["seq"] <= removed["delivered_through"] for r in lab.records("tag.presence"))
+        assert gateway.writer.ledger_value(counter_key(tag.tag)) is None
+        assert gateway.writer.ledger_value(pending_key("tag", tag.tag)) is None
+        # its beacons are refused from now on (not paired), and nothing of it is sealed
+        before = gateway._tag_drivers[0].stats.rejected["unknown_tag"]
+        sim.send_beacon(tag)
+        wait_for(lambda: gateway._tag_drivers[0].stats.rejected["unknown_tag"] > before, 10,
+                 "the unpaired tag's beacon refused")
+    finally:
+        gateway.stop(2)
+        sim.stop()
 
 
 @pytest.mark.slow

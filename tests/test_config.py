@@ -46,6 +46,18 @@ def test_a_good_config_loads(tmp_path: Path) -> None:
     assert cfg.devices[0].baudrate == 115200
     assert cfg.gnss is not None
     assert cfg.gnss.fix_interval_s == 30.0
+    assert cfg.require_authorisation is True  # production: a pairing authorises nothing
+
+
+def test_supervision_require_authorisation(tmp_path: Path) -> None:
+    """[supervision] require_authorisation: a boolean, true by default (Art. 29)."""
+    cfg = load_config(write(tmp_path, GOOD + "[supervision]\nrequire_authorisation = false\n"))
+    assert cfg.require_authorisation is False
+    with pytest.raises(ConfigError, match=r"\[supervision\] require_authorisation: expected "
+                                          r"bool, got 'no'"):
+        load_config(write(tmp_path, GOOD + '[supervision]\nrequire_authorisation = "no"\n'))
+    with pytest.raises(ConfigError, match=r"\[supervision\] require: unknown key"):
+        load_config(write(tmp_path, GOOD + "[supervision]\nrequire = true\n"))
 
 
 @pytest.mark.parametrize(

@@ -140,14 +140,15 @@ def template_keys(text: str) -> set[tuple[str, str]]:
 
 
 def uncommented(text: str, keys: set[str]) -> str:
-    """*text* with the optional tables set ([inputs], [enrolment], [paths]), and in each
+    """*text* with the optional tables set ([inputs], [enrolment], [paths], [supervision]),
+    and in each
     table that is set, the commented keys named in *keys* (a commented [[devices]] example
     stays commented whole)."""
     out = []
     active = True
     for original in text.splitlines():
         line = original
-        if re.match(r"#\[(inputs|enrolment|paths)\]$", line):
+        if re.match(r"#\[(inputs|enrolment|paths|supervision)\]$", line):
             line = line[1:]
         if re.match(r"#?\[\[?\w+\]\]?$", line):
             active = not line.startswith("#")

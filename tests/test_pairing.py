@@ -315,3 +315,80 @@ def test_a_pairing_journal_entry_marks_the_device(identity: Identity, tmp_path: 
     finally:
         writer.stop()
         store.close()
+
+
+# -- the command line and the platform's commands never interleave ----------------------
+
+
+def _waiting_on(lock_file: Path, pid: int) -> bool:
+    """Whether *pid* waits for an flock on *lock_file* (/proc/locks: '->' marks a waiter)."""
+    inode = lock_file.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and "FLOCK" in fields:
+            rest = fields[fields.index("->") + 1:]
+            if int(rest[3]) == pid and int(rest[4].rsplit(":", 1)[1]) == inode:
+                return True
+    return False
+
+
+def test_a_cli_pairing_waits_for_a_command_holding_the_journal_lock(
+    identity: Identity, tmp_path: Path,
+) -> None:
+    """``provision pair-tag`` takes the journal's lock (the one app/commands.py holds while
+    it applies a platform's pairing) before it reads the registry: a pairing the command
+    made meanwhile is what it replaces, and its journal entry says so."""
+    import subprocess
+    import sys
+
+    from provisioning.registry import new_device_key
+
+    ident = identity.directory
+    commands_key, cli_key = new_device_key(), bytes(range(16))
+    with journal.locked(ident):  # as app/commands.py while it applies a pair-tag
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(gateway.__file__)), "provision", "pair-tag", *WHO,
+             "--identity-dir", str(ident), "--tag", TAG, "--replace", "--json",
+             "--key-file", key_file(tmp_path, "cli", cli_key)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: _waiting_on(ident / journal.LOCK_FILE, proc.pid), 60,
+                     "the command line waiting for the journal's lock")
+            registry = open_registry(identity)  # the command's effect, still under the lock
+            try:
+                registry.pair(TAG, commands_key, absent_after_s=300)
+            finally:
+                registry.close()
+        except BaseException:
+            proc.kill()
+            raise
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["old_kid"] == device_key_id(commands_key)
+    [entry] = entries(identity)
+    # it saw the command's pairing: a replacement of that key, its setting kept
+    assert entry.action == "tag.replaced"
+    assert entry.details["old_kid"] == device_key_id(commands_key)
+    assert entry.details["absent_after_s"] == 300
+    after = open_registry(identity).get(TAG)
+    assert after is not None
+    assert (after.key, after.absent_after_s) == (cli_key, 300)
+
+
+def test_the_journal_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(
+    identity: Identity,
+) -> None:
+    import threading
+
+    ident = identity.directory
+    other: list[bool] = []
+    with journal.locked(ident) as held, journal.locked(ident) as again:
+        assert held
+        assert again  # the holder takes it again (a journal entry while pairing)
+        thread = threading.Thread(target=lambda: other.append(
+            journal.locked(ident, wait=False).__enter__()))
+        thread.start()
+        thread.join()
+        assert other == [False]  # another thread does not
+    with journal.locked(ident, wait=False) as free:
+        assert free

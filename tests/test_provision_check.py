@@ -502,3 +502,53 @@ def test_the_text_form_marks_each_line_and_says_what_to_do(
     text = check.render([check.Item("daemon", check.Outcome.FAIL, "not running", "start it")],
                         unicode=True)
     assert text.splitlines()[:2] == ["✘ daemon  not running", "          → start it"]
+
+
+def test_a_paired_tag_without_authorisation_is_a_warning_when_one_is_required(
+    stopped: Install, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[supervision] require_authorisation (the default): a paired tag the platform never
+    authorised records nothing of its presence; the check says so, per tag (a warning:
+    the installer pairs before the platform authorises)."""
+    import datetime as dt
+
+    from app.supervision import STATE_FILE
+    from core.supervision import BODY_PARSERS, Authorisation, Supervision
+    from provisioning.identity import load_identity as load
+    from provisioning.registry import open_registry as registry_of
+
+    authorised, never = "T00000A01", "T00000A02"
+    identity = load(stopped.identity_dir)
+    reg = registry_of(identity)
+    try:
+        reg.pair(authorised)
+        reg.pair(never)
+    finally:
+        reg.close()
+        identity.close()
+    stopped.devices = [("tags", "tag_receiver", str(stopped.root / "no-receiver"))]
+    stopped.write()
+    # the daemon's saved supervision state: one of the two authorised
+    today = dt.datetime.now(dt.UTC).date()
+    body = BODY_PARSERS["set-authorisation"]({
+        "tag": authorised, "basis": "prohibition_order", "document": "D-1",
+        "approver": "head", "start": (today - dt.timedelta(days=1)).isoformat(),
+        "end": (today + dt.timedelta(days=30)).isoformat(), "zone": "UTC"})
+    assert isinstance(body, Authorisation)
+    sup = Supervision()
+    sup.set_authorisation(body, time.time_ns() // 1_000_000)
+    data = stopped.root / "data"
+    data.mkdir(exist_ok=True)
+    (data / STATE_FILE).write_text(json.dumps({"format": 1, "gen": 1, "cseq": 1,
+                                               "state": sup.to_json()}))
+    _, items, _ = run_check(stopped, capsys, "--skip-broker", "--before-start")
+    assert f"tag {authorised} authorisation" not in items
+    item = items[f"tag {never} authorisation"]
+    assert item["ok"] == "warn"
+    assert "no authorisation in force" in item["detail"]
+    assert f"set-authorisation --tag {never}" in item["fix"]
+    # a bench that records tags on their pairing alone: no such item
+    stopped.config.write_text(stopped.config.read_text()
+                              + "\n[supervision]\nrequire_authorisation = false\n")
+    _, items, _ = run_check(stopped, capsys, "--skip-broker", "--before-start")
+    assert not [name for name in items if name.endswith(" authorisation")]

@@ -143,7 +143,7 @@ def test_a_closed_case_is_purged_after_its_deadline_as_one_signed_action(
     assert entry["reason"] == "supervision_ended"
     assert entry["case"] == "CASE-0001"
     assert entry["removed"] == {"held": 1, "quarantine": 1, "conflicts": 1, "deliveries": 2,
-                                "unrouted": 0, "alarms": 2}
+                                "unrouted": 0, "alarms": 2, "commands": 0}
     assert entry["records_sha256"] == b64u(records_sha256(r.digest for r in stored))
 
     # no table holds the gateway's tag id, record bytes or positions any more ...
@@ -262,3 +262,88 @@ def test_the_command_line_and_the_key_file(db_url: str, db: Database, tmp_path: 
     assert cli_main(["actions", "--db", db_url, "--verify", "--key-pub",
                      f"{key_file}.pub"]) == 1
     assert "PROBLEM action 1: the column at" in capsys.readouterr().out
+
+
+def command_rows(db: Database, gw: str) -> list[tuple[int, str, str, bytes, str | None]]:
+    with db.transaction(write=False) as tx:
+        return [(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), r[4]) for r in tx.all(
+            "SELECT cseq, kind, sha256, data, outcome FROM commands WHERE gw = ? "
+            "ORDER BY cseq, id", (gw,))]
+
+
+def document(gw: str) -> str:
+    """A decision's number, as a county bureau writes it (one per gateway here)."""
+    return f"沪司矫电〔2027〕{gw[-2:]}号"  # noqa: RUF001 - the brackets of the real numbers
+
+
+def send_commands(db: Database, gw: str, tag: str, first: int = 1) -> list[bytes]:
+    """Commands the platform signed for *gw* (as central/commands.py stores them): an
+    authorisation naming *tag* and its decision (answered), a spot check (unanswered)."""
+    from core.commands import command_digest, sign_command
+    from core.suites import ED25519, SoftwareKey
+
+    key = SoftwareKey(ED25519, bytes(range(32)))
+    sent = [sign_command(key, gw=gw, cseq=first, issued_at_ms=BASE_MS,
+                         not_after_ms=BASE_MS + DAY_MS, kind="set-authorisation", body={
+                             "tag": tag, "basis": "prohibition_order",
+                             "document": document(gw), "approver": "head",
+                             "start": "2025-10-09", "end": "2026-01-08", "zone": "UTC"}),
+            sign_command(key, gw=gw, cseq=first + 1, issued_at_ms=BASE_MS,
+                         not_after_ms=BASE_MS + DAY_MS, kind="request-presence",
+                         body={"tag": tag})]
+    with db.transaction() as tx:
+        for i, data in enumerate(sent):
+            obj = json.loads(data)
+            tx.execute("INSERT INTO commands (gw, cseq, kind, sha256, data, kid, issued_at, "
+                       "not_after, created_by, created_at, outcome, outcome_seq) VALUES "
+                       "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (gw, obj["cseq"], obj["kind"], command_digest(data), data, key.kid,
+                        BASE_MS, BASE_MS + DAY_MS, "Officer Wang", BASE_MS,
+                        "applied" if i == 0 else None, 9 if i == 0 else None))
+    return sent
+
+
+def test_a_closed_cases_commands_are_purged_with_it(db: Database, key_file: Path) -> None:
+    """The platform's commands table (schema 7) holds the case's tags, decisions, rules
+    and sealed keys: purged with the case (the bytes; the bookkeeping and digests stay),
+    counted in the signed action, and a gateway whose commands alone are left is due."""
+    from central.commands import CommandError, stored
+    from core.commands import command_digest
+
+    tag, other_tag = "T0000C0DE", "T0000D00D"
+    populate(db, GW, TAG, 1_214_737_000)
+    populate(db, OTHER, OTHER_TAG, 1_100_000_000)
+    sent = send_commands(db, GW, tag)
+    kept = send_commands(db, OTHER, other_tag)
+    key, public = load_action_key(key_file), load_action_public(Path(f"{key_file}.pub"))
+    assert "commands.data" in found(db, tag.encode())
+    ended = BASE_MS + DAY_MS
+    close_case(db, GW, ended, keep_days=0, by="Officer Wang")
+    (entry,) = purge(db, key, now_ms=ended, by="ops")
+    assert entry["removed"]["commands"] == 2  # type: ignore[index]
+    assert entry["commands_sha256"] == b64u(records_sha256(
+        command_digest(d).encode() for d in sent))
+    # nothing of what was commanded is left: the tag, the decision's number
+    assert found(db, tag.encode()) == []
+    assert found(db, document(GW).encode()) == []
+    # what was commanded when, and its answer, stay (cseq, kind, digest, outcome)
+    rows = command_rows(db, GW)
+    assert [(c, k, d, data, o) for c, k, d, data, o in rows] == [
+        (1, "set-authorisation", command_digest(sent[0]), b"", "applied"),
+        (2, "request-presence", command_digest(sent[1]), b"", None)]
+    with pytest.raises(CommandError, match="purged with its case"):
+        stored(db, GW, 1)
+    # the other gateway's commands are untouched
+    assert [r[3] for r in command_rows(db, OTHER)] == kept
+    assert stored(db, OTHER, 1).data == kept[0]
+    # a gateway purged before its commands were (a platform upgraded since): due again,
+    # and the purge of its commands is an action of its own
+    send_commands(db, GW, tag, first=3)
+    (again,) = purge(db, key, now_ms=ended + DAY_MS, by="ops")
+    assert (again["n"], again["records"], again["removed"]["commands"]) == (  # type: ignore[index]
+        2, 0, 2)
+    assert found(db, tag.encode()) == []
+    assert purge(db, key, now_ms=ended + 2 * DAY_MS, by="ops") == []
+    check = read_actions(db, public)
+    assert check.problems == []
+    assert [e["n"] for e in check.entries] == [1, 2]

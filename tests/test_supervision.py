@@ -1205,3 +1205,63 @@ def test_absences_outside_every_window_breach_nothing(
     events += run(sup, t, t0 + 5 * DAY, 10 * MIN)
     assert not ALARMS & set(kinds(events)), [e for e in events if e.kind in ALARMS]
     assert "presence.returned" not in kinds(events)
+
+
+# -- the gateway's service: which tags' presence may be recorded -------------------------
+
+
+class _Writer:
+    """A store writer that commits at once (the service's Writer)."""
+
+    def __init__(self) -> None:
+        self.ledger: dict[str, int] = {}
+        self.committed: list[Any] = []
+
+    def submit_all(self, readings: list[Any], on_committed: Any = None) -> None:
+        self.committed += readings
+        for reading in readings:
+            self.ledger.update(reading.ledger)
+        if on_committed is not None:
+            on_committed(None)
+
+    def ledger_value(self, key: str) -> int | None:
+        return self.ledger.get(key)
+
+
+@dataclass
+class _Clock:
+    now_ms: int
+
+    def utc_now(self) -> tuple[int, bool]:
+        return self.now_ms, True
+
+    def now_ns(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_a_tag_never_authorised_is_recorded_only_when_no_authorisation_is_required(
+        tmp_path: Path, required: bool) -> None:
+    """[supervision] require_authorisation (app/supervision.py): true, a paired tag the
+    platform never authorised is ignored and counted like one outside its period; false
+    (a bench), it is recorded. A tag whose authorisation is over is ignored either way."""
+    from app.supervision import SupervisionService
+    from core.record import Source
+
+    now = int(dt.datetime(2027, 5, 3, 12, tzinfo=dt.UTC).timestamp() * 1000)
+    service = SupervisionService(tmp_path, _Writer(), _Clock(now),
+                                 source=Source("gateway", "gw-test-0001"),
+                                 require_authorisation=required)
+    lapsed = parse_authorisation({
+        "tag": "T00000002", "basis": "prohibition_order", "document": "D-1",
+        "approver": "head", "start": "2027-04-01", "end": "2027-05-01", "zone": "UTC"})
+    assert isinstance(lapsed, Authorisation)
+    assert not isinstance(service.sup.set_authorisation(lapsed, now - 40 * 86_400_000),
+                          Refusal)
+    service.resume()  # the period ran out: authorisation.expired
+    assert service.presence("T00000001", "seen", 0, -60) is not required
+    assert service.presence("T00000001", "absent", 0, None) is not required
+    assert service.presence("T00000002", "seen", 0, -60) is False
+    ignored = {"tag.presence": 2 if required else 1} | ({"tag.absent": 1} if required else {})
+    assert dict(service.stats.ignored) == ignored
+    assert service.status()["require_authorisation"] is required
