@@ -443,11 +443,14 @@ class Run:
                 "--broker", f"127.0.0.1:{self.broker.port}", "--by-id", str(by_id),
                 note="`--by-id`: where this run's ports are named (on a unit, "
                      "/dev/serial/by-id, the default). The template found the three "
-                     "devices by their names. Then two things are filled in by hand, as "
+                     "devices by their names. Then a few things are filled in by hand, as "
                      "an installer does: the installed position (`[gnss] installed_lat`, "
                      "`installed_lon`: here the capture's first fix; personal data, never "
                      "shown), and `[paths] runtime_dir` (this machine has no "
-                     "/run/smartcorr).")
+                     "/run/smartcorr); and, this bench having no platform to authorise "
+                     "the tag, `[supervision] require_authorisation = false` (on a unit "
+                     "the platform's set-authorisation command authorises it: "
+                     "docs/supervision.md).")
         text = Path(self.config).read_text()
         lat, lon = fix.lat_e7 / 1e7, fix.lon_e7 / 1e7
         text, n = re.subn(r"^#\s*installed_lat\s*=.*$", f"installed_lat = {lat:.7f}", text,
@@ -457,6 +460,15 @@ class Run:
         if (n, m) != (1, 1) or not re.search(r"^\[gnss\]$", text, re.MULTILINE):
             raise self.fail("provision config wrote no [gnss] table with installed_lat and "
                             "installed_lon to fill in")
+        # no platform sends this bench's tag an authorisation (on a unit, its
+        # set-authorisation command does): its presence is recorded without one
+        text, k = re.subn(r"^#\s*\[supervision\]\s*$", "[supervision]", text,
+                          flags=re.MULTILINE)
+        text, j = re.subn(r"^#\s*require_authorisation\s*=.*$",
+                          "require_authorisation = false", text, flags=re.MULTILINE)
+        if (k, j) != (1, 1):
+            raise self.fail("provision config wrote no [supervision] require_authorisation "
+                            "to set")
         (root / "run").mkdir(mode=0o700)
         text += f'\n[paths]\nruntime_dir = "{root / "run"}"\n'
         atomic_write(Path(self.config), text.encode())
