@@ -11,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from central import cli, export, presence
 from central.db import Database
@@ -307,3 +309,35 @@ def test_parsing_never_raises_on_a_bad_body() -> None:
     assert presence.parse_explainer(1, "command.applied", {
         "kind": "unpair-tag", "details": {"tag": TAG}}) == Explainer(
             1, "command.applied", TAG, "pairing")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 50), st.integers(0, 5), st.booleans()),
+                min_size=1, max_size=30),
+       st.integers(0, COUNTER_MAX - 2_000), st.randoms(use_true_random=False))
+def test_holes_and_spans_of_any_stream(parts: list[tuple[int, int, bool]], start: int,
+                                       rng: random.Random) -> None:
+    """Intervals of *length* counters each, then *jump* counters unheard before the next
+    (explained by a tag.absent when the flag says so): one span per run of contiguous
+    intervals, one hole per jump, explained exactly when a tag.absent with the right
+    counter was sealed between them; nothing lost, whatever order they are given in."""
+    intervals: list[Interval] = []
+    explainers: list[Explainer] = []
+    seq, counter = 1, start
+    for length, jump, absent in parts:
+        intervals.append(iv(seq, counter, counter + length - 1))
+        counter += length + jump
+        seq += 1
+        if jump and absent:
+            explainers.append(Explainer(seq, "tag.absent", TAG, "absent",
+                                        last_counter=counter - jump - 1))
+        seq += 1
+    shuffled = intervals[:]
+    rng.shuffle(shuffled)
+    proof = prove(TAG, shuffled, explainers, stored=[(1, seq)])
+    jumps = [(j, a) for _, j, a in parts[:-1] if j]
+    assert len(proof.holes) == len(jumps)
+    assert proof.unexplained == sum(not a for _, a in jumps)
+    assert len(proof.spans) == len(jumps) + 1
+    assert sum(s.beacons for s in proof.spans) == sum(length for length, _, _ in parts)
+    assert proof.anomalies == []
