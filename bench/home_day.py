@@ -10,7 +10,10 @@ every 5 minutes (its default). Everything is real and runs as on a unit: the sim
 ``provision init`` / ``config`` / ``pair-tag`` / ``pair-kiosk``, the daemon
 (``gateway.py run --config``), a real mosquitto with mTLS and the province's ACL
 (lab/mosquitto.py) and a platform client subscribed to the records (QoS 1, as
-``lab.mosquitto.records_sink``; it counts the records by kind and the payload bytes).
+``lab.mosquitto.records_sink``; it counts the records by kind and the payload bytes, and
+hands each message to the platform's real ingest, central/ingest.py on SQLite: the run's
+``platform`` figures say every record was verified and stored, the chain has no gap, and
+what the presence records prove).
 
 What is measured, over a window that starts once the daemon is up, its devices
 handshaken, its tags present and its queue empty (so the start's one-off records are
@@ -67,6 +70,10 @@ from cryptography.hazmat.primitives.serialization import (  # noqa: E402
     load_pem_private_key,
 )
 
+from central.db import open_db  # noqa: E402
+from central.ingest import Ingest  # noqa: E402
+from central.ingest import report as ingest_report  # noqa: E402
+from central.record import Registration  # noqa: E402
 from core.mqtt import make_client  # noqa: E402
 from core.topics import PLATFORM_CN, TOPIC_ROOT  # noqa: E402
 from lab.background import Background, isolated_env  # noqa: E402
@@ -172,6 +179,8 @@ class Sink:
         self.payload_bytes = 0
         self.checkin_bytes: list[int] = []
         self._lock = threading.Lock()
+        self._db_url: str | None = None
+        self._ingest: Ingest | None = None
         self.subscribed = threading.Event()
         self.client = make_client(PLATFORM_CN, client_config(broker, pki, PLATFORM_CN))
         self.client.on_connect = lambda c, *_a: c.subscribe(f"{TOPIC_ROOT}/+/records", qos=1)
@@ -180,8 +189,20 @@ class Sink:
         self.client.connect(broker_host, broker_port)
         self.client.loop_start()
 
+    def ingest_into(self, db_url: str, signing_pub: Path) -> None:
+        """From now on, every message also goes through the platform's real ingest
+        (verified, chained, stored) in the database at *db_url*, the gateway enrolled."""
+        with open_db(db_url) as db:
+            Ingest(db).enrol(Registration.from_json(json.loads(signing_pub.read_bytes())))
+        with self._lock:
+            self._db_url = db_url
+
     def _message(self, _client: object, _userdata: object, msg: Any) -> None:
         payload = bytes(msg.payload)
+        if self._db_url is not None:  # paho's network thread: the database is its own
+            if self._ingest is None:
+                self._ingest = Ingest(open_db(self._db_url, migrate=False))
+            self._ingest.ingest_message(str(msg.topic), payload)
         kinds: list[str] = []
         for line in payload.splitlines():
             try:
@@ -204,6 +225,8 @@ class Sink:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        if self._ingest is not None:
+            self._ingest.db.close()
 
 
 # --- the daemon's counters ---------------------------------------------------------------
@@ -415,9 +438,11 @@ def stack(root: Path, checkin_every_s: float) -> Iterator[tuple[Home, Relay, Sin
 def measure(root: Path, minutes: float) -> dict[str, Any]:
     window_s = minutes * 60
     checkin_every_s = max(20.0, window_s * 0.6)  # at least one within the window
+    db_url = f"sqlite:///{root / 'platform.db'}"
     with stack(root, checkin_every_s) as (home, relay, sink, pki):
         say(f"setting up the home in {root}")
         home.setup(relay.port, pki)
+        sink.ingest_into(db_url, root / "identity" / "signing.pub")
         home.start_daemon()
         say("daemon started; waiting for its devices, tags, GNSS fix and uplink")
         home.wait("the daemon ready", ready, READY_TIMEOUT_S)
@@ -448,6 +473,8 @@ def measure(root: Path, minutes: float) -> dict[str, Any]:
         kinds = kinds1 - kinds0
         checkin_bytes = list(sink.checkin_bytes)
     records_received = sum(n for k, n in kinds.items() if k != "head")
+    with open_db(db_url, migrate=False) as db:
+        stored = ingest_report(db, GATEWAY_ID)
     return {
         "measured_s": round(measured_s, 1), "records_sealed": sealed,
         "records_received": records_received,
@@ -461,6 +488,16 @@ def measure(root: Path, minutes: float) -> dict[str, Any]:
         "disk_bytes_written": io1 - io0,
         "fsyncs": None if calls is None else sum(calls.values()),
         "fsync_calls": calls,
+        # the platform's real ingest, over the whole run: every record verified and stored,
+        # the chain without a gap, and what the presence records prove (central/presence.py)
+        "platform": {
+            "records_stored": stored["records"],
+            "gaps_unexplained": len(stored["gaps_unexplained"]),
+            "chain_breaks": len(stored["chain_breaks"]),
+            "quarantined": stored["quarantined"],
+            "presence_holes_unexplained": stored["presence_holes_unexplained"],
+            "presence_anomalies": stored["presence_anomalies"],
+        },
         "checkin_every_s": checkin_every_s,
         "checkin_record_bytes": round(sum(checkin_bytes) / len(checkin_bytes))
         if checkin_bytes else None,
@@ -508,6 +545,7 @@ def report(out: dict[str, Any]) -> str:
         f" up, {out['uplink_wire_bytes_down']:,} down), {out['uplink_payload_bytes']:,} B of "
         "MQTT payloads",
         f"  disk: {out['disk_bytes_written']:,} B written; fsyncs: {out['fsyncs']}",
+        f"  the platform's ingest (whole run): {out['platform']}",
         out["home_day_label"] + ":",
         f"  home_day_records {out['home_day_records']:,}",
         f"  home_day_uplink_bytes {out['home_day_uplink_bytes']:,} (target <= "

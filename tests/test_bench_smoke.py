@@ -54,3 +54,8 @@ def test_home_day_bench_quick_run_prints_every_key(tmp_path: Path) -> None:
     assert out["records_received"] > 0
     assert out["uplink_wire_bytes"] > out["uplink_payload_bytes"] > 0  # TLS and MQTT on top
     assert set(out["targets"]) == {"home_day_uplink_bytes", "home_day_disk_bytes_written"}
+    platform = out["platform"]  # the real ingest took every message: verified, no gap
+    assert platform["records_stored"] >= out["records_received"]
+    assert platform["quarantined"] == {}
+    assert platform["gaps_unexplained"] == platform["chain_breaks"] == 0
+    assert platform["presence_holes_unexplained"] == platform["presence_anomalies"] == 0
