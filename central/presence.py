@@ -43,6 +43,7 @@ bits) is a ``malformed`` anomaly and takes no part in the spans.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -254,7 +255,7 @@ def prove(tag: str, intervals: Iterable[Interval], explainers: Sequence[Explaine
     here). *explainers*: the records that may explain holes (any tag: filtered here);
     *stored*: the seq ranges the platform holds (to name the seqs missing in a hole)."""
     proof = Proof(tag)
-    mine = [e for e in explainers if e.tag == tag]
+    mine = sorted((e for e in explainers if e.tag == tag), key=lambda e: e.seq)
     prev: Interval | None = None  # the interval with the highest counter so far
     span: Span | None = None  # the span *prev* ends, if it ends one
     for iv in sorted((i for i in intervals if i.tag == tag), key=lambda i: i.seq):
@@ -283,13 +284,14 @@ def prove(tag: str, intervals: Iterable[Interval], explainers: Sequence[Explaine
 
 def _hole(prev: Interval, nxt: Interval, explainers: Sequence[Explainer],
           stored: Sequence[tuple[int, int]]) -> Hole:
+    """The hole between *prev* and *nxt*; *explainers*: the tag's, sorted by seq."""
     hole = Hole(prev, nxt)
     first, last = prev.last_counter + 1, nxt.first_counter - 1
     if prev.boot != nxt.boot:
         hole.explained_by.append({"reason": "restart", "boots": [prev.boot, nxt.boot]})
-    for e in explainers:
-        if not prev.seq < e.seq < nxt.seq:
-            continue
+    lo = bisect.bisect_right(explainers, prev.seq, key=lambda e: e.seq)
+    hi = bisect.bisect_left(explainers, nxt.seq, key=lambda e: e.seq)
+    for e in explainers[lo:hi]:
         if e.reason == "absent" and e.last_counter is not None \
                 and e.last_counter != prev.last_counter:
             hole.notes.append(
