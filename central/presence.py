@@ -434,7 +434,8 @@ def report_text(gw: str, proof: Proof) -> str:
              f"continuous spans: {len(proof.spans)}"]
     for s in proof.spans:
         lines.append(f"  counters {s.first.first_counter}..{s.last.last_counter} "
-                     f"({s.beacons} beacons, {s.intervals} intervals, seqs "
+                     f"({s.beacons} beacons, {s.intervals} "
+                     f"interval{'s' if s.intervals != 1 else ''}, seqs "
                      f"{s.first.seq}..{s.last.seq}) "
                      f"{_when(s.first.utc_of(s.first.first_mono_ms))} .. "
                      f"{_when(s.last.utc_of(s.last.last_mono_ms))}")
