@@ -3,7 +3,8 @@
 ``enrol`` registers a gateway (its ``signing.pub``) or decommissions one; ``consume``
 runs one ingest consumer (run several: a shared subscription spreads the gateways'
 messages over them); ``alarms`` lists (or follows) the alarm-class records stored;
-``report`` says everything the platform knows of one gateway's stream; ``gateways`` lists
+``report`` says everything the platform knows of one gateway's stream; ``presence`` what
+its ``tag.interval`` records prove of one tag (:mod:`central.presence`); ``gateways`` lists
 the enrolled gateways; ``verify`` checks
 a capture offline (:mod:`central.capture`); ``export`` writes a court-ready zip of one
 gateway's records over a period and ``verify-export`` checks one (:mod:`central.export`);
@@ -43,6 +44,7 @@ from central.db import Database, DatabaseError, StorageError, open_db
 from central.examples import add_examples
 from central.ingest import SIG_AUDIT, Alarm, EnrolError, Ingest, alarms, report
 from central.record import load_registrations
+from core.devices import TAG_REF_RE
 from core.errors import UserError
 from core.mqtt import BrokerConfig
 
@@ -139,6 +141,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _db_arg(rep)
     rep.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pres = sub.add_parser("presence", help="what a gateway's tag.interval records prove of "
+                                           "one tag: spans, holes explained or not "
+                                           "(central/presence.py)")
+    _db_arg(pres)
+    pres.add_argument("--gw", required=True, metavar="ID", help="the gateway's id")
+    pres.add_argument("--tag", required=True, metavar="T", help="the tag (T and 8 hex digits)")
+    pres.add_argument("--from", dest="from_", metavar="T",
+                      help="only intervals sealed from then: ISO 8601 UTC or ms since 1970")
+    pres.add_argument("--to", metavar="T", help="only intervals sealed until then (included)")
+    pres.add_argument("--json", action="store_true", help="print one JSON object")
 
     gws = sub.add_parser("gateways", help="the enrolled gateways: id, status, enrolment, "
                                           "records stored, highest seq")
@@ -380,6 +393,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presence(args: argparse.Namespace) -> int:
+    from central import export, presence
+
+    if not TAG_REF_RE.fullmatch(args.tag):
+        raise CliError(f"--tag {args.tag!r}: a tag is 'T' and 8 upper-case hex digits, as in "
+                       "its records (T0000002A)")
+    from_ms = None if args.from_ is None else export.parse_time(args.from_)
+    to_ms = None if args.to is None else export.parse_time(args.to)
+    with _open(args.db) as db:
+        with db.transaction(write=False) as tx:
+            if tx.one("SELECT 1 FROM gateways WHERE gw = ?", (args.gw,)) is None:
+                raise CliError(f"gateway {args.gw!r} is not enrolled in {args.db}: "
+                               "'ingest gateways --db URL' lists the ids")
+        proof = presence.presence(db, args.gw, args.tag, from_ms=from_ms, to_ms=to_ms)
+    if args.json:
+        print(json.dumps({"gw": args.gw, "from_ms": from_ms, "to_ms": to_ms,
+                          **proof.to_json()}, sort_keys=True))
+        return 0
+    print(presence.report_text(args.gw, proof))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from central import capture
 
@@ -422,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     commands = {"enrol": _enrol, "consume": _consume, "alarms": _alarms, "report": _report,
-                "gateways": _gateways, "verify": _verify, "export": _export,
+                "gateways": _gateways, "presence": _presence, "verify": _verify,
+                "export": _export,
                 "verify-export": _verify_export, **routing.COMMANDS, **retention.COMMANDS,
                 **command_keys.COMMANDS, **ca.COMMANDS, **enrolment.COMMANDS,
                 **command_tool.COMMANDS}

@@ -928,6 +928,8 @@ def alarms(db: Database, since: int = 0, limit: int = 1000) -> list[Alarm]:
 
 def report(db: Database, gw: str) -> dict[str, JSON]:
     """Everything the platform knows of *gw*'s stream (``python -m central report``)."""
+    from central.presence import summary  # it reads the stored records: no cycle at import
+
     explained, unexplained = gaps(db, gw)
     with db.transaction(write=False) as tx:
         row = tx.one("SELECT status, tls_fingerprint, enrolled_at, decommissioned_at, "
@@ -963,6 +965,7 @@ def report(db: Database, gw: str) -> dict[str, JSON]:
             "ORDER BY key_class", (gw,))}
         held = tx.one("SELECT COUNT(*) FROM held WHERE gw = ?", (gw,))
         head = tx.one("SELECT committed_seq, boot, received_at FROM heads WHERE gw = ?", (gw,))
+    presence = summary(db, gw)
     return {
         "head": None if head is None else {"committed_seq": int(head[0]),
                                            "boot": int(head[1]), "received_at": int(head[2])},
@@ -978,4 +981,8 @@ def report(db: Database, gw: str) -> dict[str, JSON]:
         "identities": identities, "sessions": sessions, "conflicts": conflicts,
         "quarantined": quarantined, "reorders": reorders, "chain_breaks": breaks,
         "kinds": kinds, "key_classes": classes, "takeovers": kinds.get(TAKEOVER_KIND, 0),
+        # what the tag.interval records prove (central/presence.py): the counter holes no
+        # record explains, and the intervals that contradict each other
+        "presence_holes_unexplained": presence["holes_unexplained"],
+        "presence_anomalies": presence["anomalies"],
     }
