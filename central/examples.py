@@ -23,6 +23,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "report": (f"report --db {DB} --gw gw-qc-0042",
                f"report --db {DB} --gw gw-qc-0042 --json"),
     "gateways": (f"gateways --db {DB}", f"gateways --db {DB} --json"),
+    "presence": (f"presence --db {DB} --gw gw-qc-0042 --tag T0000C001",
+                 f"presence --db {DB} --gw gw-qc-0042 --tag T0000C001 "
+                 "--from 2026-11-01T00:00:00Z --to 2026-11-30T23:59:59Z --json"),
     "export": (f"export --db {DB} --gw gw-qc-0042 --from 2026-11-01T00:00:00Z "
                "--to 2026-11-30T23:59:59Z --out case-1234.zip --by 'A. Clerk'",),
     "verify-export": ("verify-export case-1234.zip", "verify-export case-1234.zip --json"),
