@@ -25,7 +25,7 @@ from core.record import (
     MAX_INT,
     MIN_INT,
     REQUIRED_FIELDS,
-    canonical,
+    canonical_float_free,
     check_no_float,
     unb64u,
 )
@@ -196,7 +196,7 @@ def parse_record(data: bytes) -> dict[str, JSON]:
         if odd:  # the walks below say where (the decoder's hooks only that there is one)
             check_no_float(rec, "record")
             _check_ints(rec, "record")
-        encoded = canonical(rec)
+        encoded = canonical_float_free(rec)  # the hooks saw every number: no float
     except (TypeError, ValueError) as exc:
         raise RecordError("malformed", str(exc)) from None
     if encoded != data:
@@ -247,10 +247,10 @@ def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup,
     if key.alg != alg:
         raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}: alg {alg!r} "
                           f"but key {rec['kid']!r} is {key.alg}")
-    complete = canonical(rec) if data is None else data
+    complete = canonical_float_free(rec) if data is None else data
     sig_text = rec.pop("sig")
     try:
-        good = key.verify(unb64u(str(sig_text)), canonical(rec))
+        good = key.verify(unb64u(str(sig_text)), canonical_float_free(rec))
         prev = unb64u(str(rec["prev"]))
     except ValueError:
         good = False

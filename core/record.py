@@ -161,6 +161,15 @@ def canonical(obj: Mapping[str, JSON]) -> bytes:
     return canonical_reference(obj) if out is None else out
 
 
+def canonical_float_free(obj: Mapping[str, JSON]) -> bytes:
+    """:func:`canonical` of a value known to hold no float, NaN or infinity (the platform's
+    parser refused them before): orjson's bytes without the float check."""
+    try:
+        return orjson.dumps(obj, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return canonical_reference(obj)
+
+
 def canonical_body(body: JSON, path: str = "body") -> bytes:
     """The canonical bytes of a record's *body* (or any part of a record), refusing a
     float anywhere with a :class:`TypeError` that names where (:func:`check_no_float`)."""
