@@ -32,6 +32,7 @@ from core.record import (
     canonical,
     canonical_body,
     canonical_reference,
+    parse_canonical,
 )
 from core.suites import ED25519, SoftwareKey, Verifier
 
@@ -367,3 +368,81 @@ def test_a_timestamp_that_is_no_integer_is_refused(ts: Timestamp) -> None:
     with pytest.raises(TypeError):
         draft.seal(Reading("tag.presence", Source("c", "i"), {}, 0), ts)
     assert draft.last_seq == 0
+
+
+# -- the platform's side: parsing canonical bytes in C -----------------------------------------
+
+def _strict_json(data: bytes) -> Any:
+    """The json module's parse, refusing duplicate keys and non-JSON constants."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in items}) != len(items):
+            raise ValueError("duplicate key")
+        return dict(items)
+
+    def constant(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+
+
+def _is_canonical_record_json(data: bytes) -> bool:
+    """What parse_canonical must decide, by the slow definition."""
+    try:
+        value = _strict_json(data)
+        if not isinstance(value, dict) or _has_odd_number(value):
+            return False
+        return canonical_reference(value) == data
+    except (ValueError, RecursionError):
+        return False
+
+
+def _has_odd_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not MIN_INT <= value <= MAX_INT
+    if isinstance(value, dict):
+        return any(_has_odd_number(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_odd_number(v) for v in value)
+    return False
+
+
+#: Edits that turn canonical bytes into others, each refused by the slow definition or not.
+EDITS: list[tuple[bytes, bytes]] = [
+    (b",", b", "), (b":", b" : "), (b"}", b",}"), (b'"a"', b'"\\u0061"'), (b"/", b"\\/"),
+    (b"1", b"1.0"), (b"1", b"1e0"), (b"0", b"-0"), (b"1", b"01"), (b"true", b"True"),
+    (b'{"', b'{"a":1,"'), (b"[", b"[ "), (b"9", b"99999999999999999999"), (b"null", b"NaN"),
+    (b'"', b'"\\ud800'), (b"e", b"\xc3\xa9"), (b"e", b"\xff"), (b"\\n", b"\n"),
+    (b"\\u001f", b"\\u001F"), (b"\\\\", b"\\u005c"),
+]
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(objects, st.lists(st.tuples(st.sampled_from(EDITS), st.integers(0, 50)), max_size=3))
+def test_parse_canonical_takes_exactly_the_canonical_bytes(
+        value: dict[str, Any], edits: list[tuple[tuple[bytes, bytes], int]]) -> None:
+    data = canonical(value)
+    assert parse_canonical(data) == value
+    for (old, new), nth in edits:
+        at = -1
+        for _ in range(nth % (data.count(old) or 1) + 1):
+            at = data.find(old, at + 1)
+        if at >= 0:
+            data = data[:at] + new + data[at + len(old):]
+    parsed = parse_canonical(data)
+    assert (parsed is not None) == _is_canonical_record_json(data), data
+    if parsed is not None:
+        assert parsed == _strict_json(data)
+
+
+@pytest.mark.parametrize("data", [
+    b'{"a":1,"a":1}', b'{"a":1.0}', b'{"a":9223372036854775808}', b'{"a":-9223372036854775809}',
+    b'{"a":18446744073709551616}', b'{"a":NaN}', b'{"a":"\\ud800"}', b'{"a":"\\u0041"}',
+    b' {"a":1}', b'{"a":1}\n', b'\xef\xbb\xbf{"a":1}', b'[1]', b'"a"', b'{"b":1,"a":2}',
+])
+def test_parse_canonical_refuses(data: bytes) -> None:
+    assert parse_canonical(data) is None
