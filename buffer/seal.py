@@ -34,6 +34,9 @@ _CACHE_LIMIT = 1024
 _texts: dict[str, bytes] = {}
 _sources: dict[Source, bytes] = {}
 _kinds: dict[str, tuple[Priority, bytes, bytes]] = {}
+#: The constant fields of a key's records, by (alg, public key, gateway, boot).
+_HEADERS_LIMIT = 16
+_headers: dict[tuple[str, bytes, str, int], tuple[str, bytes, bytes]] = {}
 #: base64 to base64url (RFC 4648 section 5)
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
@@ -100,13 +103,21 @@ class Draft:
         does not change within a store)."""
         self.key = key
         self.alg = key.alg
-        self.kid = key_id(key.alg, key.public_raw)
         self._hash = hash_function(key.alg)
         # The fields that do not change within a draft, as canonical bytes, in their
-        # sorted places: alg < body < boot < gw < kid < kind.
-        self._open = b'{"alg":' + _text(self.alg) + b',"body":'
-        self._middle = (b',"boot":%d,"gw":%b,"kid":%b,"kind":'
-                        % (self.boot, _text(self.gateway_id), _text(self.kid)))
+        # sorted places: alg < body < boot < gw < kid < kind (once per key and boot: a
+        # draft is taken for every group, and by Sealer.seal for every record).
+        ident = (key.alg, key.public_raw, self.gateway_id, self.boot)
+        known = _headers.get(ident)
+        if known is None:
+            kid = key_id(key.alg, key.public_raw)
+            known = (kid, b'{"alg":' + _text(key.alg) + b',"body":',
+                     b',"boot":%d,"gw":%b,"kid":%b,"kind":'
+                     % (self.boot, _text(self.gateway_id), _text(kid)))
+            if len(_headers) >= _HEADERS_LIMIT:
+                _headers.clear()
+            _headers[ident] = known
+        self.kid, self._open, self._middle = known
 
     def seal(self, reading: Reading, ts: Timestamp) -> SealedRecord:
         key = self.key
