@@ -14,25 +14,66 @@ is a ``key.session`` (:mod:`core.session`), signed by the session key it certifi
 
 from __future__ import annotations
 
-import json
+import binascii
 
+from core.kinds import Priority
 from core.record import (
     FORMAT_VERSION,
-    JSON,
     Reading,
     SealedRecord,
+    Source,
     Timestamp,
-    b64u,
-    check_no_float,
-    has_float,
+    canonical_body,
 )
 from core.suites import Signer, hash_function, key_id
 
-#: The record's fields that sort after "sig".
-_AFTER_SIG = ("src", "t", "tq", "v")
-_DUMPS = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
+#: Strings of the record's fields (kind, prio, tq) and sources, as canonical bytes, by
+#: value: encoded once, not once per record. Bounded: past the bound a value is encoded
+#: each time (the kind table holds ~80 kinds; a gateway has a few devices).
+_CACHE_LIMIT = 1024
+_texts: dict[str, bytes] = {}
+_sources: dict[Source, bytes] = {}
+_kinds: dict[str, tuple[Priority, bytes, bytes]] = {}
+#: The constant fields of a key's records, by (alg, public key, gateway, boot).
+_HEADERS_LIMIT = 16
+_headers: dict[tuple[str, bytes, str, int], tuple[str, bytes, bytes]] = {}
+#: base64 to base64url (RFC 4648 section 5)
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64u(data: bytes) -> bytes:
+    """:func:`core.record.b64u` as ASCII bytes."""
+    return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_URLSAFE)
+
+
+def _text(value: str) -> bytes:
+    """A string's canonical bytes (its JSON string, quotes included)."""
+    out = _texts.get(value)
+    if out is None:
+        out = canonical_body(value)
+        if len(_texts) < _CACHE_LIMIT:
+            _texts[value] = out
+    return out
+
+
+def _source(source: Source) -> bytes:
+    out = _sources.get(source)
+    if out is None:
+        out = canonical_body(source.to_json(), "src")
+        if len(_sources) < _CACHE_LIMIT:
+            _sources[source] = out
+    return out
+
+
+def _kind(reading: Reading) -> tuple[Priority, bytes, bytes]:
+    """The reading's priority, and its kind and priority label as canonical bytes."""
+    out = _kinds.get(reading.kind)
+    if out is None:
+        priority = reading.priority  # UnknownKindError for a kind not in the table
+        out = (priority, _text(reading.kind), _text(priority.label))
+        if len(_kinds) < _CACHE_LIMIT:
+            _kinds[reading.kind] = out
+    return out
 
 
 class NoSessionKeyError(RuntimeError):
@@ -44,13 +85,15 @@ class Draft:
 
     def __init__(self, gateway_id: str, key: Signer | None, *, boot: int,
                  last_seq: int, last_digest: bytes) -> None:
+        if type(boot) is not int or type(last_seq) is not int:
+            raise TypeError("boot and seq are integers")
         self.gateway_id = gateway_id
+        self.boot = boot
         self.key: Signer | None = None
         self.kid = ""
         self.alg = ""
         if key is not None:
             self.use_key(key)
-        self.boot = boot
         self.base_seq = last_seq
         self.last_seq = last_seq
         self.last_digest = last_digest
@@ -60,41 +103,44 @@ class Draft:
         does not change within a store)."""
         self.key = key
         self.alg = key.alg
-        self.kid = key_id(key.alg, key.public_raw)
         self._hash = hash_function(key.alg)
+        # The fields that do not change within a draft, as canonical bytes, in their
+        # sorted places: alg < body < boot < gw < kid < kind (once per key and boot: a
+        # draft is taken for every group, and by Sealer.seal for every record).
+        ident = (key.alg, key.public_raw, self.gateway_id, self.boot)
+        known = _headers.get(ident)
+        if known is None:
+            kid = key_id(key.alg, key.public_raw)
+            known = (kid, b'{"alg":' + _text(key.alg) + b',"body":',
+                     b',"boot":%d,"gw":%b,"kid":%b,"kind":'
+                     % (self.boot, _text(self.gateway_id), _text(kid)))
+            if len(_headers) >= _HEADERS_LIMIT:
+                _headers.clear()
+            _headers[ident] = known
+        self.kid, self._open, self._middle = known
 
     def seal(self, reading: Reading, ts: Timestamp) -> SealedRecord:
         key = self.key
         if key is None:
             raise NoSessionKeyError("no session key yet: a key.session record comes first")
-        if has_float(reading.body):
-            check_no_float(dict(reading.body), "body")  # raises, naming where
+        if type(ts.utc_ms) is not int or type(ts.mono_ms) is not int:
+            raise TypeError(f"a timestamp of integers, not {ts!r}")  # %d would truncate
+        body = reading.body
+        # the body is the one part encoded for each record (refusing a float: TypeError)
+        encoded_body = canonical_body(body if type(body) is dict else dict(body))
+        priority, kind, prio = _kind(reading)
         seq = self.last_seq + 1
-        priority = reading.priority
-        rec: dict[str, JSON] = {
-            "alg": self.alg,
-            "v": FORMAT_VERSION,
-            "gw": self.gateway_id,
-            "seq": seq,
-            "prev": b64u(self.last_digest),
-            "boot": self.boot,
-            "t": ts.utc_ms,
-            "tq": ts.quality,
-            "mono": ts.mono_ms,
-            "src": reading.source.to_json(),
-            "kind": reading.kind,
-            "prio": priority.label,
-            "body": dict(reading.body),
-            "kid": self.kid,
-        }
-        # Encode once, then splice "sig" in at its sorted place: between "seq" and the
-        # fields after it (src, t, tq, v), whose encoding is the tail of the whole.
-        # canonical() of the signed dict gives the same bytes (tested).
-        unsigned = _DUMPS(rec)
-        tail = _DUMPS({k: rec[k] for k in _AFTER_SIG})  # '{"src":…,"v":1}'
-        head = unsigned[: len(unsigned) - len(tail) + 1]  # '{"alg":…,"seq":N,'
-        sig = b64u(key.sign(unsigned.encode("utf-8")))
-        data = (head + '"sig":"' + sig + '",' + tail[1:]).encode("utf-8")
+        # The canonical bytes (core.record.canonical of the record as a dict: the same,
+        # tests/test_canonical.py), written in the fields' sorted order: alg body boot gw
+        # kid kind mono prev prio seq [sig] src t tq v. "sig" is spliced in between "seq"
+        # and "src": what it signs is the same bytes without it.
+        head = b"%b%b%b%b,\"mono\":%d,\"prev\":\"%b\",\"prio\":%b,\"seq\":%d," % (
+            self._open, encoded_body, self._middle, kind, ts.mono_ms,
+            _b64u(self.last_digest), prio, seq)
+        tail = b'"src":%b,"t":%d,"tq":%b,"v":%d}' % (
+            _source(reading.source), ts.utc_ms, _text(ts.quality), FORMAT_VERSION)
+        sig = _b64u(key.sign(head + tail))
+        data = b'%b"sig":"%b",%b' % (head, sig, tail)
         digest = self._hash(data)
         self.last_seq = seq
         self.last_digest = digest

@@ -25,8 +25,9 @@ from core.record import (
     MAX_INT,
     MIN_INT,
     REQUIRED_FIELDS,
-    canonical,
+    canonical_float_free,
     check_no_float,
+    parse_canonical,
     unb64u,
 )
 from core.session import KEY_CLASSES
@@ -148,17 +149,10 @@ def _check_ints(value: JSON, path: str) -> None:
             raise ValueError(f"integer at {where} outside the signed 64-bit range")
 
 
-def parse_record(data: bytes) -> dict[str, JSON]:
-    """A record's fields, shape-checked (types, version, canonical bytes); not yet verified.
-    A format-1 record has no ``alg`` (:func:`verify_parsed` takes it as Ed25519).
-
-    The checks run in the order of docs/records.md ("What the platform checks"), the
-    first that fails giving the reason: ``malformed`` (no UTF-8 JSON object, a field
-    missing or of another type, a float, an integer beyond 64 bits, a string with no
-    UTF-8, a binary field not in its one base64url form), ``non_canonical`` (a duplicate
-    key, or bytes that are not exactly :func:`core.record.canonical` of what they parse
-    to), ``version``."""
-    odd: list[str] = []  # numbers with a fraction or an exponent, or beyond 64 bits
+def _parse_json(data: bytes, odd: list[str]) -> JSON:
+    """*data* parsed by the json module with hooks: a duplicate key is ``non_canonical``,
+    no JSON ``malformed``; numbers with a fraction or an exponent, or beyond 64 bits, are
+    appended to *odd*."""
 
     def number(text: str) -> float:
         odd.append(text)
@@ -171,12 +165,31 @@ def parse_record(data: bytes) -> dict[str, JSON]:
         return value
 
     try:
-        rec = json.loads(data.decode("utf-8"), object_pairs_hook=_object,
-                         parse_constant=_constant, parse_float=number, parse_int=integer)
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_object,
+                          parse_constant=_constant, parse_float=number, parse_int=integer)
     except _DuplicateKeyError as exc:
         raise RecordError("non_canonical", str(exc)) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise RecordError("malformed", f"not JSON: {exc}") from None
+
+
+def parse_record(data: bytes) -> dict[str, JSON]:
+    """A record's fields, shape-checked (types, version, canonical bytes); not yet verified.
+    A format-1 record has no ``alg`` (:func:`verify_parsed` takes it as Ed25519).
+
+    The checks run in the order of docs/records.md ("What the platform checks"), the
+    first that fails giving the reason: ``malformed`` (no UTF-8 JSON object, a field
+    missing or of another type, a float, an integer beyond 64 bits, a string with no
+    UTF-8, a binary field not in its one base64url form), ``non_canonical`` (a duplicate
+    key, or bytes that are not exactly :func:`core.record.canonical` of what they parse
+    to), ``version``."""
+    parsed = parse_canonical(data)  # the common case: canonical bytes, parsed in C
+    fast = parsed is not None
+    odd: list[str] = []  # numbers with a fraction or an exponent, or beyond 64 bits
+    if parsed is None:  # something is wrong: the parser with hooks says what, in order
+        rec: JSON = _parse_json(data, odd)
+    else:
+        rec = parsed
     if not isinstance(rec, dict):
         raise RecordError("malformed", "not a JSON object")
     legacy = rec.get("v") == LEGACY_FORMAT_VERSION and "alg" not in rec
@@ -192,16 +205,17 @@ def parse_record(data: bytes) -> dict[str, JSON]:
     if not legacy and rec["v"] != FORMAT_VERSION:
         raise RecordError("malformed", f"a record of format {rec['v']} has no 'alg' "
                           f"(format {FORMAT_VERSION} has)")
-    try:
-        if odd:  # the walks below say where (the decoder's hooks only that there is one)
-            check_no_float(rec, "record")
-            _check_ints(rec, "record")
-        encoded = canonical(rec)
-    except (TypeError, ValueError) as exc:
-        raise RecordError("malformed", str(exc)) from None
-    if encoded != data:
-        raise RecordError("non_canonical", "the bytes are not the canonical encoding of the "
-                          "record (docs/records.md, Canonical bytes)")
+    if not fast:  # parse_canonical proved all of this for the bytes it parsed
+        try:
+            if odd:  # the walks below say where (the decoder's hooks only that there is one)
+                check_no_float(rec, "record")
+                _check_ints(rec, "record")
+            encoded = canonical_float_free(rec)  # the hooks saw every number: no float
+        except (TypeError, ValueError) as exc:
+            raise RecordError("malformed", str(exc)) from None
+        if encoded != data:
+            raise RecordError("non_canonical", "the bytes are not the canonical encoding of "
+                              "the record (docs/records.md, Canonical bytes)")
     for name in BINARY_FIELDS:
         try:
             unb64u(str(rec[name]))
@@ -247,10 +261,10 @@ def verify_parsed(rec: dict[str, JSON], key_for: KeyLookup,
     if key.alg != alg:
         raise RecordError("bad_signature", f"seq {rec['seq']} of {rec['gw']}: alg {alg!r} "
                           f"but key {rec['kid']!r} is {key.alg}")
-    complete = canonical(rec) if data is None else data
+    complete = canonical_float_free(rec) if data is None else data
     sig_text = rec.pop("sig")
     try:
-        good = key.verify(unb64u(str(sig_text)), canonical(rec))
+        good = key.verify(unb64u(str(sig_text)), canonical_float_free(rec))
         prev = unb64u(str(rec["prev"]))
     except ValueError:
         good = False

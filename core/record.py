@@ -11,6 +11,13 @@ with object keys sorted by code point, no insignificant whitespace, UTF-8 (only 
 floating-point numbers anywhere (a float has no single textual form across languages).
 Binary values are unpadded base64url (RFC 4648 section 5) in their one form: :func:`unb64u`
 refuses any other text.
+
+:func:`canonical` and :func:`canonical_body` encode with orjson (C, one walk of the value)
+and fall back to :func:`canonical_reference` (the json module: the definition in
+Python) for every value orjson would write otherwise or refuses: a float, NaN or an
+infinity (orjson writes NaN as ``null``), a key that is no str, a subclass of str, int,
+dict or list, an integer beyond 64 bits, a lone surrogate, deep nesting.
+tests/test_canonical.py proves the two byte for byte equal.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -103,11 +111,110 @@ def has_float(value: JSON) -> bool:
     return False
 
 
-def canonical(obj: Mapping[str, JSON]) -> bytes:
-    """The one encoding that is signed and hashed."""
+def canonical_reference(obj: JSON) -> bytes:
+    """The one encoding that is signed and hashed, by its definition in Python
+    (docs/records.md, "Canonical bytes"): :func:`canonical` gives the same bytes, faster.
+    :class:`ValueError` for NaN, an infinity or a lone surrogate (UnicodeEncodeError),
+    :class:`TypeError` for a value JSON cannot hold; a finite float is written (the
+    platform refuses it: :func:`canonical_body` refuses it at sealing)."""
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
+
+
+#: Keys sorted (orjson compares their UTF-8 bytes: the code-point order of the
+#: definition); subclasses of str, int, dict and list, dataclasses and datetimes are not
+#: written by orjson's own rules but refused, so :func:`canonical_reference` decides.
+_ORJSON_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS
+                   | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME)
+#: Every digit as 0: a float's text has a "." or a digit before its exponent's "e".
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _fast(obj: JSON) -> bytes | None:
+    """orjson's bytes for *obj* when they are certainly its canonical bytes; None when
+    :func:`canonical_reference` must decide.
+
+    The float check is on the bytes orjson wrote, not a second walk of *obj*: a finite
+    float is written with a "." or an exponent after a digit, NaN and the infinities as
+    ``null``; bytes with none of these (inside strings or not) hold no float. Only bytes
+    that have one (a "1.2.0" in a string, a ``null``) are walked (:func:`has_float`)."""
+    try:
+        out = orjson.dumps(obj, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError: a type, a key, a range, a surrogate, depth
+        return None
+    zeroed = out.translate(_DIGITS_AS_ZERO)
+    if (b"." in zeroed or b"0e" in zeroed or b"0E" in zeroed or b"null" in zeroed) \
+            and has_float(obj):
+        return None
+    return out
+
+
+def canonical(obj: Mapping[str, JSON]) -> bytes:
+    """The one encoding that is signed and hashed: exactly :func:`canonical_reference`'s
+    bytes (and exceptions) for any JSON value, computed with orjson where it can be.
+
+    The one difference: orjson writes an :class:`enum.Enum` member as its value and a
+    :class:`uuid.UUID` as its text, which the json module refuses (TypeError); the bytes
+    are then the canonical bytes of that JSON value (tests/test_canonical.py)."""
+    out = _fast(obj)
+    return canonical_reference(obj) if out is None else out
+
+
+def canonical_float_free(obj: Mapping[str, JSON]) -> bytes:
+    """:func:`canonical` of a value known to hold no float, NaN or infinity (the platform's
+    parser refused them before): orjson's bytes without the float check."""
+    try:
+        return orjson.dumps(obj, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return canonical_reference(obj)
+
+
+def _odd_number(value: JSON) -> bool:
+    """A float, or an integer beyond the signed 64-bit range, anywhere in a parsed value."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int:
+            if not MIN_INT <= item <= MAX_INT:
+                return True
+        elif kind is float:
+            return True
+    return False
+
+
+def parse_canonical(data: bytes) -> dict[str, JSON] | None:
+    """The JSON object whose canonical bytes are exactly *data*, holding no float and no
+    integer beyond 64 bits (orjson: parsed and encoded again, in C); None for any other
+    bytes, whose faults a slower parser names (central/record.py). A duplicate key, an
+    escape not in the table, whitespace or another order make the bytes encoded again
+    differ from *data*."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or _odd_number(obj):
+        return None
+    try:
+        encoded = orjson.dumps(obj, option=_ORJSON_OPTIONS)
+    except TypeError:  # nesting past orjson's limit
+        return None
+    return obj if encoded == data else None
+
+
+def canonical_body(body: JSON, path: str = "body") -> bytes:
+    """The canonical bytes of a record's *body* (or any part of a record), refusing a
+    float anywhere with a :class:`TypeError` that names where (:func:`check_no_float`)."""
+    out = _fast(body)
+    if out is None:
+        check_no_float(body, path)
+        out = canonical_reference(body)
+    return out
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
