@@ -46,6 +46,17 @@ SUPERUSER = "postgres"
 _NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
+#: FATAL lines a starting server writes about a client that came too early (our own
+#: ``pg_isready`` probes): the server is alive.
+_STARTING = ("the database system is starting up", "not yet accepting connections")
+
+
+def _fatal(log_tail: str) -> bool:
+    """Whether *log_tail* says the server died (a FATAL line other than "starting up")."""
+    return any("FATAL:" in line and not any(text in line for text in _STARTING)
+               for line in log_tail.splitlines())
+
+
 class PostgresError(UserError):
     """The PostgreSQL server binaries are missing or the server did not start."""
 
@@ -219,7 +230,7 @@ class Postgres:
                                      capture_output=True, check=False,
                                      cwd=self.directory).returncode == 0
             seen_running = seen_running or running
-            if (seen_running and not running) or "FATAL:" in self._log_tail():
+            if (seen_running and not running) or _fatal(self._log_tail()):
                 raise PostgresError(f"PostgreSQL exited while starting{self._log_tail()}")
             time.sleep(PROBE_INTERVAL_S)
         raise PostgresError(f"PostgreSQL did not accept connections on {self.host}:"
