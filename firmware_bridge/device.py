@@ -227,13 +227,17 @@ class DeviceLink:
 
     def _on_hello_ack(self, ack: HelloAck, now: float) -> None:
         if ack.result is HelloResult.OK:
+            was_up, window = self._up, self.window
             self._up = True
             self._heartbeat_s = max(ack.heartbeat_s, 1)
             self.features = Feature(self.hello.features & (ack.features or 0))
             self.window = ack.window if self.features & Feature.WINDOW else 0
             self.stats.handshakes += 1
             self._sent_at = None
-            self._flight.clear()  # everything not acknowledged goes out again
+            if not (was_up and window and self.window == window):
+                # a new handshake: everything not acknowledged goes out again (an answer
+                # to a repeated HELLO, while up, changes nothing in flight)
+                self._flight.clear()
             if self.window:
                 self._fill(now)
             return

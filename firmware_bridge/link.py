@@ -254,7 +254,9 @@ class HostLink:
         if self.window:
             self._ack_due = True  # one cumulative ACK for all the commits of this turn
             return
-        self._last_committed = event_id
+        last = self._last_committed
+        if last is None or id_after(last, event_id):  # only forward (commits of a window)
+            self._last_committed = event_id
         self._send(FrameType.ACK, Ack(event_id).to_bytes(), seq)
 
     def data_to_send(self) -> bytes:
@@ -349,7 +351,7 @@ class HostLink:
         if self.window:
             self._on_window_data(frame, data, events)
             return
-        if data.event_id == self._last_committed:
+        if self._committed_before(data.event_id):
             self.stats.duplicates += 1
             self._send(FrameType.ACK, Ack(data.event_id).to_bytes(), frame.seq)
             return
@@ -371,6 +373,15 @@ class HostLink:
         self._pending[data.event_id] = (serial, frame.seq)
         self._delivered = data.event_id
         events.append(Message(serial, data.event_id, data.msg_type, data.body))
+
+    def _committed_before(self, event_id: int) -> bool:
+        """The last committed event, or one of the WINDOW_LIMIT before it: committed
+        already (ids are never reused, and events are committed in their order), though
+        the device did not hear the ACK (a device that held a window of them, then said
+        HELLO in version 1, sends them again)."""
+        last = self._last_committed
+        return last is not None and (event_id == last or (
+            id_after(event_id, last) and id_distance(event_id, last) <= WINDOW_LIMIT))
 
     # -- WINDOW (section 9.8) ----------------------------------------------------
     def _on_window_data(self, frame: Frame, data: Data, events: list[LinkEvent]) -> None:
