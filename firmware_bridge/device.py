@@ -60,6 +60,9 @@ WINDOW_DEFAULT = 128
 #: WINDOW: how long a receipted frame waits for its ACK before it is sent again, seconds
 #: (``link.ACK_DEFER_MAX_S`` + 5: the host's longest deferral, and some margin).
 RECEIPT_TIMEOUT_S = 35.0
+#: NAKs in a row, in answer to HELLO of version 2, after which the device says HELLO in
+#: version 1 (the host is of version 1); the first ones are said again at once.
+HELLO_NAKS_FALLBACK = 3
 
 
 @dataclass(slots=True)
@@ -125,6 +128,7 @@ class DeviceLink:
         #: are the first ones of the queue, in its order
         self.window = 0
         self._flight: dict[int, _InFlight] = {}
+        self._hello_naks = 0
 
     @property
     def up(self) -> bool:
@@ -148,6 +152,7 @@ class DeviceLink:
         self.features = Feature.NONE
         self.window = 0
         self._flight.clear()
+        self._hello_naks = 0
         self._head_sent = False
         self._decoder = FrameDecoder()
         self._out.clear()
@@ -223,9 +228,16 @@ class DeviceLink:
                 self.stats.retransmits += 1
                 self._send_head(now)
             elif not self._up and self.hello.protocol_version >= FEATURES_VERSION:
-                self._fall_back(1, now)  # a version-1 host cannot read this HELLO
+                # a version-1 host cannot read this HELLO: it NAKs every one (line noise
+                # damages one now and then, and the device would lose its window)
+                self._hello_naks += 1
+                if self._hello_naks >= HELLO_NAKS_FALLBACK:
+                    self._fall_back(1, now)
+                else:
+                    self._send_hello(now)
 
     def _on_hello_ack(self, ack: HelloAck, now: float) -> None:
+        self._hello_naks = 0
         if ack.result is HelloResult.OK:
             was_up, window = self._up, self.window
             self._up = True
