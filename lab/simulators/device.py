@@ -3,7 +3,11 @@
 The device logic is the reference :class:`firmware_bridge.device.DeviceLink`;
 this class only moves its bytes through a pty (and through a :class:`lab.wire.Damage`
 in each direction) on its own thread. Events are queued with :meth:`enqueue`. It says
-HELLO in *protocol_version* (the newest by default), offering *features*.
+HELLO in *protocol_version* (the newest by default), offering *features*, and with
+*window* > 0 the WINDOW feature (version 2: that many DATA frames unacknowledged; 0:
+stop-and-wait). With *baudrate*, its writes are paced as a UART at that rate (8N1: ten
+bits a byte) would send them; without, they go as fast as the pty takes them (a USB CDC
+device).
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from firmware_bridge.device import DeviceLink
-from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Feature, Hello
 from lab.simulators.pty import Pty, PtySim, SerialEnd
 from lab.wire import Damage
 
 log = logging.getLogger(__name__)
 TICK_S = 0.01
+#: Paced writes go out in pieces of this many bytes at most (a UART's FIFO).
+UART_FIFO = 32
+#: Bits on the line per byte at 8N1 (start, 8 data, stop).
+BITS_PER_BYTE = 10
+#: A paced write this late (the simulator's thread was busy) still follows the previous
+#: one without a pause, as a UART driver refilling its FIFO from a buffer would.
+PACE_SLACK_S = 0.005
 #: Events kept in :attr:`FramedDeviceSim.sent` (the newest): a simulator left running for
 #: days on a bench must not grow without bound.
 SENT_KEPT = 100_000
@@ -40,13 +51,20 @@ class FramedDeviceSim(PtySim):
         firmware: tuple[int, int, int] = (1, 0, 0),
         protocol_version: int = PROTOCOL_VERSION,
         features: int = 0,
+        window: int = 0,
+        baudrate: int | None = None,
         to_host: Damage | None = None,
         from_host: Damage | None = None,
         byte_delay_s: float = 0.0,
         end: SerialEnd | None = None,
     ) -> None:
-        hello = Hello(protocol_version, device_class, firmware, 1, serial, features)
+        if window:
+            features |= Feature.WINDOW
+        hello = Hello(protocol_version, device_class, firmware, 1, serial, features, window)
         self.device = DeviceLink(hello)
+        self._byte_s = BITS_PER_BYTE / baudrate if baudrate else 0.0
+        self._tx = bytearray()  # paced: bytes not yet on the line
+        self._line_free = 0.0  # paced: when the line has sent everything written so far
         self.to_host = to_host or Damage()
         self.from_host = from_host or Damage()
         self.byte_delay_s = byte_delay_s
@@ -118,8 +136,12 @@ class FramedDeviceSim(PtySim):
                 self._stop.wait(TICK_S)
                 continue
             now = time.monotonic()
+            wait = TICK_S
+            if self._tx:
+                self._pace(now)
+                wait = min(TICK_S, max(self._line_free - now, 0.0002)) if self._tx else TICK_S
             try:
-                readable, _, _ = select.select([self.pty.master], [], [], TICK_S)
+                readable, _, _ = select.select([self.pty.master], [], [], wait)
                 if readable:
                     data = os.read(self.pty.master, 4096)
                     with self._lock:
@@ -132,8 +154,21 @@ class FramedDeviceSim(PtySim):
             if out:
                 self._write(self.to_host.apply(out))
 
+    def _pace(self, now: float) -> None:
+        """Put on the line what a UART at the configured rate has sent by now."""
+        while self._tx and self._line_free <= now:
+            piece = bytes(self._tx[:UART_FIFO])
+            del self._tx[:UART_FIFO]
+            # a UART fed in time sends without a pause; one fed late starts when fed
+            start = self._line_free if now - self._line_free < PACE_SLACK_S else now
+            self._line_free = start + len(piece) * self._byte_s
+            self._write_now(piece)
+
     def _write(self, data: bytes) -> None:
-        if self.byte_delay_s:
+        if self._byte_s:
+            self._tx += data
+            self._pace(time.monotonic())
+        elif self.byte_delay_s:
             for i in range(len(data)):
                 self._write_now(data[i : i + 1])
                 if self._stop.wait(self.byte_delay_s):

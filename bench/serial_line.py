@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""One device's sustained events/s over the serial protocol, version 1 against version 2.
+
+Through the real stack: a tag receiver simulator on a pseudo-terminal, the gateway's own
+assembly (port worker, ``FramedDeviceProtocol`` with ``HostLink``, the tag driver, the
+store writer sealing and committing with fsync), records kept in the store (no broker).
+The device holds a backlog of beacons (three tags) when the gateway starts; the figure is
+the rate of commit-ACKs the device receives, from its first to its last.
+
+Two lines:
+
+* **paced**: the simulator's writes go out at the configured line rate (115200 baud, 8N1:
+  ten bits a byte), as through a UART. A beacon DATA frame is 32 bytes with its delimiter,
+  so the wire carries at most 360 of them a second; ``one_device_line_utilisation_v*`` is
+  the events/s divided by that;
+* **unpaced**: as fast as the pty takes them, as a USB CDC device would send.
+
+Version 1 is stop-and-wait (one event per round trip, commit included); version 2 here is
+a device offering the WINDOW feature (docs/serial-protocol.md, section 9.8).
+
+    python bench/serial_line.py --json
+
+prints one JSON object as its last line: ``one_device_events_per_s_v1``,
+``one_device_events_per_s_v2``, ``one_device_line_utilisation_v1``,
+``one_device_line_utilisation_v2``, ``one_device_unpaced_events_per_s_v1``,
+``one_device_unpaced_events_per_s_v2``, and the details of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from firmware_bridge.device import WINDOW_DEFAULT  # noqa: E402
+from firmware_bridge.framed import FramedDeviceProtocol  # noqa: E402
+from lab.simulators.device import BITS_PER_BYTE  # noqa: E402
+from lab.simulators.tag import SimTag  # noqa: E402
+from lab.site import NOWHERE, Site  # noqa: E402
+from provisioning.identity import create_identity  # noqa: E402
+
+#: The configured line rate of the gateway's serial ports (docs/serial-protocol.md, 2).
+BAUDRATE = 115_200
+#: A beacon DATA frame on the wire, delimiter included (section 13.4).
+BEACON_FRAME_BYTES = 32
+LINE_FRAMES_PER_S = BAUDRATE / BITS_PER_BYTE / BEACON_FRAME_BYTES
+_pause = threading.Event()
+
+
+def run_one(events: int, *, protocol: int, window: int, paced: bool,
+            timeout_s: float = 600.0) -> dict[str, Any]:
+    """One run: *events* beacons queued in the device, then the gateway started."""
+    tmp = Path(tempfile.mkdtemp(prefix="smartcorr-line-"))
+    try:
+        identity = create_identity(tmp / "identity", "gw-line-0001")
+        tags = [SimTag(0x5000 + i, bytes([0x50 + i]) * 16) for i in range(3)]
+        with Site(tmp, identity, NOWHERE) as site:
+            sim = site.tag_receiver(tags, "TR-LINE-01", protocol_version=protocol,
+                                    window=window, baudrate=BAUDRATE if paced else None)
+            for n in range(events):
+                sim.send_beacon(tags[n % len(tags)])
+            gateway = site.start()
+            times: list[float] = []
+            deadline = time.monotonic() + timeout_s
+            seen = 0
+            while seen < events and time.monotonic() < deadline:
+                acked = sim.device.stats.acked
+                if acked != seen:
+                    times.append(time.monotonic())
+                    seen = acked
+                    if len(times) == 1:
+                        first_count = acked
+                _pause.wait(0.002)
+            proto = gateway.protocols["tags"]
+            site.stop_gateway(drain_s=0)
+        if not isinstance(proto, FramedDeviceProtocol):  # pragma: no cover
+            raise TypeError(f"port 'tags' runs {type(proto).__name__}")
+        span = times[-1] - times[0] if len(times) > 1 else 0.0
+        rate = (seen - first_count) / span if span > 0 else 0.0
+        return {
+            "events": events, "acked": seen, "completed": seen >= events,
+            "events_per_s": round(rate, 1), "seconds": round(span, 2),
+            "window": proto.link.window, "protocol": protocol, "paced": paced,
+            "device_retransmits": sim.device.stats.retransmits,
+            "receipts": proto.link.stats.receipts,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=3000,
+                        help="beacons per run with version 2 (default 3000)")
+    parser.add_argument("--events-v1", type=int, default=600,
+                        help="beacons per run with version 1, stop-and-wait (default 600)")
+    parser.add_argument("--window", type=int, default=WINDOW_DEFAULT,
+                        help=f"the window the version-2 device offers (default {WINDOW_DEFAULT})")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    out: dict[str, Any] = {"baudrate": BAUDRATE,
+                           "line_frames_per_s": round(LINE_FRAMES_PER_S, 1), "runs": {}}
+    for paced in (True, False):
+        for protocol, window, events in ((1, 0, args.events_v1), (2, args.window, args.events)):
+            name = f"{'paced' if paced else 'unpaced'}_v{protocol}"
+            print(f"{name}: {events} beacons ...", file=sys.stderr)
+            res = run_one(events, protocol=protocol, window=window, paced=paced)
+            out["runs"][name] = res
+            print(f"  {res['events_per_s']} events/s over {res['seconds']} s (window "
+                  f"{res['window']}, retransmits {res['device_retransmits']})", file=sys.stderr)
+            suffix = f"v{protocol}"
+            if paced:
+                out[f"one_device_events_per_s_{suffix}"] = res["events_per_s"]
+                out[f"one_device_line_utilisation_{suffix}"] = round(
+                    res["events_per_s"] / LINE_FRAMES_PER_S, 3)
+            else:
+                out[f"one_device_unpaced_events_per_s_{suffix}"] = res["events_per_s"]
+    ok = (out["one_device_line_utilisation_v2"] >= 0.9
+          and out["one_device_unpaced_events_per_s_v2"] >= 2000
+          and all(r["completed"] for r in out["runs"].values()))
+    print(f"paced {BAUDRATE} baud (wire limit {LINE_FRAMES_PER_S:.0f} frames/s): v1 "
+          f"{out['one_device_events_per_s_v1']}/s ({out['one_device_line_utilisation_v1']:.0%}),"
+          f" v2 {out['one_device_events_per_s_v2']}/s "
+          f"({out['one_device_line_utilisation_v2']:.0%}); unpaced: v1 "
+          f"{out['one_device_unpaced_events_per_s_v1']}/s, v2 "
+          f"{out['one_device_unpaced_events_per_s_v2']}/s -> {'OK' if ok else 'BELOW TARGET'}")
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
