@@ -12,10 +12,12 @@ from lab import serial_faults
 pytestmark = pytest.mark.slow
 
 
-def test_lossy_wire_spoofing_tags_and_an_unplug() -> None:
+@pytest.mark.parametrize(("protocol", "window"), [(1, 0), (2, 16)], ids=["v1", "v2-window"])
+def test_lossy_wire_spoofing_tags_and_an_unplug(protocol: int, window: int) -> None:
     out = serial_faults.run(150, bit_error_rate=1e-3, drop_rate=0.01, spoofs=10, replays=10,
                             rate=300, seed=5, unplug=True, unplug_s=0.5, reboot=True,
-                            garbage_rate=0.02, timeout_s=90)
+                            garbage_rate=0.02, timeout_s=90, protocol=protocol,
+                            window=window)
     assert out["completed"]
     assert out["events_lost"] == 0
     assert out["events_duplicated"] == 0
@@ -26,7 +28,19 @@ def test_lossy_wire_spoofing_tags_and_an_unplug() -> None:
     # the wire really was faulty, and the link really worked for it
     assert out["wire_faults"]["to_host"]["dropped"] > 0
     assert out["link"]["bad_frames"] > 0
-    assert out["wire_faults"]["to_host"]["garbage_bursts"] > 0
+    if protocol == 1:  # a burst per write at random: the window makes fewer, larger writes
+        assert out["wire_faults"]["to_host"]["garbage_bursts"] > 0
+    assert out["link"]["window"] == window  # the window was in force at the end
+
+
+def test_a_clean_wire_with_a_window_needs_no_retransmission() -> None:
+    out = serial_faults.run(300, bit_error_rate=0, drop_rate=0, spoofs=0, replays=0,
+                            rate=2000, seed=1, unplug=False, reboot=False, garbage_rate=0,
+                            timeout_s=60, protocol=2, window=32)
+    assert out["events_committed_once"] == out["events_sent"] == 300
+    assert out["link"]["window"] == 32
+    assert out["link"]["bad_frames"] == 0
+    assert out["link"]["device_retransmits"] == 0
 
 
 def test_a_slow_device_is_served_all_the_same() -> None:
