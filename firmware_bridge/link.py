@@ -401,7 +401,7 @@ class HostLink:
         """Deliver the frames that waited for the one just delivered."""
         while self._expected in self._ahead:
             held, seq = self._ahead.pop(self._expected)
-            if not self._deliver(seq, held, events):
+            if not self._deliver(seq, held, events, receipted=True):
                 self._ahead[held.event_id] = (held, seq)
                 return
 
@@ -438,8 +438,10 @@ class HostLink:
         else:
             self._receipt(event_id, seq)  # committed, behind one that is not yet
 
-    def _deliver(self, seq: int, data: Data, events: list[LinkEvent]) -> bool:
-        """Deliver the next event in id order (False: held back, the host is full)."""
+    def _deliver(self, seq: int, data: Data, events: list[LinkEvent], *,
+                 receipted: bool = False) -> bool:
+        """Deliver the next event in id order (False: held back, the host is full); a
+        frame held past a gap was receipted when it came."""
         hello = self.hello
         if hello is None:  # pragma: no cover - only called after a handshake
             return False
@@ -457,7 +459,8 @@ class HostLink:
         self._delivered = event_id
         self._expected = id_next(event_id)
         self._gap_naked = None
-        self._receipt(event_id, seq)
+        if not receipted:
+            self._receipt(event_id, seq)
         events.append(Message(hello.serial, event_id, data.msg_type, data.body))
         return True
 
