@@ -23,8 +23,8 @@ it: up to ``window`` DATA frames unacknowledged, the first ones of the queue, se
 order. A RECEIPT stops the retransmission timer of its frame (the host holds it and
 will ACK it after its commit, within ``ACK_DEFER_MAX_S``); an ``ACK(x)`` is cumulative:
 it erases the head of the queue up to ``x``. A frame neither receipted nor acknowledged
-is sent again when its timer expires (``rto``, as in stop-and-wait) and, the oldest such,
-at once on a NAK; a receipted one after :data:`RECEIPT_TIMEOUT_S`. After each handshake
+is sent again when its timer expires (``rto``, as in stop-and-wait; the oldest expired
+one per tick) and, the oldest such, at once on a NAK; a receipted one after :data:`RECEIPT_TIMEOUT_S`. After each handshake
 every event not acknowledged is sent again.
 """
 
@@ -303,10 +303,13 @@ class DeviceLink:
                     self.stats.retransmits += 1
                     self._send_data(event, sent, now)
                 continue
-            if now - sent.sent_at < self._rto:
+            if timed_out or now - sent.sent_at < self._rto:
                 continue
+            # one retransmission by timeout per tick, the oldest: the others wait for the
+            # doubled timer (a host slow to answer gets a trickle, not the whole window)
             timed_out = True
             sent.retries += 1
+            self._rto = min(self._rto * 2, RTO_MAX_S)
             if sent.retries > MAX_RETRIES:
                 self._up = False
                 self._flight.clear()
@@ -314,8 +317,6 @@ class DeviceLink:
                 return
             self.stats.retransmits += 1
             self._send_data(event, sent, now)
-        if timed_out:
-            self._rto = min(self._rto * 2, RTO_MAX_S)
         self._fill(now)
 
     def _fill(self, now: float) -> None:
