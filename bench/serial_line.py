@@ -4,8 +4,9 @@
 Through the real stack: a tag receiver simulator on a pseudo-terminal, the gateway's own
 assembly (port worker, ``FramedDeviceProtocol`` with ``HostLink``, the tag driver, the
 store writer sealing and committing with fsync), records kept in the store (no broker).
-The device holds a backlog of beacons (three tags) when the gateway starts; the figure is
-the rate of commit-ACKs the device receives, from its first to its last.
+The device (in a process of its own, as it would be on its own microcontroller) holds a
+backlog of beacons (three tags) when the gateway starts; the figure is the rate of
+commit-ACKs the device receives, from its first to its last.
 
 Two lines:
 
@@ -30,22 +31,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.config import DeviceSection  # noqa: E402
 from firmware_bridge.device import WINDOW_DEFAULT  # noqa: E402
 from firmware_bridge.framed import FramedDeviceProtocol  # noqa: E402
+from firmware_bridge.messages import DeviceClass  # noqa: E402
 from lab.simulators.device import BITS_PER_BYTE  # noqa: E402
-from lab.simulators.tag import SimTag  # noqa: E402
-from lab.site import NOWHERE, Site  # noqa: E402
+from lab.simulators.tag import SimTag, TagReceiverSim  # noqa: E402
+from lab.site import NOWHERE, Site, pair_tags  # noqa: E402
 from provisioning.identity import create_identity  # noqa: E402
 
 #: The configured line rate of the gateway's serial ports (docs/serial-protocol.md, 2).
@@ -56,41 +61,77 @@ LINE_FRAMES_PER_S = BAUDRATE / BITS_PER_BYTE / BEACON_FRAME_BYTES
 _pause = threading.Event()
 
 
+def _tags() -> list[SimTag]:
+    return [SimTag(0x5000 + i, bytes([0x50 + i]) * 16) for i in range(3)]
+
+
+def _device(conn: Connection, link: str, plan: dict[str, Any]) -> None:
+    """The device, in a process of its own (as on its own microcontroller: it does not
+    share the gateway's interpreter): ``plan["events"]`` beacons queued, then the ACKs
+    counted."""
+    events, protocol, window = plan["events"], plan["protocol"], plan["window"]
+    paced, timeout_s = plan["paced"], plan["timeout_s"]
+    tags = _tags()
+    sim = TagReceiverSim("TR-LINE-01", tags=tags, link=Path(link), protocol_version=protocol,
+                         window=window, baudrate=BAUDRATE if paced else None).start()
+    try:
+        for n in range(events):
+            sim.send_beacon(tags[n % len(tags)])
+        conn.send("ready")
+        first: tuple[float, int] | None = None
+        last = (0.0, 0)
+        deadline = time.monotonic() + timeout_s
+        while last[1] < events and time.monotonic() < deadline:
+            acked = sim.device.stats.acked
+            if acked != last[1]:
+                last = (time.monotonic(), acked)
+                first = first or last
+            _pause.wait(0.001)
+        conn.send({"first": first, "last": last, "retransmits": sim.device.stats.retransmits,
+                   "window": sim.device.window})
+    finally:
+        sim.stop()
+
+
 def run_one(events: int, *, protocol: int, window: int, paced: bool,
             timeout_s: float = 600.0) -> dict[str, Any]:
-    """One run: *events* beacons queued in the device, then the gateway started."""
+    """One run: a device holding *events* beacons, then the gateway started."""
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-line-"))
     try:
         identity = create_identity(tmp / "identity", "gw-line-0001")
-        tags = [SimTag(0x5000 + i, bytes([0x50 + i]) * 16) for i in range(3)]
-        with Site(tmp, identity, NOWHERE) as site:
-            sim = site.tag_receiver(tags, "TR-LINE-01", protocol_version=protocol,
-                                    window=window, baudrate=BAUDRATE if paced else None)
-            for n in range(events):
-                sim.send_beacon(tags[n % len(tags)])
-            gateway = site.start()
-            times: list[float] = []
-            deadline = time.monotonic() + timeout_s
-            seen = 0
-            while seen < events and time.monotonic() < deadline:
-                acked = sim.device.stats.acked
-                if acked != seen:
-                    times.append(time.monotonic())
-                    seen = acked
-                    if len(times) == 1:
-                        first_count = acked
-                _pause.wait(0.002)
-            proto = gateway.protocols["tags"]
-            site.stop_gateway(drain_s=0)
+        link = tmp / "tty-tags"
+        ours, theirs = multiprocessing.Pipe()
+        device = multiprocessing.get_context("spawn").Process(
+            target=_device, args=(theirs, str(link), {
+                "events": events, "protocol": protocol, "window": window, "paced": paced,
+                "timeout_s": timeout_s}), daemon=True)
+        device.start()
+        try:
+            if not ours.poll(60) or ours.recv() != "ready":
+                raise RuntimeError("the device simulator did not start")
+            with Site(tmp, identity, NOWHERE) as site:
+                pair_tags(identity, _tags())
+                site.devices.append(DeviceSection("tags", DeviceClass.TAG_RECEIVER, str(link)))
+                gateway = site.start()
+                done = ours.poll(timeout_s + 30)
+                result = ours.recv() if done else None
+                proto = gateway.protocols["tags"]
+                site.stop_gateway(drain_s=0)
+        finally:
+            device.join(10)
+            if device.is_alive():
+                device.kill()
         if not isinstance(proto, FramedDeviceProtocol):  # pragma: no cover
             raise TypeError(f"port 'tags' runs {type(proto).__name__}")
-        span = times[-1] - times[0] if len(times) > 1 else 0.0
-        rate = (seen - first_count) / span if span > 0 else 0.0
+        if result is None or result["first"] is None:
+            raise RuntimeError("no event was acknowledged")
+        (t0, n0), (t1, n1) = result["first"], result["last"]
+        span = t1 - t0
         return {
-            "events": events, "acked": seen, "completed": seen >= events,
-            "events_per_s": round(rate, 1), "seconds": round(span, 2),
-            "window": proto.link.window, "protocol": protocol, "paced": paced,
-            "device_retransmits": sim.device.stats.retransmits,
+            "events": events, "acked": n1, "completed": n1 >= events,
+            "events_per_s": round((n1 - n0) / span, 1) if span > 0 else 0.0,
+            "seconds": round(span, 2), "window": result["window"], "protocol": protocol,
+            "paced": paced, "device_retransmits": result["retransmits"],
             "receipts": proto.link.stats.receipts,
         }
     finally:
@@ -99,10 +140,10 @@ def run_one(events: int, *, protocol: int, window: int, paced: bool,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=3000,
-                        help="beacons per run with version 2 (default 3000)")
-    parser.add_argument("--events-v1", type=int, default=600,
-                        help="beacons per run with version 1, stop-and-wait (default 600)")
+    parser.add_argument("--events", type=int, default=6000,
+                        help="beacons per run with version 2 (default 6000)")
+    parser.add_argument("--events-v1", type=int, default=1000,
+                        help="beacons per run with version 1, stop-and-wait (default 1000)")
     parser.add_argument("--window", type=int, default=WINDOW_DEFAULT,
                         help=f"the window the version-2 device offers (default {WINDOW_DEFAULT})")
     parser.add_argument("--json", action="store_true")
