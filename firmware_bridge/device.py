@@ -24,8 +24,9 @@ order. A RECEIPT stops the retransmission timer of its frame (the host holds it 
 will ACK it after its commit, within ``ACK_DEFER_MAX_S``); an ``ACK(x)`` is cumulative:
 it erases the head of the queue up to ``x``. A frame neither receipted nor acknowledged
 is sent again when its timer expires (``rto``, as in stop-and-wait; the oldest expired
-one per tick) and, the oldest such, at once on a NAK; a receipted one after :data:`RECEIPT_TIMEOUT_S`. After each handshake
-every event not acknowledged is sent again.
+one per tick) and, the oldest such, at once on a NAK; a receipted one after
+:data:`RECEIPT_TIMEOUT_S`. After each handshake every event not acknowledged is sent
+again.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import queue
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,9 +34,6 @@ TICK_S = 0.01
 UART_FIFO = 32
 #: Bits on the line per byte at 8N1 (start, 8 data, stop).
 BITS_PER_BYTE = 10
-#: A paced write this late (the simulator's thread was busy) still follows the previous
-#: one without a pause, as a UART driver refilling its FIFO from a buffer would.
-PACE_SLACK_S = 0.005
 #: Events kept in :attr:`FramedDeviceSim.sent` (the newest): a simulator left running for
 #: days on a bench must not grow without bound.
 SENT_KEPT = 100_000
@@ -62,9 +60,9 @@ class FramedDeviceSim(PtySim):
             features |= Feature.WINDOW
         hello = Hello(protocol_version, device_class, firmware, 1, serial, features, window)
         self.device = DeviceLink(hello)
-        self._byte_s = BITS_PER_BYTE / baudrate if baudrate else 0.0
-        self._tx = bytearray()  # paced: bytes not yet on the line
-        self._line_free = 0.0  # paced: when the line has sent everything written so far
+        # paced: each direction of the wire, bytes arriving when their last bit would
+        self._tx = PacedLine(baudrate) if baudrate else None
+        self._rx = PacedLine(baudrate) if baudrate else None
         self.to_host = to_host or Damage()
         self.from_host = from_host or Damage()
         self.byte_delay_s = byte_delay_s
@@ -91,6 +89,9 @@ class FramedDeviceSim(PtySim):
         def do() -> None:
             self._plugged = False
             self.pty.close()
+            for line in (self._tx, self._rx):  # what was on the cable is gone with it
+                if line is not None:
+                    line.clear()
         self._calls.put(do)
 
     def replug(self) -> None:
@@ -137,13 +138,17 @@ class FramedDeviceSim(PtySim):
                 continue
             now = time.monotonic()
             wait = TICK_S
-            if self._tx:
-                self._pace(now)
-                wait = min(TICK_S, max(self._line_free - now, 0.0002)) if self._tx else TICK_S
+            for line in (self._tx, self._rx):
+                if line is not None and line.next_at is not None:
+                    wait = min(wait, max(line.next_at - now, 0.0002))
             try:
                 readable, _, _ = select.select([self.pty.master], [], [], wait)
-                if readable:
-                    data = os.read(self.pty.master, 4096)
+                now = time.monotonic()
+                data = os.read(self.pty.master, 4096) if readable else b""
+                if self._rx is not None:
+                    self._rx.put(data, now)
+                    data = self._rx.due(now)
+                if data:
                     with self._lock:
                         self.device.receive_data(self.from_host.apply(data), now)
             except OSError:
@@ -153,21 +158,12 @@ class FramedDeviceSim(PtySim):
                 out = self.device.data_to_send()
             if out:
                 self._write(self.to_host.apply(out))
-
-    def _pace(self, now: float) -> None:
-        """Put on the line what a UART at the configured rate has sent by now."""
-        while self._tx and self._line_free <= now:
-            piece = bytes(self._tx[:UART_FIFO])
-            del self._tx[:UART_FIFO]
-            # a UART fed in time sends without a pause; one fed late starts when fed
-            start = self._line_free if now - self._line_free < PACE_SLACK_S else now
-            self._line_free = start + len(piece) * self._byte_s
-            self._write_now(piece)
+            if self._tx is not None:
+                self._write_now(self._tx.due(time.monotonic()))
 
     def _write(self, data: bytes) -> None:
-        if self._byte_s:
-            self._tx += data
-            self._pace(time.monotonic())
+        if self._tx is not None:
+            self._tx.put(data, time.monotonic())
         elif self.byte_delay_s:
             for i in range(len(data)):
                 self._write_now(data[i : i + 1])
@@ -178,5 +174,38 @@ class FramedDeviceSim(PtySim):
 
     def _write_now(self, data: bytes) -> None:
         # like a UART with nobody listening: the bytes are lost, the link resends
-        with contextlib.suppress(OSError):
-            os.write(self.pty.master, data)
+        if data:
+            with contextlib.suppress(OSError):
+                os.write(self.pty.master, data)
+
+
+class PacedLine:
+    """One direction of a UART line at *baudrate* (8N1): bytes put on it at some time come
+    out, in pieces of :data:`UART_FIFO`, when their last bit would have arrived; bytes put
+    while the line is busy queue behind (bounded by what the device sends: its window)."""
+
+    def __init__(self, baudrate: int) -> None:
+        self._byte_s = BITS_PER_BYTE / baudrate
+        self._free_at = 0.0  # when the line has carried everything put on it
+        self._pieces: deque[tuple[float, bytes]] = deque()
+
+    @property
+    def next_at(self) -> float | None:
+        return self._pieces[0][0] if self._pieces else None
+
+    def put(self, data: bytes, now: float) -> None:
+        at = max(self._free_at, now)
+        for start in range(0, len(data), UART_FIFO):
+            piece = data[start : start + UART_FIFO]
+            at += len(piece) * self._byte_s
+            self._pieces.append((at, piece))
+        self._free_at = at
+
+    def clear(self) -> None:
+        self._pieces.clear()
+
+    def due(self, now: float) -> bytes:
+        out = bytearray()
+        while self._pieces and self._pieces[0][0] <= now:
+            out += self._pieces.popleft()[1]
+        return bytes(out)
