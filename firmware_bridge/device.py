@@ -61,8 +61,9 @@ WINDOW_DEFAULT = 128
 #: WINDOW: how long a receipted frame waits for its ACK before it is sent again, seconds
 #: (``link.ACK_DEFER_MAX_S`` + 5: the host's longest deferral, and some margin).
 RECEIPT_TIMEOUT_S = 35.0
-#: NAKs in a row, in answer to HELLO of version 2, after which the device says HELLO in
-#: version 1 (the host is of version 1); the first ones are said again at once.
+#: NAKs in a row, in answer to HELLO of version 2 (one per HELLO counts), after which the
+#: device says HELLO in version 1 (the host is of version 1); the first ones are said
+#: again at once.
 HELLO_NAKS_FALLBACK = 3
 
 
@@ -130,6 +131,7 @@ class DeviceLink:
         self.window = 0
         self._flight: dict[int, _InFlight] = {}
         self._hello_naks = 0
+        self._hello_naked = False  # the HELLO last sent was answered by a NAK
 
     @property
     def up(self) -> bool:
@@ -231,6 +233,9 @@ class DeviceLink:
             elif not self._up and self.hello.protocol_version >= FEATURES_VERSION:
                 # a version-1 host cannot read this HELLO: it NAKs every one (line noise
                 # damages one now and then, and the device would lose its window)
+                if self._hello_naked:
+                    return  # one NAK per HELLO counts (noise makes several bad chunks)
+                self._hello_naked = True
                 self._hello_naks += 1
                 if self._hello_naks >= HELLO_NAKS_FALLBACK:
                     self._fall_back(1, now)
@@ -289,6 +294,7 @@ class DeviceLink:
 
     def _send_hello(self, now: float) -> None:
         self._hello_sent_at = now
+        self._hello_naked = False
         if self.hello.offers_window:  # where the host is to expect the device's events
             next_id = self.queue[0].event_id if self.queue else self.next_event_id
             self.hello = dataclasses.replace(self.hello, next_id=next_id)

@@ -327,7 +327,7 @@ class HostLink:
         self._gap_naked = None
         delivered = self._delivered
         if (delivered is None or id_after(delivered, hello.next_id)
-                or id_distance(hello.next_id, delivered) >= WINDOW_LIMIT):
+                or id_distance(hello.next_id, delivered) > WINDOW_LIMIT):
             # a new device, one further on, or one whose ids started again (section 9.1)
             self._expected = hello.next_id
         else:
