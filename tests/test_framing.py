@@ -273,8 +273,9 @@ NAK_GAP = Golden(
 GOLDEN = [HELLO_REQ, HELLO, HELLO_ACK, DATA, ACK, HEARTBEAT, NAK, HELLO_V1, HELLO_ACK_V1,
           HELLO_V3, HELLO_ACK_UNSUPPORTED, HELLO_KIOSK, HELLO_ACK_WRONG_CLASS,
           HELLO_W, HELLO_ACK_W, DATA_43, RECEIPT_42, RECEIPT_43, ACK_43, RECEIPT_45, NAK_GAP]
-#: docs/test-vectors/serial-protocol.json: the golden frames, for firmware test suites
-VECTORS = DOC.parent / "test-vectors" / "serial-protocol.json"
+#: docs/test-vectors/serial-protocol/frames.json: the golden frames, for firmware suites
+#: (a folder of its own: the files directly in docs/test-vectors/ are made by a generator)
+VECTORS = DOC.parent / "test-vectors" / "serial-protocol" / "frames.json"
 PAYLOAD_TYPES: dict[FrameType, Any] = {
     FrameType.HELLO: Hello,
     FrameType.HELLO_ACK: HelloAck,
