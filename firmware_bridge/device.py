@@ -17,10 +17,22 @@ uses only those the HELLO_ACK grants. Answered by a version-1 host (a HELLO_ACK
 it says HELLO again in version 1. An ACK is taken only for a head the device sent since
 it powered up: an ACK still on its way to the device that was on the port before
 (swapped without the port being reopened) must not erase the newcomer's event.
+
+WINDOW (section 9.8), when the device offers it (``hello.features``) and the host grants
+it: up to ``window`` DATA frames unacknowledged, the first ones of the queue, sent in
+order. A RECEIPT stops the retransmission timer of its frame (the host holds it and
+will ACK it after its commit, within ``ACK_DEFER_MAX_S``); an ``ACK(x)`` is cumulative:
+it erases the head of the queue up to ``x``. A frame neither receipted nor acknowledged
+is sent again when its timer expires (``rto``, as in stop-and-wait; the oldest expired
+one per tick) and, the oldest such, at once on a NAK; a receipted one after
+:data:`RECEIPT_TIMEOUT_S`. After each handshake every event not acknowledged is sent
+again.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +48,7 @@ from firmware_bridge.messages import (
     HelloAck,
     HelloResult,
     PayloadError,
+    Receipt,
 )
 
 RTO_INITIAL_S = 0.25
@@ -43,6 +56,24 @@ RTO_MIN_S = 0.05
 RTO_MAX_S = 2.0
 MAX_RETRIES = 5
 HELLO_RETRY_S = 1.0
+#: WINDOW: the window the reference device offers (frames kept unacknowledged).
+WINDOW_DEFAULT = 128
+#: WINDOW: how long a receipted frame waits for its ACK before it is sent again, seconds
+#: (``link.ACK_DEFER_MAX_S`` + 5: the host's longest deferral, and some margin).
+RECEIPT_TIMEOUT_S = 35.0
+#: NAKs in a row, in answer to HELLO of version 2 (one per HELLO counts), after which the
+#: device says HELLO in version 1 (the host is of version 1); the first ones are said
+#: again at once.
+HELLO_NAKS_FALLBACK = 3
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """WINDOW: one DATA frame sent and not yet acknowledged."""
+
+    sent_at: float
+    retries: int = 0
+    receipted_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +94,7 @@ class DeviceStats:
     bad_frames: int = 0
     stale_acks: int = 0
     fallbacks: int = 0
+    receipts: int = 0
 
 
 @dataclass
@@ -75,6 +107,8 @@ class DeviceLink:
     stats: DeviceStats = field(default_factory=DeviceStats)
 
     def __post_init__(self) -> None:
+        if self.hello.features & Feature.WINDOW and not self.hello.window:
+            self.hello = dataclasses.replace(self.hello, window=WINDOW_DEFAULT)
         self._offered = self.hello  # what the device says at power-up (its own version)
         #: the features the host granted at the handshake in force
         self.features = Feature.NONE
@@ -92,6 +126,12 @@ class DeviceLink:
         self._last_tx = 0.0
         self._start: float | None = None
         self.acked_ids: list[int] = []
+        #: WINDOW: the window granted (0: stop-and-wait) and the frames in flight, which
+        #: are the first ones of the queue, in its order
+        self.window = 0
+        self._flight: dict[int, _InFlight] = {}
+        self._hello_naks = 0
+        self._hello_naked = False  # the HELLO last sent was answered by a NAK
 
     @property
     def up(self) -> bool:
@@ -110,12 +150,12 @@ class DeviceLink:
 
     def reboot(self, now: float) -> None:
         """Power cycle: the queue survives (it is in flash), the link does not."""
-        offered = self._offered
-        self.hello = self._offered = Hello(
-            offered.protocol_version, offered.device_class, offered.firmware,
-            self.hello.boot_count + 1, offered.serial, offered.features,
-        )
+        self.hello = self._offered = dataclasses.replace(
+            self._offered, boot_count=self.hello.boot_count + 1)
         self.features = Feature.NONE
+        self.window = 0
+        self._flight.clear()
+        self._hello_naks = 0
         self._head_sent = False
         self._decoder = FrameDecoder()
         self._out.clear()
@@ -141,7 +181,9 @@ class DeviceLink:
             if self._hello_sent_at is None or now - self._hello_sent_at >= HELLO_RETRY_S:
                 self._send_hello(now)
             return
-        if self._sent_at is not None:
+        if self.window:
+            self._tick_window(now)
+        elif self._sent_at is not None:
             if now - self._sent_at >= self._rto:
                 self._retries += 1
                 self._rto = min(self._rto * 2, RTO_MAX_S)
@@ -169,26 +211,53 @@ class DeviceLink:
         if frame.type is FrameType.HELLO_REQ:
             self._up = False
             self._sent_at = None
+            self._flight.clear()
             self._send_hello(now)
         elif frame.type is FrameType.HELLO_ACK:
             self._on_hello_ack(HelloAck.from_bytes(frame.payload), now)
         elif frame.type is FrameType.ACK:
-            self._on_ack(Ack.from_bytes(frame.payload), now)
+            if self.window:
+                self._on_window_ack(Ack.from_bytes(frame.payload), now)
+            else:
+                self._on_ack(Ack.from_bytes(frame.payload), now)
+        elif frame.type is FrameType.RECEIPT:
+            if self.window:
+                self._on_receipt(Receipt.from_bytes(frame.payload), now)
         elif frame.type is FrameType.NAK:
             self.stats.naks += 1
-            if self._up and self._sent_at is not None:
+            if self._up and self.window:
+                self._resend_oldest(now)
+            elif self._up and self._sent_at is not None:
                 self.stats.retransmits += 1
                 self._send_head(now)
             elif not self._up and self.hello.protocol_version >= FEATURES_VERSION:
-                self._fall_back(1, now)  # a version-1 host cannot read this HELLO
+                # a version-1 host cannot read this HELLO: it NAKs every one (line noise
+                # damages one now and then, and the device would lose its window)
+                if self._hello_naked:
+                    return  # one NAK per HELLO counts (noise makes several bad chunks)
+                self._hello_naked = True
+                self._hello_naks += 1
+                if self._hello_naks >= HELLO_NAKS_FALLBACK:
+                    self._fall_back(1, now)
+                else:
+                    self._send_hello(now)
 
     def _on_hello_ack(self, ack: HelloAck, now: float) -> None:
+        self._hello_naks = 0
         if ack.result is HelloResult.OK:
+            was_up, window = self._up, self.window
             self._up = True
             self._heartbeat_s = max(ack.heartbeat_s, 1)
             self.features = Feature(self.hello.features & (ack.features or 0))
+            self.window = ack.window if self.features & Feature.WINDOW else 0
             self.stats.handshakes += 1
             self._sent_at = None
+            if not (was_up and window and self.window == window):
+                # a new handshake: everything not acknowledged goes out again (an answer
+                # to a repeated HELLO, while up, changes nothing in flight)
+                self._flight.clear()
+            if self.window:
+                self._fill(now)
             return
         self.stats.rejected_by_host += 1
         if (ack.result is HelloResult.UNSUPPORTED_VERSION
@@ -200,8 +269,7 @@ class DeviceLink:
         self.stats.fallbacks += 1
         hello = self.hello
         features = hello.features if version >= FEATURES_VERSION else 0
-        self.hello = Hello(version, hello.device_class, hello.firmware, hello.boot_count,
-                           hello.serial, features)
+        self.hello = dataclasses.replace(hello, protocol_version=version, features=features)
         self._send_hello(now)
 
     def _on_ack(self, ack: Ack, now: float) -> None:
@@ -226,7 +294,94 @@ class DeviceLink:
 
     def _send_hello(self, now: float) -> None:
         self._hello_sent_at = now
+        self._hello_naked = False
+        if self.hello.offers_window:  # where the host is to expect the device's events
+            next_id = self.queue[0].event_id if self.queue else self.next_event_id
+            self.hello = dataclasses.replace(self.hello, next_id=next_id)
         self._frame(FrameType.HELLO, self.hello.to_bytes(), now)
+
+    # -- WINDOW (section 9.8) ----------------------------------------------------------
+    def _tick_window(self, now: float) -> None:
+        timed_out = False
+        for event, sent in zip(self.queue, list(self._flight.values()), strict=False):
+            if sent.receipted_at is not None:
+                if now - sent.receipted_at >= RECEIPT_TIMEOUT_S:  # its ACK is overdue
+                    sent.receipted_at = None
+                    self.stats.retransmits += 1
+                    self._send_data(event, sent, now)
+                continue
+            if timed_out or now - sent.sent_at < self._rto:
+                continue
+            # one retransmission by timeout per tick, the oldest: the others wait for the
+            # doubled timer (a host slow to answer gets a trickle, not the whole window)
+            timed_out = True
+            sent.retries += 1
+            self._rto = min(self._rto * 2, RTO_MAX_S)
+            if sent.retries > MAX_RETRIES:
+                self._up = False
+                self._flight.clear()
+                self._send_hello(now)
+                return
+            self.stats.retransmits += 1
+            self._send_data(event, sent, now)
+        self._fill(now)
+
+    def _fill(self, now: float) -> None:
+        """Send the next events of the queue while the window has room."""
+        if not self._up:
+            return
+        sent = len(self._flight)
+        for event in itertools.islice(self.queue, sent, self.window):
+            record = _InFlight(now)
+            self._flight[event.event_id] = record
+            self._send_data(event, record, now)
+
+    def _send_data(self, event: QueuedEvent, record: _InFlight, now: float) -> None:
+        record.sent_at = now
+        self.stats.sent += 1
+        self._frame(FrameType.DATA,
+                    Data(event.event_id, event.msg_type, event.body).to_bytes(), now)
+
+    def _sample(self, record: _InFlight, now: float) -> None:
+        """An unambiguous round trip (sent once, answered): Karn's rule, as in 10."""
+        if record.retries == 0 and record.receipted_at is None:
+            rtt = now - record.sent_at
+            self._srto = min(max(7 / 8 * self._srto + 1 / 2 * rtt, RTO_MIN_S), RTO_MAX_S)
+            self._rto = self._srto
+
+    def _on_receipt(self, receipt: Receipt, now: float) -> None:
+        record = self._flight.get(receipt.event_id)
+        if record is None or record.receipted_at is not None:
+            return
+        self.stats.receipts += 1
+        self._sample(record, now)
+        record.retries = 0
+        record.receipted_at = now
+
+    def _on_window_ack(self, ack: Ack, now: float) -> None:
+        """Cumulative: every event of the queue up to ``ack.event_id``, if that one was
+        sent since the last handshake (else a late ACK, or one meant for another device)."""
+        record = self._flight.get(ack.event_id)
+        if record is None:
+            self.stats.stale_acks += 1
+            return
+        self._sample(record, now)
+        while self.queue:
+            event = self.queue.popleft()
+            self._flight.pop(event.event_id, None)
+            self.acked_ids.append(event.event_id)
+            self.stats.acked += 1
+            if event.event_id == ack.event_id:
+                break
+        self._fill(now)
+
+    def _resend_oldest(self, now: float) -> None:
+        """A NAK: the oldest frame neither receipted nor acknowledged goes out again."""
+        for event, sent in zip(self.queue, list(self._flight.values()), strict=False):
+            if sent.receipted_at is None:
+                self.stats.retransmits += 1
+                self._send_data(event, sent, now)
+                return
 
     def _send_head(self, now: float) -> None:
         head = self.queue[0]

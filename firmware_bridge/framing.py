@@ -42,6 +42,7 @@ class FrameType(enum.IntEnum):
     DATA = 0x10
     ACK = 0x11
     NAK = 0x12
+    RECEIPT = 0x13
     HEARTBEAT = 0x20
 
 

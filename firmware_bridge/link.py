@@ -8,6 +8,13 @@ The host acknowledges a DATA frame only when told its event was committed
 retransmits it, so between them no event is lost. A retransmission of the last
 committed event of a device (its ACK was lost, or the gateway restarted between
 commit and ACK) is acknowledged again and not delivered twice.
+
+With a device granted :attr:`Feature.WINDOW` (docs/serial-protocol.md, section 9.8)
+up to ``window`` DATA frames are in flight: the host answers each new one at once with a
+RECEIPT (the device stops retransmitting it), delivers events in the order of their ids
+(a frame past a missing one waits, bounded by the window), and acknowledges
+cumulatively: ``ACK(x)`` says every event of the device up to ``x`` is committed. Its
+ACK may therefore wait up to :data:`ACK_DEFER_MAX_S` (:attr:`HostLink.can_defer_ack`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from firmware_bridge.messages import (
     FEATURES_VERSION,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    WINDOW_LIMIT,
     Ack,
     Data,
     DeviceClass,
@@ -32,6 +40,7 @@ from firmware_bridge.messages import (
     Nak,
     NakReason,
     PayloadError,
+    Receipt,
 )
 
 log = logging.getLogger(__name__)
@@ -41,11 +50,38 @@ HEARTBEAT_S = 2
 #: Silence after which the host declares the device gone, seconds.
 LINK_TIMEOUT_S = 3 * HEARTBEAT_S + 1
 #: The link features this host implements (granted to a device that offers them).
-HOST_FEATURES = Feature.NONE
+HOST_FEATURES = Feature.WINDOW
 #: Events delivered and not yet committed, at most, per link. A stop-and-wait device has
 #: one; beyond this bound a new event is neither delivered nor ACKed (the device keeps it
 #: and retransmits), so a device that ignores stop-and-wait costs throughput, not memory.
 MAX_PENDING_EVENTS = 32
+#: The largest window this host grants (WINDOW: DATA frames a device keeps unacknowledged).
+HOST_WINDOW = 128
+#: WINDOW: the longest the host may hold the commit-ACK of an event it sent a RECEIPT
+#: for, seconds. The device waits :data:`firmware_bridge.device.RECEIPT_TIMEOUT_S` (longer)
+#: before it sends such an event again.
+ACK_DEFER_MAX_S = 30.0
+#: Event ids run 1..0xFFFFFFFF, then 1 again (0 is never used): a cycle of this length.
+ID_CYCLE = 0xFFFFFFFF
+_HALF_CYCLE = 1 << 31
+
+
+def id_distance(a: int, b: int) -> int:
+    """Steps from event id *a* forward to *b* (ids wrap from 0xFFFFFFFF to 1)."""
+    return (b - a) % ID_CYCLE
+
+
+def id_next(a: int) -> int:
+    return a % ID_CYCLE + 1
+
+
+def id_prev(a: int) -> int:
+    return (a - 2) % ID_CYCLE + 1
+
+
+def id_after(a: int, b: int) -> bool:
+    """*b* comes after *a* (within half the cycle)."""
+    return 0 < id_distance(a, b) < _HALF_CYCLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +141,9 @@ class LinkStats:
     held_busy: int = 0
     data_before_hello: int = 0
     handshakes: int = 0
+    receipts: int = 0  # WINDOW: RECEIPT frames sent
+    held_ahead: int = 0  # WINDOW: frames received past a missing one, kept until it comes
+    gaps: int = 0  # WINDOW: NAKs sent for a missing frame
     by_reason: Counter[str] = field(default_factory=Counter)
 
 
@@ -120,6 +159,7 @@ class HostLink:
         expected_class: DeviceClass | None = None,
         features: Feature = HOST_FEATURES,
         max_pending: int = MAX_PENDING_EVENTS,
+        window: int = HOST_WINDOW,
     ) -> None:
         self._last_committed_of = last_committed
         self._heartbeat_s = heartbeat_s
@@ -129,6 +169,17 @@ class HostLink:
         #: the features granted at the handshake in force
         self.features = Feature.NONE
         self._max_pending = max_pending
+        self._host_window = max(1, min(window, WINDOW_LIMIT))
+        #: WINDOW: the window granted at the handshake in force (0: stop-and-wait)
+        self.window = 0
+        # WINDOW state, for the device handshaken (kept across its own re-handshakes):
+        self._delivered: int | None = None  # the last event delivered, in id order
+        self._expected: int | None = None  # the next id to deliver
+        self._ahead: dict[int, tuple[Data, int]] = {}  # received past a missing one
+        self._gap_naked: int | None = None  # the missing id a NAK was sent for
+        self._acked_to: int | None = None  # the last cumulative ACK sent
+        self._ack_due = False
+        self._last_data_seq = 0
         self._decoder = FrameDecoder()
         self._out = bytearray()
         self._seq = 0
@@ -150,6 +201,15 @@ class HostLink:
     def connection_lost(self) -> None:
         self.hello = None
         self._out.clear()
+        self._ack_due = False
+
+    @property
+    def can_defer_ack(self) -> bool:
+        """The device handshaken has the WINDOW feature: after a RECEIPT it waits for the
+        commit-ACK up to :data:`ACK_DEFER_MAX_S` without retransmitting, so the layer
+        above may let an event's commit wait (e.g. to share one fsync with later ones),
+        for fewer than :attr:`window` events at a time."""
+        return self.hello is not None and bool(self.features & Feature.WINDOW)
 
     # -- input ---------------------------------------------------------------
     def receive_data(self, data: bytes, now: float) -> list[LinkEvent]:
@@ -191,10 +251,18 @@ class HostLink:
         serial, seq = entry
         if self.hello is None or self.hello.serial != serial:
             return
-        self._last_committed = event_id
+        if self.window:
+            self._ack_due = True  # one cumulative ACK for all the commits of this turn
+            return
+        last = self._last_committed
+        if last is None or id_after(last, event_id):  # only forward (commits of a window)
+            self._last_committed = event_id
         self._send(FrameType.ACK, Ack(event_id).to_bytes(), seq)
 
     def data_to_send(self) -> bytes:
+        if self._ack_due:
+            self._ack_due = False
+            self._send_cumulative_ack()
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -224,21 +292,46 @@ class HostLink:
         if result is HelloResult.WRONG_CLASS and version < FEATURES_VERSION:
             wire_result = HelloResult.UNKNOWN_CLASS  # all a version-1 device knows
         granted = Feature(hello.features & self._host_features)
+        if not hello.offers_window:
+            granted &= ~Feature.WINDOW
         ack_features = (int(granted) if result is HelloResult.OK
                         and version >= FEATURES_VERSION else None)
-        self._send(FrameType.HELLO_ACK,
-                   HelloAck(version, wire_result, self._heartbeat_s, ack_features).to_bytes())
+        window = min(hello.window, self._host_window) if granted & Feature.WINDOW else 0
+        self._send(FrameType.HELLO_ACK, HelloAck(version, wire_result, self._heartbeat_s,
+                                                 ack_features, window).to_bytes())
         if result is not HelloResult.OK:
             self.hello = None
             self.features = Feature.NONE
+            self.window = 0
             events.append(DeviceRejected(hello, result))
             return
         self.stats.handshakes += 1
-        if self.hello is None or self.hello.serial != hello.serial:
-            self._last_committed = self._last_committed_of(hello.serial)
+        reload = self.hello is None or self.hello.serial != hello.serial
         self.hello = hello
+        if reload:
+            self._last_committed = self._last_committed_of(hello.serial)
+            # delivered: the last committed, or after it, the events still being committed
+            pending = [i for i, (serial, _seq) in self._pending.items() if serial == hello.serial]
+            self._delivered = pending[-1] if pending else self._last_committed
+            self._acked_to = id_prev(pending[0]) if pending else self._last_committed
         self.features = granted if ack_features is not None else Feature.NONE
+        self.window = window if ack_features is not None else 0
+        if self.window:
+            self._start_window(hello)
         events.append(DeviceUp(hello, self.features))
+
+    def _start_window(self, hello: Hello) -> None:
+        """The device resends from its head (``next_id``): delivery continues after the
+        last event delivered, or at the head when that is further on (a new device)."""
+        self._ahead.clear()
+        self._gap_naked = None
+        delivered = self._delivered
+        if (delivered is None or id_after(delivered, hello.next_id)
+                or id_distance(hello.next_id, delivered) > WINDOW_LIMIT):
+            # a new device, one further on, or one whose ids started again (section 9.1)
+            self._expected = hello.next_id
+        else:
+            self._expected = id_next(delivered)
 
     def _decide(self, hello: Hello) -> HelloResult:
         if hello.protocol_version not in SUPPORTED_VERSIONS:
@@ -255,7 +348,10 @@ class HostLink:
             self.stats.data_before_hello += 1
             self._send(FrameType.HELLO_REQ, b"")
             return
-        if data.event_id == self._last_committed:
+        if self.window:
+            self._on_window_data(frame, data, events)
+            return
+        if self._committed_before(data.event_id):
             self.stats.duplicates += 1
             self._send(FrameType.ACK, Ack(data.event_id).to_bytes(), frame.seq)
             return
@@ -275,7 +371,123 @@ class HostLink:
             self.stats.held_busy += 1
             return
         self._pending[data.event_id] = (serial, frame.seq)
+        self._delivered = data.event_id
         events.append(Message(serial, data.event_id, data.msg_type, data.body))
+
+    def _committed_before(self, event_id: int) -> bool:
+        """The last committed event, or one of the WINDOW_LIMIT before it: committed
+        already (ids are never reused, and events are committed in their order), though
+        the device did not hear the ACK (a device that held a window of them, then said
+        HELLO in version 1, sends them again)."""
+        last = self._last_committed
+        return last is not None and (event_id == last or (
+            id_after(event_id, last) and id_distance(event_id, last) <= WINDOW_LIMIT))
+
+    # -- WINDOW (section 9.8) ----------------------------------------------------
+    def _on_window_data(self, frame: Frame, data: Data, events: list[LinkEvent]) -> None:
+        event_id, expected = data.event_id, self._expected
+        self._last_data_seq = frame.seq
+        if expected is None:  # pragma: no cover - set at every windowed handshake
+            return
+        if event_id == expected:
+            if self._deliver(frame.seq, data, events):
+                self._deliver_held(events)
+        elif id_after(expected, event_id):
+            self._on_ahead(frame.seq, data, expected)
+        else:
+            self._on_behind(frame.seq, event_id)
+
+    def _deliver_held(self, events: list[LinkEvent]) -> None:
+        """Deliver the frames that waited for the one just delivered."""
+        while self._expected in self._ahead:
+            held, seq = self._ahead.pop(self._expected)
+            if not self._deliver(seq, held, events, receipted=True):
+                self._ahead[held.event_id] = (held, seq)
+                return
+
+    def _on_ahead(self, seq: int, data: Data, expected: int) -> None:
+        """A frame past a missing one: kept (within the window) and receipted; the
+        missing one is asked for with one NAK."""
+        if id_distance(expected, data.event_id) >= self.window:
+            self.stats.held_busy += 1  # beyond the window: held back unanswered
+            return
+        self.stats.held_ahead += 1
+        self._ahead[data.event_id] = (data, seq)
+        self._receipt(data.event_id, seq)
+        if self._gap_naked != expected:  # once per missing frame: it is resent at once
+            self._gap_naked = expected
+            self.stats.gaps += 1
+            self.stats.naks_sent += 1
+            self._send(FrameType.NAK, Nak(NakReason.GAP).to_bytes())
+
+    def _on_behind(self, seq: int, event_id: int) -> None:
+        """A frame before the next one: delivered already, committed or not."""
+        self.stats.duplicates += 1
+        entry = self._pending.get(event_id)
+        if entry is not None:
+            if self.hello is None or entry[0] != self.hello.serial:
+                self.stats.held_for_other_device += 1
+            else:
+                self.stats.retransmits_while_pending += 1
+                self._receipt(event_id, seq)
+            return
+        acked_to = self._cumulative()
+        if acked_to is not None and not id_after(acked_to, event_id):
+            self._acked_to = None  # say it again: that ACK was lost
+            self._ack_due = True
+        else:
+            self._receipt(event_id, seq)  # committed, behind one that is not yet
+
+    def _deliver(self, seq: int, data: Data, events: list[LinkEvent], *,
+                 receipted: bool = False) -> bool:
+        """Deliver the next event in id order (False: held back, the host is full); a
+        frame held past a gap was receipted when it came."""
+        hello = self.hello
+        if hello is None:  # pragma: no cover - only called after a handshake
+            return False
+        event_id = data.event_id
+        entry = self._pending.get(event_id)
+        if entry is not None and entry[0] != hello.serial:
+            self.stats.held_for_other_device += 1
+            return False
+        if len(self._pending) >= max(self._max_pending, self.window):
+            self.stats.held_busy += 1
+            return False
+        self._pending[event_id] = (hello.serial, seq)
+        if self._delivered is None:  # the device's first event: nothing before it to ACK
+            self._acked_to = id_prev(event_id)
+        self._delivered = event_id
+        self._expected = id_next(event_id)
+        self._gap_naked = None
+        if not receipted:
+            self._receipt(event_id, seq)
+        events.append(Message(hello.serial, event_id, data.msg_type, data.body))
+        return True
+
+    def _cumulative(self) -> int | None:
+        """The id up to which every event of the device is committed: the one before
+        its oldest pending event, or the last delivered."""
+        hello = self.hello
+        if hello is None:
+            return None
+        for event_id, (serial, _seq) in self._pending.items():
+            if serial == hello.serial:
+                return id_prev(event_id)
+        return self._delivered
+
+    def _send_cumulative_ack(self) -> None:
+        if not self.window:
+            return
+        upto = self._cumulative()
+        if upto is None or upto == self._acked_to:
+            return
+        self._acked_to = upto
+        self._last_committed = upto
+        self._send(FrameType.ACK, Ack(upto).to_bytes(), self._last_data_seq)
+
+    def _receipt(self, event_id: int, seq: int) -> None:
+        self.stats.receipts += 1
+        self._send(FrameType.RECEIPT, Receipt(event_id).to_bytes(), seq)
 
     def _reject(self, events: list[LinkEvent], reason: str, raw: bytes) -> None:
         self.stats.bad_frames += 1

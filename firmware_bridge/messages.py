@@ -57,7 +57,7 @@ class Feature(enum.IntFlag):
     """
 
     NONE = 0
-    #: reserved: several DATA frames in flight (a window instead of stop-and-wait)
+    #: several DATA frames in flight, cumulative commit-ACK, RECEIPT (section 9.8)
     WINDOW = 1 << 0
     #: reserved: firmware image transfer from the host to the device
     FIRMWARE = 1 << 1
@@ -66,6 +66,8 @@ class Feature(enum.IntFlag):
 class NakReason(enum.IntEnum):
     BAD_FRAME = 1
     NOT_READY = 2
+    #: WINDOW: a DATA frame arrived past a missing one (the device resends the oldest)
+    GAP = 3
 
 
 _HELLO = struct.Struct("<BBBBBIB")
@@ -75,12 +77,21 @@ _DATA = struct.Struct("<IB")
 _ACK = struct.Struct("<I")
 _NAK = struct.Struct("<B")
 _HEARTBEAT = struct.Struct("<IH")
+#: WINDOW, appended to HELLO after ``features``: the device's window and its head's id
+_HELLO_WINDOW = struct.Struct("<BI")
+#: WINDOW, appended to HELLO_ACK after ``features``: the window granted
+_ACK_WINDOW = struct.Struct("<B")
+#: The largest window a frame can name (a u8).
+WINDOW_LIMIT = 0xFF
 
 
 @dataclass(frozen=True, slots=True)
 class Hello:
     """HELLO. ``features`` is sent from version 2 on (a version-1 HELLO has none); the
-    bytes a later version appends after the fields of version 2 are ignored here."""
+    bytes a later version appends after the fields of version 2 are ignored here. A
+    HELLO of version 2 offering :attr:`Feature.WINDOW` carries two more fields: ``window``
+    (the most DATA frames the device keeps unacknowledged, 1..255) and ``next_id`` (the
+    id of the oldest event it holds, or of its next event when it holds none)."""
 
     protocol_version: int
     device_class: int
@@ -88,6 +99,12 @@ class Hello:
     boot_count: int
     serial: str
     features: int = 0
+    window: int = 0
+    next_id: int = 0
+
+    @property
+    def offers_window(self) -> bool:
+        return self.protocol_version == FEATURES_VERSION and bool(self.features & Feature.WINDOW)
 
     def to_bytes(self) -> bytes:
         serial = self.serial.encode("ascii")
@@ -97,7 +114,10 @@ class Hello:
         ) + serial
         if self.protocol_version < FEATURES_VERSION:
             return head
-        return head + _FEATURES.pack(self.features)
+        head += _FEATURES.pack(self.features)
+        if self.offers_window:
+            head += _HELLO_WINDOW.pack(self.window, self.next_id)
+        return head
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Hello:
@@ -114,7 +134,13 @@ class Hello:
             raise PayloadError("HELLO", raw) from None
         if not text.isprintable():
             raise PayloadError("HELLO", raw)
-        return cls(ver, dclass, (fw_a, fw_b, fw_c), boot, text, _features(ver, raw, end))
+        features = _features(ver, raw, end)
+        if ver == FEATURES_VERSION and features & Feature.WINDOW:
+            window, next_id = _HELLO_WINDOW.unpack_from(raw, end + _FEATURES.size)
+            if not window:
+                raise PayloadError("HELLO", raw)
+            return cls(ver, dclass, (fw_a, fw_b, fw_c), boot, text, features, window, next_id)
+        return cls(ver, dclass, (fw_a, fw_b, fw_c), boot, text, features)
 
     @property
     def firmware_text(self) -> str:
@@ -123,42 +149,67 @@ class Hello:
 
 def _features(version: int, raw: bytes, end: int) -> int:
     """The features field after the serial: none in version 1, exactly one u32 in
-    version 2, at least one in a later version (whose further fields are ignored)."""
+    version 2 (followed by the window fields when it offers WINDOW), at least one in a
+    later version (whose further fields are ignored)."""
     rest = len(raw) - end
     if version < FEATURES_VERSION:
         if rest:
             raise PayloadError("HELLO", raw)
         return 0
-    if rest < _FEATURES.size or (version == FEATURES_VERSION and rest != _FEATURES.size):
+    if rest < _FEATURES.size:
         raise PayloadError("HELLO", raw)
     (features,) = _FEATURES.unpack_from(raw, end)
+    if version == FEATURES_VERSION:
+        extra = _HELLO_WINDOW.size if features & Feature.WINDOW else 0
+        if rest != _FEATURES.size + extra:
+            raise PayloadError("HELLO", raw)
     return int(features)
 
 
 @dataclass(frozen=True, slots=True)
 class HelloAck:
     """HELLO_ACK: 3 bytes, or 7 when it accepts a HELLO of version 2 or later (then it
-    carries the granted ``features``; ``None`` means the 3-byte form)."""
+    carries the granted ``features``; ``None`` means the 3-byte form), or 8 when the
+    features granted include :attr:`Feature.WINDOW` (then ``window``, 1..255, follows)."""
 
     protocol_version: int
     result: HelloResult
     heartbeat_s: int
     features: int | None = None
+    window: int = 0
 
     def to_bytes(self) -> bytes:
         head = _HELLO_ACK.pack(self.protocol_version, self.result, self.heartbeat_s)
-        return head if self.features is None else head + _FEATURES.pack(self.features)
+        if self.features is None:
+            return head
+        head += _FEATURES.pack(self.features)
+        if self.features & Feature.WINDOW:
+            head += _ACK_WINDOW.pack(self.window)
+        return head
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> HelloAck:
-        if len(raw) not in (_HELLO_ACK.size, _HELLO_ACK.size + _FEATURES.size):
+        if len(raw) < _HELLO_ACK.size:
             raise PayloadError("HELLO_ACK", raw)
         ver, result, hb = _HELLO_ACK.unpack_from(raw)
-        features = None
+        features, window = None, 0
         if len(raw) > _HELLO_ACK.size:
+            if len(raw) < _HELLO_ACK.size + _FEATURES.size:
+                raise PayloadError("HELLO_ACK", raw)
             (features,) = _FEATURES.unpack_from(raw, _HELLO_ACK.size)
+        size = _HELLO_ACK.size
+        if features is not None:
+            size += _FEATURES.size
+            if features & Feature.WINDOW:
+                size += _ACK_WINDOW.size
+                if len(raw) == size:
+                    (window,) = _ACK_WINDOW.unpack_from(raw, size - _ACK_WINDOW.size)
+                if not window:
+                    raise PayloadError("HELLO_ACK", raw)
+        if len(raw) != size:
+            raise PayloadError("HELLO_ACK", raw)
         try:
-            return cls(ver, HelloResult(result), hb, features)
+            return cls(ver, HelloResult(result), hb, features, window)
         except ValueError:
             raise PayloadError("HELLO_ACK", raw) from None
 
@@ -191,6 +242,22 @@ class Ack:
     def from_bytes(cls, raw: bytes) -> Ack:
         if len(raw) != _ACK.size:
             raise PayloadError("ACK", raw)
+        return cls(*_ACK.unpack(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """RECEIPT (WINDOW only): the host holds this event; its commit-ACK will follow."""
+
+    event_id: int
+
+    def to_bytes(self) -> bytes:
+        return _ACK.pack(self.event_id)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Receipt:
+        if len(raw) != _ACK.size:
+            raise PayloadError("RECEIPT", raw)
         return cls(*_ACK.unpack(raw))
 
 

@@ -58,7 +58,9 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
         spoofs: int = 25, replays: int = 25, rate: float = 200.0, seed: int = 1,
         unplug: bool = True, unplug_s: float = 1.0, reboot: bool = True,
         garbage_rate: float = 0.01, byte_delay_s: float = 0.0,
-        timeout_s: float = 300.0) -> dict[str, Any]:
+        timeout_s: float = 300.0, protocol: int = 1, window: int = 0) -> dict[str, Any]:
+    """*protocol* and *window*: the device's (1; or 2 with *window* > 0 offering the
+    WINDOW feature, several DATA frames unacknowledged)."""
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-faults-"))
     try:
         identity = create_identity(tmp / "identity", "gw-faults-0001")
@@ -68,7 +70,7 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
                 tags, "TR-FAULTS-01",
                 to_host=Damage(bit_error_rate, drop_rate, garbage_rate, seed=seed),
                 from_host=Damage(bit_error_rate, drop_rate, garbage_rate, seed=seed + 1),
-                byte_delay_s=byte_delay_s)
+                byte_delay_s=byte_delay_s, protocol_version=protocol, window=window)
             gateway = site.start()
             t0 = time.monotonic()
             plan = ["genuine"] * events + ["spoof"] * spoofs + ["replay"] * replays
@@ -92,9 +94,15 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
             "bit_error_rate": bit_error_rate,
             "drop_rate": drop_rate,
             "wire_faults": {"to_host": sim.to_host.counts, "from_host": sim.from_host.counts},
+            "protocol": protocol,
             "link": {"bad_frames": proto.link.stats.bad_frames,
                      "duplicates": proto.link.stats.duplicates,
-                     "device_retransmits": sim.device.stats.retransmits},
+                     "window": proto.link.window,
+                     "gaps": proto.link.stats.gaps,
+                     "held_ahead": proto.link.stats.held_ahead,
+                     "device_retransmits": sim.device.stats.retransmits,
+                     "device_handshakes": sim.device.stats.handshakes,
+                     "device_fallbacks": sim.device.stats.fallbacks},
             "duration_s": round(time.monotonic() - t0, 1),
         }
     finally:

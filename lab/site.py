@@ -23,7 +23,7 @@ from central.client import VerifierClient
 from central.record import Registration, VerifiedRecord
 from core.errors import UserError
 from core.mqtt import BrokerConfig
-from firmware_bridge.messages import DeviceClass
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass
 from lab.simulators.gnss import GnssSim
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
@@ -92,11 +92,15 @@ class Site:
     def tag_receiver(self, tags: list[SimTag], serial: str = "TR-SITE-0001", *,
                      name: str = "tags", to_host: Damage | None = None,
                      from_host: Damage | None = None,
-                     byte_delay_s: float = 0.0) -> TagReceiverSim:
-        """A tag receiver on a pty, its *tags* paired with the gateway."""
+                     byte_delay_s: float = 0.0, protocol_version: int = PROTOCOL_VERSION,
+                     window: int = 0, baudrate: int | None = None) -> TagReceiverSim:
+        """A tag receiver on a pty, its *tags* paired with the gateway (protocol: see
+        :class:`lab.simulators.device.FramedDeviceSim`)."""
         pair_tags(self.identity, tags)
         sim = TagReceiverSim(serial, tags=tags, link=self.workdir / f"tty-{name}",
-                             to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s)
+                             to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s,
+                             protocol_version=protocol_version, window=window,
+                             baudrate=baudrate)
         self._sims.callback(sim.stop)
         sim.start()
         self.devices.append(DeviceSection(name, DeviceClass.TAG_RECEIVER, sim.path))

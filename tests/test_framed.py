@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core.record import Reading, SealedRecord
+from core.record import Reading, SealedRecord, Source
 from firmware_bridge.device import DeviceLink
 from firmware_bridge.framed import REFUSED_RECORD_INTERVAL_S, FramedDeviceProtocol
-from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Hello
+from firmware_bridge.link import Message
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Feature, Hello
 
 S = 1_000_000_000
 
@@ -112,3 +113,62 @@ def test_a_device_of_the_wrong_class_is_refused_with_a_rate_limited_record() -> 
     assert sum(int(r.body["refused"]) for r in refused) <= kiosk.stats.rejected_by_host
     assert refused[1].body["refused"] >= REFUSED_RECORD_INTERVAL_S - 1
     assert not [r for r in sink.committed if r.kind in ("device.up", "device.error")]
+
+
+class GroupSink(Sink):
+    """A store that commits what was submitted only when told to, in one group, and runs
+    the group's callbacks in the reverse order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[tuple[list[Reading], Callable[[SealedRecord], None] | None]] = []
+
+    def submit_all(self, readings: list[Reading],
+                   on_committed: Callable[[SealedRecord], None] | None = None) -> None:
+        self.queued.append((readings, on_committed))
+
+    def commit_group(self) -> None:
+        group, self.queued = self.queued, []
+        for readings, _ in group:
+            self.committed.extend(readings)
+        for readings, callback in reversed(group):
+            if callback is not None:
+                callback(SealedRecord(0, readings[-1].priority, readings[-1].kind, b"", b""))
+
+
+class EchoDriver(BrokenDriver):
+    def on_message(self, msg: object, hello: Hello, mono_ns: int) -> list[Reading]:
+        assert isinstance(msg, Message)
+        return [Reading("device.error", Source("tag_receiver", hello.serial),
+                        {"dev_event": msg.event_id}, mono_ns, (msg.serial, msg.event_id))]
+
+
+def test_a_window_device_is_acked_after_one_group_commit() -> None:
+    """Version 2 with WINDOW through the glue: a window of events delivered at once, the
+    driver may defer (can_defer_ack), nothing ACKed before the group commit, then all."""
+    sink = GroupSink()
+    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, EchoDriver(), sink)
+    device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9",
+                              Feature.WINDOW, 8))
+    ids = [device.enqueue(0x01, bytes([n])) for n in range(8)]
+    now_ns = 0
+    proto.connection_made(InlineTransport(), now_ns)
+
+    def exchange(steps: int) -> None:
+        nonlocal now_ns
+        for _ in range(steps):
+            now_ns += 10_000_000
+            device.receive_data(proto.data_to_send(), now_ns / 1e9)
+            device.tick(now_ns / 1e9)
+            proto.data_received(device.data_to_send(), now_ns)
+            proto.tick(now_ns)
+
+    exchange(20)
+    assert proto.link.can_defer_ack
+    assert [r.body["dev_event"] for readings, _ in sink.queued for r in readings
+            if r.kind == "device.error"] == ids
+    assert device.acked_ids == []  # nothing committed yet
+    sink.commit_group()
+    exchange(5)
+    assert device.acked_ids == ids
+    assert device.stats.retransmits == 0

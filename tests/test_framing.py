@@ -7,6 +7,7 @@ step. Hex is spaced by field (raw frames) or by COBS block (wire form).
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -38,17 +39,19 @@ from firmware_bridge.framing import (
     cobs_decode,
     cobs_encode,
 )
-from firmware_bridge.link import HostLink, Message
+from firmware_bridge.link import HOST_FEATURES, HostLink, Message, id_distance, id_next
 from firmware_bridge.messages import (
     Ack,
     Data,
     DeviceClass,
+    Feature,
     Heartbeat,
     Hello,
     HelloAck,
     HelloResult,
     Nak,
     NakReason,
+    Receipt,
 )
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "serial-protocol.md"
@@ -194,8 +197,85 @@ HELLO_ACK_WRONG_CLASS = Golden(
     wire=bytes.fromhex("0a 02 01 02 03 02 99 25 f9 c2  00"),
 )
 
+# -- version 2 with the WINDOW feature (section 13.11) ---------------------------------
+#: The second beacon of the window: the same tag, counter 18, MAC under the same key.
+BEACON_BODY_18 = bytes.fromhex("3d 2c 1b 0a  12 00 00 00  57  03  c3  09 a2 79 80 2b ca f4 7f")
+HELLO_W = Golden(
+    "HELLO (WINDOW offered)",
+    Frame(FrameType.HELLO, 0, bytes.fromhex(
+        "02 01 01 04 02 07 00 00 00 07 54 52 2d 30 30 30 31 01 00 00 00 08 2a 00 00 00")),
+    Hello(2, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001", Feature.WINDOW, 8, 42),
+    raw=bytes.fromhex(
+        "01  00  02  01  01 04 02  07 00 00 00  07  54 52 2d 30 30 30 31  01 00 00 00"
+        "  08  2a 00 00 00  98 16 3e c3"
+    ),
+    wire=bytes.fromhex(
+        "02 01  07 02 01 01 04 02 07  01  01  0a 07 54 52 2d 30 30 30 31 01  01  01"
+        "  03 08 2a  01  01  05 98 16 3e c3  00"
+    ),
+)
+HELLO_ACK_W = Golden(
+    "HELLO_ACK (WINDOW granted)",
+    Frame(FrameType.HELLO_ACK, 1, bytes.fromhex("02 00 02 01 00 00 00 08")),
+    HelloAck(2, HelloResult.OK, 2, Feature.WINDOW, 8),
+    raw=bytes.fromhex("02  01  02  00  02  01 00 00 00  08  fc ab 52 cc"),
+    wire=bytes.fromhex("04 02 01 02  03 02 01  01  01  06 08 fc ab 52 cc  00"),
+)
+DATA_43 = Golden(
+    "DATA (event 43, in the window)",
+    Frame(FrameType.DATA, 2, bytes.fromhex("2b 00 00 00 01") + BEACON_BODY_18),
+    Data(43, 0x01, BEACON_BODY_18),
+    raw=bytes.fromhex(
+        "10  02  2b 00 00 00  01  3d 2c 1b 0a  12 00 00 00  57  03  c3  09 a2 79 80 2b ca f4 7f"
+        "  50 9c 8d 4f"
+    ),
+    wire=bytes.fromhex(
+        "04 10 02 2b  01  01  07 01 3d 2c 1b 0a 12  01  01"
+        "  10 57 03 c3 09 a2 79 80 2b ca f4 7f 50 9c 8d 4f  00"
+    ),
+)
+RECEIPT_42 = Golden(
+    "RECEIPT (event 42)",
+    Frame(FrameType.RECEIPT, 1, bytes.fromhex("2a 00 00 00")),
+    Receipt(42),
+    raw=bytes.fromhex("13  01  2a 00 00 00  7c b7 6f c6"),
+    wire=bytes.fromhex("04 13 01 2a  01  01  05 7c b7 6f c6  00"),
+)
+RECEIPT_43 = Golden(
+    "RECEIPT (event 43)",
+    Frame(FrameType.RECEIPT, 2, bytes.fromhex("2b 00 00 00")),
+    Receipt(43),
+    raw=bytes.fromhex("13  02  2b 00 00 00  c9 aa 73 39"),
+    wire=bytes.fromhex("04 13 02 2b  01  01  05 c9 aa 73 39  00"),
+)
+ACK_43 = Golden(
+    "ACK (cumulative, up to event 43)",
+    Frame(FrameType.ACK, 2, bytes.fromhex("2b 00 00 00")),
+    Ack(43),
+    raw=bytes.fromhex("11  02  2b 00 00 00  c2 0b bb 74"),
+    wire=bytes.fromhex("04 11 02 2b  01  01  05 c2 0b bb 74  00"),
+)
+RECEIPT_45 = Golden(
+    "RECEIPT (event 45, past a missing 44)",
+    Frame(FrameType.RECEIPT, 4, bytes.fromhex("2d 00 00 00")),
+    Receipt(45),
+    raw=bytes.fromhex("13  04  2d 00 00 00  b5 00 58 93"),
+    wire=bytes.fromhex("04 13 04 2d  01  01  02 b5  03 58 93  00"),
+)
+NAK_GAP = Golden(
+    "NAK (gap)",
+    Frame(FrameType.NAK, 2, bytes.fromhex("03")),
+    Nak(NakReason.GAP),
+    raw=bytes.fromhex("12  02  03  34 9d dc 4b"),
+    wire=bytes.fromhex("08 12 02 03 34 9d dc 4b  00"),
+)
+
 GOLDEN = [HELLO_REQ, HELLO, HELLO_ACK, DATA, ACK, HEARTBEAT, NAK, HELLO_V1, HELLO_ACK_V1,
-          HELLO_V3, HELLO_ACK_UNSUPPORTED, HELLO_KIOSK, HELLO_ACK_WRONG_CLASS]
+          HELLO_V3, HELLO_ACK_UNSUPPORTED, HELLO_KIOSK, HELLO_ACK_WRONG_CLASS,
+          HELLO_W, HELLO_ACK_W, DATA_43, RECEIPT_42, RECEIPT_43, ACK_43, RECEIPT_45, NAK_GAP]
+#: docs/test-vectors/serial-protocol/frames.json: the golden frames, for firmware suites
+#: (a folder of its own: the files directly in docs/test-vectors/ are made by a generator)
+VECTORS = DOC.parent / "test-vectors" / "serial-protocol" / "frames.json"
 PAYLOAD_TYPES: dict[FrameType, Any] = {
     FrameType.HELLO: Hello,
     FrameType.HELLO_ACK: HelloAck,
@@ -203,6 +283,7 @@ PAYLOAD_TYPES: dict[FrameType, Any] = {
     FrameType.ACK: Ack,
     FrameType.NAK: Nak,
     FrameType.HEARTBEAT: Heartbeat,
+    FrameType.RECEIPT: Receipt,
 }
 golden_cases = pytest.mark.parametrize("golden", GOLDEN, ids=[g.name for g in GOLDEN])
 
@@ -288,6 +369,52 @@ def test_golden_session_is_what_the_links_send() -> None:
     corrupted[3] ^= 0x10  # payload byte 02 -> 12: the CRC no longer matches
     host.receive_data(bytes(corrupted), 2.0)
     assert host.data_to_send() == NAK.wire
+
+
+def test_golden_window_session_is_what_the_links_send() -> None:
+    """Section 13.11: a device offering WINDOW (8 frames), two beacons in flight, a
+    RECEIPT for each at once, one cumulative ACK after both commits (their callbacks in
+    the reverse order); then 44 is lost and 45 arrives: RECEIPT 45 and a NAK (gap)."""
+    host = HostLink(lambda _serial: None, expected_class=DeviceClass.TAG_RECEIVER,
+                    features=HOST_FEATURES)
+    device = DeviceLink(Hello(2, DeviceClass.TAG_RECEIVER, (1, 4, 2), 7, "TR-0001",
+                              Feature.WINDOW, 8), next_event_id=42)
+    host.connection_made(0.0)
+    assert host.data_to_send() == HELLO_REQ.wire
+    device.receive_data(HELLO_REQ.wire, 0.0)
+    assert device.data_to_send() == HELLO_W.wire
+    host.receive_data(HELLO_W.wire, 0.0)
+    assert host.data_to_send() == HELLO_ACK_W.wire
+    device.receive_data(HELLO_ACK_W.wire, 0.0)
+    assert device.window == host.window == 8
+    device.enqueue(0x01, BEACON_BODY)
+    device.enqueue(0x01, BEACON_BODY_18)
+    device.tick(0.0)
+    assert device.data_to_send() == DATA.wire + DATA_43.wire  # both in flight
+    assert host.receive_data(DATA.wire + DATA_43.wire, 0.0) == [
+        Message("TR-0001", 42, 0x01, BEACON_BODY), Message("TR-0001", 43, 0x01, BEACON_BODY_18)]
+    assert host.data_to_send() == RECEIPT_42.wire + RECEIPT_43.wire
+    host.committed(43)
+    host.committed(42)
+    assert host.data_to_send() == ACK_43.wire
+    device.receive_data(RECEIPT_42.wire + RECEIPT_43.wire + ACK_43.wire, 0.0)
+    assert device.acked_ids == [42, 43]
+    device.enqueue(0x01, b"")
+    device.enqueue(0x01, b"")
+    device.tick(0.01)
+    _lost, second = device.data_to_send().split(b"\x00")[:2]
+    assert host.receive_data(second + b"\x00", 0.01) == []
+    assert host.data_to_send() == RECEIPT_45.wire + NAK_GAP.wire
+
+
+def test_the_test_vectors_file_holds_the_golden_frames() -> None:
+    vectors = json.loads(VECTORS.read_text(encoding="ascii"))
+    assert vectors["frames"] == [
+        {"name": g.name, "raw": g.raw.hex(" "), "wire": g.wire.hex(" ")} for g in GOLDEN]
+    for entry in vectors["frames"]:  # and each holds on its own: CRC, COBS, delimiter
+        raw, wire = bytes.fromhex(entry["raw"]), bytes.fromhex(entry["wire"])
+        assert zlib.crc32(raw[:-4]) == struct.unpack("<I", raw[-4:])[0]
+        assert cobs_encode(raw) + b"\x00" == wire
 
 
 @pytest.mark.parametrize(("hello", "answer"), [
@@ -629,6 +756,25 @@ int main(void)
             uint32_t feat = in[8] | in[9] << 8 | in[10] << 16 | (uint32_t)in[11] << 24;
             hex(out, hello_payload(in[0], in + 1, boot, (const char *)in + 12, n - 12, feat,
                                    out));
+        } else if (!strcmp(op, "hellow")) {  /* as hello, then window[1] next_id[4] */
+            uint32_t boot = in[4] | in[5] << 8 | in[6] << 16 | (uint32_t)in[7] << 24;
+            uint32_t feat = in[8] | in[9] << 8 | in[10] << 16 | (uint32_t)in[11] << 24;
+            uint32_t next = in[13] | in[14] << 8 | in[15] << 16 | (uint32_t)in[16] << 24;
+            size_t m = hello_payload(in[0], in + 1, boot, (const char *)in + 17, n - 17, feat,
+                                     out);
+            hex(out, m + hello_window_fields(in[12], next, out + m));
+        } else if (!strcmp(op, "ids")) {  /* a[4] b[4] (big-endian in the hex) */
+            uint32_t a = (uint32_t)in[0] << 24 | in[1] << 16 | in[2] << 8 | in[3];
+            uint32_t b = (uint32_t)in[4] << 24 | in[5] << 16 | in[6] << 8 | in[7];
+            printf("%08x %08x\n", (unsigned)id_next(a), (unsigned)id_distance(a, b));
+        } else if (!strcmp(op, "wack")) {  /* head[4] in_flight[1] ack[4], big-endian */
+            struct tx_window w;
+            w.head = (uint32_t)in[0] << 24 | in[1] << 16 | in[2] << 8 | in[3];
+            w.window = 255;
+            w.in_flight = in[4];
+            uint32_t ack = (uint32_t)in[5] << 24 | in[6] << 16 | in[7] << 8 | in[8];
+            unsigned erased = window_on_ack(&w, ack);
+            printf("%u %08x %u\n", erased, (unsigned)w.head, (unsigned)w.in_flight);
         }
     }
     return 0;
@@ -672,7 +818,30 @@ def test_the_c_reference_code_agrees_with_the_python_one(tmp_path: Path) -> None
     lines.append("hello " + (bytes((hello.device_class, *hello.firmware))
                              + struct.pack("<II", hello.boot_count, hello.features)
                              + hello.serial.encode()).hex())
+    hello_w = HELLO_W.payload
+    assert isinstance(hello_w, Hello)
+    lines.append("hellow " + (bytes((hello_w.device_class, *hello_w.firmware))
+                              + struct.pack("<II", hello_w.boot_count, hello_w.features)
+                              + struct.pack("<BI", hello_w.window, hello_w.next_id)
+                              + hello_w.serial.encode()).hex())
+    pairs = [(1, 1), (5, 3), (0xFFFFFFFF, 1), (0xFFFFFFF0, 0x10), (1, 0xFFFFFFFF),
+             *((rng.randrange(1, 1 << 32), rng.randrange(1, 1 << 32)) for _ in range(50))]
+    lines += [f"ids {a:08x}{b:08x}" for a, b in pairs]
+    acks = [(42, 2, 43), (42, 2, 42), (42, 2, 44), (42, 0, 42), (42, 3, 41),
+            (0xFFFFFFFE, 4, 1), (0xFFFFFFFE, 4, 2), (0xFFFFFFFE, 2, 1)]
+    lines += [f"wack {h:08x}{k:02x}{a:08x}" for h, k, a in acks]
     out = run_c(exe, lines)
+    acked = out[len(out) - len(acks):]
+    out = out[: len(out) - len(acks)]
+    for (head, in_flight, ack), got in zip(acks, acked, strict=True):
+        distance = id_distance(head, ack)
+        erased = distance + 1 if distance < in_flight else 0
+        new_head = id_next(ack) if erased else head
+        assert got == f"{erased} {new_head:08x} {in_flight - erased}"
+    ids = out[len(out) - len(pairs):]
+    out = out[: len(out) - len(pairs)]
+    assert ids == [f"{id_next(a):08x} {id_distance(a, b):08x}" for a, b in pairs]
+    assert out.pop() == HELLO_W.frame.payload.hex()  # the golden HELLO offering WINDOW
     n = len(inputs)
     assert out[:n] == [f"{zlib.crc32(b):08x}" for b in inputs]
     assert out[n : 2 * n] == [cobs_encode(b).hex() for b in inputs]

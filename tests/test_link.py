@@ -26,8 +26,10 @@ from hypothesis.stateful import (
 )
 
 from firmware_bridge.device import (
+    HELLO_NAKS_FALLBACK,
     HELLO_RETRY_S,
     MAX_RETRIES,
+    RECEIPT_TIMEOUT_S,
     RTO_INITIAL_S,
     RTO_MAX_S,
     RTO_MIN_S,
@@ -35,7 +37,9 @@ from firmware_bridge.device import (
 )
 from firmware_bridge.framing import Frame, FrameDecoder, FrameType
 from firmware_bridge.link import (
+    ACK_DEFER_MAX_S,
     HEARTBEAT_S,
+    HOST_FEATURES,
     LINK_TIMEOUT_S,
     DeviceRejected,
     DeviceSilent,
@@ -56,6 +60,8 @@ from firmware_bridge.messages import (
     HelloAck,
     HelloResult,
     Nak,
+    NakReason,
+    Receipt,
 )
 from lab.wire import Damage, Line, byte_flip_rate
 
@@ -64,8 +70,11 @@ STEP_S = 0.005
 
 def make_device(serial: str = "TR-0001", *, version: int = PROTOCOL_VERSION,
                 device_class: int = DeviceClass.TAG_RECEIVER, first_id: int = 1,
-                features: int = 0) -> DeviceLink:
-    return DeviceLink(Hello(version, device_class, (1, 4, 2), 1, serial, features),
+                features: int = 0, window: int = 0) -> DeviceLink:
+    """A reference device; *window* > 0 offers the WINDOW feature with that window."""
+    if window:
+        features |= Feature.WINDOW
+    return DeviceLink(Hello(version, device_class, (1, 4, 2), 1, serial, features, window),
                       next_event_id=first_id)
 
 
@@ -119,6 +128,7 @@ class Rig:
         self.host = self._new_host()
 
     def _new_host(self) -> HostLink:
+        self.delivered_by_host: set[tuple[str, int]] = set()
         return HostLink(self.store.last_committed, expected_class=self.expected_class,
                         features=self.host_features)
 
@@ -144,6 +154,16 @@ class Rig:
             done += 1
         self._flush_host()
         return done
+
+    def commit_group(self, count: int) -> int:
+        """One group commit of the oldest *count* delivered events: durable together, in
+        delivery order; their commit callbacks then run in the reverse order."""
+        group = [self.awaiting.popleft()[1] for _ in range(min(count, len(self.awaiting)))]
+        self.store.records += [(m.serial, m.event_id, m.body) for m in group]
+        for msg in reversed(group):
+            self.host.committed(msg.event_id)
+        self._flush_host()
+        return len(group)
 
     def _commit(self, msg: Message) -> None:
         self.store.records.append((msg.serial, msg.event_id, msg.body))
@@ -188,6 +208,10 @@ class Rig:
         self.events += events
         for event in events:
             if isinstance(event, Message):
+                key = (event.serial, event.event_id)
+                # delivered once as new by one host: the second time would be a duplicate
+                assert key not in self.delivered_by_host, f"{key} delivered twice"
+                self.delivered_by_host.add(key)
                 self.messages.append(event)
                 self.awaiting.append((self.now, event))
 
@@ -308,7 +332,12 @@ def test_a_version_2_device_falls_back_to_version_1_on_a_nak_of_its_hello() -> N
     device.tick(0.0)
     (hello,) = frames_in([device.data_to_send()])
     assert Hello.from_bytes(hello.payload).protocol_version == 2
-    device.receive_data(Frame(FrameType.NAK, 0, Nak(1).to_bytes()).to_bytes(), 0.01)
+    nak = Frame(FrameType.NAK, 0, Nak(1).to_bytes()).to_bytes()
+    for _ in range(HELLO_NAKS_FALLBACK - 1):  # line noise, may be: said again at once
+        device.receive_data(nak, 0.01)
+        (again,) = frames_in([device.data_to_send()])
+        assert Hello.from_bytes(again.payload).protocol_version == 2
+    device.receive_data(nak, 0.01)
     (again,) = frames_in([device.data_to_send()])
     assert Hello.from_bytes(again.payload) == Hello(1, DeviceClass.TAG_RECEIVER, (1, 4, 2), 1,
                                                     "TR-0001")
@@ -492,16 +521,24 @@ def test_nak_without_data_in_flight_is_ignored() -> None:
     assert rig.device.stats.sent == 0
 
 
-def test_older_event_than_the_last_committed_is_not_recognised() -> None:
-    """Why a device must never resend an event it already had ACKed: only the last
-    committed id is remembered, so an older one would be delivered again."""
+def test_events_shortly_before_the_last_committed_are_recognised() -> None:
+    """Ids are never reused and events are committed in their order: an event among the
+    255 before the last committed was committed (a device that held a window of them and
+    then said HELLO in version 1 sends them again). It is ACKed again, not delivered."""
     rig = up_rig()
     first, second = rig.device.enqueue(0x01, b"a"), rig.device.enqueue(0x01, b"b")
     rig.drain(1.0)
     assert rig.store.committed_ids("TR-0001") == [first, second]
+    rig.host.data_to_send()
     events = rig.host.receive_data(Frame(FrameType.DATA, 9, Data(first, 1, b"a").to_bytes())
                                    .to_bytes(), rig.now)
-    assert events == [Message("TR-0001", first, 1, b"a")]
+    assert events == []
+    assert rig.host.data_to_send() == Frame(FrameType.ACK, 9, Ack(first).to_bytes()).to_bytes()
+    # one far older than any window is another matter: taken as new, as in version 1
+    far = (second - 300) % 0xFFFFFFFF or 1
+    events = rig.host.receive_data(Frame(FrameType.DATA, 10, Data(far, 1, b"z").to_bytes())
+                                   .to_bytes(), rig.now)
+    assert events == [Message("TR-0001", far, 1, b"z")]
 
 
 # -- silence and heartbeats ---------------------------------------------------------------
@@ -700,6 +737,201 @@ def test_lossy_line_delivers_every_event_exactly_once_in_order(
     assert [m.event_id for m in rig.messages] == ids
 
 
+# -- WINDOW: several frames in flight (section 9.8) ----------------------------------------
+
+def window_rig(window: int = 4, **kwargs: object) -> Rig:
+    kwargs.setdefault("host_features", HOST_FEATURES)
+    return up_rig(make_device(window=window), **kwargs)
+
+
+def test_the_window_is_negotiated_and_only_then_can_the_host_defer() -> None:
+    rig = window_rig(8)
+    assert rig.host.features == rig.device.features == Feature.WINDOW
+    assert rig.host.window == rig.device.window == 8
+    assert rig.host.can_defer_ack
+    assert not up_rig(make_device()).host.can_defer_ack  # stop-and-wait: no window
+    old_host = up_rig(make_device(window=8))  # a host that does not grant it
+    assert old_host.device.window == 0
+    assert not old_host.host.can_defer_ack
+    assert not HostLink(lambda _s: None).can_defer_ack  # no device yet
+
+
+def test_the_host_grants_at_most_its_own_window() -> None:
+    rig = up_rig(make_device(window=200), host_features=HOST_FEATURES)
+    assert rig.device.window == rig.host.window == 128
+
+
+def test_a_window_of_frames_is_in_flight_receipted_and_acked_after_commit() -> None:
+    rig = window_rig(4, auto_commit=False)
+    ids = [rig.device.enqueue(1, bytes([n])) for n in range(10)]
+    rig.run(0.1)
+    # four frames went out, all four delivered and receipted; none ACKed (no commit)
+    assert [m.event_id for m in rig.messages] == ids[:4]
+    assert rig.device.stats.receipts == 4
+    assert rig.device.acked_ids == []
+    rig.commit()
+    rig.run(0.1)
+    assert rig.device.acked_ids == ids[:4]
+    assert [m.event_id for m in rig.messages] == ids[:8]
+    rig.auto_commit = True
+    rig.drain()
+    assert rig.store.committed_ids("TR-0001") == ids
+    assert rig.device.stats.retransmits == 0
+
+
+def test_one_cumulative_ack_for_a_group_committed_in_any_order() -> None:
+    rig = window_rig(8, auto_commit=False)
+    ids = [rig.device.enqueue(1, b"x") for _ in range(6)]
+    rig.run(0.1)
+    rig.to_device.clear()
+    sent = []
+    original = rig.host.data_to_send
+
+    def spy() -> bytes:
+        out = original()
+        sent.extend(f for f in frames_in([out]) if f.type is FrameType.ACK)
+        return out
+
+    rig.host.data_to_send = spy  # type: ignore[method-assign]
+    assert rig.commit_group(6) == 6  # committed together, callbacks in reverse order
+    assert [Ack.from_bytes(f.payload).event_id for f in sent] == [ids[-1]]
+    rig.run(0.1)
+    assert rig.device.acked_ids == ids
+
+
+def test_an_ack_waits_for_the_commit_of_every_event_before_it() -> None:
+    rig = window_rig(8, auto_commit=False)
+    ids = [rig.device.enqueue(1, b"x") for _ in range(3)]
+    rig.run(0.1)
+    first, second, third = (m for _, m in list(rig.awaiting))
+    rig.awaiting.clear()
+    rig.store.records.append((third.serial, third.event_id, third.body))
+    rig.host.committed(third.event_id)  # its callback runs first
+    rig._flush_host()
+    rig.run(0.1)
+    assert rig.device.acked_ids == []  # the first two are not committed yet
+    for msg in (first, second):
+        rig.store.records.append((msg.serial, msg.event_id, msg.body))
+        rig.host.committed(msg.event_id)
+    rig._flush_host()
+    rig.run(0.1)
+    assert rig.device.acked_ids == ids
+
+
+def test_an_ack_deferred_for_ack_defer_max_s_costs_no_retransmission() -> None:
+    rig = window_rig(4, auto_commit=False)
+    ids = [rig.device.enqueue(1, b"x") for _ in range(3)]
+    rig.run(ACK_DEFER_MAX_S, dt=0.05)
+    assert [m.event_id for m in rig.messages] == ids
+    assert rig.device.stats.retransmits == 0
+    assert rig.of_type(DeviceSilent) == []  # heartbeats keep the link up meanwhile
+    assert rig.host.hello is not None
+    rig.commit()
+    rig.run(0.1)
+    assert rig.device.acked_ids == ids
+    assert ACK_DEFER_MAX_S < RECEIPT_TIMEOUT_S
+
+
+def test_a_receipted_frame_is_sent_again_once_its_ack_is_overdue() -> None:
+    rig = window_rig(4, auto_commit=False)
+    event_id = rig.device.enqueue(1, b"x")
+    rig.run(RECEIPT_TIMEOUT_S + 0.5, dt=0.05)
+    assert rig.device.stats.retransmits == 1  # sent again after RECEIPT_TIMEOUT_S
+    assert rig.host.stats.retransmits_while_pending == 1  # receipted again, not redelivered
+    assert [m.event_id for m in rig.messages] == [event_id]
+    rig.commit()
+    rig.run(0.1)
+    assert rig.device.acked_ids == [event_id]
+
+
+def test_a_frame_lost_in_the_window_is_asked_for_and_order_is_kept() -> None:
+    rig = window_rig(8, auto_commit=False)
+    ids = [rig.device.enqueue(1, bytes([n])) for n in range(5)]
+    rig.device.tick(rig.now)
+    frames = [f for f in frames_in([rig.device.data_to_send()]) if f.type is FrameType.DATA]
+    assert [Data.from_bytes(f.payload).event_id for f in frames] == ids
+    wire = [f.to_bytes() for f in frames]
+    rig.to_host.send(wire[0] + b"".join(wire[2:]), rig.now)  # the second one is lost
+    rig.step()
+    assert [m.event_id for m in rig.messages] == ids[:1]  # the others wait for it
+    assert rig.host.stats.gaps == 1
+    rig.run(0.05)  # the NAK reaches the device: it sends the missing one at once
+    assert [m.event_id for m in rig.messages] == ids
+    assert rig.device.stats.retransmits == 1
+    rig.commit()
+    rig.run(0.1)
+    assert rig.device.acked_ids == ids
+
+
+def test_frames_past_a_gap_are_receipted_and_held_within_the_window() -> None:
+    host = HostLink(lambda _s: None, features=HOST_FEATURES, window=4)
+    host.connection_made(0.0)
+    hello = Hello(2, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-0009", Feature.WINDOW, 4, 10)
+    host.receive_data(Frame(FrameType.HELLO, 0, hello.to_bytes()).to_bytes(), 0.0)
+    host.data_to_send()
+
+    def data(event_id: int, seq: int) -> bytes:
+        return Frame(FrameType.DATA, seq, Data(event_id, 1, b"").to_bytes()).to_bytes()
+
+    assert host.receive_data(data(12, 1) + data(13, 2) + data(14, 3), 0.0) == []
+    answers = frames_in([host.data_to_send()])
+    kinds = [(f.type, f.payload) for f in answers]
+    assert (FrameType.NAK, Nak(NakReason.GAP).to_bytes()) in kinds  # once for 10
+    assert [Receipt.from_bytes(p).event_id for t, p in kinds if t is FrameType.RECEIPT] == \
+        [12, 13]  # 14 is 4 past the missing 10: beyond the window, held back unanswered
+    got = host.receive_data(data(10, 4) + data(11, 5), 0.0)
+    assert [m.event_id for m in got if isinstance(m, Message)] == [10, 11, 12, 13]
+
+
+def test_host_restart_with_a_window_redelivers_only_what_was_not_committed() -> None:
+    rig = window_rig(8, auto_commit=False)
+    ids = [rig.device.enqueue(1, bytes([n])) for n in range(6)]
+    rig.run(0.1)
+    rig.commit(3)
+    rig.to_device.clear()  # that ACK is lost; then the gateway dies
+    rig.restart_host()
+    rig.auto_commit = True
+    rig.drain()
+    assert rig.store.committed_ids("TR-0001") == ids  # each once
+    assert rig.device.acked_ids == ids
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("drop", "ber"), [(0.01, 0.0), (0.0, 1e-3), (0.01, 1e-3)])
+def test_lossy_line_with_a_window_delivers_every_event_once_in_order(
+    seed: int, drop: float, ber: float,
+) -> None:
+    rng = random.Random(seed)
+
+    def line() -> Line:
+        return Line(Damage(bit_error_rate=byte_flip_rate(ber), drop_rate=drop, rng=rng),
+                    latency_s=0.002)
+
+    rig = Rig(make_device(first_id=0xFFFFFFF0, window=8), to_host=line(), to_device=line(),
+              commit_delay_s=0.02, host_features=HOST_FEATURES)
+    bodies = [rng.randbytes(rng.randrange(0, 40)) for _ in range(120)]
+    ids = [rig.device.enqueue(0x01, body) for body in bodies]
+    rig.connect()
+    rig.drain(300.0)
+    assert rig.store.records == [("TR-0001", i, b) for i, b in zip(ids, bodies, strict=True)]
+    assert rig.device.acked_ids == ids
+    assert [m.event_id for m in rig.messages] == ids
+
+
+def test_a_window_beats_stop_and_wait_on_a_slow_commit() -> None:
+    """Simulated time, not a timing assertion: 50 events with a 20 ms commit."""
+    spent = {}
+    for window in (0, 16):
+        rig = up_rig(make_device(window=window), commit_delay_s=0.02,
+                     host_features=HOST_FEATURES)
+        for _ in range(50):
+            rig.device.enqueue(1, b"x")
+        start = rig.now
+        rig.drain()
+        spent[window] = rig.now - start
+    assert spent[16] * 5 < spent[0]
+
+
 # -- any schedule of faults --------------------------------------------------------------------
 
 class LinkMachine(RuleBasedStateMachine):
@@ -711,11 +943,16 @@ class LinkMachine(RuleBasedStateMachine):
     SERIALS = ("TR-0001", "TR-0002")
 
     @initialize(host=st.sampled_from(list(Feature)), offered=st.integers(0, 0xFFFFFFFF),
-                version=st.sampled_from([1, PROTOCOL_VERSION]))
-    def start(self, host: Feature, offered: int, version: int) -> None:
-        # both devices number their events alike: the same ids on one port
-        self.devices = {serial: make_device(serial, version=version, features=offered)
+                version=st.sampled_from([1, PROTOCOL_VERSION]),
+                window=st.sampled_from([0, 1, 2, 5, 16]))
+    def start(self, host: Feature, offered: int, version: int, window: int) -> None:
+        # both devices number their events alike: the same ids on one port; a window
+        # (when the device offers WINDOW) of one frame, a few, or more than are queued
+        self.devices = {serial: make_device(serial, version=version, features=offered,
+                                            window=window)
                         for serial in self.SERIALS}
+        if window:
+            offered |= Feature.WINDOW
         self.granted = Feature(offered & host) if version >= 2 else Feature.NONE
         self.rig = Rig(self.devices[self.SERIALS[0]], auto_commit=False, host_features=host)
         self.rig.check_safety = self.check_safety  # every device, not only the one plugged
@@ -740,6 +977,23 @@ class LinkMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 3))
     def commit(self, count: int) -> None:
         self.rig.commit(count)
+
+    @rule(bodies=st.lists(st.binary(max_size=8), min_size=2, max_size=12))
+    def enqueue_burst(self, bodies: list[bytes]) -> None:
+        """Several events at once: a window fills."""
+        for body in bodies:
+            self.enqueue(body)
+
+    @rule(count=st.integers(2, 8))
+    def commit_group(self, count: int) -> None:
+        """One group commit; its ACKs are called for in the reverse order."""
+        self.rig.commit_group(count)
+
+    @rule(s=st.integers(2, 40))
+    def hold_commits(self, s: int) -> None:
+        """The host holds its commits (deferred ACKs) for up to 40 s: past ACK_DEFER_MAX_S,
+        the device sends its receipted frames again."""
+        self.rig.run(float(s), dt=0.25)
 
     @rule()
     def lose_next_to_host(self) -> None:

@@ -347,3 +347,126 @@ def test_after_the_port_is_lost_nothing_is_taken_and_nothing_times_out() -> None
     assert host.link.tick(100.0) == []
     assert host.data(1) == []  # data without a handshake
     assert types_and_payloads(host.replies()) == [(FrameType.HELLO_REQ, b"")]
+
+
+# -- WINDOW, frame by frame (section 9.8) ------------------------------------------------------
+def window_hello(window: int = 8, next_id: int = 1) -> Hello:
+    return Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 4, 2), 1, SERIAL,
+                 Feature.WINDOW, window, next_id)
+
+
+def window_up(ledger: dict[str, int] | None = None, **kwargs: int) -> Host:
+    host = Host(ledger)
+    host.link.connection_made(0.0)
+    host.replies()
+    hello = window_hello(**kwargs)
+    assert host.hello(hello) == [DeviceUp(hello, Feature.WINDOW)]
+    (answer,) = host.replies()
+    assert HelloAck.from_bytes(answer.payload) == HelloAck(
+        PROTOCOL_VERSION, HelloResult.OK, HEARTBEAT, Feature.WINDOW, host.link.window)
+    return host
+
+
+def kinds(frames: list[Frame]) -> list[tuple[str, int]]:
+    """(type, event id) of RECEIPT and ACK frames, (NAK, reason) of NAKs."""
+    return [(f.type.name, f.payload[0] if f.type is FrameType.NAK
+             else Ack.from_bytes(f.payload).event_id) for f in frames]
+
+
+def test_the_window_granted_is_the_smaller_of_the_two() -> None:
+    assert window_up(window=8).link.window == 8
+    assert window_up(window=255).link.window == 128  # HOST_WINDOW
+
+
+@pytest.mark.parametrize("raw", [
+    window_hello().to_bytes()[:-5],  # WINDOW offered, its fields missing
+    window_hello().to_bytes()[:-5] + bytes(5),  # window 0
+    HELLO.to_bytes() + bytes.fromhex("08 01 00 00 00"),  # the fields without the feature
+])
+def test_a_hello_whose_window_fields_do_not_fit_is_naked(raw: bytes) -> None:
+    host = Host()
+    host.link.connection_made(0.0)
+    host.replies()
+    assert host.send(FrameType.HELLO, raw) == [FrameRejected("payload:HELLO", raw)]
+    assert types_and_payloads(host.replies()) == [(FrameType.NAK, nak().payload)]
+
+
+@pytest.mark.parametrize("raw", [
+    bytes.fromhex("02 00 02 01 00 00 00"),  # WINDOW granted, no window byte
+    bytes.fromhex("02 00 02 01 00 00 00 00"),  # window 0
+    bytes.fromhex("02 00 02 00 00 00 00 08"),  # a window byte, WINDOW not granted
+])
+def test_a_hello_ack_whose_window_does_not_fit_is_malformed(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="HELLO_ACK"):
+        HelloAck.from_bytes(raw)
+
+
+def test_each_event_is_receipted_at_once_and_acked_cumulatively_in_order() -> None:
+    host = window_up()
+    for event_id, seq in ((1, 10), (2, 11), (3, 12)):
+        assert host.data(event_id, seq=seq) == [Message(SERIAL, event_id, 0x21, b"\x01")]
+    assert kinds(host.replies()) == [("RECEIPT", 1), ("RECEIPT", 2), ("RECEIPT", 3)]
+    host.link.committed(2)
+    assert host.replies() == []  # 1 is not committed: nothing is ACKed
+    host.link.committed(1)
+    (ack,) = host.replies()
+    assert (ack.type, Ack.from_bytes(ack.payload).event_id, ack.seq) == (FrameType.ACK, 2, 12)
+    host.link.committed(3)
+    host.link.committed(3)  # twice: one ACK
+    assert kinds(host.replies()) == [("ACK", 3)]
+
+
+def test_a_duplicate_is_receipted_while_pending_and_acked_once_committed() -> None:
+    host = window_up()
+    host.data(1)
+    host.data(2)
+    host.replies()
+    assert host.data(1) == []  # still being committed: a RECEIPT again
+    assert kinds(host.replies()) == [("RECEIPT", 1)]
+    host.link.committed(2)
+    host.replies()
+    assert host.data(2) == []  # committed, but 1 is not: RECEIPT (the ACK waits for 1)
+    assert kinds(host.replies()) == [("RECEIPT", 2)]
+    host.link.committed(1)
+    assert kinds(host.replies()) == [("ACK", 2)]
+    assert host.data(1) == []  # behind the cumulative point: its ACK again
+    assert kinds(host.replies()) == [("ACK", 2)]
+    assert host.link.stats.duplicates == 3
+
+
+def test_a_frame_past_a_gap_waits_and_one_nak_asks_for_the_missing_one() -> None:
+    host = window_up(window=4)
+    assert host.data(2) == []
+    assert host.data(3) == []
+    assert kinds(host.replies()) == [("RECEIPT", 2), ("NAK", 3), ("RECEIPT", 3)]
+    assert host.data(5) == []  # 4 past the missing 1: beyond the window of 4
+    assert host.replies() == []
+    assert host.link.stats.held_busy == 1
+    got = host.data(1)
+    assert [e.event_id for e in got if isinstance(e, Message)] == [1, 2, 3]
+    assert kinds(host.replies()) == [("RECEIPT", 1)]
+
+
+@pytest.mark.parametrize(("next_id", "first_new"), [
+    (45, 51),  # its head is committed already (the ACKs were lost): 45..50 are duplicates
+    (51, 51),
+    (90, 90),  # its ids jumped ahead (9.1): delivery starts at its head
+    (0xFFFFFF00, 0xFFFFFF00),  # 305 before 50 (across the wrap): its ids started again
+])
+def test_the_next_event_after_a_handshake(next_id: int, first_new: int) -> None:
+    host = window_up({SERIAL: 50}, next_id=next_id)
+    if next_id != first_new:
+        assert host.data(next_id) == []
+        assert kinds(host.replies()) == [("ACK", 50)]
+        assert host.data(first_new + 1) == []  # past the next one: kept
+        host.replies()
+    assert [e.event_id for e in host.data(first_new) if isinstance(e, Message)][:1] == [
+        first_new]
+
+
+def test_the_link_says_when_the_layer_above_may_defer_an_ack() -> None:
+    host = window_up()
+    assert host.link.can_defer_ack
+    host.link.tick(TIMEOUT + 1)  # silent: no device handshaken
+    assert not host.link.can_defer_ack
+    assert not up().link.can_defer_ack  # a device without the feature

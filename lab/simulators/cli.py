@@ -39,6 +39,7 @@ import serial
 
 from core.devices import tag_ref
 from drivers.kiosk import KEY_BYTES, Method, Result
+from firmware_bridge.messages import PROTOCOL_VERSION, WINDOW_LIMIT
 from lab.simulators.device import FramedDeviceSim
 from lab.simulators.gnss import CaptureError, GnssReplaySim, GnssSim, capture_epochs
 from lab.simulators.kiosk import KioskSim
@@ -186,6 +187,12 @@ def _framed(parser: argparse.ArgumentParser, serial_default: str) -> None:
                         help=f"the serial number its HELLO says (default {serial_default})")
     parser.add_argument("--firmware", type=_version, default=(1, 0, 0), metavar="X.Y.Z",
                         help="the firmware version its HELLO says (default 1.0.0)")
+    parser.add_argument("--protocol", type=int, choices=(1, 2), default=PROTOCOL_VERSION,
+                        help="the serial protocol version its HELLO says (default "
+                             f"{PROTOCOL_VERSION}; 1: a device of the first version)")
+    parser.add_argument("--window", type=_int_range(0, WINDOW_LIMIT), default=0, metavar="N",
+                        help="version 2: offer the WINDOW feature, N DATA frames "
+                             "unacknowledged (default 0: stop-and-wait)")
     parser.add_argument("--max-queued", type=_int_range(1, 10_000_000),
                         default=DEFAULT_MAX_QUEUED, metavar="N",
                         help="events kept unacknowledged at most (its flash); beyond, no new "
@@ -285,11 +292,13 @@ class Runner:
                                 strap_closed=not args.strap_open,
                                 body_contact=not args.no_body_contact) for tag_id in ids]
             self.sim = TagReceiverSim(args.serial, tags=self.tags, link=link, to_host=faults,
-                                      firmware=args.firmware, end=end)
+                                      firmware=args.firmware, end=end,
+                                      protocol_version=args.protocol, window=args.window)
         elif args.sim == "kiosk":
             self.sim = KioskSim(args.serial, key=_key(args.key_file), link=link,
                                 battery_pct=args.battery, to_host=faults,
-                                firmware=args.firmware, end=end)
+                                firmware=args.firmware, end=end,
+                                protocol_version=args.protocol, window=args.window)
         elif args.replay is not None:
             try:
                 epochs = capture_epochs(args.replay)

@@ -34,7 +34,7 @@ from drivers.kiosk import (
     SignedCheckIn,
     SignedStatus,
 )
-from firmware_bridge.messages import DeviceClass
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass
 from lab.simulators.device import FramedDeviceSim
 from lab.simulators.pty import SerialEnd
 from lab.wire import Damage
@@ -61,10 +61,12 @@ class KioskSim(FramedDeviceSim):
         byte_delay_s: float = 0.0,
         firmware: tuple[int, int, int] = (1, 0, 0),
         end: SerialEnd | None = None,
+        protocol_version: int = PROTOCOL_VERSION,
+        window: int = 0,
     ) -> None:
         super().__init__(DeviceClass.KIOSK, serial, link=link, firmware=firmware,
                          to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s,
-                         end=end)
+                         end=end, protocol_version=protocol_version, window=window)
         self.tz_offset_min = tz_offset_min
         self.status = KioskStatus(0, battery_pct)
         self._wall_clock = wall_clock

@@ -18,7 +18,7 @@ from drivers.tag_receiver import (
     Beacon,
     beacon_mac,
 )
-from firmware_bridge.messages import DeviceClass
+from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass
 from lab.simulators.device import FramedDeviceSim
 from lab.simulators.pty import SerialEnd
 from lab.wire import Damage
@@ -68,10 +68,12 @@ class TagReceiverSim(FramedDeviceSim):
                  link: Path | None = None, to_host: Damage | None = None,
                  from_host: Damage | None = None, byte_delay_s: float = 0.0,
                  firmware: tuple[int, int, int] = (1, 0, 0),
-                 end: SerialEnd | None = None) -> None:
+                 end: SerialEnd | None = None, protocol_version: int = PROTOCOL_VERSION,
+                 window: int = 0, baudrate: int | None = None) -> None:
         super().__init__(DeviceClass.TAG_RECEIVER, serial, link=link, firmware=firmware,
                          to_host=to_host, from_host=from_host, byte_delay_s=byte_delay_s,
-                         end=end)
+                         end=end, protocol_version=protocol_version, window=window,
+                         baudrate=baudrate)
         self.tags = tags or [SimTag(0x1001, bytes(16))]
 
     def send_beacon(self, tag: SimTag | None = None, rssi: int = -60) -> None:
