@@ -228,7 +228,9 @@ def test_by_id_is_listed_with_roles_and_what_is_configured(tmp_path: Path,
     by_id.mkdir()
     tag_link = by_id / "usb-SmartCorr_TagRx_0042-if00"
     tag_link.symlink_to(tags.path)
-    (by_id / "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0").symlink_to("/dev/null")
+    # an adapter nothing uses (not /dev/null: the daemons of tests running beside this one
+    # hold it as their stdin, and a port a daemon holds is listed so)
+    (by_id / "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0").symlink_to("/dev/zero")
     (by_id / "usb-u-blox_AG_-_www.u-blox.com_u-blox_GNSS_receiver-if00").symlink_to(
         tmp_path / "unplugged")
     cfg = config(tmp_path, {"tags": ("tag_receiver", str(tag_link))})
@@ -246,7 +248,7 @@ def test_by_id_is_listed_with_roles_and_what_is_configured(tmp_path: Path,
     human = diag.render_ports(found)
     assert f"usb-SmartCorr_TagRx_0042-if00 -> {tags.path}  (looks like a tag receiver; " \
            "configured as tags)" in human
-    assert "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0 -> /dev/null  (role unknown; not " \
+    assert "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0 -> /dev/zero  (role unknown; not " \
            "configured)" in human
     assert tags.stop()["handshakes"] == 0  # --no-probe
 
