@@ -128,6 +128,8 @@ PACED_1_QUOTA = 2 * 1024 * 1024
 HOME_RATE = 0.5
 DAY_S = 86_400
 SIGN_DISTINCT = 2_000
+#: Options of the product's StoreWriter (``--linger-ms`` sets linger_s: an experiment).
+WRITER_OPTIONS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ def continue_chain(env: Env, store: Any) -> Sealer:
 
 def wire(env: Env, store: Any, reader: Any) -> Wired:
     """The product's wiring, with the forwarder's PUBACK hook timing alarms."""
-    writer = StoreWriter(store, continue_chain(env, store), Clock())
+    writer = StoreWriter(store, continue_chain(env, store), Clock(), **WRITER_OPTIONS)
     forwarder = Forwarder(GATEWAY_ID, env.config, reader, writer, window=WINDOW,
                           batch_records=BATCH_RECORDS)
     wired = Wired(writer, forwarder)
@@ -604,7 +606,7 @@ def one_core(argv_sizes: list[str]) -> dict[str, Any]:
         raise BenchError(f"the one-core run failed: {child.stderr[-2000:]}")
     found = json.loads(child.stdout.strip().splitlines()[-1])
     skip = {"bench", "quick", "suite", "machine", "targets", "all_targets_met",
-            "closed_loop", "bench_wall_s", "phases"}
+            "closed_loop", "bench_wall_s", "phases", "note"}
     return {f"{k}_1core": v for k, v in found.items() if k not in skip}
 
 
@@ -1019,7 +1021,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-1", type=int, help="readings of the 1/s paced run (120)")
     parser.add_argument("--no-1core", action="store_true",
                         help="no child run pinned to one core")
+    parser.add_argument("--linger-ms", type=float,
+                        help="the writer's linger (default: the product's LINGER_S)")
     args = parser.parse_args(argv)
+    if args.linger_ms is not None:
+        WRITER_OPTIONS["linger_s"] = args.linger_ms / 1000
+        results_note = f"linger {args.linger_ms:g} ms"
+    else:
+        results_note = ""
     phases = set(PHASES if args.phases is None else args.phases.split(","))
     if not phases <= set(PHASES):
         parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}")
@@ -1038,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     results: dict[str, Any] = {
-        "bench": "pipeline", "quick": args.quick, "suite": args.suite,
+        "bench": "pipeline", "quick": args.quick, "suite": args.suite, "note": results_note,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}",
     }
@@ -1082,8 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(phase_depth(env, DEPTHS_QUICK if args.quick else DEPTHS_FULL,
                                            sizes["backlog"]))
         if not args.no_1core:
-            results.update(one_core(["--quick"] if args.quick else [
-                "--records", str(sizes["records"])]))
+            results.update(one_core(
+                (["--quick"] if args.quick else ["--records", str(sizes["records"])])
+                + ([] if args.linger_ms is None else ["--linger-ms", str(args.linger_ms)])))
     finally:
         progress.stop()
         if not args.keep:

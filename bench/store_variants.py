@@ -8,6 +8,9 @@ here only (product code untouched), on three workloads:
   own: what a home gateway does at tens of readings per second;
 - ``linger_5``: the same rate, but the writer lingers ~100 ms: 5 records per commit, and
   the deletions of earlier PUBACKs ride in that commit (a suggested change);
+- ``riding_1``: one record per commit, the deletion of the previous one riding in it:
+  what the writer does now at 1 reading/s (no linger, deletions wait 2 s). With SQLite's
+  WAL its floor is one frame (4096 + 24 bytes) per commit, i.e. two 4 KiB pages dirtied;
 - ``grouped``: 1000 inserts and 1000 deletions of the oldest per commit (full speed);
 - ``drain_delete``: deleting a deep queue, 200 keys per PUBACKed batch, 100 batches per
   commit (what the writer does while a backlog drains).
@@ -269,6 +272,14 @@ def run(make: Callable[[Path], Any], workdir: Path, template: bytes,
         return sizes["grouped_steps"] * 1000
 
     out["grouped"] = measure(grouped)
+    q.delete(q.oldest_keys(q.last - q.oldest))  # a home's queue: a record or two
+
+    def riding() -> int:
+        for _ in range(sizes["low"]):
+            q.insert(1, deletes=1)
+        return sizes["low"]
+
+    out["riding_1"] = measure(riding)
     q.store.close()
     path = workdir / "drain.db"
     q = Queue(make(path), template)
@@ -314,7 +325,7 @@ def main() -> int:
             print("    " + "  ".join(
                 f"{w}: {r['us_per_record']:.0f} us, {r['disk_bytes_per_record']:.0f} B"
                 for w, r in res.items()), file=sys.stderr, flush=True)
-    workloads = ("low_rate", "linger_5", "grouped", "drain_delete")
+    workloads = ("low_rate", "linger_5", "riding_1", "grouped", "drain_delete")
     lines = [f"{'variant (us per record / disk bytes per record)':<50}"
              + "".join(f" {w:>18}" for w in workloads)]
     for name, res in results["variants"].items():

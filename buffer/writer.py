@@ -6,13 +6,13 @@ commits it in one fsynced transaction, and only then runs each reading's
 PUBACK travel through the same queue, so they join the next transaction.
 
 The linger: at home rates a group is one reading, and every fsync costs the SD card
-whole pages. So while readings keep arriving closer together than :data:`LINGER_S`
-(a moving average of their spacing), the writer holds a group open until
-:data:`LINGER_S` after its oldest reading was submitted, then commits it: readings a few
-ms apart share one fsync, and a device's ACK waits at most that long more (the ACK
-budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a stop, the final
-record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once; at low rates
-(readings seconds apart) nothing lingers.
+whole pages. So while readings arrive closer together than :data:`LINGER_S` (a moving
+average of their spacing), the writer holds a group open until :data:`LINGER_S` after
+its oldest reading was submitted, or until the next reading is not expected before
+then: readings a few ms apart share one fsync, and a device's ACK waits at most that
+long more (the ACK budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a
+stop, the final record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once;
+at low rates (readings seconds apart) nothing lingers.
 
 When a commit fails (disk full, I/O error) the sealer is rolled back, the
 batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
@@ -507,8 +507,9 @@ class StoreWriter:
 
     def _group_due(self, pending: list[_Item]) -> float:
         """When the pending group commits (monotonic s): at once for an alarm, a flush,
-        a full group, or while readings come further apart than the linger; otherwise
-        :attr:`linger_s` after its oldest submission. Recorded in the stats.
+        a full group, or when the next reading is not expected (at the readings' mean
+        spacing) before :attr:`linger_s` after the group's oldest submission; otherwise
+        then. Recorded in the stats.
 
         (A submission that may wait longer, e.g. a ledger update due within some
         seconds, would give its own deadline here and not shorten the others'.)"""
@@ -525,11 +526,10 @@ class StoreWriter:
             else:
                 records += 1
         now = time.monotonic()
+        due = oldest + self.linger_s
         if (urgent or oldest == inf or records >= LINGER_MAX_RECORDS
-                or self._spacing > self.linger_s or self._trouble is not None):
-            due = now
-        else:
-            due = oldest + self.linger_s
+                or self._trouble is not None or now + self._spacing > due):
+            due = now  # nobody else is expected before the deadline: no use waiting
         planned = max(0.0, due - oldest) if oldest != inf else 0.0
         if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):
             self.stats.urgent_linger_planned_max_s = max(
