@@ -203,6 +203,20 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def thread_write_bytes() -> dict[str, int]:
+    """/proc's write_bytes of each live Python thread, by thread name."""
+    out: dict[str, int] = {}
+    for thread in threading.enumerate():
+        try:
+            text = Path(f"/proc/self/task/{thread.native_id}/io").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("write_bytes:"):
+                out[thread.name] = out.get(thread.name, 0) + int(line.split(":")[1])
+    return out
+
+
 class Meter:
     """Wall, CPU and disk counters over one phase."""
 
@@ -211,10 +225,12 @@ class Meter:
         self.cpu0 = cpu_s()
         self.io0 = proc_io()
         self.threads0 = thread_cpu_s()
+        self.writes0 = thread_write_bytes()
 
     def read(self) -> dict[str, Any]:
         io1 = proc_io()
         threads1 = thread_cpu_s()
+        writes1 = thread_write_bytes()
         return {
             "wall_s": time.perf_counter() - self.t0,
             "cpu_s": cpu_s() - self.cpu0,
@@ -222,6 +238,9 @@ class Meter:
             "read_bytes": io1["read_bytes"] - self.io0["read_bytes"],
             "threads_cpu_s": {name: round(t - self.threads0.get(name, 0.0), 3)
                               for name, t in threads1.items()},
+            "threads_write_bytes": {name: w - self.writes0.get(name, 0)
+                                    for name, w in writes1.items()
+                                    if w - self.writes0.get(name, 0)},
         }
 
 
@@ -569,6 +588,7 @@ def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced",
            f"{prefix}_disk_bytes_per_day": per_record * rate * DAY_S,
            f"{prefix}_cpu_us_per_record": m["cpu_s"] / count * 1e6,
            f"{prefix}_threads_cpu_s": m["threads_cpu_s"],
+           f"{prefix}_threads_write_bytes": m["threads_write_bytes"],
            f"{prefix}_device_ack_ms_p50": percentile(device_ack_ms, 50),
            f"{prefix}_device_ack_ms_p99": percentile(device_ack_ms, 99)}
     log(f"[{prefix}] {rate:g} readings/s: {out[f'{prefix}_commits_per_s']:.1f} commits/s, "
@@ -607,7 +627,9 @@ def one_core(argv_sizes: list[str]) -> dict[str, Any]:
     found = json.loads(child.stdout.strip().splitlines()[-1])
     skip = {"bench", "quick", "suite", "machine", "targets", "all_targets_met",
             "closed_loop", "bench_wall_s", "phases", "note"}
-    return {f"{k}_1core": v for k, v in found.items() if k not in skip}
+    # ru_maxrss survives exec on Linux: the child's would be this process's peak
+    return {f"{k}_1core": v for k, v in found.items()
+            if k not in skip and "rss" not in k}
 
 
 def phase_tinydb(env: Env, count: int) -> dict[str, Any]:
