@@ -167,6 +167,46 @@ class VariantStore:
         self.db.close()
 
 
+class AppendLog:
+    """The floor of an append-only segment log (the issue's candidate), not a store: each
+    commit appends its rows, deletion markers and a small state entry to one segment
+    (zero-filled beforehand, as a recycled segment would be, so that an fdatasync need
+    not change the file's size) and fdatasyncs. No index, no priority classes, no
+    reader, no quota: only what every commit of such a log would write at the least."""
+
+    SEGMENT = 16 * 1024 * 1024
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.aead = AESGCM(key)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # in 4 KiB writes: the page cache would keep larger writes as larger folios, and
+        # the kernel counts (and writes back) a whole folio when a byte of it changes
+        zeros = bytes(4096)
+        for offset in range(0, self.SEGMENT, len(zeros)):
+            os.pwrite(self.fd, zeros, offset)
+        os.fsync(self.fd)
+        self.offset = 0
+
+    def commit(self, records: list[SealedRecord], *, device_events: dict[str, int],
+               deletes: Iterable[tuple[int, int]] = ()) -> None:
+        parts = []
+        for r in records:
+            nonce = os.urandom(12)
+            blob = nonce + self.aead.encrypt(nonce, r.data, _AAD.pack(b"SCR1", r.priority, r.seq))
+            parts.append(struct.pack(">BBQI", 1, int(r.priority), r.seq, len(blob)) + blob)
+        parts += [struct.pack(">BBQ", 2, p, s) for p, s in deletes]
+        parts.append(json.dumps(device_events).encode())
+        data = b"".join(parts)
+        if self.offset + len(data) > self.SEGMENT:
+            self.offset = 0  # the next (recycled) segment
+        os.pwrite(self.fd, data, self.offset)
+        os.fdatasync(self.fd)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ProductStore:
     """buffer.store.Store itself, behind the same call."""
 
@@ -318,6 +358,8 @@ def main() -> int:
         candidates: list[tuple[str, Callable[[Path], Any]]] = [
             ("product Store", lambda p: ProductStore(p, key))]
         candidates += [(v.name, lambda p, v=v: VariantStore(p, key, v)) for v in VARIANTS]
+        candidates.append(("append-only log (floor, not a store)",
+                           lambda p: AppendLog(p, key)))
         for name, make in candidates:
             print(f"[variants] {name} ...", file=sys.stderr, flush=True)
             res = run(make, workdir, template, sizes)
