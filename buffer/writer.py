@@ -12,7 +12,9 @@ its oldest reading was submitted, or until the next reading is not expected befo
 then: readings a few ms apart share one fsync, and a device's ACK waits at most that
 long more (the ACK budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a
 stop, the final record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once;
-at low rates (readings seconds apart) nothing lingers.
+at low rates (readings seconds apart) nothing lingers. A linger during which nothing
+arrived (a stop-and-wait device alone: it waits for this ACK before sending more)
+pauses lingering, :data:`LINGER_PAUSE_MIN_S` doubling up to :data:`LINGER_PAUSE_MAX_S`.
 
 When a commit fails (disk full, I/O error) the sealer is rolled back, the
 batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
@@ -66,6 +68,13 @@ LINGER_S = 0.05
 LINGER_MAX_RECORDS = 64
 #: Weight of the newest spacing in the moving average of submissions' spacing.
 LINGER_EWMA = 0.2
+#: A linger during which nothing arrived was wasted: a stop-and-wait device sends its
+#: next reading only once this one is acknowledged, so waiting for it only slows it
+#: down. After a wasted linger the writer does not linger for this long, doubled at
+#: each wasted linger in a row (up to the maximum), reset by a linger that gained a
+#: reading.
+LINGER_PAUSE_MIN_S = 0.5
+LINGER_PAUSE_MAX_S = 8.0
 #: How much of the error a device.error record of an unsealable reading keeps.
 UNSEALABLE_DETAIL_CHARS = 200
 #: While commits keep failing, the failure is logged again this often (seconds).
@@ -254,6 +263,7 @@ class WriterStats:
     evicted: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
     lingered: int = 0  # transactions held open for more readings to join
+    linger_wasted: int = 0  # of them, held open while nothing arrived
     #: The longest a group was planned to stay open after its oldest reading was
     #: submitted (seconds): at most LINGER_S by construction, checked by the tests.
     linger_planned_max_s: float = 0.0
@@ -277,6 +287,9 @@ class StoreWriter:
         self.linger_s = min(linger_s, ACK_BUDGET_S)
         self._spacing = inf  # moving average of the spacing of submissions (seconds)
         self._last_submit: float | None = None
+        self._linger_pause = 0.0  # seconds: the current pause after wasted lingers
+        self._linger_paused_until = 0.0  # monotonic s
+        self._arrived_while_held = 0
         self._store = store
         self._sealer = sealer
         self._clock = clock
@@ -464,6 +477,7 @@ class StoreWriter:
                     else:
                         if isinstance(item, _Submit):
                             self._arrived(item.at)
+                            self._arrived_while_held += held
                         pending.append(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
@@ -482,7 +496,7 @@ class StoreWriter:
             consumed = self._commit(pending)
             if consumed >= 0:
                 if held:
-                    self.stats.lingered += 1
+                    self._linger_done(gained=self._arrived_while_held > 0)
                     held = False
                 self.stats.urgent_groups += any(
                     isinstance(i, _Submit) and i.urgent for i in pending[:consumed])
@@ -496,6 +510,19 @@ class StoreWriter:
                 return
             else:
                 self._stopped.wait(RETRY_S)
+
+    def _linger_done(self, *, gained: bool) -> None:
+        """A held group committed: if nothing arrived while it was held, pause lingering
+        (twice as long at each wasted linger in a row)."""
+        self.stats.lingered += 1
+        self._arrived_while_held = 0
+        if gained:
+            self._linger_pause = 0.0
+            return
+        self.stats.linger_wasted += 1
+        self._linger_pause = min(LINGER_PAUSE_MAX_S,
+                                 max(LINGER_PAUSE_MIN_S, 2 * self._linger_pause))
+        self._linger_paused_until = time.monotonic() + self._linger_pause
 
     def _arrived(self, at: float) -> None:
         """A submission at *at*: update the moving average of their spacing."""
@@ -528,7 +555,8 @@ class StoreWriter:
         now = time.monotonic()
         due = oldest + self.linger_s
         if (urgent or oldest == inf or records >= LINGER_MAX_RECORDS
-                or self._trouble is not None or now + self._spacing > due):
+                or self._trouble is not None or now + self._spacing > due
+                or now < self._linger_paused_until):
             due = now  # nobody else is expected before the deadline: no use waiting
         planned = max(0.0, due - oldest) if oldest != inf else 0.0
         if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):

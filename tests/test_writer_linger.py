@@ -125,3 +125,22 @@ def test_the_state_of_lingered_groups_survives_a_reopen(tmp_path: Path) -> None:
         assert sum(c for c, _ in reopened.usage.values()) == 20
     finally:
         reopened.close()
+
+
+def test_a_stop_and_wait_device_alone_is_not_held_back(tmp_path: Path) -> None:
+    """A device that sends its next reading only once the last is acknowledged: a linger
+    gains nothing, so after one wasted linger the writer stops lingering (for a while
+    that doubles): most of its readings commit at once."""
+    store, writer = writer_for(tmp_path)
+    try:
+        for n in range(1, 61):
+            acks = Acks(1)
+            writer.submit(reading("tag.presence", n), acks)
+            assert acks.done.wait(10)
+        assert writer.stats.committed == 60
+        assert writer.stats.linger_wasted >= 1
+        # every linger was wasted, and each paused the next ones: at most a few
+        assert writer.stats.lingered == writer.stats.linger_wasted <= 5
+    finally:
+        writer.stop()
+        store.close()
