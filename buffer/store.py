@@ -8,6 +8,10 @@ committed transaction is fsynced: it survives power loss, not only a crash.
 Each row holds ``nonce (12 bytes) || AES-GCM(record bytes)`` with the record's
 priority and seq as associated data, so a row cannot be moved to another seq.
 
+The store's state (chain head, per-class counts, device ledger) is committed with
+every transaction but written where it costs no page of its own: into the newest
+record's row (see :class:`_State`); its tables are written only when that row goes.
+
 Under a quota (:class:`Limits`) everything the store puts on disk counts: the pages
 in use, the WAL (bounded: checkpointed at half its bound, truncated past it), the
 wal-index and a reserve file. The reserve (``records.db.reserve``, preallocated and

@@ -12,9 +12,12 @@ its oldest reading was submitted, or until the next reading is not expected befo
 then: readings a few ms apart share one fsync, and a device's ACK waits at most that
 long more (the ACK budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a
 stop, the final record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once;
-at low rates (readings seconds apart) nothing lingers. A linger during which nothing
-arrived (a stop-and-wait device alone: it waits for this ACK before sending more)
-pauses lingering, :data:`LINGER_PAUSE_MIN_S` doubling up to :data:`LINGER_PAUSE_MAX_S`.
+at low rates (readings seconds apart) nothing lingers. A group is held only while a
+source (a device, or the gateway itself) active in the last :data:`LINGER_ACTIVE_S` is
+not marked quiet. A linger during which nothing arrived marks every active source quiet
+for :data:`LINGER_QUIET_S` (a stop-and-wait device sends its next reading only once
+this one is acknowledged: waiting for it would only slow it down); a source that
+submits while a group is held is not quiet.
 
 When a commit fails (disk full, I/O error) the sealer is rolled back, the
 batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
@@ -68,13 +71,13 @@ LINGER_S = 0.05
 LINGER_MAX_RECORDS = 64
 #: Weight of the newest spacing in the moving average of submissions' spacing.
 LINGER_EWMA = 0.2
-#: A linger during which nothing arrived was wasted: a stop-and-wait device sends its
-#: next reading only once this one is acknowledged, so waiting for it only slows it
-#: down. After a wasted linger the writer does not linger for this long, doubled at
-#: each wasted linger in a row (up to the maximum), reset by a linger that gained a
-#: reading.
-LINGER_PAUSE_MIN_S = 0.5
-LINGER_PAUSE_MAX_S = 8.0
+#: A source that submitted within this long may submit again (seconds).
+LINGER_ACTIVE_S = 1.0
+#: A linger during which nothing arrived was wasted: the sources active then are not
+#: waited for during this long (seconds; then tried again).
+LINGER_QUIET_S = 8.0
+#: Sources remembered (last submission, quiet mark); older ones are forgotten first.
+LINGER_SOURCES_MAX = 64
 #: How much of the error a device.error record of an unsealable reading keeps.
 UNSEALABLE_DETAIL_CHARS = 200
 #: While commits keep failing, the failure is logged again this often (seconds).
@@ -154,6 +157,21 @@ class _Submit:
             except KeyError:  # an unknown kind: sealed as device.error, at once
                 return True
         return False
+
+
+def _source(item: _Submit) -> str | None:
+    """The device whose reading *item* holds (None: the gateway's own readings)."""
+    for reading in item.readings:
+        if reading.device_event is not None:
+            return reading.device_event[0]
+    return None
+
+
+def _bound(found: dict[Any, float]) -> None:
+    """Keep the LINGER_SOURCES_MAX most recent entries of *found*."""
+    if len(found) > LINGER_SOURCES_MAX:
+        for key in sorted(found, key=found.__getitem__)[: len(found) - LINGER_SOURCES_MAX]:
+            del found[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +305,11 @@ class StoreWriter:
         self.linger_s = min(linger_s, ACK_BUDGET_S)
         self._spacing = inf  # moving average of the spacing of submissions (seconds)
         self._last_submit: float | None = None
-        self._linger_pause = 0.0  # seconds: the current pause after wasted lingers
-        self._linger_paused_until = 0.0  # monotonic s
         self._arrived_while_held = 0
+        #: source (a device's serial; None: the gateway's own) -> last submission
+        self._seen: dict[str | None, float] = {}
+        #: source -> until when it is not waited for (monotonic s)
+        self._quiet: dict[str | None, float] = {}
         self._store = store
         self._sealer = sealer
         self._clock = clock
@@ -476,7 +496,7 @@ class StoreWriter:
                         self._refuse(item)  # after the final record: nothing is sealed
                     else:
                         if isinstance(item, _Submit):
-                            self._arrived(item.at)
+                            self._arrived(item, held=held)
                             self._arrived_while_held += held
                         pending.append(item)
                     item = self._inbox.get_nowait()
@@ -512,25 +532,39 @@ class StoreWriter:
                 self._stopped.wait(RETRY_S)
 
     def _linger_done(self, *, gained: bool) -> None:
-        """A held group committed: if nothing arrived while it was held, pause lingering
-        (twice as long at each wasted linger in a row)."""
+        """A held group committed: if nothing arrived while it was held, every source
+        active lately is marked quiet (for LINGER_QUIET_S)."""
         self.stats.lingered += 1
         self._arrived_while_held = 0
         if gained:
-            self._linger_pause = 0.0
             return
         self.stats.linger_wasted += 1
-        self._linger_pause = min(LINGER_PAUSE_MAX_S,
-                                 max(LINGER_PAUSE_MIN_S, 2 * self._linger_pause))
-        self._linger_paused_until = time.monotonic() + self._linger_pause
+        now = time.monotonic()
+        for source, seen in self._seen.items():
+            if now - seen <= LINGER_ACTIVE_S + self.linger_s:
+                self._quiet[source] = now + LINGER_QUIET_S
+        _bound(self._quiet)
 
-    def _arrived(self, at: float) -> None:
-        """A submission at *at*: update the moving average of their spacing."""
+    def _arrived(self, item: _Submit, *, held: bool) -> None:
+        """A submission: the moving average of their spacing, its source's last
+        submission; joining a held group, its source is not quiet."""
+        at = item.at
         if self._last_submit is not None:
             gap = max(0.0, at - self._last_submit)
             self._spacing = (gap if self._spacing == inf
                              else (1 - LINGER_EWMA) * self._spacing + LINGER_EWMA * gap)
         self._last_submit = at
+        source = _source(item)
+        if held:
+            self._quiet.pop(source, None)
+        self._seen[source] = at
+        _bound(self._seen)
+
+    def _may_join(self, now: float) -> bool:
+        """Whether a source active lately and not quiet may submit before the group
+        commits."""
+        return any(now - seen <= LINGER_ACTIVE_S and self._quiet.get(source, 0.0) < now
+                   for source, seen in self._seen.items())
 
     def _group_due(self, pending: list[_Item]) -> float:
         """When the pending group commits (monotonic s): at once for an alarm, a flush,
@@ -556,7 +590,7 @@ class StoreWriter:
         due = oldest + self.linger_s
         if (urgent or oldest == inf or records >= LINGER_MAX_RECORDS
                 or self._trouble is not None or now + self._spacing > due
-                or now < self._linger_paused_until):
+                or not self._may_join(now)):
             due = now  # nobody else is expected before the deadline: no use waiting
         planned = max(0.0, due - oldest) if oldest != inf else 0.0
         if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):
