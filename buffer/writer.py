@@ -12,7 +12,8 @@ its oldest reading was submitted, or until the next reading is not expected befo
 then: readings a few ms apart share one fsync, and a device's ACK waits at most that
 long more (the ACK budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a
 stop, the final record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once;
-at low rates (readings seconds apart) nothing lingers. A group is held only while a
+so do the gateway's own readings (no device waits for them; they ride along with a
+held group); at low rates (readings seconds apart) nothing lingers. A group is held only while a
 source (a device, or the gateway itself) active in the last :data:`LINGER_ACTIVE_S` is
 not marked quiet. A linger during which nothing arrived marks every active source quiet
 for :data:`LINGER_QUIET_S` (a stop-and-wait device sends its next reading only once
@@ -579,7 +580,8 @@ class StoreWriter:
         urgent = False
         for item in pending:
             if isinstance(item, _Submit):
-                oldest = min(oldest, item.at)
+                if _source(item) is not None:  # the gateway's own readings never linger
+                    oldest = min(oldest, item.at)
                 records += len(item.readings)
                 urgent = urgent or item.urgent
             elif isinstance(item, _Barrier):
