@@ -10,7 +10,9 @@ Everything runs in one invocation, so the ratios hold on a noisy machine:
    committed, MAX_UNACKED not yet PUBACKed), sealed, committed (SQLite WAL,
    synchronous=FULL, AES-GCM rows), forwarded by the product's Forwarder over MQTT/mTLS
    at QoS 1 and deleted on PUBACK. Rate, CPU, disk writes (/proc/self/io) per record;
-3. ``paced``: the same at a home gateway's steady 50 readings/s (groups of one);
+3. ``paced``: the same at a steady 50 readings/s (the writer's linger groups them);
+   ``paced_1``: at 1 reading/s (each its own commit), long enough for WAL checkpoints;
+   both with disk bytes per record, fsyncs/s and the device ACK's latency;
 4. ``backlog``: 1,000,000 records committed with no forwarder (the broker unreachable);
 5. ``restart``: the store reopened with the backlog queued, until the first batch is
    read (ready to forward); the store's pages are first dropped from the page cache
@@ -25,6 +27,10 @@ Everything runs in one invocation, so the ratios hold on a noisy machine:
     python bench/pipeline.py --json            # full run, about 4 minutes on 2 cores
     python bench/pipeline.py --quick --json    # smoke run, a few seconds
     python bench/pipeline.py --profile         # cProfile of the sustained phase, per thread
+    python bench/pipeline.py --phases sustained,paced,paced_1 --json   # some phases only
+
+Unless ``--no-1core``, the sustained and paced phases run again in a child pinned to one
+core (``taskset -c 0``): keys suffixed ``_1core``.
 
 Progress goes to stderr. With ``--json`` the human report also goes to stderr and
 stdout holds one JSON object (its last line). Results are also saved under
@@ -98,9 +104,12 @@ PROGRESS_EVERY_S = 2.0
 PHASE_TIMEOUT_S = 900.0
 
 FULL = {"records": 50_000, "backlog": 1_000_000, "tinydb": 2_000, "alarms": 200, "sign": 20_000,
-        "paced": 1_000}
+        "paced": 1_000, "paced_1": 120}
 QUICK = {"records": 2_000, "backlog": 5_000, "tinydb": 200, "alarms": 20, "sign": 2_000,
-         "paced": 50}
+         "paced": 50, "paced_1": 4}
+PHASES = ("sign", "sustained", "paced", "paced_1", "backlog", "tinydb", "depth")
+#: Phases run again pinned to one core (keys suffixed _1core).
+ONE_CORE_PHASES = ("sign", "sustained", "paced")
 #: Queue depths at which one storage commit is timed, SQLite and TinyDB alike.
 DEPTHS_FULL = (1_000, 10_000, 30_000)
 DEPTHS_QUICK = (200, 1_000)
@@ -109,7 +118,18 @@ DEPTH_GROUP = 200
 DEPTH_STEPS = 8
 #: The paced run: a home gateway's realistic rate (the demo's default), readings/s.
 PACED_RATE = 50
+#: The slow paced run: about a home's rate of records (0.5/s) and under it.
+PACED_1_RATE = 1.0
+#: Its store's quota: a WAL bound of 256 KiB, checkpointed every ~31 one-page commits,
+#: so that a two-minute run holds several checkpoints (the default bound, 4 MiB, takes
+#: ~8 minutes at 1/s: this run's checkpoint share is an upper bound of the default's).
+PACED_1_QUOTA = 2 * 1024 * 1024
+#: Projections: a home's rate of records (readings/s) and the paced rate, per day.
+HOME_RATE = 0.5
+DAY_S = 86_400
 SIGN_DISTINCT = 2_000
+#: Options of the product's StoreWriter (``--linger-ms`` sets linger_s: an experiment).
+WRITER_OPTIONS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,18 @@ TARGETS = [
     Target("peak_rss_mb", "peak_rss_mb < 80", lambda r: r["peak_rss_mb"] < 80),
     Target("alarm_latency_ms_p99", "alarm_latency_ms_p99 < 500",
            lambda r: r["alarm_latency_ms_p99"] < 500),
+    # issue 15: write amplification at home rates
+    Target("paced_disk_bytes_written_per_record", "paced_disk_bytes_written_per_record <= 4500",
+           lambda r: r["paced_disk_bytes_written_per_record"] <= 4500),
+    Target("paced_fsyncs_per_s", "paced_fsyncs_per_s <= 20",
+           lambda r: r["paced_fsyncs_per_s"] <= 20),
+    Target("paced_device_ack_ms_p99", "paced_device_ack_ms_p99 <= 100",
+           lambda r: r["paced_device_ack_ms_p99"] <= 100),
+    Target("paced_1_disk_bytes_written_per_record",
+           "paced_1_disk_bytes_written_per_record <= 8192",
+           lambda r: r["paced_1_disk_bytes_written_per_record"] <= 8192),
+    Target("records_per_s_vs_sign_half", "records_per_s >= 0.5 x sign_only_per_s",
+           lambda r: r["records_per_s"] >= 0.5 * r["sign_only_per_s"]),
 ]
 
 
@@ -171,6 +203,20 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def thread_write_bytes() -> dict[str, int]:
+    """/proc's write_bytes of each live Python thread, by thread name."""
+    out: dict[str, int] = {}
+    for thread in threading.enumerate():
+        try:
+            text = Path(f"/proc/self/task/{thread.native_id}/io").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("write_bytes:"):
+                out[thread.name] = out.get(thread.name, 0) + int(line.split(":")[1])
+    return out
+
+
 class Meter:
     """Wall, CPU and disk counters over one phase."""
 
@@ -179,10 +225,12 @@ class Meter:
         self.cpu0 = cpu_s()
         self.io0 = proc_io()
         self.threads0 = thread_cpu_s()
+        self.writes0 = thread_write_bytes()
 
     def read(self) -> dict[str, Any]:
         io1 = proc_io()
         threads1 = thread_cpu_s()
+        writes1 = thread_write_bytes()
         return {
             "wall_s": time.perf_counter() - self.t0,
             "cpu_s": cpu_s() - self.cpu0,
@@ -190,6 +238,9 @@ class Meter:
             "read_bytes": io1["read_bytes"] - self.io0["read_bytes"],
             "threads_cpu_s": {name: round(t - self.threads0.get(name, 0.0), 3)
                               for name, t in threads1.items()},
+            "threads_write_bytes": {name: w - self.writes0.get(name, 0)
+                                    for name, w in writes1.items()
+                                    if w - self.writes0.get(name, 0)},
         }
 
 
@@ -344,7 +395,7 @@ def continue_chain(env: Env, store: Any) -> Sealer:
 
 def wire(env: Env, store: Any, reader: Any) -> Wired:
     """The product's wiring, with the forwarder's PUBACK hook timing alarms."""
-    writer = StoreWriter(store, continue_chain(env, store), Clock())
+    writer = StoreWriter(store, continue_chain(env, store), Clock(), **WRITER_OPTIONS)
     forwarder = Forwarder(GATEWAY_ID, env.config, reader, writer, window=WINDOW,
                           batch_records=BATCH_RECORDS)
     wired = Wired(writer, forwarder)
@@ -468,11 +519,24 @@ def phase_sustained(env: Env, count: int) -> dict[str, Any]:
     return out
 
 
-def phase_paced(env: Env, count: int, rate: float) -> dict[str, Any]:
-    """Readings at a steady low rate: what a home gateway sees most of the time. Groups
-    are then one reading each, so per-commit costs are no longer amortised."""
-    db = env.workdir / "paced.db"
-    store = Store(db, env.identity.storage_key)
+def store_fsyncs(store: Any) -> int:
+    """fsyncs the store issued so far (its own count; 0 for a store that keeps none)."""
+    stats = getattr(store, "stats", None)
+    return int(stats.fsyncs) if stats is not None else 0
+
+
+def store_checkpoints(store: Any) -> int:
+    """Checkpoints the store ran itself so far (0 for a store that keeps no count)."""
+    stats = getattr(store, "stats", None)
+    return int(stats.checkpoints) if stats is not None else 0
+
+
+def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced",
+                quota: int | None = None) -> dict[str, Any]:
+    """Readings at a steady low rate: what a home gateway sees most of the time; every
+    reading's device ACK timed from its submission to its ``on_committed``."""
+    db = env.workdir / f"{prefix}.db"
+    store = Store(db, env.identity.storage_key, quota_bytes=quota)
     reader = StoreReader(db, env.identity.storage_key)
     wired = wire(env, store, reader)
     writer, forwarder = wired.writer, wired.forwarder
@@ -480,10 +544,12 @@ def phase_paced(env: Env, count: int, rate: float) -> dict[str, Any]:
     start_forwarder(wired)
     readings = Readings()
     device_ack_ms: list[float] = []
-    env.progress.phase("paced", lambda: (
-        f"{forwarder.stats.records_acked} of {count} acked at {rate:.0f}/s, "
+    env.progress.phase(prefix, lambda: (
+        f"{forwarder.stats.records_acked} of {count} acked at {rate:g}/s, "
         f"{writer.stats.transactions} commits"))
     tx0 = writer.stats.transactions
+    fsyncs0 = store_fsyncs(store)
+    checkpoints0 = store_checkpoints(store)
     meter = Meter()
     for i in range(count):
         due = meter.t0 + i / rate
@@ -495,26 +561,75 @@ def phase_paced(env: Env, count: int, rate: float) -> dict[str, Any]:
 
         writer.submit(readings.presence(), committed)
     wait_until(lambda: forwarder.stats.records_acked >= count, PHASE_TIMEOUT_S,
-               "paced: all records acked")
+               f"{prefix}: all records acked")
+    # the phase lasts count/rate: the deletions of the last PUBACKs ride with readings
+    # that would follow, or go on their own after the writer's DELETE_LINGER_S
+    time.sleep(max(0.0, meter.t0 + count / rate - time.perf_counter()))
     if not writer.flush(60):
         raise BenchError("the writer did not commit the last deletions")
     env.progress.done()
     m = meter.read()
     commits = writer.stats.transactions - tx0
+    fsyncs = store_fsyncs(store) - fsyncs0
+    checkpoints = store_checkpoints(store) - checkpoints0
+    lingered = getattr(writer.stats, "lingered", 0)
     stop_wired(wired)
     reader.close()
     store.close()
-    out = {"paced_rate_per_s": rate,
-           "paced_records": count,
-           "paced_commits_per_s": commits / m["wall_s"],
-           "paced_disk_bytes_written_per_record": m["write_bytes"] / count,
-           "paced_cpu_us_per_record": m["cpu_s"] / count * 1e6,
-           "paced_threads_cpu_s": m["threads_cpu_s"],
-           "paced_device_ack_ms_p99": percentile(device_ack_ms, 99)}
-    log(f"[paced] {rate:.0f} readings/s: {out['paced_commits_per_s']:.0f} commits/s, "
-        f"{out['paced_disk_bytes_written_per_record']:.0f} disk bytes per record, device ACK "
-        f"p99 {out['paced_device_ack_ms_p99']:.1f} ms")
+    per_record = m["write_bytes"] / count
+    out = {f"{prefix}_rate_per_s": rate,
+           f"{prefix}_records": count,
+           f"{prefix}_commits_per_s": commits / m["wall_s"],
+           f"{prefix}_records_per_commit": count / max(1, commits),
+           f"{prefix}_lingered_commits": lingered,
+           f"{prefix}_fsyncs_per_s": fsyncs / m["wall_s"],
+           f"{prefix}_checkpoints": checkpoints,
+           f"{prefix}_disk_bytes_written_per_record": per_record,
+           f"{prefix}_disk_bytes_per_day": per_record * rate * DAY_S,
+           f"{prefix}_cpu_us_per_record": m["cpu_s"] / count * 1e6,
+           f"{prefix}_threads_cpu_s": m["threads_cpu_s"],
+           f"{prefix}_threads_write_bytes": m["threads_write_bytes"],
+           f"{prefix}_device_ack_ms_p50": percentile(device_ack_ms, 50),
+           f"{prefix}_device_ack_ms_p99": percentile(device_ack_ms, 99)}
+    log(f"[{prefix}] {rate:g} readings/s: {out[f'{prefix}_commits_per_s']:.1f} commits/s, "
+        f"{out[f'{prefix}_fsyncs_per_s']:.1f} fsyncs/s ({checkpoints} checkpoints), "
+        f"{per_record:.0f} disk bytes per record, device ACK p99 "
+        f"{out[f'{prefix}_device_ack_ms_p99']:.1f} ms")
     return out
+
+
+def projection(results: dict[str, Any]) -> dict[str, Any]:
+    """Disk bytes written per day: a home (HOME_RATE records/s, each its own commit as
+    at 1/s, so at paced_1's cost per record) and a gateway at the paced rate."""
+    out: dict[str, Any] = {}
+    if "paced_1_disk_bytes_written_per_record" in results:
+        out["projection_home_bytes_per_day"] = (
+            results["paced_1_disk_bytes_written_per_record"] * HOME_RATE * DAY_S)
+    if "paced_disk_bytes_written_per_record" in results:
+        out["projection_paced_bytes_per_day"] = (
+            results["paced_disk_bytes_written_per_record"] * PACED_RATE * DAY_S)
+    return out
+
+
+def one_core(argv_sizes: list[str]) -> dict[str, Any]:
+    """The sign, sustained and paced phases again in a child pinned to one core."""
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        log("[1core] no taskset here: skipped")
+        return {}
+    cmd = [taskset, "-c", "0", sys.executable, str(Path(__file__).resolve()), "--json",
+           "--no-1core", "--phases", ",".join(ONE_CORE_PHASES), *argv_sizes]
+    log(f"[1core] {' '.join(cmd[:4])} ... --phases {','.join(ONE_CORE_PHASES)}")
+    child = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           timeout=PHASE_TIMEOUT_S)
+    if child.returncode != 0:
+        raise BenchError(f"the one-core run failed: {child.stderr[-2000:]}")
+    found = json.loads(child.stdout.strip().splitlines()[-1])
+    skip = {"bench", "quick", "suite", "machine", "targets", "all_targets_met",
+            "closed_loop", "bench_wall_s", "phases", "note"}
+    # ru_maxrss survives exec on Linux: the child's would be this process's peak
+    return {f"{k}_1core": v for k, v in found.items()
+            if k not in skip and "rss" not in k}
 
 
 def phase_tinydb(env: Env, count: int) -> dict[str, Any]:
@@ -880,10 +995,27 @@ def human_report(results: dict[str, Any]) -> str:
         ("tinydb_records_per_s", f"TinyDB store ({results.get('tinydb_records')} records)",
          "{:.0f}"),
         ("tinydb_disk_bytes_written_per_record", "TinyDB disk writes per record", "{:.0f} B"),
+        ("paced_disk_bytes_written_per_record", f"paced {PACED_RATE}/s: disk writes per record",
+         "{:.0f} B"),
+        ("paced_fsyncs_per_s", f"paced {PACED_RATE}/s: fsyncs/s", "{:.1f}"),
+        ("paced_device_ack_ms_p99", f"paced {PACED_RATE}/s: device ACK p99", "{:.1f} ms"),
+        ("paced_1_disk_bytes_written_per_record",
+         f"paced {PACED_1_RATE:g}/s: disk writes per record", "{:.0f} B"),
+        ("paced_1_fsyncs_per_s", f"paced {PACED_1_RATE:g}/s: fsyncs/s", "{:.2f}"),
+        ("paced_1_device_ack_ms_p99", f"paced {PACED_1_RATE:g}/s: device ACK p99", "{:.1f} ms"),
     ]
+    rows += [(f"{key}_1core", f"{label} [1 core]", fmt) for key, label, fmt in rows
+             if f"{key}_1core" in results]
     for key, label, fmt in rows:
         if key in results:
             lines.append(f"  {label:<40} {fmt.format(results[key]):>14}   {key}")
+    if "projection_home_bytes_per_day" in results or "projection_paced_bytes_per_day" in results:
+        lines.append("")
+        lines.append(
+            f"  projection, disk bytes written per day: a home at {HOME_RATE:g} records/s "
+            f"{results.get('projection_home_bytes_per_day', math.nan) / 1e6:.0f} MB "
+            f"(at paced_1's cost per record); at {PACED_RATE}/s "
+            f"{results.get('projection_paced_bytes_per_day', math.nan) / 1e9:.1f} GB")
     lines.append("")
     lines.append("  targets:")
     for verdict in results["targets"].values():
@@ -906,10 +1038,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the sustained phase, under cProfile (all threads)")
     parser.add_argument("--workdir", type=Path, help="where stores go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--phases", help=f"comma-separated, of {','.join(PHASES)} "
+                        "(backlog includes restart and drain; default: all)")
+    parser.add_argument("--paced-1", type=int, help="readings of the 1/s paced run (120)")
+    parser.add_argument("--no-1core", action="store_true",
+                        help="no child run pinned to one core")
+    parser.add_argument("--linger-ms", type=float,
+                        help="the writer's linger (default: the product's LINGER_S)")
     args = parser.parse_args(argv)
+    if args.linger_ms is not None:
+        WRITER_OPTIONS["linger_s"] = args.linger_ms / 1000
+        results_note = f"linger {args.linger_ms:g} ms"
+    else:
+        results_note = ""
+    phases = set(PHASES if args.phases is None else args.phases.split(","))
+    if not phases <= set(PHASES):
+        parser.error(f"--phases: unknown {sorted(phases - set(PHASES))}")
     sizes = dict(QUICK if args.quick else FULL)
     for key, value in (("records", args.records), ("backlog", args.backlog),
-                       ("tinydb", args.tinydb_records), ("alarms", args.alarms)):
+                       ("tinydb", args.tinydb_records), ("alarms", args.alarms),
+                       ("paced_1", args.paced_1)):
         if value is not None:
             sizes[key] = value
     if sizes["alarms"] >= sizes["backlog"]:
@@ -921,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
     results: dict[str, Any] = {
-        "bench": "pipeline", "quick": args.quick, "suite": args.suite,
+        "bench": "pipeline", "quick": args.quick, "suite": args.suite, "note": results_note,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}",
     }
@@ -931,26 +1079,43 @@ def main(argv: list[str] | None = None) -> int:
                 run_profile(env, sizes["records"], results_dir)
                 return 0
             results["rss_after_setup_mb"] = peak_rss_mb()
-            results.update(phase_sign(env, sizes["sign"]))
-            sustained = phase_sustained(env, sizes["records"])
-            results.update({k: sustained[k] for k in (
-                "records", "records_per_s", "cpu_us_per_record", "record_bytes",
-                "disk_bytes_written_per_record", "commits", "commits_per_s")})
-            results["records_per_commit"] = sustained["records"] / max(1, sustained["commits"])
-            results["sustained_threads_cpu_s"] = sustained["threads_cpu_s"]
-            results["sustained_left_in_store"] = sustained["left_in_store"]
-            results.update(phase_paced(env, sizes["paced"], PACED_RATE))
-            db, backlog = phase_backlog(env, sizes["backlog"])
-            results.update(backlog)
-            store, reader, restart = phase_restart(env, db, sizes["backlog"])
-            results.update(restart)
-            results.update(phase_drain(env, store, reader, sizes["backlog"], sizes["alarms"]))
-            db.unlink()
-            results.update(phase_tinydb(env, sizes["tinydb"]))
+            results["phases"] = sorted(phases)
+            if "sign" in phases:
+                results.update(phase_sign(env, sizes["sign"]))
+            if "sustained" in phases:
+                sustained = phase_sustained(env, sizes["records"])
+                results.update({k: sustained[k] for k in (
+                    "records", "records_per_s", "cpu_us_per_record", "record_bytes",
+                    "disk_bytes_written_per_record", "commits", "commits_per_s")})
+                results["records_per_commit"] = (sustained["records"]
+                                                 / max(1, sustained["commits"]))
+                results["sustained_threads_cpu_s"] = sustained["threads_cpu_s"]
+                results["sustained_left_in_store"] = sustained["left_in_store"]
+            if "paced" in phases:
+                results.update(phase_paced(env, sizes["paced"], PACED_RATE))
+            if "paced_1" in phases:
+                results.update(phase_paced(env, sizes["paced_1"], PACED_1_RATE, "paced_1",
+                                           quota=PACED_1_QUOTA))
+            results.update(projection(results))
+            if "backlog" in phases:
+                db, backlog = phase_backlog(env, sizes["backlog"])
+                results.update(backlog)
+                store, reader, restart = phase_restart(env, db, sizes["backlog"])
+                results.update(restart)
+                results.update(phase_drain(env, store, reader, sizes["backlog"],
+                                           sizes["alarms"]))
+                db.unlink()
+            if "tinydb" in phases:
+                results.update(phase_tinydb(env, sizes["tinydb"]))
             # the pipeline's footprint: the depth scan below parses whole TinyDB files
             results["peak_rss_mb"] = peak_rss_mb()
-            results.update(phase_depth(env, DEPTHS_QUICK if args.quick else DEPTHS_FULL,
-                                       sizes["backlog"]))
+            if "depth" in phases:
+                results.update(phase_depth(env, DEPTHS_QUICK if args.quick else DEPTHS_FULL,
+                                           sizes["backlog"]))
+        if not args.no_1core:
+            results.update(one_core(
+                (["--quick"] if args.quick else ["--records", str(sizes["records"])])
+                + ([] if args.linger_ms is None else ["--linger-ms", str(args.linger_ms)])))
     finally:
         progress.stop()
         if not args.keep:

@@ -8,6 +8,9 @@ here only (product code untouched), on three workloads:
   own: what a home gateway does at tens of readings per second;
 - ``linger_5``: the same rate, but the writer lingers ~100 ms: 5 records per commit, and
   the deletions of earlier PUBACKs ride in that commit (a suggested change);
+- ``riding_1``: one record per commit, the deletion of the previous one riding in it:
+  what the writer does now at 1 reading/s (no linger, deletions wait 2 s). With SQLite's
+  WAL its floor is one frame (4096 + 24 bytes) per commit, i.e. two 4 KiB pages dirtied;
 - ``grouped``: 1000 inserts and 1000 deletions of the oldest per commit (full speed);
 - ``drain_delete``: deleting a deep queue, 200 keys per PUBACKed batch, 100 batches per
   commit (what the writer does while a backlog drains).
@@ -164,6 +167,46 @@ class VariantStore:
         self.db.close()
 
 
+class AppendLog:
+    """The floor of an append-only segment log (the issue's candidate), not a store: each
+    commit appends its rows, deletion markers and a small state entry to one segment
+    (zero-filled beforehand, as a recycled segment would be, so that an fdatasync need
+    not change the file's size) and fdatasyncs. No index, no priority classes, no
+    reader, no quota: only what every commit of such a log would write at the least."""
+
+    SEGMENT = 16 * 1024 * 1024
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.aead = AESGCM(key)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # in 4 KiB writes: the page cache would keep larger writes as larger folios, and
+        # the kernel counts (and writes back) a whole folio when a byte of it changes
+        zeros = bytes(4096)
+        for offset in range(0, self.SEGMENT, len(zeros)):
+            os.pwrite(self.fd, zeros, offset)
+        os.fsync(self.fd)
+        self.offset = 0
+
+    def commit(self, records: list[SealedRecord], *, device_events: dict[str, int],
+               deletes: Iterable[tuple[int, int]] = ()) -> None:
+        parts = []
+        for r in records:
+            nonce = os.urandom(12)
+            blob = nonce + self.aead.encrypt(nonce, r.data, _AAD.pack(b"SCR1", r.priority, r.seq))
+            parts.append(struct.pack(">BBQI", 1, int(r.priority), r.seq, len(blob)) + blob)
+        parts += [struct.pack(">BBQ", 2, p, s) for p, s in deletes]
+        parts.append(json.dumps(device_events).encode())
+        data = b"".join(parts)
+        if self.offset + len(data) > self.SEGMENT:
+            self.offset = 0  # the next (recycled) segment
+        os.pwrite(self.fd, data, self.offset)
+        os.fdatasync(self.fd)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ProductStore:
     """buffer.store.Store itself, behind the same call."""
 
@@ -269,6 +312,14 @@ def run(make: Callable[[Path], Any], workdir: Path, template: bytes,
         return sizes["grouped_steps"] * 1000
 
     out["grouped"] = measure(grouped)
+    q.delete(q.oldest_keys(q.last - q.oldest))  # a home's queue: a record or two
+
+    def riding() -> int:
+        for _ in range(sizes["low"]):
+            q.insert(1, deletes=1)
+        return sizes["low"]
+
+    out["riding_1"] = measure(riding)
     q.store.close()
     path = workdir / "drain.db"
     q = Queue(make(path), template)
@@ -307,6 +358,8 @@ def main() -> int:
         candidates: list[tuple[str, Callable[[Path], Any]]] = [
             ("product Store", lambda p: ProductStore(p, key))]
         candidates += [(v.name, lambda p, v=v: VariantStore(p, key, v)) for v in VARIANTS]
+        candidates.append(("append-only log (floor, not a store)",
+                           lambda p: AppendLog(p, key)))
         for name, make in candidates:
             print(f"[variants] {name} ...", file=sys.stderr, flush=True)
             res = run(make, workdir, template, sizes)
@@ -314,7 +367,7 @@ def main() -> int:
             print("    " + "  ".join(
                 f"{w}: {r['us_per_record']:.0f} us, {r['disk_bytes_per_record']:.0f} B"
                 for w, r in res.items()), file=sys.stderr, flush=True)
-    workloads = ("low_rate", "linger_5", "grouped", "drain_delete")
+    workloads = ("low_rate", "linger_5", "riding_1", "grouped", "drain_delete")
     lines = [f"{'variant (us per record / disk bytes per record)':<50}"
              + "".join(f" {w:>18}" for w in workloads)]
     for name, res in results["variants"].items():

@@ -8,6 +8,10 @@ committed transaction is fsynced: it survives power loss, not only a crash.
 Each row holds ``nonce (12 bytes) || AES-GCM(record bytes)`` with the record's
 priority and seq as associated data, so a row cannot be moved to another seq.
 
+The store's state (chain head, per-class counts, device ledger) is committed with
+every transaction but written where it costs no page of its own: into the newest
+record's row (see :class:`_State`); its tables are written only when that row goes.
+
 Under a quota (:class:`Limits`) everything the store puts on disk counts: the pages
 in use, the WAL (bounded: checkpointed at half its bound, truncated past it), the
 wal-index and a reserve file. The reserve (``records.db.reserve``, preallocated and
@@ -18,13 +22,14 @@ deletions can still commit, and re-created once there is room again.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sqlite3
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ CREATE TABLE IF NOT EXISTS records (
     seq INTEGER NOT NULL,
     at INTEGER NOT NULL,
     blob BLOB NOT NULL,
+    st BLOB,
     PRIMARY KEY (prio, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
@@ -51,12 +57,12 @@ CREATE TABLE IF NOT EXISTS usage (
     prio INTEGER PRIMARY KEY, count INTEGER NOT NULL, bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO usage VALUES (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0);
-CREATE TRIGGER IF NOT EXISTS records_in AFTER INSERT ON records BEGIN
-    UPDATE usage SET count = count + 1, bytes = bytes + length(NEW.blob) WHERE prio = NEW.prio;
-END;
-CREATE TRIGGER IF NOT EXISTS records_out AFTER DELETE ON records BEGIN
-    UPDATE usage SET count = count - 1, bytes = bytes - length(OLD.blob) WHERE prio = OLD.prio;
-END;
+"""
+#: A store of the first schema (usage kept by triggers, no ``st`` column) is migrated in
+#: place at open: its tables stay, they hold the state as of its last commit.
+MIGRATE = """
+DROP TRIGGER IF EXISTS records_in;
+DROP TRIGGER IF EXISTS records_out;
 """
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,18 @@ _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
 #: A batch read by :meth:`StoreReader.queued` stops at this many bytes.
 QUEUED_BATCH_BYTES = 16 * 1024 * 1024
+#: Ledger entries the newest record may carry (changed since the tables were last
+#: written); past this many the commit writes them to the tables.
+DELTA_MAX_ENTRIES = 64
+#: Without the wal-index's frame count (an unknown layout), checkpoint every this many
+#: commits.
+CHECKPOINT_FALLBACK_COMMITS = 256
+#: The wal-index header (``-shm``): mxFrame, the WAL's last valid frame, native u32 here.
+_SHM_MXFRAME = struct.Struct("=I")
+_SHM_MXFRAME_OFFSET = 16
+#: What SQLite fsyncs per checkpoint in WAL mode with synchronous=FULL: the WAL before
+#: the copy, the database after it, and the WAL's new header when it restarts.
+FSYNCS_PER_CHECKPOINT = 3
 #: The store's file in the gateway's data directory (SQLite adds -wal and -shm beside it).
 STORE_FILE = "records.db"
 #: Beside it, the reserve file: ``records.db.reserve``.
@@ -207,11 +225,94 @@ def _connect(path: Path, wal_bytes: int = WAL_MAX_BYTES) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    # the WAL: checkpointed once it holds half its bound, cut back to the bound when reset
-    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-    conn.execute(f"PRAGMA wal_autocheckpoint={max(1, wal_bytes // 2 // page)}")
+    # the WAL: checkpointed by the writer (Store) once it holds half its bound, so that a
+    # page rewritten by many commits reaches the database file once per checkpoint; the
+    # file keeps its size (cut back to the bound only), so commits overwrite its blocks
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA journal_size_limit={wal_bytes}")
     return conn
+
+
+@dataclass
+class StoreStats:
+    """What the store did to the disk since it was opened (the writer's thread)."""
+
+    commits: int = 0  # transactions: one fsync of the WAL each (synchronous=FULL)
+    checkpoints: int = 0  # FSYNCS_PER_CHECKPOINT fsyncs each
+    table_writes: int = 0  # commits that wrote the state to its tables (see _State)
+
+    @property
+    def fsyncs(self) -> int:
+        return self.commits + FSYNCS_PER_CHECKPOINT * self.checkpoints
+
+
+@dataclass
+class _State:
+    """The store's state as committed: chain head, per-class usage, device ledger.
+
+    It lives in two places, so that a commit touches as few pages as possible. The
+    tables (``meta``, ``usage``, ``device_events``) hold it as of their last write,
+    numbered ``meta.txn``. Every commit that inserts records writes the whole state,
+    with the ledger entries changed since the tables were written (the delta), into the
+    ``st`` column of its newest record, numbered with its own txn: that row is on the
+    page the commit writes anyway. A commit without records updates that row's ``st``
+    while the row is there, and writes the tables once it is gone (delivered). At open
+    the higher-numbered of the two wins; the tables are written then (the boot count).
+    """
+
+    txn: int
+    last_seq: int
+    digest: bytes
+    boot: int
+    usage: dict[Priority, tuple[int, int]]
+    ledger: dict[str, int]  # complete: the tables' entries with the delta applied
+    delta: dict[str, int] = field(default_factory=dict)  # not yet in device_events
+    carrier: tuple[int, int] | None = None  # (prio, seq) of the row whose st holds it
+    table_txn: int = 0
+
+    def carried(self, txn: int) -> bytes:
+        """The ``st`` of the newest record: this state, numbered *txn*."""
+        return json.dumps({
+            "t": txn, "s": self.last_seq, "d": self.digest.hex(),
+            "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.delta,
+        }, separators=(",", ":")).encode()
+
+
+def _has_st(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "st" for row in conn.execute("PRAGMA table_info(records)"))
+
+
+def _load_state(conn: sqlite3.Connection) -> _State:
+    """The committed state of the store behind *conn* (any connection, read-only too)."""
+    meta = {k: bytes(v) for k, v in conn.execute("SELECT k, v FROM meta")}
+    st = _State(
+        txn=int(meta.get("txn", b"0")), last_seq=int(meta.get("last_seq", b"0")),
+        digest=meta.get("last_digest", GENESIS_PREV), boot=int(meta.get("boot", b"0")),
+        usage={Priority(p): (c, b) for p, c, b in
+               conn.execute("SELECT prio, count, bytes FROM usage")},
+        ledger=dict(conn.execute("SELECT serial, last_event FROM device_events")))
+    st.table_txn = st.txn
+    if not _has_st(conn):
+        return st  # the first schema: the tables are the state (kept by its triggers)
+    newest: tuple[int, int, bytes | None] | None = None
+    for prio in Priority:
+        row = conn.execute("SELECT seq, st FROM records WHERE prio=? ORDER BY seq DESC "
+                           "LIMIT 1", (int(prio),)).fetchone()
+        if row is not None and (newest is None or row[0] > newest[1]):
+            newest = (int(prio), int(row[0]), row[1])
+    if newest is None or newest[2] is None:
+        return st
+    carried = json.loads(newest[2])
+    if int(carried["t"]) <= st.txn:
+        return st  # the tables were written after it
+    st.txn = int(carried["t"])
+    st.last_seq = int(carried["s"])
+    st.digest = bytes.fromhex(carried["d"])
+    st.usage = {p: (int(c), int(b)) for p, (c, b) in zip(Priority, carried["u"], strict=True)}
+    st.delta = {str(k): int(v) for k, v in carried["l"].items()}
+    st.ledger.update(st.delta)
+    st.carrier = (newest[0], newest[1])
+    return st
 
 
 class Store:
@@ -230,14 +331,19 @@ class Store:
         self.path = path
         self.reserve_path = path.with_name(path.name + RESERVE_SUFFIX)
         self._aead = aead
+        self.stats = StoreStats()
         try:
             self._db = _connect(path, self.limits.wal)
             self._db.executescript(SCHEMA)
+            self._migrate()
+            self._st = _load_state(self._db)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open record store {path}: {exc}") from exc
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        self._checkpoint_frames = max(1, self.limits.wal // 2 // (self._page_size + 24))
+        self._commits_since_checkpoint = 0
         self.state = self._bump_boot()
-        self.usage = self._read_usage()
+        self.usage = dict(self._st.usage)
         if self.limits.reserve and not self.restore_reserve():
             log.warning("no room for the record store's reserve file %s (%d bytes) yet",
                         self.reserve_path, self.limits.reserve)
@@ -248,9 +354,17 @@ class Store:
         return Sealer(gateway_id, signing_key, last_seq=st.last_seq, last_digest=st.last_digest,
                       boot=st.boot)
 
-    def _read_usage(self) -> dict[Priority, tuple[int, int]]:
-        rows = self._db.execute("SELECT prio, count, bytes FROM usage").fetchall()
-        return {Priority(p): (c, b) for p, c, b in rows}
+    def _migrate(self) -> None:
+        """A store of the first schema: usage no longer kept by triggers (the writer
+        counts), and the ``st`` column (an ALTER that rewrites no row)."""
+        if not _has_st(self._db):
+            log.warning("record store %s: migrating to the current schema (its queue is "
+                        "kept)", self.path)
+            with self._transaction():
+                self._db.execute("ALTER TABLE records ADD COLUMN st BLOB")
+                for statement in MIGRATE.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
 
     def health(self) -> dict[str, dict[str, int]]:
         """Per class: records queued, bytes, age in seconds of the oldest (commit time)."""
@@ -370,25 +484,40 @@ class Store:
         except sqlite3.Error as exc:
             log.warning("checkpoint of %s failed: %s", wal, exc)
 
-    def _meta(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
-
     def _bump_boot(self) -> StoreState:
-        last_seq = int(self._meta("last_seq") or b"0")
-        digest = self._meta("last_digest") or GENESIS_PREV
-        boot = int(self._meta("boot") or b"0") + 1
+        """Count this start, writing the whole state to its tables."""
+        st = self._st
+        st.boot += 1
         with self._transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (str(boot).encode(),)
-            )
-        return StoreState(last_seq, digest, boot)
+            self._write_tables(st, st.txn + 1, ())
+        self._tables_written(st, st.txn + 1)
+        return StoreState(st.last_seq, st.digest, st.boot)
+
+    def _write_tables(self, st: _State, txn: int, forget: Iterable[str]) -> None:
+        """Write *st* (its usage, chain head, delta, less *forget*) to the tables."""
+        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+            ("txn", str(txn).encode()), ("last_seq", str(st.last_seq).encode()),
+            ("last_digest", st.digest), ("boot", str(st.boot).encode())])
+        self._db.executemany("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
+                             [(int(p), c, b) for p, (c, b) in st.usage.items()])
+        self._db.executemany("INSERT OR REPLACE INTO device_events VALUES (?, ?)",
+                             list(st.delta.items()))
+        self._db.executemany("DELETE FROM device_events WHERE serial=?",
+                             [(key,) for key in forget])
+
+    def _tables_written(self, st: _State, txn: int) -> None:
+        st.txn = st.table_txn = txn
+        st.delta = {}
+        st.carrier = None
+        self.stats.table_writes += 1
+        self.stats.commits += 1
 
     def _transaction(self) -> _Txn:
         return _Txn(self._db)
 
     def device_ledger(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT serial, last_event FROM device_events").fetchall())
+        """The ledger as committed (a copy)."""
+        return dict(self._st.ledger)
 
     def commit(
         self,
@@ -402,44 +531,130 @@ class Store:
         """Insert, delete, evict and advance the chain state in one fsynced transaction;
         *forget* names ledger entries removed in it (an unpaired device's)."""
         sealed = list(records)
+        ranges = list(delete_ranges)
+        evicted = list(evict)
+        gone = tuple(forget)
+        events = dict(device_events or {})
+        if not (sealed or ranges or evicted or gone or events):
+            return
         now = int(time.time())
-        rows = [
-            (int(r.priority), r.seq, now, self._seal_row(r.priority, r.seq, r.data))
+        rows: list[tuple[int, int, int, bytes, bytes | None]] = [
+            (int(r.priority), r.seq, now, self._seal_row(r.priority, r.seq, r.data), None)
             for r in sealed
         ]
-        new_state = self.state
+        old = self._st
+        st = _State(old.txn, old.last_seq, old.digest, old.boot, dict(old.usage),
+                    old.ledger, {**old.delta, **events}, old.carrier, old.table_txn)
+        for key in gone:
+            st.delta.pop(key, None)
+        txn = old.txn + 1
         with self._transaction():
             # deletions first: the inserts reuse the pages they free, so the file does
             # not grow past the quota within the transaction
-            self._db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
-                                 list(delete_ranges))
-            self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
-                                 [(e.prio, e.seq) for e in evict])
+            for prio, lo, hi in ranges:
+                n, size = self._db.execute(
+                    "SELECT count(*), coalesce(sum(length(blob)), 0) FROM records "
+                    "WHERE prio=? AND seq BETWEEN ? AND ?", (prio, lo, hi)).fetchone()
+                if n:
+                    self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                                     (prio, lo, hi))
+                    st.usage[Priority(prio)] = _less(st.usage, prio, n, size)
+                if st.carrier is not None and st.carrier[0] == prio and lo <= st.carrier[1] <= hi:
+                    st.carrier = None
+            if evicted:
+                self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
+                                     [(e.prio, e.seq) for e in evicted])
+                for e in evicted:
+                    st.usage[Priority(e.prio)] = _less(st.usage, e.prio, 1, e.size - ROW_OVERHEAD)
+                    if st.carrier == (e.prio, e.seq):
+                        st.carrier = None
+            for prio, _seq, _at, blob, _st in rows:
+                count, size = st.usage.get(Priority(prio), (0, 0))
+                st.usage[Priority(prio)] = (count + 1, size + len(blob))
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
-                new_state = StoreState(last.seq, last.digest, self.state.boot)
-                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [("last_seq", str(last.seq).encode()), ("last_digest", last.digest)],
-                )
-            if device_events:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO device_events VALUES (?, ?)",
-                    list(device_events.items()),
-                )
-            self._db.executemany("DELETE FROM device_events WHERE serial=?",
-                                 [(key,) for key in forget])
-        self.state = new_state
-        self.usage = self._read_usage()
+                st.last_seq, st.digest = last.seq, last.digest
+            tables = bool(gone) or len(st.delta) > DELTA_MAX_ENTRIES or (
+                not rows and st.carrier is None)
+            if tables:
+                self._write_tables(st, txn, gone)
+                st.delta = {}
+            if rows:
+                newest = max(range(len(rows)), key=lambda i: rows[i][1])
+                prio, seq, at, blob, _ = rows[newest]
+                rows[newest] = (prio, seq, at, blob, st.carried(txn))
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+                st.carrier = (prio, seq)
+            elif not tables and st.carrier is not None:
+                self._db.execute("UPDATE records SET st=? WHERE prio=? AND seq=?",
+                                 (st.carried(txn), *st.carrier))
+        st.ledger = {k: v for k, v in {**old.ledger, **events}.items() if k not in gone}
+        st.txn = txn
+        if tables:
+            st.table_txn = txn
+            self.stats.table_writes += 1
+        self.stats.commits += 1
+        self._st = st
+        self.state = StoreState(st.last_seq, st.digest, st.boot)
+        self.usage = dict(st.usage)
+        self._checkpoint_if_due()
         self.bound_wal()
+
+    def _wal_frames(self) -> int | None:
+        """Frames in the WAL (the wal-index header's mxFrame), None if unreadable."""
+        try:
+            fd = os.open(self.path.with_name(self.path.name + "-shm"), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            head = os.pread(fd, _SHM_MXFRAME.size, _SHM_MXFRAME_OFFSET)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return _SHM_MXFRAME.unpack(head)[0] if len(head) == _SHM_MXFRAME.size else None
+
+    def _checkpoint_if_due(self) -> None:
+        """Checkpoint (passive: never waits for a reader) once the WAL holds half its
+        bound."""
+        self._commits_since_checkpoint += 1
+        frames = self._wal_frames()
+        if frames is None:
+            due = self._commits_since_checkpoint >= CHECKPOINT_FALLBACK_COMMITS
+        else:
+            due = frames >= self._checkpoint_frames
+        if not due:
+            return
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of %s failed: %s", self.path, exc)
+            return
+        self.stats.checkpoints += 1
+        self._commits_since_checkpoint = 0
 
     def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self._aead.encrypt(nonce, data, _aad(prio, seq))
 
     def close(self) -> None:
+        """Write the state to its tables if the newest record holds a newer one (a tool
+        reading the tables finds it there), then close."""
+        st = self._st
+        if st.txn > st.table_txn:
+            try:
+                with self._transaction():
+                    self._write_tables(st, st.txn + 1, ())
+                self._tables_written(st, st.txn + 1)
+            except sqlite3.Error as exc:  # the newest record keeps it: nothing is lost
+                log.warning("record store %s: state not written at close: %s", self.path, exc)
         self._db.close()
+
+
+def _less(usage: Mapping[Priority, tuple[int, int]], prio: int, count: int,
+          size: int) -> tuple[int, int]:
+    have_count, have_size = usage.get(Priority(prio), (0, 0))
+    return have_count - count, have_size - size
 
 
 class _Txn:
@@ -580,24 +795,22 @@ def undelivered(path: Path, through: int | None = None, ledger_key: str | None =
     the broker acknowledged it (or when evicted, which a ``gap`` record names)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        last = conn.execute("SELECT v FROM meta WHERE k='last_seq'").fetchone()
-        if through is None or through >= int(last[0] if last else 0):
-            # everything queued: the usage table's counts (kept by triggers), no scan
-            rows = conn.execute("SELECT prio, count FROM usage").fetchall()
+        conn.execute("BEGIN")  # one snapshot for the state and the counts
+        st = _load_state(conn)
+        if through is None or through >= st.last_seq:
+            # everything queued: the state's counts, no scan
+            rows = [(int(p), c) for p, (c, _) in st.usage.items()]
         else:
             rows = [(int(p), conn.execute("SELECT COUNT(*) FROM records WHERE prio=? AND "
                                           "seq<=?", (int(p), through)).fetchone()[0])
                     for p in Priority]
-        entry, queued = None, None
-        if ledger_key is not None:
-            found = conn.execute("SELECT last_event FROM device_events WHERE serial=?",
-                                 (ledger_key,)).fetchone()
-            entry = None if found is None else int(found[0])
+        entry = None if ledger_key is None else st.ledger.get(ledger_key)
+        queued = None
         if entry is not None:
             queued = any(conn.execute("SELECT 1 FROM records WHERE prio=? AND seq=?",
                                       (int(p), entry)).fetchone() for p in Priority)
         return Undelivered({Priority(p).label: n for p, n in rows if n}, _lowest_seq(conn),
-                           int(last[0]) if last else 0, entry, queued)
+                           st.last_seq, entry, queued)
     finally:
         conn.close()
 
@@ -608,11 +821,11 @@ def inspect_store(path: Path) -> dict[str, Any]:
     of the oldest, the files on disk, and SQLite's quick check."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
-        usage = conn.execute("SELECT prio, count, bytes FROM usage ORDER BY prio").fetchall()
+        conn.execute("BEGIN")  # one snapshot for the state and the counts
+        st = _load_state(conn)
         now = int(time.time())
         classes: dict[str, Any] = {}
-        for prio, count, size in usage:
+        for prio, (count, size) in sorted(st.usage.items()):
             row = conn.execute("SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1",
                                (prio,)).fetchone()
             classes[Priority(prio).label] = {
@@ -621,7 +834,7 @@ def inspect_store(path: Path) -> dict[str, Any]:
     finally:
         conn.close()
     return {
-        "last_seq": int(meta.get("last_seq", b"0")), "boot": int(meta.get("boot", b"0")),
+        "last_seq": st.last_seq, "boot": st.boot,
         "classes": classes, "integrity": integrity,
         "files": {p.name: p.stat().st_size for p in path.parent.glob(f"{path.name}*")},
     }

@@ -5,6 +5,21 @@ commits it in one fsynced transaction, and only then runs each reading's
 ``on_committed`` callback (which acknowledges the device). Deletions after a
 PUBACK travel through the same queue, so they join the next transaction.
 
+The linger: at home rates a group is one reading, and every fsync costs the SD card
+whole pages. So while readings arrive closer together than :data:`LINGER_S` (a moving
+average of their spacing), the writer holds a group open until :data:`LINGER_S` after
+its oldest reading was submitted, or until the next reading is not expected before
+then: readings a few ms apart share one fsync, and a device's ACK waits at most that
+long more (the ACK budget, :data:`ACK_BUDGET_S`, less a commit). An alarm, a flush, a
+stop, the final record or a full group (:data:`LINGER_MAX_RECORDS`) commits at once;
+so do the gateway's own readings (no device waits for them; they ride along with a
+held group); at low rates (readings seconds apart) nothing lingers. A group is held only while a
+source (a device, or the gateway itself) active in the last :data:`LINGER_ACTIVE_S` is
+not marked quiet. A linger during which nothing arrived marks every active source quiet
+for :data:`LINGER_QUIET_S` (a stop-and-wait device sends its next reading only once
+this one is acknowledged: waiting for it would only slow it down); a source that
+submits while a group is held is not quiet.
+
 When a commit fails (disk full, I/O error) the sealer is rolled back, the
 batch is kept and retried after :data:`RETRY_S`: nothing is acknowledged that
 is not on disk, and no seq is skipped. The failure is classified (disk full or
@@ -27,6 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import inf
 from typing import Any
 
 from buffer.seal import Draft, Sealer
@@ -44,9 +60,25 @@ MAX_GROUP = 2000  # readings in one transaction
 MAX_DELETES = 5_000  # rows deleted in one transaction: bounds how long an alarm waits
 #: Deletions wait up to this long for a transaction of readings to ride along with,
 #: unless this many are waiting: at low rates it halves the fsyncs (the SD card).
-DELETE_LINGER_S = 1.0
+DELETE_LINGER_S = 2.0
 DELETE_BATCH_ROWS = 1_000
 RETRY_S = 0.5
+#: A device's ACK, from its reading's submission, should leave within this (seconds).
+ACK_BUDGET_S = 0.1
+#: The longest a group of readings is held open for more to join (half the budget:
+#: the rest is the commit and the link).
+LINGER_S = 0.05
+#: A group this large commits at once: the fsync is already shared (full-speed rates).
+LINGER_MAX_RECORDS = 64
+#: Weight of the newest spacing in the moving average of submissions' spacing.
+LINGER_EWMA = 0.2
+#: A source that submitted within this long may submit again (seconds).
+LINGER_ACTIVE_S = 1.0
+#: A linger during which nothing arrived was wasted: the sources active then are not
+#: waited for during this long (seconds; then tried again).
+LINGER_QUIET_S = 8.0
+#: Sources remembered (last submission, quiet mark); older ones are forgotten first.
+LINGER_SOURCES_MAX = 64
 #: How much of the error a device.error record of an unsealable reading keeps.
 UNSEALABLE_DETAIL_CHARS = 200
 #: While commits keep failing, the failure is logged again this often (seconds).
@@ -112,6 +144,35 @@ class _Submit:
     on_committed: OnCommitted | None  # called with the last record
     forget: tuple[str, ...] = ()  # ledger entries removed in the same transaction
     final: bool = False  # the last reading is the chain's last record
+    at: float = field(default_factory=time.monotonic)  # when submitted
+
+    @property
+    def urgent(self) -> bool:
+        """Committed without lingering: an alarm, the final record."""
+        if self.final:
+            return True
+        for reading in self.readings:
+            try:
+                if reading.priority == Priority.ALARM:
+                    return True
+            except KeyError:  # an unknown kind: sealed as device.error, at once
+                return True
+        return False
+
+
+def _source(item: _Submit) -> str | None:
+    """The device whose reading *item* holds (None: the gateway's own readings)."""
+    for reading in item.readings:
+        if reading.device_event is not None:
+            return reading.device_event[0]
+    return None
+
+
+def _bound(found: dict[Any, float]) -> None:
+    """Keep the LINGER_SOURCES_MAX most recent entries of *found*."""
+    if len(found) > LINGER_SOURCES_MAX:
+        for key in sorted(found, key=found.__getitem__)[: len(found) - LINGER_SOURCES_MAX]:
+            del found[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +281,14 @@ class WriterStats:
     after_final: int = 0  # readings refused once the final record was committed (logged)
     evicted: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
+    lingered: int = 0  # transactions held open for more readings to join
+    linger_wasted: int = 0  # of them, held open while nothing arrived
+    #: The longest a group was planned to stay open after its oldest reading was
+    #: submitted (seconds): at most LINGER_S by construction, checked by the tests.
+    linger_planned_max_s: float = 0.0
+    #: The same for groups holding an alarm (or the final record): 0, they never linger.
+    urgent_linger_planned_max_s: float = 0.0
+    urgent_groups: int = 0  # transactions with an alarm or the final record
 
 
 class StoreWriter:
@@ -231,8 +300,17 @@ class StoreWriter:
         *,
         on_commit: Callable[[list[SealedRecord]], None] | None = None,
         source: Source | None = None,
+        linger_s: float = LINGER_S,
     ) -> None:
         self._gateway_source = source or Source("gateway", sealer.gateway_id)
+        self.linger_s = min(linger_s, ACK_BUDGET_S)
+        self._spacing = inf  # moving average of the spacing of submissions (seconds)
+        self._last_submit: float | None = None
+        self._arrived_while_held = 0
+        #: source (a device's serial; None: the gateway's own) -> last submission
+        self._seen: dict[str | None, float] = {}
+        #: source -> until when it is not waited for (monotonic s)
+        self._quiet: dict[str | None, float] = {}
         self._store = store
         self._sealer = sealer
         self._clock = clock
@@ -391,12 +469,15 @@ class StoreWriter:
     def _run(self) -> None:
         stopping = False
         pending: list[_Item] = []
+        due = 0.0  # when the pending group commits (monotonic s)
+        held = False  # the pending group was held open (lingered)
         while True:
             try:
-                if pending or stopping:
+                if stopping or (pending and due <= time.monotonic()):
                     item = self._inbox.get_nowait()
-                elif self._deletes and not stopping:
-                    item = self._inbox.get(timeout=self._deletes_due_in())
+                elif pending or self._deletes:
+                    wake = due if pending else time.monotonic() + self._deletes_due_in()
+                    item = self._inbox.get(timeout=max(0.0, wake - time.monotonic()))
                 else:
                     item = self._inbox.get()
                 while True:
@@ -415,6 +496,9 @@ class StoreWriter:
                     elif self._final_seq is not None:
                         self._refuse(item)  # after the final record: nothing is sealed
                     else:
+                        if isinstance(item, _Submit):
+                            self._arrived(item, held=held)
+                            self._arrived_while_held += held
                         pending.append(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
@@ -425,8 +509,18 @@ class StoreWriter:
                 continue
             if not pending and not stopping and self._deletes_due_in() > 0:
                 continue  # deletions alone: not worth an fsync yet
+            if pending and not stopping:
+                due = self._group_due(pending)
+                if due > time.monotonic():
+                    held = True
+                    continue  # held open: more readings are expected within the linger
             consumed = self._commit(pending)
             if consumed >= 0:
+                if held:
+                    self._linger_done(gained=self._arrived_while_held > 0)
+                    held = False
+                self.stats.urgent_groups += any(
+                    isinstance(i, _Submit) and i.urgent for i in pending[:consumed])
                 del pending[:consumed]
                 if self._final_seq is not None:  # the final record went in with it
                     for item in [i for i in pending if not isinstance(i, _Barrier)]:
@@ -437,6 +531,76 @@ class StoreWriter:
                 return
             else:
                 self._stopped.wait(RETRY_S)
+
+    def _linger_done(self, *, gained: bool) -> None:
+        """A held group committed: if nothing arrived while it was held, every source
+        active lately is marked quiet (for LINGER_QUIET_S)."""
+        self.stats.lingered += 1
+        self._arrived_while_held = 0
+        if gained:
+            return
+        self.stats.linger_wasted += 1
+        now = time.monotonic()
+        for source, seen in self._seen.items():
+            if now - seen <= LINGER_ACTIVE_S + self.linger_s:
+                self._quiet[source] = now + LINGER_QUIET_S
+        _bound(self._quiet)
+
+    def _arrived(self, item: _Submit, *, held: bool) -> None:
+        """A submission: the moving average of their spacing, its source's last
+        submission; joining a held group, its source is not quiet."""
+        at = item.at
+        if self._last_submit is not None:
+            gap = max(0.0, at - self._last_submit)
+            self._spacing = (gap if self._spacing == inf
+                             else (1 - LINGER_EWMA) * self._spacing + LINGER_EWMA * gap)
+        self._last_submit = at
+        source = _source(item)
+        if held:
+            self._quiet.pop(source, None)
+        self._seen[source] = at
+        _bound(self._seen)
+
+    def _may_join(self, now: float) -> bool:
+        """Whether a source active lately and not quiet may submit before the group
+        commits."""
+        return any(now - seen <= LINGER_ACTIVE_S and self._quiet.get(source, 0.0) < now
+                   for source, seen in self._seen.items())
+
+    def _group_due(self, pending: list[_Item]) -> float:
+        """When the pending group commits (monotonic s): at once for an alarm, a flush,
+        a full group, or when the next reading is not expected (at the readings' mean
+        spacing) before :attr:`linger_s` after the group's oldest submission; otherwise
+        then. Recorded in the stats.
+
+        (A submission that may wait longer, e.g. a ledger update due within some
+        seconds, would give its own deadline here and not shorten the others'.)"""
+        oldest = inf
+        records = 0
+        urgent = False
+        for item in pending:
+            if isinstance(item, _Submit):
+                if _source(item) is not None:  # the gateway's own readings never linger
+                    oldest = min(oldest, item.at)
+                records += len(item.readings)
+                urgent = urgent or item.urgent
+            elif isinstance(item, _Barrier):
+                urgent = True  # someone waits for the commit (flush)
+            else:
+                records += 1
+        now = time.monotonic()
+        due = oldest + self.linger_s
+        if (urgent or oldest == inf or records >= LINGER_MAX_RECORDS
+                or self._trouble is not None or now + self._spacing > due
+                or not self._may_join(now)):
+            due = now  # nobody else is expected before the deadline: no use waiting
+        planned = max(0.0, due - oldest) if oldest != inf else 0.0
+        if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):
+            self.stats.urgent_linger_planned_max_s = max(
+                self.stats.urgent_linger_planned_max_s, planned if due > now else 0.0)
+        elif due > now:
+            self.stats.linger_planned_max_s = max(self.stats.linger_planned_max_s, planned)
+        return due
 
     def _commit(self, pending: list[_Item]) -> int:
         """Seal and commit a prefix of *pending*, and up to :data:`MAX_DELETES` queued

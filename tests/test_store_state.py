@@ -1,0 +1,338 @@
+"""The store's state (chain head, per-class usage, device ledger) carried by the newest
+record and written to its tables only when needed: what another connection reads, what
+a reopen after a kill finds, and a store of the first schema migrated in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from buffer.store import (
+    DELTA_MAX_ENTRIES,
+    Evicted,
+    Store,
+    StoreReader,
+    _aad,
+    _load_state,
+    inspect_store,
+    undelivered,
+)
+from core.kinds import Priority
+from core.record import GENESIS_PREV, SealedRecord
+from core.suites import storage_aead
+
+STORAGE = bytes(range(32))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record(seq: int, prio: Priority, size: int = 40) -> SealedRecord:
+    data = json.dumps({"seq": seq, "pad": "x" * size}).encode()
+    return SealedRecord(seq, prio, "tag.presence", data, seq.to_bytes(4, "big") * 8)
+
+
+def stored_size(rec: SealedRecord) -> int:
+    return len(rec.data) + 12 + 16  # nonce, GCM tag
+
+
+def read_state(db: Path) -> tuple[int, bytes, dict[Priority, tuple[int, int]], dict[str, int]]:
+    """The state as a reopen would find it, read from a connection of its own."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        found = _load_state(conn)
+    finally:
+        conn.close()
+    usage = {p: u for p, u in found.usage.items() if u != (0, 0)}
+    return found.last_seq, found.digest, usage, found.ledger
+
+
+class StoreStateMachine(RuleBasedStateMachine):
+    """Random commits (inserts with ledger entries, range deletions alone or riding
+    along, evictions, forgotten entries); after each, the state another connection
+    loads is the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="store-state-"))
+        self.db = self.dir / "r.db"
+        self.store = Store(self.db, STORAGE)
+        self.seq = 0
+        self.digest = GENESIS_PREV
+        self.rows: dict[int, tuple[Priority, int]] = {}  # seq -> (class, stored size)
+        self.ledger: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+        for p in self.dir.iterdir():
+            p.unlink()
+        self.dir.rmdir()
+
+    @rule(prios=st.lists(st.sampled_from(list(Priority)), min_size=1, max_size=6),
+          events=st.dictionaries(st.sampled_from([f"dev:{i}" for i in range(80)]),
+                                 st.integers(0, 10**6), max_size=40),
+          delete=st.booleans())
+    def insert(self, prios: list[Priority], events: dict[str, int], delete: bool) -> None:
+        recs = []
+        for prio in prios:
+            self.seq += 1
+            recs.append(record(self.seq, prio, size=self.seq % 97))
+        ranges = self._oldest_ranges() if delete else []
+        self.store.commit(recs, device_events=events, delete_ranges=ranges)
+        self._deleted(ranges)
+        for rec in recs:
+            self.rows[rec.seq] = (rec.priority, stored_size(rec))
+        self.digest = recs[-1].digest
+        self.ledger.update(events)
+
+    @rule(newest=st.booleans())
+    def delete_alone(self, newest: bool) -> None:
+        """Deletions with no record: the newest (the state's carrier) or the oldest."""
+        if not self.rows:
+            return
+        if newest:
+            seq = max(self.rows)
+            ranges = [(int(self.rows[seq][0]), seq, seq)]
+        else:
+            ranges = self._oldest_ranges()
+        self.store.commit([], delete_ranges=ranges)
+        self._deleted(ranges)
+
+    @rule(count=st.integers(1, 4))
+    def evict(self, count: int) -> None:
+        victims = sorted(self.rows)[:count]
+        evicted = [Evicted(int(self.rows[s][0]), s, self.rows[s][1] + 16) for s in victims]
+        self.seq += 1
+        gap = record(self.seq, Priority.STATUS)
+        self.store.commit([gap], evict=evicted)
+        for s in victims:
+            del self.rows[s]
+        self.rows[gap.seq] = (gap.priority, stored_size(gap))
+        self.digest = gap.digest
+
+    @rule(data=st.data())
+    def forget(self, data: st.DataObject) -> None:
+        if not self.ledger:
+            return
+        key = data.draw(st.sampled_from(sorted(self.ledger)))
+        self.store.commit([], forget=[key])
+        del self.ledger[key]
+
+    def _oldest_ranges(self) -> list[tuple[int, int, int]]:
+        if not self.rows:
+            return []
+        oldest = min(self.rows)
+        prio = self.rows[oldest][0]
+        hi = oldest
+        for seq in sorted(self.rows):
+            if self.rows[seq][0] != prio:
+                break
+            hi = seq
+        return [(int(prio), oldest, hi)]
+
+    def _deleted(self, ranges: list[tuple[int, int, int]]) -> None:
+        for prio, lo, hi in ranges:
+            for seq in [s for s, (p, _) in self.rows.items() if p == prio and lo <= s <= hi]:
+                del self.rows[seq]
+
+    def model(self) -> tuple[int, bytes, dict[Priority, tuple[int, int]], dict[str, int]]:
+        usage: dict[Priority, tuple[int, int]] = {}
+        for prio, size in self.rows.values():
+            count, total = usage.get(prio, (0, 0))
+            usage[prio] = (count + 1, total + size)
+        return self.seq, self.digest, usage, self.ledger
+
+    @invariant()
+    def another_connection_loads_the_same_state(self) -> None:
+        assert read_state(self.db) == self.model()
+        assert self.store.device_ledger() == self.ledger
+        assert {p: u for p, u in self.store.usage.items() if u != (0, 0)} == self.model()[2]
+
+    @invariant()
+    def undelivered_agrees(self) -> None:
+        found = undelivered(self.db)
+        assert found.last_seq == self.seq
+        assert found.count == len(self.rows)
+
+
+TestStoreState = StoreStateMachine.TestCase
+TestStoreState.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_commit_touches_the_tables_only_when_the_newest_record_cannot_carry_it(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "r.db", STORAGE)
+    written = store.stats.table_writes  # the boot
+    store.commit([record(1, Priority.HEARTBEAT)], device_events={"TR-1": 1})
+    store.commit([record(2, Priority.HEARTBEAT)], device_events={"TR-1": 2},
+                 delete_ranges=[(int(Priority.HEARTBEAT), 1, 1)])
+    store.commit([], delete_ranges=[(int(Priority.HEARTBEAT), 0, 0)])  # the carrier stays
+    assert store.stats.table_writes == written
+    store.commit([], delete_ranges=[(int(Priority.HEARTBEAT), 2, 2)])  # the carrier goes
+    assert store.stats.table_writes == written + 1
+    many = {f"dev:{i}": i for i in range(DELTA_MAX_ENTRIES + 1)}
+    store.commit([record(3, Priority.HEARTBEAT)], device_events=many)  # too many to carry
+    assert store.stats.table_writes == written + 2
+    store.close()
+
+
+# -- a real kill at each step ----------------------------------------------------------
+
+CHILD = """
+import json, os, signal, sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from buffer.store import Store
+from core.kinds import Priority
+from tests.test_store_state import STORAGE, record
+H = int(Priority.HEARTBEAT)
+steps = [
+    lambda s: s.commit([record(1, Priority.HEARTBEAT)], device_events={{"TR-1": 1}}),
+    lambda s: s.commit([record(2, Priority.ALARM)], device_events={{"TR-1": 2, "tag:A": 5}},
+                       delete_ranges=[(H, 1, 1)]),
+    lambda s: s.commit([], delete_ranges=[(0, 2, 2)]),
+    lambda s: s.commit([record(3, Priority.HEARTBEAT), record(4, Priority.STATUS)],
+                       device_events={{"TR-1": 4}}),
+    lambda s: s.commit([], forget=["tag:A"]),
+    lambda s: s.commit([], delete_ranges=[(H, 3, 3)]),
+    lambda s: s.commit([record(5, Priority.HEARTBEAT)], device_events={{"TR-2": 1}}),
+]
+store = Store(Path(sys.argv[1]), STORAGE)
+for step in steps[: int(sys.argv[2])]:
+    step(store)
+st = store._st
+print(json.dumps({{"seq": st.last_seq, "digest": st.digest.hex(), "ledger": st.ledger,
+                  "usage": {{p.label: list(u) for p, u in st.usage.items()}}}}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("steps", range(8))
+def test_a_store_killed_after_each_step_reopens_with_the_same_state(
+    tmp_path: Path, steps: int,
+) -> None:
+    db = tmp_path / "r.db"
+    child = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO)), str(db),
+                            str(steps)], capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    before = json.loads(child.stdout)
+    store = Store(db, STORAGE)
+    try:
+        st = store._st
+        assert st.last_seq == before["seq"]
+        assert st.digest.hex() == before["digest"]
+        assert st.ledger == before["ledger"]
+        assert {p.label: list(u) for p, u in st.usage.items()} == before["usage"]
+        assert store.state.boot == 2
+        found = undelivered(db, ledger_key="TR-1")
+        assert found.last_seq == before["seq"]
+        assert found.ledger == before["ledger"].get("TR-1")
+        assert found.count == sum(c for c, _ in before["usage"].values())
+    finally:
+        store.close()
+
+
+# -- a store of the first schema (a gateway upgraded in the field) ----------------------
+
+#: The schema before this change, as gateways in the field have it.
+FIRST_SCHEMA = """
+CREATE TABLE records (prio INTEGER NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL,
+    blob BLOB NOT NULL, PRIMARY KEY (prio, seq)) WITHOUT ROWID;
+CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE device_events (serial TEXT PRIMARY KEY, last_event INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE usage (prio INTEGER PRIMARY KEY, count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL);
+INSERT INTO usage VALUES (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0);
+CREATE TRIGGER records_in AFTER INSERT ON records BEGIN
+    UPDATE usage SET count = count + 1, bytes = bytes + length(NEW.blob) WHERE prio = NEW.prio;
+END;
+CREATE TRIGGER records_out AFTER DELETE ON records BEGIN
+    UPDATE usage SET count = count - 1, bytes = bytes - length(OLD.blob) WHERE prio = OLD.prio;
+END;
+"""
+
+
+def first_schema_store(db: Path, recs: list[SealedRecord]) -> sqlite3.Connection:
+    """A store as the previous code left it: WAL, triggers, meta rows, a ledger; the
+    connection is returned open (its WAL not checkpointed: as after a power cut)."""
+    aead = storage_aead(STORAGE)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.executescript(FIRST_SCHEMA)
+    conn.execute("BEGIN")
+    for rec in recs:
+        nonce = os.urandom(12)
+        blob = nonce + aead.encrypt(nonce, rec.data, _aad(int(rec.priority), rec.seq))
+        conn.execute("INSERT INTO records VALUES (?, ?, ?, ?)",
+                     (int(rec.priority), rec.seq, 1_700_000_000, blob))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("last_seq", str(recs[-1].seq).encode()), ("last_digest", recs[-1].digest),
+        ("boot", b"7")])
+    conn.executemany("INSERT INTO device_events VALUES (?, ?)",
+                     [("TR-0001", 41), ("chain:final_seq", 0)])
+    conn.execute("COMMIT")
+    # one more commit of the old code: a delivered alarm (its trigger counts it)
+    conn.execute("DELETE FROM records WHERE prio=? AND seq=?", (int(Priority.ALARM), 2))
+    return conn
+
+
+@pytest.mark.parametrize("clean_stop", [True, False])
+def test_a_store_of_the_first_schema_keeps_its_queue_and_state(
+    tmp_path: Path, clean_stop: bool,
+) -> None:
+    db = tmp_path / "records.db"
+    recs = [record(s, p) for s, p in ((1, Priority.HEARTBEAT), (2, Priority.ALARM),
+                                      (3, Priority.POSITION), (4, Priority.HEARTBEAT))]
+    old = first_schema_store(db, recs)
+    del recs[1]
+    if clean_stop:
+        old.close()  # checkpointed, the WAL removed
+    else:
+        assert db.with_name(db.name + "-wal").stat().st_size > 0
+    before = inspect_store(db)  # the tools read an old store too
+    assert before["last_seq"] == 4
+    store = Store(db, STORAGE)
+    try:
+        assert store.state.last_seq == 4
+        assert store.state.last_digest == recs[-1].digest
+        assert store.state.boot == 8
+        assert store.device_ledger() == {"TR-0001": 41, "chain:final_seq": 0}
+        want = {r.priority: (sum(1 for x in recs if x.priority == r.priority),
+                             sum(stored_size(x) for x in recs if x.priority == r.priority))
+                for r in recs}
+        assert {p: u for p, u in store.usage.items() if u != (0, 0)} == want
+        reader = StoreReader(db, STORAGE)
+        try:
+            queued = list(reader.queued())
+        finally:
+            reader.close()
+        by_class = sorted(recs, key=lambda r: (int(r.priority), r.seq))
+        assert queued == [r.data for r in by_class]
+        # the chain and the counts go on under the new schema
+        store.commit([record(5, Priority.HEARTBEAT)], device_events={"TR-0001": 42},
+                     delete_ranges=[(int(Priority.HEARTBEAT), 1, 1)])
+        triggers = sqlite3.connect(db).execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger'").fetchall()
+        assert triggers == []
+    finally:
+        store.close()
+        if not clean_stop:
+            old.close()
+    found = undelivered(db, ledger_key="TR-0001")
+    assert (found.last_seq, found.ledger, found.count) == (5, 42, len(recs))
+    assert inspect_store(db)["boot"] == 8
