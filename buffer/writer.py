@@ -115,6 +115,16 @@ class _Submit:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ledger:
+    """Ledger entries committed without a record (:meth:`StoreWriter.submit_ledger`): with
+    the next transaction, or in one of their own at *due* (monotonic s) at the latest."""
+
+    updates: tuple[tuple[str, int], ...]
+    on_committed: Callable[[], None] | None
+    due: float | None  # None: as soon as a reading would be
+
+
+@dataclass(frozen=True, slots=True)
 class _Delete:
     """Rows of one class with seq in [lo, hi] (a PUBACKed batch: every row of its class
     in that range, since seqs only grow), *rows* of them."""
@@ -160,7 +170,7 @@ class _Barrier:
     deletes_before: int = 0  # deletions received before it: committed when it fires
 
 
-_Item = _Submit | _Delete | _Barrier | _Health | _KeyRecord
+_Item = _Submit | _Delete | _Barrier | _Health | _KeyRecord | _Ledger
 
 
 @dataclass
@@ -175,6 +185,7 @@ class _Group:
     taken: int = 0  # items of the pending list
     forget: set[str] = field(default_factory=set)  # ledger entries removed
     final: bool = False  # holds the final record: nothing is sealed after it
+    after_commit: list[Callable[[], None]] = field(default_factory=list)  # submit_ledger's
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
         ts = clock.timestamp(reading.mono_ns)
@@ -275,6 +286,16 @@ class StoreWriter:
         what is not acknowledged), at this start and every later one. Deletions go on."""
         self._add_backlog(1)
         self._inbox.put(_Submit((reading,), on_committed, final=True))
+
+    def submit_ledger(self, updates: tuple[tuple[str, int], ...],
+                      on_committed: Callable[[], None] | None = None,
+                      within_s: float | None = None) -> None:
+        """Commit ledger entries without a record (a beacon that only extends its tag's
+        open interval): they ride along with the next transaction, and are committed on
+        their own at the latest *within_s* seconds from now (None: as a reading would
+        be). *on_committed* runs once they are durable."""
+        due = None if within_s is None else time.monotonic() + within_s
+        self._inbox.put(_Ledger(updates, on_committed, due))
 
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
                on_committed: OnCommitted | None = None, *,
@@ -392,11 +413,15 @@ class StoreWriter:
         stopping = False
         pending: list[_Item] = []
         while True:
+            linger = 0.0 if stopping else self._ledger_linger(pending)
             try:
-                if pending or stopping:
+                if (pending and not linger) or stopping:
                     item = self._inbox.get_nowait()
-                elif self._deletes and not stopping:
-                    item = self._inbox.get(timeout=self._deletes_due_in())
+                elif self._deletes or linger:
+                    waits = [linger] if linger else []
+                    if self._deletes:
+                        waits.append(self._deletes_due_in())
+                    item = self._inbox.get(timeout=min(waits))
                 else:
                     item = self._inbox.get()
                 while True:
@@ -425,6 +450,9 @@ class StoreWriter:
                 continue
             if not pending and not stopping and self._deletes_due_in() > 0:
                 continue  # deletions alone: not worth an fsync yet
+            if not stopping and self._ledger_linger(pending) > 0 and (
+                    not self._deletes or self._deletes_due_in() > 0):
+                continue  # ledger entries alone, not due yet
             consumed = self._commit(pending)
             if consumed >= 0:
                 del pending[:consumed]
@@ -570,7 +598,12 @@ class StoreWriter:
             if isinstance(item, _Health) and group.taken:
                 break
             group.taken += 1
-            if isinstance(item, _Health):
+            if isinstance(item, _Ledger):
+                group.events.update(item.updates)
+                group.forget.difference_update(k for k, _ in item.updates)
+                if item.on_committed is not None:
+                    group.after_commit.append(item.on_committed)
+            elif isinstance(item, _Health):
                 group.add(self._health_reading(item), self._clock)
             elif isinstance(item, _KeyRecord):
                 self._add_key_record(group, item)
@@ -644,6 +677,8 @@ class StoreWriter:
         self.stats.by_kind.update(rec.kind for rec in group.records)
         for callback, index in group.callbacks:
             self._call(callback, group.records[index])
+        for done in group.after_commit:
+            self._call(lambda fn: fn(), done)
         if (group.records or deletes) and self.on_commit is not None:
             # also after deletions alone: a forwarder held back by backpressure resumes
             self._call(self.on_commit, group.records)
@@ -651,12 +686,22 @@ class StoreWriter:
     def _refuse(self, item: _Item) -> None:
         """A reading (or health, key record) that came after the final record: not sealed,
         counted, logged once (a device keeps what is not acknowledged)."""
-        count = len(item.readings) if isinstance(item, _Submit) else 1
+        count = len(item.readings) if isinstance(item, _Submit) else \
+            0 if isinstance(item, _Ledger) else 1
         self._add_backlog(-count)
         if not self.stats.after_final:
             log.warning("readings after the final record (seq %s) are not sealed: the "
                         "gateway is decommissioned", self._final_seq)
         self.stats.after_final += count
+
+    @staticmethod
+    def _ledger_linger(pending: list[_Item]) -> float:
+        """Seconds the pending items may wait for company: > 0 only when they are all
+        ledger entries (:meth:`submit_ledger`) none of which is due yet."""
+        due = [i.due for i in pending if isinstance(i, _Ledger)]
+        if not due or len(due) < len(pending) or None in due:
+            return 0.0
+        return max(0.0, min(d for d in due if d is not None) - time.monotonic())
 
     def _deletes_due_in(self) -> float:
         """Seconds before queued deletions deserve a transaction of their own (0: now)."""
