@@ -6,12 +6,13 @@ hole between two of them is explained."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.devices import PairedTag
-from core.record import JSON, Reading
+from core.record import JSON, Reading, Source
 from drivers.tag_receiver import (
     MSG_BEACON,
     Beacon,
@@ -144,9 +145,7 @@ class Home:
             assert all(any(lo <= c <= hi for lo, hi, _ in ranges) for c in before[tag])
 
 
-def reading_source() -> object:
-    from core.record import Source
-
+def reading_source() -> Source:
     return Source("gateway", "gw-test")
 
 
@@ -156,7 +155,8 @@ def intervals_of(records: list[tuple[str, dict[str, JSON]]],
     for kind, body in records:
         if kind == "tag.interval" and body["tag"] == tag:
             first, last, beacons = body["first_counter"], body["last_counter"], body["beacons"]
-            assert isinstance(first, int) and isinstance(last, int)
+            assert isinstance(first, int)
+            assert isinstance(last, int)
             assert isinstance(beacons, int)
             out.append((first, last, beacons))
     return out
@@ -178,7 +178,7 @@ def test_intervals_cover_every_recorded_beacon_once_and_explain_every_hole(
     home.restart(clean=True)
     for tag, counters in home.recorded.items():
         ranges = intervals_of(home.records, tag)
-        for (lo, hi, _), (lo2, _, _) in zip(ranges, ranges[1:], strict=False):
+        for (_, hi, _), (lo2, _, _) in pairwise(ranges):
             assert hi < lo2  # disjoint, increasing
         for lo, hi, beacons in ranges:
             assert lo <= hi
@@ -188,8 +188,7 @@ def test_intervals_cover_every_recorded_beacon_once_and_explain_every_hole(
         # every hole between consecutive intervals has a record (or mark) between them
         positions = [i for i, (kind, body) in enumerate(home.records)
                      if kind == "tag.interval" and body["tag"] == tag]
-        for (a, b), ((_, hi, _), (lo, _, _)) in zip(zip(positions, positions[1:], strict=False),
-                                                     zip(ranges, ranges[1:], strict=False),
+        for (a, b), ((_, hi, _), (lo, _, _)) in zip(pairwise(positions), pairwise(ranges),
                                                      strict=True):
             if lo != hi + 1:
                 assert any(kind in EXPLAINING and body.get("tag") == tag
