@@ -124,6 +124,10 @@ class _Ledger:
     due: float | None  # None: as soon as a reading would be
 
 
+def _without_record(done: Callable[[], None]) -> OnCommitted:
+    return lambda _rec: done()
+
+
 @dataclass(frozen=True, slots=True)
 class _Delete:
     """Rows of one class with seq in [lo, hi] (a PUBACKed batch: every row of its class
@@ -185,7 +189,6 @@ class _Group:
     taken: int = 0  # items of the pending list
     forget: set[str] = field(default_factory=set)  # ledger entries removed
     final: bool = False  # holds the final record: nothing is sealed after it
-    after_commit: list[Callable[[], None]] = field(default_factory=list)  # submit_ledger's
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
         ts = clock.timestamp(reading.mono_ns)
@@ -601,8 +604,8 @@ class StoreWriter:
             if isinstance(item, _Ledger):
                 group.events.update(item.updates)
                 group.forget.difference_update(k for k, _ in item.updates)
-                if item.on_committed is not None:
-                    group.after_commit.append(item.on_committed)
+                if item.on_committed is not None:  # in submission order with the others
+                    group.callbacks.append((_without_record(item.on_committed), -1))
             elif isinstance(item, _Health):
                 group.add(self._health_reading(item), self._clock)
             elif isinstance(item, _KeyRecord):
@@ -676,9 +679,7 @@ class StoreWriter:
                         len(evict), dict(self.stats.evicted))
         self.stats.by_kind.update(rec.kind for rec in group.records)
         for callback, index in group.callbacks:
-            self._call(callback, group.records[index])
-        for done in group.after_commit:
-            self._call(lambda fn: fn(), done)
+            self._call(callback, group.records[index] if index >= 0 else None)
         if (group.records or deletes) and self.on_commit is not None:
             # also after deletions alone: a forwarder held back by backpressure resumes
             self._call(self.on_commit, group.records)
