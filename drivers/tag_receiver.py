@@ -424,14 +424,14 @@ class TagReceiverDriver:
     def tick(self, mono_ns: int) -> list[Reading]:
         out = self._take_changes(mono_ns)
         for state in self._tags.values():
-            ival = state.interval
-            if ival is not None and mono_ns - ival.first_ms * 1_000_000 >= self._interval_max_ns:
-                out += self._close(state, CLOSED_MAX_AGE, mono_ns)
             heard = state.last_heard_ns
-            if state.absent or heard is None:
-                continue
-            silent_s = (mono_ns - heard) / 1e9
-            if silent_s >= state.paired.absent_after_s:
+            silent_s = 0.0 if heard is None else (mono_ns - heard) / 1e9
+            if state.absent or heard is None or silent_s < state.paired.absent_after_s:
+                ival = state.interval
+                if ival is not None and \
+                        mono_ns - ival.first_ms * 1_000_000 >= self._interval_max_ns:
+                    out += self._close(state, CLOSED_MAX_AGE, mono_ns)
+            else:
                 state.absent = True
                 state.present_streak = 0
                 state.fresh = True
