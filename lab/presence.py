@@ -4,6 +4,7 @@ covers its counter. For the lab's loops and tests (crash, serial faults, demo)."
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -45,3 +46,19 @@ def beacon_of(msg_type: int, body: bytes) -> tuple[str, int] | None:
     except PayloadError:
         return None
     return beacon.tag, beacon.counter
+
+
+def platform_intervals(db_url: str, gateway_id: str) -> list[dict[str, object]]:
+    """The bodies of the ``tag.interval`` records the platform's store holds of a gateway,
+    in seq order (the demo's ingest)."""
+    from central.db import open_db
+
+    with open_db(db_url, migrate=False) as db, db.transaction(write=False) as tx:
+        rows = tx.all("SELECT data FROM records WHERE gw = ? AND kind = 'tag.interval' "
+                      "ORDER BY seq", (gateway_id,))
+    bodies = []
+    for (data,) in rows:
+        body = json.loads(bytes(data))["body"]
+        if isinstance(body, dict):
+            bodies.append(body)
+    return bodies
