@@ -189,6 +189,7 @@ class _Group:
     taken: int = 0  # items of the pending list
     forget: set[str] = field(default_factory=set)  # ledger entries removed
     final: bool = False  # holds the final record: nothing is sealed after it
+    ledgers: int = 0  # submit_ledger's items (each counts in the backlog)
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
         ts = clock.timestamp(reading.mono_ns)
@@ -298,6 +299,7 @@ class StoreWriter:
         their own at the latest *within_s* seconds from now (None: as a reading would
         be). *on_committed* runs once they are durable."""
         due = None if within_s is None else time.monotonic() + within_s
+        self._add_backlog(1)  # the ports' backpressure counts it as a reading
         self._inbox.put(_Ledger(updates, on_committed, due))
 
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
@@ -602,6 +604,7 @@ class StoreWriter:
                 break
             group.taken += 1
             if isinstance(item, _Ledger):
+                group.ledgers += 1
                 group.events.update(item.updates)
                 group.forget.difference_update(k for k, _ in item.updates)
                 if item.on_committed is not None:  # in submission order with the others
@@ -671,7 +674,7 @@ class StoreWriter:
         self.stats.committed += len(group.records)
         # every record of the group was submitted (one per health or rotation request)
         # but the gap record the writer adds itself when it evicts
-        self._add_backlog(-(len(group.records) - bool(evict)))
+        self._add_backlog(-(len(group.records) - bool(evict) + group.ledgers))
         self.stats.deleted += rows
         self.stats.evicted.update(Priority(e.prio).label for e in evict)
         if evict:
@@ -687,8 +690,7 @@ class StoreWriter:
     def _refuse(self, item: _Item) -> None:
         """A reading (or health, key record) that came after the final record: not sealed,
         counted, logged once (a device keeps what is not acknowledged)."""
-        count = len(item.readings) if isinstance(item, _Submit) else \
-            0 if isinstance(item, _Ledger) else 1
+        count = len(item.readings) if isinstance(item, _Submit) else 1
         self._add_backlog(-count)
         if not self.stats.after_final:
             log.warning("readings after the final record (seq %s) are not sealed: the "

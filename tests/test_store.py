@@ -332,6 +332,7 @@ def test_ledger_entries_without_a_record_ride_along_and_commit_on_their_own_when
         writer.submit_ledger((("tag:T1", n), ("dev:TR-1", n)), lambda n=n: done.append(f"l{n}"),
                              within_s=30.0)
     before = writer.stats.transactions
+    assert writer.backlog == 5  # waiting: the ports' backpressure counts them
     # ... and the next reading takes them in its transaction, in order: its own ledger
     # entry is set after theirs
     writer.submit(Reading("tag.tamper", SRC, {"n": 6}, 6, ("TR-1", 6), (("tag:T1", 6),)),
@@ -342,6 +343,7 @@ def test_ledger_entries_without_a_record_ride_along_and_commit_on_their_own_when
     assert writer.ledger_value("tag:T1") == 6
     assert writer.last_committed_event("TR-1") == 6
     assert writer.last_seq == 1  # one record: the entries alone sealed none
+    assert writer.backlog == 0
     # alone, entries are committed once due, without any other item to wake the writer
     committed = threading.Event()
     writer.submit_ledger((("tag:T1", 7),), committed.set, within_s=0.2)
