@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.state import STATE_FILE
 from buffer.store import store_path
 from core.topics import PLATFORM_CN
 from drivers.tag_receiver import MSG_BEACON
@@ -216,8 +217,14 @@ def _drain(lab: _Loop, beacons_sent: int, timeout_s: float) -> None:
     stops cleanly (which seals the open intervals); again while an acked beacon is not
     verified (what a stop did not forward goes at the next start)."""
     deadline = time.monotonic() + timeout_s
+    state = lab.tmp / "run" / STATE_FILE  # written once the gateway's start is done
     while True:
+        state.unlink(missing_ok=True)  # a killed gateway leaves its own behind
         proc = lab.start_gateway()
+        # its start seals the intervals a kill left open: a SIGTERM before it ends would
+        # leave them for the next start, and this loop would never see them
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         while time.monotonic() < deadline:
             if len(lab.sim.acked()) >= beacons_sent and _chain_whole(lab.platform):
                 break
