@@ -62,7 +62,7 @@ from core.suites import key_id
 from drivers.gnss import GnssProtocol, time_steps
 from drivers.inputs import InputsCore
 from drivers.kiosk import KioskDriver
-from drivers.tag_receiver import TagReceiverDriver
+from drivers.tag_receiver import TagReceiverDriver, interval_key, recovered_intervals
 from firmware_bridge.framed import Driver, FramedDeviceProtocol
 from firmware_bridge.messages import DeviceClass
 from firmware_bridge.port import PortProtocol, PortWorker
@@ -85,6 +85,8 @@ JOURNAL_WATCH_S = 0.5
 #: How long ``stop`` waits for each thread.
 JOIN_TIMEOUT_S = 10.0
 GNSS_PORT_NAME = "gnss"
+#: Ledger entries read at a time when looking for presence intervals left open.
+RECOVERY_PAGE = 1000
 
 
 def restore_floor(clock: Clock, reader: StoreReader, writer: StoreWriter) -> None:
@@ -324,12 +326,15 @@ class Gateway:
         self._kiosks = _readable(lambda: _paired(open_kiosks(self.identity)))
         self.removals = Removals(self.writer, self._queue, self._device_in_use, self.source,
                                  self.clock.now_ns)
+        self._recover_intervals()
         if self._decommissioning:  # a decommission waited in the journal: no device
             self._health.start()
             self._start_publisher()
             return
         for spec in self.config.devices:
-            proto = FramedDeviceProtocol(spec.name, spec.kind, self._driver(spec), self.writer)
+            proto = FramedDeviceProtocol(
+                spec.name, spec.kind, self._driver(spec), self.writer,
+                ledger_checkpoint_s=self.config.tags.interval_checkpoint_s)
             self._add_port(spec.name, spec.path, spec.baudrate, proto)
         gnss = self.config.gnss
         if gnss is not None:
@@ -350,6 +355,21 @@ class Gateway:
     commands: CommandService | None = None
     #: The supervision rules' thread (app/supervision.py); None while decommissioning.
     supervision: SupervisionService | None = None
+
+    def _recover_intervals(self) -> None:
+        """Seal the presence intervals an unclean stop left open (their ledger entries),
+        each ``recovered`` and its entries removed in its transaction (docs/records.md)."""
+        mark = interval_key("", "beacons")[len("tag:"):]  # ":ival:beacons"
+        tags, after = [], ""
+        while page := self.writer.ledger_items("tag:", RECOVERY_PAGE, after):
+            tags += [key[len("tag:"):-len(mark)] for key, value in page
+                     if key.endswith(mark) and value > 0]
+            after = page[-1][0]
+        for reading, keys in recovered_intervals(tags, self.writer.ledger_value, self.source,
+                                                 self.clock.now_ns()):
+            log.warning("the presence interval of a tag left open by an unclean stop is "
+                        "sealed (recovered: %s beacons)", reading.body["beacons"])
+            self.writer.forget(keys, reading)
 
     # -- the live side of the platform's commands (app/commands.py Devices) -------------
     def tag_paired(self, tag: str, paired: PairedTag | None) -> None:
@@ -436,6 +456,7 @@ class Gateway:
                 _paired(open_registry(self.identity))  # the registry's error, for the user
             driver = TagReceiverDriver(tags, self.writer.ledger_value,
                                        started_ns=self.clock.now_ns(),
+                                       interval_max_s=self.config.tags.interval_max_s,
                                        presence=None if self.supervision is None
                                        else self.supervision.presence)
             self._tag_drivers.append(driver)
@@ -571,6 +592,10 @@ class Gateway:
             self.renewal.stop()
         for worker in self.ports:
             worker.stop()
+        for driver in self._tag_drivers:  # a clean stop: every open interval is sealed
+            closed = driver.close_all(self.clock.now_ns())
+            if closed:
+                self.writer.submit_all(closed)
         if self.commands is not None:
             self.commands.stop()
         if self.supervision is not None:

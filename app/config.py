@@ -40,6 +40,9 @@ Example (docs/configuration.md has the full reference)::
 
     [supervision]               # optional (docs/supervision.md)
     require_authorisation = true  # a tag's presence is recorded only in an authorised period
+    [tags]                      # optional: presence intervals (docs/records.md tag.interval)
+    interval_max_s = 300        # a presence interval is closed at most this old (10-900 s)
+    interval_checkpoint_s = 20  # a windowed receiver's beacons share one commit (1-30 s)
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ from drivers.inputs import (
     InputsSpec,
     LineSpec,
 )
+from drivers.tag_receiver import DEFAULT_INTERVAL_MAX_S
+from firmware_bridge.framed import LEDGER_CHECKPOINT_S
 from firmware_bridge.messages import DeviceClass
 from provisioning.renewal import DEFAULT_LIFE_SHARE, DEFAULT_RENEW_BEFORE_DAYS, RenewalPolicy
 
 T = TypeVar("T")
 SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs", "enrolment", "paths",
-            "supervision")
+            "supervision", "tags")
 #: ``[supervision] require_authorisation``'s default: a tag never given an authorisation
 #: has nothing of its presence recorded (Art. 29; docs/supervision.md says why).
 DEFAULT_REQUIRE_AUTHORISATION = True
@@ -86,6 +91,12 @@ MAX_PORT = 65535
 #: Serial speeds a port may be opened at (termios goes from 50 to 4 000 000 baud).
 MIN_BAUD, MAX_BAUD = 50, 4_000_000
 DEFAULT_MQTTS_PORT = 8883
+
+
+#: ``[tags]``: defaults and bounds (seconds) of the presence intervals' keys.
+INTERVAL_MAX_RANGE = (10.0, 900.0)
+DEFAULT_INTERVAL_CHECKPOINT_S = LEDGER_CHECKPOINT_S
+INTERVAL_CHECKPOINT_RANGE = (1.0, 30.0)
 
 
 class ConfigError(UserError):
@@ -125,6 +136,17 @@ class GnssSection:
 
 
 @dataclass(frozen=True)
+class TagsSection:
+    """``[tags]``: how a tag's presence goes out as intervals (docs/records.md)."""
+
+    #: An open presence interval is closed (``max_age``) once its first beacon is this old.
+    interval_max_s: float = DEFAULT_INTERVAL_MAX_S
+    #: A receiver that may defer its ACKs (a window of frames) has a beacon that only
+    #: extends an interval committed within this many seconds, sharing one fsync.
+    interval_checkpoint_s: float = DEFAULT_INTERVAL_CHECKPOINT_S
+
+
+@dataclass(frozen=True)
 class Config:
     """What the gateway runs with: read from TOML by :func:`load_config`, or built in code
     (the demo, tests) with the same types."""
@@ -154,6 +176,8 @@ class Config:
     #: alone; false only on a bench or in a lab (docs/supervision.md). The same default
     #: from a file and in code: a forgotten setting fails closed.
     require_authorisation: bool = DEFAULT_REQUIRE_AUTHORISATION
+    #: ``[tags]``: presence intervals.
+    tags: TagsSection = field(default_factory=TagsSection)
 
     @property
     def identity_path(self) -> Path:
@@ -277,6 +301,7 @@ def load_config(path: Path) -> Config:
         runtime_dir=_runtime_dir(_Section(path, "paths", raw.get("paths", {})), data_dir),
         require_authorisation=_supervision(_Section(path, "supervision",
                                                     raw.get("supervision", {}))),
+        tags=_tags(_Section(path, "tags", raw.get("tags", {}))),
     )
 
 
@@ -285,6 +310,25 @@ def _supervision(sec: _Section) -> bool:
     required = sec.get("require_authorisation", bool, DEFAULT_REQUIRE_AUTHORISATION)
     sec.done()
     return required
+
+
+def _tags(sec: _Section) -> TagsSection:
+    max_s = sec.get("interval_max_s", float, DEFAULT_INTERVAL_MAX_S)
+    checkpoint_s = sec.get("interval_checkpoint_s", float, DEFAULT_INTERVAL_CHECKPOINT_S)
+    low, high = INTERVAL_MAX_RANGE
+    if not low <= max_s <= high:
+        raise sec.error("interval_max_s", f"must be {low:g}-{high:g} seconds (a tag's "
+                                          "presence interval is closed at most this old; "
+                                          f"default {DEFAULT_INTERVAL_MAX_S:g}), got {max_s:g}")
+    low, high = INTERVAL_CHECKPOINT_RANGE
+    if not low <= checkpoint_s <= high:
+        raise sec.error("interval_checkpoint_s", f"must be {low:g}-{high:g} seconds (how long "
+                                                 "a windowed receiver's beacons wait to share "
+                                                 "a commit; default "
+                                                 f"{DEFAULT_INTERVAL_CHECKPOINT_S:g}), got "
+                                                 f"{checkpoint_s:g}")
+    sec.done()
+    return TagsSection(max_s, checkpoint_s)
 
 
 def _runtime_dir(sec: _Section, data_dir: Path) -> Path:

@@ -26,6 +26,7 @@ from app.config import (
     DEFAULT_FIX_INTERVAL_S,
     DEFAULT_GNSS_BAUD,
     DEFAULT_GPIO_CHIP,
+    DEFAULT_INTERVAL_CHECKPOINT_S,
     DEFAULT_MOVE_AFTER_S,
     DEFAULT_MOVE_RADIUS_M,
     DEFAULT_MQTTS_PORT,
@@ -43,6 +44,7 @@ from drivers.inputs import (
     DEFAULT_SHUTDOWN_MARGIN_S,
     DEFAULT_UPS_LOW_DEBOUNCE_MS,
 )
+from drivers.tag_receiver import DEFAULT_INTERVAL_MAX_S
 from provisioning.identity import CA_CERT, TLS_CERT, TLS_KEY
 from provisioning.renewal import DEFAULT_LIFE_SHARE, DEFAULT_RENEW_BEFORE_DAYS
 
@@ -275,6 +277,14 @@ def _optional_sections() -> list[str]:
              "From this many days before its expiry (1-365) ...", commented=True),
         _key("renew_life_share", DEFAULT_LIFE_SHARE,
              "... or over this last share of a short certificate's life (0.05-1)",
+             commented=True),
+        "",
+        "# A tag's presence goes out as signed intervals (docs/records.md tag.interval).",
+        "#[tags]",
+        _key("interval_max_s", DEFAULT_INTERVAL_MAX_S,
+             "An interval is closed at most this old, seconds (10-900)", commented=True),
+        _key("interval_checkpoint_s", DEFAULT_INTERVAL_CHECKPOINT_S,
+             "A windowed receiver's beacons share one commit within this, seconds (1-30)",
              commented=True),
         "",
         "#[paths]",

@@ -71,8 +71,10 @@ def mark_of(action: str, details: Mapping[str, object]) -> tuple[str, int] | Non
 
 def device_entries(device: str, ident: str) -> dict[str, str]:
     """The ledger entries the gateway keeps of a device, by what they are."""
-    if device == TAG:
-        return {"counter": tag_receiver.counter_key(ident)}
+    if device == TAG:  # its counter, and its presence interval's fields (one entry each)
+        return {"counter": tag_receiver.counter_key(ident)} | {
+            f"interval.{name}": tag_receiver.interval_key(ident, name)
+            for name in tag_receiver.IVAL_FIELDS}
     return {"event": device_ledger_key(ident), "counter": kiosk_driver.counter_key(ident),
             "flags": kiosk_driver.flags_key(ident)}
 
@@ -168,8 +170,8 @@ class Removals:
 
     def _remove(self, key: str, device: str, ident: str, bound: int) -> None:
         entries = device_entries(device, ident)
-        held = sorted(role for role, k in entries.items()
-                      if self._writer.ledger_value(k) is not None)
+        held = sorted({role.split(".")[0] for role, k in entries.items()
+                       if self._writer.ledger_value(k) is not None})
         body: dict[str, JSON] = {("tag" if device == TAG else "serial"): ident,
                                  "ledger": held, "delivered_through": bound}
         reading = Reading(f"{device}.data_removed", self._source, body, self._now_ns())

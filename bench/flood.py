@@ -11,8 +11,9 @@ second:
     python bench/flood.py --seconds 30 --mode all
 
 The last line is one JSON object: ``rss_mb_start``, ``rss_mb_max``, ``rss_mb_end``,
-``frames_sent``, ``frames_received``, ``frames_committed`` (beacons recorded as
-``tag.presence``), ``held_busy`` (held back by the link's bound), ``pauses`` (the port stopped
+``frames_sent``, ``frames_received``, ``frames_committed`` (beacons committed, as the
+ledger entries of their tag's presence interval, then ACKed), ``intervals`` (``tag.interval``
+records), ``held_busy`` (held back by the link's bound), ``pauses`` (the port stopped
 reading), ``device_up_records``, ``device_flapping_records``, and per port the same.
 """
 
@@ -101,6 +102,7 @@ def run(modes: list[str], seconds: float, workdir: Path) -> dict[str, object]:
             "frames_sent": sent["frames_sent"], "frames_received": proto.link.stats.frames_in,
             "events_acked": sent["acked_events"], "held_busy": proto.link.stats.held_busy,
             "pauses": proto.stats.pauses, "handshakes": proto.link.stats.handshakes,
+            "frames_committed": proto.stats.acked,  # records or ledger entries, then ACKed
         }
     rss_max = max(rss_max, rss_mb())
     pipe.stop(drain_s=0)
@@ -110,7 +112,9 @@ def run(modes: list[str], seconds: float, workdir: Path) -> dict[str, object]:
     return {
         "seconds": seconds, "modes": modes, "rss_mb_start": round(rss_start, 1),
         "rss_mb_max": round(rss_max, 1), "rss_mb_end": round(rss_mb(), 1),
-        **totals, "frames_committed": kinds["tag.presence"],
+        **totals, "frames_committed": sum(int(str(p["frames_committed"]))
+                                          for p in per_port.values()),
+        "intervals": kinds["tag.interval"],
         "records_committed": writer.stats.committed,
         "device_up_records": kinds["device.up"],
         "device_flapping_records": kinds["device.flapping"],

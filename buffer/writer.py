@@ -176,6 +176,20 @@ def _bound(found: dict[Any, float]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ledger:
+    """Ledger entries committed without a record (:meth:`StoreWriter.submit_ledger`): with
+    the next transaction, or in one of their own at *due* (monotonic s) at the latest."""
+
+    updates: tuple[tuple[str, int], ...]
+    on_committed: Callable[[], None] | None
+    due: float | None  # None: as soon as a reading would be
+
+
+def _without_record(done: Callable[[], None]) -> OnCommitted:
+    return lambda _rec: done()
+
+
+@dataclass(frozen=True, slots=True)
 class _Delete:
     """Rows of one class with seq in [lo, hi] (a PUBACKed batch: every row of its class
     in that range, since seqs only grow), *rows* of them."""
@@ -221,7 +235,7 @@ class _Barrier:
     deletes_before: int = 0  # deletions received before it: committed when it fires
 
 
-_Item = _Submit | _Delete | _Barrier | _Health | _KeyRecord
+_Item = _Submit | _Delete | _Barrier | _Health | _KeyRecord | _Ledger
 
 
 @dataclass
@@ -236,6 +250,7 @@ class _Group:
     taken: int = 0  # items of the pending list
     forget: set[str] = field(default_factory=set)  # ledger entries removed
     final: bool = False  # holds the final record: nothing is sealed after it
+    ledgers: int = 0  # submit_ledger's items (each counts in the backlog)
 
     def add(self, reading: Reading, clock: Clock, on_committed: OnCommitted | None = None) -> None:
         ts = clock.timestamp(reading.mono_ns)
@@ -353,6 +368,17 @@ class StoreWriter:
         what is not acknowledged), at this start and every later one. Deletions go on."""
         self._add_backlog(1)
         self._inbox.put(_Submit((reading,), on_committed, final=True))
+
+    def submit_ledger(self, updates: tuple[tuple[str, int], ...],
+                      on_committed: Callable[[], None] | None = None,
+                      within_s: float | None = None) -> None:
+        """Commit ledger entries without a record (a beacon that only extends its tag's
+        open interval): they ride along with the next transaction, and are committed on
+        their own at the latest *within_s* seconds from now (None: as a reading would
+        be). *on_committed* runs once they are durable."""
+        due = None if within_s is None else time.monotonic() + within_s
+        self._add_backlog(1)  # the ports' backpressure counts it as a reading
+        self._inbox.put(_Ledger(updates, on_committed, due))
 
     def forget(self, keys: tuple[str, ...], reading: Reading | None = None,
                on_committed: OnCommitted | None = None, *,
@@ -477,6 +503,8 @@ class StoreWriter:
                     item = self._inbox.get_nowait()
                 elif pending or self._deletes:
                     wake = due if pending else time.monotonic() + self._deletes_due_in()
+                    if pending and self._deletes:  # held: deletions may come due first
+                        wake = min(wake, time.monotonic() + self._deletes_due_in())
                     item = self._inbox.get(timeout=max(0.0, wake - time.monotonic()))
                 else:
                     item = self._inbox.get()
@@ -511,9 +539,12 @@ class StoreWriter:
                 continue  # deletions alone: not worth an fsync yet
             if pending and not stopping:
                 due = self._group_due(pending)
-                if due > time.monotonic():
-                    held = True
-                    continue  # held open: more readings are expected within the linger
+                if due > time.monotonic() and not (self._deletes and
+                                                   self._deletes_due_in() <= 0):
+                    # held open: more readings are expected within the linger, or ledger
+                    # entries alone wait for company until their deadline
+                    held = held or any(isinstance(i, _Submit) for i in pending)
+                    continue
             consumed = self._commit(pending)
             if consumed >= 0:
                 if held:
@@ -573,11 +604,14 @@ class StoreWriter:
         spacing) before :attr:`linger_s` after the group's oldest submission; otherwise
         then. Recorded in the stats.
 
-        (A submission that may wait longer, e.g. a ledger update due within some
-        seconds, would give its own deadline here and not shorten the others'.)"""
+        Ledger entries alone (:meth:`submit_ledger` with a deadline: beacons of a
+        windowed receiver that only extend their tag's interval) wait until their earliest
+        deadline; with readings, they commit with them, and never make them wait longer."""
         oldest = inf
         records = 0
         urgent = False
+        ledger_due = inf  # the earliest deadline of ledger entries
+        only_ledger = True  # every pending item is ledger entries with a deadline
         for item in pending:
             if isinstance(item, _Submit):
                 if _source(item) is not None:  # the gateway's own readings never linger
@@ -588,12 +622,21 @@ class StoreWriter:
                 urgent = True  # someone waits for the commit (flush)
             else:
                 records += 1
+            if isinstance(item, _Ledger) and item.due is not None:
+                ledger_due = min(ledger_due, item.due)
+            else:
+                only_ledger = False
         now = time.monotonic()
-        due = oldest + self.linger_s
-        if (urgent or oldest == inf or records >= LINGER_MAX_RECORDS
-                or self._trouble is not None or now + self._spacing > due
-                or not self._may_join(now)):
-            due = now  # nobody else is expected before the deadline: no use waiting
+        if oldest != inf:
+            due = oldest + self.linger_s
+            if (urgent or records >= LINGER_MAX_RECORDS or self._trouble is not None
+                    or now + self._spacing > due or not self._may_join(now)):
+                due = now  # nobody else is expected before the deadline: no use waiting
+            due = min(due, ledger_due)
+        elif only_ledger and records < LINGER_MAX_RECORDS and self._trouble is None:
+            due = ledger_due
+        else:
+            due = now
         planned = max(0.0, due - oldest) if oldest != inf else 0.0
         if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):
             self.stats.urgent_linger_planned_max_s = max(
@@ -734,7 +777,13 @@ class StoreWriter:
             if isinstance(item, _Health) and group.taken:
                 break
             group.taken += 1
-            if isinstance(item, _Health):
+            if isinstance(item, _Ledger):
+                group.ledgers += 1
+                group.events.update(item.updates)
+                group.forget.difference_update(k for k, _ in item.updates)
+                if item.on_committed is not None:  # in submission order with the others
+                    group.callbacks.append((_without_record(item.on_committed), -1))
+            elif isinstance(item, _Health):
                 group.add(self._health_reading(item), self._clock)
             elif isinstance(item, _KeyRecord):
                 self._add_key_record(group, item)
@@ -799,7 +848,7 @@ class StoreWriter:
         self.stats.committed += len(group.records)
         # every record of the group was submitted (one per health or rotation request)
         # but the gap record the writer adds itself when it evicts
-        self._add_backlog(-(len(group.records) - bool(evict)))
+        self._add_backlog(-(len(group.records) - bool(evict) + group.ledgers))
         self.stats.deleted += rows
         self.stats.evicted.update(Priority(e.prio).label for e in evict)
         if evict:
@@ -807,7 +856,7 @@ class StoreWriter:
                         len(evict), dict(self.stats.evicted))
         self.stats.by_kind.update(rec.kind for rec in group.records)
         for callback, index in group.callbacks:
-            self._call(callback, group.records[index])
+            self._call(callback, group.records[index] if index >= 0 else None)
         if (group.records or deletes) and self.on_commit is not None:
             # also after deletions alone: a forwarder held back by backpressure resumes
             self._call(self.on_commit, group.records)

@@ -12,6 +12,17 @@ same transaction as the record, so replay protection survives restarts). A
 forged or replayed beacon is rejected and raises a ``tag.spoof`` alarm; a beacon
 of an unknown tag is counted and not recorded (a neighbour's tag).
 
+Presence goes out as intervals, not a record per beacon (docs/records.md
+``tag.interval``): per paired tag one interval is open from the first accepted
+beacon; a beacon that only extends it makes no record, its effect (the interval's
+state and the tag's counter) is returned as ledger entries (:class:`LedgerOnly`) that
+the store commits without a record. The interval is closed, and returned as a
+``tag.interval`` reading, before every transition record of its tag (absent,
+present again, tamper, battery, spoof), once older than ``interval_max_s``, when
+its tag is unpaired, when the supervision gate stops recording its presence, and at
+a clean stop (:meth:`TagReceiverDriver.close_all`). An interval left open by an
+unclean stop is sealed at the next start (:func:`recovered_intervals`).
+
 Every fault has its restore, so the current state follows from the stream:
 ``tag.tamper`` / ``tag.tamper_restored`` (strap opened or body contact lost),
 ``tag.battery_low`` / ``tag.battery_ok`` (with hysteresis), ``tag.absent`` /
@@ -27,13 +38,13 @@ import logging
 import queue
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from core.devices import PairedTag, tag_ref
 from core.record import JSON, Reading, Source
 from drivers.mac import MAC_BYTES, device_mac
-from firmware_bridge.framed import device_error
+from firmware_bridge.framed import Ledger, LedgerOnly, device_error
 from firmware_bridge.link import Message
 from firmware_bridge.messages import Hello, PayloadError
 
@@ -46,7 +57,20 @@ BATTERY_LOW_PCT = 20
 BATTERY_OK_PCT = 30
 PRESENT_AFTER_BEACONS = 3
 #: The records that say where a tag is (not written outside its authorised period).
-PRESENCE_KINDS = frozenset({"tag.presence", "tag.present", "tag.absent"})
+PRESENCE_KINDS = frozenset({"tag.interval", "tag.presence", "tag.present", "tag.absent"})
+#: An open interval is closed once its first beacon is this old (``[tags] interval_max_s``).
+DEFAULT_INTERVAL_MAX_S = 300.0
+#: Why an interval was closed (its record's ``closed``).
+CLOSED_STATE_CHANGE = "state_change"
+CLOSED_MAX_AGE = "max_age"
+CLOSED_STOP = "stop"
+CLOSED_UNPAIRED = "unpaired"
+CLOSED_AUTHORISATION = "authorisation"
+CLOSED_RECOVERED = "recovered"
+#: The open interval's fields, each an integer ledger entry ``tag:<id>:ival:<field>``;
+#: ``beacons`` 0 (or no entry) means no interval is open.
+IVAL_FIELDS = ("first", "last", "beacons", "rssi_min", "rssi_max", "rssi_sum", "first_ms",
+               "last_ms", "battery", "flags", "first_event", "last_event")
 #: Unpaired tags logged (once each) per window, at most; beyond, they are only counted,
 #: so beacons of random ids cost neither memory nor log lines.
 MAX_UNKNOWN_LOGGED = 64
@@ -61,6 +85,102 @@ beacon_mac = device_mac
 def counter_key(tag: str) -> str:
     """The ledger key of a tag's last accepted rolling counter."""
     return f"tag:{tag}"
+
+
+def interval_key(tag: str, name: str) -> str:
+    """The ledger key of one field of *tag*'s open interval (:data:`IVAL_FIELDS`)."""
+    return f"{counter_key(tag)}:ival:{name}"
+
+
+def interval_keys(tag: str) -> tuple[str, ...]:
+    return tuple(interval_key(tag, name) for name in IVAL_FIELDS)
+
+
+@dataclass
+class Interval:
+    """A tag's open presence interval (every value an integer: it lives in the ledger)."""
+
+    first: int  # rolling counters, inclusive
+    last: int
+    beacons: int
+    rssi_min: int
+    rssi_max: int
+    rssi_sum: int
+    first_ms: int  # gateway monotonic ms of the first and the last beacon
+    last_ms: int
+    battery: int  # at the last beacon
+    flags: int  # FLAG_STRAP_CLOSED | FLAG_BODY_CONTACT at the last beacon
+    first_event: int  # the receiver's event ids of the first and the last beacon
+    last_event: int
+
+    @classmethod
+    def open(cls, first: int, beacon: Beacon, mono_ns: int, event_id: int) -> Interval:
+        """An interval from counter *first* (the counter after the previous interval's:
+        beacons lost on the radio in between are the new one's) to *beacon*'s."""
+        ms = mono_ns // 1_000_000
+        return cls(first, beacon.counter, 1, beacon.rssi_dbm, beacon.rssi_dbm,
+                   beacon.rssi_dbm, ms, ms, beacon.battery_pct, beacon.flags, event_id,
+                   event_id)
+
+    def extend(self, beacon: Beacon, mono_ns: int, event_id: int) -> None:
+        self.last = beacon.counter
+        self.beacons += 1
+        self.rssi_min = min(self.rssi_min, beacon.rssi_dbm)
+        self.rssi_max = max(self.rssi_max, beacon.rssi_dbm)
+        self.rssi_sum += beacon.rssi_dbm
+        self.last_ms = mono_ns // 1_000_000
+        self.battery, self.flags = beacon.battery_pct, beacon.flags
+        self.last_event = event_id
+
+    def ledger(self, tag: str) -> Ledger:
+        return tuple((interval_key(tag, name), getattr(self, name)) for name in IVAL_FIELDS)
+
+    @classmethod
+    def from_ledger(cls, tag: str, value: Callable[[str], int | None]) -> Interval | None:
+        """The interval the ledger holds open for *tag* (None: none, or entries missing)."""
+        values = [value(interval_key(tag, name)) for name in IVAL_FIELDS]
+        if any(v is None for v in values):
+            return None
+        ival = cls(*(int(v) for v in values if v is not None))
+        return ival if ival.beacons > 0 else None
+
+    def body(self, tag: str, closed: str) -> dict[str, JSON]:
+        return {
+            "tag": tag, "first_counter": self.first, "last_counter": self.last,
+            "beacons": self.beacons, "first_mono_ms": self.first_ms,
+            "last_mono_ms": self.last_ms,
+            "rssi_dbm": {"min": self.rssi_min, "max": self.rssi_max,
+                         "mean": round(self.rssi_sum / self.beacons)},
+            "battery_pct": self.battery, "strap_closed": bool(self.flags & FLAG_STRAP_CLOSED),
+            "body_contact": bool(self.flags & FLAG_BODY_CONTACT),
+            "dev_events": [self.first_event, self.last_event], "closed": closed,
+        }
+
+
+#: The ledger entry that marks a tag's interval closed (committed with its record).
+def _closed_mark(tag: str) -> Ledger:
+    return ((interval_key(tag, "beacons"), 0),)
+
+
+def interval_reading(source: Source, tag: str, ival: Interval, closed: str,
+                     mono_ns: int) -> Reading:
+    """The ``tag.interval`` record of *ival*; its transaction marks the interval closed."""
+    return Reading("tag.interval", source, ival.body(tag, closed), mono_ns,
+                   ledger=_closed_mark(tag))
+
+
+def recovered_intervals(tags: Iterable[str], value: Callable[[str], int | None],
+                        source: Source, mono_ns: int) -> list[tuple[Reading, tuple[str, ...]]]:
+    """The intervals an unclean stop left open (ledger entries present), as ``tag.interval``
+    readings closed ``recovered``, each with the ledger keys to remove in its transaction.
+    Their ``*_mono_ms`` are of the boot before."""
+    out = []
+    for tag in tags:
+        ival = Interval.from_ledger(tag, value)
+        if ival is not None:
+            body = ival.body(tag, CLOSED_RECOVERED)
+            out.append((Reading("tag.interval", source, body, mono_ns), interval_keys(tag)))
+    return out
 
 
 class Rejection(enum.Enum):
@@ -124,6 +244,10 @@ class _TagState:
     beacon_ns: int | None = None
     rssi_dbm: int | None = None
     beacons: int = 0
+    interval: Interval | None = None  # the open presence interval
+    #: The next interval starts at its first beacon's counter, not after the last one
+    #: accepted (a hole the record before it explains: tag.absent).
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +268,7 @@ class TagStats:
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     spoof_alarms: int = 0
+    intervals: Counter[str] = field(default_factory=Counter)  # closed, by why
 
     def reject(self, why: Rejection) -> None:
         self.rejected[why.value] += 1
@@ -157,8 +282,9 @@ PresenceHook = Callable[[str, str, int, "int | None"], bool]
 
 
 class TagReceiverDriver:
-    """Turns the receiver's messages into readings; the last reading of a message carries
-    the device event, committed together with the others."""
+    """Turns the receiver's messages into readings (the last reading of a message carries
+    the device event, committed together with the others), or into ledger entries alone
+    (:class:`LedgerOnly`: a beacon that only extends its tag's open interval)."""
 
     def __init__(
         self,
@@ -167,9 +293,11 @@ class TagReceiverDriver:
         *,
         started_ns: int = 0,
         presence: PresenceHook | None = None,
+        interval_max_s: float = DEFAULT_INTERVAL_MAX_S,
     ) -> None:
         self._last_counter_of = last_counter
         self._presence = presence
+        self._interval_max_ns = int(interval_max_s * 1e9)
         self._tags = {t.tag: _TagState(t, last_heard_ns=started_ns) for t in tags.values()}
         self._source = Source("tag_receiver", "unknown")
         self._unknown_logged: set[str] = set()  # at most MAX_UNKNOWN_LOGGED per window
@@ -185,14 +313,18 @@ class TagReceiverDriver:
         the next message on. Any thread (app/commands.py); the port's thread applies it."""
         self._changes.put((tag, paired))
 
-    def _take_changes(self, mono_ns: int) -> None:
+    def _take_changes(self, mono_ns: int) -> list[Reading]:
+        """Apply the pairings changed; the intervals of unpaired tags, closed."""
+        out: list[Reading] = []
         while True:
             try:
                 tag, paired = self._changes.get_nowait()
             except queue.Empty:
-                return
+                return out
             if paired is None:
-                self._tags.pop(tag, None)
+                gone = self._tags.pop(tag, None)
+                if gone is not None:
+                    out += self._close(gone, CLOSED_UNPAIRED, mono_ns)
                 continue
             state = self._tags.get(tag)
             if state is None:  # absent after its absence time unless heard, as at a start
@@ -204,9 +336,21 @@ class TagReceiverDriver:
         self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
         return []
 
-    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:
-        self._take_changes(mono_ns)
+    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading] | LedgerOnly:
+        changed = self._take_changes(mono_ns)
         self._source = Source("tag_receiver", hello.serial, hello.firmware_text)
+        out = self._message(msg, mono_ns)
+        if not changed:
+            return out
+        if isinstance(out, LedgerOnly) or not out:
+            # nothing of its own: the unpairings' records carry its event and entries
+            last = changed[-1]
+            more = out.updates if isinstance(out, LedgerOnly) else ()
+            return [*changed[:-1], replace(last, device_event=(msg.serial, msg.event_id),
+                                           ledger=last.ledger + more)]
+        return changed + out
+
+    def _message(self, msg: Message, mono_ns: int) -> list[Reading] | LedgerOnly:
         event = (msg.serial, msg.event_id)
         if msg.msg_type != MSG_BEACON:
             self.stats.reject(Rejection.UNKNOWN_MESSAGE)
@@ -233,52 +377,82 @@ class TagReceiverDriver:
                 "last_counter": state.last_counter, "rssi_dbm": beacon.rssi_dbm,
                 "dev_event": msg.event_id,
             }
-            return [Reading("tag.spoof", self._source, body, mono_ns, event)]
+            closed = self._close(state, CLOSED_STATE_CHANGE, mono_ns)
+            return [*closed, Reading("tag.spoof", self._source, body, mono_ns, event)]
         self.stats.accepted += 1
+        after = state.last_counter  # the counter before (from the ledger after a start)
         state.last_counter = beacon.counter
         state.last_heard_ns = state.beacon_ns = mono_ns
         state.rssi_dbm = beacon.rssi_dbm
         state.beacons += 1
-        out = self._transitions(state, beacon, mono_ns)
-        presence: dict[str, JSON] = {
-            "tag": beacon.tag, "counter": beacon.counter, "battery_pct": beacon.battery_pct,
-            "strap_closed": beacon.strap_closed, "body_contact": beacon.body_contact,
-            "rssi_dbm": beacon.rssi_dbm, "dev_event": msg.event_id,
-        }
-        out.append(Reading("tag.presence", self._source, presence, mono_ns, event,
-                           ledger=((counter_key(beacon.tag), beacon.counter),)))
+        transitions = self._transitions(state, beacon, mono_ns)
+        recorded = True
         if self._presence is not None:
-            came = any(r.kind == "tag.present" for r in out)
+            came = any(r.kind == "tag.present" for r in transitions)
             # a beacon while the receiver still holds the tag absent is not "seen" yet
             seen = "present" if came else "beacon" if state.absent else "seen"
-            if not self._presence(beacon.tag, seen, mono_ns, beacon.rssi_dbm):
-                # outside the tag's authorised period: nothing of its presence is written
-                # (the counter and the device's event ride on what is left, if anything)
-                out = [r for r in out if r.kind not in PRESENCE_KINDS]
-                if out:
-                    last = out[-1]
-                    out[-1] = Reading(last.kind, last.source, last.body, last.mono_ns, event,
-                                      ((counter_key(beacon.tag), beacon.counter),))
+            recorded = self._presence(beacon.tag, seen, mono_ns, beacon.rssi_dbm)
+        ledger: Ledger = ((counter_key(beacon.tag), beacon.counter),)
+        if recorded:
+            ival = state.interval
+            if ival is not None and transitions:
+                out = self._close(state, CLOSED_STATE_CHANGE, mono_ns)
+            elif ival is not None and mono_ns - ival.first_ms * 1_000_000 \
+                    >= self._interval_max_ns:
+                out = self._close(state, CLOSED_MAX_AGE, mono_ns)
+            else:
+                out = []
+            out += transitions
+            if state.interval is None:
+                first = beacon.counter if state.fresh or after is None else after + 1
+                state.interval = Interval.open(first, beacon, mono_ns, msg.event_id)
+                state.fresh = False
+            else:
+                state.interval.extend(beacon, mono_ns, msg.event_id)
+            ledger = state.interval.ledger(beacon.tag) + ledger
+        else:
+            # outside the tag's authorised period: nothing of its presence is written
+            # (the counter and the device's event ride on what is left, if anything)
+            out = self._close(state, CLOSED_AUTHORISATION, mono_ns)
+            out += [r for r in transitions if r.kind not in PRESENCE_KINDS]
+        if not out:
+            return LedgerOnly(ledger)
+        last = out[-1]
+        out[-1] = replace(last, device_event=event, ledger=last.ledger + ledger)
         return out
 
     def tick(self, mono_ns: int) -> list[Reading]:
-        self._take_changes(mono_ns)
-        out: list[Reading] = []
+        out = self._take_changes(mono_ns)
         for state in self._tags.values():
             heard = state.last_heard_ns
-            if state.absent or heard is None:
-                continue
-            silent_s = (mono_ns - heard) / 1e9
-            if silent_s >= state.paired.absent_after_s:
+            silent_s = 0.0 if heard is None else (mono_ns - heard) / 1e9
+            if state.absent or heard is None or silent_s < state.paired.absent_after_s:
+                ival = state.interval
+                if ival is not None and \
+                        mono_ns - ival.first_ms * 1_000_000 >= self._interval_max_ns:
+                    out += self._close(state, CLOSED_MAX_AGE, mono_ns)
+            else:
                 state.absent = True
                 state.present_streak = 0
+                state.fresh = True
                 if self._presence is not None and not self._presence(
                         state.paired.tag, "absent", mono_ns, None):
-                    continue  # outside its authorised period: not written
+                    # outside its authorised period: not written
+                    out += self._close(state, CLOSED_AUTHORISATION, mono_ns)
+                    continue
+                out += self._close(state, CLOSED_STATE_CHANGE, mono_ns)
                 out.append(Reading("tag.absent", self._source, {
                     "tag": state.paired.tag, "silent_s": int(silent_s),
                     "last_counter": state.last_counter,
                 }, mono_ns))
+        return out
+
+    def close_all(self, mono_ns: int) -> list[Reading]:
+        """A clean stop: every open interval, closed (``stop``). The daemon submits them
+        before its last flush; pairings changed meanwhile are applied first."""
+        out = self._take_changes(mono_ns)
+        for state in self._tags.values():
+            out += self._close(state, CLOSED_STOP, mono_ns)
         return out
 
     def view(self) -> list[TagView]:
@@ -292,6 +466,14 @@ class TagReceiverDriver:
         return out
 
     # -- internals ---------------------------------------------------------------
+    def _close(self, state: _TagState, why: str, mono_ns: int) -> list[Reading]:
+        """The ``tag.interval`` reading of *state*'s open interval, now closed (or none)."""
+        ival, state.interval = state.interval, None
+        if ival is None:
+            return []
+        self.stats.intervals[why] += 1
+        return [interval_reading(self._source, state.paired.tag, ival, why, mono_ns)]
+
     def _first_sight(self, tag: str, mono_ns: int) -> bool:
         """Whether this unpaired tag deserves a log line: each once per window, and no
         more than :data:`MAX_UNKNOWN_LOGGED` of them (then one line says so)."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from core.devices import device_ledger_key
 from core.record import JSON, Reading, SealedRecord, Source
 from firmware_bridge.link import (
     DeviceRejected,
@@ -48,9 +49,29 @@ BACKLOG_RESUME = 1_000
 #: and summarised in one device.flapping record when the window ends.
 DEVICE_UP_BURST = 3
 FLAP_WINDOW_S = 60.0
+#: How long ledger entries without a record (:class:`LedgerOnly`) may wait for a
+#: transaction to ride along with when the link may defer its ACKs (a window of frames:
+#: ``HostLink.can_defer_ack``); a stop-and-wait device waits only the writer's own linger.
+#: The daemon sets it from ``[tags] interval_checkpoint_s``.
+LEDGER_CHECKPOINT_S = 20.0
+
+#: Ledger entries (key, integer value) a store transaction keeps.
+Ledger = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerOnly:
+    """A message whose whole effect is ledger entries, no record (a beacon that only
+    extends its tag's open presence interval): the port commits *updates* with the device's
+    event (``StoreWriter.submit_ledger``) and acknowledges the device once they are durable."""
+
+    updates: Ledger
+
 
 class Driver(Protocol):
-    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]: ...
+    def on_message(
+        self, msg: Message, hello: Hello, mono_ns: int
+    ) -> list[Reading] | LedgerOnly: ...
     def on_device_up(self, hello: Hello) -> list[Reading]: ...
     def tick(self, mono_ns: int) -> list[Reading]: ...
 
@@ -62,6 +83,11 @@ class Sink(Protocol):
 
     def submit_all(
         self, readings: list[Reading], on_committed: Callable[[SealedRecord], None] | None = None
+    ) -> None: ...
+
+    def submit_ledger(
+        self, updates: Ledger, on_committed: Callable[[], None] | None = None,
+        within_s: float | None = None,
     ) -> None: ...
 
     def last_committed_event(self, serial: str) -> int | None: ...
@@ -79,6 +105,7 @@ class FramedStats:
     driver_errors: int = 0
     pauses: int = 0  # times this port stopped reading because the writer was behind
     handshakes_not_recorded: int = 0  # summarised in device.flapping records
+    ledger_only: int = 0  # messages committed as ledger entries alone (no record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +187,7 @@ class FramedDeviceProtocol:
         flap: FlapLimiter | None = None,
         backlog_pause: int = BACKLOG_PAUSE,
         backlog_resume: int = BACKLOG_RESUME,
+        ledger_checkpoint_s: float = LEDGER_CHECKPOINT_S,
     ) -> None:
         self.port_name = port_name
         self.device_class = device_class
@@ -171,6 +199,7 @@ class FramedDeviceProtocol:
         self._flap = flap or FlapLimiter()
         self._backlog_pause = backlog_pause
         self._backlog_resume = backlog_resume
+        self._ledger_checkpoint_s = ledger_checkpoint_s
         self._paused = False
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
@@ -319,6 +348,9 @@ class FramedDeviceProtocol:
             log.exception("%s: driver failed on message %d", self.port_name, msg.msg_type)
             readings = [device_error(self._source, msg, "driver_failure", mono_ns,
                                      (msg.serial, msg.event_id))]
+        if isinstance(readings, LedgerOnly):
+            self._submit_ledger(msg, readings.updates)
+            return
         if not readings:
             self.link.committed(msg.event_id)
             return
@@ -333,6 +365,21 @@ class FramedDeviceProtocol:
             transport.call_soon(lambda: self._ack(event_id))
 
         self.sink.submit_all(readings, on_committed)
+
+    def _submit_ledger(self, msg: Message, updates: Ledger) -> None:
+        """Commit a message's ledger entries, with its device event, without a record; ACK
+        it once they are durable (soon for a stop-and-wait device; within the checkpoint
+        when the link may defer its ACKs)."""
+        transport = self._transport
+        if transport is None:  # pragma: no cover - messages arrive only on a connection
+            return
+        self.stats.ledger_only += 1
+        event_id = msg.event_id
+        within_s = self._ledger_checkpoint_s if getattr(self.link, "can_defer_ack", False) \
+            else None
+        self.sink.submit_ledger(
+            (*updates, (device_ledger_key(msg.serial), event_id)),
+            lambda: transport.call_soon(lambda: self._ack(event_id)), within_s)
 
     def _ack(self, event_id: int) -> None:
         self.stats.acked += 1

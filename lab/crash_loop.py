@@ -7,10 +7,13 @@ gateway is killed with SIGKILL at random moments and restarted each time. At the
 end it is left to drain, and :func:`run` counts (in a :class:`Result`):
 
 - ``records_acked_to_devices``: beacons the receiver got an ACK for;
-- ``records_lost``: acked beacons never verified at the platform;
+- ``records_lost``: acked beacons no verified ``tag.interval`` covers (a beacon is
+  delivered when an interval of its tag covers its counter: docs/records.md);
 - ``bad_signatures``, ``unexplained_gaps`` (chain gaps no signed gap record covers),
-  ``duplicates_after_dedupe`` (one device event recorded under two seqs),
+  ``duplicates_after_dedupe`` (a beacon covered by two intervals),
   ``store_corruptions`` (``PRAGMA integrity_check`` of the store after each kill).
+- ``intervals``, ``intervals_recovered`` (sealed at a start from the ledger: the interval
+  a kill left open).
 
 ``tests/test_crash.py`` runs it short, ``bench/crash.py`` long.
 """
@@ -32,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.state import STATE_FILE
 from buffer.store import store_path
 from core.topics import PLATFORM_CN
+from drivers.tag_receiver import MSG_BEACON
 from lab.mosquitto import client_config, make_pki, start_mosquitto
+from lab.presence import Coverage, beacon_of
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import Platform, pair_tags
 from lab.swtpm import Swtpm
@@ -161,7 +167,11 @@ class _Loop:
 
 def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
         max_up_s: float = 2.0, drain_timeout_s: float = 120.0, verbose: bool = False,
-        keep: bool = False, suite: str = "ed25519", tpm: bool = True) -> Result:
+        keep: bool = False, suite: str = "ed25519", tpm: bool = True,
+        acked_before_kill: int = 0) -> Result:
+    """*acked_before_kill*: each gateway is killed only once the receiver got this many
+    more ACKs since its start (then after the random delay), so that every kill finds the
+    gateway at work (a slow start otherwise takes the whole delay)."""
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smartcorr-crash-"))
     result = Result()
@@ -172,7 +182,9 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
         beacons = _Beacons(lab.sim, rate)
         stack.callback(beacons.stop)
         for i in range(kills):
+            acked = len(lab.sim.acked())
             proc = lab.start_gateway()
+            _wait_acked(lab.sim, acked + acked_before_kill, proc)
             time.sleep(rng.uniform(min_up_s, max_up_s))  # the random moment of the crash
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -196,21 +208,41 @@ def run(kills: int, seed: int = 1, *, rate: float = 40.0, min_up_s: float = 0.3,
     return result
 
 
-def _drain(lab: _Loop, beacons_sent: int, timeout_s: float) -> None:
-    """A last gateway runs until every acked beacon is verified, then stops cleanly."""
-    proc = lab.start_gateway()
+def _wait_acked(sim: TagReceiverSim, count: int, proc: subprocess.Popen[bytes],
+                timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if len(lab.sim.acked()) >= beacons_sent and _complete(lab.platform, lab.sim):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    time.sleep(0.5)  # last messages in flight to the verifier
+    while len(sim.acked()) < count and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _drain(lab: _Loop, beacons_sent: int, timeout_s: float) -> None:
+    """A last gateway runs until every beacon is acked and the chain has no gap, then
+    stops cleanly (which seals the open intervals); again while an acked beacon is not
+    verified (what a stop did not forward goes at the next start)."""
+    deadline = time.monotonic() + timeout_s
+    state = lab.tmp / "run" / STATE_FILE  # written once the gateway's start is done
+    while True:
+        state.unlink(missing_ok=True)  # a killed gateway leaves its own behind
+        proc = lab.start_gateway()
+        # its start seals the intervals a kill left open: a SIGTERM before it ends would
+        # leave them for the next start, and this loop would never see them
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        while time.monotonic() < deadline:
+            if len(lab.sim.acked()) >= beacons_sent and _chain_whole(lab.platform):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        settle = time.monotonic() + 5.0  # last messages in flight to the verifier
+        while time.monotonic() < settle and not _complete(lab.platform, lab.sim):
+            time.sleep(0.1)
+        if _complete(lab.platform, lab.sim) or time.monotonic() >= deadline:
+            return
 
 
 def _count(result: Result, lab: _Loop) -> None:
@@ -219,24 +251,40 @@ def _count(result: Result, lab: _Loop) -> None:
     with client.lock:
         summary = client.verifier.summary()
         gaps = client.verifier.gaps(GATEWAY_ID)
-        events = Counter(r.record["body"]["dev_event"] for r in lab.platform.arrived
-                         if r.kind == "tag.presence")
+        bodies = [r.record["body"] for r in lab.platform.arrived if r.kind == "tag.interval"]
+    coverage = Coverage(bodies)
+    covered = Counter(_cover_count(coverage, lab.sim, event) for event in acked)
     result.records_acked_to_devices = len(acked)
     result.records_verified = summary["verified"]
-    result.records_lost = len(acked - set(events))
+    result.records_lost = covered[0]
     result.bad_signatures = summary["bad_signature"]
     result.unexplained_gaps = len(gaps) + summary["chain_breaks"]
-    result.duplicates_after_dedupe = sum(n - 1 for n in events.values() if n > 1)
+    result.duplicates_after_dedupe = sum(n - 1 for n in covered.elements() if n > 1)
     result.extra["duplicates_at_platform"] = summary["duplicates"]
+    result.extra["intervals"] = coverage.intervals
+    result.extra["intervals_recovered"] = sum(b.get("closed") == "recovered" for b in bodies)
+
+
+def _cover_count(coverage: Coverage, sim: TagReceiverSim, event: int) -> int:
+    """How many intervals cover the beacon of device event *event* (-1: not a beacon:
+    never in this loop, which sends beacons only)."""
+    found = beacon_of(MSG_BEACON, sim.sent.get(event, b""))
+    return -1 if found is None else coverage.count(*found)
+
+
+def _chain_whole(platform: Platform) -> bool:
+    with platform.client.lock:
+        return not platform.client.verifier.gaps(GATEWAY_ID)
 
 
 def _complete(platform: Platform, sim: TagReceiverSim) -> bool:
+    """Every acked beacon is covered by a verified interval, and the chain has no gap."""
     with platform.client.lock:
         if platform.client.verifier.gaps(GATEWAY_ID):
             return False
-        seen = {r.record["body"]["dev_event"] for r in platform.arrived
-                if r.kind == "tag.presence"}
-    return set(sim.acked()) <= seen
+        coverage = Coverage(r.record["body"] for r in platform.arrived
+                            if r.kind == "tag.interval")
+    return all(_cover_count(coverage, sim, event) > 0 for event in sim.acked())
 
 
 def _integrity_problems(db: Path) -> int:

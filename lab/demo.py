@@ -33,6 +33,7 @@ from core.mqtt import BrokerConfig
 from core.topics import COMMAND_CN, PLATFORM_CN
 from lab.acked import AckedCounter
 from lab.mosquitto import BrokerError, client_config, make_pki, start_mosquitto
+from lab.presence import platform_intervals
 from lab.simulators.kiosk import KioskSim
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import IngestPlatform, PlatformError, Site
@@ -206,6 +207,9 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
           and out["forged_certificate"] == 0 and out["quarantined"] == 0
           and out["conflicts"] == 0
           and out["beacons_acked"] == drive.beacons
+          # presence goes out as intervals: every beacon in one (a scenario's tags are
+          # not recorded outside their authorised periods)
+          and (scenario is not None or out["beacons_in_intervals"] == drive.beacons)
           and out["kinds"].get("checkin", 0) == drive.checkins)
     if scenario:
         out.update(scenario.counts(out["kinds"]))
@@ -213,14 +217,16 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
     human = sys.stderr if args.json else sys.stdout  # --json: one JSON object on stdout
     print(
         f"demo summary: {drive.beacons} beacons sent, {out['beacons_acked']} acked by the "
-        f"gateway; {out['committed']} records committed in {out['transactions']} transactions; "
+        f"gateway, {out['beacons_in_intervals']} in {out['intervals']} presence intervals; "
+        f"{out['committed']} records committed in {out['transactions']} transactions; "
         f"{out['published']} published; {out['received']} received, {out['verified']} verified, "
         f"{out['bad_signature']} bad signatures, {out['chain_gaps']} chain gaps, "
         f"{out['duplicates']} duplicates; {out['records_per_s']} records/s "
         f"-> {'OK' if ok else 'PROBLEM'}", file=human,
     )
     if not ok:
-        for reason in why_problem(out, drive.beacons, drive.checkins, platform) + (
+        for reason in why_problem(out, drive.beacons, drive.checkins, platform,
+                                  every_beacon_recorded=scenario is None) + (
                 scenario.problems(out) if scenario else []):
             print(f"  {reason}", file=human)
     if args.json:
@@ -229,7 +235,7 @@ def _run(args: argparse.Namespace, broker: tuple[str, int] | None, tmp: Path,
 
 
 def why_problem(out: dict[str, Any], beacons: int, checkins: int,
-                platform: IngestPlatform) -> list[str]:
+                platform: IngestPlatform, *, every_beacon_recorded: bool = True) -> list[str]:
     """Why the summary is a PROBLEM: one line per thing that is not as it should be."""
     reasons = []
     published, received = out["published"], out["received"]
@@ -260,6 +266,10 @@ def why_problem(out: dict[str, Any], beacons: int, checkins: int,
             reasons.append(f"{out[key]} {text}")
     if out["beacons_acked"] != beacons:
         reasons.append(f"{out['beacons_acked']} of {beacons} beacons acked by the gateway")
+    in_intervals = out.get("beacons_in_intervals", beacons)
+    if every_beacon_recorded and in_intervals != beacons:
+        reasons.append(f"{in_intervals} of {beacons} beacons in the presence intervals "
+                       "received")
     if out["kinds"].get("checkin", 0) != checkins:
         reasons.append(f"{out['kinds'].get('checkin', 0)} of {checkins} check-ins stored")
     return reasons
@@ -340,7 +350,10 @@ def _summary(site: Site, platform: IngestPlatform, drive: _Drive, *, published: 
     summary = platform.summary()
     report = platform.report()
     stats = site.gateway.writer.stats
+    intervals = platform_intervals(platform.db_url, site.identity.gateway_id)
     return {
+        "intervals": len(intervals),
+        "beacons_in_intervals": sum(int(str(b.get("beacons", 0))) for b in intervals),
         "published": published,
         "received": summary["received"],
         "verified": summary["verified"],

@@ -66,6 +66,9 @@ REPO = Path(__file__).resolve().parents[1]
 GW_A, GW_B = "gw-qc-0101", "gw-qc-0102"
 TAG_A, TAG_B = "T00001000", "T00002000"
 INSTALLER, TECHNICIAN = "Ann Installer", "Tom Li"
+#: A tag's presence interval is sealed at most this old in the flow (``[tags]
+#: interval_max_s``, the least allowed; a unit: 300 s).
+LAB_INTERVAL_MAX_S = 10
 #: How often each tag beacons in the flow, seconds (a real tag: every few seconds).
 BEACON_INTERVAL_S = 0.25
 #: Bounds on what is awaited (events are awaited, never slept on), seconds.
@@ -517,11 +520,14 @@ class Flow:
                              re.MULTILINE) is not None)
         runtime = self.gw_dir(gw) / "run"
         runtime.mkdir(mode=0o700)
-        extra = f'\n[paths]\nruntime_dir = "{runtime}"\n'
+        extra = (f'\n[paths]\nruntime_dir = "{runtime}"\n\n[tags]\n'
+                 f"interval_max_s = {LAB_INTERVAL_MAX_S}\n")
         with cfg.open("a") as file:  # the lab has no /run/smartcorr
             file.write(extra)
         self.t.steps[-1].note += (f" Then the lab's runtime directory (no /run/smartcorr "
-                                  f"here) is appended to it:{extra.rstrip()}")
+                                  f"here), and presence intervals of {LAB_INTERVAL_MAX_S} s "
+                                  f"(the platform sees the tag within seconds), are appended "
+                                  f"to it:{extra.rstrip()}")
 
     def pair(self, gw: str, tag: str) -> None:
         self.gateway(f"{gw}: pair the tag", "provision", "pair-tag", "--identity-dir",
@@ -601,7 +607,7 @@ class Flow:
         self.daemon_a = self.run_daemon(gw)
         self.authorise(gw, TAG_A, "SJ-QC-0101")
         self.wait(f"{gw}'s tag readings at the platform",
-                  lambda: self.report(gw)["kinds"].get("tag.presence", 0) >= 5)
+                  lambda: self.report(gw)["kinds"].get("tag.interval", 0) >= 1)
         rep = parse_report(self.ingest(f"{gw}: what the platform holds", "report", "--db",
                                        self.db_url, "--gw", gw).stdout)
         self.t.facts["a.report_running"] = rep
@@ -648,7 +654,7 @@ class Flow:
         self.daemon_b = self.run_daemon(gw)
         self.authorise(gw, TAG_B, "SJ-QC-0102")
         self.wait(f"{gw}'s tag readings at the platform",
-                  lambda: self.report(gw)["kinds"].get("tag.presence", 0) >= 5)
+                  lambda: self.report(gw)["kinds"].get("tag.interval", 0) >= 1)
         rep = parse_report(self.ingest(f"{gw}: what the platform holds", "report", "--db",
                                        self.db_url, "--gw", gw).stdout)
         self.t.facts["b.report_running"] = rep
@@ -680,8 +686,9 @@ class Flow:
         self.t.facts["a.reconnect_after_renewal_s"] = round(
             took[0] - (self._ended[id(renewed)]), 2)
         before = self.report(a)["records"]
-        self.wait(f"{a}'s records after its reconnection",
-                  lambda: self.report(a)["records"] >= before + 5)
+        self.wait(f"{a}'s records after its reconnection (its tag's next interval)",
+                  lambda: self.report(a)["records"] >= before + 1,
+                  timeout=max(WAIT_S, 3 * LAB_INTERVAL_MAX_S))
         self.t.facts["a.records_after_renewal"] = (before, self.report(a)["records"])
         self.check("records keep arriving over the new connection", True,
                    f"{before} -> {self.t.facts['a.records_after_renewal'][1]} records at "
@@ -739,8 +746,9 @@ class Flow:
         state = self.state(b)
         assert state is not None  # noqa: S101 (awaited above)
         first = state["records"]  # the daemon's state file, as 'status' reads it
-        self.wait(f"{b} committing more readings",
-                  lambda: self.sealed(b) >= first["sealed"] + 8)
+        self.wait(f"{b} committing more readings (its tag's next interval)",
+                  lambda: self.sealed(b) >= first["sealed"] + 1,
+                  timeout=max(WAIT_S, 3 * LAB_INTERVAL_MAX_S))
         second = self.status(b, "its state, refused")["records"]
         self.t.facts["b.records_while_refused"] = (first, second)
         self.check("its store keeps committing readings, none forwarded",

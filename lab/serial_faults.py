@@ -4,7 +4,9 @@ A tag receiver simulator talks to the gateway over a pty while the wire flips
 bits and drops bytes in both directions; a spoofing tag (wrong key) and a
 replaying tag (old beacons sent again) mix in; half-way, the receiver's USB
 cable is pulled and plugged back. Afterwards every event the simulator
-generated is looked up in the gateway's store. :func:`run` returns the figures
+generated is looked up in the gateway's store: a genuine beacon by the ``tag.interval``
+covering its tag's counter (docs/records.md), a rejected one by its ``tag.spoof``, an
+unreadable message by its ``device.error``. :func:`run` returns the figures
 (``events_sent``, ``events_committed_once``, ``events_lost``, ``events_duplicated``,
 ``events_corrupted``, ``spoof_sent``, ``spoof_rejected``, ``replug_recovery_s``, ...);
 ``tests/test_serial_faults.py`` runs it short, ``bench/serial_faults.py`` long.
@@ -23,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from buffer.store import StoreReader, store_path
-from drivers.tag_receiver import Beacon
+from drivers.tag_receiver import MSG_BEACON, Beacon
 from firmware_bridge.framed import FramedDeviceProtocol
+from lab.presence import Coverage, beacon_of
 from lab.simulators.tag import SimTag, TagReceiverSim
 from lab.site import NOWHERE, Site
 from lab.wire import Damage
@@ -32,7 +35,7 @@ from provisioning.identity import Identity, create_identity
 
 _pause = threading.Event()
 #: Device messages whose records say which device event they came from.
-_EVENT_KINDS = ("tag.presence", "tag.spoof", "device.error")
+_EVENT_KINDS = ("tag.spoof", "device.error")
 
 
 def _wait(condition: Any, timeout: float) -> bool:
@@ -83,7 +86,7 @@ def run(events: int = 2000, *, bit_error_rate: float = 1e-3, drop_rate: float = 
         proto = gateway.protocols["tags"]
         if not isinstance(proto, FramedDeviceProtocol):  # pragma: no cover - tags are framed
             raise TypeError(f"port 'tags' runs {type(proto).__name__}")
-        out = _check(_committed_events(tmp, identity), sim, traffic)
+        out = _check(*_committed(tmp, identity), sim, traffic)
         return out | {
             "events_sent": traffic.sent,
             "events_acked": len(sim.acked()),
@@ -142,44 +145,72 @@ def _send(sim: TagReceiverSim, plan: list[str], *, rng: random.Random, rate: flo
     return traffic
 
 
-def _committed_events(tmp: Path, identity: Identity) -> dict[int, list[dict[str, Any]]]:
-    """The records of the store that name a device event, by event id."""
+def _committed(tmp: Path, identity: Identity) -> tuple[dict[int, list[dict[str, Any]]],
+                                                         list[dict[str, Any]]]:
+    """The store's records that name a device event (by event id), and its intervals."""
     seen: dict[int, list[dict[str, Any]]] = {}
+    intervals: list[dict[str, Any]] = []
     reader = StoreReader(store_path(tmp / "data"), identity.storage_key)
     try:
         for data in reader.queued():
             rec = json.loads(data)
+            if rec["src"]["class"] != "tag_receiver":
+                continue
             ev = rec["body"].get("dev_event")
-            if rec["src"]["class"] == "tag_receiver" and ev is not None and \
-                    rec["kind"] in _EVENT_KINDS:
+            if rec["kind"] == "tag.interval":
+                intervals.append(rec["body"])
+            elif ev is not None and rec["kind"] in _EVENT_KINDS:
                 seen.setdefault(ev, []).append(rec)
     finally:
         reader.close()
-    return seen
+    return seen, intervals
 
 
-def _check(seen: dict[int, list[dict[str, Any]]], sim: TagReceiverSim,
-           traffic: _Traffic) -> dict[str, Any]:
-    """Each event the device made: committed once, lost, duplicated, or corrupted."""
-    corrupted = 0
-    spoof_rejected = 0
-    for recs in seen.values():
-        rec = recs[0]
-        if rec["kind"] == "device.error":
+def _check(seen: dict[int, list[dict[str, Any]]], intervals: list[dict[str, Any]],
+           sim: TagReceiverSim, traffic: _Traffic) -> dict[str, Any]:
+    """Each event the device made: committed once, lost, duplicated, or corrupted. A
+    genuine beacon (sent again by a replaying tag, too) is committed by the interval that
+    covers its counter, or by the ``tag.spoof`` of a replay: of the events carrying one
+    beacon, one is covered and the others rejected."""
+    corrupted = sum(recs[0]["kind"] == "device.error" for recs in seen.values())
+    spoof_rejected = sum(recs[0]["kind"] == "tag.spoof" for recs in seen.values())
+    coverage = Coverage(intervals)
+    for body in intervals:  # an interval says what its last beacon said
+        last = beacon_of(MSG_BEACON, sim.sent.get(body["dev_events"][1], b""))
+        expected = traffic.genuine.get((body["tag"], body["last_counter"]))
+        if last != (body["tag"], body["last_counter"]) or expected is None or \
+                expected.battery_pct != body["battery_pct"] or \
+                expected.strap_closed != body["strap_closed"]:
             corrupted += 1
-        elif rec["kind"] == "tag.spoof":
-            spoof_rejected += 1
+    by_beacon: dict[tuple[str, int], list[int]] = {}
+    once = lost = duplicated = 0
+    for event, raw in sim.sent.items():
+        key = beacon_of(MSG_BEACON, raw)
+        if key is not None and key in traffic.genuine:
+            by_beacon.setdefault(key, []).append(event)
+            continue
+        records = len(seen.get(event, []))  # a forged beacon: its tag.spoof
+        once += records == 1
+        lost += records == 0
+        duplicated += records > 1
+    for (tag, counter), events in by_beacon.items():
+        covered = coverage.count(tag, counter)
+        rejections = [len(seen.get(e, [])) for e in events]  # replays: their tag.spoof
+        once += rejections.count(1)
+        duplicated += sum(n > 1 for n in rejections)
+        unrejected = [e for e, n in zip(events, rejections, strict=True) if n == 0]
+        if covered > 1 or (covered and not unrejected):
+            duplicated += 1  # accepted twice, or accepted and rejected
+        elif covered:
+            once += 1
+            lost += len(unrejected) - 1
         else:
-            body = rec["body"]
-            expected = traffic.genuine.get((body["tag"], body["counter"]))
-            if expected is None or expected.battery_pct != body["battery_pct"] or \
-                    expected.strap_closed != body["strap_closed"]:
-                corrupted += 1
-    event_ids = set(sim.sent)
+            lost += len(unrejected)
     return {
-        "events_committed_once": sum(1 for e in event_ids if len(seen.get(e, [])) == 1),
-        "events_lost": sum(1 for e in event_ids if e not in seen),
-        "events_duplicated": sum(1 for e in event_ids if len(seen.get(e, [])) > 1),
+        "events_committed_once": once,
+        "events_lost": lost,
+        "events_duplicated": duplicated,
         "events_corrupted": corrupted,
         "spoof_rejected": spoof_rejected,
+        "intervals": coverage.intervals,
     }

@@ -447,9 +447,11 @@ class Run:
                      "an installer does: the installed position (`[gnss] installed_lat`, "
                      "`installed_lon`: here the capture's first fix; personal data, never "
                      "shown), and `[paths] runtime_dir` (this machine has no "
-                     "/run/smartcorr); and, this bench having no platform to authorise "
-                     "the tag, `[supervision] require_authorisation = false` (on a unit "
-                     "the platform's set-authorisation command authorises it: "
+                     "/run/smartcorr); `[tags] interval_max_s = 10` (the least: the "
+                     "tag's presence goes out as an interval every 10 s instead of 300, so "
+                     "that this run sees it); and, this bench having no platform to "
+                     "authorise the tag, `[supervision] require_authorisation = false` (on "
+                     "a unit the platform's set-authorisation command authorises it: "
                      "docs/supervision.md).")
         text = Path(self.config).read_text()
         lat, lon = fix.lat_e7 / 1e7, fix.lon_e7 / 1e7
@@ -470,7 +472,7 @@ class Run:
             raise self.fail("provision config wrote no [supervision] require_authorisation "
                             "to set")
         (root / "run").mkdir(mode=0o700)
-        text += f'\n[paths]\nruntime_dir = "{root / "run"}"\n'
+        text += f'\n[paths]\nruntime_dir = "{root / "run"}"\n\n[tags]\ninterval_max_s = 10\n'
         atomic_write(Path(self.config), text.encode())
         self.gw("pair the tag", "provision", "pair-tag", "--identity-dir", str(identity),
                 "--tag", TAG, "--key-file", str(root / "tag.key"), "--operator", TECHNICIAN)
@@ -664,8 +666,9 @@ class Run:
                         next="`Uplink   DOWN since …`, the reason in brackets, and the "
                              "records queued.")
         queued = (self.state().get("uplink") or {}).get("queued") or 0
-        self.wait("more records queued", lambda: (
-            (self.state().get("uplink") or {}).get("queued") or 0) >= queued + 3)
+        self.wait("more records queued (the tag's next presence interval)", lambda: (
+            (self.state().get("uplink") or {}).get("queued") or 0) >= queued + 1,
+            timeout=2 * WAIT_S)
         second = self.gw("a few seconds later", "status", "--config", cfg,
                          next="The queue grows: the readings are recorded and kept. They "
                               "go out when the uplink is back; nothing to do on the unit "

@@ -19,7 +19,9 @@ Every file is JSON (ASCII, non-ASCII characters as ``\\u`` escapes of the file i
   a verifier has taken before it;
 * ``sm2.json``: the same for the ``sm`` suite, verify only;
 * ``commands.json``: the platform's commands (docs/commands.md), made by
-  :mod:`lab.command_vectors`.
+  :mod:`lab.command_vectors`;
+* ``intervals.json``: presence intervals (docs/records.md ``tag.interval``), made by
+  :mod:`lab.interval_vectors`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from core.session import SESSION_LIFETIME_MS
 from core.suites import ED25519, SM2, Signer, SoftwareKey, key_id
 from core.suites import Verifier as PublicKey
 from core.topics import records_topic
+from lab import interval_vectors
 from lab.chains import Chain
 from lab.command_vectors import command_vectors
 
@@ -425,7 +428,8 @@ def write(directory: Path) -> dict[str, str]:
     sm2, fresh = sm2_vectors()
     files: dict[str, JSON] = {"canonical.json": canonical_vectors(),
                               "ed25519.json": ed25519_vectors(), "sm2.json": sm2,
-                              "commands.json": command_vectors()}  # docs/commands.md
+                              "commands.json": command_vectors(),  # docs/commands.md
+                              interval_vectors.FILE: interval_vectors.interval_vectors()}
     for name, content in files.items():
         text = json.dumps(content, indent=1, ensure_ascii=True) + "\n"
         (directory / name).write_text(text, encoding="ascii")

@@ -111,6 +111,8 @@ def _run_site(workdir: Path, identity: Identity, broker: Mosquitto, pki: Pki, *,
         site.start()
         if sim is not None:
             for i in range(beacons):
+                if i % 4 == 0:  # the strap of the first tag opens, closes...: presence
+                    tags[0].strap_closed = not tags[0].strap_closed  # intervals mid-chain
                 sim.send_beacon(tags[i % 2])
             wait_for(lambda: len(sim.acked()) == beacons, SETTLE_S, "every beacon acked")
         assert site.close(drain_s=SETTLE_S), "the gateway did not forward everything"
@@ -202,7 +204,7 @@ def last_seq(messages: list[tuple[str, list[bytes]]], gw: str) -> int:
 
 
 def mid_chain(gw: str, messages: list[tuple[str, list[bytes]]],
-              kind: str = "tag.presence") -> tuple[int, int]:
+              kind: str = "tag.interval") -> tuple[int, int]:
     top = last_seq(messages, gw)
     return find(messages, gw, lambda r: r["kind"] == kind and r["seq"] != top)
 

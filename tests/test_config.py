@@ -46,6 +46,10 @@ def test_a_good_config_loads(tmp_path: Path) -> None:
     assert cfg.devices[0].baudrate == 115200
     assert cfg.gnss is not None
     assert cfg.gnss.fix_interval_s == 30.0
+    assert (cfg.tags.interval_max_s, cfg.tags.interval_checkpoint_s) == (300.0, 20.0)
+    cfg = load_config(write(tmp_path, GOOD.replace(
+        "[gnss]", "[tags]\ninterval_max_s = 10\ninterval_checkpoint_s = 30\n[gnss]")))
+    assert (cfg.tags.interval_max_s, cfg.tags.interval_checkpoint_s) == (10.0, 30.0)
     assert cfg.require_authorisation is True  # production: a pairing authorises nothing
 
 
@@ -90,6 +94,15 @@ def test_supervision_require_authorisation(tmp_path: Path) -> None:
          r"\[gateway\] identity_dir: is empty"),
         (('host = "127.0.0.1"', ""), r"\[broker\] host: is required"),
         (("[gnss]", "[gnss"), r"not valid TOML"),
+        (("[gnss]", "[tags]\ninterval_max_s = 5\n[gnss]"),
+         r"\[tags\] interval_max_s: must be 10-900 seconds .*got 5"),
+        (("[gnss]", "[tags]\ninterval_max_s = 901\n[gnss]"),
+         r"\[tags\] interval_max_s: must be 10-900"),
+        (("[gnss]", "[tags]\ninterval_checkpoint_s = 0.5\n[gnss]"),
+         r"\[tags\] interval_checkpoint_s: must be 1-30 seconds .*got 0.5"),
+        (("[gnss]", "[tags]\ninterval_checkpoint_s = 31\n[gnss]"),
+         r"\[tags\] interval_checkpoint_s: must be 1-30"),
+        (("[gnss]", "[tags]\ninterval_max = 60\n[gnss]"), r"\[tags\] interval_max: unknown key"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:

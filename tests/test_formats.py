@@ -24,6 +24,7 @@ from core.topics import records_topic, status_topic
 from drivers.gnss import GnssMonitor, Installed
 from drivers.nmea import Fix
 from drivers.tag_receiver import MSG_BEACON, TagReceiverDriver
+from firmware_bridge.framed import LedgerOnly
 from firmware_bridge.link import Message
 from firmware_bridge.messages import DeviceClass, Hello
 from lab.chains import Chain
@@ -44,10 +45,13 @@ def produced_readings(chain: Chain | None = None) -> list[Reading]:
     tags = {"T00001000": PairedTag("T00001000", bytes(16), 60, 0)}
     drv = TagReceiverDriver(tags, lambda _k: None)
     tag = SimTag(0x1000, bytes(16), battery_pct=10, strap_closed=False)
-    for event, beacon in enumerate([tag.beacon(), tag.forged()], 1):
-        out += drv.on_message(Message("TR-0001", event, MSG_BEACON, beacon.to_bytes()),
+    for event, beacon in enumerate([tag.beacon(), tag.beacon(), tag.forged()], 1):
+        made = drv.on_message(Message("TR-0001", event, MSG_BEACON, beacon.to_bytes()),
                               hello, S)
-    out += drv.on_message(Message("TR-0001", 9, MSG_BEACON, b"\x01"), hello, S)
+        out += [] if isinstance(made, LedgerOnly) else made  # the spoof closes an interval
+    made = drv.on_message(Message("TR-0001", 9, MSG_BEACON, b"\x01"), hello, S)
+    assert not isinstance(made, LedgerOnly)
+    out += made
     out += drv.tick(1000 * S)
     mon = GnssMonitor(Source("gnss", "port:gnss"), installed=Installed(0, 0, 100, 0))
     out += mon.on_fix(Fix(10000000, 10000000, 1, 8, 90, 120, None, "GPGGA", S))
@@ -84,7 +88,7 @@ def test_every_produced_record_validates(suite: str) -> None:
     data = sealed_data(produced_readings(chain), chain)
     records = [json.loads(d) for d in data]
     kinds = {r["kind"] for r in records}
-    assert {"tag.presence", "tag.spoof", "tag.tamper", "tag.battery_low", "tag.absent",
+    assert {"tag.interval", "tag.spoof", "tag.tamper", "tag.battery_low", "tag.absent",
             "gnss.fix", "gateway.moved", "gap", "key.session", "key.rotate",
             "device.error"} <= kinds
     for rec in records:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from core.record import Reading, SealedRecord, Source
 from firmware_bridge.device import DeviceLink
-from firmware_bridge.framed import REFUSED_RECORD_INTERVAL_S, FramedDeviceProtocol
-from firmware_bridge.link import Message
+from firmware_bridge.framed import REFUSED_RECORD_INTERVAL_S, FramedDeviceProtocol, LedgerOnly
+from firmware_bridge.link import HostLink, Message
 from firmware_bridge.messages import PROTOCOL_VERSION, DeviceClass, Feature, Hello
 
 S = 1_000_000_000
@@ -18,6 +20,8 @@ class Sink:
 
     def __init__(self) -> None:
         self.committed: list[Reading] = []
+        self.ledgers: list[tuple[tuple[tuple[str, int], ...], Callable[[], None] | None,
+                                 float | None]] = []
         self.backlog = 0  # readings not yet committed: none, it commits at once
 
     def submit(self, reading: Reading,
@@ -29,6 +33,11 @@ class Sink:
         self.committed.extend(readings)  # "commits" at once
         if on_committed is not None:
             on_committed(SealedRecord(0, readings[-1].priority, readings[-1].kind, b"", b""))
+
+    def submit_ledger(self, updates: tuple[tuple[str, int], ...],
+                      on_committed: Callable[[], None] | None = None,
+                      within_s: float | None = None) -> None:
+        self.ledgers.append((updates, on_committed, within_s))  # committed by the test
 
     def last_committed_event(self, serial: str) -> int | None:
         return None
@@ -172,3 +181,58 @@ def test_a_window_device_is_acked_after_one_group_commit() -> None:
     exchange(5)
     assert device.acked_ids == ids
     assert device.stats.retransmits == 0
+
+
+class LedgerDriver:
+    """Every message is ledger entries alone (a beacon extending its tag's interval)."""
+
+    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> LedgerOnly:
+        return LedgerOnly((("tag:T1", msg.event_id),))
+
+    def on_device_up(self, hello: Hello) -> list[Reading]:
+        return []
+
+    def tick(self, mono_ns: int) -> list[Reading]:
+        return []
+
+
+class DeferringLink(HostLink):
+    """A link that negotiated a window of frames (protocol v2: ``can_defer_ack``)."""
+
+    can_defer_ack = True
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_ledger_entries_alone_are_committed_with_the_event_before_the_ack(defer: bool) -> None:
+    sink = Sink()
+    link = DeferringLink(sink.last_committed_event, expected_class=DeviceClass.TAG_RECEIVER) \
+        if defer else None
+    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, LedgerDriver(), sink,
+                                 link=link, ledger_checkpoint_s=7.0)
+    device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
+    event = device.enqueue(0x01, b"\x42")
+    now_ns = 0
+    proto.connection_made(InlineTransport(), now_ns)
+
+    def run(rounds: int) -> None:
+        nonlocal now_ns
+        for _ in range(rounds):
+            now_ns += 10_000_000
+            device.receive_data(proto.data_to_send(), now_ns / 1e9)
+            device.tick(now_ns / 1e9)
+            proto.data_received(device.data_to_send(), now_ns)
+            proto.tick(now_ns)
+
+    run(20)
+    assert [r.kind for r in sink.committed] == ["device.up"]  # no record of the message
+    assert len(sink.ledgers) == 1
+    updates, on_committed, within_s = sink.ledgers[0]
+    assert updates == (("tag:T1", event), ("dev:TR-9", event))  # with the device's event
+    assert within_s == (7.0 if defer else None)
+    assert device.queue  # not acknowledged before the entries are durable
+    assert on_committed is not None
+    on_committed()
+    run(20)
+    assert not device.queue
+    assert proto.stats.ledger_only == 1
+    assert len(sink.ledgers) == 1  # not submitted again

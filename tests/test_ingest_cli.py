@@ -33,7 +33,8 @@ def test_every_command_has_examples_and_no_example_is_for_a_command_that_is_gone
 def test_each_example_parses_to_its_command(path: str) -> None:
     parser = build_parser(PROG)
     sub = dict(commands(parser))[path]
-    assert sub.epilog is not None and sub.epilog.startswith("examples:\n")
+    assert sub.epilog is not None
+    assert sub.epilog.startswith("examples:\n")
     assert f"examples:\n  {PROG} " in sub.format_help()  # kept as written
     for line in sub.epilog.splitlines()[1:]:
         argv = shlex.split(line.strip().removeprefix(f"{PROG} ").split("#")[0])

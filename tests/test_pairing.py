@@ -232,14 +232,17 @@ def test_an_unpaired_tags_data_stays_until_delivered_then_goes(
     platform.stop()
     [removed] = [r for r in platform.arrived if r.kind == "tag.data_removed"]
     body = removed.record["body"]
-    assert body == {"tag": TAG, "ledger": ["counter"],
+    assert body == {"tag": TAG, "ledger": ["counter", "interval"],
                     "delivered_through": body["delivered_through"]}
     about = [r for r in platform.arrived if r.record["body"].get("tag") == TAG
              or r.record["body"].get("details", {}).get("tag") == TAG]
-    assert {r.kind for r in about} >= {"tag.presence", "local.action", "tag.data_removed"}
+    assert {r.kind for r in about} >= {"tag.interval", "local.action", "tag.data_removed"}
     # every record about the tag was sealed before the bound and arrived before the removal
     assert all(r.seq <= body["delivered_through"] for r in about if r is not removed)
-    assert len([r for r in about if r.kind == "tag.presence"]) == 3
+    # its three beacons: the interval the first stop sealed
+    [interval] = [r.record["body"] for r in about if r.kind == "tag.interval"]
+    assert (interval["first_counter"], interval["last_counter"], interval["beacons"]) == \
+        (1, 3, 3)
 
 
 def test_removals_wait_for_a_restart_keep_a_repaired_device_and_are_bounded(

@@ -23,6 +23,7 @@ from core.devices import PairedKiosk, PairedTag
 from drivers.kiosk import KioskDriver
 from drivers.nmea import Fix, NmeaReader
 from drivers.tag_receiver import TagReceiverDriver
+from firmware_bridge.framed import LedgerOnly
 from firmware_bridge.link import DeviceUp, HostLink, Message
 from firmware_bridge.messages import DeviceClass, Hello
 from lab.simulators import cli
@@ -199,8 +200,10 @@ def test_a_tag_receiver_on_a_pty_sends_beacons_the_real_driver_accepts(
     assert (hello.serial, hello.firmware_text) == ("TR-BENCH-7", "2.3.4")
     tags = {t: PairedTag(t, KEY, 600, 0) for t in ("T00001000", "T00001001")}
     driver = TagReceiverDriver(tags, lambda _key: None)
-    kinds = [r.kind for m in messages for r in driver.on_message(m, hello, 1 * S)]
-    assert kinds.count("tag.presence") == 4
+    made = [driver.on_message(m, hello, 1 * S) for m in messages]
+    # four genuine beacons, each extending its tag's presence interval: no record
+    assert all(isinstance(out, LedgerOnly) for out in made)
+    assert driver.stats.accepted == 4
     status, lines = sim.stop()
     assert status == 0
     statuses = [json.loads(line) for line in lines]
@@ -217,8 +220,10 @@ def test_a_spoofing_tag_and_a_kiosk_tamper_are_what_they_say(
     hello, messages = host_messages(spoofer.path, DeviceClass.TAG_RECEIVER, 4)
     driver = TagReceiverDriver({"T00001000": PairedTag("T00001000", bytes(16), 600, 0)},
                                lambda _key: None)
-    kinds = [r.kind for m in messages for r in driver.on_message(m, hello, 1 * S)]
-    assert kinds == ["tag.presence", "tag.spoof"] * 2
+    made = [driver.on_message(m, hello, 1 * S) for m in messages]
+    kinds = [r.kind for out in made if not isinstance(out, LedgerOnly) for r in out]
+    assert kinds == ["tag.interval", "tag.spoof"] * 2  # each spoof seals the interval first
+    assert driver.stats.accepted == 2
     key_file = tmp_path / "kiosk.key"
     key_file.write_text(KEY.hex())
     kiosk = Served("kiosk", "--pty", "--serial", "KI-7", "--key-file", str(key_file),

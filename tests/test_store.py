@@ -314,3 +314,50 @@ def test_a_device_cannot_name_a_ledger_entry_of_the_gateway(tmp_path: Path, key:
     assert again.ledger_value(key) == 50
     assert again.last_committed_event(key) == 1
     store.close()
+
+
+def test_ledger_entries_without_a_record_ride_along_and_commit_on_their_own_when_due(
+        tmp_path: Path) -> None:
+    """``submit_ledger`` (a beacon that only extends its tag's interval): no record sealed;
+    entries wait up to *within_s* for a transaction, in submission order with readings."""
+    import threading
+
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    done: list[str] = []
+    # five beacons' entries, due in 30 s: they wait for company ...
+    for n in range(1, 6):
+        writer.submit_ledger((("tag:T1", n), ("dev:TR-1", n)), lambda n=n: done.append(f"l{n}"),
+                             within_s=30.0)
+    before = writer.stats.transactions
+    assert writer.backlog == 5  # waiting: the ports' backpressure counts them
+    # ... and the next reading takes them in its transaction, in order: its own ledger
+    # entry is set after theirs
+    writer.submit(Reading("tag.tamper", SRC, {"n": 6}, 6, ("TR-1", 6), (("tag:T1", 6),)),
+                  lambda _rec: done.append("r6"))
+    assert writer.flush()
+    assert writer.stats.transactions == before + 1  # one fsync for the six
+    assert done == ["l1", "l2", "l3", "l4", "l5", "r6"]  # acknowledged in order
+    assert writer.ledger_value("tag:T1") == 6
+    assert writer.last_committed_event("TR-1") == 6
+    assert writer.last_seq == 1  # one record: the entries alone sealed none
+    assert writer.backlog == 0
+    # alone, entries are committed once due, without any other item to wake the writer
+    committed = threading.Event()
+    writer.submit_ledger((("tag:T1", 7),), committed.set, within_s=0.2)
+    assert committed.wait(10)
+    assert writer.ledger_value("tag:T1") == 7
+    # a reading then entries on the same key: the entries win (submission order)
+    writer.submit(Reading("tag.tamper", SRC, {"n": 8}, 8, ledger=(("tag:T1", 8),)))
+    writer.submit_ledger((("tag:T1", 9),))  # within_s None: as soon as a reading would be
+    writer.submit_ledger((("tag:T1", 10),), within_s=30.0)
+    writer.stop()  # a clean stop commits the entries still waiting
+    assert writer.ledger_value("tag:T1") == 10
+    store.close()
+    store, sealer = open_store(db)
+    again = StoreWriter(store, sealer, Clock())
+    assert again.ledger_value("tag:T1") == 10  # durable
+    assert again.last_seq == 2
+    store.close()

@@ -112,19 +112,22 @@ def test_authorisation_gates_what_is_recorded(lab: Lab) -> None:  # noqa: F811
             sim.send_beacon(outside)
             sim.send_beacon(never)
         wait_for(lambda: driver.stats.accepted >= before + 9, 10, "the beacons accepted")
-        wait_for(lambda: inside.tag in tags_of(lab, "tag.presence"), 20,
-                 "the authorised tag's presence at the platform")
         assert gateway.writer.flush()
         # [supervision] require_authorisation (the default): a tag never authorised is
         # ignored as one outside its period
         assert gateway.supervision.require_authorisation is True
         assert gateway.supervision.stats.ignored["tag.presence"] == 6
-        # nothing of the other tags was sealed, let alone sent
-        assert outside.tag not in tags_of(lab, "tag.presence")
-        assert never.tag not in tags_of(lab, "tag.presence")
-        assert gateway.writer.stats.by_kind["tag.presence"] == 3
         health = gateway._health_extra()["supervision"]
         assert health["ignored"] == {"tag.presence": 6}  # type: ignore[comparison-overlap]
+        gateway.stop(5)  # a clean stop seals the open presence interval
+        wait_for(lambda: inside.tag in tags_of(lab, "tag.interval"), 20,
+                 "the authorised tag's presence at the platform")
+        # nothing of the other tags was sealed, let alone sent
+        assert outside.tag not in tags_of(lab, "tag.interval")
+        assert never.tag not in tags_of(lab, "tag.interval")
+        assert gateway.writer.stats.by_kind["tag.interval"] == 1
+        [interval] = lab.records("tag.interval")
+        assert interval["body"]["beacons"] == 3
     finally:
         gateway.stop(2)
         sim.stop()
@@ -189,8 +192,11 @@ def test_a_spot_check_overtakes_a_large_backlog(lab: Lab) -> None:  # noqa: F811
     try:
         wait_for(lambda: gateway.forwarder.stats.connected, 30, "the uplink on the new broker")
         applied(lab, "set-authorisation", authorisation(tag.tag))
-        sim.send_beacon(tag)
-        wait_for(lambda: tag.tag in tags_of(lab, "tag.presence"), 15, "the tag heard")
+        sim.send_beacon(tag)  # it extends the tag's presence interval: no record yet
+        sup = gateway.supervision
+        assert sup is not None
+        wait_for(lambda: sup.sup.presence_now(tag.tag, now_ms())["present"] is True, 15,
+                 "the tag heard")
         broker.stop()
         wait_for(lambda: not gateway.forwarder.stats.connected, 15, "the uplink down")
         source = gateway.source
