@@ -300,6 +300,12 @@ class Home:
         #: the tag receiver's WINDOW (serial protocol 2): frames unacknowledged; 0 is
         #: stop-and-wait (every beacon's effect committed before the next one comes)
         self.tag_window = tag_window
+        #: the daemon's runtime directory (its state.json, once a second): on a tmpfs, as
+        #: /run/smartcorr is on a unit, so that its writes are not counted as the card's
+        shm = Path("/dev/shm")  # noqa: S108 - mkdtemp below: 0700, a random name
+        self.run_dir = Path(tempfile.mkdtemp(prefix="home-day-run-", dir=shm)) \
+            if shm.is_dir() else root / "run"
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)
         self.env = isolated_env()
         self.procs: list[Background] = []
         self.checkin_every_s = checkin_every_s
@@ -368,8 +374,7 @@ class Home:
                       flags=re.MULTILINE)
         text = re.sub(r"^#\s*require_authorisation\s*=.*$", "require_authorisation = false",
                       text, count=1, flags=re.MULTILINE)
-        (root / "run").mkdir(mode=0o700)
-        text += f'\n[paths]\nruntime_dir = "{root / "run"}"\n'
+        text += f'\n[paths]\nruntime_dir = "{self.run_dir}"\n'
         atomic_write(self.config, text.encode(), 0o600)
         for tag in TAGS:
             self.run(gw, "provision", "pair-tag", "--identity-dir", str(identity), "--tag", tag,
@@ -384,7 +389,7 @@ class Home:
 
     def state(self) -> dict[str, Any]:
         try:
-            value = json.loads((self.root / "run" / "state.json").read_text())
+            value = json.loads((self.run_dir / "state.json").read_text())
         except (OSError, ValueError):
             return {}
         return value if isinstance(value, dict) else {}
@@ -413,6 +418,8 @@ class Home:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.proc.pid, signal.SIGKILL)
                 proc.proc.wait()
+        if self.run_dir.parent != self.root:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def ready(state: dict[str, Any]) -> bool:

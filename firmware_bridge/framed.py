@@ -59,6 +59,10 @@ LEDGER_CHECKPOINT_S = 20.0
 Ledger = tuple[tuple[str, int], ...]
 
 
+#: The window assumed when a link that may defer ACKs does not say its own.
+DEFER_WINDOW = 32
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerOnly:
     """A message whose whole effect is ledger entries, no record (a beacon that only
@@ -200,6 +204,10 @@ class FramedDeviceProtocol:
         self._backlog_pause = backlog_pause
         self._backlog_resume = backlog_resume
         self._ledger_checkpoint_s = ledger_checkpoint_s
+        #: Events whose ledger entries wait for a checkpoint (their ACK deferred): at half
+        #: the device's window, the next one is committed at once with them, so that the
+        #: device never waits for a checkpoint with its window full.
+        self._deferred: set[int] = set()
         self._paused = False
         self.stats = FramedStats()
         self._source = Source(device_class.label, f"port:{port_name}")
@@ -232,6 +240,7 @@ class FramedDeviceProtocol:
 
     def connection_lost(self, reason: str, now_ns: int) -> None:
         self.link.connection_lost()
+        self._deferred.clear()  # a new handshake: the device sends them again
         self._flapping_summary(self._flap.close(), now_ns)
         self._status("device.lost", {"port": self.port_name, "reason": reason[:REASON_CHARS]},
                      now_ns)
@@ -375,14 +384,21 @@ class FramedDeviceProtocol:
             return
         self.stats.ledger_only += 1
         event_id = msg.event_id
-        within_s = self._ledger_checkpoint_s if getattr(self.link, "can_defer_ack", False) \
-            else None
+        within_s: float | None = None
+        if getattr(self.link, "can_defer_ack", False):
+            window = getattr(self.link, "window", 0) or DEFER_WINDOW
+            if len(self._deferred) + 1 < max(1, window // 2):
+                within_s = self._ledger_checkpoint_s
+                self._deferred.add(event_id)
+            else:  # half the window waits: this one and those before it commit now
+                self._deferred.clear()
         self.sink.submit_ledger(
             (*updates, (device_ledger_key(msg.serial), event_id)),
             lambda: transport.call_soon(lambda: self._ack(event_id)), within_s)
 
     def _ack(self, event_id: int) -> None:
         self.stats.acked += 1
+        self._deferred.discard(event_id)
         self.link.committed(event_id)
 
     def _status(self, kind: str, body: dict[str, JSON], mono_ns: int) -> None:
