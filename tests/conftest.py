@@ -16,10 +16,14 @@ import pytest
 # test imports app.state, and inherited by every daemon process the tests start.
 # Under pytest-xdist each worker has its own (the controller's would be inherited by
 # every worker: two tests' daemons would share one state.json).
-if "SMARTCORR_RUNTIME_DIR" not in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
+# (This module is imported twice, as conftest and as tests.conftest: the second import
+# keeps the first one's directory.)
+if "SMARTCORR_RUNTIME_DIR" not in os.environ or os.environ.get(
+        "SMARTCORR_RUNTIME_DIR_OF", "") != os.environ.get("PYTEST_XDIST_WORKER", ""):
     _RUNTIME = tempfile.mkdtemp(
         prefix=f"smartcorr-test-run-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
     os.environ["SMARTCORR_RUNTIME_DIR"] = _RUNTIME
+    os.environ["SMARTCORR_RUNTIME_DIR_OF"] = os.environ.get("PYTEST_XDIST_WORKER", "")
     atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 
 from core.topics import PLATFORM_CN
