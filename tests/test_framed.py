@@ -152,6 +152,21 @@ class EchoDriver(BrokenDriver):
                         {"dev_event": msg.event_id}, mono_ns, (msg.serial, msg.event_id))]
 
 
+class Pump:
+    """Both ends of a link driven in steps of 10 ms of a fake clock."""
+
+    def __init__(self, proto: FramedDeviceProtocol, device: DeviceLink) -> None:
+        self.proto, self.device, self.now_ns = proto, device, 0
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.now_ns += 10_000_000
+            self.device.receive_data(self.proto.data_to_send(), self.now_ns / 1e9)
+            self.device.tick(self.now_ns / 1e9)
+            self.proto.data_received(self.device.data_to_send(), self.now_ns)
+            self.proto.tick(self.now_ns)
+
+
 def test_a_window_device_is_acked_after_one_group_commit() -> None:
     """Version 2 with WINDOW through the glue: a window of events delivered at once, the
     driver may defer (can_defer_ack), nothing ACKed before the group commit, then all."""
@@ -160,25 +175,15 @@ def test_a_window_device_is_acked_after_one_group_commit() -> None:
     device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9",
                               Feature.WINDOW, 8))
     ids = [device.enqueue(0x01, bytes([n])) for n in range(8)]
-    now_ns = 0
-    proto.connection_made(InlineTransport(), now_ns)
-
-    def exchange(steps: int) -> None:
-        nonlocal now_ns
-        for _ in range(steps):
-            now_ns += 10_000_000
-            device.receive_data(proto.data_to_send(), now_ns / 1e9)
-            device.tick(now_ns / 1e9)
-            proto.data_received(device.data_to_send(), now_ns)
-            proto.tick(now_ns)
-
-    exchange(20)
+    proto.connection_made(InlineTransport(), 0)
+    clock = Pump(proto, device)
+    clock.run(20)
     assert proto.link.can_defer_ack
     assert [r.body["dev_event"] for readings, _ in sink.queued for r in readings
             if r.kind == "device.error"] == ids
     assert device.acked_ids == []  # nothing committed yet
     sink.commit_group()
-    exchange(5)
+    clock.run(5)
     assert device.acked_ids == ids
     assert device.stats.retransmits == 0
 
@@ -211,19 +216,9 @@ def test_ledger_entries_alone_are_committed_with_the_event_before_the_ack(defer:
                                  link=link, ledger_checkpoint_s=7.0)
     device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
     event = device.enqueue(0x01, b"\x42")
-    now_ns = 0
-    proto.connection_made(InlineTransport(), now_ns)
-
-    def run(rounds: int) -> None:
-        nonlocal now_ns
-        for _ in range(rounds):
-            now_ns += 10_000_000
-            device.receive_data(proto.data_to_send(), now_ns / 1e9)
-            device.tick(now_ns / 1e9)
-            proto.data_received(device.data_to_send(), now_ns)
-            proto.tick(now_ns)
-
-    run(20)
+    proto.connection_made(InlineTransport(), 0)
+    clock = Pump(proto, device)
+    clock.run(20)
     assert [r.kind for r in sink.committed] == ["device.up"]  # no record of the message
     assert len(sink.ledgers) == 1
     updates, on_committed, within_s = sink.ledgers[0]
@@ -232,7 +227,7 @@ def test_ledger_entries_alone_are_committed_with_the_event_before_the_ack(defer:
     assert device.queue  # not acknowledged before the entries are durable
     assert on_committed is not None
     on_committed()
-    run(20)
+    clock.run(20)
     assert not device.queue
     assert proto.stats.ledger_only == 1
     assert len(sink.ledgers) == 1  # not submitted again
