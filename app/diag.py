@@ -525,12 +525,13 @@ def bundle(cfg: Config, out: Path, *, include_personal: bool = False,
                         "path in a directory you may write") from None
     os.fchmod(fd, 0o600)  # never readable by others, not even while it is written
     with os.fdopen(fd, "wb") as file, tarfile.open(fileobj=file, mode="w:gz") as tar:
-        _add(tar, "reports.json", json.dumps(reports, indent=2).encode())
+        add_member(tar, "reports.json", json.dumps(reports, indent=2).encode())
         if cfg.source is not None:  # the installed position stays out, even with personal data
-            _add(tar, "gateway.json", json.dumps(redacted_config(cfg.source), indent=2).encode())
-        _add(tar, LOG_MEMBER, "".join(f"{line}\n" for line in log_text).encode())
+            add_member(tar, "gateway.json",
+                       json.dumps(redacted_config(cfg.source), indent=2).encode())
+        add_member(tar, LOG_MEMBER, "".join(f"{line}\n" for line in log_text).encode())
         if include_personal:
-            _add(tar, "records.ndjson", _queued_records(cfg))
+            add_member(tar, "records.ndjson", _queued_records(cfg))
     return {"bundle": str(out), "size": out.stat().st_size, "personal_data": include_personal,
             "logs": {"source": logs.source, "lines": len(logs.lines), "note": logs.note},
             "daemon_running": daemon.running}
@@ -557,7 +558,8 @@ def _queued_records(cfg: Config) -> bytes:
         reader.close()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """*data* as the bundle member *name*: mode 0600, dated now."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = int(time.time())

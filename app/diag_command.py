@@ -39,6 +39,7 @@ from app.diag import (
     DEFAULT_LOG_LINES,
     LOG_MEMBER,
     Personal,
+    add_member,
     buffer_report,
     bundle_state,
     certificate_dates,
@@ -108,26 +109,19 @@ def build_bundle(served: Served, sections: tuple[str, ...]) -> bytes:
                 "uplink": status.pop("uplink", None), "status": status,
                 "certificates": certificate_dates(cfg, now_ms),
                 "buffer": buffer_report(cfg), "ports": ports_report(cfg)}
-            _add(tar, "reports.json", json.dumps(reports, indent=2, default=str).encode())
+            add_member(tar, "reports.json", json.dumps(reports, indent=2, default=str).encode())
         if "config" in sections and cfg.source is not None:
-            _add(tar, "gateway.json", json.dumps(redacted_config(cfg.source), indent=2,
+            add_member(tar, "gateway.json", json.dumps(redacted_config(cfg.source), indent=2,
                                                  default=str).encode())
         if "logs" in sections:
             logs = recent_logs(served.log_file, served.log_lines)
             personal = Personal.of(cfg)
             text = "".join(f"{redact_log_line(line, personal)}\n" for line in logs.lines)
-            _add(tar, LOG_MEMBER, text.encode())
-            _add(tar, "logs.json", json.dumps({"source": logs.source, "lines": len(logs.lines),
-                                               "redacted": True, "note": logs.note}).encode())
+            add_member(tar, LOG_MEMBER, text.encode())
+            add_member(tar, "logs.json", json.dumps({
+                "source": logs.source, "lines": len(logs.lines), "redacted": True,
+                "note": logs.note}).encode())
     return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    info.mode = 0o600
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _served_for(gateway_id: str) -> Served | None:
