@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import socket
 import stat
 import threading
@@ -41,6 +40,7 @@ from app.config import Config, ConfigError, load_config
 from app.state import size_text
 from core import durable
 from core.errors import UserError
+from core.stopping import StopFlag, stop_on_signals
 from provisioning.decommission import EXIT_DECOMMISSIONED, check_not_decommissioned
 from provisioning.identity import KEY, NEXT_KEY, STORAGE, load_identity, recover_identity
 from provisioning.registry import REGISTRY_FILE, open_registry
@@ -219,11 +219,10 @@ def run(config_path: Path) -> int:
     started = time.monotonic()
     if lifecycle.getEffectiveLevel() > logging.INFO:  # journalctl shows starts and stops
         lifecycle.setLevel(logging.INFO)
-    stop = threading.Event()
+    stop = StopFlag()  # set by SIGTERM/SIGINT: no lock in the handler (core/stopping.py)
     gateway = prepare(config_path, on_decommissioned=stop.set)
     identity = gateway.identity
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     gateway.service.defer_until_ready()  # READY=1 first, then the uplink's changes
     gateway.start()
     lifecycle.info("%s", start_line(gateway))

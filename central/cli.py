@@ -30,13 +30,11 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from central import ca, command_keys, enrolment, retention, routing
 from central import commands as command_tool
@@ -47,6 +45,7 @@ from central.record import load_registrations
 from core.devices import TAG_REF_RE
 from core.errors import UserError
 from core.mqtt import BrokerConfig
+from core.stopping import StopFlag, stop_on_signals
 
 EXIT_ERROR = 2
 #: How often ``alarms --follow`` looks for new ones, seconds.
@@ -246,7 +245,7 @@ def _consume(args: argparse.Namespace) -> int:
     from central.consumer import Consumer
 
     broker = _broker(args)
-    stop = threading.Event()
+    stop = StopFlag()
 
     def emit(event: dict[str, object], text: str) -> None:
         if args.json:
@@ -266,12 +265,7 @@ def _consume(args: argparse.Namespace) -> int:
                              "topic": consumer.topic},
                             f"consumer {args.client_id} subscribed to {consumer.topic}"))
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del signum, frame
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop)
     try:
         consumer.start()
     except DatabaseError as exc:

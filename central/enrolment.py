@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import logging
 import queue
-import signal
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -67,6 +66,7 @@ from core.enrolment import (
     parse_request,
 )
 from core.mqtt import BrokerConfig, connect, make_client
+from core.stopping import StopFlag, stop_on_signals
 from core.topics import ENROL_CN, ENROL_ROOT, enrol_answer_topic
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
     from central.cli import _broker as broker_config
 
     private_umask()
-    stop = threading.Event()
+    stop = StopFlag()
 
     def emit(event: Event) -> None:
         if args.json:
@@ -328,8 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     service = EnrolmentService(args.db, broker_config(args), args.ca_dir, group=args.group,
                                command_keys=args.command_keys, days=args.days, on_event=emit,
                                renew_only_after_ms=_renew_only_after(args.renew_only_after))
-    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
-    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    stop_on_signals(stop)
     try:
         service.start()
     except DatabaseError as exc:

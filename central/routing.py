@@ -38,7 +38,6 @@ import logging
 import os
 import random
 import re
-import signal
 import socket
 import stat
 import threading
@@ -47,7 +46,6 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from central.db import (
     ROUTING_SCHEMA_VERSION,
@@ -59,6 +57,7 @@ from central.db import (
 )
 from core.errors import UserError
 from core.record import JSON
+from core.stopping import StopFlag, Stopping, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +543,7 @@ class Worker:
             row = tx.one("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'")
         return int(row[0]) if row else 0
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: Stopping) -> None:
         """Deliver until *stop* is set (the attempt in hand is finished first)."""
         while not stop.is_set():
             if self.step() is None:
@@ -738,18 +737,13 @@ def _deliver(args: argparse.Namespace) -> int:
     config = DeliveryConfig(args.give_up_s, args.backoff_s, args.backoff_max_s,
                             args.timeout_s, args.lease_s, args.poll_s)
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    stop = threading.Event()
+    stop = StopFlag()
 
     def on_outcome(outcome: Outcome) -> None:
         if args.json:
             print(json.dumps(outcome.to_json(), sort_keys=True), flush=True)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del signum, frame
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop)
     with _open(args.db, create=True) as db:
         worker = Worker(db, worker_id, config, on_outcome=on_outcome)
         if args.json:

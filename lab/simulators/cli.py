@@ -26,18 +26,16 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 import serial
 
 from core.devices import tag_ref
+from core.stopping import StopFlag, stop_on_signals
 from drivers.kiosk import KEY_BYTES, Method, Result
 from firmware_bridge.messages import PROTOCOL_VERSION, WINDOW_LIMIT
 from lab.simulators.device import FramedDeviceSim
@@ -273,7 +271,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
         self.args = args
         self.out, self.err = out, err
-        self.stop = threading.Event()
+        self.stop = StopFlag()  # SIGTERM sets it: no lock in the handler
         self.started = time.monotonic()
         self.made = 0  # events made (beacons, check-ins, statuses; fixes or epochs)
         self.not_made = 0  # events not made: the device's flash was full
@@ -470,9 +468,5 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         print(f"{PROG} {args.sim}: {exc}", file=err)
         return EXIT_USAGE
 
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        runner.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(runner.stop)
     return runner.run()
