@@ -616,7 +616,7 @@ class Gateway:
 
     def queued(self) -> int:
         """Records queued in the store (the writer's counts, no query)."""
-        return sum(queued_by_class(self.pipeline.store).values())
+        return sum(queued_by_class(self.pipeline.store, self.writer).values())
 
     def _uplink_state(self, text: str) -> None:
         """The forwarder's new state (its thread): STATUS= says it in words."""
@@ -645,7 +645,8 @@ class Gateway:
             "data_dir": str(self.data_dir),
             "records": {"sealed": self.writer.stats.committed,
                         "forwarded": self.forwarder.stats.records_acked},
-            "uplink": uplink_entry(self.uplink, self.forwarder, store, self._heard, now_ms),
+            "uplink": uplink_entry(self.uplink, self.forwarder,
+                                   queued_by_class(store, self.writer), self._heard, now_ms),
             "clock": clock_entry(self.clock, now_ms),
             "devices": device_entries(list(self.ports), protocols, roles, self._heard, now_ms),
             "tags": tags, "tags_total": tags_total,

@@ -27,6 +27,7 @@ from firmware_bridge.framed import FramedDeviceProtocol
 from firmware_bridge.port import PortProtocol, PortWorker
 
 if TYPE_CHECKING:
+    from buffer.writer import StoreWriter
     from uplink.forwarder import Forwarder
 
 #: A GNSS fix older than this is no fix, ns.
@@ -35,10 +36,13 @@ FIX_FRESH_NS = 10_000_000_000
 CLOCK_SOURCES = {"unsynced": "none"}
 
 
-def queued_by_class(store: Store) -> dict[str, int]:
-    """Records queued per class, from the counts the writer keeps (no query)."""
+def queued_by_class(store: Store, writer: StoreWriter) -> dict[str, int]:
+    """Records queued per class, from the counts the writer keeps (no query): the rows in
+    the store less those delivered whose deletion waits to ride a commit."""
     usage = store.usage  # replaced whole after each commit: a consistent dict
-    return {prio.label: usage.get(prio, (0, 0))[0] for prio in Priority}
+    delivered = writer.deletions_waiting_by_class()
+    return {prio.label: max(0, usage.get(prio, (0, 0))[0] - delivered.get(prio, 0))
+            for prio in Priority}
 
 
 @dataclass
@@ -64,10 +68,10 @@ class Heard:
         return at
 
 
-def uplink_entry(tracker: UplinkTracker, forwarder: Forwarder, store: Store,
+def uplink_entry(tracker: UplinkTracker, forwarder: Forwarder, by_class: dict[str, int],
                  heard: Heard, now_ms: int) -> dict[str, Any]:
+    """The state file's ``uplink``; *by_class*: :func:`queued_by_class`."""
     now = tracker.now
-    by_class = queued_by_class(store)
     broker = forwarder.broker
     return {
         "state": now.state, "reason": now.reason, "code": now.code, "since_ms": now.since_ms,

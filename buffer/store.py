@@ -9,8 +9,12 @@ Each row holds ``nonce (12 bytes) || AES-GCM(record bytes)`` with the record's
 priority and seq as associated data, so a row cannot be moved to another seq.
 
 The store's state (chain head, per-class counts, device ledger) is committed with
-every transaction but written where it costs no page of its own: into the newest
-record's row (see :class:`_State`); its tables are written only when that row goes.
+every transaction but written where it costs the fewest blocks (see :class:`_State`):
+into the newest record's row, which the commit writes anyway; for a commit of ledger
+entries alone, into one slot of the state file beside the store (``records.db.state``,
+4 KiB written and one fdatasync, against two WAL blocks and the WAL's fsync); otherwise
+into the one-row ``state`` table. It is sealed (compressed, then encrypted with the
+storage key like the records): the ledger holds when and how each tag was heard.
 
 Under a quota (:class:`Limits`) everything the store puts on disk counts: the pages
 in use, the WAL (bounded: checkpointed at half its bound, truncated past it), the
@@ -28,17 +32,20 @@ import os
 import sqlite3
 import struct
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidTag
 
 from buffer.seal import Sealer
 from core.durable import fsync_dir
 from core.errors import UserError
 from core.kinds import Priority
 from core.record import GENESIS_PREV, SealedRecord
-from core.suites import Signer, storage_aead
+from core.suites import Aead, Signer, storage_aead
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -57,7 +64,10 @@ CREATE TABLE IF NOT EXISTS usage (
     prio INTEGER PRIMARY KEY, count INTEGER NOT NULL, bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO usage VALUES (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0);
+CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), st BLOB NOT NULL);
 """
+#: The tables ``meta``, ``usage`` and ``device_events`` are the state of a store from
+#: before the ``state`` row (plain text): read once at open, emptied by the first commit.
 #: A store of the first schema (usage kept by triggers, no ``st`` column) is migrated in
 #: place at open: its tables stay, they hold the state as of its last commit.
 MIGRATE = """
@@ -77,7 +87,8 @@ PAGE_FACTOR = 1.5
 #: Pages a transaction may take beyond its records' estimate (B-tree splits, the gap
 #: record, the meta rows): kept free under the quota.
 TXN_MARGIN_PAGES = 4
-#: The smallest quota: room for the schema, the WAL bound, the wal-index and the reserve.
+#: The smallest quota: room for the schema, the WAL bound, the wal-index, the reserve and
+#: the state file.
 MIN_QUOTA_BYTES = 256 * 1024
 #: The WAL's bound is quota/WAL_SHARE, between these; without a quota, the maximum.
 WAL_SHARE = 8
@@ -115,6 +126,27 @@ FSYNCS_PER_CHECKPOINT = 3
 STORE_FILE = "records.db"
 #: Beside it, the reserve file: ``records.db.reserve``.
 RESERVE_SUFFIX = ".reserve"
+#: ...and the state file: ``records.db.state``, two slots of STATE_SLOT_BYTES (preallocated:
+#: a slot is written in place, so a commit of ledger entries alone needs no new block and
+#: still succeeds on a full disk). Each slot: magic, txn, length, then the sealed state.
+STATE_SUFFIX = ".state"
+STATE_SLOT_BYTES = 16 * 1024
+_SLOT_HEAD = struct.Struct(">4sQI")
+_SLOT_MAGIC = b"SCS1"
+#: A sealed state: this prefix, the length of its clear part (2 bytes, big-endian), the
+#: clear part (JSON: txn, chain head, boot, usage, the ``chain:`` ledger entries), the
+#: nonce, then AES-GCM (or SM4-GCM) of the rest of the ledger, zlib-compressed, with the
+#: clear part as associated data. A carried state written before (plain JSON) begins
+#: with ``{``.
+_SEALED_PREFIX = b"E1"
+_HEAD_LEN = struct.Struct(">H")
+#: Ledger entries kept in clear: the chain's own (the final record's seq), which
+#: decommissioning reads without the key.
+CLEAR_LEDGER_PREFIX = "chain:"
+#: Where a sealed state lives, in its associated data: it cannot be moved between them.
+_IN_ROW, _IN_SLOT, _IN_CARRIER = b"SCsr", b"SCss", b"SCsc"
+#: Files of the store, by suffix: the database, its WAL and wal-index, reserve, state.
+STORE_SUFFIXES = ("", "-wal", "-shm", RESERVE_SUFFIX, STATE_SUFFIX)
 
 
 def store_path(data_dir: Path) -> Path:
@@ -159,9 +191,10 @@ def default_quota(data_dir: Path) -> int:
 
 
 def store_files_bytes(path: Path) -> int:
-    """Bytes on disk of the store at *path*: the database, WAL, wal-index and reserve."""
+    """Bytes on disk of the store at *path*: the database, WAL, wal-index, reserve and
+    state file."""
     total = 0
-    for suffix in ("", "-wal", "-shm", RESERVE_SUFFIX):
+    for suffix in STORE_SUFFIXES:
         try:
             total += path.with_name(path.name + suffix).stat().st_size
         except FileNotFoundError:
@@ -190,7 +223,7 @@ class Limits:
         """Bytes of database pages in use the quota allows."""
         if self.quota is None:
             return None
-        return self.quota - self.wal - self.reserve - SHM_BYTES
+        return self.quota - self.wal - self.reserve - SHM_BYTES - 2 * STATE_SLOT_BYTES
 
     @property
     def group_bytes(self) -> int:
@@ -237,7 +270,8 @@ def _connect(path: Path, wal_bytes: int = WAL_MAX_BYTES) -> sqlite3.Connection:
 class StoreStats:
     """What the store did to the disk since it was opened (the writer's thread)."""
 
-    commits: int = 0  # transactions: one fsync of the WAL each (synchronous=FULL)
+    commits: int = 0  # transactions: one fsync of the WAL (or fdatasync of a slot) each
+    slot_writes: int = 0  # commits of ledger entries alone, into the state file
     checkpoints: int = 0  # FSYNCS_PER_CHECKPOINT fsyncs each
     table_writes: int = 0  # commits that wrote the state to its tables (see _State)
 
@@ -250,14 +284,17 @@ class StoreStats:
 class _State:
     """The store's state as committed: chain head, per-class usage, device ledger.
 
-    It lives in two places, so that a commit touches as few pages as possible. The
-    tables (``meta``, ``usage``, ``device_events``) hold it as of their last write,
-    numbered ``meta.txn``. Every commit that inserts records writes the whole state,
-    with the ledger entries changed since the tables were written (the delta), into the
-    ``st`` column of its newest record, numbered with its own txn: that row is on the
-    page the commit writes anyway. A commit without records updates that row's ``st``
-    while the row is there, and writes the tables once it is gone (delivered). At open
-    the higher-numbered of the two wins; the tables are written then (the boot count).
+    A commit writes it where it costs the fewest blocks; every write is numbered with
+    the commit's txn, and at open the highest-numbered one wins. A *full* state (the
+    whole ledger) is in the ``state`` row or in a slot of the state file; the txn of the
+    one in effect is :attr:`base_txn`. A commit that inserts records writes into the
+    ``st`` column of its newest record (:attr:`carrier`) the chain head, the usage and
+    the ledger entries changed since that full state (the delta), with its txn: that row
+    is on the page the commit writes anyway. A commit of ledger entries alone writes a
+    full state into the state file's older slot (the newer one, the base of any carried
+    delta, is never overwritten). Any other commit updates the carrier's ``st`` while it
+    is there, and writes the ``state`` row once it is gone (delivered), when the delta
+    grows past :data:`DELTA_MAX_ENTRIES`, or when ledger entries are forgotten.
     """
 
     txn: int
@@ -265,54 +302,246 @@ class _State:
     digest: bytes
     boot: int
     usage: dict[Priority, tuple[int, int]]
-    ledger: dict[str, int]  # complete: the tables' entries with the delta applied
-    delta: dict[str, int] = field(default_factory=dict)  # not yet in device_events
+    ledger: dict[str, int]  # complete: the full state's entries with the delta applied
+    delta: dict[str, int] = field(default_factory=dict)  # changed since the full state
     carrier: tuple[int, int] | None = None  # (prio, seq) of the row whose st holds it
-    table_txn: int = 0
+    base_txn: int = 0  # the txn of the full state in effect
 
-    def carried(self, txn: int) -> bytes:
-        """The ``st`` of the newest record: this state, numbered *txn*."""
-        return json.dumps({
-            "t": txn, "s": self.last_seq, "d": self.digest.hex(),
-            "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.delta,
-        }, separators=(",", ":")).encode()
+    def full(self) -> dict[str, Any]:
+        """The whole state, as the ``state`` row and the state file hold it."""
+        return {"t": self.txn, "s": self.last_seq, "d": self.digest.hex(), "b": self.boot,
+                "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.ledger}
+
+    def carried(self, txn: int) -> dict[str, Any]:
+        """What the newest record carries: this state, numbered *txn*, as a delta on the
+        full state numbered :attr:`base_txn`."""
+        return {"t": txn, "s": self.last_seq, "d": self.digest.hex(), "base": self.base_txn,
+                "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.delta}
+
+
+def _seal_state(aead: Aead, where: bytes, state: dict[str, Any]) -> bytes:
+    """*state* as stored: the chain head, usage and ``chain:`` ledger entries in clear
+    (the tools read them without the key: nothing personal), every other ledger entry
+    (devices, tags, their presence intervals) compressed and encrypted; both bound to
+    *where* it lives and to each other."""
+    ledger = state["l"]
+    clear = {k: v for k, v in state.items() if k != "l"}
+    clear["lc"] = {k: v for k, v in ledger.items() if k.startswith(CLEAR_LEDGER_PREFIX)}
+    head = json.dumps(clear, separators=(",", ":")).encode()
+    secret = zlib.compress(json.dumps(
+        {k: v for k, v in ledger.items() if not k.startswith(CLEAR_LEDGER_PREFIX)},
+        separators=(",", ":")).encode(), 6)
+    nonce = os.urandom(NONCE_BYTES)
+    return (_SEALED_PREFIX + _HEAD_LEN.pack(len(head)) + head + nonce
+            + aead.encrypt(nonce, secret, where + head))
+
+
+def _open_state(aead: Aead | None, where: bytes, blob: bytes) -> dict[str, Any]:
+    """A state as :func:`_seal_state` wrote it, or a carried state of before (plain JSON);
+    without *aead* (a tool without the key), its ledger is the entries in clear. Raises
+    ``InvalidTag`` (or ValueError) when it is not intact."""
+    blob = bytes(blob)
+    if blob.startswith(b"{"):
+        return dict(json.loads(blob))
+    if not blob.startswith(_SEALED_PREFIX):
+        raise ValueError("not a sealed state")
+    at = len(_SEALED_PREFIX)
+    (size,) = _HEAD_LEN.unpack_from(blob, at)
+    at += _HEAD_LEN.size
+    head = blob[at:at + size]
+    if len(head) != size:
+        raise ValueError("a sealed state cut short")
+    state = dict(json.loads(head))
+    ledger = {str(k): int(v) for k, v in state.pop("lc").items()}
+    if aead is not None:
+        nonce = blob[at + size:at + size + NONCE_BYTES]
+        secret = aead.decrypt(nonce, blob[at + size + NONCE_BYTES:], where + head)
+        ledger.update(json.loads(zlib.decompress(secret)))
+    state["l"] = ledger
+    return state
+
+
+def _from_full(state: Mapping[str, Any]) -> _State:
+    txn = int(state["t"])
+    return _State(txn=txn, last_seq=int(state["s"]), digest=bytes.fromhex(state["d"]),
+                  boot=int(state["b"]),
+                  usage={p: (int(c), int(b)) for p, (c, b) in
+                         zip(Priority, state["u"], strict=True)},
+                  ledger={str(k): int(v) for k, v in state["l"].items()}, base_txn=txn)
+
+
+class _StateFile:
+    """The state file: two slots, each a full state sealed (:func:`_seal_state`). A write
+    goes into the slot that does not hold the newest valid state, and is fdatasynced: a
+    write torn by a crash leaves the other slot, and the newest valid one is the base of
+    any delta carried by a record."""
+
+    def __init__(self, path: Path, aead: Aead | None) -> None:
+        self.path = path
+        self._aead = aead
+        self._fd: int | None = None
+        self._newest: int | None = None  # the slot of the newest valid state
+        self.states: list[dict[str, Any]] = []  # the valid states found at open
+
+    def open(self) -> bool:
+        """Open (create, preallocate and fsync when missing) and read the slots; False
+        when it cannot be had (no room: commits of ledger entries alone then go to the
+        database, as every other commit)."""
+        size = 2 * STATE_SLOT_BYTES
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("record store state file %s: %s; its commits go to the database",
+                        self.path, exc)
+            return False
+        try:
+            if os.fstat(fd).st_size < size:
+                _preallocate(fd, size)
+                os.fsync(fd)
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            os.close(fd)
+            log.warning("record store state file %s: %s; its commits go to the database",
+                        self.path, exc)
+            return False
+        self._fd = fd
+        best = -1
+        for slot in (0, 1):
+            state = self._read(slot)
+            if state is not None:
+                self.states.append(state)
+                if int(state["t"]) > best:
+                    best, self._newest = int(state["t"]), slot
+        return True
+
+    def _read(self, slot: int) -> dict[str, Any] | None:
+        if self._fd is None:
+            return None
+        head = os.pread(self._fd, _SLOT_HEAD.size, slot * STATE_SLOT_BYTES)
+        if len(head) < _SLOT_HEAD.size:
+            return None
+        magic, txn, length = _SLOT_HEAD.unpack(head)
+        if magic != _SLOT_MAGIC or length > STATE_SLOT_BYTES - _SLOT_HEAD.size:
+            return None
+        blob = os.pread(self._fd, length, slot * STATE_SLOT_BYTES + _SLOT_HEAD.size)
+        try:
+            state = _open_state(self._aead, _IN_SLOT, blob)
+            return state if int(state["t"]) == txn else None
+        except (InvalidTag, ValueError, KeyError, TypeError, zlib.error):
+            return None  # torn by a crash (or damaged): the other slot stands
+
+    def fits(self, blob: bytes) -> bool:
+        return self._fd is not None and len(blob) <= STATE_SLOT_BYTES - _SLOT_HEAD.size
+
+    def write(self, txn: int, blob: bytes) -> None:
+        """Write *blob* (a full state numbered *txn*) into the older slot, durably."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, "the state file is not open")
+        slot = 1 if self._newest == 0 else 0
+        os.pwrite(self._fd, _SLOT_HEAD.pack(_SLOT_MAGIC, txn, len(blob)) + blob,
+                  slot * STATE_SLOT_BYTES)
+        os.fdatasync(self._fd)
+        self._newest = slot
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _has_st(conn: sqlite3.Connection) -> bool:
     return any(row[1] == "st" for row in conn.execute("PRAGMA table_info(records)"))
 
 
-def _load_state(conn: sqlite3.Connection) -> _State:
-    """The committed state of the store behind *conn* (any connection, read-only too)."""
+def _legacy_state(conn: sqlite3.Connection) -> _State:
+    """The state in the tables of a store from before the ``state`` row (empty ones: the
+    state of a new store, txn 0)."""
     meta = {k: bytes(v) for k, v in conn.execute("SELECT k, v FROM meta")}
-    st = _State(
-        txn=int(meta.get("txn", b"0")), last_seq=int(meta.get("last_seq", b"0")),
+    txn = int(meta.get("txn", b"0"))
+    return _State(
+        txn=txn, last_seq=int(meta.get("last_seq", b"0")),
         digest=meta.get("last_digest", GENESIS_PREV), boot=int(meta.get("boot", b"0")),
         usage={Priority(p): (c, b) for p, c, b in
                conn.execute("SELECT prio, count, bytes FROM usage")},
-        ledger=dict(conn.execute("SELECT serial, last_event FROM device_events")))
-    st.table_txn = st.txn
+        ledger=dict(conn.execute("SELECT serial, last_event FROM device_events")),
+        base_txn=txn)
+
+
+def _load_state(conn: sqlite3.Connection, aead: Aead | None,
+                slots: Iterable[Mapping[str, Any]] = ()) -> _State:
+    """The committed state of the store behind *conn* (any connection, read-only too),
+    with the valid *slots* of its state file: the highest-numbered write wins. Without
+    *aead* (a tool without the key) the ledger holds only the entries kept in clear."""
+    fulls = {}
+    legacy = _legacy_state(conn)
+    fulls[legacy.txn] = legacy
+    row = conn.execute("SELECT st FROM state WHERE id = 0").fetchone() \
+        if _has_table(conn, "state") else None
+    if row is not None:
+        found = _from_full(_open_state(aead, _IN_ROW, row[0]))
+        fulls[found.txn] = found
+    for slot in slots:
+        found = _from_full(slot)
+        fulls[found.txn] = found
+    st = fulls[max(fulls)]
     if not _has_st(conn):
         return st  # the first schema: the tables are the state (kept by its triggers)
     newest: tuple[int, int, bytes | None] | None = None
     for prio in Priority:
-        row = conn.execute("SELECT seq, st FROM records WHERE prio=? ORDER BY seq DESC "
-                           "LIMIT 1", (int(prio),)).fetchone()
-        if row is not None and (newest is None or row[0] > newest[1]):
-            newest = (int(prio), int(row[0]), row[1])
+        found_row = conn.execute("SELECT seq, st FROM records WHERE prio=? ORDER BY seq "
+                                 "DESC LIMIT 1", (int(prio),)).fetchone()
+        if found_row is not None and (newest is None or found_row[0] > newest[1]):
+            newest = (int(prio), int(found_row[0]), found_row[1])
     if newest is None or newest[2] is None:
         return st
-    carried = json.loads(newest[2])
+    carried = _open_state(aead, _IN_CARRIER, newest[2])
     if int(carried["t"]) <= st.txn:
-        return st  # the tables were written after it
-    st.txn = int(carried["t"])
-    st.last_seq = int(carried["s"])
-    st.digest = bytes.fromhex(carried["d"])
-    st.usage = {p: (int(c), int(b)) for p, (c, b) in zip(Priority, carried["u"], strict=True)}
-    st.delta = {str(k): int(v) for k, v in carried["l"].items()}
-    st.ledger.update(st.delta)
-    st.carrier = (newest[0], newest[1])
-    return st
+        return st  # a full state was written after it
+    base_txn = int(carried.get("base", legacy.txn))  # before "base": on the tables
+    base = fulls.get(base_txn)
+    if base is None:
+        raise StoreError(f"record store state: the newest record carries state "
+                         f"{carried['t']} on top of state {base_txn}, which is on disk "
+                         f"neither in the state row nor in the state file; restore the "
+                         f"store's files together (records.db*, all of them)")
+    delta = {str(k): int(v) for k, v in carried["l"].items()}
+    return _State(txn=int(carried["t"]), last_seq=int(carried["s"]),
+                  digest=bytes.fromhex(carried["d"]), boot=base.boot,
+                  usage={p: (int(c), int(b)) for p, (c, b) in
+                         zip(Priority, carried["u"], strict=True)},
+                  ledger={**base.ledger, **delta}, delta=delta,
+                  carrier=(newest[0], newest[1]), base_txn=base_txn)
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                        (name,)).fetchone() is not None
+
+
+def _read_slots(store: Path, aead: Aead | None) -> list[dict[str, Any]]:
+    """The valid states in the state file of the store at *store*, read-only (none when
+    there is no state file)."""
+    slots = _StateFile(store.with_name(store.name + STATE_SUFFIX), aead)
+    try:
+        slots._fd = os.open(slots.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        return [s for s in (slots._read(0), slots._read(1)) if s is not None]
+    finally:
+        slots.close()
+
+
+def committed_state(path: Path, storage_key: bytes) -> tuple[StoreState, dict[str, int]]:
+    """The chain head, boot and ledger of the store at *path* as committed, read without
+    writing anything (tools, tests)."""
+    aead = storage_aead(storage_key)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        st = _load_state(conn, aead, _read_slots(path, aead))
+    finally:
+        conn.close()
+    return StoreState(st.last_seq, st.digest, st.boot), dict(st.ledger)
 
 
 class Store:
@@ -332,13 +561,19 @@ class Store:
         self.reserve_path = path.with_name(path.name + RESERVE_SUFFIX)
         self._aead = aead
         self.stats = StoreStats()
+        self._slots = _StateFile(path.with_name(path.name + STATE_SUFFIX), aead)
         try:
             self._db = _connect(path, self.limits.wal)
             self._db.executescript(SCHEMA)
             self._migrate()
-            self._st = _load_state(self._db)
+            has_slots = self._slots.open()
+            self._st = _load_state(self._db, aead, self._slots.states)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open record store {path}: {exc}") from exc
+        except (InvalidTag, ValueError, KeyError, zlib.error) as exc:
+            raise StoreError(f"record store {path}: its state is damaged or sealed with "
+                             f"another storage key ({type(exc).__name__}: {exc})") from None
+        self._slots_usable = has_slots
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._checkpoint_frames = max(1, self.limits.wal // 2 // (self._page_size + 24))
         self._commits_since_checkpoint = 0
@@ -485,32 +720,32 @@ class Store:
             log.warning("checkpoint of %s failed: %s", wal, exc)
 
     def _bump_boot(self) -> StoreState:
-        """Count this start, writing the whole state to its tables."""
+        """Count this start, writing the whole state to the ``state`` row (and emptying
+        the tables of a store from before it: they held the ledger in plain text)."""
         st = self._st
         st.boot += 1
+        legacy = self._db.execute("SELECT count(*) FROM meta").fetchone()[0]
         with self._transaction():
-            self._write_tables(st, st.txn + 1, ())
-        self._tables_written(st, st.txn + 1)
+            self._write_full(st, st.txn + 1)
+            if legacy:
+                self._db.execute("DELETE FROM meta")
+                self._db.execute("DELETE FROM device_events")
+                self._db.execute("UPDATE usage SET count = 0, bytes = 0")
+        self._full_written(st, st.txn + 1)
+        st.carrier = None
+        self.stats.commits += 1
         return StoreState(st.last_seq, st.digest, st.boot)
 
-    def _write_tables(self, st: _State, txn: int, forget: Iterable[str]) -> None:
-        """Write *st* (its usage, chain head, delta, less *forget*) to the tables."""
-        self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-            ("txn", str(txn).encode()), ("last_seq", str(st.last_seq).encode()),
-            ("last_digest", st.digest), ("boot", str(st.boot).encode())])
-        self._db.executemany("INSERT OR REPLACE INTO usage VALUES (?, ?, ?)",
-                             [(int(p), c, b) for p, (c, b) in st.usage.items()])
-        self._db.executemany("INSERT OR REPLACE INTO device_events VALUES (?, ?)",
-                             list(st.delta.items()))
-        self._db.executemany("DELETE FROM device_events WHERE serial=?",
-                             [(key,) for key in forget])
-
-    def _tables_written(self, st: _State, txn: int) -> None:
-        st.txn = st.table_txn = txn
-        st.delta = {}
-        st.carrier = None
+    def _write_full(self, st: _State, txn: int) -> None:
+        """Write *st* (its ledger complete), numbered *txn*, to the ``state`` row."""
+        self._db.execute("INSERT OR REPLACE INTO state VALUES (0, ?)",
+                         (_seal_state(self._aead, _IN_ROW, {**st.full(), "t": txn}),))
         self.stats.table_writes += 1
-        self.stats.commits += 1
+
+    @staticmethod
+    def _full_written(st: _State, txn: int) -> None:
+        st.txn = st.base_txn = txn
+        st.delta = {}
 
     def _transaction(self) -> _Txn:
         return _Txn(self._db)
@@ -528,7 +763,7 @@ class Store:
         evict: Iterable[Evicted] = (),
         forget: Iterable[str] = (),
     ) -> None:
-        """Insert, delete, evict and advance the chain state in one fsynced transaction;
+        """Insert, delete, evict and advance the chain state in one durable transaction;
         *forget* names ledger entries removed in it (an unpaired device's)."""
         sealed = list(records)
         ranges = list(delete_ranges)
@@ -537,17 +772,22 @@ class Store:
         events = dict(device_events or {})
         if not (sealed or ranges or evicted or gone or events):
             return
+        old = self._st
+        txn = old.txn + 1
+        ledger = {**old.ledger, **events}
+        for key in gone:
+            ledger.pop(key, None)
+        if not (sealed or ranges or evicted or gone) and self._commit_to_slot(old, txn, ledger):
+            return
         now = int(time.time())
         rows: list[tuple[int, int, int, bytes, bytes | None]] = [
             (int(r.priority), r.seq, now, self._seal_row(r.priority, r.seq, r.data), None)
             for r in sealed
         ]
-        old = self._st
-        st = _State(old.txn, old.last_seq, old.digest, old.boot, dict(old.usage),
-                    old.ledger, {**old.delta, **events}, old.carrier, old.table_txn)
+        st = _State(old.txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
+                    {**old.delta, **events}, old.carrier, old.base_txn)
         for key in gone:
             st.delta.pop(key, None)
-        txn = old.txn + 1
         with self._transaction():
             # deletions first: the inserts reuse the pages they free, so the file does
             # not grow past the quota within the transaction
@@ -574,31 +814,59 @@ class Store:
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
                 st.last_seq, st.digest = last.seq, last.digest
-            tables = bool(gone) or len(st.delta) > DELTA_MAX_ENTRIES or (
+            full = bool(gone) or len(st.delta) > DELTA_MAX_ENTRIES or (
                 not rows and st.carrier is None)
-            if tables:
-                self._write_tables(st, txn, gone)
-                st.delta = {}
+            if full:
+                self._write_full(st, txn)
+                st.base_txn, st.delta = txn, {}
             if rows:
                 newest = max(range(len(rows)), key=lambda i: rows[i][1])
                 prio, seq, at, blob, _ = rows[newest]
-                rows[newest] = (prio, seq, at, blob, st.carried(txn))
+                rows[newest] = (prio, seq, at, blob, self._carried(st, txn))
                 self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
                 st.carrier = (prio, seq)
-            elif not tables and st.carrier is not None:
+            elif not full and st.carrier is not None:
                 self._db.execute("UPDATE records SET st=? WHERE prio=? AND seq=?",
-                                 (st.carried(txn), *st.carrier))
-        st.ledger = {k: v for k, v in {**old.ledger, **events}.items() if k not in gone}
+                                 (self._carried(st, txn), *st.carrier))
         st.txn = txn
-        if tables:
-            st.table_txn = txn
-            self.stats.table_writes += 1
         self.stats.commits += 1
         self._st = st
         self.state = StoreState(st.last_seq, st.digest, st.boot)
         self.usage = dict(st.usage)
         self._checkpoint_if_due()
         self.bound_wal()
+
+    def _carried(self, st: _State, txn: int) -> bytes:
+        return _seal_state(self._aead, _IN_CARRIER, st.carried(txn))
+
+    def _commit_to_slot(self, old: _State, txn: int, ledger: dict[str, int]) -> bool:
+        """Commit ledger entries alone into the state file (one slot, fdatasynced): the
+        whole state, numbered *txn*. False when the state file is not to be had or the
+        state does not fit a slot: the commit then goes to the database."""
+        if not self._slots_usable:
+            return False
+        st = _State(txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
+                    carrier=old.carrier, base_txn=txn)
+        blob = _seal_state(self._aead, _IN_SLOT, st.full())
+        if not self._slots.fits(blob):
+            return False
+        try:
+            self._slots.write(txn, blob)
+        except OSError as exc:
+            failure: OSError | None = exc
+        else:
+            failure = None
+        if failure is not None:
+            # the older slot may be torn: the newer one and the database still hold the
+            # state before; from now on every commit goes to the database
+            log.error("record store state file %s: %s; its commits go to the database",
+                      self._slots.path, failure)
+            self._slots_usable = False
+            return False
+        self.stats.commits += 1
+        self.stats.slot_writes += 1
+        self._st = st
+        return True
 
     def _wal_frames(self) -> int | None:
         """Frames in the WAL (the wal-index header's mxFrame), None if unreadable."""
@@ -638,16 +906,18 @@ class Store:
         return nonce + self._aead.encrypt(nonce, data, _aad(prio, seq))
 
     def close(self) -> None:
-        """Write the state to its tables if the newest record holds a newer one (a tool
-        reading the tables finds it there), then close."""
+        """Write the whole state if the newest record holds a newer delta (the next open
+        reads one place), then close."""
         st = self._st
-        if st.txn > st.table_txn:
+        if st.txn > st.base_txn:
             try:
                 with self._transaction():
-                    self._write_tables(st, st.txn + 1, ())
-                self._tables_written(st, st.txn + 1)
+                    self._write_full(st, st.txn + 1)
+                self._full_written(st, st.txn + 1)
+                self.stats.commits += 1
             except sqlite3.Error as exc:  # the newest record keeps it: nothing is lost
                 log.warning("record store %s: state not written at close: %s", self.path, exc)
+        self._slots.close()
         self._db.close()
 
 
@@ -793,10 +1063,13 @@ def undelivered(path: Path, through: int | None = None, ledger_key: str | None =
     queued with seq up to *through* (all when None), per class, and the ledger entry
     *ledger_key* (e.g. the seq of the final record). A record leaves the store only once
     the broker acknowledged it (or when evicted, which a ``gap`` record names)."""
+    if ledger_key is not None and not ledger_key.startswith(CLEAR_LEDGER_PREFIX):
+        raise ValueError(f"ledger entry {ledger_key!r} is sealed with the storage key: "
+                         f"without it only {CLEAR_LEDGER_PREFIX}* entries can be read")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         conn.execute("BEGIN")  # one snapshot for the state and the counts
-        st = _load_state(conn)
+        st = _load_state(conn, None, _read_slots(path, None))
         if through is None or through >= st.last_seq:
             # everything queued: the state's counts, no scan
             rows = [(int(p), c) for p, (c, _) in st.usage.items()]
@@ -822,7 +1095,7 @@ def inspect_store(path: Path) -> dict[str, Any]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         conn.execute("BEGIN")  # one snapshot for the state and the counts
-        st = _load_state(conn)
+        st = _load_state(conn, None, _read_slots(path, None))
         now = int(time.time())
         classes: dict[str, Any] = {}
         for prio, (count, size) in sorted(st.usage.items()):

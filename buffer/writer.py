@@ -59,8 +59,11 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 2000  # readings in one transaction
 MAX_DELETES = 5_000  # rows deleted in one transaction: bounds how long an alarm waits
 #: Deletions wait up to this long for a transaction of readings to ride along with,
-#: unless this many are waiting: at low rates it halves the fsyncs (the SD card).
-DELETE_LINGER_S = 2.0
+#: unless this many are waiting (or someone flushes): at home rates (a GNSS fix a minute)
+#: nearly every deletion rides the next reading's commit, where it costs no block of its
+#: own; a commit of ledger entries alone (the state file) does not take them. Delivered
+#: rows waiting are not counted as queued (:meth:`StoreWriter.deletions_waiting_by_class`).
+DELETE_LINGER_S = 60.0
 DELETE_BATCH_ROWS = 1_000
 RETRY_S = 0.5
 #: A device's ACK, from its reading's submission, should leave within this (seconds).
@@ -337,6 +340,9 @@ class StoreWriter:
         self._deletes_received = 0
         self._deletes_since = 0.0
         self._deletes_committed = 0
+        # per class, the same two counts (each written by the writer's thread alone)
+        self._deletes_received_by = [0] * len(Priority)
+        self._deletes_committed_by = [0] * len(Priority)
         self._waiting_barriers: list[_Barrier] = []
         self._trouble: _Trouble | None = None
         #: The seq of the final record once committed (then nothing more is sealed).
@@ -450,6 +456,12 @@ class StoreWriter:
         """Rows PUBACKed and not yet deleted (read from other threads: a plain integer)."""
         return self._deletes_received - self._deletes_committed
 
+    def deletions_waiting_by_class(self) -> dict[Priority, int]:
+        """Per class, rows delivered (PUBACKed) whose deletion waits for a commit to ride
+        (read from other threads: they are no longer queued)."""
+        received, committed = list(self._deletes_received_by), list(self._deletes_committed_by)
+        return {p: received[p] - committed[p] for p in Priority if received[p] > committed[p]}
+
     def last_committed_event(self, serial: str) -> int | None:
         """The last device event committed for *serial* (the links' duplicate filter)."""
         with self._ledger_lock:
@@ -519,6 +531,7 @@ class StoreWriter:
                             self._deletes_since = time.monotonic()
                         self._deletes.append(item)
                         self._deletes_received += item.rows
+                        self._deletes_received_by[item.prio] += item.rows
                     elif isinstance(item, _Barrier):
                         pending.append(_Barrier(item.done, self._deletes_received))
                     elif self._final_seq is not None:
@@ -657,7 +670,9 @@ class StoreWriter:
             if trouble.disk_full and not self._store.restore_reserve():
                 return -1  # no room yet
         group = self._seal_group(pending)
-        deletes = self._take_deletes()
+        # ledger entries alone go to the state file: deletions wait for a reading, unless due
+        deletes = self._take_deletes() if (group.records or group.forget or not pending
+                                           or self._deletes_due_in() <= 0) else []
         # nothing after the final record, not even a gap record
         evict = [] if self._final_seq is not None else self._store.plan_eviction(group.size)
         if evict:
@@ -836,6 +851,8 @@ class StoreWriter:
         rows = sum(d.rows for d in deletes)
         del self._deletes[: len(deletes)]
         self._deletes_committed += rows
+        for d in deletes:
+            self._deletes_committed_by[d.prio] += d.rows
         with self._ledger_lock:
             self._ledger.update(group.events)
             for key in group.forget:
@@ -873,7 +890,8 @@ class StoreWriter:
 
     def _deletes_due_in(self) -> float:
         """Seconds before queued deletions deserve a transaction of their own (0: now)."""
-        if self.deletions_waiting >= DELETE_BATCH_ROWS or self._waiting_barriers:
+        if (self.deletions_waiting >= DELETE_BATCH_ROWS or self._waiting_barriers
+                or self._final_seq is not None):  # decommissioning watches the rows go
             return 0.0
         return max(0.0, self._deletes_since + DELETE_LINGER_S - time.monotonic())
 

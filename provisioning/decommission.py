@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from buffer.store import STORE_FILE
+from buffer.store import STORE_FILE, STORE_SUFFIXES
 from core import durable
 from core.errors import UserError
 from provisioning.identity import META, Identity
@@ -50,8 +50,6 @@ DESTROYING, DESTROYED = "destroying", "destroyed"
 #: Exit status of a daemon whose gateway is decommissioned (the systemd unit does not
 #: restart it: RestartPreventExitStatus).
 EXIT_DECOMMISSIONED = 3
-#: The record store's files in the data directory (buffer/store.py names them).
-STORE_SUFFIXES = ("", "-wal", "-shm", ".reserve")
 _CHUNK = 64 * 1024
 
 

@@ -119,13 +119,7 @@ def test_quota_bytes_is_read_from_the_gateway_section(tmp_path: Path) -> None:
         load_config(cfg)
 
 
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "found at the merge of the store's state-in-row work with presence intervals (each "
-    "branch alone passes): on a disk another process filled, the PUBACKed rows' deletion "
-    "commit fails ('database or disk is full', the store's checkpoints failing too) even "
-    "with the reserve released; recording resumes once there is room (issue 15, open)"))
 def test_disk_filled_by_another_process_with_the_broker_down_then_back(
     tmp_path: Path, small_disk: Path, pki: Pki, identity: Identity,
     caplog: pytest.LogCaptureFixture,

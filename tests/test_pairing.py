@@ -7,7 +7,6 @@ a real mosquitto that goes down and comes back."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import gateway
 from app.actions import LocalActions
 from app.removals import Removals, pending_key
-from buffer.store import Store, StoreReader, store_path
+from buffer.store import Store, StoreReader, committed_state, store_path
 from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.record import Reading, Source
@@ -171,13 +170,9 @@ def test_kiosk_pairing_again_needs_replace_and_names_both_key_ids(
 # -- an unpaired tag's data, removed once delivered --------------------------------------
 
 
-def ledger(data_dir: Path) -> dict[str, int]:
-    """The store's ledger as on disk."""
-    conn = sqlite3.connect(f"file:{store_path(data_dir)}?mode=ro", uri=True)
-    try:
-        return dict(conn.execute("SELECT serial, last_event FROM device_events").fetchall())
-    finally:
-        conn.close()
+def ledger(data_dir: Path, identity: Identity) -> dict[str, int]:
+    """The store's ledger as on disk (read with the gateway's storage key)."""
+    return committed_state(store_path(data_dir), identity.storage_key)[1]
 
 
 @pytest.mark.slow
@@ -215,7 +210,7 @@ def test_an_unpaired_tags_data_stays_until_delivered_then_goes(
         polls = gw.removals.polls
         wait_for(lambda: gw.removals.polls >= polls + 5, 10, "five polls, broker down")
         assert gw.writer.stats.by_kind["tag.data_removed"] == 0
-        assert ledger(data)[f"tag:{TAG}"] == 3  # undelivered: nothing of it is gone
+        assert ledger(data, identity)[f"tag:{TAG}"] == 3  # undelivered: nothing of it is gone
 
         broker = start_mosquitto(tmp_path / "mosquitto", pki, port=port, persistence=True)
         wait_for(lambda: gw.writer.stats.by_kind["tag.data_removed"] == 1, 30,
@@ -226,7 +221,7 @@ def test_an_unpaired_tags_data_stays_until_delivered_then_goes(
     finally:
         assert site.close(drain_s=15)  # everything delivered, the removal record too
         broker.stop()
-    assert not [k for k in ledger(data) if TAG in k]  # gone from the disk as well
+    assert not [k for k in ledger(data, identity) if TAG in k]  # gone from the disk as well
     wait_for(lambda: any(r.kind == "tag.data_removed" for r in platform.arrived), 15,
              "the removal's record at the platform")
     platform.stop()

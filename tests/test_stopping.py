@@ -36,7 +36,8 @@ print("stopped", flush=True)
 def test_wait_times_out_then_wakes_every_waiter_once_set() -> None:
     flag = StopFlag()
     try:
-        assert flag.wait(0.01) is False and not flag.is_set()
+        assert flag.wait(0.01) is False
+        assert not flag.is_set()
         woken: list[bool] = []
         waiters = [threading.Thread(target=lambda: woken.append(flag.wait(30)))
                    for _ in range(4)]
@@ -47,7 +48,8 @@ def test_wait_times_out_then_wakes_every_waiter_once_set() -> None:
         for waiter in waiters:
             waiter.join(30)
         assert woken == [True] * 4
-        assert flag.wait(0) is True and flag.wait(None) is True
+        assert flag.wait(0) is True
+        assert flag.wait(None) is True
     finally:
         flag.close()
 
@@ -75,7 +77,8 @@ def test_sigterm_at_any_instant_stops_the_loop() -> None:
                 except subprocess.TimeoutExpired:
                     hung.append(proc.pid)
                     continue
-                assert proc.returncode == 0 and out == "stopped\n"
+                assert proc.returncode == 0
+                assert out == "stopped\n"
         finally:
             for proc in procs:
                 if proc.poll() is None:

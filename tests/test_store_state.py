@@ -1,6 +1,8 @@
 """The store's state (chain head, per-class usage, device ledger) carried by the newest
-record and written to its tables only when needed: what another connection reads, what
-a reopen after a kill finds, and a store of the first schema migrated in place."""
+record, written to a slot of the state file by a commit of ledger entries alone, and to
+the ``state`` row only when needed: what another connection reads, what a reopen after a
+kill finds (a torn slot too), that the ledger is sealed on disk, and a store of the first
+schema migrated in place."""
 
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from buffer.store import (
     DELTA_MAX_ENTRIES,
+    STATE_SLOT_BYTES,
+    STATE_SUFFIX,
     Evicted,
     Store,
     StoreReader,
     _aad,
     _load_state,
+    _read_slots,
+    committed_state,
     inspect_store,
     undelivered,
 )
@@ -46,9 +52,10 @@ def stored_size(rec: SealedRecord) -> int:
 
 def read_state(db: Path) -> tuple[int, bytes, dict[Priority, tuple[int, int]], dict[str, int]]:
     """The state as a reopen would find it, read from a connection of its own."""
+    aead = storage_aead(STORAGE)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        found = _load_state(conn)
+        found = _load_state(conn, aead, _read_slots(db, aead))
     finally:
         conn.close()
     usage = {p: u for p, u in found.usage.items() if u != (0, 0)}
@@ -93,6 +100,15 @@ class StoreStateMachine(RuleBasedStateMachine):
         for rec in recs:
             self.rows[rec.seq] = (rec.priority, stored_size(rec))
         self.digest = recs[-1].digest
+        self.ledger.update(events)
+
+    @rule(events=st.dictionaries(st.sampled_from([f"tag:{i}:ival:n" for i in range(30)]),
+                                 st.integers(0, 10**6), min_size=1, max_size=40))
+    def ledger_alone(self, events: dict[str, int]) -> None:
+        """Ledger entries alone (a beacon that extends an interval): into the state file."""
+        slots = self.store.stats.slot_writes
+        self.store.commit([], device_events=events)
+        assert self.store.stats.slot_writes == slots + 1
         self.ledger.update(events)
 
     @rule(newest=st.booleans())
@@ -170,7 +186,7 @@ TestStoreState.settings = settings(max_examples=60, stateful_step_count=25, dead
                                    suppress_health_check=[HealthCheck.too_slow])
 
 
-def test_a_commit_touches_the_tables_only_when_the_newest_record_cannot_carry_it(
+def test_a_commit_writes_the_state_row_only_when_the_newest_record_cannot_carry_it(
     tmp_path: Path,
 ) -> None:
     store = Store(tmp_path / "r.db", STORAGE)
@@ -185,7 +201,55 @@ def test_a_commit_touches_the_tables_only_when_the_newest_record_cannot_carry_it
     many = {f"dev:{i}": i for i in range(DELTA_MAX_ENTRIES + 1)}
     store.commit([record(3, Priority.HEARTBEAT)], device_events=many)  # too many to carry
     assert store.stats.table_writes == written + 2
+    store.commit([], device_events={"TR-1": 3})  # ledger entries alone: the state file
+    store.commit([], device_events={"TR-1": 4})
+    assert (store.stats.table_writes, store.stats.slot_writes) == (written + 2, 2)
     store.close()
+
+
+def test_the_ledger_is_sealed_on_disk_and_read_back_with_the_key(tmp_path: Path) -> None:
+    """The ledger holds when and how each tag was heard: nothing of it in clear in any of
+    the store's files, whichever place holds it (state row, newest record, state file);
+    the chain's own entries stay readable without the key (decommissioning reads them)."""
+    db = tmp_path / "r.db"
+    store = Store(db, STORAGE)
+    secret = {"tag:T0000CAFE:ival:first_ms": 1_764_561_600_000, "TR-SECRET-01": 77}
+    store.commit([record(1, Priority.HEARTBEAT)], device_events=secret)  # the carrier
+    store.commit([], device_events={**secret, "tag:T0000CAFE": 5})  # the state file
+    store.commit([], delete_ranges=[(int(Priority.HEARTBEAT), 1, 1)],  # the state row
+                 device_events={"chain:final_seq": 1})
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for needle in (b"T0000CAFE", b"TR-SECRET-01", b"ival"):
+        assert needle not in raw
+    store.close()
+    state, ledger = committed_state(db, STORAGE)
+    assert ledger == {**secret, "tag:T0000CAFE": 5, "chain:final_seq": 1}
+    assert state.last_seq == 1
+    assert undelivered(db, ledger_key="chain:final_seq").ledger == 1
+    with pytest.raises(ValueError, match="sealed with the storage key"):
+        undelivered(db, ledger_key="TR-SECRET-01")
+
+
+def test_a_torn_slot_leaves_the_other_and_the_carried_delta_its_base(tmp_path: Path) -> None:
+    """Two slots, written alternately: damage the newer one (a write torn by a power cut)
+    and the older one stands, with the record whose delta was carried on top of it."""
+    db = tmp_path / "r.db"
+    store = Store(db, STORAGE)
+    store.commit([], device_events={"TR-1": 1})  # slot a
+    store.commit([record(1, Priority.HEARTBEAT)], device_events={"TR-1": 2})  # on a
+    store.commit([], device_events={"TR-1": 3})  # slot b
+    newest = store._slots._newest
+    assert newest is not None  # the store is left as a kill would leave it (no close)
+    state_file = db.with_name(db.name + STATE_SUFFIX)
+    with state_file.open("r+b") as f:  # tear slot b: its sealed bytes half overwritten
+        f.seek(newest * STATE_SLOT_BYTES + 200)
+        f.write(b"\xff" * 64)
+    reopened = Store(db, STORAGE)
+    try:
+        assert reopened.device_ledger() == {"TR-1": 2}  # the record's, on top of slot a
+        assert reopened.state.last_seq == 1
+    finally:
+        reopened.close()
 
 
 # -- a real kill at each step ----------------------------------------------------------
@@ -208,6 +272,11 @@ steps = [
     lambda s: s.commit([], forget=["tag:A"]),
     lambda s: s.commit([], delete_ranges=[(H, 3, 3)]),
     lambda s: s.commit([record(5, Priority.HEARTBEAT)], device_events={{"TR-2": 1}}),
+    lambda s: s.commit([], device_events={{"TR-2": 2, "chain:final_seq": 5}}),
+    lambda s: s.commit([], device_events={{"TR-2": 3, "tag:B:ival:n": 1}}),
+    lambda s: s.commit([record(6, Priority.STATUS)], device_events={{"TR-1": 6}}),
+    lambda s: s.commit([], device_events={{"tag:B:ival:n": 2}}),
+    lambda s: s.commit([], delete_ranges=[(H, 5, 5)]),
 ]
 store = Store(Path(sys.argv[1]), STORAGE)
 for step in steps[: int(sys.argv[2])]:
@@ -219,7 +288,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.parametrize("steps", range(8))
+@pytest.mark.parametrize("steps", range(13))
 def test_a_store_killed_after_each_step_reopens_with_the_same_state(
     tmp_path: Path, steps: int,
 ) -> None:
@@ -237,9 +306,9 @@ def test_a_store_killed_after_each_step_reopens_with_the_same_state(
         assert st.ledger == before["ledger"]
         assert {p.label: list(u) for p, u in st.usage.items()} == before["usage"]
         assert store.state.boot == 2
-        found = undelivered(db, ledger_key="TR-1")
+        found = undelivered(db, ledger_key="chain:final_seq")
         assert found.last_seq == before["seq"]
-        assert found.ledger == before["ledger"].get("TR-1")
+        assert found.ledger == before["ledger"].get("chain:final_seq")
         assert found.count == sum(c for c, _ in before["usage"].values())
     finally:
         store.close()
@@ -333,6 +402,13 @@ def test_a_store_of_the_first_schema_keeps_its_queue_and_state(
         store.close()
         if not clean_stop:
             old.close()
-    found = undelivered(db, ledger_key="TR-0001")
-    assert (found.last_seq, found.ledger, found.count) == (5, 42, len(recs))
+    found = undelivered(db, ledger_key="chain:final_seq")
+    assert (found.last_seq, found.ledger, found.count) == (5, 0, len(recs))
+    assert committed_state(db, STORAGE)[1] == {"TR-0001": 42, "chain:final_seq": 0}
     assert inspect_store(db)["boot"] == 8
+    # the tables of before held the ledger in clear: emptied at the first open
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM device_events").fetchone()[0] == 0
+    finally:
+        conn.close()
