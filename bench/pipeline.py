@@ -11,8 +11,13 @@ Everything runs in one invocation, so the ratios hold on a noisy machine:
    synchronous=FULL, AES-GCM rows), forwarded by the product's Forwarder over MQTT/mTLS
    at QoS 1 and deleted on PUBACK. Rate, CPU, disk writes (/proc/self/io) per record;
 3. ``paced``: the same at a steady 50 readings/s (the writer's linger groups them);
-   ``paced_1``: at 1 reading/s (each its own commit), long enough for WAL checkpoints;
-   both with disk bytes per record, fsyncs/s and the device ACK's latency;
+   ``paced_1``: at 1 reading/s, long enough for WAL checkpoints, from a device that
+   negotiated the serial window (a home's tag receiver: protocol 2, WINDOW), whose
+   readings the writer may hold up to the checkpoint (``[tags] interval_checkpoint_s``,
+   20 s; its ACK waits as long, by design), then again from a stop-and-wait device
+   (``paced_1_sw_*``: each reading its own commit; at 4 KiB pages a commit writes one
+   4,120-byte WAL frame, two filesystem blocks: 8,192 bytes is its floor);
+   each with disk bytes per record, fsyncs/s and the device ACK's latency;
 4. ``backlog``: 1,000,000 records committed with no forwarder (the broker unreachable);
 5. ``restart``: the store reopened with the backlog queued, until the first batch is
    read (ready to forward); the store's pages are first dropped from the page cache
@@ -79,6 +84,7 @@ from core.record import (  # noqa: E402
     Source,
 )
 from core.suites import SoftwareKey  # noqa: E402
+from firmware_bridge.framed import LEDGER_CHECKPOINT_S  # noqa: E402
 from lab.mosquitto import (  # noqa: E402
     Mosquitto,
     Pki,
@@ -531,10 +537,12 @@ def store_checkpoints(store: Any) -> int:
     return int(stats.checkpoints) if stats is not None else 0
 
 
-def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced",
-                quota: int | None = None) -> dict[str, Any]:
+def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced", *,
+                quota: int | None = None, within_s: float | None = None) -> dict[str, Any]:
     """Readings at a steady low rate: what a home gateway sees most of the time; every
-    reading's device ACK timed from its submission to its ``on_committed``."""
+    reading's device ACK timed from its submission to its ``on_committed``. With
+    *within_s*, submitted as the port submits a windowed device's readings (their commit
+    may wait that long: ``StoreWriter.submit_all(..., within_s)``)."""
     db = env.workdir / f"{prefix}.db"
     store = Store(db, env.identity.storage_key, quota_bytes=quota)
     reader = StoreReader(db, env.identity.storage_key)
@@ -559,7 +567,10 @@ def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced",
         def committed(_rec: SealedRecord, t_submit: float = t_submit) -> None:
             device_ack_ms.append((time.perf_counter() - t_submit) * 1000)
 
-        writer.submit(readings.presence(), committed)
+        if within_s is None:
+            writer.submit(readings.presence(), committed)
+        else:
+            writer.submit_all([readings.presence()], committed, within_s=within_s)
     wait_until(lambda: forwarder.stats.records_acked >= count, PHASE_TIMEOUT_S,
                f"{prefix}: all records acked")
     # the phase lasts count/rate: the deletions of the last PUBACKs ride with readings
@@ -599,12 +610,16 @@ def phase_paced(env: Env, count: int, rate: float, prefix: str = "paced",
 
 
 def projection(results: dict[str, Any]) -> dict[str, Any]:
-    """Disk bytes written per day: a home (HOME_RATE records/s, each its own commit as
-    at 1/s, so at paced_1's cost per record) and a gateway at the paced rate."""
+    """Disk bytes written per day: a home (HOME_RATE records/s at paced_1's cost per
+    record: a windowed receiver; and at paced_1_sw's: stop-and-wait, each its own commit)
+    and a gateway at the paced rate."""
     out: dict[str, Any] = {}
     if "paced_1_disk_bytes_written_per_record" in results:
         out["projection_home_bytes_per_day"] = (
             results["paced_1_disk_bytes_written_per_record"] * HOME_RATE * DAY_S)
+    if "paced_1_sw_disk_bytes_written_per_record" in results:
+        out["projection_home_stop_and_wait_bytes_per_day"] = (
+            results["paced_1_sw_disk_bytes_written_per_record"] * HOME_RATE * DAY_S)
     if "paced_disk_bytes_written_per_record" in results:
         out["projection_paced_bytes_per_day"] = (
             results["paced_disk_bytes_written_per_record"] * PACED_RATE * DAY_S)
@@ -1002,7 +1017,14 @@ def human_report(results: dict[str, Any]) -> str:
         ("paced_1_disk_bytes_written_per_record",
          f"paced {PACED_1_RATE:g}/s: disk writes per record", "{:.0f} B"),
         ("paced_1_fsyncs_per_s", f"paced {PACED_1_RATE:g}/s: fsyncs/s", "{:.2f}"),
-        ("paced_1_device_ack_ms_p99", f"paced {PACED_1_RATE:g}/s: device ACK p99", "{:.1f} ms"),
+        ("paced_1_device_ack_ms_p99", f"paced {PACED_1_RATE:g}/s: device ACK p99 (window)",
+         "{:.1f} ms"),
+        ("paced_1_sw_disk_bytes_written_per_record",
+         f"paced {PACED_1_RATE:g}/s stop-and-wait: disk writes/record", "{:.0f} B"),
+        ("paced_1_sw_fsyncs_per_s", f"paced {PACED_1_RATE:g}/s stop-and-wait: fsyncs/s",
+         "{:.2f}"),
+        ("paced_1_sw_device_ack_ms_p99", f"paced {PACED_1_RATE:g}/s stop-and-wait: ACK p99",
+         "{:.1f} ms"),
     ]
     rows += [(f"{key}_1core", f"{label} [1 core]", fmt) for key, label, fmt in rows
              if f"{key}_1core" in results]
@@ -1014,7 +1036,9 @@ def human_report(results: dict[str, Any]) -> str:
         lines.append(
             f"  projection, disk bytes written per day: a home at {HOME_RATE:g} records/s "
             f"{results.get('projection_home_bytes_per_day', math.nan) / 1e6:.0f} MB "
-            f"(at paced_1's cost per record); at {PACED_RATE}/s "
+            f"(at paced_1's cost per record: a windowed receiver; "
+            f"{results.get('projection_home_stop_and_wait_bytes_per_day', math.nan) / 1e6:.0f}"
+            f" MB stop-and-wait); at {PACED_RATE}/s "
             f"{results.get('projection_paced_bytes_per_day', math.nan) / 1e9:.1f} GB")
     lines.append("")
     lines.append("  targets:")
@@ -1095,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.update(phase_paced(env, sizes["paced"], PACED_RATE))
             if "paced_1" in phases:
                 results.update(phase_paced(env, sizes["paced_1"], PACED_1_RATE, "paced_1",
+                                           quota=PACED_1_QUOTA,
+                                           within_s=LEDGER_CHECKPOINT_S))
+                results.update(phase_paced(env, sizes["paced_1"], PACED_1_RATE, "paced_1_sw",
                                            quota=PACED_1_QUOTA))
             results.update(projection(results))
             if "backlog" in phases:

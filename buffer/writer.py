@@ -148,6 +148,9 @@ class _Submit:
     forget: tuple[str, ...] = ()  # ledger entries removed in the same transaction
     final: bool = False  # the last reading is the chain's last record
     at: float = field(default_factory=time.monotonic)  # when submitted
+    #: committed at the latest then (monotonic s), as ledger entries with a deadline: the
+    #: readings of a device whose ACK may wait (a serial window); None: linger rules
+    due: float | None = None
 
     @property
     def urgent(self) -> bool:
@@ -361,11 +364,16 @@ class StoreWriter:
         self._add_backlog(1)
         self._inbox.put(_Submit((reading,), on_committed))
 
-    def submit_all(self, readings: list[Reading], on_committed: OnCommitted | None = None) -> None:
-        """Commit *readings* in one transaction; *on_committed* gets the last record."""
+    def submit_all(self, readings: list[Reading], on_committed: OnCommitted | None = None,
+                   within_s: float | None = None) -> None:
+        """Commit *readings* in one transaction; *on_committed* gets the last record.
+        With *within_s* (a device whose ACK may wait: a serial window), they ride the
+        next transaction and are committed at the latest *within_s* seconds from now, as
+        :meth:`submit_ledger`'s entries; an alarm among them commits at once all the same."""
         if readings:
             self._add_backlog(len(readings))
-            self._inbox.put(_Submit(tuple(readings), on_committed))
+            due = None if within_s is None else time.monotonic() + within_s
+            self._inbox.put(_Submit(tuple(readings), on_committed, due=due))
 
     def submit_final(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
         """Seal *reading* as the chain's last record (``gateway.decommissioned``): once it
@@ -537,7 +545,7 @@ class StoreWriter:
                     elif self._final_seq is not None:
                         self._refuse(item)  # after the final record: nothing is sealed
                     else:
-                        if isinstance(item, _Submit):
+                        if isinstance(item, _Submit) and item.due is None:
                             self._arrived(item, held=held)
                             self._arrived_while_held += held
                         pending.append(item)
@@ -617,9 +625,10 @@ class StoreWriter:
         spacing) before :attr:`linger_s` after the group's oldest submission; otherwise
         then. Recorded in the stats.
 
-        Ledger entries alone (:meth:`submit_ledger` with a deadline: beacons of a
-        windowed receiver that only extend their tag's interval) wait until their earliest
-        deadline; with readings, they commit with them, and never make them wait longer."""
+        Ledger entries and readings with a deadline (:meth:`submit_ledger`,
+        :meth:`submit_all` with *within_s*: a windowed device, whose ACK may wait) wait
+        until their earliest deadline; with other readings they commit with them, and
+        never make them wait longer."""
         oldest = inf
         records = 0
         urgent = False
@@ -627,15 +636,15 @@ class StoreWriter:
         only_ledger = True  # every pending item is ledger entries with a deadline
         for item in pending:
             if isinstance(item, _Submit):
-                if _source(item) is not None:  # the gateway's own readings never linger
-                    oldest = min(oldest, item.at)
+                if _source(item) is not None and item.due is None:
+                    oldest = min(oldest, item.at)  # the gateway's own readings never linger
                 records += len(item.readings)
                 urgent = urgent or item.urgent
             elif isinstance(item, _Barrier):
                 urgent = True  # someone waits for the commit (flush)
             else:
                 records += 1
-            if isinstance(item, _Ledger) and item.due is not None:
+            if isinstance(item, (_Ledger, _Submit)) and item.due is not None:
                 ledger_due = min(ledger_due, item.due)
             else:
                 only_ledger = False
@@ -646,7 +655,8 @@ class StoreWriter:
                     or now + self._spacing > due or not self._may_join(now)):
                 due = now  # nobody else is expected before the deadline: no use waiting
             due = min(due, ledger_due)
-        elif only_ledger and records < LINGER_MAX_RECORDS and self._trouble is None:
+        elif (only_ledger and not urgent and records < LINGER_MAX_RECORDS
+              and self._trouble is None):
             due = ledger_due
         else:
             due = now

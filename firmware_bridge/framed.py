@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from core.devices import device_ledger_key
+from core.kinds import Priority
 from core.record import JSON, Reading, SealedRecord, Source
 from firmware_bridge.link import (
     DeviceRejected,
@@ -49,7 +50,8 @@ BACKLOG_RESUME = 1_000
 #: and summarised in one device.flapping record when the window ends.
 DEVICE_UP_BURST = 3
 FLAP_WINDOW_S = 60.0
-#: How long ledger entries without a record (:class:`LedgerOnly`) may wait for a
+#: How long ledger entries without a record (:class:`LedgerOnly`), and readings no one
+#: waits for (below the check-in class: not an alarm, not a check-in), may wait for a
 #: transaction to ride along with when the link may defer its ACKs (a window of frames:
 #: ``HostLink.can_defer_ack``); a stop-and-wait device waits only the writer's own linger.
 #: The daemon sets it from ``[tags] interval_checkpoint_s``.
@@ -88,6 +90,8 @@ class Sink(Protocol):
     def submit_all(
         self, readings: list[Reading], on_committed: Callable[[SealedRecord], None] | None = None
     ) -> None: ...
+    # and, called only with a deadline (a link that may defer its ACKs):
+    # submit_all(readings, on_committed, within_s)
 
     def submit_ledger(
         self, updates: Ledger, on_committed: Callable[[], None] | None = None,
@@ -373,7 +377,13 @@ class FramedDeviceProtocol:
         def on_committed(_rec: SealedRecord) -> None:
             transport.call_soon(lambda: self._ack(event_id))
 
-        self.sink.submit_all(readings, on_committed)
+        within_s = None
+        if all(_may_wait(r) for r in readings):
+            within_s = self._defer_within(event_id)
+        if within_s is None:
+            self.sink.submit_all(readings, on_committed)
+        else:
+            self.sink.submit_all(readings, on_committed, within_s)  # type: ignore[call-arg]
 
     def _submit_ledger(self, msg: Message, updates: Ledger) -> None:
         """Commit a message's ledger entries, with its device event, without a record; ACK
@@ -384,17 +394,23 @@ class FramedDeviceProtocol:
             return
         self.stats.ledger_only += 1
         event_id = msg.event_id
-        within_s: float | None = None
-        if getattr(self.link, "can_defer_ack", False):
-            window = getattr(self.link, "window", 0) or DEFER_WINDOW
-            if len(self._deferred) + 1 < max(1, window // 2):
-                within_s = self._ledger_checkpoint_s
-                self._deferred.add(event_id)
-            else:  # half the window waits: this one and those before it commit now
-                self._deferred.clear()
         self.sink.submit_ledger(
             (*updates, (device_ledger_key(msg.serial), event_id)),
-            lambda: transport.call_soon(lambda: self._ack(event_id)), within_s)
+            lambda: transport.call_soon(lambda: self._ack(event_id)),
+            self._defer_within(event_id))
+
+    def _defer_within(self, event_id: int) -> float | None:
+        """How long the commit of *event_id*'s effect may wait (None: as the writer's
+        linger): the checkpoint when the link may defer its ACKs and fewer than half its
+        window wait; at half, this one and those before it commit now."""
+        if not getattr(self.link, "can_defer_ack", False):
+            return None
+        window = getattr(self.link, "window", 0) or DEFER_WINDOW
+        if len(self._deferred) + 1 < max(1, window // 2):
+            self._deferred.add(event_id)
+            return self._ledger_checkpoint_s
+        self._deferred.clear()  # half the window waits: commit now
+        return None
 
     def _ack(self, event_id: int) -> None:
         self.stats.acked += 1
@@ -403,6 +419,15 @@ class FramedDeviceProtocol:
 
     def _status(self, kind: str, body: dict[str, JSON], mono_ns: int) -> None:
         self.sink.submit(Reading(kind, self._source, body, mono_ns))
+
+
+def _may_wait(reading: Reading) -> bool:
+    """Whether no one waits for *reading*'s commit beyond its device: not an alarm, not a
+    check-in (a person at the kiosk), not of an unknown kind (sealed at once)."""
+    try:
+        return reading.priority > Priority.CHECKIN
+    except KeyError:
+        return False
 
 
 def device_error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import pytest
 
@@ -23,13 +24,16 @@ class Sink:
         self.ledgers: list[tuple[tuple[tuple[str, int], ...], Callable[[], None] | None,
                                  float | None]] = []
         self.backlog = 0  # readings not yet committed: none, it commits at once
+        self.within: list[float | None] = []  # each submit_all's deadline
 
     def submit(self, reading: Reading,
                on_committed: Callable[[SealedRecord], None] | None = None) -> None:
         self.submit_all([reading], on_committed)
 
     def submit_all(self, readings: list[Reading],
-                   on_committed: Callable[[SealedRecord], None] | None = None) -> None:
+                   on_committed: Callable[[SealedRecord], None] | None = None,
+                   within_s: float | None = None) -> None:
+        self.within.append(within_s)
         self.committed.extend(readings)  # "commits" at once
         if on_committed is not None:
             on_committed(SealedRecord(0, readings[-1].priority, readings[-1].kind, b"", b""))
@@ -133,7 +137,9 @@ class GroupSink(Sink):
         self.queued: list[tuple[list[Reading], Callable[[SealedRecord], None] | None]] = []
 
     def submit_all(self, readings: list[Reading],
-                   on_committed: Callable[[SealedRecord], None] | None = None) -> None:
+                   on_committed: Callable[[SealedRecord], None] | None = None,
+                   within_s: float | None = None) -> None:
+        self.within.append(within_s)
         self.queued.append((readings, on_committed))
 
     def commit_group(self) -> None:
@@ -231,3 +237,34 @@ def test_ledger_entries_alone_are_committed_with_the_event_before_the_ack(defer:
     assert not device.queue
     assert proto.stats.ledger_only == 1
     assert len(sink.ledgers) == 1  # not submitted again
+
+
+class KindDriver(LedgerDriver):
+    """Every message is one reading of the kind its body names."""
+
+    KINDS: ClassVar[dict[int, str]] = {0: "device.error", 1: "tag.tamper", 2: "checkin"}
+
+    def on_message(self, msg: Message, hello: Hello, mono_ns: int) -> list[Reading]:  # type: ignore[override]
+        return [Reading(self.KINDS[msg.body[0]], Source("tag_receiver", hello.serial),
+                        {"dev_event": msg.event_id}, mono_ns, (msg.serial, msg.event_id))]
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_on_a_windowed_link_readings_no_one_waits_for_wait_for_the_checkpoint(
+        defer: bool) -> None:
+    """A device whose ACK may wait: its status readings ride the checkpoint (within_s);
+    an alarm and a check-in (a person at the kiosk) never wait. Stop-and-wait: none."""
+    sink = Sink()
+    link = DeferringLink(sink.last_committed_event, expected_class=DeviceClass.TAG_RECEIVER) \
+        if defer else None
+    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, KindDriver(), sink,
+                                 link=link, ledger_checkpoint_s=7.0)
+    device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
+    for kind in (0, 1, 2, 0):
+        device.enqueue(0x01, bytes([kind]))
+    proto.connection_made(InlineTransport(), 0)
+    Pump(proto, device).run(40)
+    kinds = [r.kind for r in sink.committed]
+    assert kinds == ["device.up", "device.error", "tag.tamper", "checkin", "device.error"]
+    # device.up (the port's own: at once), then one per message
+    assert sink.within == ([None, 7.0, None, None, 7.0] if defer else [None] * 5)

@@ -361,3 +361,38 @@ def test_ledger_entries_without_a_record_ride_along_and_commit_on_their_own_when
     assert again.ledger_value("tag:T1") == 10  # durable
     assert again.last_seq == 2
     store.close()
+
+
+def test_readings_with_a_deadline_ride_the_next_transaction_and_an_alarm_never_waits(
+        tmp_path: Path) -> None:
+    """``submit_all(..., within_s)`` (a windowed device, whose ACK may wait): no
+    transaction of their own before the deadline; the next one takes them; alone they
+    commit once due; an alarm among them commits at once."""
+    import threading
+
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    try:
+        done: list[int] = []
+        for n in range(1, 4):
+            writer.submit_all([presence(n)], lambda rec: done.append(rec.seq), within_s=30.0)
+        before = writer.stats.transactions
+        assert writer.backlog == 3  # held: not committed
+        assert writer.flush()  # someone waits (a flush): the group commits now
+        assert writer.stats.transactions == before + 1
+        assert done == [1, 2, 3]
+        # alone, they commit once due, with nothing else to wake the writer
+        committed = threading.Event()
+        writer.submit_all([presence(4)], lambda _rec: committed.set(), within_s=0.2)
+        assert committed.wait(10)
+        # an alarm with a deadline is still an alarm: committed at once
+        alarm = threading.Event()
+        writer.submit_all([Reading("tag.tamper", SRC, {"n": 5}, 5)], lambda _r: alarm.set(),
+                          within_s=30.0)
+        assert alarm.wait(10)
+        assert writer.stats.urgent_groups >= 1
+    finally:
+        writer.stop()
+        store.close()
