@@ -108,6 +108,12 @@ FS_RESERVE_SHARE = 10
 _ZEROS = bytes(64 * 1024)
 _AAD = struct.Struct(">4sBQ")
 NONCE_BYTES = 12
+#: A record this large (a health record: 1.7 KB) is stored compressed, before it is
+#: encrypted, when that saves a quarter: at home a health record and three intervals
+#: then fit the one page the commit writes (measured: the burst every 5 minutes split
+#: the records' B-tree, 9 WAL frames). A record's bytes begin with ``{``; compressed
+#: ones with zlib's header, so both read back.
+ROW_COMPRESS_MIN = 1024
 #: A batch read by :meth:`StoreReader.queued` stops at this many bytes.
 QUEUED_BATCH_BYTES = 16 * 1024 * 1024
 #: Ledger entries the newest record may carry (changed since the tables were last
@@ -902,6 +908,10 @@ class Store:
         self._commits_since_checkpoint = 0
 
     def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
+        if len(data) >= ROW_COMPRESS_MIN:
+            packed = zlib.compress(data, 6)
+            if len(packed) * 4 <= len(data) * 3:  # a quarter saved at least
+                data = packed
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self._aead.encrypt(nonce, data, _aad(prio, seq))
 
@@ -1000,7 +1010,10 @@ class StoreReader:
         return None
 
     def open_row(self, prio: int, seq: int, blob: bytes) -> bytes:
-        return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(prio, seq))
+        data = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(prio, seq))
+        if data[:1] != b"{":  # compressed (Store._seal_row): a record's bytes begin with {
+            data = zlib.decompress(data)
+        return data
 
     def lowest_seq(self) -> int | None:
         """The lowest seq still queued in any class (None: nothing queued): every record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from buffer.seal import Sealer
-from buffer.store import MIN_QUOTA_BYTES, Store, StoreError, StoreReader
+from buffer.store import MIN_QUOTA_BYTES, ROW_COMPRESS_MIN, Store, StoreError, StoreReader
 from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.kinds import Priority
@@ -120,7 +121,8 @@ def test_writer_acks_only_after_commit_and_rolls_back_on_failure(
     # a full disk: every commit fails; the reading stays unacknowledged, no seq is burnt
     pages = store._db.execute("PRAGMA page_count").fetchone()[0]
     store._db.execute(f"PRAGMA max_page_count={pages}")
-    writer.submit(Reading("tag.presence", SRC, {"pad": "x" * 20000}, 2),
+    # incompressible enough that it needs new pages even stored compressed
+    writer.submit(Reading("tag.presence", SRC, {"pad": os.urandom(10000).hex()}, 2),
                   lambda rec: committed.append(rec.seq))
     writer.submit(Reading("tag.presence", SRC, {"n": 3}, 3, ("TR-0001", 3)),
                   lambda rec: committed.append(rec.seq))
@@ -395,4 +397,26 @@ def test_readings_with_a_deadline_ride_the_next_transaction_and_an_alarm_never_w
         assert writer.stats.urgent_groups >= 1
     finally:
         writer.stop()
+        store.close()
+
+
+def test_a_large_record_is_stored_compressed_and_reads_back_the_same(tmp_path: Path) -> None:
+    """A record of ROW_COMPRESS_MIN bytes or more that compresses by a quarter is stored
+    compressed (then encrypted); a small one as it is; both read back byte for byte."""
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    clock = Clock()
+    big = sealer.seal(Reading("gateway.health", SRC, {"ports": ["ttyUSB0"] * 200}, 1),
+                      clock.timestamp(1))
+    small = sealer.seal(presence(2), clock.timestamp(2))
+    assert len(big.data) >= ROW_COMPRESS_MIN > len(small.data)
+    store.commit([big, small])
+    sizes = dict(sqlite3.connect(db).execute("SELECT seq, length(blob) FROM records"))
+    assert sizes[big.seq] < len(big.data) * 3 // 4  # compressed
+    assert sizes[small.seq] == len(small.data) + 28  # nonce and tag only
+    reader = StoreReader(db, STORAGE)
+    try:
+        assert sorted(reader.queued()) == sorted([big.data, small.data])
+    finally:
+        reader.close()
         store.close()
