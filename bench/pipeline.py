@@ -1000,6 +1000,8 @@ def human_report(results: dict[str, Any]) -> str:
         ("record_bytes", "sealed record, mean", "{:.0f} B"),
         ("disk_bytes_written_per_record", "disk writes per record (sustained)", "{:.0f} B"),
         ("sign_only_per_s", "session-key signatures/s, one thread", "{:.0f}"),
+        ("records_per_s_vs_sign_only", "sustained records/s over signatures/s", "{:.3f}"),
+        ("sustained_writer_cpu_us_per_record", "store writer's CPU per record", "{:.0f} us"),
         ("seal_only_per_s", "seal only (no store, no uplink)", "{:.0f}"),
         ("backlog_fill_records_per_s", "backlog fill, no forwarder", "{:.0f}"),
         ("restart_s_1m", "restart with backlog queued", "{:.3f} s"),
@@ -1114,6 +1116,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["records_per_commit"] = (sustained["records"]
                                                  / max(1, sustained["commits"]))
                 results["sustained_threads_cpu_s"] = sustained["threads_cpu_s"]
+                results["sustained_writer_cpu_us_per_record"] = (
+                    sustained["threads_cpu_s"].get("store-writer", math.nan)
+                    / sustained["records"] * 1e6)
+                if "sign_only_per_s" in results:
+                    results["records_per_s_vs_sign_only"] = (sustained["records_per_s"]
+                                                             / results["sign_only_per_s"])
                 results["sustained_left_in_store"] = sustained["left_in_store"]
             if "paced" in phases:
                 results.update(phase_paced(env, sizes["paced"], PACED_RATE))

@@ -97,6 +97,9 @@ class Draft:
         self.base_seq = last_seq
         self.last_seq = last_seq
         self.last_digest = last_digest
+        # the last reading's source and its canonical bytes (by identity: no hash)
+        self._last_source: Source | None = None
+        self._last_src = b""
 
     def use_key(self, key: Signer) -> None:
         """Sign from the next record on with *key* (a session key: the chain's algorithm
@@ -129,6 +132,9 @@ class Draft:
         # the body is the one part encoded for each record (refusing a float: TypeError)
         encoded_body = canonical_body(body if type(body) is dict else dict(body))
         priority, kind, prio = _kind(reading)
+        source = reading.source
+        if source is not self._last_source:  # a driver's readings share one Source
+            self._last_source, self._last_src = source, _source(source)
         seq = self.last_seq + 1
         # The canonical bytes (core.record.canonical of the record as a dict: the same,
         # tests/test_canonical.py), written in the fields' sorted order: alg body boot gw
@@ -138,7 +144,7 @@ class Draft:
             self._open, encoded_body, self._middle, kind, ts.mono_ms,
             _b64u(self.last_digest), prio, seq)
         tail = b'"src":%b,"t":%d,"tq":%b,"v":%d}' % (
-            _source(reading.source), ts.utc_ms, _text(ts.quality), FORMAT_VERSION)
+            self._last_src, ts.utc_ms, _text(ts.quality), FORMAT_VERSION)
         sig = _b64u(key.sign(head + tail))
         data = b'%b"sig":"%b",%b' % (head, sig, tail)
         digest = self._hash(data)

@@ -273,10 +273,12 @@ class _Group:
             rec = self.draft.seal(reading, ts)
         self.records.append(rec)
         self.size += len(rec.data) + ROW_BYTES
-        if reading.device_event is not None:
-            self.events[device_ledger_key(reading.device_event[0])] = reading.device_event[1]
-        self.events.update(reading.ledger)
-        self.forget.difference_update(reading.ledger)  # set again after it was forgotten
+        event = reading.device_event
+        if event is not None:
+            self.events[device_ledger_key(event[0])] = event[1]
+        if reading.ledger:
+            self.events.update(reading.ledger)
+            self.forget.difference_update(reading.ledger)  # set again after it was forgotten
         if on_committed is not None:
             self.callbacks.append((on_committed, len(self.records) - 1))
 
@@ -805,17 +807,7 @@ class StoreWriter:
             if isinstance(item, _Health) and group.taken:
                 break
             group.taken += 1
-            if isinstance(item, _Ledger):
-                group.ledgers += 1
-                group.events.update(item.updates)
-                group.forget.difference_update(k for k, _ in item.updates)
-                if item.on_committed is not None:  # in submission order with the others
-                    group.callbacks.append((_without_record(item.on_committed), -1))
-            elif isinstance(item, _Health):
-                group.add(self._health_reading(item), self._clock)
-            elif isinstance(item, _KeyRecord):
-                self._add_key_record(group, item)
-            elif isinstance(item, _Submit):
+            if isinstance(item, _Submit):  # the common case first
                 for reading in item.readings:
                     group.add(reading, self._clock)
                 if item.on_committed is not None and item.readings:
@@ -827,6 +819,16 @@ class StoreWriter:
                     group.events[FINAL_LEDGER_KEY] = group.records[-1].seq
                     group.final = True
                     break  # the chain ends here
+            elif isinstance(item, _Ledger):
+                group.ledgers += 1
+                group.events.update(item.updates)
+                group.forget.difference_update(k for k, _ in item.updates)
+                if item.on_committed is not None:  # in submission order with the others
+                    group.callbacks.append((_without_record(item.on_committed), -1))
+            elif isinstance(item, _Health):
+                group.add(self._health_reading(item), self._clock)
+            elif isinstance(item, _KeyRecord):
+                self._add_key_record(group, item)
         return group
 
     def _add_key_record(self, group: _Group, item: _KeyRecord) -> None:

@@ -271,6 +271,24 @@ def test_a_float_among_strings_that_look_like_floats() -> None:
     assert canonical_body(clean) == spec(clean)
 
 
+@pytest.mark.parametrize("text", ["0E5", "T0000100E", "1.", ".5", "9e", "E9", "null", "NULL",
+                                  "nul", "0.0", "-1e-7", "1e+16"])
+@pytest.mark.parametrize("in_key", [False, True])
+def test_strings_the_float_check_looks_at_twice_are_not_floats(text: str, in_key: bool) -> None:
+    """The check on orjson's bytes takes these for a float's text; the walk then finds
+    none: the bytes are orjson's, as defined."""
+    body: dict[str, Any] = {text: [1, 2]} if in_key else {"s": text, "n": 10}
+    assert canonical_body(body) == spec(body) == canonical(body)
+
+
+@pytest.mark.parametrize("number", [1e16, 1e-7, 0.5, -0.0, 1.5e300, 5e-324, 100.0])
+def test_every_form_of_a_float_orjson_writes_is_caught(number: float) -> None:
+    """A float alone among integers (no other "." or "null" in the bytes)."""
+    body = {"n": 7, "x": number}
+    with pytest.raises(TypeError, match=r"float at body\.x"):
+        canonical_body(body)
+
+
 # -- lone surrogates: no encoding ------------------------------------------------------------
 
 surrogates = st.integers(0xD800, 0xDFFF).map(chr)
@@ -346,6 +364,28 @@ def test_every_kind_sealed_is_the_reference_encoding_of_its_record(
         assert record.priority == KIND_PRIORITY[kind]
         prev = record.digest
     assert draft.last_seq == last_seq + len(items)
+
+
+def test_a_draft_sealing_readings_of_several_sources_in_turn() -> None:
+    """The draft keeps the last source's bytes (by identity): readings from one source,
+    another, the first again and an equal one made anew are each sealed with their own."""
+    first = Source("tag_receiver", "TR-1", "1.4.2")
+    second = Source("kiosk", "KI-1")
+    turns = [first, first, second, first, Source("tag_receiver", "TR-1", "1.4.2"),
+             Source("tag_receiver", "TR-2", "1.4.2"), second]
+    draft = Sealer("gw-test-0001", KEY, last_seq=0, last_digest=GENESIS_PREV, boot=3).draft()
+    prev = GENESIS_PREV
+    for n, src in enumerate(turns):
+        ts = Timestamp(1_700_000_000_000 + n, "ntp", n)
+        record = draft.seal(Reading("tag.presence", src, {"n": n}, 0), ts)
+        unsigned = {"alg": ED25519, "v": 2, "gw": "gw-test-0001", "seq": n + 1,
+                    "prev": b64u(prev), "boot": 3, "t": ts.utc_ms, "tq": "ntp",
+                    "mono": n, "src": src.to_json(), "kind": "tag.presence",
+                    "prio": KIND_PRIORITY["tag.presence"].label, "body": {"n": n},
+                    "kid": KEY.kid}
+        sig = KEY.sign(canonical_reference(unsigned))
+        assert record.data == spec({**unsigned, "sig": b64u(sig)})
+        prev = record.digest
 
 
 @given(kind_and_body(), surrogates, st.booleans())
