@@ -93,9 +93,10 @@ class TinyStore:
         delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
         forget: Iterable[str] = (),
+        maintain: bool = True,
     ) -> None:
         """One whole-file rewrite (and fsync) per group: inserts, deletes, chain state,
-        ledger entries *forget* names removed."""
+        ledger entries *forget* names removed (*maintain*: nothing to maintain here)."""
         sealed = list(records)
         now = int(time.time())
         new_docs = {
@@ -128,6 +129,9 @@ class TinyStore:
         if sealed:
             last = max(sealed, key=lambda r: r.seq)
             self.state = StoreState(last.seq, last.digest, self.state.boot)
+
+    def maintain(self) -> None:
+        """Nothing: a TinyDB file has no WAL to checkpoint."""
 
     def _seal_row(self, prio: int, seq: int, data: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

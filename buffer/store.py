@@ -768,9 +768,12 @@ class Store:
         delete_ranges: Iterable[tuple[int, int, int]] = (),
         evict: Iterable[Evicted] = (),
         forget: Iterable[str] = (),
+        maintain: bool = True,
     ) -> None:
         """Insert, delete, evict and advance the chain state in one durable transaction;
-        *forget* names ledger entries removed in it (an unpaired device's)."""
+        *forget* names ledger entries removed in it (an unpaired device's). Then, unless
+        *maintain* is False (the writer calls :meth:`maintain` once it has acknowledged
+        the devices), the WAL's checkpoint when due."""
         sealed = list(records)
         ranges = list(delete_ranges)
         evicted = list(evict)
@@ -839,6 +842,12 @@ class Store:
         self._st = st
         self.state = StoreState(st.last_seq, st.digest, st.boot)
         self.usage = dict(st.usage)
+        if maintain:
+            self.maintain()
+
+    def maintain(self) -> None:
+        """The WAL's checkpoint when due, and its bound: after a commit, outside the time
+        a device waits for its ACK (a checkpoint copies pages and fsyncs the database)."""
         self._checkpoint_if_due()
         self.bound_wal()
 

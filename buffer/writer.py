@@ -696,12 +696,13 @@ class StoreWriter:
         try:
             self._store.commit(group.records, device_events=group.events,
                                delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict,
-                               forget=group.forget)
+                               forget=group.forget, maintain=False)
         except sqlite3.Error as exc:
             self._failed(exc, len(group.records))
             return -1
         self._sealer.advance(group.draft)
         self._committed(group, deletes, evict)
+        self._store.maintain()  # the ACKs are on their way: a checkpoint delays none
         self._release_barriers(pending[: group.taken])
         if trouble is not None and self._trouble is trouble:
             self._trouble = None
