@@ -312,6 +312,7 @@ class _State:
     delta: dict[str, int] = field(default_factory=dict)  # changed since the full state
     carrier: tuple[int, int] | None = None  # (prio, seq) of the row whose st holds it
     base_txn: int = 0  # the txn of the full state in effect
+    carrier_bytes: int = 0  # the length of the carrier's blob
 
     def full(self) -> dict[str, Any]:
         """The whole state, as the ``state`` row and the state file hold it."""
@@ -492,12 +493,12 @@ def _load_state(conn: sqlite3.Connection, aead: Aead | None,
     st = fulls[max(fulls)]
     if not _has_st(conn):
         return st  # the first schema: the tables are the state (kept by its triggers)
-    newest: tuple[int, int, bytes | None] | None = None
+    newest: tuple[int, int, bytes | None, int] | None = None
     for prio in Priority:
-        found_row = conn.execute("SELECT seq, st FROM records WHERE prio=? ORDER BY seq "
-                                 "DESC LIMIT 1", (int(prio),)).fetchone()
+        found_row = conn.execute("SELECT seq, st, length(blob) FROM records WHERE prio=? "
+                                 "ORDER BY seq DESC LIMIT 1", (int(prio),)).fetchone()
         if found_row is not None and (newest is None or found_row[0] > newest[1]):
-            newest = (int(prio), int(found_row[0]), found_row[1])
+            newest = (int(prio), int(found_row[0]), found_row[1], int(found_row[2]))
     if newest is None or newest[2] is None:
         return st
     carried = _open_state(aead, _IN_CARRIER, newest[2])
@@ -516,7 +517,7 @@ def _load_state(conn: sqlite3.Connection, aead: Aead | None,
                   usage={p: (int(c), int(b)) for p, (c, b) in
                          zip(Priority, carried["u"], strict=True)},
                   ledger={**base.ledger, **delta}, delta=delta,
-                  carrier=(newest[0], newest[1]), base_txn=base_txn)
+                  carrier=(newest[0], newest[1]), base_txn=base_txn, carrier_bytes=newest[3])
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
@@ -581,6 +582,9 @@ class Store:
                              f"another storage key ({type(exc).__name__}: {exc})") from None
         self._slots_usable = has_slots
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        # the most a row of the records table (WITHOUT ROWID: an index B-tree) keeps on
+        # its page: SQLite's ((usable - 12) * 64 / 255) - 23, less the key and header
+        self._row_local_bytes = (self._page_size - 12) * 64 // 255 - 23 - ROW_OVERHEAD
         self._checkpoint_frames = max(1, self.limits.wal // 2 // (self._page_size + 24))
         self._commits_since_checkpoint = 0
         self.state = self._bump_boot()
@@ -794,7 +798,7 @@ class Store:
             for r in sealed
         ]
         st = _State(old.txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
-                    {**old.delta, **events}, old.carrier, old.base_txn)
+                    {**old.delta, **events}, old.carrier, old.base_txn, old.carrier_bytes)
         for key in gone:
             st.delta.pop(key, None)
         with self._transaction():
@@ -825,18 +829,27 @@ class Store:
                 st.last_seq, st.digest = last.seq, last.digest
             full = bool(gone) or len(st.delta) > DELTA_MAX_ENTRIES or (
                 not rows and st.carrier is None)
+            newest = max(range(len(rows)), key=lambda i: rows[i][1]) if rows else -1
+            carried = b""
+            if not full:
+                carried = self._carried(st, txn)
+                row_bytes = len(rows[newest][3]) if rows else st.carrier_bytes
+                # a delta that would push the carrier's row past what its page holds
+                # (an overflow page: allocated, freed, the freelist in page 1: 5 WAL
+                # frames measured at home) goes to the state row instead (one page)
+                full = row_bytes + len(carried) > self._row_local_bytes
             if full:
                 self._write_full(st, txn)
                 st.base_txn, st.delta = txn, {}
+                carried = self._carried(st, txn) if rows else b""
             if rows:
-                newest = max(range(len(rows)), key=lambda i: rows[i][1])
                 prio, seq, at, blob, _ = rows[newest]
-                rows[newest] = (prio, seq, at, blob, self._carried(st, txn))
+                rows[newest] = (prio, seq, at, blob, carried)
                 self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
-                st.carrier = (prio, seq)
+                st.carrier, st.carrier_bytes = (prio, seq), len(blob)
             elif not full and st.carrier is not None:
                 self._db.execute("UPDATE records SET st=? WHERE prio=? AND seq=?",
-                                 (self._carried(st, txn), *st.carrier))
+                                 (carried, *st.carrier))
         st.txn = txn
         self.stats.commits += 1
         self._st = st
@@ -861,7 +874,7 @@ class Store:
         if not self._slots_usable:
             return False
         st = _State(txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
-                    carrier=old.carrier, base_txn=txn)
+                    carrier=old.carrier, base_txn=txn, carrier_bytes=old.carrier_bytes)
         blob = _seal_state(self._aead, _IN_SLOT, st.full())
         if not self._slots.fits(blob):
             return False

@@ -412,3 +412,30 @@ def test_a_store_of_the_first_schema_keeps_its_queue_and_state(
         assert conn.execute("SELECT count(*) FROM device_events").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_a_delta_that_would_overflow_the_carriers_page_goes_to_the_state_row(
+    tmp_path: Path,
+) -> None:
+    """The carrier's row stays within what its page keeps (no overflow page: at home that
+    was 5 WAL frames a commit instead of 1 or 2): a large delta is written whole to the
+    state row in the same transaction; a small one rides the carrier."""
+    db = tmp_path / "r.db"
+    store = Store(db, STORAGE)
+    rows = store._row_local_bytes
+    written = store.stats.table_writes
+    store.commit([record(1, Priority.POSITION, size=500)], device_events={"TR-1": 1})
+    assert store.stats.table_writes == written  # a small delta: carried
+    noisy = {f"tag:T{i:08d}:ival:rssi_sum": int.from_bytes(os.urandom(6), "big")
+             for i in range(DELTA_MAX_ENTRIES - 4)}  # incompressible, under the count bound
+    store.commit([record(2, Priority.POSITION, size=500)], device_events=noisy)
+    assert store.stats.table_writes == written + 1  # the state row took it
+    conn = sqlite3.connect(db)
+    try:
+        lengths = conn.execute("SELECT length(blob) + length(st) FROM records "
+                               "WHERE st IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+    assert all(n <= rows for (n,) in lengths)
+    store.close()
+    assert read_state(db)[3] == {"TR-1": 1, **noisy}
