@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -419,4 +420,37 @@ def test_a_large_record_is_stored_compressed_and_reads_back_the_same(tmp_path: P
         assert sorted(reader.queued()) == sorted([big.data, small.data])
     finally:
         reader.close()
+        store.close()
+
+
+def test_delivered_rows_waiting_for_their_deletion_are_not_counted_as_queued(
+        tmp_path: Path) -> None:
+    """Deletions wait for a reading's commit to ride (DELETE_LINGER_S): the rows they
+    name are delivered, and the status's queue (queued_by_class) does not count them."""
+    from app.snapshot import queued_by_class
+
+    db = tmp_path / "r.db"
+    store, sealer = open_store(db)
+    writer = StoreWriter(store, sealer, Clock())
+    writer.start()
+    try:
+        for n in range(1, 4):
+            writer.submit(presence(n))
+        assert writer.flush()
+        assert queued_by_class(store, writer)["position"] == 3
+        writer.delete_range(int(Priority.POSITION), 1, 2, 2)  # the broker took seqs 1-2
+        # ledger entries alone, after it in the writer's inbox: once they are committed
+        # (the state file) the writer holds the deletion, waiting for a reading to ride
+        committed = threading.Event()
+        writer.submit_ledger((("tag:T1", 1),), committed.set)
+        assert committed.wait(10)
+        assert writer.deletions_waiting_by_class() == {Priority.POSITION: 2}
+        assert store.usage[Priority.POSITION][0] == 3  # still on disk
+        assert queued_by_class(store, writer)["position"] == 1
+        assert writer.flush()  # someone waits: the deletion commits
+        assert writer.deletions_waiting_by_class() == {}
+        assert queued_by_class(store, writer)["position"] == 1
+        assert store.usage[Priority.POSITION][0] == 1
+    finally:
+        writer.stop()
         store.close()
