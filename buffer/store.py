@@ -13,8 +13,9 @@ every transaction but written where it costs the fewest blocks (see :class:`_Sta
 into the newest record's row, which the commit writes anyway; for a commit of ledger
 entries alone, into one slot of the state file beside the store (``records.db.state``,
 4 KiB written and one fdatasync, against two WAL blocks and the WAL's fsync); otherwise
-into the one-row ``state`` table. It is sealed (compressed, then encrypted with the
-storage key like the records): the ledger holds when and how each tag was heard.
+into the state row (a row of the records table, of a class of its own: STATE_PRIO). It
+is sealed (compressed, then encrypted with the storage key like the records): the
+ledger holds when and how each tag was heard.
 
 Under a quota (:class:`Limits`) everything the store puts on disk counts: the pages
 in use, the WAL (bounded: checkpointed at half its bound, truncated past it), the
@@ -64,10 +65,14 @@ CREATE TABLE IF NOT EXISTS usage (
     prio INTEGER PRIMARY KEY, count INTEGER NOT NULL, bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO usage VALUES (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0);
-CREATE TABLE IF NOT EXISTS state (id INTEGER PRIMARY KEY CHECK (id = 0), st BLOB NOT NULL);
 """
+#: The state row: a row of the records table of its own class, below every delivery
+#: class (never read, counted nor delivered as a record), key (STATE_PRIO, 0), the
+#: sealed state as its blob. Where the records are few (a home: they all fit the table's
+#: one page) it shares the page a commit writes anyway.
+STATE_PRIO = -1
 #: The tables ``meta``, ``usage`` and ``device_events`` are the state of a store from
-#: before the ``state`` row (plain text): read once at open, emptied by the first commit.
+#: before the state row (plain text): read once at open, emptied by the first commit.
 #: A store of the first schema (usage kept by triggers, no ``st`` column) is migrated in
 #: place at open: its tables stay, they hold the state as of its last commit.
 MIGRATE = """
@@ -292,14 +297,14 @@ class _State:
 
     A commit writes it where it costs the fewest blocks; every write is numbered with
     the commit's txn, and at open the highest-numbered one wins. A *full* state (the
-    whole ledger) is in the ``state`` row or in a slot of the state file; the txn of the
+    whole ledger) is in the state row or in a slot of the state file; the txn of the
     one in effect is :attr:`base_txn`. A commit that inserts records writes into the
     ``st`` column of its newest record (:attr:`carrier`) the chain head, the usage and
     the ledger entries changed since that full state (the delta), with its txn: that row
     is on the page the commit writes anyway. A commit of ledger entries alone writes a
     full state into the state file's older slot (the newer one, the base of any carried
     delta, is never overwritten). Any other commit updates the carrier's ``st`` while it
-    is there, and writes the ``state`` row once it is gone (delivered), when the delta
+    is there, and writes the state row once it is gone (delivered), when the delta
     grows past :data:`DELTA_MAX_ENTRIES`, or when ledger entries are forgotten.
     """
 
@@ -315,7 +320,7 @@ class _State:
     carrier_bytes: int = 0  # the length of the carrier's blob
 
     def full(self) -> dict[str, Any]:
-        """The whole state, as the ``state`` row and the state file hold it."""
+        """The whole state, as the state row and the state file hold it."""
         return {"t": self.txn, "s": self.last_seq, "d": self.digest.hex(), "b": self.boot,
                 "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.ledger}
 
@@ -461,7 +466,7 @@ def _has_st(conn: sqlite3.Connection) -> bool:
 
 
 def _legacy_state(conn: sqlite3.Connection) -> _State:
-    """The state in the tables of a store from before the ``state`` row (empty ones: the
+    """The state in the tables of a store from before the state row (empty ones: the
     state of a new store, txn 0)."""
     meta = {k: bytes(v) for k, v in conn.execute("SELECT k, v FROM meta")}
     txn = int(meta.get("txn", b"0"))
@@ -482,8 +487,8 @@ def _load_state(conn: sqlite3.Connection, aead: Aead | None,
     fulls = {}
     legacy = _legacy_state(conn)
     fulls[legacy.txn] = legacy
-    row = conn.execute("SELECT st FROM state WHERE id = 0").fetchone() \
-        if _has_table(conn, "state") else None
+    row = conn.execute("SELECT blob FROM records WHERE prio=? AND seq=0",
+                       (STATE_PRIO,)).fetchone()
     if row is not None:
         found = _from_full(_open_state(aead, _IN_ROW, row[0]))
         fulls[found.txn] = found
@@ -518,11 +523,6 @@ def _load_state(conn: sqlite3.Connection, aead: Aead | None,
                          zip(Priority, carried["u"], strict=True)},
                   ledger={**base.ledger, **delta}, delta=delta,
                   carrier=(newest[0], newest[1]), base_txn=base_txn, carrier_bytes=newest[3])
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                        (name,)).fetchone() is not None
 
 
 def _read_slots(store: Path, aead: Aead | None) -> list[dict[str, Any]]:
@@ -730,7 +730,7 @@ class Store:
             log.warning("checkpoint of %s failed: %s", wal, exc)
 
     def _bump_boot(self) -> StoreState:
-        """Count this start, writing the whole state to the ``state`` row (and emptying
+        """Count this start, writing the whole state to the state row (and emptying
         the tables of a store from before it: they held the ledger in plain text)."""
         st = self._st
         st.boot += 1
@@ -747,9 +747,9 @@ class Store:
         return StoreState(st.last_seq, st.digest, st.boot)
 
     def _write_full(self, st: _State, txn: int) -> None:
-        """Write *st* (its ledger complete), numbered *txn*, to the ``state`` row."""
-        self._db.execute("INSERT OR REPLACE INTO state VALUES (0, ?)",
-                         (_seal_state(self._aead, _IN_ROW, {**st.full(), "t": txn}),))
+        """Write *st* (its ledger complete), numbered *txn*, to the state row."""
+        self._db.execute("INSERT OR REPLACE INTO records VALUES (?, 0, 0, ?, NULL)",
+                         (STATE_PRIO, _seal_state(self._aead, _IN_ROW, {**st.full(), "t": txn})))
         self.stats.table_writes += 1
 
     @staticmethod
@@ -1044,7 +1044,8 @@ class StoreReader:
         return _lowest_seq(self._db)
 
     def depth(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT prio, COUNT(*) FROM records GROUP BY prio").fetchall()
+        rows = self._db.execute("SELECT prio, COUNT(*) FROM records WHERE prio >= 0 "
+                                "GROUP BY prio").fetchall()
         return {Priority(p).label: n for p, n in rows}
 
     def newest_record(self) -> bytes | None:
