@@ -539,15 +539,19 @@ def _read_slots(store: Path, aead: Aead | None) -> list[dict[str, Any]]:
         slots.close()
 
 
+def _read_committed(path: Path, aead: Aead) -> _State:
+    """The state of the store at *path* as committed, read-only (its own connection)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return _load_state(conn, aead, _read_slots(path, aead))
+    finally:
+        conn.close()
+
+
 def committed_state(path: Path, storage_key: bytes) -> tuple[StoreState, dict[str, int]]:
     """The chain head, boot and ledger of the store at *path* as committed, read without
     writing anything (tools, tests)."""
-    aead = storage_aead(storage_key)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        st = _load_state(conn, aead, _read_slots(path, aead))
-    finally:
-        conn.close()
+    st = _read_committed(path, storage_aead(storage_key))
     return StoreState(st.last_seq, st.digest, st.boot), dict(st.ledger)
 
 

@@ -213,14 +213,22 @@ class DeferringLink(HostLink):
     can_defer_ack = True
 
 
+def tag_receiver(sink: Sink, driver: object, *, defer: bool
+                 ) -> tuple[FramedDeviceProtocol, DeviceLink]:
+    """A tag receiver's port (its ACKs deferrable when *defer*: a checkpoint of 7 s) and
+    the device at the other end."""
+    link = DeferringLink(sink.last_committed_event, expected_class=DeviceClass.TAG_RECEIVER) \
+        if defer else None
+    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, driver, sink,  # type: ignore[arg-type]
+                                 link=link, ledger_checkpoint_s=7.0)
+    return proto, DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1,
+                                   "TR-9"))
+
+
 @pytest.mark.parametrize("defer", [False, True])
 def test_ledger_entries_alone_are_committed_with_the_event_before_the_ack(defer: bool) -> None:
     sink = Sink()
-    link = DeferringLink(sink.last_committed_event, expected_class=DeviceClass.TAG_RECEIVER) \
-        if defer else None
-    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, LedgerDriver(), sink,
-                                 link=link, ledger_checkpoint_s=7.0)
-    device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
+    proto, device = tag_receiver(sink, LedgerDriver(), defer=defer)
     event = device.enqueue(0x01, b"\x42")
     proto.connection_made(InlineTransport(), 0)
     clock = Pump(proto, device)
@@ -255,11 +263,7 @@ def test_on_a_windowed_link_readings_no_one_waits_for_wait_for_the_checkpoint(
     """A device whose ACK may wait: its status readings ride the checkpoint (within_s);
     an alarm and a check-in (a person at the kiosk) never wait. Stop-and-wait: none."""
     sink = Sink()
-    link = DeferringLink(sink.last_committed_event, expected_class=DeviceClass.TAG_RECEIVER) \
-        if defer else None
-    proto = FramedDeviceProtocol("tags", DeviceClass.TAG_RECEIVER, KindDriver(), sink,
-                                 link=link, ledger_checkpoint_s=7.0)
-    device = DeviceLink(Hello(PROTOCOL_VERSION, DeviceClass.TAG_RECEIVER, (1, 0, 0), 1, "TR-9"))
+    proto, device = tag_receiver(sink, KindDriver(), defer=defer)
     for kind in (0, 1, 2, 0):
         device.enqueue(0x01, bytes([kind]))
     proto.connection_made(InlineTransport(), 0)

@@ -27,8 +27,7 @@ from buffer.store import (
     Store,
     StoreReader,
     _aad,
-    _load_state,
-    _read_slots,
+    _read_committed,
     committed_state,
     inspect_store,
     undelivered,
@@ -52,12 +51,7 @@ def stored_size(rec: SealedRecord) -> int:
 
 def read_state(db: Path) -> tuple[int, bytes, dict[Priority, tuple[int, int]], dict[str, int]]:
     """The state as a reopen would find it, read from a connection of its own."""
-    aead = storage_aead(STORAGE)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        found = _load_state(conn, aead, _read_slots(db, aead))
-    finally:
-        conn.close()
+    found = _read_committed(db, storage_aead(STORAGE))
     usage = {p: u for p, u in found.usage.items() if u != (0, 0)}
     return found.last_seq, found.digest, usage, found.ledger
 
