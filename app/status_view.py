@@ -137,6 +137,9 @@ def _uplink(state: dict[str, Any], now_ms: int) -> str:
     name = up.get("state") or "unknown"
     since = up.get("since_ms")
     queued = f", {_count(up.get('queued'))} queued" if up.get("queued") is not None else ""
+    held, linger = up.get("held"), up.get("linger_s")
+    if queued and isinstance(held, int) and held > 0 and isinstance(linger, (int, float)):
+        queued += f" ({_count(held)} held up to {linger:g} s)"  # waiting to share a message
     ack = f", last ack {ago(up['last_ack_ms'], now_ms)}" if up.get("last_ack_ms") else ""
     at = f" since {clock_time(since, now_ms=now_ms)}" if isinstance(since, int) else ""
     if name in ("retrying", "refused"):

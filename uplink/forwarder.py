@@ -37,8 +37,8 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -79,6 +79,7 @@ from uplink.failures import (
     connect_failure,
     socket_failure,
 )
+from uplink.linger import FLUSH, HOLDABLE, RELEASE_REASONS, URGENT, Linger
 from uplink.takeover import Takeover, TakeoverWatch
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "MAX_DELETIONS_WAITING", "WINDOW", "AckHook",
@@ -88,6 +89,11 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 200
 BATCH_BYTES = 128 * 1024
+#: Held records (uplink/linger.py) go out once they reach this many bytes, whatever their
+#: age: half a batch, so a read of up to :data:`BATCH_BYTES` always shows the bound reached.
+HOLD_BYTES = BATCH_BYTES // 2
+#: A read that skips a class names this cursor for it: above every seq (SQLite's INTEGER).
+_SKIP = 2**63 - 1
 #: The forwarder thread looks at its queue at least this often, seconds.
 POLL_S = 1.0
 #: How often :meth:`Forwarder.wait_idle` nudges the thread, seconds.
@@ -214,6 +220,13 @@ class UplinkStats:
     failed_attempts: int = 0  # connects that failed: raised, closed, or refused by CONNACK
     cert_checks: int = 0
     refused_records: int = 0  # uplink.refused records submitted
+    #: Records of the position and heartbeat classes the linger holds now (in the store,
+    #: not read to be sent yet; uplink/linger.py); 0 when nothing is held.
+    held: int = 0
+    #: Times held records went out, by why (uplink/linger.py RELEASE_REASONS).
+    releases: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELEASE_REASONS, 0))
+    #: Times the forwarder looked at what it holds (a test's "it looked and still holds").
+    hold_checks: int = 0
     connected: bool = False
     last_error: str | None = None
     #: ``connected``, ``refused: <reasons>``, ``retrying: <reason>``, ``connecting``...
@@ -237,6 +250,7 @@ class Forwarder:
         utc_now: UtcNow = system_time,
         on_state: StateHook | None = None,
         backlog: Backlog | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self.gateway_id = gateway_id
         #: End every message with the signed head statement (core/head.py): how far the
@@ -260,6 +274,16 @@ class Forwarder:
         self._utc_now = utc_now
         self._on_state = on_state
         self._backlog = backlog
+        #: Records of the position and heartbeat classes may wait up to *linger_s* so one
+        #: message carries several under one head (uplink/linger.py); 0: none waits.
+        self.linger_s = linger_s
+        self._linger = Linger(round(linger_s * 1e9), batch_records, HOLD_BYTES)
+        #: What the linger is measured with (monotonic ns); a test may replace it.
+        self.linger_clock: Callable[[], int] = now_ns
+        #: Read everything, held classes too, until a read finds nothing: at the start,
+        #: after every rewind (a reconnect) and once held records are released.
+        self._sending = True
+        self._flush = threading.Event()  # flush(): send what is held at once
         self.stats = UplinkStats()
         self.idle = threading.Event()
         self._commits = 0  # notify() calls (the writer's thread alone adds to it)
@@ -357,6 +381,13 @@ class Forwarder:
         self.idle.clear()
         self._wake.set()
 
+    def flush(self) -> None:
+        """Send what the linger holds now (and whatever comes until the store is read
+        out), without waiting for the linger."""
+        self._flush.set()
+        self.idle.clear()
+        self._wake.set()
+
     def check_files_now(self) -> None:
         """The TLS files were just replaced (a renewal installed them): check them now, not
         at the next periodic check up to :data:`CERT_CHECK_S` later (a change is judged
@@ -397,7 +428,7 @@ class Forwarder:
             return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._wake.set()
+            self.flush()  # held records are committed records: they go too
             if self.idle.wait(IDLE_CHECK_S):
                 return True
         return False
@@ -591,6 +622,7 @@ class Forwarder:
                 self._acked(self._delivery.puback(mid, refused=refused, reason=reason))
             case Connected(session_present, expiry_s):
                 self._delivery.connection_made()
+                self._rewound()
                 stats.connects += 1
                 stats.connected = True
                 self._ever_connected = True
@@ -686,21 +718,65 @@ class Forwarder:
         self._resend_at_ns = None
         if self._delivery.connected:
             self._delivery.connection_made()
+            self._rewound()
             self.idle.clear()
+
+    def _rewound(self) -> None:
+        """The delivery's cursors went back to the store's oldest rows: send everything
+        (a reconnect's backlog is not held back)."""
+        self._sending = True
+        self._linger.clear()
+
+    def _release(self, reason: str) -> None:
+        """Send what is held (behind the batch about to go, for :data:`URGENT`)."""
+        if self._linger.records:
+            self.stats.releases[reason] += 1
+        self._sending = True
+
+    def _look_at_held(self, cursors: Mapping[Priority, int]) -> str | None:
+        """Count the held records not counted yet; why they must go now, if they must."""
+        for prio in sorted(HOLDABLE):
+            after = dict.fromkeys(Priority, _SKIP)
+            after[prio] = self._linger.cursor(prio, cursors.get(prio, 0))
+            batch = self._reader.next_batch(after, self._batch, BATCH_BYTES)
+            if batch is not None:
+                self._linger.saw(prio, [(seq, len(data)) for seq, data in batch[1]],
+                                 self.linger_clock())
+        self.stats.held = self._linger.records
+        self.stats.hold_checks += 1
+        return self._linger.due(self.linger_clock())
 
     def _fill_window(self) -> None:
         commits = self._commits
+        if self._flush.is_set():
+            self._flush.clear()
+            self._release(FLUSH)
         while not self._stop.is_set():
             step = self._delivery.next_read(self._writer.deletions_waiting)
             if not isinstance(step, ReadFrom):
                 return
-            batch = self._reader.next_batch(step.cursors, self._batch, BATCH_BYTES)
+            holding = self._linger.active and not self._sending
+            cursors = step.cursors
+            if holding:  # the held classes are not read: only what may not wait
+                cursors = {**cursors, **dict.fromkeys(HOLDABLE, _SKIP)}
+            batch = self._reader.next_batch(cursors, self._batch, BATCH_BYTES)
             if batch is None:
-                if self._delivery.nothing_to_read():
+                if holding:
+                    due = self._look_at_held(step.cursors)
+                    if due is not None:
+                        self._release(due)
+                        continue
+                else:  # everything was read: what was held went out
+                    self._sending = False
+                    self._linger.clear()
+                    self.stats.held = 0
+                if self._delivery.nothing_to_read() and not self._linger.records:
                     self.idle.set()
                     if self._commits != commits:  # a commit raced the read: look again
                         self.idle.clear()
                 return
+            if holding:  # a record that may not wait: everything held goes behind it
+                self._release(URGENT)
             prio, rows = batch
             payload = b"\n".join(data for _, data in rows)
             if self.heads:
