@@ -19,13 +19,15 @@ import pytest
 from app.assembly import Gateway
 from app.config import Config, UplinkSection
 from core.kinds import Priority
+from core.mqtt import make_client
 from core.record import Reading, Source
-from core.topics import PLATFORM_CN
+from core.topics import COMMAND_CN, PLATFORM_CN, commands_topic
 from lab.mosquitto import Mosquitto, Pki, client_config
 from lab.site import Platform
 from provisioning.identity import Identity
 from tests.helpers import wait_for
-from uplink.linger import FULL, LINGER, Linger
+from uplink.forwarder import LIVE_AFTER_COMMAND_S
+from uplink.linger import FULL, LINGER, LIVE, Linger
 
 SRC = Source("gnss", "GNSS-0001", "1.0.0")
 LINGER_S = 300.0
@@ -166,6 +168,36 @@ def test_a_stop_sends_what_is_held(home: Home) -> None:
     assert home.gateway.stop(drain_s=10)  # drained: everything committed was acknowledged
     wait_for(lambda: set(seqs) <= set(home.arrived()), 15, "the held records")
     assert home.gateway.forwarder.stats.releases["flush"] == 1
+
+
+@pytest.mark.slow
+def test_after_a_platform_message_nothing_is_held_for_a_while(
+    home: Home, mosquitto: Mosquitto, pki: Pki
+) -> None:
+    """A command from the platform (an installer authorising a tag, an officer asking) means
+    someone watches this gateway: its positions go out as they come for a while."""
+    forwarder = home.gateway.forwarder
+    held = home.positions(2)
+    publisher = make_client(COMMAND_CN, client_config(mosquitto, pki, COMMAND_CN))
+    publisher.connect(mosquitto.host, mosquitto.port)  # the platform's command publisher
+    publisher.loop_start()
+    try:
+        publisher.publish(commands_topic(home.gateway.identity.gateway_id), b"{}",
+                          qos=1).wait_for_publish(15)
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+    wait_for(lambda: forwarder.stats.releases[LIVE] == 1, 15, "the platform's message")
+    wait_for(lambda: set(held) <= set(home.arrived()), 15, "the held records")
+    first = home.gateway.sealer.last_seq + 1
+    for i in range(3):  # the linger's clock has not moved: live, they go as they come
+        home.gateway.writer.submit(Reading("gnss.fix", SRC, {"lat_e7": i}, time.monotonic_ns()))
+    wait_for(lambda: set(range(first, first + 3)) <= set(home.arrived()), 15,
+             "positions while live")
+    home.now[0] = int(LIVE_AFTER_COMMAND_S * 1e9)  # the while is over: held again
+    home.positions(2)
+    home.look_again()
+    assert forwarder.stats.held == 2
 
 
 _HOLD_AND_WAIT = """

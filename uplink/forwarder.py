@@ -79,7 +79,7 @@ from uplink.failures import (
     connect_failure,
     socket_failure,
 )
-from uplink.linger import FLUSH, HOLDABLE, RELEASE_REASONS, URGENT, Linger
+from uplink.linger import FLUSH, HOLDABLE, LIVE, RELEASE_REASONS, URGENT, Linger
 from uplink.takeover import Takeover, TakeoverWatch
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "MAX_DELETIONS_WAITING", "WINDOW", "AckHook",
@@ -111,6 +111,10 @@ SESSION_EXPIRY_S = 30 * 86_400
 #: The messages the broker may send us unacknowledged (MQTT v5 Receive Maximum): bounds
 #: the commands waiting in memory (app/commands.py acknowledges each once answered).
 RECEIVE_MAXIMUM = 16
+#: After a message from the platform (a command: an installer authorising a tag, an officer
+#: asking where a tag is), nothing is held for this long, seconds: someone is watching
+#: this gateway, and its positions go out as they come (uplink/linger.py).
+LIVE_AFTER_COMMAND_S = 600.0
 #: The record kind of a detected takeover of our client id (an alarm).
 TAKEOVER_KIND = "uplink.takeover"
 
@@ -197,8 +201,13 @@ class Published:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlatformSpoke:
+    """A message of a topic :meth:`Forwarder.listen` named arrived (a platform's command)."""
+
+
 UplinkEvent = (Connected | ConnectRefused | ConnectFailed | SocketError | Disconnected
-               | Published)
+               | Published | PlatformSpoke)
 
 
 @dataclass
@@ -284,6 +293,8 @@ class Forwarder:
         #: after every rewind (a reconnect) and once held records are released.
         self._sending = True
         self._flush = threading.Event()  # flush(): send what is held at once
+        self._live_until_ns: int | None = None  # nothing held until then (a command came)
+        self._live_ns = int(LIVE_AFTER_COMMAND_S * 1e9)  # read here: tests may scale it
         self.stats = UplinkStats()
         self.idle = threading.Event()
         self._commits = 0  # notify() calls (the writer's thread alone adds to it)
@@ -348,6 +359,7 @@ class Forwarder:
     def _handler(self, client: mqtt.Client,
                  handler: MessageHandler) -> Callable[[mqtt.Client, Any, Any], None]:
         def on_message(_c: mqtt.Client, _u: Any, message: Any) -> None:
+            self._post(PlatformSpoke())  # someone at the platform deals with us: go live
             handler(bytes(message.payload), self._acker(client, message.mid, message.qos))
         return on_message
 
@@ -664,6 +676,9 @@ class Forwarder:
                 said = watch.failed(found, now_ns)
             case SocketError(text):
                 self._socket_error = text
+            case PlatformSpoke():
+                self._live_until_ns = self.linger_clock() + self._live_ns
+                self._release(LIVE)
         self._tell(said)
 
     def _queued(self) -> int | None:
@@ -733,6 +748,15 @@ class Forwarder:
             self.stats.releases[reason] += 1
         self._sending = True
 
+    def _live(self) -> bool:
+        """A platform's message came within :data:`LIVE_AFTER_COMMAND_S`: hold nothing."""
+        if self._live_until_ns is None:
+            return False
+        if self.linger_clock() < self._live_until_ns:
+            return True
+        self._live_until_ns = None
+        return False
+
     def _look_at_held(self, cursors: Mapping[Priority, int]) -> str | None:
         """Count the held records not counted yet; why they must go now, if they must."""
         for prio in sorted(HOLDABLE):
@@ -755,7 +779,7 @@ class Forwarder:
             step = self._delivery.next_read(self._writer.deletions_waiting)
             if not isinstance(step, ReadFrom):
                 return
-            holding = self._linger.active and not self._sending
+            holding = self._linger.active and not self._sending and not self._live()
             cursors = step.cursors
             if holding:  # the held classes are not read: only what may not wait
                 cursors = {**cursors, **dict.fromkeys(HOLDABLE, _SKIP)}

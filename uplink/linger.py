@@ -35,7 +35,8 @@ LINGER = "linger"  # the oldest held record waited the linger
 FULL = "full"  # the held records reached a message's bound (records or bytes)
 URGENT = "urgent"  # a record of another class went out: everything held goes behind it
 FLUSH = "flush"  # asked to (a stop, a drain, wait_idle)
-RELEASE_REASONS = (LINGER, FULL, URGENT, FLUSH)
+LIVE = "live"  # a message from the platform came: nothing is held for a while
+RELEASE_REASONS = (LINGER, FULL, URGENT, FLUSH, LIVE)
 
 
 class Linger:
