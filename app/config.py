@@ -45,6 +45,7 @@ Example (docs/configuration.md has the full reference)::
     interval_checkpoint_s = 20  # a windowed receiver's beacons share one commit (1-30 s)
     [uplink]                    # optional (docs/records.md "Transport")
     linger_s = 120              # positions and health wait up to this to share a message (0-300)
+    deflate = false             # compress messages: only once the platform reads them
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ class UplinkSection:
     #: a message. Built in code (the lab, tests, the demo) it is 0, every record going out
     #: at once; a configuration file without the key gets :data:`DEFAULT_UPLINK_LINGER_S`.
     linger_s: float = 0.0
+    #: Send records messages compressed (core/deflate.py): only once the platform reads
+    #: them (a platform from before quarantines them). Off unless set, from a file too.
+    deflate: bool = False
 
 
 @dataclass(frozen=True)
@@ -338,8 +342,9 @@ def _uplink(sec: _Section) -> UplinkSection:
                                     "and health records may wait to share one message; 0 "
                                     f"sends each at once; default "
                                     f"{DEFAULT_UPLINK_LINGER_S:g}), got {linger:g}")
+    deflate = sec.get("deflate", bool, False)
     sec.done()
-    return UplinkSection(linger)
+    return UplinkSection(linger, deflate)
 
 
 def _supervision(sec: _Section) -> bool:

@@ -293,6 +293,8 @@ def _optional_sections() -> list[str]:
         "#[uplink]",
         _key("linger_s", DEFAULT_UPLINK_LINGER_S,
              "Seconds (0-300); 0 sends every record at once", commented=True),
+        _key("deflate", False, "Compress each message (docs/records.md): only once the "
+             "platform reads compressed messages", commented=True),
         "",
         "#[paths]",
         _key("runtime_dir", str(DEFAULT_RUNTIME_DIR), "Where the running gateway writes its "

@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 from buffer.store import StoreReader
 from buffer.writer import StoreWriter
 from core.clock import NS_PER_MS, kernel_clock_synced
+from core.deflate import deflate_message
 from core.kinds import Priority
 from core.mqtt import (
     RECONNECT_MAX_S,
@@ -236,6 +237,7 @@ class UplinkStats:
     releases: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELEASE_REASONS, 0))
     #: Times the forwarder looked at what it holds (a test's "it looked and still holds").
     hold_checks: int = 0
+    messages_deflated: int = 0  # sent compressed (core/deflate.py)
     connected: bool = False
     last_error: str | None = None
     #: ``connected``, ``refused: <reasons>``, ``retrying: <reason>``, ``connecting``...
@@ -260,6 +262,7 @@ class Forwarder:
         on_state: StateHook | None = None,
         backlog: Backlog | None = None,
         linger_s: float = 0.0,
+        deflate: bool = False,
     ) -> None:
         self.gateway_id = gateway_id
         #: End every message with the signed head statement (core/head.py): how far the
@@ -293,6 +296,9 @@ class Forwarder:
         #: after every rewind (a reconnect) and once held records are released.
         self._sending = True
         self._flush = threading.Event()  # flush(): send what is held at once
+        #: Send each message compressed (core/deflate.py) when that makes it smaller: only
+        #: for a platform that reads such messages (``[uplink] deflate``).
+        self.deflate = deflate
         self._live_until_ns: int | None = None  # nothing held until then (a command came)
         self._live_ns = int(LIVE_AFTER_COMMAND_S * 1e9)  # read here: tests may scale it
         self.stats = UplinkStats()
@@ -807,6 +813,11 @@ class Forwarder:
                 payload += b"\n"
                 head = self._writer.head_line(before=payload)
                 payload = payload + head if head is not None else payload[:-1]
+            if self.deflate:
+                packed = deflate_message(payload)
+                if len(packed) < len(payload):
+                    payload = packed
+                    self.stats.messages_deflated += 1
             info = self.client.publish(self._topic, payload, qos=1)  # connected: it exists
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return  # not connected: the connection events will reset us
