@@ -40,7 +40,7 @@ def is_deflated(payload: bytes) -> bool:
 
 def deflate_message(payload: bytes) -> bytes:
     """*payload* (a records message) compressed and marked."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, _WBITS)
+    packer = zlib.compressobj(6, zlib.DEFLATED, _WBITS)  # 9: no smaller here, twice the time
     return MARK + packer.compress(payload) + packer.flush()
 
 
