@@ -137,9 +137,6 @@ def _uplink(state: dict[str, Any], now_ms: int) -> str:
     name = up.get("state") or "unknown"
     since = up.get("since_ms")
     queued = f", {_count(up.get('queued'))} queued" if up.get("queued") is not None else ""
-    held, linger = up.get("held"), up.get("linger_s")
-    if queued and isinstance(held, int) and held > 0 and isinstance(linger, (int, float)):
-        queued += f" ({_count(held)} held up to {linger:g} s)"  # waiting to share a message
     ack = f", last ack {ago(up['last_ack_ms'], now_ms)}" if up.get("last_ack_ms") else ""
     at = f" since {clock_time(since, now_ms=now_ms)}" if isinstance(since, int) else ""
     if name in ("retrying", "refused"):
@@ -155,7 +152,11 @@ def _queue(state: dict[str, Any]) -> str:
     if not isinstance(by_class, dict):
         return _line("Queue", "unknown")
     order = [k for k in CLASSES if k in by_class] + [k for k in by_class if k not in CLASSES]
-    return _line("Queue", "  ".join(f"{k} {_count(by_class[k])}" for k in order))
+    text = "  ".join(f"{k} {_count(by_class[k])}" for k in order)
+    held, linger = _get(state, "uplink", "held"), _get(state, "uplink", "linger_s")
+    if isinstance(held, int) and held > 0 and isinstance(linger, int | float):
+        text += f"; {_count(held)} held up to {linger:g} s"  # waiting to share a message
+    return _line("Queue", text)
 
 
 def _clock_disk(state: dict[str, Any]) -> str:
