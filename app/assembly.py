@@ -119,7 +119,8 @@ class Pipeline:
     def __init__(self, data_dir: Path, identity: Identity, broker: BrokerConfig, *,
                  clock: Clock, source: Source, quota_bytes: int | None = None,
                  on_acked: AckHook | None = None,
-                 on_uplink_state: StateHook | None = None) -> None:
+                 on_uplink_state: StateHook | None = None,
+                 uplink_linger_s: float = 0.0, uplink_deflate: bool = False) -> None:
         self.identity = identity
         self.clock = clock
         self.source = source
@@ -135,7 +136,9 @@ class Pipeline:
                                    source=source, now_ns=clock.now_ns,
                                    # the certificate check: is the time now trusted?
                                    utc_now=clock.utc_now, on_state=on_uplink_state,
-                                   backlog=lambda: sum(self.reader.depth().values()))
+                                   backlog=lambda: sum(self.reader.depth().values()),
+                                   # positions and heartbeats may wait to share a message
+                                   linger_s=uplink_linger_s, deflate=uplink_deflate)
         self.writer.on_commit = lambda _records: self.forwarder.notify()
 
     def start(self, *, uplink: bool = True) -> None:
@@ -276,7 +279,9 @@ class Gateway:
         self.pipeline = Pipeline(self.data_dir, self.identity, self.config.broker,
                                  clock=self.clock, source=self.source,
                                  quota_bytes=quota, on_acked=self.on_acked,
-                                 on_uplink_state=self._uplink_state)
+                                 on_uplink_state=self._uplink_state,
+                                 uplink_linger_s=self.config.uplink.linger_s,
+                                 uplink_deflate=self.config.uplink.deflate)
         forward = self.writer.on_commit
 
         def committed(records: list[SealedRecord]) -> None:

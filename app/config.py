@@ -43,6 +43,9 @@ Example (docs/configuration.md has the full reference)::
     [tags]                      # optional: presence intervals (docs/records.md tag.interval)
     interval_max_s = 300        # a presence interval is closed at most this old (10-900 s)
     interval_checkpoint_s = 20  # a windowed receiver's beacons share one commit (1-30 s)
+    [uplink]                    # optional (docs/records.md "Transport")
+    linger_s = 120              # positions and health wait up to this to share a message (0-300)
+    deflate = false             # compress messages: only once the platform reads them
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ from provisioning.renewal import DEFAULT_LIFE_SHARE, DEFAULT_RENEW_BEFORE_DAYS, 
 
 T = TypeVar("T")
 SECTIONS = ("gateway", "broker", "devices", "gnss", "inputs", "enrolment", "paths",
-            "supervision", "tags")
+            "supervision", "tags", "uplink")
 #: ``[supervision] require_authorisation``'s default: a tag never given an authorisation
 #: has nothing of its presence recorded (Art. 29; docs/supervision.md says why).
 DEFAULT_REQUIRE_AUTHORISATION = True
@@ -97,6 +100,16 @@ DEFAULT_MQTTS_PORT = 8883
 INTERVAL_MAX_RANGE = (10.0, 900.0)
 DEFAULT_INTERVAL_CHECKPOINT_S = LEDGER_CHECKPOINT_S
 INTERVAL_CHECKPOINT_RANGE = (1.0, 30.0)
+
+
+#: ``[uplink] linger_s``: how long records of the position and heartbeat classes may wait
+#: in the store so that one message (one signed head, one PUBACK) carries several
+#: (uplink/linger.py); alarms, check-ins, status changes and answers never wait. The
+#: default from a file; 0 sends every record at once. At most 300 s: a position is never
+#: staler at the platform than a presence interval is long (``[tags] interval_max_s``'s
+#: default), and the figures (bench/README.md) gain little beyond.
+DEFAULT_UPLINK_LINGER_S = 120.0
+UPLINK_LINGER_RANGE = (0.0, 300.0)
 
 
 class ConfigError(UserError):
@@ -147,6 +160,19 @@ class TagsSection:
 
 
 @dataclass(frozen=True)
+class UplinkSection:
+    """``[uplink]``: how the records go out (uplink/forwarder.py)."""
+
+    #: Records of the position and heartbeat classes wait up to this many seconds to share
+    #: a message. Built in code (the lab, tests, the demo) it is 0, every record going out
+    #: at once; a configuration file without the key gets :data:`DEFAULT_UPLINK_LINGER_S`.
+    linger_s: float = 0.0
+    #: Send records messages compressed (core/deflate.py): only once the platform reads
+    #: them (a platform from before quarantines them). Off unless set, from a file too.
+    deflate: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """What the gateway runs with: read from TOML by :func:`load_config`, or built in code
     (the demo, tests) with the same types."""
@@ -178,6 +204,8 @@ class Config:
     require_authorisation: bool = DEFAULT_REQUIRE_AUTHORISATION
     #: ``[tags]``: presence intervals.
     tags: TagsSection = field(default_factory=TagsSection)
+    #: ``[uplink]``: the linger of the non-urgent classes.
+    uplink: UplinkSection = field(default_factory=UplinkSection)
 
     @property
     def identity_path(self) -> Path:
@@ -302,7 +330,21 @@ def load_config(path: Path) -> Config:
         require_authorisation=_supervision(_Section(path, "supervision",
                                                     raw.get("supervision", {}))),
         tags=_tags(_Section(path, "tags", raw.get("tags", {}))),
+        uplink=_uplink(_Section(path, "uplink", raw.get("uplink", {}))),
     )
+
+
+def _uplink(sec: _Section) -> UplinkSection:
+    linger = sec.get("linger_s", float, DEFAULT_UPLINK_LINGER_S)
+    low, high = UPLINK_LINGER_RANGE
+    if not low <= linger <= high:
+        raise sec.error("linger_s", f"must be {low:g}-{high:g} seconds (how long positions "
+                                    "and health records may wait to share one message; 0 "
+                                    f"sends each at once; default "
+                                    f"{DEFAULT_UPLINK_LINGER_S:g}), got {linger:g}")
+    deflate = sec.get("deflate", bool, False)
+    sec.done()
+    return UplinkSection(linger, deflate)
 
 
 def _supervision(sec: _Section) -> bool:

@@ -32,6 +32,7 @@ from app.config import (
     DEFAULT_MQTTS_PORT,
     DEFAULT_REQUIRE_AUTHORISATION,
     DEFAULT_SHUTDOWN_COMMAND,
+    DEFAULT_UPLINK_LINGER_S,
     MIN_MOVE_RADIUS_M,
 )
 from app.ports import list_by_id
@@ -286,6 +287,14 @@ def _optional_sections() -> list[str]:
         _key("interval_checkpoint_s", DEFAULT_INTERVAL_CHECKPOINT_S,
              "A windowed receiver's beacons share one commit within this, seconds (1-30)",
              commented=True),
+        "",
+        "# Positions and health records wait up to linger_s in the store so one message",
+        "# carries several (docs/records.md Transport); alarms, check-ins, status never wait.",
+        "#[uplink]",
+        _key("linger_s", DEFAULT_UPLINK_LINGER_S,
+             "Seconds (0-300); 0 sends every record at once", commented=True),
+        _key("deflate", False, "Compress each message (docs/records.md): only once the "
+             "platform reads compressed messages", commented=True),
         "",
         "#[paths]",
         _key("runtime_dir", str(DEFAULT_RUNTIME_DIR), "Where the running gateway writes its "

@@ -245,7 +245,7 @@ def _int(value: object) -> int | None:
 #: field a later daemon adds (a position?) stays out until someone decides it may go in.
 STATE_IN_BUNDLE: dict[str, frozenset[str]] = {
     "uplink": frozenset({"state", "reason", "since_ms", "queued", "queued_by_class",
-                         "last_ack_ms", "target", "tls"}),
+                         "held", "linger_s", "last_ack_ms", "target", "tls"}),
     "clock": frozenset({"source", "trusted", "offset_ms"}),
     "gnss": frozenset({"configured", "fix", "sats", "hdop", "distance_from_installed_m",
                        "last_fix_ms", "moved"}),

@@ -76,6 +76,9 @@ def uplink_entry(tracker: UplinkTracker, forwarder: Forwarder, by_class: dict[st
     return {
         "state": now.state, "reason": now.reason, "code": now.code, "since_ms": now.since_ms,
         "queued": sum(by_class.values()), "queued_by_class": by_class,
+        # of the queued, those the linger holds back (positions, health: they go out
+        # together once the oldest waited linger_s, or behind anything that may not wait)
+        "held": forwarder.stats.held, "linger_s": forwarder.linger_s,
         "last_ack_ms": heard.ack(forwarder.stats.records_acked, now_ms),
         "target": f"{broker.host}:{broker.port}", "tls": broker.tls,
     }

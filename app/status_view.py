@@ -152,7 +152,11 @@ def _queue(state: dict[str, Any]) -> str:
     if not isinstance(by_class, dict):
         return _line("Queue", "unknown")
     order = [k for k in CLASSES if k in by_class] + [k for k in by_class if k not in CLASSES]
-    return _line("Queue", "  ".join(f"{k} {_count(by_class[k])}" for k in order))
+    text = "  ".join(f"{k} {_count(by_class[k])}" for k in order)
+    held, linger = _get(state, "uplink", "held"), _get(state, "uplink", "linger_s")
+    if isinstance(held, int) and held > 0 and isinstance(linger, int | float):
+        text += f"; {_count(held)} held up to {linger:g} s"  # waiting to share a message
+    return _line("Queue", text)
 
 
 def _clock_disk(state: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ from central.db import open_db  # noqa: E402
 from central.ingest import Ingest  # noqa: E402
 from central.ingest import report as ingest_report  # noqa: E402
 from central.record import Registration  # noqa: E402
+from core.deflate import InflateError, inflate_message, is_deflated  # noqa: E402
 from core.mqtt import make_client  # noqa: E402
 from core.topics import PLATFORM_CN, TOPIC_ROOT  # noqa: E402
 from lab.background import Background, isolated_env  # noqa: E402
@@ -104,7 +105,8 @@ CAPTURE = next((p / CAPTURE_NAME for p in REPO.parents if (p / CAPTURE_NAME).is_
 TARGETS = {"home_day_uplink_bytes": 2_000_000, "home_day_disk_bytes_written": 50_000_000}
 #: Bounds on what is awaited, seconds.
 READY_TIMEOUT_S = 90.0
-DRAIN_TIMEOUT_S = 60.0
+#: At most the uplink's longest linger (app/config.py UPLINK_LINGER_RANGE, 300 s) and a minute.
+DRAIN_TIMEOUT_S = 360.0
 #: Records queued and not yet acknowledged at a window's edge, at most.
 IN_FLIGHT = 3
 
@@ -179,6 +181,7 @@ class Sink:
 
     def __init__(self, broker_host: str, broker_port: int, pki: Pki, broker: Any) -> None:
         self.kinds: Counter[str] = Counter()
+        self.kind_bytes: Counter[str] = Counter()  # the lines' bytes by kind ("head": heads)
         self.messages = 0
         self.payload_bytes = 0
         self.checkin_bytes: list[int] = []
@@ -208,23 +211,36 @@ class Sink:
                 self._ingest = Ingest(open_db(self._db_url, migrate=False))
             self._ingest.ingest_message(str(msg.topic), payload)
         kinds: list[str] = []
-        for line in payload.splitlines():
+        sizes: Counter[str] = Counter()
+        lines = payload
+        if is_deflated(payload):  # the bytes by kind are the inflated lines'
+            try:
+                lines = inflate_message(payload, 1 << 20)
+            except InflateError:
+                lines = b"\xff"  # counted "unreadable"
+        for line in lines.splitlines():
             try:
                 obj = json.loads(line)
             except ValueError:
                 kinds.append("unreadable")
                 continue
             kinds.append(str(obj.get("kind", "head")) if isinstance(obj, dict) else "unreadable")
+            sizes[kinds[-1]] += len(line) + 1
             if kinds[-1] == "checkin":
                 self.checkin_bytes.append(len(line) + 1)
         with self._lock:
             self.messages += 1
             self.payload_bytes += len(payload)
             self.kinds.update(kinds)
+            self.kind_bytes.update(sizes)
 
     def snapshot(self) -> tuple[int, int, Counter[str]]:
         with self._lock:
             return self.messages, self.payload_bytes, Counter(self.kinds)
+
+    def bytes_by_kind(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self.kind_bytes)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -295,8 +311,13 @@ class Fsyncs:
 
 
 class Home:
-    def __init__(self, root: Path, *, checkin_every_s: float, tag_window: int) -> None:
+    def __init__(self, root: Path, *, checkin_every_s: float, tag_window: int,
+                 linger_s: float | None = None, deflate: bool = True) -> None:
         self.root = root
+        #: ``[uplink] deflate``: this version's platform reads compressed messages
+        self.deflate = deflate
+        #: ``[uplink] linger_s`` (None: left out, the configuration file's default)
+        self.linger_s = linger_s
         #: the tag receiver's WINDOW (serial protocol 2): frames unacknowledged; 0 is
         #: stop-and-wait (every beacon's effect committed before the next one comes)
         self.tag_window = tag_window
@@ -375,6 +396,9 @@ class Home:
         text = re.sub(r"^#\s*require_authorisation\s*=.*$", "require_authorisation = false",
                       text, count=1, flags=re.MULTILINE)
         text += f'\n[paths]\nruntime_dir = "{self.run_dir}"\n'
+        text += f"\n[uplink]\ndeflate = {'true' if self.deflate else 'false'}\n"
+        if self.linger_s is not None:  # else the file's default (app/config.py)
+            text += f"linger_s = {self.linger_s}\n"
         atomic_write(self.config, text.encode(), 0o600)
         for tag in TAGS:
             self.run(gw, "provision", "pair-tag", "--identity-dir", str(identity), "--tag", tag,
@@ -434,19 +458,23 @@ def ready(state: dict[str, Any]) -> bool:
 def drained(state: dict[str, Any]) -> bool:
     """The queue holds no more than the records in flight at this rate (a beacon's record
     every 0.67 s: the queue is seldom exactly empty): the window's edges are within
-    :data:`IN_FLIGHT` records of each other's."""
+    :data:`IN_FLIGHT` records of each other's. And nothing is held by the uplink's linger
+    (``[uplink] linger_s``): the edges fall just after held records went out, so the window
+    holds whole batches and never cuts one in two."""
     queued = state.get("uplink", {}).get("queued")
-    return isinstance(queued, int) and queued <= IN_FLIGHT
+    held = state.get("uplink", {}).get("held", 0)  # a daemon from before the linger: none
+    return isinstance(queued, int) and queued <= IN_FLIGHT and held == 0
 
 
 @contextlib.contextmanager
-def stack(root: Path, checkin_every_s: float, tag_window: int
-          ) -> Iterator[tuple[Home, Relay, Sink, Pki]]:
+def stack(root: Path, checkin_every_s: float, tag_window: int, linger_s: float | None = None,
+          deflate: bool = True) -> Iterator[tuple[Home, Relay, Sink, Pki]]:
     pki = make_pki(root / "pki")
     broker = start_mosquitto(root / "broker", pki)
     relay = Relay((broker.host, broker.port))
     sink = Sink(broker.host, broker.port, pki, broker)
-    home = Home(root, checkin_every_s=checkin_every_s, tag_window=tag_window)
+    home = Home(root, checkin_every_s=checkin_every_s, tag_window=tag_window,
+                linger_s=linger_s, deflate=deflate)
     try:
         if not sink.subscribed.wait(15):
             raise RuntimeError("the platform's client did not subscribe within 15 s")
@@ -458,11 +486,13 @@ def stack(root: Path, checkin_every_s: float, tag_window: int
         broker.stop()
 
 
-def measure(root: Path, minutes: float, tag_window: int = 0) -> dict[str, Any]:
+def measure(root: Path, minutes: float, tag_window: int = 0,
+            linger_s: float | None = None, deflate: bool = True) -> dict[str, Any]:
     window_s = minutes * 60
     checkin_every_s = max(20.0, window_s * 0.6)  # at least one within the window
     db_url = f"sqlite:///{root / 'platform.db'}"
-    with stack(root, checkin_every_s, tag_window) as (home, relay, sink, pki):
+    with stack(root, checkin_every_s, tag_window, linger_s, deflate) as (home, relay, sink,
+                                                                         pki):
         say(f"setting up the home in {root}")
         home.setup(relay.port, pki)
         sink.ingest_into(db_url, root / "identity" / "signing.pub")
@@ -479,6 +509,7 @@ def measure(root: Path, minutes: float, tag_window: int = 0) -> dict[str, Any]:
         io0 = proc_write_bytes(pid)
         wire0 = relay.counts()
         msgs0, payload0, kinds0 = sink.snapshot()
+        sizes0 = sink.bytes_by_kind()
         say(f"measuring for {window_s:.0f} s (pid {pid})")
         deadline = t0 + window_s
         while (left := deadline - time.monotonic()) > 0:
@@ -494,6 +525,7 @@ def measure(root: Path, minutes: float, tag_window: int = 0) -> dict[str, Any]:
         calls = fsyncs.stop()
         sealed = int(after["records"]["sealed"]) - sealed0
         kinds = kinds1 - kinds0
+        sizes = sink.bytes_by_kind() - sizes0
         checkin_bytes = list(sink.checkin_bytes)
     records_received = sum(n for k, n in kinds.items() if k != "head")
     with open_db(db_url, migrate=False) as db:
@@ -503,11 +535,16 @@ def measure(root: Path, minutes: float, tag_window: int = 0) -> dict[str, Any]:
         "records_received": records_received,
         "records_by_kind": dict(sorted((k, n) for k, n in kinds.items() if k != "head")),
         "messages": msgs1 - msgs0, "head_statements": kinds.get("head", 0),
+        # the payload's bytes by kind, each line with its newline ("head": the heads)
+        "payload_bytes_by_kind": dict(sorted(sizes.items())),
         "uplink_payload_bytes": payload1 - payload0,
         "uplink_wire_bytes_up": wire1[0] - wire0[0],
         "uplink_wire_bytes_down": wire1[1] - wire0[1],
         "uplink_wire_bytes": (wire1[0] - wire0[0]) + (wire1[1] - wire0[1]),
         "uplink_connections": relay.connections,
+        # [uplink] linger_s in effect (the daemon's state; None: a daemon from before it)
+        "uplink_linger_s": after.get("uplink", {}).get("linger_s"),
+        "uplink_deflate": deflate,  # [uplink] deflate: messages compressed (core/deflate.py)
         "disk_bytes_written": io1 - io0,
         "fsyncs": None if calls is None else sum(calls.values()),
         "fsync_calls": calls,
@@ -564,6 +601,10 @@ def report(out: dict[str, Any]) -> str:
         f"measured over {out['measured_s']:.0f} s: {out['records_received']} records received "
         f"({out['records_sealed']} sealed), {out['messages']} messages",
         "  by kind: " + ", ".join(f"{n} {kind}" for kind, n in k.items()),
+        "  records by kind, bytes (inflated): " + ", ".join(
+            f"{kind} {n:,}" for kind, n in out["payload_bytes_by_kind"].items()),
+        f"  uplink: [uplink] linger_s {out['uplink_linger_s']}, deflate "
+        f"{'on' if out['uplink_deflate'] else 'off'}; {out['messages']} messages",
         f"  uplink: {out['uplink_wire_bytes']:,} B on the wire ({out['uplink_wire_bytes_up']:,}"
         f" up, {out['uplink_wire_bytes_down']:,} down), {out['uplink_payload_bytes']:,} B of "
         "MQTT payloads",
@@ -589,6 +630,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the tag receiver's serial window (protocol 2 WINDOW, default "
                              f"{TAG_WINDOW}: beacons' acknowledgements deferred to one commit "
                              "a checkpoint); 0: a stop-and-wait receiver")
+    parser.add_argument("--linger", type=float, metavar="S",
+                        help="the uplink's [uplink] linger_s (default: the configuration "
+                             "file's default; 0: every record goes out at once)")
+    parser.add_argument("--no-deflate", action="store_true",
+                        help="[uplink] deflate = false (default: true, messages compressed, "
+                             "as for a platform of this version)")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     parser.add_argument("--workdir", type=Path, help="where the home lives (default: a temp "
                         "dir on disk, removed after)")
@@ -600,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     root = base / "home"
     root.mkdir(parents=True)
     try:
-        measured = measure(root, minutes, args.tag_window)
+        measured = measure(root, minutes, args.tag_window, args.linger, not args.no_deflate)
     finally:
         if args.workdir is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -48,6 +48,7 @@ from central.rules import (
     rotation_certificate,
     session_certificate,
 )
+from core.deflate import InflateError, inflate_message, is_deflated
 from core.head import covered_prefix, is_head, parse_head
 from core.record import JSON, b64u
 from core.session import (
@@ -374,8 +375,9 @@ class Ingest:
         batch = _Batch(tx, now)
         self._read_status(batch, {gw for _, gw, _ in items if gw is not None})
         msgs: list[_Msg] = []
-        for (topic, payload), gw, result in items:
+        for (topic, received), gw, result in items:
             msg = _Msg(batch, result, gw, topic)
+            payload = received
             if gw is None:
                 self._quarantine(msg, "bad_topic",
                                  f"not a records topic ({TOPIC_ROOT}/<gw>/records)", payload)
@@ -383,6 +385,12 @@ class Ingest:
                 self._quarantine(msg, "oversized", f"message of {len(payload)} bytes "
                                  f"(at most {MAX_MESSAGE_BYTES})", payload)
             else:
+                if is_deflated(payload):  # compressed by the gateway (core/deflate.py)
+                    try:
+                        payload = inflate_message(payload, MAX_MESSAGE_BYTES)
+                    except InflateError as exc:  # a bomb, or no DEFLATE stream
+                        self._quarantine(msg, exc.reason, str(exc), payload)
+                        continue
                 self._prepare(msg, gw, payload)
                 msgs.append(msg)
         self._read_sessions(batch, msgs)

@@ -42,6 +42,7 @@ from central.rules import (
     rotation_certificate,
     session_certificate,
 )
+from core.deflate import InflateError, inflate_message, is_deflated
 from core.head import is_head, parse_head
 from core.record import JSON
 from core.session import (
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 MAX_HELD = 100_000
 #: Head statements kept per gateway while their key.session is on its way (one per kid).
 MAX_PENDING_HEADS = 16
+#: A compressed message inflates to at most this (the ingest's bound on any message).
+MAX_INFLATED_BYTES = 1 << 20
 #: The kind of a gateway's report that another client took its MQTT client id.
 TAKEOVER_KIND = "uplink.takeover"
 
@@ -67,6 +70,7 @@ class VerifierStats:
     verified: int = 0
     bad_signature: int = 0
     malformed: int = 0
+    inflate_refused: int = 0  # compressed messages refused (a bomb, no DEFLATE stream)
     non_canonical: int = 0  # bytes that are not the canonical encoding of the record
     unknown_key: int = 0
     unknown_gateway: int = 0  # records of a gateway the platform never registered
@@ -196,6 +200,13 @@ class Verifier:
         self.stats.messages += 1
         bound = None if topic is None else (gateway_of_topic(topic) or _NO_GATEWAY)
         out: list[VerifiedRecord] = []
+        if is_deflated(payload):  # compressed by the gateway (core/deflate.py)
+            try:
+                payload = inflate_message(payload, MAX_INFLATED_BYTES)
+            except InflateError as exc:
+                self.stats.inflate_refused += 1
+                log.warning("refused a compressed message (%s): %s", exc.reason, exc)
+                return out
         for line in payload.split(b"\n"):
             if is_head(line):
                 self.ingest_head(line, gateway=bound)

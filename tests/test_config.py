@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import ConfigError, load_config
+from app.config import DEFAULT_UPLINK_LINGER_S, ConfigError, UplinkSection, load_config
 from provisioning.identity import create_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,31 @@ def test_a_good_config_loads(tmp_path: Path) -> None:
         "[gnss]", "[tags]\ninterval_max_s = 10\ninterval_checkpoint_s = 30\n[gnss]")))
     assert (cfg.tags.interval_max_s, cfg.tags.interval_checkpoint_s) == (10.0, 30.0)
     assert cfg.require_authorisation is True  # production: a pairing authorises nothing
+
+
+def test_uplink_linger(tmp_path: Path) -> None:
+    """[uplink] linger_s: from a file 120 s unless given (0: nothing waits); built in code,
+    0 (the lab and tests send every record at once)."""
+    assert load_config(write(tmp_path, GOOD)).uplink.linger_s == DEFAULT_UPLINK_LINGER_S == 120
+    assert load_config(write(tmp_path, GOOD + "[uplink]\nlinger_s = 0\n")).uplink.linger_s == 0
+    assert load_config(write(tmp_path, GOOD + "[uplink]\nlinger_s = 300\n")).uplink.linger_s \
+        == 300
+    assert UplinkSection().linger_s == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("linger_s = 301", r"\[uplink\] linger_s: must be 0-300 seconds .*got 301"),
+        ("linger_s = -1", r"\[uplink\] linger_s: must be 0-300 seconds .*got -1"),
+        ("linger_s = inf", r"\[uplink\] linger_s: must be a finite number"),
+        ('linger_s = "2m"', r"\[uplink\] linger_s: expected float, got '2m'"),
+        ("linger = 60", r"\[uplink\] linger: unknown key"),
+    ],
+)
+def test_bad_uplink_linger_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, GOOD + f"[uplink]\n{text}\n"))
 
 
 def test_supervision_require_authorisation(tmp_path: Path) -> None:

@@ -540,3 +540,15 @@ def test_a_killed_daemon_is_not_running_and_says_since_when(tmp_path: Path) -> N
     assert re.search(rf"^status: the daemon is not running \(its last state in "
                      rf"{tmp_path / 'run'} was written at {TIME}:\d\d \(\d+ s ago\), by "
                      rf"process {proc.pid}, which is gone", result.stderr), result.stderr
+
+
+def test_the_uplink_line_says_what_the_linger_holds() -> None:
+    state = _big_state()
+    state["uplink"] = {"state": "connected", "since_ms": state["written_at_ms"],
+                       "queued": 12, "queued_by_class": {"position": 10, "status": 2},
+                       "held": 10, "linger_s": 120.0, "target": "mqtt.example:8883",
+                       "tls": True, "last_ack_ms": state["written_at_ms"]}
+    text = "\n".join(render(state))
+    assert "\nQueue    status 2  position 10; 10 held up to 120 s\n" in text, text
+    state["uplink"]["held"] = 0  # nothing held: nothing said
+    assert "\nQueue    status 2  position 10\n" in "\n".join(render(state))

@@ -37,8 +37,8 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 from buffer.store import StoreReader
 from buffer.writer import StoreWriter
 from core.clock import NS_PER_MS, kernel_clock_synced
+from core.deflate import deflate_message
 from core.kinds import Priority
 from core.mqtt import (
     RECONNECT_MAX_S,
@@ -79,6 +80,7 @@ from uplink.failures import (
     connect_failure,
     socket_failure,
 )
+from uplink.linger import FLUSH, HOLDABLE, LIVE, RELEASE_REASONS, URGENT, Linger
 from uplink.takeover import Takeover, TakeoverWatch
 
 __all__ = ["BATCH_BYTES", "BATCH_RECORDS", "MAX_DELETIONS_WAITING", "WINDOW", "AckHook",
@@ -88,6 +90,11 @@ log = logging.getLogger(__name__)
 
 BATCH_RECORDS = 200
 BATCH_BYTES = 128 * 1024
+#: Held records (uplink/linger.py) go out once they reach this many bytes, whatever their
+#: age: half a batch, so a read of up to :data:`BATCH_BYTES` always shows the bound reached.
+HOLD_BYTES = BATCH_BYTES // 2
+#: A read that skips a class names this cursor for it: above every seq (SQLite's INTEGER).
+_SKIP = 2**63 - 1
 #: The forwarder thread looks at its queue at least this often, seconds.
 POLL_S = 1.0
 #: How often :meth:`Forwarder.wait_idle` nudges the thread, seconds.
@@ -105,6 +112,10 @@ SESSION_EXPIRY_S = 30 * 86_400
 #: The messages the broker may send us unacknowledged (MQTT v5 Receive Maximum): bounds
 #: the commands waiting in memory (app/commands.py acknowledges each once answered).
 RECEIVE_MAXIMUM = 16
+#: After a message from the platform (a command: an installer authorising a tag, an officer
+#: asking where a tag is), nothing is held for this long, seconds: someone is watching
+#: this gateway, and its positions go out as they come (uplink/linger.py).
+LIVE_AFTER_COMMAND_S = 600.0
 #: The record kind of a detected takeover of our client id (an alarm).
 TAKEOVER_KIND = "uplink.takeover"
 
@@ -191,8 +202,13 @@ class Published:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlatformSpoke:
+    """A message of a topic :meth:`Forwarder.listen` named arrived (a platform's command)."""
+
+
 UplinkEvent = (Connected | ConnectRefused | ConnectFailed | SocketError | Disconnected
-               | Published)
+               | Published | PlatformSpoke)
 
 
 @dataclass
@@ -214,6 +230,14 @@ class UplinkStats:
     failed_attempts: int = 0  # connects that failed: raised, closed, or refused by CONNACK
     cert_checks: int = 0
     refused_records: int = 0  # uplink.refused records submitted
+    #: Records of the position and heartbeat classes the linger holds now (in the store,
+    #: not read to be sent yet; uplink/linger.py); 0 when nothing is held.
+    held: int = 0
+    #: Times held records went out, by why (uplink/linger.py RELEASE_REASONS).
+    releases: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELEASE_REASONS, 0))
+    #: Times the forwarder looked at what it holds (a test's "it looked and still holds").
+    hold_checks: int = 0
+    messages_deflated: int = 0  # sent compressed (core/deflate.py)
     connected: bool = False
     last_error: str | None = None
     #: ``connected``, ``refused: <reasons>``, ``retrying: <reason>``, ``connecting``...
@@ -237,6 +261,8 @@ class Forwarder:
         utc_now: UtcNow = system_time,
         on_state: StateHook | None = None,
         backlog: Backlog | None = None,
+        linger_s: float = 0.0,
+        deflate: bool = False,
     ) -> None:
         self.gateway_id = gateway_id
         #: End every message with the signed head statement (core/head.py): how far the
@@ -260,6 +286,21 @@ class Forwarder:
         self._utc_now = utc_now
         self._on_state = on_state
         self._backlog = backlog
+        #: Records of the position and heartbeat classes may wait up to *linger_s* so one
+        #: message carries several under one head (uplink/linger.py); 0: none waits.
+        self.linger_s = linger_s
+        self._linger = Linger(round(linger_s * 1e9), batch_records, HOLD_BYTES)
+        #: What the linger is measured with (monotonic ns); a test may replace it.
+        self.linger_clock: Callable[[], int] = now_ns
+        #: Read everything, held classes too, until a read finds nothing: at the start,
+        #: after every rewind (a reconnect) and once held records are released.
+        self._sending = True
+        self._flush = threading.Event()  # flush(): send what is held at once
+        #: Send each message compressed (core/deflate.py) when that makes it smaller: only
+        #: for a platform that reads such messages (``[uplink] deflate``).
+        self.deflate = deflate
+        self._live_until_ns: int | None = None  # nothing held until then (a command came)
+        self._live_ns = int(LIVE_AFTER_COMMAND_S * 1e9)  # read here: tests may scale it
         self.stats = UplinkStats()
         self.idle = threading.Event()
         self._commits = 0  # notify() calls (the writer's thread alone adds to it)
@@ -324,6 +365,7 @@ class Forwarder:
     def _handler(self, client: mqtt.Client,
                  handler: MessageHandler) -> Callable[[mqtt.Client, Any, Any], None]:
         def on_message(_c: mqtt.Client, _u: Any, message: Any) -> None:
+            self._post(PlatformSpoke())  # someone at the platform deals with us: go live
             handler(bytes(message.payload), self._acker(client, message.mid, message.qos))
         return on_message
 
@@ -354,6 +396,13 @@ class Forwarder:
     def notify(self) -> None:
         """New records were committed."""
         self._commits += 1
+        self.idle.clear()
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send what the linger holds now (and whatever comes until the store is read
+        out), without waiting for the linger."""
+        self._flush.set()
         self.idle.clear()
         self._wake.set()
 
@@ -397,7 +446,7 @@ class Forwarder:
             return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._wake.set()
+            self.flush()  # held records are committed records: they go too
             if self.idle.wait(IDLE_CHECK_S):
                 return True
         return False
@@ -591,6 +640,7 @@ class Forwarder:
                 self._acked(self._delivery.puback(mid, refused=refused, reason=reason))
             case Connected(session_present, expiry_s):
                 self._delivery.connection_made()
+                self._rewound()
                 stats.connects += 1
                 stats.connected = True
                 self._ever_connected = True
@@ -632,6 +682,9 @@ class Forwarder:
                 said = watch.failed(found, now_ns)
             case SocketError(text):
                 self._socket_error = text
+            case PlatformSpoke():
+                self._live_until_ns = self.linger_clock() + self._live_ns
+                self._release(LIVE)
         self._tell(said)
 
     def _queued(self) -> int | None:
@@ -686,27 +739,85 @@ class Forwarder:
         self._resend_at_ns = None
         if self._delivery.connected:
             self._delivery.connection_made()
+            self._rewound()
             self.idle.clear()
+
+    def _rewound(self) -> None:
+        """The delivery's cursors went back to the store's oldest rows: send everything
+        (a reconnect's backlog is not held back)."""
+        self._sending = True
+        self._linger.clear()
+
+    def _release(self, reason: str) -> None:
+        """Send what is held (behind the batch about to go, for :data:`URGENT`)."""
+        if self._linger.records:
+            self.stats.releases[reason] += 1
+        self._sending = True
+
+    def _live(self) -> bool:
+        """A platform's message came within :data:`LIVE_AFTER_COMMAND_S`: hold nothing."""
+        if self._live_until_ns is None:
+            return False
+        if self.linger_clock() < self._live_until_ns:
+            return True
+        self._live_until_ns = None
+        return False
+
+    def _look_at_held(self, cursors: Mapping[Priority, int]) -> str | None:
+        """Count the held records not counted yet; why they must go now, if they must."""
+        for prio in sorted(HOLDABLE):
+            after = dict.fromkeys(Priority, _SKIP)
+            after[prio] = self._linger.cursor(prio, cursors.get(prio, 0))
+            batch = self._reader.next_batch(after, self._batch, BATCH_BYTES)
+            if batch is not None:
+                self._linger.saw(prio, [(seq, len(data)) for seq, data in batch[1]],
+                                 self.linger_clock())
+        self.stats.held = self._linger.records
+        self.stats.hold_checks += 1
+        return self._linger.due(self.linger_clock())
 
     def _fill_window(self) -> None:
         commits = self._commits
+        if self._flush.is_set():
+            self._flush.clear()
+            self._release(FLUSH)
         while not self._stop.is_set():
             step = self._delivery.next_read(self._writer.deletions_waiting)
             if not isinstance(step, ReadFrom):
                 return
-            batch = self._reader.next_batch(step.cursors, self._batch, BATCH_BYTES)
+            holding = self._linger.active and not self._sending and not self._live()
+            cursors = step.cursors
+            if holding:  # the held classes are not read: only what may not wait
+                cursors = {**cursors, **dict.fromkeys(HOLDABLE, _SKIP)}
+            batch = self._reader.next_batch(cursors, self._batch, BATCH_BYTES)
             if batch is None:
-                if self._delivery.nothing_to_read():
+                if holding:
+                    due = self._look_at_held(step.cursors)
+                    if due is not None:
+                        self._release(due)
+                        continue
+                else:  # everything was read: what was held went out
+                    self._sending = False
+                    self._linger.clear()
+                    self.stats.held = 0
+                if self._delivery.nothing_to_read() and not self._linger.records:
                     self.idle.set()
                     if self._commits != commits:  # a commit raced the read: look again
                         self.idle.clear()
                 return
+            if holding:  # a record that may not wait: everything held goes behind it
+                self._release(URGENT)
             prio, rows = batch
             payload = b"\n".join(data for _, data in rows)
             if self.heads:
                 payload += b"\n"
                 head = self._writer.head_line(before=payload)
                 payload = payload + head if head is not None else payload[:-1]
+            if self.deflate:
+                packed = deflate_message(payload)
+                if len(packed) < len(payload):
+                    payload = packed
+                    self.stats.messages_deflated += 1
             info = self.client.publish(self._topic, payload, qos=1)  # connected: it exists
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return  # not connected: the connection events will reset us
