@@ -333,6 +333,7 @@ class StoreWriter:
         self._spacing = inf  # moving average of the spacing of submissions (seconds)
         self._last_submit: float | None = None
         self._arrived_while_held = 0
+        self._held = False  # the pending group was held open (lingered)
         #: source (a device's serial; None: the gateway's own) -> last submission
         self._seen: dict[str | None, float] = {}
         #: source -> until when it is not waited for (monotonic s)
@@ -521,7 +522,6 @@ class StoreWriter:
         stopping = False
         pending: list[_Item] = []
         due = 0.0  # when the pending group commits (monotonic s)
-        held = False  # the pending group was held open (lingered)
         while True:
             try:
                 if stopping or (pending and due <= time.monotonic()):
@@ -551,8 +551,8 @@ class StoreWriter:
                         self._refuse(item)  # after the final record: nothing is sealed
                     else:
                         if isinstance(item, _Submit) and item.due is None:
-                            self._arrived(item, held=held)
-                            self._arrived_while_held += held
+                            self._arrived(item, held=self._held)
+                            self._arrived_while_held += self._held
                         pending.append(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
@@ -569,15 +569,10 @@ class StoreWriter:
                                                    self._deletes_due_in() <= 0):
                     # held open: more readings are expected within the linger, or ledger
                     # entries alone wait for company until their deadline
-                    held = held or any(isinstance(i, _Submit) for i in pending)
+                    self._held = self._held or any(isinstance(i, _Submit) for i in pending)
                     continue
             consumed = self._commit(pending)
             if consumed >= 0:
-                if held:
-                    self._linger_done(gained=self._arrived_while_held > 0)
-                    held = False
-                self.stats.urgent_groups += any(
-                    isinstance(i, _Submit) and i.urgent for i in pending[:consumed])
                 del pending[:consumed]
                 if self._final_seq is not None:  # the final record went in with it
                     for item in [i for i in pending if not isinstance(i, _Barrier)]:
@@ -701,6 +696,12 @@ class StoreWriter:
             self._failed(exc, len(group.records))
             return -1
         self._sealer.advance(group.draft)
+        # counted before the listeners run: one that reads the stats sees this group
+        self.stats.urgent_groups += any(
+            isinstance(i, _Submit) and i.urgent for i in pending[: group.taken])
+        if self._held:
+            self._linger_done(gained=self._arrived_while_held > 0)
+            self._held = False
         self._committed(group, deletes, evict)
         self._store.maintain()  # the ACKs are on their way: a checkpoint delays none
         self._release_barriers(pending[: group.taken])
