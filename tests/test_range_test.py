@@ -228,7 +228,7 @@ def range_run(site: dict[str, Any], rssi: int, capsys: pytest.CaptureFixture[str
     walker.start()
     try:
         code = gateway.main(["provision", "range-test", "--config", str(site["cfg"]), "--tag",
-                             site["tag"].tag, "--duration", "3", "--operator", "Ann Installer",
+                             site["tag"].tag, "--duration", "5", "--operator", "Ann Installer",
                              "--json"])
     finally:
         stop.set()

@@ -14,7 +14,14 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from buffer.seal import Sealer
-from buffer.store import MIN_QUOTA_BYTES, ROW_COMPRESS_MIN, Store, StoreError, StoreReader
+from buffer.store import (
+    MIN_QUOTA_BYTES,
+    ROW_COMPRESS_GROUP,
+    ROW_COMPRESS_MIN,
+    Store,
+    StoreError,
+    StoreReader,
+)
 from buffer.writer import StoreWriter
 from core.clock import Clock
 from core.kinds import Priority
@@ -409,15 +416,20 @@ def test_a_large_record_is_stored_compressed_and_reads_back_the_same(tmp_path: P
     clock = Clock()
     big = sealer.seal(Reading("gateway.health", SRC, {"ports": ["ttyUSB0"] * 200}, 1),
                       clock.timestamp(1))
-    small = sealer.seal(presence(2), clock.timestamp(2))
+    small = sealer.seal(Reading("tag.presence", SRC, {"n": 2}, 2), clock.timestamp(2))
     assert len(big.data) >= ROW_COMPRESS_MIN > len(small.data)
     store.commit([big, small])
+    # a full-speed group (more than ROW_COMPRESS_GROUP records) spends no CPU on it
+    many = [sealer.seal(Reading("gateway.health", SRC, {"ports": ["ttyUSB0"] * 200}, n),
+                        clock.timestamp(n)) for n in range(3, 4 + ROW_COMPRESS_GROUP)]
+    store.commit(many)
     sizes = dict(sqlite3.connect(db).execute("SELECT seq, length(blob) FROM records"))
     assert sizes[big.seq] < len(big.data) * 3 // 4  # compressed
     assert sizes[small.seq] == len(small.data) + 28  # nonce and tag only
+    assert all(sizes[r.seq] == len(r.data) + 28 for r in many)
     reader = StoreReader(db, STORAGE)
     try:
-        assert sorted(reader.queued()) == sorted([big.data, small.data])
+        assert sorted(reader.queued()) == sorted([big.data, small.data, *(r.data for r in many)])
     finally:
         reader.close()
         store.close()

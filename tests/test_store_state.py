@@ -418,11 +418,15 @@ def test_a_delta_that_would_overflow_the_carriers_page_goes_to_the_state_row(
     store = Store(db, STORAGE)
     rows = store._row_local_bytes
     written = store.stats.table_writes
-    store.commit([record(1, Priority.POSITION, size=500)], device_events={"TR-1": 1})
+    def incompressible(seq: int) -> SealedRecord:  # stored as it is, ~530 bytes
+        data = json.dumps({"seq": seq, "pad": os.urandom(250).hex()}).encode()
+        return SealedRecord(seq, Priority.POSITION, "tag.presence", data, bytes(32))
+
+    store.commit([incompressible(1)], device_events={"TR-1": 1})
     assert store.stats.table_writes == written  # a small delta: carried
     noisy = {f"tag:T{i:08d}:ival:rssi_sum": int.from_bytes(os.urandom(6), "big")
              for i in range(DELTA_MAX_ENTRIES - 4)}  # incompressible, under the count bound
-    store.commit([record(2, Priority.POSITION, size=500)], device_events=noisy)
+    store.commit([incompressible(2)], device_events=noisy)
     assert store.stats.table_writes == written + 1  # the state row took it
     conn = sqlite3.connect(db)
     try:
