@@ -124,6 +124,8 @@ ROW_COMPRESS_MIN = 512
 ROW_COMPRESS_GROUP = 8
 #: A batch read by :meth:`StoreReader.queued` stops at this many bytes.
 QUEUED_BATCH_BYTES = 16 * 1024 * 1024
+#: Delivered ranges a slot of the state file keeps at most (more wait for a commit).
+DELIVERED_MAX_RANGES = 64
 #: Ledger entries the newest record may carry (changed since the tables were last
 #: written); past this many the commit writes them to the tables.
 DELTA_MAX_ENTRIES = 64
@@ -321,11 +323,17 @@ class _State:
     carrier: tuple[int, int] | None = None  # (prio, seq) of the row whose st holds it
     base_txn: int = 0  # the txn of the full state in effect
     carrier_bytes: int = 0  # the length of the carrier's blob
+    #: ranges (class, lo, hi) the broker took whose rows are still on disk: a slot write
+    #: keeps them, and the next open deletes them (no resend after a kill)
+    delivered: list[tuple[int, int, int]] = field(default_factory=list)
 
     def full(self) -> dict[str, Any]:
         """The whole state, as the state row and the state file hold it."""
-        return {"t": self.txn, "s": self.last_seq, "d": self.digest.hex(), "b": self.boot,
-                "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.ledger}
+        out = {"t": self.txn, "s": self.last_seq, "d": self.digest.hex(), "b": self.boot,
+               "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.ledger}
+        if self.delivered:
+            out["dl"] = [list(r) for r in self.delivered]
+        return out
 
     def carried(self, txn: int) -> dict[str, Any]:
         """What the newest record carries: this state, numbered *txn*, as a delta on the
@@ -382,7 +390,8 @@ def _from_full(state: Mapping[str, Any]) -> _State:
                   boot=int(state["b"]),
                   usage={p: (int(c), int(b)) for p, (c, b) in
                          zip(Priority, state["u"], strict=True)},
-                  ledger={str(k): int(v) for k, v in state["l"].items()}, base_txn=txn)
+                  ledger={str(k): int(v) for k, v in state["l"].items()}, base_txn=txn,
+                  delivered=[(int(p), int(lo), int(hi)) for p, lo, hi in state.get("dl", ())])
 
 
 class _StateFile:
@@ -594,7 +603,12 @@ class Store:
         self._row_local_bytes = (self._page_size - 12) * 64 // 255 - 23 - ROW_OVERHEAD
         self._checkpoint_frames = max(1, self.limits.wal // 2 // (self._page_size + 24))
         self._commits_since_checkpoint = 0
+        delivered = self._st.delivered
         self.state = self._bump_boot()
+        if delivered:  # the broker took them before a kill: not sent again
+            self.commit([], delete_ranges=delivered)
+            log.info("record store %s: %d delivered ranges deleted at open", path,
+                     len(delivered))
         self.usage = dict(self._st.usage)
         if self.limits.reserve and not self.restore_reserve():
             log.warning("no room for the record store's reserve file %s (%d bytes) yet",
@@ -780,11 +794,14 @@ class Store:
         evict: Iterable[Evicted] = (),
         forget: Iterable[str] = (),
         maintain: bool = True,
+        delivered: Iterable[tuple[int, int, int]] = (),
     ) -> None:
         """Insert, delete, evict and advance the chain state in one durable transaction;
         *forget* names ledger entries removed in it (an unpaired device's). Then, unless
         *maintain* is False (the writer calls :meth:`maintain` once it has acknowledged
-        the devices), the WAL's checkpoint when due."""
+        the devices), the WAL's checkpoint when due. *delivered*: ranges the broker took
+        whose deletion waits; a commit of ledger entries alone (the state file) keeps
+        them, so that the next open deletes them even after a kill."""
         sealed = list(records)
         ranges = list(delete_ranges)
         evicted = list(evict)
@@ -797,7 +814,8 @@ class Store:
         ledger = {**old.ledger, **events}
         for key in gone:
             ledger.pop(key, None)
-        if not (sealed or ranges or evicted or gone) and self._commit_to_slot(old, txn, ledger):
+        if not (sealed or ranges or evicted or gone) and self._commit_to_slot(
+                old, txn, ledger, list(delivered)):
             return
         now = int(time.time())
         compress = len(sealed) <= ROW_COMPRESS_GROUP
@@ -876,14 +894,16 @@ class Store:
     def _carried(self, st: _State, txn: int) -> bytes:
         return _seal_state(self._aead, _IN_CARRIER, st.carried(txn))
 
-    def _commit_to_slot(self, old: _State, txn: int, ledger: dict[str, int]) -> bool:
+    def _commit_to_slot(self, old: _State, txn: int, ledger: dict[str, int],
+                        delivered: list[tuple[int, int, int]]) -> bool:
         """Commit ledger entries alone into the state file (one slot, fdatasynced): the
         whole state, numbered *txn*. False when the state file is not to be had or the
         state does not fit a slot: the commit then goes to the database."""
         if not self._slots_usable:
             return False
         st = _State(txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
-                    carrier=old.carrier, base_txn=txn, carrier_bytes=old.carrier_bytes)
+                    carrier=old.carrier, base_txn=txn, carrier_bytes=old.carrier_bytes,
+                    delivered=delivered[:DELIVERED_MAX_RANGES])
         blob = _seal_state(self._aead, _IN_SLOT, st.full())
         if not self._slots.fits(blob):
             return False

@@ -194,6 +194,18 @@ class _Ledger:
     due: float | None  # None: as soon as a reading would be
 
 
+def _merged(deletes: list[_Delete]) -> list[tuple[int, int, int]]:
+    """The ranges of *deletes*, adjacent ones of a class merged (a class's PUBACKed batches
+    follow each other)."""
+    out: list[list[int]] = []
+    for d in sorted(deletes, key=lambda d: (d.prio, d.lo)):
+        if out and out[-1][0] == d.prio and out[-1][2] + 1 >= d.lo:
+            out[-1][2] = max(out[-1][2], d.hi)
+        else:
+            out.append([d.prio, d.lo, d.hi])
+    return [(p, lo, hi) for p, lo, hi in out]
+
+
 def _without_record(done: Callable[[], None]) -> OnCommitted:
     return lambda _rec: done()
 
@@ -691,7 +703,8 @@ class StoreWriter:
         try:
             self._store.commit(group.records, device_events=group.events,
                                delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict,
-                               forget=group.forget, maintain=False)
+                               forget=group.forget, maintain=False,
+                               delivered=() if deletes else _merged(self._deletes))
         except sqlite3.Error as exc:
             self._failed(exc, len(group.records))
             return -1

@@ -437,3 +437,38 @@ def test_a_delta_that_would_overflow_the_carriers_page_goes_to_the_state_row(
     assert all(n <= rows for (n,) in lengths)
     store.close()
     assert read_state(db)[3] == {"TR-1": 1, **noisy}
+
+
+def test_rows_the_broker_took_are_not_sent_again_after_a_kill(tmp_path: Path) -> None:
+    """Deletions wait to ride a reading's commit; a commit of ledger entries alone (the
+    state file) keeps their ranges, so the store opened after a kill deletes them instead
+    of sending them again. Ranges of a class merge only where their seqs touch."""
+    from buffer.writer import _Delete, _merged
+
+    db = tmp_path / "r.db"
+    store = Store(db, STORAGE)
+    store.commit([record(s, Priority.POSITION) for s in (1, 2, 3)]
+                 + [record(4, Priority.STATUS), record(5, Priority.POSITION)])
+    delivered = _merged([_Delete(int(Priority.POSITION), 2, 3, 2),
+                         _Delete(int(Priority.POSITION), 1, 1, 1),
+                         _Delete(int(Priority.STATUS), 4, 4, 1)])
+    assert delivered == [(int(Priority.STATUS), 4, 4), (int(Priority.POSITION), 1, 3)]
+    store.commit([], device_events={"TR-1": 9}, delivered=delivered)  # into the state file
+    assert store.stats.slot_writes == 1
+    # killed here: no close, the rows still on disk
+    reopened = Store(db, STORAGE)
+    try:
+        reader = StoreReader(db, STORAGE)
+        try:
+            assert [json.loads(d)["seq"] for d in reader.queued()] == [5]
+        finally:
+            reader.close()
+        assert reopened.device_ledger()["TR-1"] == 9
+        assert reopened.usage[Priority.POSITION][0] == 1
+        assert reopened.usage[Priority.STATUS][0] == 0
+    finally:
+        reopened.close()
+    # and once deleted, a later open has nothing to do again
+    again = Store(db, STORAGE)
+    again.close()
+    assert read_state(db)[2] == {Priority.POSITION: (1, stored_size(record(5, Priority.POSITION)))}
