@@ -94,9 +94,11 @@ class TinyStore:
         evict: Iterable[Evicted] = (),
         forget: Iterable[str] = (),
         maintain: bool = True,
+        delivered: Iterable[tuple[int, int, int]] = (),
     ) -> None:
         """One whole-file rewrite (and fsync) per group: inserts, deletes, chain state,
-        ledger entries *forget* names removed (*maintain*: nothing to maintain here)."""
+        ledger entries *forget* names removed (*maintain*, *delivered*: the SQLite store's
+        own; a whole-file rewrite has no WAL to checkpoint and deletes in every group)."""
         sealed = list(records)
         now = int(time.time())
         new_docs = {
