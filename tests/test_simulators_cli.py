@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,28 @@ class Served:
         ready, _, _ = select.select([self.process.stdout], [], [], 20)
         assert ready, "the simulator printed no path"
         self.path = self.process.stdout.readline().strip()
+        self.lines: list[str] = []  # stdout lines read before the stop
+
+    def status_until(self, done: Callable[[dict[str, Any]], bool], timeout: float = 15) -> None:
+        """Read its JSON status lines until one satisfies *done* (the device's own count:
+        an ACK written by the host is counted once the device has read it)."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.5)
+            if not ready:
+                continue
+            line = self.process.stdout.readline()
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("{") and done(json.loads(line)):
+                return
+        raise AssertionError(f"no status line satisfied the test within {timeout} s")
 
     def stop(self) -> tuple[int, list[str]]:
         """SIGTERM; its exit status and the stdout lines after the path."""
         self.process.send_signal(signal.SIGTERM)
         out, _ = self.process.communicate(timeout=10)
-        return self.process.returncode, out.splitlines()
+        return self.process.returncode, self.lines + out.splitlines()
 
 
 @pytest.fixture
@@ -204,6 +220,7 @@ def test_a_tag_receiver_on_a_pty_sends_beacons_the_real_driver_accepts(
     # four genuine beacons, each extending its tag's presence interval: no record
     assert all(isinstance(out, LedgerOnly) for out in made)
     assert driver.stats.accepted == 4
+    sim.status_until(lambda s: s.get("acked", 0) >= 4)  # the last ACK read by the device
     status, lines = sim.stop()
     assert status == 0
     statuses = [json.loads(line) for line in lines]
