@@ -26,6 +26,7 @@ deletions can still commit, and re-created once there is room again.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -33,18 +34,19 @@ import os
 import sqlite3
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
 from buffer.seal import Sealer
 from core.durable import fsync_dir
 from core.errors import UserError
-from core.kinds import Priority
+from core.kinds import HOLDABLE, Priority
 from core.record import GENESIS_PREV, SealedRecord
 from core.suites import Aead, Signer, storage_aead
 
@@ -126,6 +128,18 @@ ROW_COMPRESS_GROUP = 8
 QUEUED_BATCH_BYTES = 16 * 1024 * 1024
 #: Delivered ranges a slot of the state file keeps at most (more wait for a commit).
 DELIVERED_MAX_RANGES = 64
+#: Records of the classes the uplink may hold (:data:`core.kinds.HOLDABLE`: a fix, an
+#: interval, the health record) are committed into the state file while those waiting
+#: there stay within these bounds (sealed rows: compressed, encrypted), and join the
+#: table with the next commit that goes to the database. At a home that is one 4 KiB
+#: slot write instead of a SQLite commit (a WAL frame and two wal-index pages, three
+#: to five times the bytes), and the records are usually delivered before they ever
+#: reach the table (docs/architecture.md "Where the store's state lives").
+HELD_MAX_RECORDS = 16
+HELD_MAX_BYTES = 4096
+#: Ranges of the table's rows delivered in commits to the state file, kept there until
+#: the next commit to the database deletes them (more: that commit goes to the database).
+OWED_MAX_RANGES = 16
 #: Ledger entries the newest record may carry (changed since the tables were last
 #: written); past this many the commit writes them to the tables.
 DELTA_MAX_ENTRIES = 64
@@ -290,10 +304,24 @@ class StoreStats:
     slot_writes: int = 0  # commits of ledger entries alone, into the state file
     checkpoints: int = 0  # FSYNCS_PER_CHECKPOINT fsyncs each
     table_writes: int = 0  # commits that wrote the state to its tables (see _State)
+    held_records: int = 0  # records committed into the state file (held there)
 
     @property
     def fsyncs(self) -> int:
         return self.commits + FSYNCS_PER_CHECKPOINT * self.checkpoints
+
+
+class _Held(NamedTuple):
+    """A row committed into the state file, not in the table yet."""
+
+    prio: int
+    seq: int
+    at: int  # commit time, as the table's ``at``
+    blob: bytes  # sealed as the table's (Store._seal_row)
+
+
+def _covers(ranges: Iterable[tuple[int, int, int]], prio: int, seq: int) -> bool:
+    return any(p == prio and lo <= seq <= hi for p, lo, hi in ranges)
 
 
 @dataclass
@@ -326,6 +354,12 @@ class _State:
     #: ranges (class, lo, hi) the broker took whose rows are still on disk: a slot write
     #: keeps them, and the next open deletes them (no resend after a kill)
     delivered: list[tuple[int, int, int]] = field(default_factory=list)
+    #: rows (class, seq, sealed row) committed into the state file, not in the table yet
+    #: (only in a slot's state: a commit to the database inserts them)
+    held: tuple[_Held, ...] = ()
+    #: ranges (class, lo, hi) of the table deleted by commits into the state file (their
+    #: usage already taken off): the next commit to the database, or open, deletes them
+    owed: tuple[tuple[int, int, int], ...] = ()
 
     def full(self) -> dict[str, Any]:
         """The whole state, as the state row and the state file hold it."""
@@ -333,7 +367,13 @@ class _State:
                "u": [list(self.usage.get(p, (0, 0))) for p in Priority], "l": self.ledger}
         if self.delivered:
             out["dl"] = [list(r) for r in self.delivered]
+        if self.held:  # sealed rows already (AES-GCM): in the clear part, as base64
+            out["hr"] = [[h.prio, h.seq, h.at, base64.b64encode(h.blob).decode()]
+                         for h in self.held]
+        if self.owed:
+            out["ow"] = [list(r) for r in self.owed]
         return out
+
 
     def carried(self, txn: int) -> dict[str, Any]:
         """What the newest record carries: this state, numbered *txn*, as a delta on the
@@ -391,7 +431,10 @@ def _from_full(state: Mapping[str, Any]) -> _State:
                   usage={p: (int(c), int(b)) for p, (c, b) in
                          zip(Priority, state["u"], strict=True)},
                   ledger={str(k): int(v) for k, v in state["l"].items()}, base_txn=txn,
-                  delivered=[(int(p), int(lo), int(hi)) for p, lo, hi in state.get("dl", ())])
+                  delivered=[(int(p), int(lo), int(hi)) for p, lo, hi in state.get("dl", ())],
+                  held=tuple(_Held(int(p), int(q), int(at), base64.b64decode(b))
+                             for p, q, at, b in state.get("hr", ())),
+                  owed=tuple((int(p), int(lo), int(hi)) for p, lo, hi in state.get("ow", ())))
 
 
 class _StateFile:
@@ -567,6 +610,12 @@ def committed_state(path: Path, storage_key: bytes) -> tuple[StoreState, dict[st
     return StoreState(st.last_seq, st.digest, st.boot), dict(st.ledger)
 
 
+#: The stores open in this process, by real path: a :class:`StoreReader` of the same
+#: store reads the rows held in its state file from memory (what the slot says once it
+#: is durable), not from the file.
+_OPEN: weakref.WeakValueDictionary[str, Store] = weakref.WeakValueDictionary()
+
+
 class Store:
     """The writer's side. Not thread-safe: one thread (the store writer) owns it."""
 
@@ -605,11 +654,13 @@ class Store:
         self._commits_since_checkpoint = 0
         delivered = self._st.delivered
         self.state = self._bump_boot()
+        self._preallocate_wal()
         if delivered:  # the broker took them before a kill: not sent again
             self.commit([], delete_ranges=delivered)
             log.info("record store %s: %d delivered ranges deleted at open", path,
                      len(delivered))
         self.usage = dict(self._st.usage)
+        _OPEN[os.path.realpath(path)] = self
         if self.limits.reserve and not self.restore_reserve():
             log.warning("no room for the record store's reserve file %s (%d bytes) yet",
                         self.reserve_path, self.limits.reserve)
@@ -636,12 +687,13 @@ class Store:
         """Per class: records queued, bytes, age in seconds of the oldest (commit time)."""
         out: dict[str, dict[str, int]] = {}
         now = int(time.time())
+        held, owed = self.held_and_owed()
         for prio, (count, size) in self.usage.items():
             if not count:
                 continue
-            row = self._db.execute(
-                "SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1", (int(prio),)
-            ).fetchone()
+            first = _first_queued(self._db, int(prio), 0, owed, "at")
+            row = first if first is not None else next(
+                ((h.at,) for h in held if h.prio == prio), None)
             out[prio.label] = {"queued": count, "bytes": size,
                                "oldest_s": max(0, now - row[0]) if row else 0}
         return out
@@ -673,15 +725,18 @@ class Store:
         out: list[Evicted] = []
         freed = 0
         for prio in sorted(Priority, reverse=True):
+            after = 0
             while freed < target:
-                after = out[-1].seq if out and out[-1].prio == prio else 0
                 rows = self._db.execute(
                     "SELECT seq, length(blob) FROM records WHERE prio=? AND seq>? "
                     "ORDER BY seq LIMIT 256", (int(prio), after),
                 ).fetchall()
                 if not rows:
                     break
+                after = rows[-1][0]
                 for seq, size in rows:
+                    if _covers(self._st.owed, int(prio), seq):
+                        continue  # delivered already: its deletion is owed
                     out.append(Evicted(int(prio), seq, size + ROW_OVERHEAD))
                     freed += int((size + ROW_OVERHEAD) * PAGE_FACTOR)
                     if freed >= target:
@@ -749,14 +804,47 @@ class Store:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("checkpoint of %s failed: %s", wal, exc)
+            return
+        self._preallocate_wal()
+
+    def _preallocate_wal(self) -> None:
+        """Give the WAL its bound's blocks (allocated, not written: ``fallocate``), so
+        that commits overwrite blocks of a file that keeps its size instead of
+        appending to it. An append changes the file's size and its allocation: on this
+        machine's ext4 a one-frame commit appended cost 20 KiB of ``write_bytes``, one
+        into allocated blocks 12 KiB (``bench/store_variants.py --wal``). SQLite reads
+        frames up to the first one whose salt or checksum does not match, so blocks
+        past the last frame are never read as frames, and ``journal_size_limit`` (the
+        same bound) cuts the file back only when it is larger. Best effort: a
+        filesystem with no room or no ``fallocate`` keeps SQLite's own growth."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return  # not created yet: SQLite creates it at the first write
+        try:
+            if os.fstat(fd).st_size < self.limits.wal:
+                os.posix_fallocate(fd, 0, self.limits.wal)
+        except OSError as exc:
+            log.debug("WAL %s not preallocated: %s", wal, exc)
+        finally:
+            os.close(fd)
 
     def _bump_boot(self) -> StoreState:
         """Count this start, writing the whole state to the state row (and emptying
         the tables of a store from before it: they held the ledger in plain text)."""
         st = self._st
         st.boot += 1
+        held, owed = st.held, st.owed
+        st.held = st.owed = ()
         legacy = self._db.execute("SELECT count(*) FROM meta").fetchone()[0]
         with self._transaction():
+            # what the state file held joins the table (its usage is counted already)
+            self._db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, NULL)",
+                                 held)
+            for prio, lo, hi in owed:
+                self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                                 (prio, lo, hi))
             self._write_full(st, st.txn + 1)
             if legacy:
                 self._db.execute("DELETE FROM meta")
@@ -814,8 +902,10 @@ class Store:
         ledger = {**old.ledger, **events}
         for key in gone:
             ledger.pop(key, None)
-        if not (sealed or ranges or evicted or gone) and self._commit_to_slot(
-                old, txn, ledger, list(delivered)):
+        if (not (evicted or gone) and (sealed or not ranges)
+                and all(r.priority in HOLDABLE for r in sealed)
+                and self._commit_to_slot(old, txn, ledger, list(delivered), sealed=sealed,
+                                         ranges=ranges)):
             return
         now = int(time.time())
         compress = len(sealed) <= ROW_COMPRESS_GROUP
@@ -828,9 +918,24 @@ class Store:
                     {**old.delta, **events}, old.carrier, old.base_txn, old.carrier_bytes)
         for key in gone:
             st.delta.pop(key, None)
+        # the rows the state file held join the table, but those delivered meanwhile
+        evicted_keys = {(e.prio, e.seq) for e in evicted}  # (rows the state file held, too)
+        held = [h for h in old.held
+                if not _covers(ranges, h.prio, h.seq) and (h.prio, h.seq) not in evicted_keys]
+        for h in old.held:
+            st.usage[Priority(h.prio)] = _less(st.usage, h.prio, 1, len(h.blob))
+        for h in held:
+            count, size = st.usage.get(Priority(h.prio), (0, 0))
+            st.usage[Priority(h.prio)] = (count + 1, size + len(h.blob))
         with self._transaction():
             # deletions first: the inserts reuse the pages they free, so the file does
-            # not grow past the quota within the transaction
+            # not grow past the quota within the transaction; the state file's owed
+            # ones first (their usage is taken off already)
+            for prio, lo, hi in old.owed:
+                self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                                 (prio, lo, hi))
+                if st.carrier is not None and st.carrier[0] == prio and lo <= st.carrier[1] <= hi:
+                    st.carrier = None
             for prio, lo, hi in ranges:
                 n, size = self._db.execute(
                     "SELECT count(*), coalesce(sum(length(blob)), 0) FROM records "
@@ -844,13 +949,17 @@ class Store:
             if evicted:
                 self._db.executemany("DELETE FROM records WHERE prio=? AND seq=?",
                                      [(e.prio, e.seq) for e in evicted])
+                was_held = {(h.prio, h.seq) for h in old.held}
                 for e in evicted:
+                    if (e.prio, e.seq) in was_held:
+                        continue  # its usage is off already (above)
                     st.usage[Priority(e.prio)] = _less(st.usage, e.prio, 1, e.size - ROW_OVERHEAD)
                     if st.carrier == (e.prio, e.seq):
                         st.carrier = None
             for prio, _seq, _at, blob, _st in rows:
                 count, size = st.usage.get(Priority(prio), (0, 0))
                 st.usage[Priority(prio)] = (count + 1, size + len(blob))
+            rows = [(h.prio, h.seq, h.at, h.blob, None) for h in held] + rows
             if sealed:
                 last = max(sealed, key=lambda r: r.seq)
                 st.last_seq, st.digest = last.seq, last.digest
@@ -895,15 +1004,52 @@ class Store:
         return _seal_state(self._aead, _IN_CARRIER, st.carried(txn))
 
     def _commit_to_slot(self, old: _State, txn: int, ledger: dict[str, int],
-                        delivered: list[tuple[int, int, int]]) -> bool:
-        """Commit ledger entries alone into the state file (one slot, fdatasynced): the
-        whole state, numbered *txn*. False when the state file is not to be had or the
-        state does not fit a slot: the commit then goes to the database."""
+                        delivered: list[tuple[int, int, int]], *,
+                        sealed: list[SealedRecord] | None = None,
+                        ranges: list[tuple[int, int, int]] | None = None) -> bool:
+        """Commit into the state file (one slot, fdatasynced) the whole state, numbered
+        *txn*: ledger entries, *sealed* records of the holdable classes (they wait there,
+        held, with those before them, until a commit to the database) and deletions of
+        *ranges* (held rows leave at once; the table's are owed to the next commit to the
+        database, their usage taken off now). False when the state file is not to be had,
+        the held rows or owed ranges would pass their bounds, or the state does not fit a
+        slot: the commit then goes to the database."""
         if not self._slots_usable:
             return False
-        st = _State(txn, old.last_seq, old.digest, old.boot, dict(old.usage), ledger,
+        if len(old.held) + len(sealed or ()) > HELD_MAX_RECORDS:
+            return False  # (before any row is sealed: a full-speed group goes on at once)
+        usage = dict(old.usage)
+        held = list(old.held)
+        owed = list(old.owed)
+        for prio, lo, hi in ranges or ():
+            for gone in [h for h in held if _covers([(prio, lo, hi)], h.prio, h.seq)]:
+                held.remove(gone)
+                usage[Priority(prio)] = _less(usage, prio, 1, len(gone.blob))
+            # the table's rows in it not owed already (a PUBACK may come twice)
+            sizes = [n for q, n in self._db.execute(
+                "SELECT seq, length(blob) FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                (prio, lo, hi)) if not _covers(owed, prio, q)]
+            if sizes:
+                usage[Priority(prio)] = _less(usage, prio, len(sizes), sum(sizes))
+                owed.append((prio, lo, hi))
+        last_seq, digest = old.last_seq, old.digest
+        if sealed:
+            compress = len(sealed) <= ROW_COMPRESS_GROUP
+            now = int(time.time())
+            for r in sealed:
+                blob = self._seal_row(r.priority, r.seq, r.data, compress=compress)
+                held.append(_Held(int(r.priority), r.seq, now, blob))
+                count, size = usage.get(r.priority, (0, 0))
+                usage[r.priority] = (count + 1, size + len(blob))
+            last = max(sealed, key=lambda r: r.seq)
+            last_seq, digest = last.seq, last.digest
+        if (len(held) > HELD_MAX_RECORDS or sum(len(h.blob) for h in held) > HELD_MAX_BYTES
+                or len(owed) > OWED_MAX_RANGES):
+            return False
+        st = _State(txn, last_seq, digest, old.boot, usage, ledger,
                     carrier=old.carrier, base_txn=txn, carrier_bytes=old.carrier_bytes,
-                    delivered=delivered[:DELIVERED_MAX_RANGES])
+                    delivered=delivered[:DELIVERED_MAX_RANGES], held=tuple(held),
+                    owed=tuple(owed))
         blob = _seal_state(self._aead, _IN_SLOT, st.full())
         if not self._slots.fits(blob):
             return False
@@ -922,7 +1068,11 @@ class Store:
             return False
         self.stats.commits += 1
         self.stats.slot_writes += 1
+        self.stats.held_records += len(sealed or ())
         self._st = st
+        if sealed or ranges:
+            self.state = StoreState(st.last_seq, st.digest, st.boot)
+            self.usage = dict(st.usage)
         return True
 
     def _wal_frames(self) -> int | None:
@@ -978,8 +1128,16 @@ class Store:
                 self.stats.commits += 1
             except sqlite3.Error as exc:  # the newest record keeps it: nothing is lost
                 log.warning("record store %s: state not written at close: %s", self.path, exc)
+        if _OPEN.get(os.path.realpath(self.path)) is self:
+            del _OPEN[os.path.realpath(self.path)]
         self._slots.close()
         self._db.close()
+
+    def held_and_owed(self) -> tuple[tuple[_Held, ...], tuple[tuple[int, int, int], ...]]:
+        """The rows held in the state file and the table's ranges owed a deletion, as
+        committed (any thread: the state is replaced whole by each commit)."""
+        st = self._st
+        return st.held, st.owed
 
 
 def _less(usage: Mapping[Priority, tuple[int, int]], prio: int, count: int,
@@ -1023,11 +1181,33 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 class StoreReader:
-    """A read connection (the forwarder's): decrypts queued records in delivery order."""
+    """A read connection (the forwarder's): decrypts queued records in delivery order.
+
+    Queued records are the table's rows, less those whose deletion is owed, and the
+    rows held in the state file: from memory when the store is open in this process
+    (the daemon's forwarder), else from the state file's newest valid slot (a tool, a
+    test reading a store another process writes; a slot read there may be one not yet
+    fdatasynced)."""
 
     def __init__(self, path: Path, storage_key: bytes) -> None:
+        self.path = path
         self._aead = storage_aead(storage_key)
         self._db = _connect(path)
+        self._real = os.path.realpath(path)
+
+    def _held_and_owed(self) -> tuple[tuple[_Held, ...], tuple[tuple[int, int, int], ...]]:
+        store = _OPEN.get(self._real)
+        if store is not None:
+            return store.held_and_owed()
+        slots = _read_slots(self.path, self._aead)
+        if not any("hr" in slot or "ow" in slot for slot in slots):
+            return (), ()
+        self._db.execute("BEGIN")
+        try:
+            st = _load_state(self._db, self._aead, slots)
+        finally:
+            self._db.execute("COMMIT")
+        return st.held, st.owed
 
     def queued(self, batch: int = 1000) -> Iterator[bytes]:
         """Every queued record, decrypted, in delivery order (highest class first)."""
@@ -1042,17 +1222,20 @@ class StoreReader:
         self, after: Mapping[Priority, int], limit: int, max_bytes: int
     ) -> tuple[Priority, list[tuple[int, bytes]]] | None:
         """Records of the highest non-empty class with seq above that class's cursor."""
+        held, owed = self._held_and_owed()
         for prio in Priority:
-            rows = self._db.execute(
-                "SELECT seq, blob FROM records WHERE prio=? AND seq>? ORDER BY seq LIMIT ?",
-                (int(prio), after.get(prio, 0), limit),
-            ).fetchall()
-            if not rows:
+            cursor = after.get(prio, 0)
+            rows, more = _queued_rows(self._db, int(prio), cursor, limit, owed)
+            found = dict(rows)
+            for h in held:  # above the table's seqs (one also in the table: just moved)
+                if h.prio == prio and h.seq > cursor and not (more and h.seq > rows[-1][0]):
+                    found.setdefault(h.seq, h.blob)
+            if not found:
                 continue
             out: list[tuple[int, bytes]] = []
             size = 0
-            for seq, blob in rows:
-                data = self.open_row(int(prio), seq, blob)
+            for seq in sorted(found)[:limit]:
+                data = self.open_row(int(prio), seq, found[seq])
                 size += len(data)
                 if out and size > max_bytes:
                     break
@@ -1070,12 +1253,17 @@ class StoreReader:
         """The lowest seq still queued in any class (None: nothing queued): every record
         below it has left the store (delivered, or evicted with a ``gap`` record). One
         lookup per class on the primary key."""
-        return _lowest_seq(self._db)
+        return _lowest_seq(self._db, *self._held_and_owed())
 
     def depth(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT prio, COUNT(*) FROM records WHERE prio >= 0 "
-                                "GROUP BY prio").fetchall()
-        return {Priority(p).label: n for p, n in rows}
+        held, owed = self._held_and_owed()
+        counts = dict(self._db.execute("SELECT prio, COUNT(*) FROM records WHERE prio >= 0 "
+                                       "GROUP BY prio").fetchall())
+        for prio in {p for p, _, _ in owed}:
+            counts[prio] = counts.get(prio, 0) - len(_owed_seqs(self._db, prio, owed))
+        for h in held:
+            counts[h.prio] = counts.get(h.prio, 0) + 1
+        return {Priority(p).label: n for p, n in sorted(counts.items()) if n > 0}
 
     def newest_record(self) -> bytes | None:
         """The record with the highest seq still in the store, decrypted (None when the
@@ -1089,19 +1277,57 @@ class StoreReader:
             ).fetchone()
             if row is not None and (newest is None or row[0] > newest[0]):
                 newest = (row[0], int(prio), bytes(row[1]))
+        for h in self._held_and_owed()[0]:
+            if newest is None or h.seq > newest[0]:
+                newest = (h.seq, h.prio, h.blob)
         return None if newest is None else self.open_row(newest[1], newest[0], newest[2])
 
     def close(self) -> None:
         self._db.close()
 
 
-def _lowest_seq(db: sqlite3.Connection) -> int | None:
+def _queued_rows(db: sqlite3.Connection, prio: int, after: int, limit: int,
+                 owed: Iterable[tuple[int, int, int]]) -> tuple[list[tuple[int, bytes]], bool]:
+    """Up to *limit* rows (seq, blob) of class *prio* above *after* in the table, less
+    those whose deletion is owed (skipped a page at a time), and whether the table may
+    have more above them."""
+    owed = [r for r in owed if r[0] == prio]
+    while True:
+        rows = db.execute(
+            "SELECT seq, blob FROM records WHERE prio=? AND seq>? ORDER BY seq LIMIT ?",
+            (prio, after, limit)).fetchall()
+        out = [(int(q), bytes(b)) for q, b in rows if not _covers(owed, prio, q)]
+        if out or len(rows) < limit:
+            return out, len(rows) == limit
+        after = rows[-1][0]
+
+
+def _first_queued(db: sqlite3.Connection, prio: int, after: int,
+                  owed: Iterable[tuple[int, int, int]], column: str = "seq"
+                  ) -> tuple[int] | None:
+    """(*column*,) of the first row of class *prio* above *after* not owed a deletion."""
+    owed = [r for r in owed if r[0] == prio]
+    while True:
+        row = db.execute(f"SELECT seq, {column} FROM records WHERE prio=? AND seq>? "  # noqa: S608
+                         "ORDER BY seq LIMIT 1", (prio, after)).fetchone()
+        if row is None:
+            return None
+        if not _covers(owed, prio, row[0]):
+            return (int(row[1]),)
+        after = max(hi for p, lo, hi in owed if lo <= row[0] <= hi)
+
+
+def _lowest_seq(db: sqlite3.Connection, held: Iterable[_Held] = (),
+                owed: Iterable[tuple[int, int, int]] = ()) -> int | None:
+    owed = list(owed)
     lowest: int | None = None
     for prio in Priority:
-        row = db.execute("SELECT seq FROM records WHERE prio=? ORDER BY seq LIMIT 1",
-                         (int(prio),)).fetchone()
+        row = _first_queued(db, int(prio), 0, owed)
         if row is not None and (lowest is None or row[0] < lowest):
-            lowest = int(row[0])
+            lowest = row[0]
+    for h in held:
+        if lowest is None or h.seq < lowest:
+            lowest = h.seq
     return lowest
 
 
@@ -1122,6 +1348,28 @@ class Undelivered:
         return sum(self.by_class.values())
 
 
+def _count_queued(conn: sqlite3.Connection, st: _State, prio: int, through: int) -> int:
+    """Records of class *prio* queued with seq up to *through*: the table's, less those
+    owed a deletion, and those held in the state file."""
+    count = int(conn.execute("SELECT COUNT(*) FROM records WHERE prio=? AND seq<=?",
+                             (prio, through)).fetchone()[0])
+    count -= len(_owed_seqs(conn, prio, st.owed, through))
+    return count + sum(1 for h in st.held if h.prio == prio and h.seq <= through)
+
+
+def _owed_seqs(conn: sqlite3.Connection, prio: int, owed: Iterable[tuple[int, int, int]],
+               through: int | None = None) -> set[int]:
+    """The seqs of the table's rows of class *prio* whose deletion is owed (up to
+    *through*); owed ranges may overlap."""
+    out: set[int] = set()
+    for p, lo, hi in owed:
+        if p == prio:
+            top = hi if through is None else min(hi, through)
+            out.update(q for (q,) in conn.execute(
+                "SELECT seq FROM records WHERE prio=? AND seq BETWEEN ? AND ?", (p, lo, top)))
+    return out
+
+
 def undelivered(path: Path, through: int | None = None, ledger_key: str | None = None
                 ) -> Undelivered:
     """Read-only (the daemon may be running), without the store's key: the records still
@@ -1139,16 +1387,17 @@ def undelivered(path: Path, through: int | None = None, ledger_key: str | None =
             # everything queued: the state's counts, no scan
             rows = [(int(p), c) for p, (c, _) in st.usage.items()]
         else:
-            rows = [(int(p), conn.execute("SELECT COUNT(*) FROM records WHERE prio=? AND "
-                                          "seq<=?", (int(p), through)).fetchone()[0])
-                    for p in Priority]
+            upto = through
+            rows = [(int(p), _count_queued(conn, st, int(p), upto)) for p in Priority]
         entry = None if ledger_key is None else st.ledger.get(ledger_key)
         queued = None
         if entry is not None:
-            queued = any(conn.execute("SELECT 1 FROM records WHERE prio=? AND seq=?",
-                                      (int(p), entry)).fetchone() for p in Priority)
-        return Undelivered({Priority(p).label: n for p, n in rows if n}, _lowest_seq(conn),
-                           st.last_seq, entry, queued)
+            queued = any(h.seq == entry for h in st.held) or any(
+                conn.execute("SELECT 1 FROM records WHERE prio=? AND seq=?",
+                             (int(p), entry)).fetchone() and not _covers(st.owed, int(p), entry)
+                for p in Priority)
+        return Undelivered({Priority(p).label: n for p, n in rows if n},
+                           _lowest_seq(conn, st.held, st.owed), st.last_seq, entry, queued)
     finally:
         conn.close()
 
@@ -1164,10 +1413,11 @@ def inspect_store(path: Path) -> dict[str, Any]:
         now = int(time.time())
         classes: dict[str, Any] = {}
         for prio, (count, size) in sorted(st.usage.items()):
-            row = conn.execute("SELECT at FROM records WHERE prio=? ORDER BY seq LIMIT 1",
-                               (prio,)).fetchone()
+            row = _first_queued(conn, int(prio), 0, st.owed, "at") or next(
+                ((h.at,) for h in st.held if h.prio == prio), None)
             classes[Priority(prio).label] = {
-                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None}
+                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None,
+                "in_state_file": sum(1 for h in st.held if h.prio == prio)}
         integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
     finally:
         conn.close()

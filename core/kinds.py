@@ -24,6 +24,13 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
+#: The classes whose records may wait before they go up (positions and the heartbeat:
+#: nothing the platform waits for, no alarm, no check-in, no status change, no command's
+#: answer): the uplink's linger holds them (uplink/linger.py), and the record store keeps
+#: a few of them in its state file before they join its table (buffer/store.py).
+HOLDABLE: frozenset[Priority] = frozenset({Priority.POSITION, Priority.HEARTBEAT})
+
+
 class UnknownKindError(KeyError):
     """A reading of a kind that is not in :data:`KIND_PRIORITY`."""
 

@@ -72,6 +72,7 @@ class StoreStateMachine(RuleBasedStateMachine):
         self.digest = GENESIS_PREV
         self.rows: dict[int, tuple[Priority, int]] = {}  # seq -> (class, stored size)
         self.ledger: dict[str, int] = {}
+        self.deleted: list[tuple[int, int, int]] = []  # every range deleted so far
 
     def teardown(self) -> None:
         self.store.close()
@@ -104,6 +105,20 @@ class StoreStateMachine(RuleBasedStateMachine):
         self.store.commit([], device_events=events)
         assert self.store.stats.slot_writes == slots + 1
         self.ledger.update(events)
+
+    @rule(data=st.data(), prio=st.sampled_from([Priority.POSITION, Priority.HEARTBEAT]))
+    def redelete(self, data: st.DataObject, prio: Priority) -> None:
+        """A PUBACK that comes again (a resent message): ranges deleted before, twice in
+        one commit, riding a record the state file may hold."""
+        if not self.deleted:
+            return
+        again = data.draw(st.sampled_from(self.deleted))
+        self.seq += 1
+        rec = record(self.seq, prio, size=self.seq % 97)
+        self.store.commit([rec], delete_ranges=[again, again, *self._oldest_ranges()])
+        self._deleted(self._oldest_ranges())
+        self.rows[rec.seq] = (rec.priority, stored_size(rec))
+        self.digest = rec.digest
 
     @rule(newest=st.booleans())
     def delete_alone(self, newest: bool) -> None:
@@ -151,6 +166,7 @@ class StoreStateMachine(RuleBasedStateMachine):
         return [(int(prio), oldest, hi)]
 
     def _deleted(self, ranges: list[tuple[int, int, int]]) -> None:
+        self.deleted.extend(ranges)
         for prio, lo, hi in ranges:
             for seq in [s for s, (p, _) in self.rows.items() if p == prio and lo <= s <= hi]:
                 del self.rows[seq]
@@ -173,6 +189,31 @@ class StoreStateMachine(RuleBasedStateMachine):
         found = undelivered(self.db)
         assert found.last_seq == self.seq
         assert found.count == len(self.rows)
+        assert found.lowest_seq == (min(self.rows) if self.rows else None)
+        if self.rows:  # a count up to a seq: the table's rows, less owed, plus held ones
+            middle = sorted(self.rows)[len(self.rows) // 2]
+            assert undelivered(self.db, through=middle).count == sum(
+                1 for seq in self.rows if seq <= middle)
+
+    @invariant()
+    def readers_see_the_queued_records(self) -> None:
+        """Whether a record waits in the table or in the state file (held), and whether
+        its table row still waits for an owed deletion, a reader sees the queue: the
+        forwarder's (the store open in its process: the held rows from memory) and one
+        of another process (from the state file: simulated by not finding the store)."""
+        want = {p.label: sum(1 for q, _ in self.rows.values() if q == p) for p in Priority}
+        want = {k: n for k, n in want.items() if n}
+        for outside in (False, True):
+            reader = StoreReader(self.db, STORAGE)
+            if outside:
+                reader._real = ""  # not the open store's path: what another process reads
+            try:
+                seqs = [json.loads(data)["seq"] for data in reader.queued(batch=3)]
+                assert sorted(seqs) == sorted(self.rows)
+                assert reader.lowest_seq() == (min(self.rows) if self.rows else None)
+                assert reader.depth() == want
+            finally:
+                reader.close()
 
 
 TestStoreState = StoreStateMachine.TestCase
@@ -185,15 +226,16 @@ def test_a_commit_writes_the_state_row_only_when_the_newest_record_cannot_carry_
 ) -> None:
     store = Store(tmp_path / "r.db", STORAGE)
     written = store.stats.table_writes  # the boot
-    store.commit([record(1, Priority.HEARTBEAT)], device_events={"TR-1": 1})
-    store.commit([record(2, Priority.HEARTBEAT)], device_events={"TR-1": 2},
-                 delete_ranges=[(int(Priority.HEARTBEAT), 1, 1)])
-    store.commit([], delete_ranges=[(int(Priority.HEARTBEAT), 0, 0)])  # the carrier stays
+    # (a class the state file never holds: every record goes to the table)
+    store.commit([record(1, Priority.STATUS)], device_events={"TR-1": 1})
+    store.commit([record(2, Priority.STATUS)], device_events={"TR-1": 2},
+                 delete_ranges=[(int(Priority.STATUS), 1, 1)])
+    store.commit([], delete_ranges=[(int(Priority.STATUS), 0, 0)])  # the carrier stays
     assert store.stats.table_writes == written
-    store.commit([], delete_ranges=[(int(Priority.HEARTBEAT), 2, 2)])  # the carrier goes
+    store.commit([], delete_ranges=[(int(Priority.STATUS), 2, 2)])  # the carrier goes
     assert store.stats.table_writes == written + 1
     many = {f"dev:{i}": i for i in range(DELTA_MAX_ENTRIES + 1)}
-    store.commit([record(3, Priority.HEARTBEAT)], device_events=many)  # too many to carry
+    store.commit([record(3, Priority.STATUS)], device_events=many)  # too many to carry
     assert store.stats.table_writes == written + 2
     store.commit([], device_events={"TR-1": 3})  # ledger entries alone: the state file
     store.commit([], device_events={"TR-1": 4})
@@ -252,7 +294,7 @@ CHILD = """
 import json, os, signal, sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from buffer.store import Store
+from buffer.store import Store, StoreReader
 from core.kinds import Priority
 from tests.test_store_state import STORAGE, record
 H = int(Priority.HEARTBEAT)
@@ -271,18 +313,24 @@ steps = [
     lambda s: s.commit([record(6, Priority.STATUS)], device_events={{"TR-1": 6}}),
     lambda s: s.commit([], device_events={{"tag:B:ival:n": 2}}),
     lambda s: s.commit([], delete_ranges=[(H, 5, 5)]),
+    # held in the state file, the table's record 4 delivered (its deletion owed)
+    lambda s: s.commit([record(7, Priority.HEARTBEAT)], delete_ranges=[(2, 4, 4)]),
+    lambda s: s.commit([record(8, Priority.POSITION)], delete_ranges=[(H, 7, 7)]),
+    lambda s: s.commit([], device_events={{"TR-3": 1}}),
 ]
 store = Store(Path(sys.argv[1]), STORAGE)
 for step in steps[: int(sys.argv[2])]:
     step(store)
 st = store._st
+queued = sorted(json.loads(d)["seq"] for d in StoreReader(Path(sys.argv[1]), STORAGE).queued())
 print(json.dumps({{"seq": st.last_seq, "digest": st.digest.hex(), "ledger": st.ledger,
-                  "usage": {{p.label: list(u) for p, u in st.usage.items()}}}}), flush=True)
+                  "usage": {{p.label: list(u) for p, u in st.usage.items()}},
+                  "queued": queued}}), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.parametrize("steps", range(13))
+@pytest.mark.parametrize("steps", range(16))
 def test_a_store_killed_after_each_step_reopens_with_the_same_state(
     tmp_path: Path, steps: int,
 ) -> None:
@@ -304,6 +352,11 @@ def test_a_store_killed_after_each_step_reopens_with_the_same_state(
         assert found.last_seq == before["seq"]
         assert found.ledger == before["ledger"].get("chain:final_seq")
         assert found.count == sum(c for c, _ in before["usage"].values())
+        reader = StoreReader(db, STORAGE)  # the held rows joined the table, owed ones left
+        try:
+            assert sorted(json.loads(d)["seq"] for d in reader.queued()) == before["queued"]
+        finally:
+            reader.close()
     finally:
         store.close()
 
@@ -420,7 +473,7 @@ def test_a_delta_that_would_overflow_the_carriers_page_goes_to_the_state_row(
     written = store.stats.table_writes
     def incompressible(seq: int) -> SealedRecord:  # stored as it is, ~530 bytes
         data = json.dumps({"seq": seq, "pad": os.urandom(250).hex()}).encode()
-        return SealedRecord(seq, Priority.POSITION, "tag.presence", data, bytes(32))
+        return SealedRecord(seq, Priority.STATUS, "tag.absent", data, bytes(32))
 
     store.commit([incompressible(1)], device_events={"TR-1": 1})
     assert store.stats.table_writes == written  # a small delta: carried

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.kinds import Priority
+from core.kinds import HOLDABLE, Priority
 
-#: The classes whose records may wait up to the linger (docs/records.md "Transport").
-HOLDABLE: frozenset[Priority] = frozenset({Priority.POSITION, Priority.HEARTBEAT})
+__all__ = ["FLUSH", "FULL", "HOLDABLE", "LINGER", "LIVE", "RELEASE_REASONS", "URGENT", "Linger"]
 
 #: Why held records went out (the counters of :attr:`UplinkStats.releases`).
 LINGER = "linger"  # the oldest held record waited the linger
