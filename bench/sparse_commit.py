@@ -44,20 +44,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import buffer.store as store_mod  # noqa: E402
+from bench.store_variants import write_bytes  # noqa: E402
 from buffer.seal import Sealer  # noqa: E402
 from buffer.store import Store  # noqa: E402
 from core.clock import Clock  # noqa: E402
 from core.kinds import Priority  # noqa: E402
 from core.record import GENESIS_PREV, Reading, SealedRecord, Source  # noqa: E402
 from core.suites import ED25519, SoftwareKey  # noqa: E402
-
-
-def write_bytes() -> int:
-    with Path("/proc/self/io").open() as f:
-        for line in f:
-            if line.startswith("write_bytes"):
-                return int(line.split(":")[1])
-    raise RuntimeError("no write_bytes in /proc/self/io")
 
 
 def device_bytes(device: str | None) -> int:
