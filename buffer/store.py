@@ -374,7 +374,6 @@ class _State:
             out["ow"] = [list(r) for r in self.owed]
         return out
 
-
     def carried(self, txn: int) -> dict[str, Any]:
         """What the newest record carries: this state, numbered *txn*, as a delta on the
         full state numbered :attr:`base_txn`."""
@@ -691,11 +690,9 @@ class Store:
         for prio, (count, size) in self.usage.items():
             if not count:
                 continue
-            first = _first_queued(self._db, int(prio), 0, owed, "at")
-            row = first if first is not None else next(
-                ((h.at,) for h in held if h.prio == prio), None)
+            at = _oldest_at(self._db, int(prio), held, owed)
             out[prio.label] = {"queued": count, "bytes": size,
-                               "oldest_s": max(0, now - row[0]) if row else 0}
+                               "oldest_s": max(0, now - at) if at is not None else 0}
         return out
 
     @property
@@ -810,9 +807,10 @@ class Store:
     def _preallocate_wal(self) -> None:
         """Give the WAL its bound's blocks (allocated, not written: ``fallocate``), so
         that commits overwrite blocks of a file that keeps its size instead of
-        appending to it. An append changes the file's size and its allocation: on this
-        machine's ext4 a one-frame commit appended cost 20 KiB of ``write_bytes``, one
-        into allocated blocks 12 KiB (``bench/store_variants.py --wal``). SQLite reads
+        appending to it. An append changes the file's size and its allocation, which
+        the filesystem journals: on a loop-mounted ext4 (4 KiB blocks) a one-frame
+        commit at home cadence cost the device 69 KB appended, 53 KB preallocated
+        (``bench/sparse_commit.py --device``). SQLite reads
         frames up to the first one whose salt or checksum does not match, so blocks
         past the last frame are never read as frames, and ``journal_size_limit`` (the
         same bound) cuts the file back only when it is larger. Best effort: a
@@ -1317,6 +1315,16 @@ def _first_queued(db: sqlite3.Connection, prio: int, after: int,
         after = max(hi for p, lo, hi in owed if lo <= row[0] <= hi)
 
 
+def _oldest_at(db: sqlite3.Connection, prio: int, held: Iterable[_Held],
+               owed: Iterable[tuple[int, int, int]]) -> int | None:
+    """The commit time of the oldest queued record of class *prio*: the table's first row
+    not owed a deletion, else the first held in the state file (None: none)."""
+    row = _first_queued(db, prio, 0, owed, "at")
+    if row is not None:
+        return row[0]
+    return next((h.at for h in held if h.prio == prio), None)
+
+
 def _lowest_seq(db: sqlite3.Connection, held: Iterable[_Held] = (),
                 owed: Iterable[tuple[int, int, int]] = ()) -> int | None:
     owed = list(owed)
@@ -1387,8 +1395,7 @@ def undelivered(path: Path, through: int | None = None, ledger_key: str | None =
             # everything queued: the state's counts, no scan
             rows = [(int(p), c) for p, (c, _) in st.usage.items()]
         else:
-            upto = through
-            rows = [(int(p), _count_queued(conn, st, int(p), upto)) for p in Priority]
+            rows = [(int(p), _count_queued(conn, st, int(p), through)) for p in Priority]
         entry = None if ledger_key is None else st.ledger.get(ledger_key)
         queued = None
         if entry is not None:
@@ -1413,10 +1420,9 @@ def inspect_store(path: Path) -> dict[str, Any]:
         now = int(time.time())
         classes: dict[str, Any] = {}
         for prio, (count, size) in sorted(st.usage.items()):
-            row = _first_queued(conn, int(prio), 0, st.owed, "at") or next(
-                ((h.at,) for h in st.held if h.prio == prio), None)
+            at = _oldest_at(conn, int(prio), st.held, st.owed)
             classes[Priority(prio).label] = {
-                "queued": count, "bytes": size, "oldest_s": now - row[0] if row else None,
+                "queued": count, "bytes": size, "oldest_s": None if at is None else now - at,
                 "in_state_file": sum(1 for h in st.held if h.prio == prio)}
         integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
     finally:
