@@ -13,6 +13,15 @@ Everything runs in one invocation, so the ratios hold on a noisy machine:
    committed, MAX_UNACKED not yet PUBACKed), sealed, committed (SQLite WAL,
    synchronous=FULL, AES-GCM rows), forwarded by the product's Forwarder over MQTT/mTLS
    at QoS 1 and deleted on PUBACK. Rate, CPU, disk writes (/proc/self/io) per record;
+   ``interleaved``: the sustained workload again, cut into slices (10 of 5,000), with a
+   burst of the sign loop (2,000 signatures) before each slice and after the last while
+   the pipeline is idle: both rates over the same seconds of the host, in turns
+   (``interleaved_records_per_s`` over the slices' time, ``interleaved_sign_only_per_s``
+   over the bursts' time, their ratio ``records_per_s_vs_sign_only_interleaved``, and each
+   slice against the bursts on both sides of it, ``interleaved_slice_ratio_*``). Each
+   slice fills and empties the pipeline (a commit and a PUBACK round trip more than the
+   continuous run), which counts against the records. The denominator is the same as
+   ``sign_only_per_s``'s: the product's session key, one thread, nothing else running;
 3. ``paced``: the same at a steady 50 readings/s (the writer's linger groups them);
    ``paced_1``: at 1 reading/s, long enough for WAL checkpoints, from a device that
    negotiated the serial window (a home's tag receiver: protocol 2, WINDOW), whose
@@ -112,13 +121,15 @@ PROGRESS_EVERY_S = 2.0
 #: How long any phase may wait for the pipeline before the bench gives up, seconds.
 PHASE_TIMEOUT_S = 900.0
 
-FULL = {"records": 50_000, "backlog": 1_000_000, "tinydb": 2_000, "alarms": 200, "sign": 20_000,
+FULL = {"records": 50_000, "slices": 10, "burst": 2_000, "backlog": 1_000_000, "tinydb": 2_000,
+        "alarms": 200, "sign": 20_000,
         "paced": 1_000, "paced_1": 120}
-QUICK = {"records": 2_000, "backlog": 5_000, "tinydb": 200, "alarms": 20, "sign": 2_000,
+QUICK = {"records": 2_000, "slices": 2, "burst": 200, "backlog": 5_000, "tinydb": 200,
+         "alarms": 20, "sign": 2_000,
          "paced": 50, "paced_1": 4}
-PHASES = ("sign", "sustained", "paced", "paced_1", "backlog", "tinydb", "depth")
+PHASES = ("sign", "sustained", "interleaved", "paced", "paced_1", "backlog", "tinydb", "depth")
 #: Phases run again pinned to one core (keys suffixed _1core).
-ONE_CORE_PHASES = ("sign", "sustained", "paced")
+ONE_CORE_PHASES = ("sign", "sustained", "interleaved", "paced")
 #: Queue depths at which one storage commit is timed, SQLite and TinyDB alike.
 DEPTHS_FULL = (1_000, 10_000, 30_000)
 DEPTHS_QUICK = (200, 1_000)
@@ -468,6 +479,33 @@ def phase_sign(env: Env, count: int) -> dict[str, Any]:
     return out
 
 
+class SignBursts:
+    """Short bursts of the ``sign`` phase's loop (the session key signing sealed records'
+    canonical bytes, one thread, nothing else running), for the interleaved phase."""
+
+    def __init__(self, env: Env, per_burst: int) -> None:
+        self.key = env.session
+        sealer = Sealer(GATEWAY_ID, self.key, last_seq=0, last_digest=GENESIS_PREV, boot=1)
+        clock = Clock()
+        readings = Readings()
+        self.messages = []
+        for _ in range(min(per_burst, SIGN_DISTINCT)):
+            reading = readings.presence()
+            self.messages.append(sealer.seal(reading, clock.timestamp(reading.mono_ns)).data)
+        self.per_burst = per_burst
+        self.rates: list[float] = []
+        self.walls: list[float] = []
+
+    def burst(self) -> None:
+        sign, messages = self.key.sign, self.messages
+        t0 = time.perf_counter()
+        for i in range(self.per_burst):
+            sign(messages[i % len(messages)])
+        wall = time.perf_counter() - t0
+        self.walls.append(wall)
+        self.rates.append(self.per_burst / wall)
+
+
 def run_sustained(env: Env, name: str, store: Any, reader: Any, count: int) -> dict[str, Any]:
     """The closed-loop sustained workload through *store*; *count* records end to end."""
     wired = wire(env, store, reader)
@@ -525,6 +563,75 @@ def phase_sustained(env: Env, count: int) -> dict[str, Any]:
     wal = db.with_name(db.name + "-wal")
     out["db_bytes"] = db.stat().st_size
     out["wal_bytes_after"] = wal.stat().st_size if wal.exists() else 0
+    return out
+
+
+def phase_interleaved(env: Env, count: int, slices: int, per_burst: int) -> dict[str, Any]:
+    """The sustained workload cut into *slices* slices, with a burst of *per_burst*
+    signatures (the sign phase's loop) before each slice and after the last, while the
+    pipeline is idle (every record of the slice PUBACKed, its deletions committed): the
+    two rates are measured in turns over the same seconds of this host, whose speed
+    drifts. Each slice's rate counts from its first submit to its last PUBACK, so it
+    includes filling and emptying the pipeline (a commit and a PUBACK round trip)."""
+    db = env.workdir / "interleaved.db"
+    store = Store(db, env.identity.storage_key)
+    reader = StoreReader(db, env.identity.storage_key)
+    bursts = SignBursts(env, per_burst)
+    wired = wire(env, store, reader)
+    writer, forwarder = wired.writer, wired.forwarder
+    walls: list[float] = []
+    counts: list[int] = []
+    try:
+        writer.start()
+        start_forwarder(wired)
+        readings = Readings()
+        submitted = [0]
+        env.progress.phase("interleaved", lambda: (
+            f"slice {len(walls) + 1} of {slices}  submitted {submitted[0]}  "
+            f"acked {forwarder.stats.records_acked}"))
+        for i in range(slices):
+            n = count // slices + (1 if i < count % slices else 0)
+            if not writer.flush(60):
+                raise BenchError("the writer did not commit the deletions before a burst")
+            bursts.burst()
+            base = forwarder.stats.records_acked
+            acked = lambda base=base: forwarder.stats.records_acked - base  # noqa: E731
+            t0 = time.perf_counter()
+            produce(writer, readings, n, acked, submitted)
+            wait_until(lambda n=n, acked=acked: acked() >= n, PHASE_TIMEOUT_S,
+                       f"interleaved: slice {i + 1} acked")
+            walls.append(time.perf_counter() - t0)
+            counts.append(n)
+        if not writer.flush(60):
+            raise BenchError("the writer did not commit the last deletions")
+        bursts.burst()
+        env.progress.done()
+    finally:
+        stop_wired(wired)
+        reader.close()
+        store.close()
+    records_per_s = sum(counts) / sum(walls)
+    sign_per_s = len(bursts.walls) * per_burst / sum(bursts.walls)
+    # each slice against the bursts on both sides of it
+    slice_ratios = [n / wall / ((bursts.rates[i] + bursts.rates[i + 1]) / 2)
+                    for i, (n, wall) in enumerate(zip(counts, walls, strict=True))]
+    out = {
+        "interleaved_records_per_s": records_per_s,
+        "interleaved_sign_only_per_s": sign_per_s,
+        "records_per_s_vs_sign_only_interleaved": records_per_s / sign_per_s,
+        "interleaved_slice_ratio_median": percentile(slice_ratios, 50),
+        "interleaved_slice_ratio_min": min(slice_ratios),
+        "interleaved_slice_ratios": [round(r, 3) for r in slice_ratios],
+        "interleaved_sign_bursts_per_s": [round(r) for r in bursts.rates],
+        "interleaved_slices": slices,
+        "interleaved_sign_per_burst": per_burst,
+    }
+    log(f"[interleaved] {records_per_s:.0f} records/s over {slices} slices, "
+        f"{sign_per_s:.0f} signatures/s in the bursts between them "
+        f"({min(bursts.rates):.0f}..{max(bursts.rates):.0f}): ratio "
+        f"{out['records_per_s_vs_sign_only_interleaved']:.3f}, per slice median "
+        f"{out['interleaved_slice_ratio_median']:.3f}, "
+        f"min {out['interleaved_slice_ratio_min']:.3f}")
     return out
 
 
@@ -1005,6 +1112,11 @@ def human_report(results: dict[str, Any]) -> str:
         ("sign_only_per_s", "session-key signatures/s, one thread", "{:.0f}"),
         ("records_per_s_vs_sign_only", "sustained records/s over signatures/s", "{:.3f}"),
         ("sustained_writer_cpu_us_per_record", "store writer's CPU per record", "{:.0f} us"),
+        ("interleaved_records_per_s", "sustained in slices (interleaved)", "{:.0f}"),
+        ("interleaved_sign_only_per_s", "signatures/s in bursts between slices", "{:.0f}"),
+        ("records_per_s_vs_sign_only_interleaved", "  the two, over the same seconds",
+         "{:.3f}"),
+        ("interleaved_slice_ratio_min", "  lowest slice vs its two bursts", "{:.3f}"),
         ("seal_only_per_s", "seal only (no store, no uplink)", "{:.0f}"),
         ("backlog_fill_records_per_s", "backlog fill, no forwarder", "{:.0f}"),
         ("restart_s_1m", "restart with backlog queued", "{:.3f} s"),
@@ -1134,6 +1246,9 @@ def main(argv: list[str] | None = None) -> int:
                     results["records_per_s_vs_sign_only"] = (sustained["records_per_s"]
                                                              / results["sign_only_per_s"])
                 results["sustained_left_in_store"] = sustained["left_in_store"]
+            if "interleaved" in phases:
+                results.update(phase_interleaved(env, sizes["records"], sizes["slices"],
+                                                 sizes["burst"]))
             if "paced" in phases:
                 results.update(phase_paced(env, sizes["paced"], PACED_RATE))
             if "paced_1" in phases:

@@ -15,7 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["records_per_s", "cpu_us_per_record", "record_bytes", "disk_bytes_written_per_record",
         "drain_records_per_s", "restart_s_1m", "peak_rss_mb", "sign_only_per_s",
-        "alarm_latency_ms_p99", "tinydb_records_per_s", "tinydb_disk_bytes_written_per_record"]
+        "alarm_latency_ms_p99", "tinydb_records_per_s", "tinydb_disk_bytes_written_per_record",
+        "interleaved_records_per_s", "interleaved_sign_only_per_s",
+        "records_per_s_vs_sign_only_interleaved", "interleaved_slice_ratio_min"]
 
 pytestmark = pytest.mark.slow
 
