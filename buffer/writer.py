@@ -5,6 +5,17 @@ commits it in one fsynced transaction, and only then runs each reading's
 ``on_committed`` callback (which acknowledges the device). Deletions after a
 PUBACK travel through the same queue, so they join the next transaction.
 
+The transaction (and then the WAL's checkpoint) runs on a second thread, ``store-commit``,
+while the writer seals the readings queued after the group on the draft that follows
+it: the signature, SQLite's steps and the fsync release the GIL, so on two cores the
+commit costs the writer little. The next group is handed over only once this one is
+committed and finished (the sealer moved on, the ACKs sent: as soon as the commit is
+seen, between two records); if the commit failed, the group sealed after it is dropped
+(nothing of it was acknowledged or stored) and both are sealed again. Only plain
+submissions are sealed ahead; anything that reads the store (health, evictions) or ends
+the chain waits until the store is the writer's again, and while commits fail every
+commit is waited for.
+
 The linger: at home rates a group is one reading, and every fsync costs the SD card
 whole pages. So while readings arrive closer together than :data:`LINGER_S` (a moving
 average of their spacing), the writer holds a group open until :data:`LINGER_S` after
@@ -307,6 +318,25 @@ class _Trouble:
     full_recorded: bool = False  # the storage.full record is committed
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A group whose transaction runs on the commit thread; the writer meanwhile seals
+    what follows it on a draft after it, and finishes it (advances the sealer, runs the
+    callbacks) once it is committed."""
+
+    group: _Group
+    items: list[_Item]  # the pending items it took: put back in front if it fails
+    deletes: list[_Delete]
+    evict: list[Evicted]
+    delivered: list[tuple[int, int, int]]
+    trouble: _Trouble | None  # commits were failing when it was handed over
+    urgent: bool
+    done: threading.Event = field(default_factory=threading.Event)  # committed, or failed
+    idle: threading.Event = field(default_factory=threading.Event)  # maintained: store free
+    error: BaseException | None = None  # of the commit
+    maintain_error: BaseException | None = None
+
+
 @dataclass
 class WriterStats:
     committed: int = 0
@@ -373,9 +403,20 @@ class StoreWriter:
         self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._stopped = threading.Event()
+        #: The commit thread: one transaction at a time, handed over by the writer, which
+        #: seals the next group meanwhile (the signature, SQLite's steps and the fsync
+        #: release the GIL). The group in flight, and the one whose maintenance (WAL
+        #: checkpoint) may still run: the writer touches the store only once it is idle.
+        self._jobs: queue.SimpleQueue[_Flight | None] = queue.SimpleQueue()
+        self._committer = threading.Thread(target=self._commit_loop, name="store-commit",
+                                           daemon=True)
+        self._inflight: _Flight | None = None
+        self._busy: _Flight | None = None
+        self._pending: list[_Item] = []
 
     # -- API for other threads -------------------------------------------------
     def start(self) -> None:
+        self._committer.start()
         self._thread.start()
 
     def submit(self, reading: Reading, on_committed: OnCommitted | None = None) -> None:
@@ -531,10 +572,49 @@ class StoreWriter:
 
     # -- the thread ------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._inflight is not None:  # an exception: the store is left as it is
+                self._inflight.done.wait()
+            self._jobs.put(None)
+            self._committer.join()
+
+    def _commit_loop(self) -> None:
+        """The commit thread: each group's transaction, then the store's maintenance."""
+        while (flight := self._jobs.get()) is not None:
+            group = flight.group
+            try:
+                self._store.commit(group.records, device_events=group.events,
+                                   delete_ranges=[(d.prio, d.lo, d.hi) for d in flight.deletes],
+                                   evict=flight.evict, forget=group.forget, maintain=False,
+                                   delivered=flight.delivered)
+            except BaseException as exc:  # noqa: BLE001 (the writer's thread counts or raises it)
+                flight.error = exc
+            flight.done.set()
+            if flight.error is None:
+                try:  # the ACKs are on their way: a checkpoint delays none
+                    self._store.maintain()
+                except BaseException as exc:  # noqa: BLE001 (raised on the writer's thread)
+                    flight.maintain_error = exc
+            flight.idle.set()
+
+    def _loop(self) -> None:
         stopping = False
-        pending: list[_Item] = []
+        pending = self._pending
         due = 0.0  # when the pending group commits (monotonic s)
         while True:
+            # nothing to seal meanwhile: the group in flight is finished (its ACKs sent)
+            # before the writer waits for anything
+            if (self._inflight is not None and self._inbox.empty()
+                    and not (pending and due <= time.monotonic())
+                    and not self._finish_flight(requeue=True)):
+                if stopping:
+                    log.error("store writer stopping with %d items not committed",
+                              len(pending))
+                    return
+                self._stopped.wait(RETRY_S)
+                continue
             try:
                 if stopping or (pending and due <= time.monotonic()):
                     item = self._inbox.get_nowait()
@@ -570,7 +650,8 @@ class StoreWriter:
             except queue.Empty:
                 pass
             if not pending and not self._deletes:
-                if stopping:
+                if stopping and self._inflight is None:
+                    self._wait_idle()
                     return
                 continue
             if not pending and not stopping and self._deletes_due_in() > 0:
@@ -592,6 +673,7 @@ class StoreWriter:
                         self._refuse(item)
             elif stopping:
                 log.error("store writer stopping with %d items not committed", len(pending))
+                self._wait_idle()
                 return
             else:
                 self._stopped.wait(RETRY_S)
@@ -681,17 +763,35 @@ class StoreWriter:
         return due
 
     def _commit(self, pending: list[_Item]) -> int:
-        """Seal and commit a prefix of *pending*, and up to :data:`MAX_DELETES` queued
-        deletions, in one transaction; how many items of *pending* it took (-1: the
-        commit failed, and nothing moved: the sealer advances only after a commit).
-        While commits fail, deletions go first on their own; on a full disk, readings
-        wait until there is room again."""
+        """Seal a prefix of *pending* and hand it, with up to :data:`MAX_DELETES` queued
+        deletions, to the commit thread as one transaction; how many items of *pending*
+        it took (-1: a commit failed, and nothing moved: the sealer advances only after a
+        commit). While the group before it is in flight, its readings are sealed on the
+        draft after that group's; it is handed over only once that group is committed
+        and finished (its ACKs sent), and dropped if that commit failed (its items are
+        then back in front of *pending*). While commits fail, every commit is waited for,
+        deletions go first on their own, and on a full disk readings wait until there is
+        room again."""
+        ahead: _Group | None = None
+        flight = self._inflight
+        if flight is not None:
+            if (self._trouble is None and flight.trouble is None and not flight.group.final
+                    and self._final_seq is None):
+                ahead = self._seal_ahead(pending, flight)
+                if ahead is None:  # the flight failed while the next group was sealed
+                    return -1
+            if self._inflight is not None and not self._finish_flight(requeue=True):
+                return -1
+            if ahead is not None and (not ahead.taken
+                                      or ahead.draft.base_seq != self._sealer.last_seq):
+                ahead = None  # nothing sealed ahead (or a chain that moved: sealed again)
+        self._wait_idle()
         trouble = self._trouble
         if trouble is not None:
             self._relieve(trouble)
             if trouble.disk_full and not self._store.restore_reserve():
                 return -1  # no room yet
-        group = self._seal_group(pending)
+        group = ahead if ahead is not None else self._seal_group(pending)
         # ledger entries alone go to the state file: deletions wait for a reading, unless due
         deletes = self._take_deletes() if (group.records or group.forget or not pending
                                            or self._deletes_due_in() <= 0) else []
@@ -700,24 +800,47 @@ class StoreWriter:
         if evict:
             gap = gap_reading(evict, self._gateway_source, self._clock.now_ns())
             group.records.append(group.draft.seal(gap, self._clock.timestamp(gap.mono_ns)))
-        try:
-            self._store.commit(group.records, device_events=group.events,
-                               delete_ranges=[(d.prio, d.lo, d.hi) for d in deletes], evict=evict,
-                               forget=group.forget, maintain=False,
-                               delivered=() if deletes else _merged(self._deletes))
-        except sqlite3.Error as exc:
-            self._failed(exc, len(group.records))
-            return -1
-        self._sealer.advance(group.draft)
-        # counted before the listeners run: one that reads the stats sees this group
-        self.stats.urgent_groups += any(
-            isinstance(i, _Submit) and i.urgent for i in pending[: group.taken])
+        taken = pending[: group.taken]
         if self._held:
             self._linger_done(gained=self._arrived_while_held > 0)
             self._held = False
-        self._committed(group, deletes, evict)
-        self._store.maintain()  # the ACKs are on their way: a checkpoint delays none
-        self._release_barriers(pending[: group.taken])
+        self._inflight = _Flight(
+            group, taken, deletes, evict, [] if deletes else _merged(self._deletes), trouble,
+            any(isinstance(i, _Submit) and i.urgent for i in taken))
+        self._jobs.put(self._inflight)
+        if trouble is not None or group.final:
+            # while commits fail each is waited for (a retry every RETRY_S); after the
+            # final record nothing is sealed
+            return group.taken if self._finish_flight(requeue=False) else -1
+        return group.taken
+
+    def _finish_flight(self, *, requeue: bool) -> bool:
+        """Wait for the group in flight to be committed, then move the sealer on and run
+        the listeners; False if its commit failed (counted, logged; its items are put
+        back in front of the pending ones if *requeue*: they had been taken)."""
+        flight = self._inflight
+        if flight is None:
+            return True
+        self._inflight = None
+        flight.done.wait()
+        self._busy = flight
+        error = flight.error
+        if error is not None:
+            self._wait_idle()
+            if not isinstance(error, sqlite3.Error):
+                raise error
+            if requeue:
+                self._pending[:0] = flight.items
+            self._failed(error, len(flight.group.records))
+            return False
+        self._sealer.advance(flight.group.draft)
+        # counted before the listeners run: one that reads the stats sees this group
+        self.stats.urgent_groups += flight.urgent
+        self._committed(flight.group, flight.deletes, flight.evict)
+        if any(isinstance(i, _Barrier) for i in flight.items):
+            self._wait_idle()  # a flush returns once the store is maintained too
+        self._release_barriers(flight.items)
+        trouble = flight.trouble
         if trouble is not None and self._trouble is trouble:
             self._trouble = None
             log.warning("commits work again after %.1f s and %d failures%s",
@@ -725,8 +848,20 @@ class StoreWriter:
                         ": room on the disk again, recording resumes" if trouble.disk_full
                         else "")
             if trouble.disk_full:
+                self._wait_idle()
                 self._record_storage("storage.recovered", trouble)
-        return group.taken
+        return True
+
+    def _wait_idle(self) -> None:
+        """Wait until the commit thread is done with the store (the last group's commit
+        and maintenance): the writer's thread uses the store only then."""
+        busy = self._busy
+        if busy is None:
+            return
+        busy.idle.wait()
+        self._busy = None
+        if busy.maintain_error is not None:
+            raise busy.maintain_error
 
     def _failed(self, exc: sqlite3.Error, records: int) -> None:
         """Count a failed commit; log it when it starts, changes cause, or every
@@ -844,6 +979,34 @@ class StoreWriter:
                 group.add(self._health_reading(item), self._clock)
             elif isinstance(item, _KeyRecord):
                 self._add_key_record(group, item)
+        return group
+
+    def _seal_ahead(self, pending: list[_Item], flight: _Flight) -> _Group | None:
+        """While *flight* commits: seal the readings at the head of *pending* (plain
+        submissions only, within :meth:`_seal_group`'s bounds) on a draft after its
+        group's. The flight is finished as soon as it is committed, so that its ACKs do
+        not wait for this group; None if its commit failed (this group is dropped)."""
+        after = flight.group.draft
+        group = _Group(Draft(after.gateway_id, after.key, boot=after.boot,
+                             last_seq=after.last_seq, last_digest=after.last_digest))
+        limit = self._store.limits.group_bytes if self._store.quota_bytes else None
+        records = group.records
+        for item in pending:
+            if (limit is not None and group.size > limit) or len(records) >= MAX_GROUP:
+                break
+            if type(item) is not _Submit or item.final:
+                break  # anything else is sealed once the store is the writer's again
+            if (self._inflight is flight and flight.done.is_set()
+                    and not self._finish_flight(requeue=True)):
+                return None
+            group.taken += 1
+            for reading in item.readings:
+                group.add(reading, self._clock)
+            if item.on_committed is not None and item.readings:
+                group.callbacks.append((item.on_committed, len(records) - 1))
+            for key in item.forget:
+                group.events.pop(key, None)
+                group.forget.add(key)
         return group
 
     def _add_key_record(self, group: _Group, item: _KeyRecord) -> None:
