@@ -20,7 +20,9 @@ Everything runs in one invocation, so the ratios hold on a noisy machine:
    over the bursts' time, their ratio ``records_per_s_vs_sign_only_interleaved``, and each
    slice against the bursts on both sides of it, ``interleaved_slice_ratio_*``). Each
    slice fills and empties the pipeline (a commit and a PUBACK round trip more than the
-   continuous run), which counts against the records. The denominator is the same as
+   continuous run), which counts against the records; ``interleaved_steady_*`` is each
+   slice's rate between the PUBACKs of its tenth and its ninth tenth of records, over the
+   same bursts (what the pipeline does once full). The denominator is the same as
    ``sign_only_per_s``'s: the product's session key, one thread, nothing else running;
 3. ``paced``: the same at a steady 50 readings/s (the writer's linger groups them);
    ``paced_1``: at 1 reading/s, long enough for WAL checkpoints, from a device that
@@ -566,6 +568,14 @@ def phase_sustained(env: Env, count: int) -> dict[str, Any]:
     return out
 
 
+def steady_rate(timeline: list[tuple[float, int]], base: int, n: int) -> float:
+    """Records/s between the PUBACKs that took a slice past its tenth and its ninth tenth
+    (*timeline*: (time, records acked) at each PUBACK; *base* acked before the slice)."""
+    first = next((t, a) for t, a in timeline if a - base >= n // 10)
+    last = next((t, a) for t, a in timeline if a - base >= n - n // 10)
+    return (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else math.nan
+
+
 def phase_interleaved(env: Env, count: int, slices: int, per_burst: int) -> dict[str, Any]:
     """The sustained workload cut into *slices* slices, with a burst of *per_burst*
     signatures (the sign phase's loop) before each slice and after the last, while the
@@ -581,6 +591,18 @@ def phase_interleaved(env: Env, count: int, slices: int, per_burst: int) -> dict
     writer, forwarder = wired.writer, wired.forwarder
     walls: list[float] = []
     counts: list[int] = []
+    # (perf_counter, records acked) at each PUBACK: each slice's steady part, from its
+    # tenth record acked to its ninth tenth, leaves out filling and emptying the pipeline
+    timeline: list[tuple[float, int]] = []
+    steady: list[float] = []
+    product_hook = forwarder.on_acked
+
+    def on_acked(prio: Priority, seqs: list[int]) -> None:
+        timeline.append((time.perf_counter(), forwarder.stats.records_acked))
+        if product_hook is not None:
+            product_hook(prio, seqs)
+
+    forwarder.on_acked = on_acked
     try:
         writer.start()
         start_forwarder(wired)
@@ -596,12 +618,14 @@ def phase_interleaved(env: Env, count: int, slices: int, per_burst: int) -> dict
             bursts.burst()
             base = forwarder.stats.records_acked
             acked = lambda base=base: forwarder.stats.records_acked - base  # noqa: E731
+            timeline.clear()
             t0 = time.perf_counter()
             produce(writer, readings, n, acked, submitted)
             wait_until(lambda n=n, acked=acked: acked() >= n, PHASE_TIMEOUT_S,
                        f"interleaved: slice {i + 1} acked")
             walls.append(time.perf_counter() - t0)
             counts.append(n)
+            steady.append(steady_rate(list(timeline), base, n))
         if not writer.flush(60):
             raise BenchError("the writer did not commit the last deletions")
         bursts.burst()
@@ -615,7 +639,11 @@ def phase_interleaved(env: Env, count: int, slices: int, per_burst: int) -> dict
     # each slice against the bursts on both sides of it
     slice_ratios = [n / wall / ((bursts.rates[i] + bursts.rates[i + 1]) / 2)
                     for i, (n, wall) in enumerate(zip(counts, walls, strict=True))]
+    steady_ratios = [rate / ((bursts.rates[i] + bursts.rates[i + 1]) / 2)
+                     for i, rate in enumerate(steady)]
     out = {
+        "interleaved_steady_slice_ratio_median": percentile(steady_ratios, 50),
+        "interleaved_steady_slice_ratios": [round(r, 3) for r in steady_ratios],
         "interleaved_records_per_s": records_per_s,
         "interleaved_sign_only_per_s": sign_per_s,
         "records_per_s_vs_sign_only_interleaved": records_per_s / sign_per_s,
@@ -1117,6 +1145,8 @@ def human_report(results: dict[str, Any]) -> str:
         ("records_per_s_vs_sign_only_interleaved", "  the two, over the same seconds",
          "{:.3f}"),
         ("interleaved_slice_ratio_min", "  lowest slice vs its two bursts", "{:.3f}"),
+        ("interleaved_steady_slice_ratio_median", "  median slice, steady part (10-90 %)",
+         "{:.3f}"),
         ("seal_only_per_s", "seal only (no store, no uplink)", "{:.0f}"),
         ("backlog_fill_records_per_s", "backlog fill, no forwarder", "{:.0f}"),
         ("restart_s_1m", "restart with backlog queued", "{:.3f} s"),
