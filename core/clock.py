@@ -283,21 +283,25 @@ class Clock:
 
     def _best(self, mono_ns: int) -> tuple[str, int]:
         """(quality, utc_ms) of an instant on the monotonic clock, from the best source."""
-        now_mono = self._mono_ns()
-        if self._is_synced(now_mono):
-            return "ntp", (self._wall_ns() - (now_mono - mono_ns)) // NS_PER_MS
-        wall_ms = (self._wall_ns() - (now_mono - mono_ns)) // NS_PER_MS
         with self._lock:
-            gnss = self._gnss
-            if gnss is not None and now_mono - gnss.mono_ns <= GNSS_TIME_MAX_AGE_S * NS_PER_S:
-                return "gnss", mono_ns // NS_PER_MS + gnss.offset_ms
-            return "unsynced", max(wall_ms, self._floor_at(mono_ns))
+            return self._best_locked(mono_ns)
+
+    def _best_locked(self, mono_ns: int) -> tuple[str, int]:
+        """:meth:`_best`, the lock held (:meth:`timestamp` takes it once a record)."""
+        now_mono = self._mono_ns()
+        wall_ms = (self._wall_ns() - (now_mono - mono_ns)) // NS_PER_MS
+        if self._is_synced(now_mono):
+            return "ntp", wall_ms
+        gnss = self._gnss
+        if gnss is not None and now_mono - gnss.mono_ns <= GNSS_TIME_MAX_AGE_S * NS_PER_S:
+            return "gnss", mono_ns // NS_PER_MS + gnss.offset_ms
+        return "unsynced", max(wall_ms, self._floor_at(mono_ns))
 
     def timestamp(self, mono_ns: int) -> Timestamp:
         """The UTC of an instant given on the monotonic clock, and its quality. Called in
         seq order by the store writer: never below the previous one but at a step."""
-        quality, utc_ms = self._best(mono_ns)
         with self._lock:
+            quality, utc_ms = self._best_locked(mono_ns)
             at_step = mono_ns in self._announced
             lowest = self._floor_at(mono_ns)
             if quality == "ntp" and utc_ms < lowest and at_step:
