@@ -118,6 +118,8 @@ MAX_UNCOMMITTED = MAX_GROUP
 #: Closed loop: records committed and not yet PUBACKed (the queue a live link carries).
 MAX_UNACKED = 10_000
 WINDOW = 8
+#: How often the sustained phase's producer looks whether it may submit more (produce()).
+PRODUCER_POLL_S = 0.005
 CONNECT_TIMEOUT_S = 20.0
 PROGRESS_EVERY_S = 2.0
 #: How long any phase may wait for the pipeline before the bench gives up, seconds.
@@ -342,7 +344,11 @@ def produce(writer: StoreWriter, readings: Readings, count: int,
     while submitted < count:
         while (submitted - (writer.stats.committed - base_committed) >= MAX_UNCOMMITTED
                or (acked is not None and submitted - acked() >= MAX_UNACKED)):
-            time.sleep(0.0005)
+            # the devices' readings waiting for their ACK are ~0.15 s of the writer's
+            # work: a poll of 5 ms never starves it, where one of 0.5 ms woke this
+            # thread 2,000 times a second, each time taking the GIL the writer wanted
+            # back after a signature (a device's driver blocks on its port instead)
+            time.sleep(PRODUCER_POLL_S)
         for _ in range(min(64, count - submitted)):
             writer.submit(readings.presence())
         submitted = min(count, submitted + 64)
@@ -353,7 +359,7 @@ class BenchError(Exception):
     """The pipeline did not do what the bench waited for."""
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.0005) -> None:
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, poll: float = 0.002) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
