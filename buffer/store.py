@@ -844,9 +844,7 @@ class Store:
             # what the state file held joins the table (its usage is counted already)
             self._db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, NULL)",
                                  held)
-            for prio, lo, hi in owed:
-                self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
-                                 (prio, lo, hi))
+            self._delete_ranges(owed)
             self._write_full(st, st.txn + 1)
             if legacy:
                 self._db.execute("DELETE FROM meta")
@@ -856,6 +854,12 @@ class Store:
         st.carrier = None
         self.stats.commits += 1
         return StoreState(st.last_seq, st.digest, st.boot)
+
+    def _delete_ranges(self, ranges: Iterable[tuple[int, int, int]]) -> None:
+        """Delete the table's rows in *ranges* ((class, first seq, last seq)); the caller
+        keeps the usage counts."""
+        self._db.executemany("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
+                             ranges)
 
     def _write_full(self, st: _State, txn: int) -> None:
         """Write *st* (its ledger complete), numbered *txn*, to the state row."""
@@ -933,18 +937,15 @@ class Store:
             # deletions first: the inserts reuse the pages they free, so the file does
             # not grow past the quota within the transaction; the state file's owed
             # ones first (their usage is taken off already)
-            for prio, lo, hi in old.owed:
-                self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
-                                 (prio, lo, hi))
-                if st.carrier is not None and st.carrier[0] == prio and lo <= st.carrier[1] <= hi:
-                    st.carrier = None
+            self._delete_ranges(old.owed)
+            if st.carrier is not None and _covers(old.owed, *st.carrier):
+                st.carrier = None
             for prio, lo, hi in ranges:
                 n, size = self._db.execute(
                     "SELECT count(*), coalesce(sum(length(blob)), 0) FROM records "
                     "WHERE prio=? AND seq BETWEEN ? AND ?", (prio, lo, hi)).fetchone()
                 if n:
-                    self._db.execute("DELETE FROM records WHERE prio=? AND seq BETWEEN ? AND ?",
-                                     (prio, lo, hi))
+                    self._delete_ranges([(prio, lo, hi)])
                     st.usage[_PRIO[prio]] = _less(st.usage, prio, n, size)
                 if st.carrier is not None and st.carrier[0] == prio and lo <= st.carrier[1] <= hi:
                     st.carrier = None
