@@ -889,7 +889,10 @@ def _provision_parsers(prov: argparse.ArgumentParser) -> None:
     init = psub.add_parser("init", help="create this gateway's identity and keys")
     init.add_argument("--identity-dir", required=True)
     init.add_argument("--gateway-id", required=True)
-    init.add_argument("--force", action="store_true", help="replace an existing identity")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing identity (refused while the directory holds "
+                           "paired devices or local actions not yet recorded, which only "
+                           "that identity can read: decommission it first)")
     init.add_argument("--suite", choices=("ed25519", "sm"), default="ed25519",
                       help="signatures, hash and cipher: Ed25519/SHA-256/AES-256-GCM (default) "
                            "or SM2/SM3/SM4-GCM (GB/T 39786 deployments)")

@@ -931,7 +931,7 @@ class Store:
         for h in old.held:
             st.usage[_PRIO[h.prio]] = _less(st.usage, h.prio, 1, len(h.blob))
         for h in held:
-            count, size = st.usage.get(h.prio, (0, 0))
+            count, size = st.usage.get(_PRIO[h.prio], (0, 0))
             st.usage[_PRIO[h.prio]] = (count + 1, size + len(h.blob))
         with self._transaction():
             # deletions first: the inserts reuse the pages they free, so the file does
@@ -960,7 +960,7 @@ class Store:
                     if st.carrier == (e.prio, e.seq):
                         st.carrier = None
             for prio, _seq, _at, blob, _st in rows:
-                count, size = st.usage.get(prio, (0, 0))
+                count, size = st.usage.get(_PRIO[prio], (0, 0))
                 st.usage[_PRIO[prio]] = (count + 1, size + len(blob))
             rows = [(h.prio, h.seq, h.at, h.blob, None) for h in held] + rows
             if sealed:
@@ -1145,7 +1145,7 @@ class Store:
 
 def _less(usage: Mapping[Priority, tuple[int, int]], prio: int, count: int,
           size: int) -> tuple[int, int]:
-    have_count, have_size = usage.get(prio, (0, 0))  # an IntEnum key: the int finds it
+    have_count, have_size = usage.get(_PRIO[prio], (0, 0))
     return have_count - count, have_size - size
 
 

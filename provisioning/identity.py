@@ -375,6 +375,15 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
         raise IdentityError(
             f"{directory} already holds an identity; decommission it first or pass --force"
         )
+    bound = _under_storage_key(directory)
+    if bound:
+        raise IdentityError(
+            f"{directory} holds {', '.join(bound)}: encrypted under the storage key of the "
+            "identity there, which a new identity replaces, so nothing could read them any "
+            "more. Decommission the gateway (provision decommission: it delivers the final "
+            "record and removes them), or unpair the devices first; to discard them "
+            "anyway, move those files out of the directory yourself"
+        )
     try:
         durable.make_dirs(directory, 0o700)
     except OSError as exc:
@@ -406,6 +415,40 @@ def create_identity(directory: Path, gateway_id: str, *, force: bool = False,
 
     ensure_box_key(identity)
     return identity
+
+
+def _under_storage_key(directory: Path) -> list[str]:
+    """What *directory* holds under its identity's storage key that a new identity could
+    not read: paired tags and kiosks (their keys), local actions not yet erased from the
+    journal. Empty registries and an empty journal do not count."""
+    from provisioning.actions import JOURNAL_FILE
+    from provisioning.kiosks import KIOSKS_FILE
+    from provisioning.registry import REGISTRY_FILE
+
+    found = []
+    for name, table, what in ((REGISTRY_FILE, "tags", "paired tag"),
+                              (KIOSKS_FILE, "kiosks", "paired kiosk")):
+        try:
+            data = json.loads((directory / name).read_bytes())
+            count = len(data.get(table) or {})
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, AttributeError, TypeError):
+            found.append(f"{name} (unreadable)")
+            continue
+        if count:
+            found.append(f"{count} {what}{'s' if count > 1 else ''} ({name})")
+    try:  # the header line, then an entry a line (provisioning/actions.py)
+        lines = (directory / JOURNAL_FILE).read_bytes().splitlines()[1:]
+    except FileNotFoundError:
+        lines = []
+    except OSError:
+        lines = [b"unreadable"]
+    waiting = sum(1 for line in lines if line.strip())
+    if waiting:
+        found.append(f"{waiting} local action{'s' if waiting > 1 else ''} not yet recorded "
+                     f"by the daemon ({JOURNAL_FILE})")
+    return found
 
 
 def tls_request(directory: Path, gateway_id: str, kid: str, *, new_key: bool = False) -> bytes:

@@ -138,6 +138,50 @@ def test_replace_keeps_the_settings_and_the_record_names_both_key_ids(
     assert changed.absent_after_s == 60
 
 
+def test_a_new_identity_is_refused_while_the_old_one_holds_what_only_it_can_read(
+    identity: Identity, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Pairings and the journal are encrypted under the identity's storage key: a new
+    identity (init --force, or init over a directory whose gateway.json is gone) would
+    leave them unreadable, the next start failing on them."""
+    ident = str(identity.directory)
+    assert cli(capsys, "provision", "pair-tag", *WHO, "--identity-dir", ident,
+               "--tag", TAG)[0] == 0
+    assert cli(capsys, "provision", "pair-kiosk", *WHO, "--identity-dir", ident,
+               "--serial", "KI-0001")[0] == 0
+    files = ("gateway.json", "signing.key", "tags.json", "kiosks.json", "actions.journal")
+    before = {name: (identity.directory / name).read_bytes() for name in files}
+    init = ("provision", "init", "--identity-dir", ident, "--gateway-id", "gw-test-0001",
+            "--no-tpm")
+    for argv in ((*init, "--force"), init):
+        if argv == init:  # an identity half gone: its registries are still there
+            (identity.directory / "gateway.json").unlink()
+        code, _, err = cli(capsys, *argv)
+        assert code == 2, err
+        assert "1 paired tag (tags.json)" in err
+        assert "1 paired kiosk (kiosks.json)" in err
+        assert "2 local actions not yet recorded by the daemon (actions.journal)" in err
+        assert "provision decommission" in err
+        assert "move those files out" in err
+        assert "Traceback" not in err
+        for name in files[1:]:
+            assert (identity.directory / name).read_bytes() == before[name], name
+    (identity.directory / "gateway.json").write_bytes(before["gateway.json"])
+    registry = open_registry(identity)  # the old identity still reads its pairings
+    try:
+        assert registry.get(TAG) is not None
+    finally:
+        registry.close()
+
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for name in files[2:]:  # the installer discards them, knowingly
+        (identity.directory / name).rename(aside / name)
+    code, out, err = cli(capsys, *init, "--force", "--json")
+    assert code == 0, err
+    assert out["kid"] != identity.kid
+
+
 def test_kiosk_pairing_again_needs_replace_and_names_both_key_ids(
     identity: Identity, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
