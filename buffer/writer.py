@@ -754,7 +754,9 @@ class StoreWriter:
             due = ledger_due
         else:
             due = now
-        planned = max(0.0, due - oldest) if oldest != inf else 0.0
+        # due - oldest is at most the linger by construction; (oldest + linger) - oldest
+        # may come back a few ulps above it in floating point
+        planned = min(self.linger_s, max(0.0, due - oldest)) if oldest != inf else 0.0
         if urgent and any(isinstance(i, _Submit) and i.urgent for i in pending):
             self.stats.urgent_linger_planned_max_s = max(
                 self.stats.urgent_linger_planned_max_s, planned if due > now else 0.0)
