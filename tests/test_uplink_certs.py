@@ -327,6 +327,47 @@ def test_a_failure_is_said_at_once_then_once_a_minute_with_its_count() -> None:
     assert watch.state == "connected"
 
 
+def test_a_refusal_whose_alert_was_lost_in_a_race_stays_the_refusal() -> None:
+    """TLS 1.3: the broker refuses the certificate after the client's handshake, sends its
+    alert and closes; a client that reads the close first has only an EOF. CI saw "tlsv1
+    alert decrypt error" then "EOF occurred in violation of protocol" for one rogue
+    certificate, said as two problems."""
+    alert = ("failed to receive on socket: [SSL: TLSV1_ALERT_DECRYPT_ERROR] tlsv1 alert "
+             "decrypt error (_ssl.c:2580)")
+    eof = "failed to receive on socket: EOF occurred in violation of protocol (_ssl.c:2427)"
+    refusal = socket_failure(alert, WHERE, tls=True)
+    closed = socket_failure(eof, WHERE, tls=True)
+    assert (refusal.code, closed.code) == (Problem.CERT_REFUSED, Problem.CLOSED)
+    watch = UplinkWatch(WHERE)
+    lines = said(watch.failed(refusal, 0))
+    for t in range(1, 40):  # the two symptoms in turns, as the race falls
+        lines += said(watch.failed(closed if t % 2 else refusal, t * S))
+        assert watch.state == "retrying: cert_refused"
+    assert len(lines) == 1
+    assert "refused this gateway's certificate (tlsv1 alert decrypt error)" in lines[0].text
+    # the minute's repeat counts both symptoms as the refusal
+    again = said(watch.failed(closed, 60 * S))
+    assert "still cannot connect (40 times in the last 1 min 0 s, 41 in all)" in again[0].text
+    assert "refused this gateway's certificate" in again[0].text
+    # once connected, the outage is over: a close alone is a close again
+    watch.connected(61 * S, None)
+    assert "closed the connection before accepting it" in said(watch.failed(closed, 62 * S))[0].text
+    assert watch.state == "retrying: closed"
+
+
+def test_a_close_before_any_refusal_is_said_as_a_close_and_a_refusal_after_it_too() -> None:
+    watch = UplinkWatch(WHERE)
+    closed = socket_failure(None, WHERE, tls=True)
+    refusal = connack_failure(0x87, "Not authorized", WHERE, GW)
+    first = said(watch.failed(closed, 0))
+    assert watch.state == "retrying: closed"
+    second = said(watch.failed(refusal, S))
+    assert watch.state == "retrying: not_authorized"
+    assert [len(first), len(second)] == [1, 1]
+    assert said(watch.failed(closed, 2 * S)) == []
+    assert watch.state == "retrying: not_authorized"
+
+
 def test_a_flapping_connection_is_bounded() -> None:
     watch = UplinkWatch(WHERE)
     watch.connected(0, None)

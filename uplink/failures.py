@@ -297,6 +297,19 @@ class _Told:
 class _Outage:
     since_ns: int
     attempts: int = 0
+    #: the broker's refusal of this gateway seen in this outage (a TLS alert against its
+    #: certificate, a CONNACK refusing it): a later close without a word is that again
+    refusal: Failure | None = None
+
+
+#: What a broker says when it refuses this gateway. The same refusal can reach the gateway
+#: as a close without a word (Problem.CLOSED): under TLS 1.3 the broker checks the client's
+#: certificate after the client has finished its handshake, then sends its alert and
+#: closes, and a client that reads the close first sees only an EOF ("EOF occurred in
+#: violation of protocol"); a broker refusing a CONNACK may close as it sends it. Within an
+#: outage that has seen the refusal, such a close is counted as it and does not replace
+#: the diagnosis (nor is said as a new problem, nor flips the status).
+_REFUSALS = frozenset({Problem.CERT_REFUSED, Problem.NOT_AUTHORIZED})
 
 
 @dataclass
@@ -370,7 +383,12 @@ class UplinkWatch:
 
     def failed(self, failure: Failure, now_ns: int) -> list[Action]:
         """A connect attempt failed."""
-        self._begin_outage(now_ns).attempts += 1
+        outage = self._begin_outage(now_ns)
+        outage.attempts += 1
+        if failure.code in _REFUSALS:
+            outage.refusal = failure
+        elif failure.code is Problem.CLOSED and outage.refusal is not None:
+            failure = outage.refusal  # the refusal again, its alert lost in a race
         self._state.name, self._state.reason = "retrying", failure.code
         line = f"{failure.what}: {failure.todo}"
         return self._tell(failure.code, now_ns, logging.ERROR,
