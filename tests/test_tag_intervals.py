@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from core.devices import PairedTag
@@ -33,8 +33,10 @@ ABSENT_AFTER_S = 30
 INTERVAL_MAX_S = 60.0
 TRANSITIONS = frozenset({"tag.absent", "tag.present", "tag.tamper", "tag.tamper_restored",
                          "tag.battery_low", "tag.battery_ok", "tag.spoof"})
-#: Records (or, here, marks) that explain a hole between two intervals of a tag.
-EXPLAINING = frozenset({"tag.absent", "tag.spoof", "gated"})
+#: Records (or, here, marks) that explain a hole between two intervals of a tag
+#: (central/presence.py); "authorisation" stands for the supervision's authorisation.*
+#: record sealed when the tag's authorised period starts or ends (the gate).
+EXPLAINING = frozenset({"tag.absent", "tag.spoof", "authorisation"})
 
 
 @dataclass
@@ -99,8 +101,9 @@ class Home:
             self.commit(self.feed(tag.forged().to_bytes()))
         elif what == "replay" and tag.history:  # accepted if never heard (lost before)
             self.beacon(tag.history[value % len(tag.history)])
-        elif what == "gate":
+        elif what == "gate":  # the authorised period starts or ends: a record says so
             self.gate[tag.tag] = not self.gate[tag.tag]
+            self.records.append(("authorisation", {"tag": tag.tag}))
         elif what == "pairing":
             self.paired[tag.tag] = not self.paired[tag.tag]
             self.drv.set_pairing(tag.tag, self.pairing(tag) if self.paired[tag.tag] else None)
@@ -113,12 +116,9 @@ class Home:
     def beacon(self, beacon: Beacon) -> None:
         accepted = self.drv.stats.accepted
         out = self.feed(beacon.to_bytes())
-        if self.drv.stats.accepted > accepted:
-            if self.gate[beacon.tag]:
-                self.recorded[beacon.tag].append(beacon.counter)
-            else:
-                self.records.append(("gated", {"tag": beacon.tag}))
-        self.commit(out)
+        if self.drv.stats.accepted > accepted and self.gate[beacon.tag]:
+            self.recorded[beacon.tag].append(beacon.counter)
+        self.commit(out)  # outside the period nothing of the beacon is written
 
     def restart(self, *, clean: bool) -> None:
         if clean:
@@ -170,6 +170,11 @@ ACTIONS = st.tuples(
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(ACTIONS, max_size=80))
+# found on 2 Dec: the test's own mark of a gated beacon came before the interval that
+# beacon closed, so the hole after it looked unexplained; the product's explanation is the
+# authorisation record at the period's start, between the two intervals
+@example([("beacon", 0, 0), ("gate", 0, 0), ("beacon", 0, 0), ("gate", 0, 0),
+          ("beacon", 0, 0)])
 def test_intervals_cover_every_recorded_beacon_once_and_explain_every_hole(
         actions: list[tuple[str, int, int]]) -> None:
     home = Home([SimTag(0x1000 + i, bytes([i + 1]) * 16) for i in range(2)])
