@@ -27,6 +27,8 @@ from core.topics import PLATFORM_CN, TOPIC_ROOT, broker_acl
 from provisioning.pki import Authority, CertFiles, issue_to, make_authority, write_ca
 
 STARTUP_TIMEOUT_S = 15.0
+#: Starts on a port of free_port()'s before giving up (each a new port: see start_mosquitto).
+START_ATTEMPTS = 3
 class BrokerError(UserError):
     """mosquitto is missing or did not start; the message says why and what to do."""
 
@@ -95,8 +97,25 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
     client id as the client sent it (stock mosquitto: any client can take any id).
     *extra_conf*: lines appended to the configuration (first the mTLS listener's own, e.g.
     ``crlfile``; then, after a ``listener`` line, another listener's)."""
+    if port is None:
+        # free_port() closes its socket before mosquitto binds the port: another process
+        # (an outgoing connection's ephemeral port, a parallel test's broker) may take it
+        # meanwhile; mosquitto then exits with "Address already in use": another port
+        for _ in range(START_ATTEMPTS - 1):
+            try:
+                return _start(workdir, pki, free_port(host), host, persistence=persistence,
+                              bind_client_id=bind_client_id, extra_conf=extra_conf)
+            except BrokerError as exc:
+                if "Address already in use" not in str(exc):
+                    raise
+        port = free_port(host)
+    return _start(workdir, pki, port, host, persistence=persistence,
+                  bind_client_id=bind_client_id, extra_conf=extra_conf)
+
+
+def _start(workdir: Path, pki: Pki, port: int, host: str, *, persistence: bool,
+           bind_client_id: bool, extra_conf: Sequence[str]) -> Mosquitto:
     binary = mosquitto_binary()
-    port = port or free_port(host)
     workdir.mkdir(parents=True, exist_ok=True)
     acl = workdir / "acl"
     acl.write_text(broker_acl(PLATFORM_CN))
@@ -130,19 +149,22 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
         [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     log: list[str] = []
-    ready = threading.Event()
+    ready = threading.Event()  # it said it runs, or its log ended (it exited)
+    running = threading.Event()  # it said it runs
 
     def pump() -> None:
         for line in proc.stderr or ():
             log.append(line.rstrip())
             if line.rstrip().endswith(" running"):
+                running.set()
                 ready.set()
         ready.set()
 
     pump_thread = threading.Thread(target=pump, name="mosquitto-log", daemon=True)
     pump_thread.start()
     broker = Mosquitto(host, port, proc, log, pump_thread)
-    if not ready.wait(STARTUP_TIMEOUT_S) or proc.poll() is not None:
+    # not proc.poll(): a mosquitto that failed closes its log before it can be reaped
+    if not ready.wait(STARTUP_TIMEOUT_S) or not running.is_set() or proc.poll() is not None:
         broker.stop()
         raise BrokerError("mosquitto did not start:\n" + "\n".join(log[-20:]))
     return broker

@@ -214,3 +214,35 @@ def test_records_nobody_subscribes_to_are_kept_and_sent_again(
     assert summary["chain_gaps"] == 0
     assert summary["bad_signature"] == 0
     assert acked.count >= committed
+
+
+def test_a_broker_whose_port_was_taken_before_it_bound_starts_on_another(
+        tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """free_port() closes its socket before mosquitto binds: another process may take the
+    port meanwhile (a parallel test's broker, an outgoing connection). The lab's broker
+    then starts on another port instead of failing the test that wanted one."""
+    import lab.mosquitto as lab_mosquitto
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real = lab_mosquitto.free_port
+    handed: list[int] = []
+
+    def first_the_taken_one(host: str = "127.0.0.1") -> int:
+        handed.append(port if not handed else real(host))
+        return handed[-1]
+
+    monkeypatch.setattr(lab_mosquitto, "free_port", first_the_taken_one)
+    try:
+        broker = start_mosquitto(tmp_path / "mosquitto", pki)
+        try:
+            assert handed[0] == port
+            assert broker.port == handed[-1] != port
+            with socket.create_connection((broker.host, broker.port), timeout=5):
+                pass  # listening
+        finally:
+            broker.stop()
+    finally:
+        taken.close()
