@@ -655,6 +655,7 @@ class Store:
         self._row_local_bytes = (self._page_size - 12) * 64 // 255 - 23 - ROW_OVERHEAD
         self._checkpoint_frames = max(1, self.limits.wal // 2 // (self._page_size + 24))
         self._commits_since_checkpoint = 0
+        self._shm_fd: int | None = None  # the -shm file, for the WAL's frame count
         delivered = self._st.delivered
         self.state = self._bump_boot()
         self._preallocate_wal()
@@ -1079,17 +1080,28 @@ class Store:
         return True
 
     def _wal_frames(self) -> int | None:
-        """Frames in the WAL (the wal-index header's mxFrame), None if unreadable."""
-        try:
-            fd = os.open(self.path.with_name(self.path.name + "-shm"), os.O_RDONLY)
-        except OSError:
-            return None
+        """Frames in the WAL (the wal-index header's mxFrame), None if unreadable.
+
+        The ``-shm`` file is opened once and closed only after the database connection
+        (:meth:`close`): SQLite's locks on it are POSIX record locks, which belong to the
+        process and are all released when the process closes *any* descriptor of the
+        file. An open and close here at each commit dropped the daemon's locks (the
+        "dead man switch" byte and the WAL's read and write locks): another process
+        opening the store (``status``, ``diag``, ``provision decommission``) then took
+        the wal-index for abandoned and truncated it under the daemon's mapping of it,
+        which ended the daemon with SIGBUS (a stress run of the installer flow)."""
+        fd = self._shm_fd
+        if fd is None:
+            try:
+                fd = os.open(self.path.with_name(self.path.name + "-shm"),
+                             os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            self._shm_fd = fd
         try:
             head = os.pread(fd, _SHM_MXFRAME.size, _SHM_MXFRAME_OFFSET)
         except OSError:
             return None
-        finally:
-            os.close(fd)
         return _SHM_MXFRAME.unpack(head)[0] if len(head) == _SHM_MXFRAME.size else None
 
     def _checkpoint_if_due(self) -> None:
@@ -1135,6 +1147,9 @@ class Store:
             del _OPEN[os.path.realpath(self.path)]
         self._slots.close()
         self._db.close()
+        if self._shm_fd is not None:  # after the connection: see _wal_frames
+            os.close(self._shm_fd)
+            self._shm_fd = None
 
     def held_and_owed(self) -> tuple[tuple[_Held, ...], tuple[tuple[int, int, int], ...]]:
         """The rows held in the state file and the table's ranges owed a deletion, as
