@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 _tick = threading.Event()
+
+
+def stop_daemon(proc: subprocess.Popen[str], timeout: float, err: list[str],
+                pump: threading.Thread) -> int:
+    """SIGTERM *proc* and its exit status within *timeout* (then *pump*, the thread that
+    collects its stderr into *err*, is joined); if it does not stop, SIGABRT (a process
+    started with ``PYTHONFAULTHANDLER=1`` writes every thread's stack on its stderr), then
+    SIGKILL, and fail with what it said: a daemon that hangs at its stop is reaped here
+    instead of outliving its test and failing the next ones on that worker
+    (ResourceWarning), and says where it hung."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        pump.join(5)  # its stderr's last lines: the stacks
+        raise AssertionError(f"the daemon did not stop within {timeout:.0f} s of SIGTERM; "
+                             "its last stderr lines (stacks after SIGABRT):\n"
+                             + "".join(err[-80:])) from None
+    pump.join(5)
+    return status
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str = "condition") -> None:

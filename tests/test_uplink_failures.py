@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from provisioning.pki import (
     write_pem,
 )
 from tests.conftest import REPO
-from tests.helpers import stored_records, wait_for
+from tests.helpers import stop_daemon, stored_records, wait_for
 from uplink import forwarder
 
 pytestmark = [
@@ -405,9 +404,7 @@ key_file = "{files.key}"
                        and any(status.search(m) for m in messages)):
                 messages.append(systemd.recv(4096).decode())
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            assert daemon.wait(20) == 0
-            pump.join(5)
+            assert stop_daemon(daemon, 30, err, pump) == 0
             if daemon.stderr is not None:
                 daemon.stderr.close()
     # READY says it, or the uplink said it at once after (whichever came last is newest)
