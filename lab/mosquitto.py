@@ -29,6 +29,8 @@ from provisioning.pki import Authority, CertFiles, issue_to, make_authority, wri
 STARTUP_TIMEOUT_S = 15.0
 #: Starts on a port of free_port()'s before giving up (each a new port: see start_mosquitto).
 START_ATTEMPTS = 3
+
+
 class BrokerError(UserError):
     """mosquitto is missing or did not start; the message says why and what to do."""
 
@@ -97,20 +99,19 @@ def start_mosquitto(workdir: Path, pki: Pki, *, port: int | None = None,
     client id as the client sent it (stock mosquitto: any client can take any id).
     *extra_conf*: lines appended to the configuration (first the mTLS listener's own, e.g.
     ``crlfile``; then, after a ``listener`` line, another listener's)."""
-    if port is None:
-        # free_port() closes its socket before mosquitto binds the port: another process
-        # (an outgoing connection's ephemeral port, a parallel test's broker) may take it
-        # meanwhile; mosquitto then exits with "Address already in use": another port
-        for _ in range(START_ATTEMPTS - 1):
-            try:
-                return _start(workdir, pki, free_port(host), host, persistence=persistence,
-                              bind_client_id=bind_client_id, extra_conf=extra_conf)
-            except BrokerError as exc:
-                if "Address already in use" not in str(exc):
-                    raise
-        port = free_port(host)
-    return _start(workdir, pki, port, host, persistence=persistence,
-                  bind_client_id=bind_client_id, extra_conf=extra_conf)
+    # free_port() closes its socket before mosquitto binds the port: another process (an
+    # outgoing connection's ephemeral port, a parallel test's broker) may take it
+    # meanwhile; mosquitto then exits with "Address already in use": another port
+    attempts = START_ATTEMPTS if port is None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start(workdir, pki, free_port(host) if port is None else port, host,
+                          persistence=persistence, bind_client_id=bind_client_id,
+                          extra_conf=extra_conf)
+        except BrokerError as exc:
+            if attempt == attempts or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _start(workdir: Path, pki: Pki, port: int, host: str, *, persistence: bool,
